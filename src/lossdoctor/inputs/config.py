@@ -1,0 +1,212 @@
+"""Detector config: how the detector was built and trained, apart from its losses.
+
+Presets reproduce each framework's Faster R-CNN R50-FPN defaults, as read from their source
+(see the project's reference notes). All values are plain data; a TOML file with the same
+sections overrides a preset field by field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .dataclass_toml import from_dict, read_toml, to_dict
+from .errors import InputError
+
+# log(1000 / 16): the cap on dw/dh at decode time in all three frameworks.
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+
+MATCHER_STYLES = ("mmdet", "torchvision")
+ROI_MAPPERS = ("torchvision", "detectron2", "mmdet")
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    """Anchor generation. ``sizes[l]`` are the anchor sizes (sqrt of area) of level ``l``."""
+
+    sizes: tuple[tuple[float, ...], ...] = ((32.0,), (64.0,), (128.0,), (256.0,), (512.0,))
+    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # h / w
+    round: bool = False  # torchvision rounds cell anchors to integers
+    offset: float = 0.0  # centre offset in strides
+    size_major: bool = False  # detectron2 orders cell anchors size-major, the others ratio-major
+    # torchvision computes strides as padded_size // feature_size, per axis (P6 of an 800-px input
+    # gets stride 61, not 64); the others use the nominal stride.
+    stride_from_size: bool = False
+    # mmdet marks anchors outside each image's own pad_shape (sides rounded up to this) invalid; 0 = all valid.
+    valid_pad_divisor: int = 0
+
+
+@dataclass(frozen=True)
+class MatcherConfig:
+    """Max-IoU assignment. ``style`` picks the low-quality-match semantics.
+
+    - ``mmdet``: a GT whose best IoU is >= ``min_pos_iou`` takes every anchor reaching that IoU,
+      later GTs win conflicts.
+    - ``torchvision`` (also Detectron2): every anchor reaching some GT's best IoU (even 0) becomes
+      positive for its own best GT.
+    """
+
+    fg_iou: float = 0.7
+    bg_iou: float = 0.3
+    low_quality: bool = True
+    style: str = "torchvision"
+    min_pos_iou: float = 0.0
+    # mmdet clamps the union to >= 1e-6; torchvision and Detectron2 do not clamp (0 here).
+    union_eps: float = 0.0
+
+    def validate(self):
+        if self.style not in MATCHER_STYLES:
+            raise InputError(f"matcher style {self.style!r} is unknown; use one of {', '.join(MATCHER_STYLES)}")
+        if not 0.0 <= self.bg_iou <= self.fg_iou <= 1.0:
+            raise InputError(f"matcher thresholds need 0 <= bg_iou <= fg_iou <= 1, found {self.bg_iou}, {self.fg_iou}")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Per-image random sampling: at most ``int(batch_size * pos_fraction)`` positives."""
+
+    batch_size: int = 256
+    pos_fraction: float = 0.5
+    add_gt: bool = False  # add GT boxes to the candidates (RoI stage)
+
+
+@dataclass(frozen=True)
+class CoderConfig:
+    """Box coder: deltas are (dx, dy, dw, dh) multiplied by ``weights``."""
+
+    weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    clip: float = BBOX_XFORM_CLIP
+    clip_both: bool = False  # mmdet clamps dw/dh to [-clip, clip]; the others only from above
+
+
+@dataclass(frozen=True)
+class ProposalConfig:
+    """RPN proposal generation: per-level top-k, decode, clip, size filter, per-level NMS, top-k."""
+
+    pre_nms_top_n: int = 2000  # per level and image
+    post_nms_top_n: int = 2000  # per image
+    nms_iou: float = 0.7
+    min_size: float = 1e-3
+    min_size_inclusive: bool = True  # torchvision keeps w >= 1e-3; mmdet/Detectron2 keep w > 0
+
+
+@dataclass(frozen=True)
+class RoIPoolConfig:
+    """Multi-scale RoIAlign and its level mapping."""
+
+    num_levels: int = 4  # the finest levels used (P2-P5)
+    sampling_ratio: int = 2  # 0 = adaptive ceil(roi_size / output_size)
+    aligned: bool = False
+    mapper: str = "torchvision"
+    canonical_scale: float = 224.0
+    canonical_level: int = 4
+    finest_scale: float = 56.0  # mmdet's mapper
+
+    def validate(self):
+        if self.mapper not in ROI_MAPPERS:
+            raise InputError(f"roi mapper {self.mapper!r} is unknown; use one of {', '.join(ROI_MAPPERS)}")
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    """Test-mode detection: what the checkpoint would output."""
+
+    score_thr: float = 0.05
+    nms_iou: float = 0.5
+    detections_per_img: int = 100
+    min_box_size: float = 1e-2
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Everything about the detector that is not the loss normalization."""
+
+    name: str = "torchvision"
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn_matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    rpn_sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    rpn_coder: CoderConfig = field(default_factory=CoderConfig)
+    train_proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    test_proposals: ProposalConfig = field(default_factory=lambda: ProposalConfig(1000, 1000))
+    roi_matcher: MatcherConfig = field(
+        default_factory=lambda: MatcherConfig(fg_iou=0.5, bg_iou=0.5, low_quality=False)
+    )
+    roi_sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(512, 0.25, True))
+    roi_coder: CoderConfig = field(default_factory=lambda: CoderConfig((10.0, 10.0, 5.0, 5.0)))
+    roi_pool: RoIPoolConfig = field(default_factory=RoIPoolConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    # Only used when the checkpoint layout cannot tell: "first" (torchvision) or "last".
+    background: str = ""
+
+
+def torchvision_preset() -> DetectorConfig:
+    """torchvision ``fasterrcnn_resnet50_fpn`` defaults."""
+    return DetectorConfig(
+        name="torchvision",
+        anchors=AnchorConfig(round=True, stride_from_size=True),
+    )
+
+
+def mmdet_preset() -> DetectorConfig:
+    """MMDetection 3.x ``faster-rcnn_r50_fpn_1x`` defaults."""
+    mm = dict(style="mmdet", union_eps=1e-6)
+    return DetectorConfig(
+        name="mmdet",
+        anchors=AnchorConfig(valid_pad_divisor=32),
+        rpn_matcher=MatcherConfig(0.7, 0.3, True, min_pos_iou=0.3, **mm),
+        rpn_coder=CoderConfig(clip_both=True),
+        train_proposals=ProposalConfig(2000, 1000, 0.7, 0.0, False),
+        test_proposals=ProposalConfig(1000, 1000, 0.7, 0.0, False),
+        roi_matcher=MatcherConfig(0.5, 0.5, False, min_pos_iou=0.5, **mm),
+        roi_coder=CoderConfig((10.0, 10.0, 5.0, 5.0), clip_both=True),
+        roi_pool=RoIPoolConfig(sampling_ratio=0, aligned=True, mapper="mmdet"),
+        test=TestConfig(min_box_size=0.0),
+    )
+
+
+def detectron2_preset() -> DetectorConfig:
+    """Detectron2 ``faster_rcnn_R_50_FPN`` (Base-RCNN-FPN) defaults."""
+    return DetectorConfig(
+        name="detectron2",
+        anchors=AnchorConfig(size_major=True),
+        train_proposals=ProposalConfig(2000, 1000, 0.7, 0.0, False),
+        test_proposals=ProposalConfig(1000, 1000, 0.7, 0.0, False),
+        roi_pool=RoIPoolConfig(sampling_ratio=0, aligned=True, mapper="detectron2"),
+        test=TestConfig(min_box_size=0.0),
+    )
+
+
+PRESETS = {"torchvision": torchvision_preset, "mmdet": mmdet_preset, "detectron2": detectron2_preset}
+
+
+def preset(name: str) -> DetectorConfig:
+    """One of the built-in presets by name."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise InputError(f"unknown detector preset {name!r}; use one of {', '.join(PRESETS)} or a .toml file") from None
+
+
+def load_config(spec: str | Path) -> DetectorConfig:
+    """A preset name, or a TOML file whose optional ``base`` key names the preset it overrides."""
+    spec = str(spec)
+    if spec in PRESETS:
+        return preset(spec)
+    if not spec.endswith(".toml"):
+        raise InputError(f"unknown detector preset {spec!r}; use one of {', '.join(PRESETS)} or a .toml file")
+    data = read_toml(spec)
+    base = preset(data.pop("base", "torchvision"))
+    merged = to_dict(base)
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    merged.setdefault("name", Path(spec).stem)
+    return from_dict(DetectorConfig, merged, "config")
+
+
+def replace(cfg, **changes):
+    """``dataclasses.replace`` under a short name."""
+    return dataclasses.replace(cfg, **changes)

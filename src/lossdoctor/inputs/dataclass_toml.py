@@ -1,0 +1,129 @@
+"""Build frozen dataclasses from TOML tables, and write them back.
+
+Configs and profiles are plain data; this is the one place that turns a TOML document into
+those dataclasses, so both share the same checks and error messages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+
+from .errors import InputError
+
+
+def read_toml(path: str | Path) -> dict:
+    """Parse a TOML file; a missing or malformed file is an :class:`InputError`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"cannot read {p}: {e.strerror or e}; check the path") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{p} is not valid TOML: {e}; fix the file") from None
+
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: expected a table, found {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"{where}: expected a list, found {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise InputError(f"{where}: expected {len(args)} values, found {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{where}: expected a number, found {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{where}: expected an integer, found {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: expected true or false, found {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise InputError(f"{where}: expected a string, found {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass ``cls`` from ``data``; missing keys keep their defaults.
+
+    Unknown keys are refused, so a typo never silently falls back to a default.
+    """
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InputError(
+            f"{where or cls.__name__}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:
+        raise InputError(f"{where or cls.__name__}: {e}") from None
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check()
+    return obj
+
+
+def to_dict(obj) -> dict:
+    """Dataclass → plain dict of TOML-compatible values (None values are dropped)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if v is None:
+            continue
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = [list(x) if isinstance(x, tuple) else x for x in v]
+        out[f.name] = v
+    return out
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v) if v == v and v not in (float("inf"), float("-inf")) else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+    if isinstance(v, (int,)):
+        return str(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dumps_toml(data: dict) -> str:
+    """A dict of scalars, lists and one level of sub-tables → TOML text."""
+    top = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    parts = ["\n".join(top)] if top else []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            body = "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
+            parts.append(f"[{k}]\n{body}")
+    return "\n\n".join(parts) + "\n"

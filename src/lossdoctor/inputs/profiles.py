@@ -1,0 +1,232 @@
+"""Loss profiles: how per-sample losses are reduced and normalized.
+
+A profile has four terms (``rpn_cls``, ``rpn_box``, ``roi_cls``, ``roi_box``). Each term is::
+
+    loss[level] = weight * sum_{i in S(level)} w_i * l_i / D        (D: the term's normalizer)
+
+where ``l_i`` is the per-sample loss (BCE or CE for classification; L1 or smooth-L1 summed over
+the 4 coordinates for boxes), ``S(level)`` the contributing samples of that level (sampled anchors
+or RoIs for classification, sampled positives for boxes), ``w_i`` = ``pos_weight`` for positive
+classification samples and 1 otherwise. The normalizer is::
+
+    D = max(count, floor) + eps          if count > 0
+    D = NaN-producing 0 or a live zero   if count == 0   (``empty`` = "nan" or "zero")
+
+and ``count`` is chosen by ``normalizer``:
+
+=================  ===========================================================================
+``level_sampled``  sampled samples of this level (a per-level mean)
+``level_pos``      sampled positives of this level
+``sampled``        sampled samples of the whole batch, all levels (RPN anchors or RoIs)
+``pos``            sampled positives of the whole batch
+``budget``         sampler batch size per image x images (Detectron2's RPN: 256 N)
+``mmdet_sampler``  sum over images of max(#pos, 1) + max(#neg, 1) (MMDetection's SamplingResult)
+=================  ===========================================================================
+
+``unsampled_leak`` reproduces MMDetection's weight-multiply semantics: the RPN loss is summed
+over every anchor with weight 0 for unsampled ones, so a non-finite prediction anywhere in a level
+makes that level's loss NaN (0 * inf). The others index the sampled anchors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .dataclass_toml import from_dict, read_toml, to_dict
+from .errors import InputError
+
+# float32 machine epsilon: MMDetection adds it to every avg_factor (weight_reduce_loss).
+EPS32 = 1.1920928955078125e-07
+SMOOTH_L1_TV_BETA = 1.0 / 9.0
+
+NORMALIZERS = ("level_sampled", "level_pos", "sampled", "pos", "budget", "mmdet_sampler")
+CLS_LOSSES = ("bce", "ce")
+BOX_LOSSES = ("l1", "smooth_l1")
+EMPTY = ("nan", "zero")
+TERMS = ("rpn_cls", "rpn_box", "roi_cls", "roi_box")
+
+
+@dataclass(frozen=True)
+class Term:
+    """One loss term: its per-sample loss and its normalization."""
+
+    loss: str
+    normalizer: str = "sampled"
+    beta: float = 0.0  # smooth-L1 transition point; < 1e-5 means plain L1 (as fvcore does)
+    weight: float = 1.0
+    floor: float = 0.0
+    eps: float = 0.0
+    empty: str = "zero"
+
+    def validate(self):
+        if self.loss not in CLS_LOSSES + BOX_LOSSES:
+            raise InputError(f"loss {self.loss!r} is unknown; use one of {', '.join(CLS_LOSSES + BOX_LOSSES)}")
+        if self.normalizer not in NORMALIZERS:
+            raise InputError(f"normalizer {self.normalizer!r} is unknown; use one of {', '.join(NORMALIZERS)}")
+        if self.empty not in EMPTY:
+            raise InputError(f"empty {self.empty!r} is unknown; use 'nan' or 'zero'")
+        if self.beta < 0 or self.floor < 0 or self.eps < 0:
+            raise InputError("beta, floor and eps must be >= 0")
+
+
+@dataclass(frozen=True)
+class LossProfile:
+    """How the four loss terms are normalized. See the module docstring for the formula."""
+
+    name: str
+    summary: str = ""
+    rpn_cls: Term = field(default_factory=lambda: Term("bce"))
+    rpn_box: Term = field(default_factory=lambda: Term("smooth_l1", beta=SMOOTH_L1_TV_BETA))
+    roi_cls: Term = field(default_factory=lambda: Term("ce"))
+    roi_box: Term = field(default_factory=lambda: Term("smooth_l1", beta=SMOOTH_L1_TV_BETA))
+    pos_weight: float = 1.0
+    unsampled_leak: bool = False
+    max_norm: float | None = None  # gradient clipping to simulate (total L2 norm), None = off
+
+    def validate(self):
+        for name in TERMS:
+            term = getattr(self, name)
+            want = BOX_LOSSES if name.endswith("box") else CLS_LOSSES
+            if term.loss not in want:
+                raise InputError(f"profile {self.name!r}: {name} needs one of {', '.join(want)}, found {term.loss!r}")
+        if self.rpn_cls.loss != "bce" or self.roi_cls.loss != "ce":
+            raise InputError(f"profile {self.name!r}: rpn_cls must be 'bce' and roi_cls 'ce'")
+        if self.pos_weight <= 0:
+            raise InputError(f"profile {self.name!r}: pos_weight must be > 0")
+
+    def term(self, name: str) -> Term:
+        return getattr(self, name)
+
+
+def legacy() -> LossProfile:
+    """The naive code: a per-level ``.mean()``.
+
+    - rpn_cls[l] = mean over level l's sampled anchors of BCE; NaN if the level sampled none.
+    - rpn_box[l] = mean over level l's sampled positives of sum_k SL1_{1/9}; NaN if it has none.
+    - roi_cls    = plain mean CE over all sampled RoIs; NaN if there is none.
+    - roi_box    = mean over positive RoIs of sum_k SL1_{1/9}; NaN if there is none.
+    No floor, all weights 1.
+    """
+    sl1 = SMOOTH_L1_TV_BETA
+    return LossProfile(
+        name="legacy",
+        summary="naive per-level mean; box loss over the level's positives; empty set -> NaN",
+        rpn_cls=Term("bce", "level_sampled", empty="nan"),
+        rpn_box=Term("smooth_l1", "level_pos", beta=sl1, empty="nan"),
+        roi_cls=Term("ce", "sampled", empty="nan"),
+        roi_box=Term("smooth_l1", "pos", beta=sl1, empty="nan"),
+    )
+
+
+def fixed() -> LossProfile:
+    """The fix: one avg_factor per head = max(total sampled, 1), shared by levels and terms.
+
+    - rpn_cls = sum over sampled anchors of BCE (positives x pos_weight) / max(S_rpn, 1)
+    - rpn_box = sum over sampled positives of sum_k SL1_{1/9} / max(S_rpn, 1)
+    - roi_cls = sum over sampled RoIs of CE / max(R, 1);  roi_box = sum_pos SL1_{1/9} / max(R, 1)
+    An empty set gives 0 with a live graph.
+    """
+    sl1 = SMOOTH_L1_TV_BETA
+    return LossProfile(
+        name="fixed",
+        summary="one avg_factor = max(total sampled, 1) per head, shared by levels and terms; empty -> 0",
+        rpn_cls=Term("bce", "sampled", floor=1.0),
+        rpn_box=Term("smooth_l1", "sampled", beta=sl1, floor=1.0),
+        roi_cls=Term("ce", "sampled", floor=1.0),
+        roi_box=Term("smooth_l1", "sampled", beta=sl1, floor=1.0),
+    )
+
+
+def mmdet() -> LossProfile:
+    """MMDetection 3.x Faster R-CNN (AnchorHead/RPNHead + BBoxHead).
+
+    - A_rpn = sum_img max(#pos, 1) + max(#neg, 1)   (SamplingResult.avg_factor)
+    - loss_rpn_cls[l]  = sum_i w_i BCE(x_i, y_i) / (A_rpn + eps32), w over all anchors (0 if unsampled)
+    - loss_rpn_bbox[l] = sum_i b_i |d_i - t_i|_1 / (A_rpn + eps32); 0 if level l has no positive
+    - loss_cls  = sum_j CE / (max(R, 1) + eps32) over the R sampled RoIs (background = last column)
+    - loss_bbox = sum_{pos} |d - t|_1 / (R + eps32); 0 if the batch has no positive RoI
+    """
+    return LossProfile(
+        name="mmdet",
+        summary="MMDetection 3.x: avg_factor = sum_img max(pos,1)+max(neg,1) (+eps); L1 boxes",
+        rpn_cls=Term("bce", "mmdet_sampler", eps=EPS32),
+        rpn_box=Term("l1", "mmdet_sampler", eps=EPS32),
+        roi_cls=Term("ce", "sampled", floor=1.0, eps=EPS32),
+        roi_box=Term("l1", "sampled", eps=EPS32),
+        unsampled_leak=True,
+    )
+
+
+def torchvision() -> LossProfile:
+    """torchvision ``RegionProposalNetwork.compute_loss`` and ``fastrcnn_loss``.
+
+    - loss_objectness  = BCE mean over the n_s sampled anchors of the batch
+    - loss_rpn_box_reg = sum_{pos} sum_k SL1_{1/9}(d - t) / n_s
+    - loss_classifier  = CE mean over the R sampled RoIs (NaN if R = 0)
+    - loss_box_reg     = sum_{pos} sum_k SL1_{1/9}(d - t) / R
+    """
+    sl1 = SMOOTH_L1_TV_BETA
+    return LossProfile(
+        name="torchvision",
+        summary="torchvision: BCE mean over sampled anchors, SL1(1/9) sums / sampled count; CE mean",
+        rpn_cls=Term("bce", "sampled", empty="nan"),
+        rpn_box=Term("smooth_l1", "sampled", beta=sl1, empty="nan"),
+        roi_cls=Term("ce", "sampled", empty="nan"),
+        roi_box=Term("smooth_l1", "sampled", beta=sl1, empty="nan"),
+    )
+
+
+def detectron2() -> LossProfile:
+    """Detectron2 ``RPN.losses`` and ``FastRCNNOutputLayers.losses`` (SMOOTH_L1_BETA = 0: L1).
+
+    - loss_rpn_cls = sum over sampled anchors of BCE / (256 N)
+    - loss_rpn_loc = sum_{pos} |d - t|_1 / (256 N)
+    - loss_cls     = CE mean over R sampled RoIs; 0 with a live graph if R = 0
+    - loss_box_reg = sum_{pos} |d - t|_1 / max(R, 1)
+    """
+    return LossProfile(
+        name="detectron2",
+        summary="Detectron2: RPN sums / (256 x images); CE mean; L1 boxes / max(R, 1)",
+        rpn_cls=Term("bce", "budget"),
+        rpn_box=Term("l1", "budget"),
+        roi_cls=Term("ce", "sampled"),
+        roi_box=Term("l1", "sampled", floor=1.0),
+    )
+
+
+BUILTIN = {"legacy": legacy, "fixed": fixed, "mmdet": mmdet, "torchvision": torchvision, "detectron2": detectron2}
+
+
+def builtin(name: str) -> LossProfile:
+    try:
+        return BUILTIN[name]()
+    except KeyError:
+        raise InputError(
+            f"unknown profile {name!r}; use one of {', '.join(BUILTIN)} or a profile .toml file"
+        ) from None
+
+
+def load_profile(spec: str | Path) -> LossProfile:
+    """A built-in profile name, or a TOML file (its optional ``base`` names the profile it edits)."""
+    spec = str(spec)
+    if spec in BUILTIN:
+        return builtin(spec)
+    if not spec.endswith(".toml"):
+        raise InputError(f"unknown profile {spec!r}; use one of {', '.join(BUILTIN)} or a profile .toml file")
+    data = read_toml(spec)
+    merged = to_dict(builtin(data.pop("base", "fixed")))
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    if "name" not in data:
+        merged["name"] = Path(spec).stem
+    return from_dict(LossProfile, merged, "profile")
+
+
+def profile_toml(profile: LossProfile) -> str:
+    """The profile as editable TOML that :func:`load_profile` reads back."""
+    from .dataclass_toml import dumps_toml
+
+    return dumps_toml(to_dict(profile))

@@ -1,0 +1,1 @@
+"""Replay: pure tensor code from head weights and a batch to per-level losses. No I/O."""

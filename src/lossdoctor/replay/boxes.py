@@ -1,0 +1,116 @@
+"""Box operations: area, IoU (chunked), encode/decode, clip, NMS. Boxes are (x1, y1, x2, y2)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Elements of one IoU block (GT x anchors): bounds memory by this, not by anchors x GT.
+IOU_CHUNK_ELEMENTS = 1 << 22
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """boxes (Tensor[N, 4]) → Tensor[N]; negative for inverted boxes, as in the frameworks."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def box_iou(a: Tensor, b: Tensor, union_eps: float = 0.0) -> Tensor:
+    """a (Tensor[G, 4]), b (Tensor[M, 4]) → Tensor[G, M].
+
+    ``union_eps`` > 0 clamps the union from below (MMDetection, 1e-6); 0 divides plainly
+    (torchvision, Detectron2).
+    """
+    lt = torch.max(a[:, None, :2], b[None, :, :2])
+    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    if union_eps > 0:
+        union = union.clamp(min=union_eps)
+    return inter / union
+
+
+def iou_chunks(a: Tensor, b: Tensor, union_eps: float = 0.0):
+    """Yield (start, Tensor[G, m]) blocks of ``box_iou(a, b)`` over ``b``, each of bounded size."""
+    step = max(1, IOU_CHUNK_ELEMENTS // max(1, a.shape[0]))
+    for start in range(0, b.shape[0], step):
+        yield start, box_iou(a, b[start:start + step], union_eps)
+
+
+def encode(gt: Tensor, ref: Tensor, weights) -> Tensor:
+    """Regression targets of ``gt`` relative to ``ref`` (both Tensor[N, 4]) → Tensor[N, 4].
+
+    dx = wx (gx - rx) / rw, dw = ww log(gw / rw); no +1, no clamp: a zero-width GT gives -inf.
+    """
+    wx, wy, ww, wh = weights
+    rw = ref[:, 2] - ref[:, 0]
+    rh = ref[:, 3] - ref[:, 1]
+    rx = ref[:, 0] + 0.5 * rw
+    ry = ref[:, 1] + 0.5 * rh
+    gw = gt[:, 2] - gt[:, 0]
+    gh = gt[:, 3] - gt[:, 1]
+    gx = gt[:, 0] + 0.5 * gw
+    gy = gt[:, 1] + 0.5 * gh
+    return torch.stack([wx * (gx - rx) / rw, wy * (gy - ry) / rh, ww * torch.log(gw / rw), wh * torch.log(gh / rh)], 1)
+
+
+def decode(deltas: Tensor, ref: Tensor, weights, clip: float, clip_both: bool = False) -> Tensor:
+    """Apply deltas (Tensor[N, 4]) to ref boxes (Tensor[N, 4]) → Tensor[N, 4]; dw, dh capped at ``clip``."""
+    wx, wy, ww, wh = weights
+    rw = ref[:, 2] - ref[:, 0]
+    rh = ref[:, 3] - ref[:, 1]
+    rx = ref[:, 0] + 0.5 * rw
+    ry = ref[:, 1] + 0.5 * rh
+    dx, dy = deltas[:, 0] / wx, deltas[:, 1] / wy
+    dw, dh = deltas[:, 2] / ww, deltas[:, 3] / wh
+    lo = -clip if clip_both else None
+    dw, dh = dw.clamp(min=lo, max=clip), dh.clamp(min=lo, max=clip)
+    cx, cy = dx * rw + rx, dy * rh + ry
+    w, h = torch.exp(dw) * rw, torch.exp(dh) * rh
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], 1)
+
+
+def clip_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Clamp x to [0, w] and y to [0, h]; size = (h, w)."""
+    h, w = size
+    x = boxes[:, 0::2].clamp(0, w)
+    y = boxes[:, 1::2].clamp(0, h)
+    return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
+
+
+def keep_min_size(boxes: Tensor, min_size: float, inclusive: bool) -> Tensor:
+    """Indices of boxes with both sides >= min_size (inclusive) or > min_size."""
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    keep = (w >= min_size) & (h >= min_size) if inclusive else (w > min_size) & (h > min_size)
+    return keep.nonzero().flatten()
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS → indices of kept boxes, by decreasing score (torchvision's semantics)."""
+    if boxes.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long)
+    try:  # the compiled op, where torchvision happens to be installed
+        from torchvision.ops import nms as tv_nms
+
+        return tv_nms(boxes, scores, iou_threshold)
+    except Exception:
+        pass
+    order = scores.argsort(descending=True, stable=True)
+    b = boxes[order]
+    over = (box_iou(b, b) > iou_threshold).numpy()
+    suppressed = over[0] & False
+    keep = []
+    for i in range(b.shape[0]):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed |= over[i]
+    return order[torch.as_tensor(keep, dtype=torch.long)]
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within each group (level or class) → kept indices sorted by decreasing score."""
+    keep = [idx[nms(boxes[idx], scores[idx], iou_threshold)] for g in groups.unique() for idx in [(groups == g).nonzero().flatten()]]
+    if not keep:
+        return torch.zeros(0, dtype=torch.long)
+    keep = torch.cat(keep)
+    return keep[scores[keep].argsort(descending=True, stable=True)]

@@ -1,0 +1,137 @@
+"""Multi-scale RoIAlign in pure torch, with each framework's level mapping.
+
+The bilinear sampling follows torchvision's ``roi_align`` kernel exactly (sample points, the
+-1/size bounds, edge handling, averaging over the sampling grid). The weights of one output bin
+factor into a y part and an x part, so each RoI is pooled as ``Wy @ F[window] @ Wx^T`` over a
+gathered window instead of point by point.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..inputs.config import RoIPoolConfig
+from .boxes import box_area
+
+# RoIs pooled per gather: bounds the gathered window tensor (RoIs x rows x cols x channels).
+ROI_CHUNK_ELEMENTS = 1 << 24
+MAPPER_EPS = {"torchvision": 1e-6, "detectron2": 1e-8, "mmdet": 1e-6}
+
+
+def map_levels(rois: Tensor, strides: list[int], cfg: RoIPoolConfig) -> Tensor:
+    """Pooling level index (0 = finest RoI level) of each RoI (Tensor[R, 4]) → Tensor[R] int64.
+
+    torchvision: floor(4 + log2(sqrt(area) / 224) + 1e-6); Detectron2: floor(4 + log2(sqrt(area)
+    / 224 + 1e-8)); mmdet: floor(log2(sqrt(area) / 56 + 1e-6)); clamped to the levels used.
+    Non-finite results (inverted boxes give sqrt of a negative area) go to the finest level.
+    """
+    n = len(strides)
+    scale = torch.sqrt(box_area(rois))
+    eps = MAPPER_EPS[cfg.mapper]
+    if cfg.mapper == "mmdet":
+        lvl = torch.floor(torch.log2(scale / cfg.finest_scale + eps))
+        k_min = 0
+    else:
+        k_min = int(round(math.log2(strides[0])))
+        if cfg.mapper == "torchvision":
+            lvl = torch.floor(cfg.canonical_level + torch.log2(scale / cfg.canonical_scale) + eps)
+        else:
+            lvl = torch.floor(cfg.canonical_level + torch.log2(scale / cfg.canonical_scale + eps))
+    lvl = torch.nan_to_num(lvl, nan=float(k_min), posinf=float(k_min + n - 1), neginf=float(k_min))
+    return (lvl.clamp(k_min, k_min + n - 1) - k_min).long()
+
+
+def _axis_weights(start: Tensor, bin_size: Tensor, grid: int, pooled: int, size: int) -> tuple[Tensor, Tensor]:
+    """Sample rows (or cols) of one axis → (idx Tensor[R, P*2g] int64, W Tensor[R, P, P*2g]).
+
+    W[r, p, j] is the weight of gathered row j in output bin p (bilinear weight / grid).
+    """
+    r = start.shape[0]
+    p = torch.arange(pooled, dtype=start.dtype)
+    k = torch.arange(grid, dtype=start.dtype) + 0.5
+    pos = start[:, None, None] + p[None, :, None] * bin_size[:, None, None] + k[None, None, :] * bin_size[:, None, None] / grid
+    inside = (pos >= -1.0) & (pos <= size)
+    pos = pos.clamp(min=0)
+    low = pos.floor().long()
+    edge = low >= size - 1
+    low = torch.where(edge, torch.full_like(low, size - 1), low)
+    high = torch.where(edge, low, low + 1)
+    pos = torch.where(edge, low.to(pos.dtype), pos)
+    frac = pos - low.to(pos.dtype)
+    w = torch.cat([1 - frac, frac], -1) * inside.repeat(1, 1, 2).to(pos.dtype) / grid  # [R, P, 2g]
+    idx = torch.cat([low, high], -1).reshape(r, -1)
+    dense = (torch.eye(pooled, dtype=w.dtype)[None, :, :, None] * w[:, :, None, :]).reshape(r, pooled, -1)
+    return idx, dense
+
+
+def _pool_group(feat: Tensor, img: Tensor, ys: Tensor, xs: Tensor, bh: Tensor, bw: Tensor, gh: int, gw: int, pooled: int) -> Tensor:
+    """RoIs sharing one sampling grid (gh, gw) → Tensor[R, C, P, P]. feat: Tensor[N, H, W, C]."""
+    _, h, w, c = feat.shape
+    iy, wy = _axis_weights(ys, bh, gh, pooled, h)
+    ix, wx = _axis_weights(xs, bw, gw, pooled, w)
+    per_roi = iy.shape[1] * ix.shape[1] * c
+    step = max(1, ROI_CHUNK_ELEMENTS // per_roi)
+    out = []
+    for s in range(0, img.shape[0], step):
+        sl = slice(s, s + step)
+        g = feat[img[sl, None, None], iy[sl, :, None], ix[sl, None, :]]  # [r, rows, cols, C]
+        t = torch.einsum("rpa,rabc->rpbc", wy[sl], g)
+        out.append(torch.einsum("rpbc,rqb->rcpq", t, wx[sl]))
+    return torch.cat(out)
+
+
+def roi_align_level(feat: Tensor, rois: Tensor, img: Tensor, scale: float, pooled: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    """RoIAlign on one level. feat: Tensor[N, C, H, W]; rois: Tensor[R, 4] in input pixels;
+    img: Tensor[R] image index → Tensor[R, C, P, P]."""
+    n, c, h, w = feat.shape
+    r = rois.shape[0]
+    out = feat.new_zeros(r, c, pooled, pooled)
+    if r == 0:
+        return out + 0 * feat.sum()  # keeps an unused level in the graph, as mmdet does
+    try:  # the compiled op, where torchvision happens to be installed
+        from torchvision.ops import roi_align as tv_roi_align
+
+        boxes = torch.cat([img[:, None].to(rois.dtype), rois], 1)
+        return tv_roi_align(feat, boxes, pooled, scale, sampling_ratio, aligned)
+    except Exception:
+        pass
+    offset = 0.5 if aligned else 0.0
+    x1, y1 = rois[:, 0] * scale - offset, rois[:, 1] * scale - offset
+    rw = rois[:, 2] * scale - offset - x1
+    rh = rois[:, 3] * scale - offset - y1
+    if not aligned:
+        rw, rh = rw.clamp(min=1.0), rh.clamp(min=1.0)
+    bw, bh = rw / pooled, rh / pooled
+    if sampling_ratio > 0:
+        gh = torch.full((r,), sampling_ratio, dtype=torch.long)
+        gw = gh
+    else:
+        gh = torch.ceil(rh / pooled).nan_to_num(0).clamp(min=0).long()
+        gw = torch.ceil(rw / pooled).nan_to_num(0).clamp(min=0).long()
+    feat_hwc = feat.permute(0, 2, 3, 1)
+    keys = gh * 100003 + gw
+    pieces = []
+    for key in keys.unique().tolist():
+        idx = (keys == key).nonzero().flatten()
+        a, b = int(gh[idx[0]]), int(gw[idx[0]])
+        if a == 0 or b == 0:
+            continue  # no sample point: the kernel outputs 0
+        pieces.append((idx, _pool_group(feat_hwc, img[idx], y1[idx], x1[idx], bh[idx], bw[idx], a, b, pooled)))
+    if pieces:
+        order = torch.cat([i for i, _ in pieces])
+        out = out.index_copy(0, order, torch.cat([v for _, v in pieces]))
+    return out
+
+
+def multiscale_roi_align(features: list[Tensor], strides: list[int], rois: Tensor, img: Tensor, levels: Tensor,
+                         pooled: int, cfg: RoIPoolConfig) -> Tensor:
+    """Pool each RoI from its mapped level → Tensor[R, C, P, P]; every level stays in the graph."""
+    n, c = features[0].shape[:2]
+    out = features[0].new_zeros(rois.shape[0], c, pooled, pooled)
+    for lvl, (feat, stride) in enumerate(zip(features, strides)):
+        idx = (levels == lvl).nonzero().flatten()
+        pooled_l = roi_align_level(feat, rois[idx], img[idx], 1.0 / stride, pooled, cfg.sampling_ratio, cfg.aligned)
+        out = out.index_copy(0, idx, pooled_l) if idx.numel() else out + 0 * pooled_l.sum()
+    return out
