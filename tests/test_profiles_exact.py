@@ -227,10 +227,10 @@ def test_profile_matches_reference_formula(case, profile):
     rpn, roi = expected(profile, outs, gts, labels, props)
     got = r.losses[profile]
     for lvl, (c, b) in enumerate(rpn):
-        assert close(float(got.levels["rpn"][lvl].loss_cls), c), (lvl, "rpn cls")
-        assert close(float(got.levels["rpn"][lvl].loss_bbox), b), (lvl, "rpn box")
-    assert close(float(got.term("roi", "cls")), roi[0])
-    assert close(float(got.term("roi", "bbox")), roi[1])
+        assert close(got.levels["rpn"][lvl].loss_cls.item(), c), (lvl, "rpn cls")
+        assert close(got.levels["rpn"][lvl].loss_bbox.item(), b), (lvl, "rpn box")
+    assert close(got.term("roi", "cls").item(), roi[0])
+    assert close(got.term("roi", "bbox").item(), roi[1])
 
 
 def test_reference_cases_exercise_the_edge_cases():

@@ -1,0 +1,126 @@
+"""Replay invariants: NaN semantics, shared normalizers, seeds, bad labels, MMDetection's leak."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lossdoctor.inputs.batch import validate_batch
+from lossdoctor.inputs.config import preset
+from lossdoctor.inputs.profiles import BUILTIN
+from lossdoctor.replay.engine import replay
+
+import factories as F
+
+ALL = [p() for p in BUILTIN.values()]
+SHARED = ("fixed", "mmdet", "torchvision", "detectron2")
+
+
+def run(batch=None, cfg="torchvision", seed=0, sample_all=False, profiles=ALL, heads=None):
+    return replay(heads or F.heads(), batch or F.batch(), preset(cfg), profiles, seed=seed, sample_all=sample_all)
+
+
+def vals(r, profile, head, kind):
+    return [float(getattr(l, f"loss_{kind}").detach()) for l in r.losses[profile].levels[head]]
+
+
+@pytest.mark.parametrize("cfg", ["torchvision", "mmdet", "detectron2"])
+def test_legacy_is_nan_exactly_at_levels_without_positive_and_fixed_is_finite(cfg):
+    r = run(cfg=cfg)
+    pos = [s.pos for s in r.samples["rpn"]]
+    assert 0 in pos and any(pos), "the fixture must have levels with and without positives"
+    legacy_box = vals(r, "legacy", "rpn", "bbox")
+    assert [math.isnan(v) for v in legacy_box] == [p == 0 for p in pos]
+    assert all(math.isfinite(v) for v in vals(r, "legacy", "rpn", "cls"))
+    for name in SHARED:
+        for head in ("rpn", "roi"):
+            for kind in ("cls", "bbox"):
+                assert all(math.isfinite(v) for v in vals(r, name, head, kind)), (name, head, kind)
+    assert math.isfinite(r.losses["fixed"].total.item())
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_normalizer_levels_add_up_to_the_whole_batch_loss(name):
+    r = run()
+    prof = r.losses[name]
+    for head in ("rpn", "roi"):
+        lv = prof.levels[head]
+        assert len({l.avg_factor for l in lv}) == 1
+        d = lv[0].avg_factor
+        # the whole-batch loss computed at once: sum of every sampled per-sample loss / D
+        samples = r.samples[head]
+        whole = sum(float(s.cls_loss.sum()) for s in samples) / d
+        assert sum(vals(r, name, head, "cls")) == pytest.approx(whole, rel=1e-5)
+        assert prof.term(head, "cls").item() == pytest.approx(whole, rel=1e-5)
+
+
+def test_fixed_avg_factor_is_total_sampled_and_legacy_per_level():
+    r = run()
+    rpn = r.losses["fixed"].levels["rpn"]
+    total = sum(s.sampled for s in r.samples["rpn"])
+    assert {l.avg_factor for l in rpn} == {float(total)}
+    legacy = r.losses["legacy"].levels["rpn"]
+    assert [l.avg_factor for l in legacy] == [float(s.sampled) for s in r.samples["rpn"]]
+    assert [l.avg_factor_bbox for l in legacy] == [float(s.pos) for s in r.samples["rpn"]]
+
+
+def test_mmdet_rpn_avg_factor_is_per_image_floored_sum():
+    b = F.batch(boxes=[torch.tensor([[8.0, 10.0, 40.0, 50.0]]), torch.zeros(0, 4)], labels=[torch.tensor([0]), torch.zeros(0, dtype=torch.long)])
+    r = run(b, cfg="mmdet")
+    im = r.images
+    assert im[1].rpn_pos == 0
+    want = max(im[0].rpn_pos, 1) + max(im[0].rpn_neg, 1) + 1 + im[1].rpn_neg
+    assert r.losses["mmdet"].levels["rpn"][0].avg_factor == pytest.approx(want + 1.1920929e-07)
+
+
+def test_same_seed_same_numbers_sample_all_ignores_seed():
+    a, b, c = run(seed=5), run(seed=5), run(seed=6)
+    assert a.level_rows() == b.level_rows() or _nan_equal(a.level_rows(), b.level_rows())
+    assert not _nan_equal(a.level_rows(), c.level_rows())  # the RoI sampler draws differently
+    x, y = run(seed=1, sample_all=True), run(seed=99, sample_all=True)
+    assert _nan_equal(x.level_rows(), y.level_rows())
+
+
+def _nan_equal(rows_a, rows_b):
+    def norm(v):
+        return "nan" if isinstance(v, float) and math.isnan(v) else v
+    return [{k: norm(v) for k, v in r.items()} for r in rows_a] == [{k: norm(v) for k, v in r.items()} for r in rows_b]
+
+
+def test_labels_out_of_range_are_left_out_and_recorded():
+    boxes = [torch.tensor([[8.0, 10.0, 40.0, 50.0], [50.0, 5.0, 90.0, 30.0]])] * 2
+    labels = [torch.tensor([0, 3]), torch.tensor([-1, 2])]  # 3 classes: 3 and -1 are unusable
+    r = run(F.batch(boxes=boxes, labels=labels))
+    assert r.dropped_labels == [(0, 1, 3), (1, 0, -1)]
+    assert [im.gt for im in r.images] == [1, 1]
+    assert [im.gt_bad_label for im in r.images] == [1, 1]
+
+
+def test_mmdet_leak_nan_from_an_unsampled_anchor():
+    """A NaN output at anchors nobody samples: mmdet's weight-multiply makes the level NaN, indexing does not."""
+    d = F.batch_dict()
+    d["features"]["p6"][0, :, 0, 0] = float("nan")  # every P6 output at one location becomes NaN
+    batch = validate_batch(d)
+    profiles = [BUILTIN["mmdet"](), BUILTIN["torchvision"]()]
+    lvl = 4
+    for seed in range(50):  # the first seed whose draw leaves the poisoned anchors out
+        r = replay(F.heads(), batch, preset("mmdet"), profiles, seed=seed)
+        nan_anchor = ~torch.isfinite(r.rpn[lvl].out.logits)
+        if nan_anchor.any() and not (nan_anchor & r.rpn[lvl].sampled).any():
+            break
+    else:
+        pytest.fail("no seed left the poisoned anchors unsampled")
+    mm = r.losses["mmdet"].levels["rpn"][lvl]
+    tv = r.losses["torchvision"].levels["rpn"][lvl]
+    assert math.isnan(mm.loss_cls.item()) and math.isnan(mm.loss_bbox.item())
+    assert math.isfinite(tv.loss_cls.item()) and math.isfinite(tv.loss_bbox.item())
+
+
+def test_empty_batch_of_gt_still_replays():
+    b = F.batch(boxes=[torch.zeros(0, 4)] * 2, labels=[torch.zeros(0, dtype=torch.long)] * 2)
+    r = run(b)
+    assert all(im.rpn_pos == 0 and im.roi_pos == 0 for im in r.images)
+    assert math.isnan(r.losses["legacy"].term("roi", "bbox").item())
+    assert r.losses["fixed"].term("roi", "bbox").item() == 0.0
+    assert r.losses["detectron2"].term("rpn", "bbox").item() == 0.0

@@ -1,0 +1,201 @@
+"""Anchors, matcher, sampler, box coder, RoIAlign and level mapping against the reference notes."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lossdoctor.inputs.config import AnchorConfig, MatcherConfig, RoIPoolConfig, SamplerConfig, preset
+from lossdoctor.replay import boxes as B
+from lossdoctor.replay.anchors import cell_anchors, level_anchors, level_strides
+from lossdoctor.replay.matcher import IGNORED, NEGATIVE, POSITIVE, match
+from lossdoctor.replay.roi_align import map_levels, roi_align_level
+from lossdoctor.replay.sampler import sample
+
+
+def test_torchvision_cell_anchors_are_rounded_like_the_reference():
+    # reference: P2 [-23,-11,23,11] [-16,-16,16,16] [-11,-23,11,23]; P6 [-362,-181,362,181] ...
+    assert cell_anchors((32.0,), (0.5, 1.0, 2.0), True, False).tolist() == [[-23, -11, 23, 11], [-16, -16, 16, 16], [-11, -23, 11, 23]]
+    p6 = cell_anchors((512.0,), (0.5, 1.0, 2.0), True, False)
+    assert p6[0].tolist() == [-362, -181, 362, 181] and p6[2].tolist() == [-181, -362, 181, 362]
+
+
+def test_mmdet_detectron2_cell_anchors_are_not_rounded():
+    a = cell_anchors((32.0,), (0.5, 1.0, 2.0), False, False)
+    w = 32 / math.sqrt(0.5)
+    assert a[0].tolist() == pytest.approx([-w / 2, -w / 4, w / 2, w / 4], rel=1e-6)  # 45.25 x 22.63
+
+
+def test_anchor_order_is_y_x_a_with_zero_offset():
+    cfg = AnchorConfig(sizes=((8.0,),), ratios=(1.0,))
+    a = level_anchors(cfg, [4], [(2, 3)], (8, 12))[0]
+    centres = ((a[:, :2] + a[:, 2:]) / 2).tolist()
+    assert centres == [[0, 0], [4, 0], [8, 0], [0, 4], [4, 4], [8, 4]]
+
+
+def test_torchvision_strides_come_from_padded_size_over_feature_size():
+    # an 800 x 1216 input: P6 is 13 x 19, torchvision's stride is (800 // 13, 1216 // 19) = (61, 64)
+    cfg = preset("torchvision").anchors
+    assert level_strides(cfg, [64], [(13, 19)], (800, 1216)) == [(61, 64)]
+    assert level_strides(preset("mmdet").anchors, [64], [(13, 19)], (800, 1216)) == [(64, 64)]
+
+
+def _anchors():
+    return torch.tensor([[0, 0, 10, 10], [0, 0, 10, 20], [5, 0, 15, 10], [100, 100, 110, 110]], dtype=torch.float32)
+
+
+def test_matcher_thresholds_and_ignore_band():
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    m = match(gt, _anchors(), MatcherConfig(0.7, 0.3, low_quality=False))
+    # IoUs: 1.0, 0.5, 1/3, 0 → pos, ignored, ignored, neg
+    assert m.labels.tolist() == [POSITIVE, IGNORED, IGNORED, NEGATIVE]
+    assert m.gt_best.tolist() == [1.0]
+
+
+def test_low_quality_match_torchvision_vs_mmdet_min_pos_iou():
+    gt = torch.tensor([[0.0, 0.0, 10.0, 5.0]])  # best IoU 0.5 (anchor 0), below fg 0.7
+    tv = match(gt, _anchors(), MatcherConfig(0.7, 0.3, True, "torchvision"))
+    mm = match(gt, _anchors(), MatcherConfig(0.7, 0.3, True, "mmdet", min_pos_iou=0.6))
+    assert tv.labels[0] == POSITIVE  # low-quality match restores the best anchor
+    assert mm.labels[0] != POSITIVE  # 0.5 < min_pos_iou 0.6: no positive at all
+
+
+def test_gt_overlapping_no_anchor_makes_every_anchor_positive_under_torchvision_matching():
+    # reference edge case: the low-quality pass matches every anchor whose IoU equals the GT's max, 0
+    gt = torch.tensor([[2000.0, 2000.0, 2010.0, 2010.0]])
+    tv = match(gt, _anchors(), MatcherConfig(0.7, 0.3, True, "torchvision"))
+    mm = match(gt, _anchors(), MatcherConfig(0.7, 0.3, True, "mmdet", min_pos_iou=0.3))
+    assert (tv.labels == POSITIVE).all()
+    assert (mm.labels == NEGATIVE).all()
+
+
+def test_mmdet_low_quality_later_gt_wins():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])
+    gt = torch.tensor([[0.0, 0.0, 10.0, 4.0], [0.0, 0.0, 4.0, 10.0]])  # both best-match anchor 0 at IoU 0.4
+    mm = match(gt, anchors, MatcherConfig(0.7, 0.3, True, "mmdet", min_pos_iou=0.3))
+    tv = match(gt, anchors, MatcherConfig(0.7, 0.3, True, "torchvision"))
+    assert mm.labels[0] == POSITIVE and mm.gt[0] == 1  # later GT wins
+    assert tv.labels[0] == POSITIVE and tv.gt[0] == 0  # its own argmax (first max)
+
+
+def test_chunked_iou_equals_dense(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(500, 2, generator=g) * 100
+    anchors = torch.cat([xy, xy + torch.rand(500, 2, generator=g) * 40 + 1], 1)
+    gt = anchors[::50] + 0.5
+    dense = match(gt, anchors, MatcherConfig())
+    monkeypatch.setattr(B, "IOU_CHUNK_ELEMENTS", 37)  # many tiny chunks
+    chunked = match(gt, anchors, MatcherConfig())
+    assert torch.equal(dense.labels, chunked.labels) and torch.equal(dense.gt, chunked.gt)
+    assert torch.equal(dense.gt_best, chunked.gt_best)
+
+
+def test_sampler_budget_and_seed():
+    labels = torch.tensor([POSITIVE] * 300 + [NEGATIVE] * 1000 + [IGNORED] * 10, dtype=torch.int8)
+    cfg = SamplerConfig(256, 0.5)
+    pos, neg = sample(labels, cfg, torch.Generator().manual_seed(3))
+    assert (pos.numel(), neg.numel()) == (128, 128)
+    pos2, neg2 = sample(labels, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(pos, pos2) and torch.equal(neg, neg2)
+    few = torch.tensor([POSITIVE] * 5 + [NEGATIVE] * 1000, dtype=torch.int8)
+    pos, neg = sample(few, cfg, torch.Generator().manual_seed(0))
+    assert (pos.numel(), neg.numel()) == (5, 251)  # negatives fill the budget
+    pos, neg = sample(few, cfg, None, sample_all=True)
+    assert (pos.numel(), neg.numel()) == (5, 1000)
+
+
+def test_encode_decode_roundtrip_and_zero_width_gives_minus_inf():
+    ref = torch.tensor([[0.0, 0.0, 10.0, 20.0]])
+    gt = torch.tensor([[2.0, 3.0, 14.0, 19.0]])
+    d = B.encode(gt, ref, (10.0, 10.0, 5.0, 5.0))
+    # dx = 10 * (8 - 5) / 10 = 3; dy = 10 * (11 - 10) / 20 = 0.5; dw = 5 ln(12/10); dh = 5 ln(16/20)
+    assert d[0].tolist() == pytest.approx([3.0, 0.5, 5 * math.log(1.2), 5 * math.log(0.8)], rel=1e-6)
+    assert torch.allclose(B.decode(d, ref, (10.0, 10.0, 5.0, 5.0), math.log(1000 / 16)), gt, atol=1e-5)
+    z = B.encode(torch.tensor([[5.0, 5.0, 5.0, 9.0]]), ref, (1, 1, 1, 1))
+    assert z[0, 2] == -math.inf
+
+
+def test_decode_clamps_dw_upper_only_unless_clip_both():
+    ref = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    d = torch.tensor([[0.0, 0.0, 100.0, -100.0]])
+    clip = math.log(1000 / 16)
+    one = B.decode(d, ref, (1, 1, 1, 1), clip)
+    both = B.decode(d, ref, (1, 1, 1, 1), clip, clip_both=True)
+    assert (one[0, 2] - one[0, 0]).item() == pytest.approx(1000 / 16, rel=1e-5)
+    assert (one[0, 3] - one[0, 1]).item() == pytest.approx(math.exp(-100), abs=1e-30)
+    assert (both[0, 3] - both[0, 1]).item() == pytest.approx(16 / 1000, rel=1e-4)
+
+
+def test_nms_keeps_highest_and_suppresses_overlaps():
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10.5]], dtype=torch.float32)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.95])
+    assert B.nms(boxes, scores, 0.5).tolist() == [3, 2]
+    groups = torch.tensor([0, 1, 0, 0])
+    assert B.batched_nms(boxes, scores, groups, 0.5).tolist() == [3, 1, 2]
+
+
+def test_level_mappers_follow_their_formulas():
+    side = torch.tensor([50.0, 111.0, 112.0, 223.9, 224.0, 447.0, 448.0, 2000.0])
+    rois = torch.stack([torch.zeros_like(side), torch.zeros_like(side), side, side], 1)
+    strides = [4, 8, 16, 32]
+    tv = map_levels(rois, strides, RoIPoolConfig(mapper="torchvision"))
+    mm = map_levels(rois, strides, RoIPoolConfig(mapper="mmdet"))
+    # torchvision: floor(4 + log2(s / 224) + 1e-6) - 2; mmdet: floor(log2(s / 56 + 1e-6))
+    want_tv = [min(max(math.floor(4 + math.log2(s / 224) + 1e-6), 2), 5) - 2 for s in side.tolist()]
+    want_mm = [min(max(math.floor(math.log2(s / 56 + 1e-6)), 0), 3) for s in side.tolist()]
+    assert tv.tolist() == want_tv and mm.tolist() == want_mm
+    assert want_mm[1:3] == [0, 1]  # 111 -> P2, 112 -> P3
+
+
+def _roi_align_kernel(feat, box, scale, pooled, sampling_ratio, aligned):
+    """torchvision's CPU roi_align kernel, transcribed point by point."""
+    c, h, w = feat.shape
+    off = 0.5 if aligned else 0.0
+    sw, sh = box[0] * scale - off, box[1] * scale - off
+    rw, rh = box[2] * scale - off - sw, box[3] * scale - off - sh
+    if not aligned:
+        rw, rh = max(rw, 1.0), max(rh, 1.0)
+    bh, bw = rh / pooled, rw / pooled
+    gh = sampling_ratio if sampling_ratio > 0 else math.ceil(rh / pooled)
+    gw = sampling_ratio if sampling_ratio > 0 else math.ceil(rw / pooled)
+    count = max(gh * gw, 1)
+    out = torch.zeros(c, pooled, pooled, dtype=torch.float64)
+    for ph in range(pooled):
+        for pw in range(pooled):
+            acc = torch.zeros(c, dtype=torch.float64)
+            for iy in range(gh):
+                y = sh + ph * bh + (iy + 0.5) * bh / gh
+                for ix in range(gw):
+                    x = sw + pw * bw + (ix + 0.5) * bw / gw
+                    if y < -1.0 or y > h or x < -1.0 or x > w:
+                        continue
+                    yy, xx = max(y, 0.0), max(x, 0.0)
+                    yl, xl = int(yy), int(xx)
+                    if yl >= h - 1:
+                        yh = yl = h - 1
+                        yy = float(yl)
+                    else:
+                        yh = yl + 1
+                    if xl >= w - 1:
+                        xh = xl = w - 1
+                        xx = float(xl)
+                    else:
+                        xh = xl + 1
+                    ly, lx = yy - yl, xx - xl
+                    acc += (1 - ly) * (1 - lx) * feat[:, yl, xl] + (1 - ly) * lx * feat[:, yl, xh] \
+                        + ly * (1 - lx) * feat[:, yh, xl] + ly * lx * feat[:, yh, xh]
+            out[:, ph, pw] = acc / count
+    return out
+
+
+@pytest.mark.parametrize("sampling_ratio,aligned", [(2, False), (0, True), (0, False), (1, True)])
+def test_roi_align_matches_the_kernel(sampling_ratio, aligned):
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(2, 3, 9, 11, generator=g)
+    rois = torch.tensor([[3.0, 4.0, 30.0, 25.0], [-6.0, -3.0, 10.0, 8.0], [20.0, 14.0, 47.0, 38.0], [5.0, 5.0, 5.5, 5.2], [0, 0, 60, 40]])
+    img = torch.tensor([0, 1, 1, 0, 1])
+    got = roi_align_level(feat, rois, img, 0.25, 4, sampling_ratio, aligned)
+    for r in range(rois.shape[0]):
+        want = _roi_align_kernel(feat[img[r]].double(), rois[r].tolist(), 0.25, 4, sampling_ratio, aligned)
+        assert torch.allclose(got[r].double(), want, atol=1e-5), r
