@@ -143,7 +143,7 @@ def validate_batch(data) -> Batch:
     if data.get("format") != BATCH_FORMAT:
         if "format" not in data:
             raise InputError(f"not a lossdoctor batch dump: key 'format' is missing (expected {BATCH_FORMAT!r}); write it with lossdoctor.dump_batch")
-        raise _refuse("format", repr(BATCH_FORMAT), data.get("format"))
+        raise _refuse("format", repr(BATCH_FORMAT), repr(data.get("format")))
     for key in REQUIRED:
         if key not in data:
             raise InputError(f"batch key '{key}' is missing; lossdoctor.dump_batch writes every required key")

@@ -1,0 +1,213 @@
+"""Batch schema, suspicions, checkpoints (layouts, wrappers, safe loading), configs and profiles from TOML."""
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from lossdoctor import dump_batch, load_batch, load_checkpoint
+from lossdoctor.inputs.batch import validate_batch
+from lossdoctor.inputs.checkpoint import LAYOUTS, heads_from_state_dict
+from lossdoctor.inputs.config import load_config
+from lossdoctor.inputs.errors import InputError
+from lossdoctor.inputs.profiles import BUILTIN, load_profile, profile_toml
+
+import factories as F
+
+
+def codes(batch):
+    return sorted({s.code for s in batch.suspicions})
+
+
+# ---- batch schema --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: d.pop("gt_labels"), "batch key 'gt_labels' is missing"),
+    (lambda d: d.update(format="other/1"), "batch key 'format': expected 'lossdoctor.batch/1', found 'other/1'"),
+    (lambda d: d.update(image_sizes=[[64, 96]]), "batch key 'image_sizes': expected 2 [h, w] pairs"),
+    (lambda d: d["gt_boxes"].__setitem__(0, torch.zeros(2, 5)), "batch key 'gt_boxes[0]': expected a float Tensor[K, 4] (x1, y1, x2, y2), found Tensor[2, 5] float32"),
+    (lambda d: d["gt_labels"].__setitem__(1, torch.tensor([0.0, 1.0])), "batch key 'gt_labels[1]': expected an integer Tensor[K], found Tensor[2] float32"),
+    (lambda d: d["gt_labels"].__setitem__(1, torch.tensor([0])), "batch key 'gt_labels[1]': expected 2 labels (one per box)"),
+    (lambda d: d["features"].__setitem__("p3", torch.zeros(2, 4, 8, 12)), "batch key 'features.p3': expected N, C = [2, 8] like the first level"),
+    (lambda d: d.update(strides=[4, 8]), "batch key 'strides': expected 5 positive integers (one per level)"),
+    (lambda d: d.update(extra=1), "batch key 'extra': expected only the keys"),
+    (lambda d: d.update(image_sizes=[[640, 96], [64, 96]]), "batch key 'image_sizes[0]': expected a size within the padded input"),
+])
+def test_schema_violations_name_key_expected_and_found(mutate, needle):
+    d = F.batch_dict()
+    mutate(d)
+    with pytest.raises(InputError) as e:
+        validate_batch(d)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_healthy_batch_has_no_suspicion():
+    assert codes(F.batch()) == []
+
+
+def test_suspicious_content_is_accepted_and_recorded():
+    boxes = [torch.tensor([[8.0, 10.0, 8.0, 50.0], [50.0, 5.0, 200.0, 30.0]]), torch.zeros(0, 4)]
+    labels = [torch.tensor([0, 1]), torch.zeros(0, dtype=torch.long)]
+    d = F.batch_dict(boxes=boxes, labels=labels)
+    d["features"]["p4"][1, 0, 0, 0] = float("inf")
+    b = validate_batch(d)
+    found = {(s.code, s.image, s.box, s.level) for s in b.suspicions}
+    assert ("degenerate-gt", 0, 0, None) in found
+    assert ("gt-outside-image", 0, 1, None) in found
+    assert ("empty-gt-image", 1, None, None) in found
+    assert ("nonfinite-features", 1, None, "p4") in found
+    nf = next(s for s in b.suspicions if s.code == "nonfinite-features")
+    assert nf.evidence == {"nan": 0, "inf": 1, "images": [1]}
+
+
+def test_xywh_boxes_are_suspected():
+    xywh = torch.tensor([[10.0, 12.0, 20.0, 8.0], [40.0, 30.0, 30.0, 20.0]])  # x2 < x1 read as xyxy
+    b = F.batch(boxes=[xywh, xywh], labels=[torch.tensor([0, 1])] * 2)
+    assert "gt-xywh-suspected" in codes(b)
+    assert "degenerate-gt" in codes(b)
+
+
+def test_dump_batch_roundtrip_is_atomic_and_validates(tmp_path):
+    d = F.batch_dict()
+    path = tmp_path / "b.pt"
+    dump_batch(path, features=d["features"], image_sizes=d["image_sizes"], gt_boxes=d["gt_boxes"],
+               gt_labels=d["gt_labels"], strides=d["strides"], meta={"iteration": 5000})
+    b = load_batch(path)
+    assert b.meta == {"iteration": 5000} and b.strides == [4, 8, 16, 32, 64] and b.pad_size == (64, 96)
+    assert torch.equal(b.features["p3"], d["features"]["p3"])
+    with pytest.raises(InputError):
+        dump_batch(tmp_path / "bad.pt", features=d["features"], image_sizes=d["image_sizes"], gt_boxes=d["gt_boxes"],
+                   gt_labels=d["gt_labels"][:1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.pt"]  # nothing half-written
+
+
+def test_default_strides_from_level_names_and_pad_size():
+    d = F.batch_dict()
+    d.pop("strides")
+    assert validate_batch(d).strides == [4, 8, 16, 32, 64]
+    d["features"] = {f"l{i}": v for i, v in enumerate(d["features"].values())}
+    d["pad_size"] = [64, 96]
+    assert validate_batch(d).strides == [4, 8, 16, 32, 64]
+
+
+def test_not_a_batch_file(tmp_path):
+    p = tmp_path / "x.pt"
+    p.write_text("hello")
+    with pytest.raises(InputError, match="is not a lossdoctor batch dump"):
+        load_batch(p)
+    with pytest.raises(InputError, match="does not exist"):
+        load_batch(tmp_path / "missing.pt")
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+def test_native_layout_shapes_give_channels_anchors_classes():
+    h = F.heads(channels=8, anchors=3, classes=5)
+    assert (h.channels, h.num_anchors, h.num_classes, h.pool_size, h.bg_col, h.reg_classes) == (8, 3, 5, 7, 0, 6)
+    agnostic = F.heads(classes=5, reg_slots=1)
+    assert agnostic.reg_classes == 1
+
+
+@pytest.mark.parametrize("wrap", [lambda sd: sd, lambda sd: {"model": sd, "epoch": 3}, lambda sd: {"state_dict": sd, "meta": {}}])
+def test_checkpoint_wrappers(tmp_path, wrap):
+    p = tmp_path / "c.pt"
+    torch.save(wrap(F.state_dict()), p)
+    assert load_checkpoint(p).layout == "torchvision"
+
+
+def test_old_torchvision_conv_key_and_module_prefix(tmp_path):
+    sd = F.state_dict()
+    sd = {("module." + k).replace("rpn.head.conv.0.0", "rpn.head.conv"): v for k, v in sd.items()}
+    p = tmp_path / "c.pt"
+    torch.save(sd, p)
+    assert load_checkpoint(p).keys["rpn_conv"] == "rpn.head.conv"
+
+
+@pytest.mark.parametrize("layout,bg", [("mmdet", 3), ("detectron2", 3)])
+def test_other_layouts_put_background_last(layout, bg):
+    sd = F.state_dict(reg_slots=3)
+    tv = {v[0]: k for k, v in LAYOUTS["torchvision"].items()}
+    out = {}
+    for key, t in sd.items():
+        prefix, kind = key.rsplit(".", 1)
+        out[f"{LAYOUTS[layout][tv[prefix]][0]}.{kind}"] = t
+    h = heads_from_state_dict(out)
+    assert h.layout == layout and h.bg_col == bg and h.reg_classes == 3
+    assert h.fg_logit(torch.tensor([0, 2])).tolist() == [0, 2] and h.reg_slot(torch.tensor([2])).tolist() == [2]
+
+
+def test_shape_mismatch_names_both_shapes():
+    sd = F.state_dict()
+    sd["rpn.head.bbox_pred.weight"] = torch.zeros(8, 8, 1, 1)
+    with pytest.raises(InputError, match=r"has shape \[8, 8, 1, 1\], expected \[12, 8, 1, 1\]"):
+        heads_from_state_dict(sd)
+
+
+def test_no_heads_found():
+    with pytest.raises(InputError, match="no RPN/box head found"):
+        heads_from_state_dict({"backbone.conv1.weight": torch.zeros(1)})
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_checkpoint_objects_are_replaced_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = _Evil()
+    evil.path = marker
+    p = tmp_path / "c.pt"
+    torch.save({"state_dict": F.state_dict(), "meta": {"cfg": evil}}, p)
+    h = load_checkpoint(p)
+    assert not marker.exists()
+    assert h.layout == "torchvision" and any("system" in r for r in h.replaced)
+
+
+# ---- configs and profiles ------------------------------------------------------------------
+
+def test_profile_toml_roundtrip(tmp_path):
+    for name, make in BUILTIN.items():
+        p = tmp_path / f"{name}.toml"
+        p.write_text(profile_toml(make()))
+        assert load_profile(p) == make()
+
+
+def test_profile_toml_overrides_a_base(tmp_path):
+    p = tmp_path / "mine.toml"
+    p.write_text('base = "fixed"\npos_weight = 2.0\n[rpn_box]\nloss = "l1"\n')
+    prof = load_profile(p)
+    assert prof.name == "mine" and prof.pos_weight == 2.0 and prof.rpn_box.loss == "l1"
+    assert prof.rpn_box.normalizer == "sampled" and prof.rpn_box.floor == 1.0
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("pos_wieght = 2.0", "unknown key 'pos_wieght'"),
+    ("[rpn_box]\nnormalizer = \"per_level\"", "normalizer 'per_level' is unknown"),
+    ("[rpn_box]\nloss = \"ce\"", "rpn_box needs one of l1, smooth_l1"),
+    ("pos_weight = \"x\"", "expected a number"),
+    ("pos_weight = ", "is not valid TOML"),
+])
+def test_bad_profile_toml(tmp_path, text, needle):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(InputError, match=needle):
+        load_profile(p)
+
+
+def test_unknown_profile_and_preset_names():
+    with pytest.raises(InputError, match="unknown profile 'legacyy'"):
+        load_profile("legacyy")
+    with pytest.raises(InputError, match="unknown detector preset 'yolo'"):
+        load_config("yolo")
+
+
+def test_config_toml_overrides_preset(tmp_path):
+    p = tmp_path / "det.toml"
+    p.write_text('base = "mmdet"\n[rpn_sampler]\nbatch_size = 128\n[anchors]\nsizes = [[16.0], [32.0]]\n')
+    cfg = load_config(p)
+    assert cfg.rpn_sampler.batch_size == 128 and cfg.rpn_sampler.pos_fraction == 0.5
+    assert cfg.anchors.sizes == ((16.0,), (32.0,)) and cfg.anchors.valid_pad_divisor == 32
