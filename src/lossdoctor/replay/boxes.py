@@ -29,11 +29,15 @@ def box_iou(a: Tensor, b: Tensor, union_eps: float = 0.0) -> Tensor:
     return inter / union
 
 
-def iou_chunks(a: Tensor, b: Tensor, union_eps: float = 0.0):
-    """Yield (start, Tensor[G, m]) blocks of ``box_iou(a, b)`` over ``b``, each of bounded size."""
+def iou_chunks(a: Tensor, b: Tensor, union_eps: float = 0.0, skip=None):
+    """Yield (start, Tensor[G, m]) blocks of ``box_iou(a, b)`` over ``b``, each of bounded size.
+
+    ``skip(k)`` true leaves block k out (it is not computed).
+    """
     step = max(1, IOU_CHUNK_ELEMENTS // max(1, a.shape[0]))
-    for start in range(0, b.shape[0], step):
-        yield start, box_iou(a, b[start:start + step], union_eps)
+    for k, start in enumerate(range(0, b.shape[0], step)):
+        if skip is None or not skip(k):
+            yield start, box_iou(a, b[start:start + step], union_eps)
 
 
 def encode(gt: Tensor, ref: Tensor, weights) -> Tensor:

@@ -42,13 +42,22 @@ def match(gt: Tensor, boxes: Tensor, cfg: MatcherConfig, valid: Tensor | None = 
     max_iou = torch.empty(m)
     argmax = torch.empty(m, dtype=torch.long)
     gt_best = torch.full((g,), -float("inf"))
+    tied_gt, tied_box, tied_val = [], [], []
     for start, iou in iou_chunks(gt, boxes, cfg.union_eps):
         stop = start + iou.shape[1]
         if valid is not None:
             iou = iou.masked_fill(~valid[None, start:stop], -1.0)
         v, a = iou.max(0)
         max_iou[start:stop], argmax[start:stop] = v, a
-        gt_best = torch.maximum(gt_best, iou.max(1).values)
+        best = iou.max(1).values
+        gt_best = torch.maximum(gt_best, best)
+        if cfg.low_quality:
+            # candidates reaching their GT's best IoU within this chunk; a best of 0 ties with every
+            # candidate and is handled after the loop without listing them all
+            gi, bi = ((iou == best[:, None]) & (best[:, None] > 0)).nonzero(as_tuple=True)
+            tied_gt.append(gi)
+            tied_box.append(bi + start)
+            tied_val.append(best[gi])
     matched = argmax.clone()
     if cfg.style == "mmdet":
         # starts ignored; a NaN IoU stays ignored
@@ -60,20 +69,24 @@ def match(gt: Tensor, boxes: Tensor, cfg: MatcherConfig, valid: Tensor | None = 
         labels[max_iou < cfg.bg_iou] = NEGATIVE
         labels[(max_iou >= cfg.bg_iou) & (max_iou < cfg.fg_iou)] = IGNORED
     if cfg.low_quality:
-        for start, iou in iou_chunks(gt, boxes, cfg.union_eps):
-            stop = start + iou.shape[1]
-            hit = iou == gt_best[:, None]
-            if valid is not None:
-                hit &= valid[None, start:stop]
-            if cfg.style == "mmdet":
-                hit &= (gt_best >= cfg.min_pos_iou)[:, None]
-                any_hit = hit.any(0)
-                # later GTs win: the last GT index with a hit
-                last = g - 1 - hit.flip(0).int().argmax(0)
-                matched[start:stop] = torch.where(any_hit, last, matched[start:stop])
-            else:
-                any_hit = hit.any(0)
-            labels[start:stop][any_hit] = POSITIVE
+        gi, bi, val = torch.cat(tied_gt), torch.cat(tied_box), torch.cat(tied_val)
+        keep = val == gt_best[gi]
+        gi, bi = gi[keep], bi[keep]
+        eligible = gt_best >= cfg.min_pos_iou if cfg.style == "mmdet" else torch.ones(g, dtype=torch.bool)
+        zero = (gt_best == 0) & eligible
+        if bool(zero.any()):
+            # a GT overlapping nothing: every candidate ties at IoU 0 (torchvision's all-positive case)
+            everyone = torch.arange(m) if valid is None else valid.nonzero().flatten()
+            zg = zero.nonzero().flatten()
+            gi = torch.cat([gi, zg.repeat_interleave(everyone.numel())])
+            bi = torch.cat([bi, everyone.repeat(zg.numel())])
+        keep = eligible[gi]
+        gi, bi = gi[keep], bi[keep]
+        labels[bi] = POSITIVE
+        if cfg.style == "mmdet":
+            # later GTs win: the largest GT index among each candidate's ties
+            last = torch.full((m,), -1, dtype=torch.long).scatter_reduce(0, bi, gi, "amax")
+            matched = torch.where(last >= 0, last, matched)
     if valid is not None:
         labels[~valid] = IGNORED
     return Match(labels, matched, max_iou.clamp(min=0), gt_best.clamp(min=0))

@@ -110,7 +110,7 @@ def roi_align_level(feat: Tensor, rois: Tensor, img: Tensor, scale: float, poole
     else:
         gh = torch.ceil(rh / pooled).nan_to_num(0).clamp(min=0).long()
         gw = torch.ceil(rw / pooled).nan_to_num(0).clamp(min=0).long()
-    feat_hwc = feat.permute(0, 2, 3, 1)
+    feat_hwc = feat.permute(0, 2, 3, 1).contiguous()  # gathers read whole channel vectors
     keys = gh * 100003 + gw
     pieces = []
     for key in keys.unique().tolist():
