@@ -10,7 +10,7 @@ from lossdoctor.inputs.config import AnchorConfig, MatcherConfig, RoIPoolConfig,
 from lossdoctor.replay import boxes as B
 from lossdoctor.replay.anchors import cell_anchors, level_anchors, level_strides
 from lossdoctor.replay.matcher import IGNORED, NEGATIVE, POSITIVE, match
-from lossdoctor.replay.roi_align import map_levels, roi_align_level
+from lossdoctor.replay.roi_align import map_levels, roi_align_torch
 from lossdoctor.replay.sampler import sample
 
 
@@ -130,7 +130,7 @@ def test_decode_clamps_dw_upper_only_unless_clip_both():
 def test_nms_keeps_highest_and_suppresses_overlaps():
     boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10.5]], dtype=torch.float32)
     scores = torch.tensor([0.9, 0.8, 0.7, 0.95])
-    assert B.nms(boxes, scores, 0.5).tolist() == [3, 2]
+    assert B.nms_torch(boxes, scores, 0.5).tolist() == [3, 2]
     groups = torch.tensor([0, 1, 0, 0])
     assert B.batched_nms(boxes, scores, groups, 0.5).tolist() == [3, 1, 2]
 
@@ -195,7 +195,7 @@ def test_roi_align_matches_the_kernel(sampling_ratio, aligned):
     feat = torch.randn(2, 3, 9, 11, generator=g)
     rois = torch.tensor([[3.0, 4.0, 30.0, 25.0], [-6.0, -3.0, 10.0, 8.0], [20.0, 14.0, 47.0, 38.0], [5.0, 5.0, 5.5, 5.2], [0, 0, 60, 40]])
     img = torch.tensor([0, 1, 1, 0, 1])
-    got = roi_align_level(feat, rois, img, 0.25, 4, sampling_ratio, aligned)
+    got = roi_align_torch(feat, rois, img, 0.25, 4, sampling_ratio, aligned)
     for r in range(rois.shape[0]):
         want = _roi_align_kernel(feat[img[r]].double(), rois[r].tolist(), 0.25, 4, sampling_ratio, aligned)
         assert torch.allclose(got[r].double(), want, atol=1e-5), r

@@ -94,10 +94,15 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         return torch.zeros(0, dtype=torch.long)
     try:  # the compiled op, where torchvision happens to be installed
         from torchvision.ops import nms as tv_nms
-
-        return tv_nms(boxes, scores, iou_threshold)
     except Exception:
-        pass
+        return nms_torch(boxes, scores, iou_threshold)
+    return tv_nms(boxes, scores, iou_threshold)
+
+
+def nms_torch(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Pure-torch greedy NMS: suppress any box whose IoU with a kept, higher-scored box exceeds the threshold."""
+    if boxes.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long)
     order = scores.argsort(descending=True, stable=True)
     b = boxes[order]
     over = (box_iou(b, b) > iou_threshold).numpy()

@@ -85,18 +85,21 @@ def _pool_group(feat: Tensor, img: Tensor, ys: Tensor, xs: Tensor, bh: Tensor, b
 def roi_align_level(feat: Tensor, rois: Tensor, img: Tensor, scale: float, pooled: int, sampling_ratio: int, aligned: bool) -> Tensor:
     """RoIAlign on one level. feat: Tensor[N, C, H, W]; rois: Tensor[R, 4] in input pixels;
     img: Tensor[R] image index → Tensor[R, C, P, P]."""
+    if rois.shape[0] == 0:
+        return feat.new_zeros(0, feat.shape[1], pooled, pooled) + 0 * feat.sum()  # keeps the level in the graph
+    try:  # the compiled op, where torchvision happens to be installed
+        from torchvision.ops import roi_align as tv_roi_align
+    except Exception:
+        return roi_align_torch(feat, rois, img, scale, pooled, sampling_ratio, aligned)
+    boxes = torch.cat([img[:, None].to(rois.dtype), rois], 1)
+    return tv_roi_align(feat, boxes, pooled, scale, sampling_ratio, aligned)
+
+
+def roi_align_torch(feat: Tensor, rois: Tensor, img: Tensor, scale: float, pooled: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    """The pure-torch RoIAlign behind :func:`roi_align_level` (same arguments and result)."""
     n, c, h, w = feat.shape
     r = rois.shape[0]
     out = feat.new_zeros(r, c, pooled, pooled)
-    if r == 0:
-        return out + 0 * feat.sum()  # keeps an unused level in the graph, as mmdet does
-    try:  # the compiled op, where torchvision happens to be installed
-        from torchvision.ops import roi_align as tv_roi_align
-
-        boxes = torch.cat([img[:, None].to(rois.dtype), rois], 1)
-        return tv_roi_align(feat, boxes, pooled, scale, sampling_ratio, aligned)
-    except Exception:
-        pass
     offset = 0.5 if aligned else 0.0
     x1, y1 = rois[:, 0] * scale - offset, rois[:, 1] * scale - offset
     rw = rois[:, 2] * scale - offset - x1
