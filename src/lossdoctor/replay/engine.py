@@ -7,6 +7,7 @@ normalization over the same per-sample losses.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -150,6 +151,7 @@ class RoiSet:
     targets: Tensor
     candidates_per_level: list[int]
     pooled: Tensor | None = None
+    hidden1: Tensor | None = None
     hidden: Tensor | None = None
     cls_logits: Tensor | None = None
     deltas: Tensor | None = None  # [R, reg_classes, 4]
@@ -272,6 +274,8 @@ def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: l
     """
     gen = torch.Generator().manual_seed(seed)
     n = batch.num_images
+    # live copies: the diagnosis differentiates with respect to the head parameters
+    heads = dataclasses.replace(heads, params={k: v.detach().requires_grad_(True) for k, v in heads.params.items()})
     gts, gt_labels, dropped = usable_gt(batch, heads.num_classes)
     features = [f.detach().requires_grad_(True) for f in batch.features.values()]
     shapes = [tuple(f.shape[2:]) for f in features]
@@ -342,7 +346,7 @@ def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: l
     roi, roi_pos, roi_neg = _sample_rois(proposals, gts, gt_labels, batch.strides[:roi_levels], config, gen, sample_all)
     roi.pooled = multiscale_roi_align(features[:roi_levels], batch.strides[:roi_levels], roi.boxes, roi.img, roi.level,
                                       heads.pool_size, config.roi_pool)
-    roi.hidden = box_hidden(roi.pooled, heads)
+    roi.hidden1, roi.hidden = box_hidden(roi.pooled, heads)
     roi.cls_logits, roi.deltas = box_predict(roi.hidden, heads)
     fg = roi.fg_class >= 0
     target_col = torch.where(fg, heads.fg_logit(roi.fg_class.clamp(min=0)), torch.full_like(roi.fg_class, heads.bg_col))

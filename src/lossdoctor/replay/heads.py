@@ -42,11 +42,11 @@ def rpn_head(feature: Tensor, w: HeadWeights) -> RpnLevelOutput:
     return RpnLevelOutput(hidden, logits, deltas)
 
 
-def box_hidden(pooled: Tensor, w: HeadWeights) -> Tensor:
-    """Tensor[R, C, P, P] → Tensor[R, F] after fc1 + ReLU + fc2 + ReLU."""
+def box_hidden(pooled: Tensor, w: HeadWeights) -> tuple[Tensor, Tensor]:
+    """Tensor[R, C, P, P] → (after fc1 + ReLU, after fc2 + ReLU), each Tensor[R, F]."""
     p = w.params
-    x = F.relu(F.linear(pooled.flatten(1), p["fc1.weight"], p["fc1.bias"]))
-    return F.relu(F.linear(x, p["fc2.weight"], p["fc2.bias"]))
+    h1 = F.relu(F.linear(pooled.flatten(1), p["fc1.weight"], p["fc1.bias"]))
+    return h1, F.relu(F.linear(h1, p["fc2.weight"], p["fc2.bias"]))
 
 
 def box_predict(hidden: Tensor, w: HeadWeights) -> tuple[Tensor, Tensor]:

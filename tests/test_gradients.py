@@ -1,0 +1,109 @@
+"""Gradient norms against plain autograd: one backward per term, norms computed the plain way."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from lossdoctor.diagnose.gradients import gradients
+from lossdoctor.inputs.config import preset
+from lossdoctor.inputs.profiles import BUILTIN, Term, fixed
+from lossdoctor.replay.engine import replay
+
+import factories as F
+
+REL = 1e-5
+
+
+def plain_norm(t):
+    return 0.0 if t is None else t.double().norm().item()
+
+
+def close(got, want):
+    if math.isnan(want):
+        return math.isnan(got)
+    return abs(got - want) <= REL * max(abs(want), 1e-9)
+
+
+PROFILES = [p() for p in BUILTIN.values()] + [
+    dataclasses.replace(fixed(), name="weighted", pos_weight=2.0, rpn_box=Term("l1", "level_pos", weight=3.0, empty="zero"),
+                        roi_cls=Term("ce", "level_sampled", floor=1.0), max_norm=0.5),
+]
+
+
+@pytest.fixture(scope="module")
+def case():
+    r = replay(F.heads(), F.batch(), preset("mmdet"), PROFILES)
+    return r, gradients(r)
+
+
+@pytest.mark.parametrize("name", [p.name for p in PROFILES])
+def test_param_norms_by_term_match_autograd(case, name):
+    r, G = case
+    g = G[name]
+    params = r.heads.params
+    terms = r.losses[name].terms
+    for term, loss in terms.items():
+        grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
+        for (key, _), grad in zip(params.items(), grads):
+            got = g.params[key][term]
+            if key.startswith("rpn_conv"):
+                assert math.isnan(got)  # not split by term, by design
+                continue
+            assert close(got, plain_norm(grad)), (term, key, got, plain_norm(grad))
+    total = sum(terms.values())
+    grads = torch.autograd.grad(total, list(params.values()), retain_graph=True, allow_unused=True)
+    for (key, _), grad in zip(params.items(), grads):
+        assert close(g.params[key]["total"], plain_norm(grad)), key
+    want_total = math.sqrt(sum(plain_norm(x) ** 2 for x in grads))
+    assert close(g.total_norm, want_total)
+
+
+@pytest.mark.parametrize("name", [p.name for p in PROFILES])
+def test_level_norms_match_autograd(case, name):
+    r, G = case
+    rows = {(l.head, l.level): l for l in G[name].levels}
+    terms = r.losses[name].terms
+    for head in ("rpn", "roi"):
+        loss = terms[f"{head}_cls"] + terms[f"{head}_box"]
+        feats = torch.autograd.grad(loss, r.features, retain_graph=True, allow_unused=True)
+        for s, gf in zip(r.samples[head], feats):
+            assert close(rows[(head, s.name)].feature, plain_norm(gf)), (head, s.name)
+    for lvl in r.rpn:
+        gl, gd = torch.autograd.grad(terms["rpn_cls"] + terms["rpn_box"], [lvl.out.logits, lvl.out.deltas], retain_graph=True)
+        row = rows[("rpn", lvl.name)]
+        assert close(row.logits_pos, plain_norm(gl[lvl.positive]))
+        assert close(row.logits_neg, plain_norm(gl[~lvl.positive]))
+        assert close(row.deltas, plain_norm(gd))
+    roi = r.roi
+    gc, gr = torch.autograd.grad(terms["roi_cls"] + terms["roi_box"], [roi.cls_logits, roi.deltas], retain_graph=True)
+    fg = roi.fg_class >= 0
+    for lvl, s in enumerate(r.samples["roi"]):
+        at = roi.level == lvl
+        row = rows[("roi", s.name)]
+        assert close(row.logits_pos, plain_norm(gc[at & fg])) and close(row.logits_neg, plain_norm(gc[at & ~fg]))
+        assert close(row.deltas, plain_norm(gr[at]))
+
+
+def test_clip_factor_is_torch_clip_grad_norm(case):
+    r, G = case
+    g = G["weighted"]
+    # torch.nn.utils.clip_grad_norm_ on copies of the gradients
+    loss = r.losses["weighted"].total
+    grads = torch.autograd.grad(loss, list(r.heads.params.values()), retain_graph=True)
+    ps = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+    for p, x in zip(ps, grads):
+        p.grad = x.clone()
+    pre = torch.nn.utils.clip_grad_norm_(ps, 0.5).item()
+    post = math.sqrt(sum(p.grad.double().norm().item() ** 2 for p in ps))
+    assert close(g.total_norm, pre) and close(g.clipped_norm, post)
+    assert g.clip_coef == pytest.approx(0.5 / (pre + 1e-6), rel=1e-5)
+
+
+def test_empty_mean_nan_loss_has_finite_gradient(case):
+    """legacy's NaN box loss at a level without positives: the loss is NaN, its gradient is zero."""
+    r, G = case
+    assert math.isnan(r.losses["legacy"].total.item())
+    assert math.isfinite(G["legacy"].total_norm)
