@@ -193,6 +193,7 @@ class Replay:
     images: list[ImageStats]
     gt_boxes: list[Tensor]
     gt_labels: list[Tensor]
+    gt_sources: list[Tensor]  # index of each usable GT in the dump's gt_boxes[i]
     gt_best_iou: list[Tensor]
     dropped_labels: list[tuple[int, int, int]]
     losses: dict[str, ProfileLosses] = field(default_factory=dict)
@@ -248,9 +249,12 @@ def _spread(rows: list[dict], key: str) -> float:
     return vals.pop() if len(vals) == 1 else float("nan")
 
 
-def usable_gt(batch: Batch, num_classes: int) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int, int]]]:
-    """GT the heads can train on: not ignored, label in 0..K-1. Returns boxes, labels, dropped (image, box, label)."""
-    boxes, labels, dropped = [], [], []
+def usable_gt(batch: Batch, num_classes: int):
+    """GT the heads can train on: not ignored, label in 0..K-1.
+
+    Returns boxes, labels, their indices in the dump (per image), and the dropped (image, box, label).
+    """
+    boxes, labels, sources, dropped = [], [], [], []
     for i, (b, l, ig) in enumerate(zip(batch.gt_boxes, batch.gt_labels, batch.gt_ignore)):
         ok_label = (l >= 0) & (l < num_classes)
         for j in (~ok_label & ~ig).nonzero().flatten().tolist():
@@ -258,7 +262,8 @@ def usable_gt(batch: Batch, num_classes: int) -> tuple[list[Tensor], list[Tensor
         keep = ok_label & ~ig
         boxes.append(b[keep])
         labels.append(l[keep])
-    return boxes, labels, dropped
+        sources.append(keep.nonzero().flatten())
+    return boxes, labels, sources, dropped
 
 
 def _mmdet_count(pos: list[int], neg: list[int]) -> int:
@@ -276,7 +281,7 @@ def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: l
     n = batch.num_images
     # live copies: the diagnosis differentiates with respect to the head parameters
     heads = dataclasses.replace(heads, params={k: v.detach().requires_grad_(True) for k, v in heads.params.items()})
-    gts, gt_labels, dropped = usable_gt(batch, heads.num_classes)
+    gts, gt_labels, gt_sources, dropped = usable_gt(batch, heads.num_classes)
     features = [f.detach().requires_grad_(True) for f in batch.features.values()]
     shapes = [tuple(f.shape[2:]) for f in features]
     anchors = level_anchors(config.anchors, batch.strides, shapes, batch.pad_size)
@@ -381,7 +386,7 @@ def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: l
             proposals=proposals[i].shape[0], proposals_nonfinite=nonfinite[i], roi_pos=roi_pos[i], roi_neg=roi_neg[i],
         ))
     result = Replay(heads, batch, config, seed, sample_all, features, rpn_levels, roi,
-                    {"rpn": rpn_samples, "roi": roi_samples}, counts, images, gts, gt_labels, gt_best, dropped)
+                    {"rpn": rpn_samples, "roi": roi_samples}, counts, images, gts, gt_labels, gt_sources, gt_best, dropped)
     for p in profiles:
         result.losses[p.name] = profile_losses(result, p)
     return result

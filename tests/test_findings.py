@@ -1,0 +1,206 @@
+"""A catalogue of injected faults, each built from one healthy batch: the right finding fires at the
+right level, stage and image, and the healthy batch has no error-severity finding."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lossdoctor.diagnose import diagnose
+from lossdoctor.inputs.batch import validate_batch
+from lossdoctor.inputs.checkpoint import heads_from_state_dict
+from lossdoctor.inputs.config import preset
+from lossdoctor.inputs.profiles import BUILTIN, Term, fixed
+from lossdoctor.replay.engine import replay
+
+import factories as F
+
+SIZE = (512, 512)
+# one GT per level, each exactly one anchor of that level (IoU 1): P2 32 px ... P6 512 px
+HEALTHY_BOXES = [[84.0, 84.0, 116.0, 116.0], [168.0, 64.0, 232.0, 128.0], [256.0, 256.0, 384.0, 384.0],
+                 [128.0, 32.0, 384.0, 288.0], [0.0, 0.0, 512.0, 512.0]]
+
+
+def healthy_dict(n=2):
+    boxes = [torch.tensor(HEALTHY_BOXES) for _ in range(n)]
+    labels = [torch.tensor([0, 1, 2, 0, 1]) for _ in range(n)]
+    return F.batch_dict(n=n, size=SIZE, boxes=boxes, labels=labels)
+
+
+def run(d=None, cfg="torchvision", profiles=("legacy", "fixed"), sd=None):
+    batch = validate_batch(d if d is not None else healthy_dict())
+    heads = heads_from_state_dict(sd if sd is not None else F.state_dict())
+    profs = [BUILTIN[p]() if isinstance(p, str) else p for p in profiles]
+    return diagnose(replay(heads, batch, preset(cfg), profs))
+
+
+def find(diag, code, **where):
+    hits = [f for f in diag.findings if f.code == code and all(getattr(f, k) == v for k, v in where.items())]
+    assert hits, f"{code} {where} not in {[(f.code, f.level, f.image, f.profile) for f in diag.findings]}"
+    return hits[0]
+
+
+@pytest.mark.parametrize("cfg", ["torchvision", "mmdet", "detectron2"])
+def test_healthy_batch_has_no_error(cfg):
+    d = run(cfg=cfg, profiles=list(BUILTIN))
+    assert [f.code for f in d.findings if f.severity == "error"] == []
+    assert all(n > 0 for n in d.symptom.detections)
+    # sorted most severe first
+    order = [("error", "warning", "info").index(f.severity) for f in d.findings]
+    assert order == sorted(order)
+
+
+def test_nan_empty_mean_at_the_level_without_positive():
+    d = healthy_dict()
+    d["gt_boxes"] = [b[:4] for b in d["gt_boxes"]]  # drop the P6 object
+    d["gt_labels"] = [l[:4] for l in d["gt_labels"]]
+    diag = run(d)
+    f = find(diag, "nan-empty-mean", profile="legacy", level="p6", head="rpn")
+    assert f.evidence["stage"] == "normalizer" and f.evidence["nan"] == 1
+    assert not [x for x in diag.findings if x.profile == "fixed" and x.severity == "error"]
+    find(diag, "no-positive-level", level="p6")
+
+
+@pytest.mark.parametrize("value,kind", [(float("nan"), "nan"), (float("inf"), "inf")])
+def test_nonfinite_features_are_the_origin(value, kind):
+    d = healthy_dict()
+    d["features"]["p4"][1, :, 10, 10] = value
+    diag = run(d, profiles=("mmdet",), cfg="mmdet")  # mmdet: every anchor enters the loss, sampled or not
+    f = find(diag, "nonfinite-features", level="p4", image=1)
+    assert f.evidence[kind] > 0 and f.evidence["nan" if kind == "inf" else "inf"] == 0
+    o = find(diag, "nonfinite-loss", profile="mmdet", head="rpn", level="p4", image=1)
+    assert o.evidence["stage"] == "input"
+    assert o.evidence["nan" if kind == "nan" else "posinf"] > 0
+
+
+def test_zero_width_gt_poisons_rpn_targets_with_inf_under_torchvision():
+    """The only GT of image 1 has zero width (vision#2144's dummy box): IoU 0 with every anchor, so
+    low-quality matching makes every anchor positive for it, and its dw target is log(0) = -inf."""
+    d = healthy_dict()
+    d["gt_boxes"][1] = torch.tensor([[300.0, 256.0, 300.0, 384.0]])
+    d["gt_labels"][1] = torch.tensor([0])
+    diag = run(d)
+    find(diag, "degenerate-gt", image=1)
+    find(diag, "gt-matches-no-anchor", image=1)
+    f = find(diag, "nonfinite-loss", profile="fixed", head="rpn")
+    assert f.evidence["stage"] == "targets" and f.image == 1 and f.evidence["gt"] == 0
+    assert f.evidence["neginf"] > 0 and f.evidence["nan"] == 0  # Inf, not NaN
+    assert "log(0) from a zero-width GT box (image 1, box 0)" in f.message
+    # the same box, added as a proposal, matches itself with IoU 0/0: NaN in the RoI head
+    g = find(diag, "nonfinite-loss", profile="fixed", head="roi")
+    assert g.evidence["stage"] == "targets" and g.image == 1 and g.evidence["nan"] > 0
+
+
+def test_zero_width_gt_gives_nan_in_the_roi_head_under_mmdet():
+    d = healthy_dict()
+    d["gt_boxes"][1][2] = torch.tensor([300.0, 256.0, 300.0, 384.0])
+    diag = run(d, cfg="mmdet", profiles=("mmdet",))
+    f = find(diag, "nonfinite-loss", profile="mmdet", head="roi")
+    assert f.evidence["stage"] == "targets" and f.image == 1 and f.evidence["gt"] == 2
+    assert f.evidence["nan"] > 0  # mmdet matches the added GT to itself: log(0 / 0) = NaN
+    find(diag, "gt-matches-no-anchor", image=1)
+
+
+def test_gt_outside_image():
+    d = healthy_dict()
+    d["gt_boxes"][0][0] = torch.tensor([480.0, 84.0, 600.0, 116.0])
+    f = find(run(d), "gt-outside-image", image=0)
+    assert f.evidence["box"] == [480.0, 84.0, 600.0, 116.0]
+
+
+def test_gt_far_outside_matches_no_anchor_and_makes_every_anchor_positive():
+    d = healthy_dict()
+    d["gt_boxes"][1][1] = torch.tensor([2000.0, 2000.0, 2040.0, 2040.0])
+    diag = run(d)
+    f = find(diag, "gt-matches-no-anchor", image=1, severity="error")
+    assert f.evidence["rpn_pos_candidates"] == sum(l.anchors.shape[0] for l in diag.replay.rpn)
+
+
+def test_xywh_boxes():
+    d = healthy_dict()
+    xyxy = d["gt_boxes"][0][:3]
+    d["gt_boxes"][0] = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1) + torch.tensor([100.0, 100.0, 0.0, 0.0])
+    d["gt_labels"][0] = d["gt_labels"][0][:3]
+    find(run(d), "gt-xywh-suspected", image=0)
+
+
+def test_one_based_labels():
+    d = healthy_dict()
+    d["gt_labels"] = [torch.tensor([1, 2, 3, 1, 2])] * 2  # 3 classes: label 3 does not exist
+    f = find(run(d), "labels-one-based")
+    assert f.evidence["max_label"] == 3 and f.evidence["num_classes"] == 3
+
+
+def test_one_based_labels_collide_with_background_in_a_background_last_layout():
+    sd = F.state_dict(reg_slots=3)
+    from lossdoctor.inputs.checkpoint import LAYOUTS
+    tv = {v[0]: k for k, v in LAYOUTS["torchvision"].items()}
+    mm = {f"{LAYOUTS['mmdet'][tv[k.rsplit('.', 1)[0]]][0]}.{k.rsplit('.', 1)[1]}": v for k, v in sd.items()}
+    d = healthy_dict()
+    d["gt_labels"] = [torch.tensor([1, 2, 3, 1, 2])] * 2
+    f = find(run(d, cfg="mmdet", sd=mm), "labels-one-based")
+    assert "background" in f.message
+
+
+def test_label_out_of_range():
+    d = healthy_dict()
+    d["gt_labels"][1] = torch.tensor([0, 7, 2, 0, 1])
+    f = find(run(d), "label-out-of-range", image=1)
+    assert f.evidence["labels"] == [7] and f.evidence["boxes"] == [[1, 1]]
+
+
+def test_empty_gt_image():
+    d = healthy_dict()
+    d["gt_boxes"][1] = torch.zeros(0, 4)
+    d["gt_labels"][1] = torch.zeros(0, dtype=torch.long)
+    diag = run(d)
+    assert find(diag, "empty-gt-image", image=1).severity == "info"
+
+
+def test_gt_without_positive_under_mmdet_min_pos_iou():
+    d = healthy_dict()
+    d["gt_boxes"][0][0] = torch.tensor([100.0, 100.0, 102.0, 160.0])  # 2 x 60: best IoU < 0.3
+    f = find(run(d, cfg="mmdet", profiles=("mmdet",)), "gt-without-positive", image=0)
+    assert f.evidence["box"] == 0 and 0 < f.evidence["best_iou"] < 0.3
+
+
+def test_background_dominance_and_level_weight_imbalance_under_legacy():
+    diag = run()
+    find(diag, "level-weight-imbalance", profile="legacy", head="rpn")
+    assert not [f for f in diag.findings if f.code == "level-weight-imbalance" and f.profile == "fixed"]
+    d = healthy_dict()
+    d["gt_boxes"] = [b[:1] for b in d["gt_boxes"]]
+    d["gt_labels"] = [l[:1] for l in d["gt_labels"]]
+    find(run(d), "background-dominance", profile="legacy", head="rpn")
+
+
+def test_exploding_gradient():
+    d = healthy_dict()
+    for k in d["features"]:
+        d["features"][k] = d["features"][k] * 1e4
+    f = find(run(d, profiles=("fixed",)), "exploding-gradient", profile="fixed")
+    assert f.evidence["total_norm"] > 350
+
+
+def test_vanishing_gradient():
+    tiny = dataclasses.replace(fixed(), name="tiny", **{t: Term("bce" if t == "rpn_cls" else "ce" if t == "roi_cls" else "l1", "sampled", weight=1e-12, floor=1.0) for t in ("rpn_cls", "rpn_box", "roi_cls", "roi_box")})
+    find(run(profiles=(tiny,)), "vanishing-gradient", profile="tiny")
+
+
+def test_nonfinite_weights():
+    sd = F.state_dict()
+    sd["rpn.head.cls_logits.weight"][1, 0, 0, 0] = float("nan")
+    diag = run(sd=sd, profiles=("mmdet",), cfg="mmdet")
+    f = find(diag, "nonfinite-weights")
+    assert f.evidence["params"] == ["rpn.head.cls_logits.weight"]
+    o = find(diag, "nonfinite-loss", profile="mmdet", head="rpn")
+    assert o.evidence["stage"] == "weights"
+
+
+def test_collapse_to_background():
+    sd = F.state_dict()
+    sd["roi_heads.box_predictor.cls_score.bias"][0] = 20.0  # background logit
+    diag = run(sd=sd)
+    f = find(diag, "collapse-to-background")
+    assert diag.symptom.detections == [0, 0] and f.evidence["max_fg_score"] < 0.05
