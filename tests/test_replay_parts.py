@@ -199,3 +199,12 @@ def test_roi_align_matches_the_kernel(sampling_ratio, aligned):
     for r in range(rois.shape[0]):
         want = _roi_align_kernel(feat[img[r]].double(), rois[r].tolist(), 0.25, 4, sampling_ratio, aligned)
         assert torch.allclose(got[r].double(), want, atol=1e-5), r
+
+
+@pytest.mark.parametrize("sampling_ratio,aligned", [(2, False), (0, True)])
+def test_roi_align_backward_passes_gradcheck(sampling_ratio, aligned):
+    g = torch.Generator().manual_seed(1)
+    feat = torch.randn(2, 2, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[3.0, 4.0, 17.0, 20.0], [-3.0, -2.0, 9.0, 8.0], [10.0, 2.0, 27.0, 23.0]], dtype=torch.float64)
+    img = torch.tensor([0, 1, 1])
+    assert torch.autograd.gradcheck(lambda f: roi_align_torch(f, rois, img, 0.25, 3, sampling_ratio, aligned), (feat,))

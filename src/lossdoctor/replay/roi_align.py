@@ -15,8 +15,9 @@ from torch import Tensor
 from ..inputs.config import RoIPoolConfig
 from .boxes import box_area
 
-# RoIs pooled per gather: bounds the gathered window tensor (RoIs x rows x cols x channels).
-ROI_CHUNK_ELEMENTS = 1 << 24
+# RoIs pooled per gather: bounds the gathered tensor (RoIs x rows x cols x channels); small blocks
+# stay in cache and are reused by the allocator (large ones page-fault on every chunk).
+ROI_CHUNK_ELEMENTS = 1 << 20
 MAPPER_EPS = {"torchvision": 1e-6, "detectron2": 1e-8, "mmdet": 1e-6}
 
 
@@ -66,20 +67,47 @@ def _axis_weights(start: Tensor, bin_size: Tensor, grid: int, pooled: int, size:
     return idx, dense
 
 
+class _Gather(torch.autograd.Function):
+    """out[r] = Wy[r] @ F[flat[r]] @ Wx[r]^T, in chunks, with a backward that accumulates every
+    chunk into one feature gradient (autograd's index_select backward would allocate a zeroed
+    copy of the whole map per chunk)."""
+
+    @staticmethod
+    def forward(ctx, flat_feat, flat, wy, wx, rows, cols):
+        c = flat_feat.shape[1]
+        step = max(1, ROI_CHUNK_ELEMENTS // (rows * cols * c))
+        out = []
+        for s in range(0, flat.shape[0], step):
+            g = flat_feat.index_select(0, flat[s:s + step].reshape(-1)).view(-1, rows, cols, c)
+            t = torch.einsum("rpa,rabc->rpbc", wy[s:s + step], g)
+            out.append(torch.einsum("rpbc,rqb->rcpq", t, wx[s:s + step]))
+        ctx.save_for_backward(flat, wy, wx)
+        ctx.shape, ctx.rows, ctx.cols = flat_feat.shape, rows, cols
+        return torch.cat(out) if out else flat_feat.new_zeros(0, c, wy.shape[1], wx.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        flat, wy, wx = ctx.saved_tensors
+        rows, cols = ctx.rows, ctx.cols
+        grad = grad_out.new_zeros(ctx.shape)
+        c = ctx.shape[1]
+        step = max(1, ROI_CHUNK_ELEMENTS // (rows * cols * c))
+        for s in range(0, flat.shape[0], step):
+            t = torch.einsum("rcpq,rqb->rpbc", grad_out[s:s + step], wx[s:s + step])
+            g = torch.einsum("rpa,rpbc->rabc", wy[s:s + step], t)
+            grad.index_add_(0, flat[s:s + step].reshape(-1), g.reshape(-1, c))
+        return grad, None, None, None, None, None
+
+
 def _pool_group(feat: Tensor, img: Tensor, ys: Tensor, xs: Tensor, bh: Tensor, bw: Tensor, gh: int, gw: int, pooled: int) -> Tensor:
     """RoIs sharing one sampling grid (gh, gw) → Tensor[R, C, P, P]. feat: Tensor[N, H, W, C]."""
     _, h, w, c = feat.shape
-    iy, wy = _axis_weights(ys, bh, gh, pooled, h)
-    ix, wx = _axis_weights(xs, bw, gw, pooled, w)
-    per_roi = iy.shape[1] * ix.shape[1] * c
-    step = max(1, ROI_CHUNK_ELEMENTS // per_roi)
-    out = []
-    for s in range(0, img.shape[0], step):
-        sl = slice(s, s + step)
-        g = feat[img[sl, None, None], iy[sl, :, None], ix[sl, None, :]]  # [r, rows, cols, C]
-        t = torch.einsum("rpa,rabc->rpbc", wy[sl], g)
-        out.append(torch.einsum("rpbc,rqb->rcpq", t, wx[sl]))
-    return torch.cat(out)
+    iy, wy = _axis_weights(ys.detach(), bh.detach(), gh, pooled, h)
+    ix, wx = _axis_weights(xs.detach(), bw.detach(), gw, pooled, w)
+    rows, cols = iy.shape[1], ix.shape[1]
+    # one flat row index per (RoI, sample row, sample col): index_select copies whole channel rows
+    flat = ((img[:, None, None] * h + iy[:, :, None]) * w + ix[:, None, :]).reshape(img.shape[0], -1)
+    return _Gather.apply(feat.reshape(-1, c), flat, wy.to(feat.dtype), wx.to(feat.dtype), rows, cols)
 
 
 def roi_align_level(feat: Tensor, rois: Tensor, img: Tensor, scale: float, pooled: int, sampling_ratio: int, aligned: bool) -> Tensor:
@@ -116,8 +144,11 @@ def roi_align_torch(feat: Tensor, rois: Tensor, img: Tensor, scale: float, poole
     feat_hwc = feat.permute(0, 2, 3, 1).contiguous()  # gathers read whole channel vectors
     keys = gh * 100003 + gw
     pieces = []
+    # visit RoIs in (image, top edge) order so each chunk gathers from one band of the map
+    band = img.double() * (h * 2 + 4) + y1.detach().double().nan_to_num(0).clamp(-h - 2, h + 2)
     for key in keys.unique().tolist():
         idx = (keys == key).nonzero().flatten()
+        idx = idx[band[idx].argsort()]
         a, b = int(gh[idx[0]]), int(gw[idx[0]])
         if a == 0 or b == 0:
             continue  # no sample point: the kernel outputs 0
