@@ -52,11 +52,12 @@ class ProfileGrads:
 
 
 def _norm(t: Tensor) -> float:
-    return float(t.detach().double().norm()) if t.numel() else 0.0
+    """L2 norm accumulated in float64 (no float64 copy of the tensor)."""
+    return float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) if t.numel() else 0.0
 
 
 def _sq(t: Tensor) -> float:
-    return float(t.detach().double().pow(2).sum()) if t.numel() else 0.0
+    return _norm(t) ** 2
 
 
 def _share(neg_sq: float, pos_sq: float) -> float:
@@ -120,14 +121,18 @@ def _rpn(r: Replay, p: LossProfile, sh: _Shared, params: dict, rows: list, bad: 
         g_deltas[img, anc] = sh.box("rpn", lvl, p.rpn_box) * _coef(p.rpn_box, loss.avg_factor_bbox)
         if p.unsampled_leak:
             g_deltas = g_deltas + out.out.deltas.detach() * 0  # 0 * inf = NaN, as the weight-multiply does
-        gl = g_logits.view(n, h, w, a)
-        gd = g_deltas.view(n, h, w, 4 * a)
-        hid = out.out.hidden.detach()
-        _add(params, "rpn_cls", "rpn_cls.weight", torch.einsum("nhwa,nchw->ac", gl, hid)[:, :, None, None])
-        _add(params, "rpn_cls", "rpn_cls.bias", gl.sum((0, 1, 2)))
-        _add(params, "rpn_box", "rpn_reg.weight", torch.einsum("nhwo,nchw->oc", gd, hid)[:, :, None, None])
-        _add(params, "rpn_box", "rpn_reg.bias", gd.sum((0, 1, 2)))
-        grad_hidden.append(torch.einsum("nhwa,ac->nchw", gl, w_cls) + torch.einsum("nhwo,oc->nchw", gd, w_reg))
+        # channel-first [N, outputs, H*W], so the 1x1 convs' gradients are batched matmuls
+        gl = g_logits.view(n, h * w, a).transpose(1, 2)
+        gd = g_deltas.view(n, h * w, 4 * a).transpose(1, 2)
+        hid = out.out.hidden.detach().flatten(2)  # [N, C, H*W]
+        hid_t = hid.transpose(1, 2)
+        _add(params, "rpn_cls", "rpn_cls.weight", torch.matmul(gl, hid_t).sum(0)[:, :, None, None])
+        _add(params, "rpn_cls", "rpn_cls.bias", gl.sum((0, 2)))
+        _add(params, "rpn_box", "rpn_reg.weight", torch.matmul(gd, hid_t).sum(0)[:, :, None, None])
+        _add(params, "rpn_box", "rpn_reg.bias", gd.sum((0, 2)))
+        g_all = torch.cat([gl, gd], 1)  # [N, 5A, H*W]
+        w_all = torch.cat([w_cls, w_reg], 0)  # [5A, C]
+        grad_hidden.append(torch.matmul(w_all.T, g_all).view(n, c, h, w))
         pos, neg = _sq(g_logits[out.positive]), _sq(g_logits[~out.positive])
         pos_sq, neg_sq = pos_sq + pos, neg_sq + neg
         rows.append(LevelGrads("rpn", out.name, math.nan, math.sqrt(pos), math.sqrt(neg), _norm(g_deltas), _share(neg, pos),

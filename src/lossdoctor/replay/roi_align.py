@@ -153,19 +153,31 @@ def roi_align_torch(feat: Tensor, rois: Tensor, img: Tensor, scale: float, poole
         if a == 0 or b == 0:
             continue  # no sample point: the kernel outputs 0
         pieces.append((idx, _pool_group(feat_hwc, img[idx], y1[idx], x1[idx], bh[idx], bw[idx], a, b, pooled)))
-    if pieces:
-        order = torch.cat([i for i, _ in pieces])
-        out = out.index_copy(0, order, torch.cat([v for _, v in pieces]))
-    return out
+    return _scatter_rows(out, pieces)
+
+
+def _scatter_rows(out: Tensor, pieces: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Rows ``v`` of each (idx, v) piece placed at rows ``idx`` of ``out`` (rows in no piece keep
+    ``out``'s value), with one concatenation and one gather instead of a copy per piece."""
+    if not pieces:
+        return out
+    order = torch.cat([i for i, _ in pieces])
+    if order.numel() == out.shape[0]:
+        return torch.cat([v for _, v in pieces]).index_select(0, order.argsort())
+    return out.index_copy(0, order, torch.cat([v for _, v in pieces]))
 
 
 def multiscale_roi_align(features: list[Tensor], strides: list[int], rois: Tensor, img: Tensor, levels: Tensor,
                          pooled: int, cfg: RoIPoolConfig) -> Tensor:
     """Pool each RoI from its mapped level → Tensor[R, C, P, P]; every level stays in the graph."""
     n, c = features[0].shape[:2]
-    out = features[0].new_zeros(rois.shape[0], c, pooled, pooled)
+    pieces, keep_alive = [], []
     for lvl, (feat, stride) in enumerate(zip(features, strides)):
         idx = (levels == lvl).nonzero().flatten()
         pooled_l = roi_align_level(feat, rois[idx], img[idx], 1.0 / stride, pooled, cfg.sampling_ratio, cfg.aligned)
-        out = out.index_copy(0, idx, pooled_l) if idx.numel() else out + 0 * pooled_l.sum()
-    return out
+        if idx.numel():
+            pieces.append((idx, pooled_l))
+        else:
+            keep_alive.append(pooled_l.sum())  # 0 * sum keeps an unused level in the graph, as mmdet does
+    out = _scatter_rows(features[0].new_zeros(rois.shape[0], c, pooled, pooled), pieces)
+    return out + 0 * sum(keep_alive) if keep_alive else out
