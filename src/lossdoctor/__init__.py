@@ -4,7 +4,7 @@ The library is importable without the CLI; heavy modules load on first use.
 """
 __version__ = "0.1.0"
 
-__all__ = ["dump_batch", "load_batch", "load_checkpoint", "replay", "run_replay", "InputError", "__version__"]
+__all__ = ["dump_batch", "load_batch", "load_checkpoint", "replay", "run_replay", "inspect", "compare", "Report", "InputError", "__version__"]
 
 
 def __getattr__(name):
@@ -24,8 +24,16 @@ def __getattr__(name):
         from .replay.engine import replay
 
         return replay
-    if name == "run_replay":
-        from .api import run_replay
+    if name in ("run_replay", "inspect"):
+        from . import api
 
-        return run_replay
+        return getattr(api, name)
+    if name == "compare":
+        from .report.compare import compare
+
+        return compare
+    if name == "Report":
+        from .report.model import Report
+
+        return Report
     raise AttributeError(name)

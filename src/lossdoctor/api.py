@@ -6,6 +6,7 @@ from pathlib import Path
 from .inputs.batch import Batch, load_batch
 from .inputs.checkpoint import HeadWeights, check_fit, load_checkpoint
 from .inputs.config import DetectorConfig, load_config, preset
+from .inputs.errors import InputError
 from .inputs.profiles import LossProfile, load_profile
 
 
@@ -33,3 +34,25 @@ def run_replay(checkpoint: str | Path | HeadWeights, batch: str | Path | Batch, 
     heads, batch, config = resolve_inputs(checkpoint, batch, config, unsafe_load)
     profs = [p if isinstance(p, LossProfile) else load_profile(p) for p in profiles]
     return replay(heads, batch, config, profs, seed=seed, sample_all=sample_all)
+
+
+def inspect(checkpoint, batch, *, config=None, old="legacy", new="fixed", profiles=None, seed: int = 0,
+            sample_all: bool = False, score_thr: float | None = None, unsafe_load: bool = False):
+    """Replay and diagnose ``batch`` under two (or more) profiles → :class:`~lossdoctor.report.model.Report`.
+
+    ``profiles`` (a list) overrides ``old``/``new``; entries are names, TOML paths or LossProfile objects.
+    """
+    from .diagnose import diagnose
+    from .replay.engine import replay
+    from .report.build import build_report
+
+    heads, b, cfg = resolve_inputs(checkpoint, batch, config, unsafe_load)
+    specs = list(profiles) if profiles is not None else [old, new]
+    profs = [p if isinstance(p, LossProfile) else load_profile(p) for p in specs]
+    names = [p.name for p in profs]
+    if len(set(names)) != len(names):
+        raise InputError(f"two profiles are both named {names[0]!r}; give each a different name")
+    r = replay(heads, b, cfg, profs, seed=seed, sample_all=sample_all)
+    return build_report(diagnose(r, score_thr),
+                        checkpoint if isinstance(checkpoint, (str, Path)) else None,
+                        batch if isinstance(batch, (str, Path)) else None)

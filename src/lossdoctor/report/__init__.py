@@ -1,0 +1,1 @@
+"""Report: one Report object (metadata, tidy tables, findings), JSON/CSV, compare, render, plot."""
