@@ -159,6 +159,19 @@ def _safe_pickle_module(seen: list[str]):
     return Module
 
 
+# pickle protocol 2+ streams start with the PROTO opcode (legacy, non-zip torch.save files)
+PICKLE_PROTO = 0x80
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """torch.save writes a zip archive (or, with the legacy format, a pickle)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        first = f.read(1)
+    return zipfile.is_zipfile(path) or first == bytes([PICKLE_PROTO])
+
+
 def _read(path: Path, unsafe: bool) -> tuple[object, list[str]]:
     if path.suffix == ".safetensors":
         try:
@@ -169,6 +182,8 @@ def _read(path: Path, unsafe: bool) -> tuple[object, list[str]]:
             return load_file(str(path)), []
         except Exception as e:
             raise InputError(f"{path} is not a readable .safetensors file ({e}); check the file") from None
+    if not _looks_like_torch_save(path):
+        raise InputError(f"{path} is not a torch checkpoint (neither a torch.save zip archive nor a pickle); check the file")
     if unsafe:
         return torch.load(path, map_location="cpu", weights_only=False), []
     try:
