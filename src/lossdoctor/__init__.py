@@ -4,7 +4,7 @@ The library is importable without the CLI; heavy modules load on first use.
 """
 __version__ = "0.1.0"
 
-__all__ = ["dump_batch", "load_batch", "load_checkpoint", "replay", "run_replay", "inspect", "compare", "Report", "InputError", "__version__"]
+__all__ = ["dump_batch", "load_batch", "load_checkpoint", "replay", "run_replay", "inspect", "compare", "Report", "Capture", "InputError", "__version__"]
 
 
 def __getattr__(name):
@@ -32,6 +32,10 @@ def __getattr__(name):
         from .report.compare import compare
 
         return compare
+    if name == "Capture":
+        from .capture import Capture
+
+        return Capture
     if name == "Report":
         from .report.model import Report
 

@@ -36,11 +36,12 @@ def run_replay(checkpoint: str | Path | HeadWeights, batch: str | Path | Batch, 
     return replay(heads, batch, config, profs, seed=seed, sample_all=sample_all)
 
 
-def inspect(checkpoint, batch, *, config=None, old="legacy", new="fixed", profiles=None, seed: int = 0,
+def inspect(checkpoint, batch, *, config=None, old="legacy", new="fixed", profiles=None, seed: int | None = None,
             sample_all: bool = False, score_thr: float | None = None, unsafe_load: bool = False):
     """Replay and diagnose ``batch`` under two (or more) profiles → :class:`~lossdoctor.report.model.Report`.
 
     ``profiles`` (a list) overrides ``old``/``new``; entries are names, TOML paths or LossProfile objects.
+    ``seed`` None takes the dump's ``meta["sample_seed"]`` (what the capture hook records), else 0.
     """
     from .diagnose import diagnose
     from .replay.engine import replay
@@ -52,6 +53,8 @@ def inspect(checkpoint, batch, *, config=None, old="legacy", new="fixed", profil
     names = [p.name for p in profs]
     if len(set(names)) != len(names):
         raise InputError(f"two profiles are both named {names[0]!r}; give each a different name")
+    if seed is None:
+        seed = int(b.meta.get("sample_seed", 0))
     r = replay(heads, b, cfg, profs, seed=seed, sample_all=sample_all)
     return build_report(diagnose(r, score_thr),
                         checkpoint if isinstance(checkpoint, (str, Path)) else None,

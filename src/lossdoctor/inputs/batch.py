@@ -7,6 +7,7 @@ what the diagnosis is for.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -285,6 +286,15 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
+def save_torch(obj, path: str | Path) -> None:
+    """``torch.save`` atomically and byte-for-byte reproducibly: saved through a buffer, the archive's
+    internal folder name does not depend on the (temporary) file name."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def _cpu(t):
     return t.detach().cpu() if isinstance(t, Tensor) else t
 
@@ -326,5 +336,5 @@ def dump_batch(
     if meta:
         data["meta"] = dict(meta)
     batch = validate_batch(data)
-    atomic_write(path, lambda tmp: torch.save(data, tmp))
+    save_torch(data, path)
     return batch

@@ -279,10 +279,11 @@ def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: l
     """
     gen = torch.Generator().manual_seed(seed)
     n = batch.num_images
-    # live copies: the diagnosis differentiates with respect to the head parameters
-    heads = dataclasses.replace(heads, params={k: v.detach().requires_grad_(True) for k, v in heads.params.items()})
+    # the diagnosis differentiates with respect to the head parameters and the features; tensors
+    # that already require grad (a training loop's parameters) are used as they are
+    heads = dataclasses.replace(heads, params={k: _live(v) for k, v in heads.params.items()})
     gts, gt_labels, gt_sources, dropped = usable_gt(batch, heads.num_classes)
-    features = [f.detach().requires_grad_(True) for f in batch.features.values()]
+    features = [_live(f) for f in batch.features.values()]
     shapes = [tuple(f.shape[2:]) for f in features]
     anchors = level_anchors(config.anchors, batch.strides, shapes, batch.pad_size)
     sizes = [a.shape[0] for a in anchors]
@@ -390,6 +391,10 @@ def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: l
     for p in profiles:
         result.losses[p.name] = profile_losses(result, p)
     return result
+
+
+def _live(t: Tensor) -> Tensor:
+    return t if t.requires_grad else t.detach().requires_grad_(True)
 
 
 def _ranges(sizes: list[int]) -> list[tuple[int, int]]:

@@ -1,0 +1,67 @@
+"""The capture hook in a real training loop that is made to go NaN."""
+from __future__ import annotations
+
+import io
+import math
+
+import torch
+
+from lossdoctor import Capture, run_replay
+from lossdoctor.inputs.batch import load_batch
+from lossdoctor.inputs.profiles import fixed
+from lossdoctor.replay.engine import replay
+from lossdoctor.toy.data import batches
+from lossdoctor.toy.model import STRIDES, TinyDetector, live_heads, toy_config
+from lossdoctor.toy.train import make_batch
+
+POISON_STEP = 3
+
+
+def test_capture_writes_one_dump_at_the_first_nonfinite_step_and_it_replays(tmp_path):
+    torch.manual_seed(0)
+    model = TinyDetector()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    log = io.StringIO()
+    capture = Capture(tmp_path / "dumps", model, stream=log)
+    stream = batches(0, 2)
+    losses = []
+    for step in range(POISON_STEP + 3):
+        images, sizes, boxes, labels = next(stream)
+        if step == POISON_STEP:
+            images[1, :, 40, 40] = float("nan")  # a corrupt pixel: GroupNorm spreads it over the image
+        b = make_batch(model, images, sizes, boxes, labels)
+        r = replay(live_heads(model), b, toy_config(), [fixed()], seed=step)
+        loss = r.losses["fixed"].total
+        opt.zero_grad()
+        loss.backward()
+        capture.check(step, loss, features=b.features, image_sizes=sizes, gt_boxes=boxes, gt_labels=labels,
+                      strides=list(STRIDES), meta={"sample_seed": step})
+        losses.append({k: v.item() for k, v in r.losses["fixed"].terms.items()})
+        opt.step()  # NaN weights from here on: every later step is non-finite too
+    bad_steps = [i for i, t in enumerate(losses) if not all(math.isfinite(v) for v in t.values())]
+    assert bad_steps[0] == POISON_STEP and len(bad_steps) > 1
+    assert [p.name for p in capture.written] == [f"step_{POISON_STEP:06d}"]
+    assert sorted(p.name for p in (tmp_path / "dumps").iterdir()) == [f"step_{POISON_STEP:06d}"]
+    folder = capture.written[0]
+    assert f"lossdoctor inspect {folder / 'checkpoint.pt'} {folder / 'batch.pt'}" in log.getvalue()
+    dumped = load_batch(folder / "batch.pt")
+    assert dumped.meta["step"] == POISON_STEP and dumped.meta["reason"].startswith("non-finite loss")
+    # the dump replays to the same losses: the same terms non-finite, the finite ones equal
+    again = run_replay(folder / "checkpoint.pt", folder / "batch.pt", config=toy_config(), profiles=["fixed"],
+                       seed=dumped.meta["sample_seed"])
+    got = {k: v.item() for k, v in again.losses["fixed"].terms.items()}
+    want = losses[POISON_STEP]
+    for k in want:
+        assert math.isfinite(got[k]) == math.isfinite(want[k]), k
+        if math.isfinite(want[k]):
+            assert got[k] == want[k] or abs(got[k] - want[k]) <= 1e-6 * abs(want[k]), k
+
+
+def test_capture_every_n_steps(tmp_path):
+    model = TinyDetector()
+    cap = Capture(tmp_path, model, every=2, stream=io.StringIO())
+    images, sizes, boxes, labels = next(batches(1, 2))
+    feats = {k: v.detach() for k, v in model.features(images).items()}
+    for step in range(5):
+        cap.check(step, torch.tensor(1.0), features=feats, image_sizes=sizes, gt_boxes=boxes, gt_labels=labels, strides=list(STRIDES))
+    assert [p.name for p in cap.written] == ["step_000000", "step_000002", "step_000004"]
