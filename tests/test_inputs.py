@@ -211,3 +211,13 @@ def test_config_toml_overrides_preset(tmp_path):
     cfg = load_config(p)
     assert cfg.rpn_sampler.batch_size == 128 and cfg.rpn_sampler.pos_fraction == 0.5
     assert cfg.anchors.sizes == ((16.0,), (32.0,)) and cfg.anchors.valid_pad_divisor == 32
+
+
+@pytest.mark.parametrize("name", ["torchvision", "mmdet", "detectron2"])
+def test_config_toml_roundtrip(tmp_path, name):
+    from lossdoctor.inputs.config import preset
+    from lossdoctor.inputs.dataclass_toml import dumps_toml, to_dict
+
+    p = tmp_path / "c.toml"
+    p.write_text(dumps_toml({"base": name, **to_dict(preset(name))}))
+    assert load_config(p) == preset(name)

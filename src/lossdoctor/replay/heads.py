@@ -54,4 +54,4 @@ def box_predict(hidden: Tensor, w: HeadWeights) -> tuple[Tensor, Tensor]:
     p = w.params
     cls = F.linear(hidden, p["cls.weight"], p["cls.bias"])
     reg = F.linear(hidden, p["reg.weight"], p["reg.bias"])
-    return cls, reg.view(hidden.shape[0], -1, 4)
+    return cls, reg.view(hidden.shape[0], reg.shape[1] // 4, 4)

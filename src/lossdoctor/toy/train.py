@@ -26,6 +26,7 @@ class History:
     loss: list[float] = field(default_factory=list)
     detections: list[tuple[int, int, float]] = field(default_factory=list)  # (step, held-out detections, recall)
     broke_at: int | None = None  # first step with a non-finite loss
+    captured: object = None  # the capture folder, if one was written
 
 
 def make_batch(model: TinyDetector, images, sizes, boxes, labels, meta=None) -> Batch:
@@ -60,15 +61,19 @@ def evaluate(model: TinyDetector, data) -> tuple[int, float]:
 
 
 def train(profile: LossProfile, steps: int, seed: int, *, batch_size: int = 4, stop_on_nonfinite: bool = True,
-          capture=None, eval_every: int = 50, log=None) -> tuple[TinyDetector, History]:
+          capture_dir=None, capture_args: str = "", eval_every: int = 50, log=None) -> tuple[TinyDetector, History]:
     """SGD (lr 0.01, momentum 0.9, wd 1e-4, linear warmup) on synthetic shapes.
 
     ``stop_on_nonfinite`` stops at the first non-finite loss, as torchvision's reference engine
     ("Loss is nan, stopping training") and Detectron2 (FloatingPointError) do; otherwise the step is
     taken with whatever gradient backward produced, as a loop without a check would.
+    ``capture_dir``: a :class:`~lossdoctor.capture.Capture` writes the first non-finite step there.
     """
+    from ..capture import Capture
+
     torch.manual_seed(seed)
     model = TinyDetector()
+    capture = Capture(capture_dir, model, extra_args=capture_args) if capture_dir is not None else None
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     cfg = toy_config()
     hist = History(profile.name, seed)
@@ -87,7 +92,7 @@ def train(profile: LossProfile, steps: int, seed: int, *, batch_size: int = 4, s
         hist.steps.append(step)
         hist.loss.append(value)
         if capture is not None:
-            capture.check(step, loss, features=b.features, image_sizes=sizes, gt_boxes=boxes, gt_labels=labels,
+            hist.captured = hist.captured or capture.check(step, loss, features=b.features, image_sizes=sizes, gt_boxes=boxes, gt_labels=labels,
                           strides=list(STRIDES), meta={"sample_seed": step, "profile": profile.name, "train_seed": seed})
         if not math.isfinite(value) and hist.broke_at is None:
             hist.broke_at = step

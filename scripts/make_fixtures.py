@@ -1,0 +1,127 @@
+"""Regenerate fixtures/ bit for bit: python scripts/make_fixtures.py [--only-faults]
+
+- fixtures/toy.toml: the toy detector's config (pass it with --config)
+- fixtures/healthy: the toy detector trained 300 steps under `fixed` (seed 0), and a held-out
+  batch: the first held-out draw (seeds 777, 778, ...) in which every FPN level has a positive anchor
+- fixtures/collapse: the step where the `legacy` run (seed 0) first went non-finite, as written by
+  the capture hook during training
+- fixtures/faults/*: the healthy batch with one fault each (image without GT, zero-width GT box,
+  1-based labels, NaN in one level's features); replay them with fixtures/healthy/checkpoint.pt
+
+Runs single-threaded so the float reductions, and so the files, are the same on every machine.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from lossdoctor.inputs.batch import Batch, dump_batch, load_batch, save_torch  # noqa: E402
+from lossdoctor.inputs.dataclass_toml import dumps_toml, to_dict  # noqa: E402
+from lossdoctor.inputs.profiles import fixed, legacy  # noqa: E402
+from lossdoctor.replay.engine import replay  # noqa: E402
+from lossdoctor.toy.data import batches  # noqa: E402
+from lossdoctor.toy.model import STRIDES, toy_config  # noqa: E402
+from lossdoctor.toy.train import make_batch, train  # noqa: E402
+
+HEALTHY_STEPS = 300
+COLLAPSE_STEPS = 300
+HELD_OUT_FIRST_SEED = 777
+HELD_OUT_IMAGES = 4
+
+
+def write_config(out: Path) -> None:
+    data = {"base": "torchvision", **to_dict(toy_config())}
+    out.write_text("# The toy detector of scripts/make_fixtures.py: torchvision rules, anchors 8-128 px.\n" + dumps_toml(data))
+
+
+def save_dump(path: Path, batch: Batch, meta: dict) -> None:
+    dump_batch(path, features={k: v.detach() for k, v in batch.features.items()}, image_sizes=batch.image_sizes,
+               gt_boxes=batch.gt_boxes, gt_labels=batch.gt_labels, strides=batch.strides, pad_size=batch.pad_size, meta=meta)
+
+
+def healthy(out: Path) -> None:
+    model, hist = train(fixed(), HEALTHY_STEPS, 0, eval_every=HEALTHY_STEPS, log=print)
+    model.eval()
+    from lossdoctor.toy.model import live_heads
+
+    for seed in range(HELD_OUT_FIRST_SEED, HELD_OUT_FIRST_SEED + 500):
+        images, sizes, boxes, labels = next(batches(seed, HELD_OUT_IMAGES))
+        with torch.no_grad():
+            b = make_batch(model, images, sizes, boxes, labels)
+        r = replay(live_heads(model), b, toy_config(), [fixed()])
+        if all(s.pos > 0 for s in r.samples["rpn"]):
+            break
+    out.mkdir(parents=True, exist_ok=True)
+    save_torch({k: v.detach() for k, v in model.state_dict().items()}, out / "checkpoint.pt")
+    save_dump(out / "batch.pt", b, {"source": f"toy detector, fixed profile, {HEALTHY_STEPS} steps, seed 0",
+                                    "held_out_seed": seed, "sample_seed": 0})
+    print(f"healthy: held-out seed {seed}; held-out recall {hist.detections[-1][2]:.2f}")
+
+
+def collapse(out: Path, scratch: Path) -> None:
+    args = "--config fixtures/toy.toml"
+    _, hist = train(legacy(), COLLAPSE_STEPS, 0, stop_on_nonfinite=True, capture_dir=scratch, capture_args=args, log=print)
+    if hist.captured is None:
+        print("collapse: the legacy run did not go non-finite; no collapse fixture written")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("checkpoint.pt", "batch.pt"):
+        shutil.copyfile(Path(hist.captured) / name, out / name)
+    print(f"collapse: legacy run went non-finite at step {hist.broke_at}")
+
+
+def faults(healthy_batch: Path, out: Path) -> None:
+    """One fault each, derived from the healthy batch (deterministic, no training)."""
+    base = load_batch(healthy_batch)
+
+    def derive(name: str, edit) -> None:
+        b = load_batch(healthy_batch)
+        edit(b)
+        save_dump(out / name / "batch.pt", b, {**base.meta, "fault": name})
+
+    def no_gt(b):
+        b.gt_boxes[1] = torch.zeros(0, 4)
+        b.gt_labels[1] = torch.zeros(0, dtype=torch.long)
+
+    def zero_width(b):
+        box = b.gt_boxes[0][0]
+        box[2] = box[0]
+
+    def one_based(b):
+        b.gt_labels[:] = [lab + 1 for lab in b.gt_labels]
+
+    def nan_features(b):
+        b.features["p4"][1, :, 2:4, 2:4] = float("nan")
+
+    derive("no-gt-image", no_gt)
+    derive("zero-width-box", zero_width)
+    derive("one-based-labels", one_based)
+    derive("nan-features-p4", nan_features)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "fixtures"))
+    ap.add_argument("--only-faults", action="store_true", help="re-derive fixtures/faults from the healthy batch only")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.only_faults:
+        write_config(out / "toy.toml")
+        healthy(out / "healthy")
+        scratch = out / ".capture"
+        collapse(out / "collapse", scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
+    faults(out / "healthy" / "batch.pt", out / "faults")
+
+
+if __name__ == "__main__":
+    main()
