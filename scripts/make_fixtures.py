@@ -6,7 +6,8 @@
 - fixtures/collapse: the step where the `legacy` run (seed 0) first went non-finite, as written by
   the capture hook during training
 - fixtures/faults/*: the healthy batch with one fault each (image without GT, zero-width GT box,
-  1-based labels, NaN in one level's features); replay them with fixtures/healthy/checkpoint.pt
+  1-based labels, NaN in one level's features), on its first two images; replay them with
+  fixtures/healthy/checkpoint.pt
 
 Runs single-threaded so the float reductions, and so the files, are the same on every machine.
 """
@@ -83,6 +84,9 @@ def faults(healthy_batch: Path, out: Path) -> None:
 
     def derive(name: str, edit) -> None:
         b = load_batch(healthy_batch)
+        # the first two images are all a fault needs; keeps the files small
+        b.features = {k: v[:2].clone() for k, v in b.features.items()}
+        b.image_sizes, b.gt_boxes, b.gt_labels = b.image_sizes[:2], b.gt_boxes[:2], b.gt_labels[:2]
         edit(b)
         save_dump(out / name / "batch.pt", b, {**base.meta, "fault": name})
 

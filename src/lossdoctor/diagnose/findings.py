@@ -18,6 +18,9 @@ LEVEL_WEIGHT_RATIO = 10.0
 # share of the squared classification gradient from negatives above which they dominate (count
 # imbalance alone, ~97% in a sparse healthy batch, stays below it)
 BACKGROUND_SHARE = 0.99
+# the gradient share counts as explained by sample counts when the positives' part of it is at least
+# this fraction of their share of the samples
+BACKGROUND_COUNT_SLACK = 0.5
 # 10x the max_norm=35 MMDetection suggests for clipping
 EXPLODING_NORM = 350.0
 VANISHING_NORM = 1e-6
@@ -49,6 +52,8 @@ FIX = {
                             "Detectron2 low-quality matching every anchor becomes positive",
     "background-dominance": "balance positives and negatives: a shared avg_factor (profile 'fixed') or a positive weight; a "
                             "per-level mean gives negatives of sparse levels huge weights",
+    "background-dominance-counts": "few positives for the sampler budget: normal for images with few objects; if it persists, "
+                                   "raise the sampler's positive_fraction or add positives (smaller/more anchors)",
     "level-weight-imbalance": "use one shared avg_factor (profile 'fixed') so every sample weighs the same on every level",
     "exploding-gradient": "enable gradient clipping (max_norm=35, norm_type=2) and scale the learning rate to the batch "
                           "(lr 0.02 is for 16 images)",
@@ -172,9 +177,16 @@ def _gradient_findings(r: Replay, grads: dict[str, ProfileGrads]) -> list[Findin
         for head in ("rpn", "roi"):
             share = g.neg_share.get(head, math.nan)
             if share == share and share > BACKGROUND_SHARE:
-                out.append(_f("warning", "background-dominance",
-                              f"{name}: negatives carry {share:.1%} of the {head} classification gradient",
-                              head=head, profile=name, evidence={"neg_share": share}))
+                pos = sum(s.pos for s in r.samples[head])
+                neg = sum(s.sampled for s in r.samples[head]) - pos
+                counts = neg / max(pos + neg, 1)
+                # equal per-sample gradients would give the count share; beyond it, the weighting amplifies negatives
+                by_counts = 1 - share >= BACKGROUND_COUNT_SLACK * (1 - counts)
+                msg = (f"{name}: negatives carry {share:.1%} of the {head} classification gradient "
+                       f"({neg} negatives vs {pos} positives sampled{': the counts alone explain it' if by_counts else ''})")
+                out.append(_f("info" if by_counts else "warning", "background-dominance", msg,
+                              "background-dominance-counts" if by_counts else None, head=head, profile=name,
+                              evidence={"neg_share": share, "neg_count_share": counts, "pos": pos, "neg": neg}))
             weights = [l.sample_weight for l, s in zip(r.losses[name].levels[head], r.samples[head]) if s.sampled > 0 and l.sample_weight > 0]
             if len(weights) > 1 and max(weights) / min(weights) > LEVEL_WEIGHT_RATIO:
                 levels = [s.name for s in r.samples[head] if s.sampled > 0]

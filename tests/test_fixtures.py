@@ -1,0 +1,84 @@
+"""The committed fixtures: what lossdoctor says about them, and that they regenerate bit for bit."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lossdoctor import inspect
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "fixtures"
+CONFIG = FIX / "toy.toml"
+HEALTHY_CKPT = FIX / "healthy" / "checkpoint.pt"
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def collapse():
+    return inspect(FIX / "collapse" / "checkpoint.pt", FIX / "collapse" / "batch.pt", config=CONFIG)
+
+
+def test_collapse_names_the_real_cause(collapse):
+    """The captured legacy step: its NaN comes from a per-level mean over an empty set; lossdoctor says
+    which level and stage, and that the fixed normalization is finite on the same batch."""
+    levels = {(r["profile"], r["head"], r["level"]): r for r in collapse.tables["levels"]}
+    errs = [f for f in collapse.findings if f["code"] == "nan-empty-mean"]
+    assert errs and all(f["profile"] == "legacy" for f in errs)
+    for f in errs:
+        row = levels[("legacy", f["head"], f["level"])]
+        assert f["evidence"]["stage"] == "normalizer" and row["nan_origin"] == "normalizer"
+        # the level really had nothing to average: no positive (box term) or no sample at all
+        assert row["pos"] == 0 or row["sampled"] == 0
+    totals = {r["profile"]: r for r in collapse.tables["profiles"]}
+    assert totals["legacy"]["loss_total"] != totals["legacy"]["loss_total"]  # NaN, as in training
+    assert totals["fixed"]["loss_total"] == totals["fixed"]["loss_total"]
+    assert not [f for f in collapse.findings if f["severity"] == "error" and f["profile"] == "fixed"]
+    assert collapse.meta["batch"]["meta"]["reason"].startswith("non-finite loss")
+
+
+def test_healthy_makes_detections_and_no_error():
+    rep = inspect(HEALTHY_CKPT, FIX / "healthy" / "batch.pt", config=CONFIG)
+    assert [f["code"] for f in rep.findings if f["severity"] == "error"] == []
+    imgs = rep.tables["images"]
+    assert all(r["detections"] > 0 for r in imgs if r["gt"] > 0)
+
+
+@pytest.mark.parametrize("fault,code,where", [
+    ("no-gt-image", "empty-gt-image", {"image": 1}),
+    ("zero-width-box", "degenerate-gt", {"image": 0}),
+    ("one-based-labels", "labels-one-based", {}),
+    ("nan-features-p4", "nonfinite-features", {"level": "p4", "image": 1}),
+])
+def test_fault_fixtures_fire_their_finding(fault, code, where):
+    rep = inspect(HEALTHY_CKPT, FIX / "faults" / fault / "batch.pt", config=CONFIG)
+    hits = [f for f in rep.findings if f["code"] == code and all(f.get(k) == v for k, v in where.items())]
+    assert hits, [(f["code"], f.get("level"), f.get("image")) for f in rep.findings]
+
+
+def test_fault_fixtures_regenerate_bit_for_bit(tmp_path):
+    # derive from the committed healthy batch, twice, into two folders
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_fixtures import faults
+
+    for k in (1, 2):
+        faults(FIX / "healthy" / "batch.pt", tmp_path / f"run{k}")
+    for fault in ("no-gt-image", "zero-width-box", "one-based-labels", "nan-features-p4"):
+        a, b = tmp_path / "run1" / fault / "batch.pt", tmp_path / "run2" / fault / "batch.pt"
+        assert sha(a) == sha(b) == sha(FIX / "faults" / fault / "batch.pt"), fault
+
+
+@pytest.mark.slow
+def test_all_fixtures_regenerate_bit_for_bit(tmp_path):
+    """Trains both runs again (minutes): every committed fixture file comes back byte for byte."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_fixtures.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    for p in sorted(FIX.rglob("*")):
+        if p.is_file():
+            assert sha(p) == sha(tmp_path / p.relative_to(FIX)), p
