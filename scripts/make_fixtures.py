@@ -23,12 +23,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from lossdoctor.inputs.batch import Batch, dump_batch, load_batch, save_torch  # noqa: E402
+from lossdoctor.inputs.batch import Batch, dump_batch, load_batch  # noqa: E402
+from lossdoctor.inputs.files import save_torch  # noqa: E402
 from lossdoctor.inputs.dataclass_toml import dumps_toml, to_dict  # noqa: E402
 from lossdoctor.inputs.profiles import fixed, legacy  # noqa: E402
 from lossdoctor.replay.engine import replay  # noqa: E402
 from lossdoctor.toy.data import batches  # noqa: E402
-from lossdoctor.toy.model import STRIDES, toy_config  # noqa: E402
+from lossdoctor.toy.model import toy_config  # noqa: E402
 from lossdoctor.toy.train import make_batch, train  # noqa: E402
 
 HEALTHY_STEPS = 300

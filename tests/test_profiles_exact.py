@@ -16,7 +16,7 @@ import torch
 
 from lossdoctor.inputs.batch import BATCH_FORMAT, validate_batch
 from lossdoctor.inputs.checkpoint import heads_from_state_dict
-from lossdoctor.inputs.config import AnchorConfig, DetectorConfig, preset, replace
+from lossdoctor.inputs.config import DetectorConfig, preset, replace
 from lossdoctor.inputs.profiles import BUILTIN, EPS32
 from lossdoctor.replay.engine import replay
 

@@ -19,7 +19,7 @@ from torchvision.models.detection.roi_heads import RoIHeads  # noqa: E402
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead  # noqa: E402
 from torchvision.ops import MultiScaleRoIAlign, nms, roi_align  # noqa: E402
 
-from lossdoctor.inputs.config import preset, replace  # noqa: E402
+from lossdoctor.inputs.config import preset  # noqa: E402
 from lossdoctor.inputs.profiles import builtin  # noqa: E402
 from lossdoctor.replay.anchors import level_anchors  # noqa: E402
 from lossdoctor.replay.boxes import nms_torch  # noqa: E402

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .inputs.batch import dump_batch, save_torch
+from .inputs.batch import dump_batch
+from .inputs.files import save_torch
 
 
 class Capture:

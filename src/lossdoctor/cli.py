@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -200,7 +201,7 @@ def compare(
     def run():
         import json
 
-        from .inputs.batch import atomic_write
+        from .inputs.files import atomic_write
         from .inputs.errors import InputError
         from .report.compare import compare as compare_reports, compare_profiles
         from .report.model import Report
@@ -243,10 +244,11 @@ def compare(
         payload = {"format": "lossdoctor.compare/1", "comparisons": [c.to_dict() for c in comps]}
         text = json.dumps(payload, indent=1, allow_nan=True, default=str)
         if json_out and json_out != "-":
-            atomic_write(json_out, lambda tmp: open(tmp, "w", encoding="utf-8").write(text))
+            atomic_write(json_out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         if csv:
             rows = [{"old_side": c.old, "new_side": c.new, **r} for c in comps for r in c.totals + c.rows]
-            atomic_write(csv, lambda tmp: open(tmp, "w", encoding="utf-8").write(Report({}, {"rows": rows}).csv_text("rows")))
+            table = Report({}, {"rows": rows}).csv_text("rows")
+            atomic_write(csv, lambda tmp: Path(tmp).write_text(table, encoding="utf-8"))
         if json_out == "-":
             sys.stdout.write(text + "\n")
         render_comparison(comps, console(stderr=json_out == "-"), changed_only=not all_rows)

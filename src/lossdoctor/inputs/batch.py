@@ -7,11 +7,8 @@ what the diagnosis is for.
 """
 from __future__ import annotations
 
-import io
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
+from .files import save_torch
 
 BATCH_FORMAT = "lossdoctor.batch/1"
 REQUIRED = ("format", "features", "image_sizes", "gt_boxes", "gt_labels")
@@ -101,16 +99,14 @@ def _check_features(features) -> dict[str, Tensor]:
     if not isinstance(features, dict) or not features:
         raise _refuse("features", "a non-empty dict level-name -> Tensor[N, C, H, W]", features)
     out = {}
-    first = None
+    prev = None
     for name, t in features.items():
         key = f"features.{name}"
         if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
             raise _refuse(key, "a float Tensor[N, C, H, W]", t)
-        if first is None:
-            first = t
-        elif t.shape[:2] != first.shape[:2]:
-            raise _refuse(key, f"N, C = {list(first.shape[:2])} like the first level", t)
-        elif t.shape[2] > prev.shape[2] or t.shape[3] > prev.shape[3]:
+        if prev is not None and t.shape[:2] != prev.shape[:2]:
+            raise _refuse(key, f"N, C = {list(prev.shape[:2])} like the first level", t)
+        if prev is not None and (t.shape[2] > prev.shape[2] or t.shape[3] > prev.shape[3]):
             raise _refuse(key, "levels ordered finest first (sizes must not grow)", t)
         prev = t
         out[str(name)] = t.detach().float() if t.dtype != torch.float32 else t.detach()
@@ -270,32 +266,6 @@ def load_batch(path: str | Path) -> Batch:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{p} is not a lossdoctor batch dump (torch.load failed: {first[:160]}); write it with lossdoctor.dump_batch") from None
     return validate_batch(data)
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a reader never sees half a file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_torch(obj, path: str | Path) -> None:
-    """``torch.save`` atomically and byte-for-byte reproducibly: saved through a buffer, the archive's
-    internal folder name does not depend on the (temporary) file name."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = buf.getvalue()
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _cpu(t):

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dataclass_toml import from_dict, read_toml, to_dict
+from .dataclass_toml import load_over, read_toml
 from .errors import InputError
 
 # log(1000 / 16): the cap on dw/dh at decode time in all three frameworks.
@@ -195,16 +195,7 @@ def load_config(spec: str | Path) -> DetectorConfig:
         return preset(spec)
     if not spec.endswith(".toml"):
         raise InputError(f"unknown detector preset {spec!r}; use one of {', '.join(PRESETS)} or a .toml file")
-    data = read_toml(spec)
-    base = preset(data.pop("base", "torchvision"))
-    merged = to_dict(base)
-    for key, value in data.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    merged.setdefault("name", Path(spec).stem)
-    return from_dict(DetectorConfig, merged, "config")
+    return load_over(DetectorConfig, preset(read_toml(spec).get("base", "torchvision")), spec, "config")
 
 
 def replace(cfg, **changes):

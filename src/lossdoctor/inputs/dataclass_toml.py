@@ -12,19 +12,34 @@ import typing
 from pathlib import Path
 
 from .errors import InputError
+from .files import read_text
 
 
 def read_toml(path: str | Path) -> dict:
     """Parse a TOML file; a missing or malformed file is an :class:`InputError`."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"cannot read {p}: {e.strerror or e}; check the path") from None
+    text = read_text(path, "TOML file")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise InputError(f"{p} is not valid TOML: {e}; fix the file") from None
+        raise InputError(f"{path} is not valid TOML: {e}; fix the file") from None
+
+
+def load_over(cls, base, path: str | Path, where: str):
+    """``cls`` from TOML file ``path`` whose keys override ``base`` (tables merge key by key).
+
+    Without a ``name`` key the result is named after the file.
+    """
+    data = read_toml(path)
+    data.pop("base", None)
+    merged = to_dict(base)
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    if "name" not in data:
+        merged["name"] = Path(path).stem
+    return from_dict(cls, merged, where)
 
 
 def _coerce(value, tp, where: str):

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dataclass_toml import from_dict, read_toml, to_dict
+from .dataclass_toml import dumps_toml, load_over, read_toml, to_dict
 from .errors import InputError
 
 # float32 machine epsilon: MMDetection adds it to every avg_factor (weight_reduce_loss).
@@ -213,20 +213,9 @@ def load_profile(spec: str | Path) -> LossProfile:
         return builtin(spec)
     if not spec.endswith(".toml"):
         raise InputError(f"unknown profile {spec!r}; use one of {', '.join(BUILTIN)} or a profile .toml file")
-    data = read_toml(spec)
-    merged = to_dict(builtin(data.pop("base", "fixed")))
-    for key, value in data.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    if "name" not in data:
-        merged["name"] = Path(spec).stem
-    return from_dict(LossProfile, merged, "profile")
+    return load_over(LossProfile, builtin(read_toml(spec).get("base", "fixed")), spec, "profile")
 
 
 def profile_toml(profile: LossProfile) -> str:
     """The profile as editable TOML that :func:`load_profile` reads back."""
-    from .dataclass_toml import dumps_toml
-
     return dumps_toml(to_dict(profile))

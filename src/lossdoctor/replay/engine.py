@@ -21,7 +21,7 @@ from .anchors import level_anchors, valid_flags
 from .boxes import encode
 from .heads import RpnLevelOutput, box_hidden, box_predict, rpn_head
 from .losses import bce_loss, box_loss, ce_loss, normalize
-from .matcher import IGNORED, NEGATIVE, POSITIVE, match
+from .matcher import IGNORED, POSITIVE, match
 from .proposals import image_proposals
 from .roi_align import map_levels, multiscale_roi_align
 from .sampler import sample

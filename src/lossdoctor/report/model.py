@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..inputs.batch import atomic_write
+from ..inputs.files import atomic_write, read_text
 from ..inputs.errors import InputError
 
 REPORT_FORMAT = "lossdoctor.report/1"
@@ -75,15 +75,11 @@ class Report:
 
     @classmethod
     def load(cls, path: str | Path) -> "Report":
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as e:
-            raise InputError(f"cannot read report {p}: {e.strerror or e}; check the path") from None
+        text = read_text(path, "report")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise InputError(f"{p} is not JSON ({e.msg} at line {e.lineno}); pass a report written with --json") from None
+            raise InputError(f"{path} is not JSON ({e.msg} at line {e.lineno}); pass a report written with --json") from None
         return cls.from_dict(data)
 
     def save_json(self, path: str | Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..inputs.batch import atomic_write
+from ..inputs.files import atomic_write
 from .model import Report
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from rich import box
-from rich.console import Console, Group
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
