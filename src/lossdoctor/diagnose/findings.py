@@ -133,7 +133,7 @@ def _matching_findings(r: Replay) -> list[Finding]:
                               + (f": low-quality matching makes all {r.images[i].rpn_pos_candidates} candidate anchors positive"
                                  if r.config.rpn_matcher.style != "mmdet" else ""),
                               head="rpn", image=i, evidence={"box": j, "rpn_pos_candidates": r.images[i].rpn_pos_candidates}))
-        hit = torch_hits(r, i)
+        hit = r.gt_has_pos[i].tolist()
         for g in range(gts.shape[0]):
             if not hit[g] and float(best[g]) > 0:
                 j = int(r.gt_sources[i][g])
@@ -141,16 +141,6 @@ def _matching_findings(r: Replay) -> list[Finding]:
                               f"image {i} box {j} gets no positive anchor (best IoU {float(best[g]):.2f} < min_pos_iou)",
                               head="rpn", image=i, evidence={"box": j, "best_iou": float(best[g])}))
     return out
-
-
-def torch_hits(r: Replay, image: int) -> list[bool]:
-    """Which usable GTs of an image have at least one positive anchor (any level)."""
-    hit = [False] * r.gt_boxes[image].shape[0]
-    for lvl in r.rpn:
-        pos = lvl.labels[image] == 1
-        for g in lvl.matched[image][pos].unique().tolist():
-            hit[g] = True
-    return hit
 
 
 def _gt_size_range(r: Replay) -> list[float]:

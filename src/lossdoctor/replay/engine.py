@@ -195,6 +195,7 @@ class Replay:
     gt_labels: list[Tensor]
     gt_sources: list[Tensor]  # index of each usable GT in the dump's gt_boxes[i]
     gt_best_iou: list[Tensor]
+    gt_has_pos: list[Tensor]  # per usable GT: has at least one positive anchor candidate
     dropped_labels: list[tuple[int, int, int]]
     losses: dict[str, ProfileLosses] = field(default_factory=dict)
 
@@ -289,30 +290,8 @@ def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: l
     sizes = [a.shape[0] for a in anchors]
     outs = [rpn_head(f, heads) for f in features]
 
-    # RPN assignment and sampling: per image, over all levels jointly.
-    all_anchors = torch.cat(anchors)
-    labels = torch.empty(n, all_anchors.shape[0], dtype=torch.int8)
-    matched = torch.empty(n, all_anchors.shape[0], dtype=torch.long)
-    sampled = torch.zeros(n, all_anchors.shape[0], dtype=torch.bool)
-    positive = torch.zeros_like(sampled)
-    gt_best, img_pos, img_neg, pos_candidates, without_pos = [], [], [], [], []
-    for i in range(n):
-        flags = valid_flags(config.anchors, batch.strides, shapes, batch.image_sizes[i], heads.num_anchors)
-        valid = torch.cat(flags) if flags is not None else None
-        m = match(gts[i], all_anchors, config.rpn_matcher, valid)
-        labels[i], matched[i] = m.labels, m.gt
-        gt_best.append(m.gt_best)
-        pos, neg = sample(m.labels, config.rpn_sampler, gen, sample_all)
-        sampled[i, pos] = True
-        sampled[i, neg] = True
-        positive[i, pos] = True
-        img_pos.append(pos.numel())
-        img_neg.append(neg.numel())
-        cand = m.labels == POSITIVE
-        pos_candidates.append(int(cand.sum()))
-        hit = torch.zeros(gts[i].shape[0], dtype=torch.bool)
-        hit[m.gt[cand]] = True
-        without_pos.append(int((~hit).sum()))
+    a = _assign_rpn(anchors, shapes, gts, batch, heads, config, gen, sample_all)
+    labels, matched, sampled, positive = a.labels, a.matched, a.sampled, a.positive
 
     rpn_levels, rpn_samples = [], []
     leak_zero = torch.zeros(())
@@ -333,21 +312,7 @@ def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: l
             cls_leak=(bce * 0).sum(), box_leak=(out.deltas * 0).sum(),
         ))
 
-    # Proposals from the detached RPN outputs, or the dump's.
-    proposals, nonfinite = [], []
-    with torch.no_grad():
-        for i in range(n):
-            if batch.proposals is not None:
-                proposals.append(batch.proposals[i])
-                nonfinite.append(0)
-                continue
-            boxes, _, bad = image_proposals(
-                [o.logits[i] for o in outs], [o.deltas[i] for o in outs], anchors,
-                batch.image_sizes[i], config.train_proposals, config.rpn_coder,
-            )
-            proposals.append(boxes)
-            nonfinite.append(bad)
-
+    proposals, nonfinite = _proposals(outs, anchors, batch, config)
     roi_levels = min(config.roi_pool.num_levels, len(features))
     roi, roi_pos, roi_neg = _sample_rois(proposals, gts, gt_labels, batch.strides[:roi_levels], config, gen, sample_all)
     roi.pooled = multiscale_roi_align(features[:roi_levels], batch.strides[:roi_levels], roi.boxes, roi.img, roi.level,
@@ -371,26 +336,82 @@ def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: l
 
     counts = {
         "rpn": HeadCounts([s.sampled for s in rpn_samples], [s.pos for s in rpn_samples],
-                          config.rpn_sampler.batch_size * n, _mmdet_count(img_pos, img_neg)),
+                          config.rpn_sampler.batch_size * n, _mmdet_count(a.img_pos, a.img_neg)),
         "roi": HeadCounts([s.sampled for s in roi_samples], [s.pos for s in roi_samples],
                           config.roi_sampler.batch_size * n, _mmdet_count(roi_pos, roi_neg)),
     }
     images = []
     for i in range(n):
-        best = gt_best[i]
+        best = a.gt_best[i]
         images.append(ImageStats(
             image=i, gt=gts[i].shape[0], gt_ignored=int(batch.gt_ignore[i].sum()),
-            gt_bad_label=sum(1 for d in dropped if d[0] == i), gt_without_pos=without_pos[i],
+            gt_bad_label=sum(1 for d in dropped if d[0] == i), gt_without_pos=int((~a.gt_has_pos[i]).sum()),
             gt_best_iou_min=float(best.min()) if best.numel() else float("nan"),
             gt_best_iou_mean=float(best.mean()) if best.numel() else float("nan"),
-            rpn_pos_candidates=pos_candidates[i], rpn_pos=img_pos[i], rpn_neg=img_neg[i],
+            rpn_pos_candidates=a.pos_candidates[i], rpn_pos=a.img_pos[i], rpn_neg=a.img_neg[i],
             proposals=proposals[i].shape[0], proposals_nonfinite=nonfinite[i], roi_pos=roi_pos[i], roi_neg=roi_neg[i],
         ))
     result = Replay(heads, batch, config, seed, sample_all, features, rpn_levels, roi,
-                    {"rpn": rpn_samples, "roi": roi_samples}, counts, images, gts, gt_labels, gt_sources, gt_best, dropped)
+                    {"rpn": rpn_samples, "roi": roi_samples}, counts, images, gts, gt_labels, gt_sources, a.gt_best,
+                    a.gt_has_pos, dropped)
     for p in profiles:
         result.losses[p.name] = profile_losses(result, p)
     return result
+
+
+@dataclass
+class RpnAssignment:
+    """Per image (rows) and anchor of all levels (columns): matcher labels and GT, the sampled mask."""
+
+    labels: Tensor
+    matched: Tensor
+    sampled: Tensor
+    positive: Tensor
+    gt_best: list[Tensor]
+    gt_has_pos: list[Tensor]
+    img_pos: list[int]
+    img_neg: list[int]
+    pos_candidates: list[int]
+
+
+def _assign_rpn(anchors, shapes, gts, batch: Batch, heads: HeadWeights, config: DetectorConfig, gen, sample_all) -> RpnAssignment:
+    """Assign and sample per image, over all levels jointly (the budget is per image, not per level)."""
+    n = batch.num_images
+    all_anchors = torch.cat(anchors)
+    a = RpnAssignment(torch.empty(n, all_anchors.shape[0], dtype=torch.int8), torch.empty(n, all_anchors.shape[0], dtype=torch.long),
+                      torch.zeros(n, all_anchors.shape[0], dtype=torch.bool), torch.zeros(n, all_anchors.shape[0], dtype=torch.bool),
+                      [], [], [], [], [])
+    for i in range(n):
+        flags = valid_flags(config.anchors, batch.strides, shapes, batch.image_sizes[i], heads.num_anchors)
+        m = match(gts[i], all_anchors, config.rpn_matcher, torch.cat(flags) if flags is not None else None)
+        a.labels[i], a.matched[i] = m.labels, m.gt
+        pos, neg = sample(m.labels, config.rpn_sampler, gen, sample_all)
+        a.sampled[i, pos] = True
+        a.sampled[i, neg] = True
+        a.positive[i, pos] = True
+        cand = m.labels == POSITIVE
+        hit = torch.zeros(gts[i].shape[0], dtype=torch.bool)
+        hit[m.gt[cand]] = True
+        a.gt_best.append(m.gt_best)
+        a.gt_has_pos.append(hit)
+        a.img_pos.append(pos.numel())
+        a.img_neg.append(neg.numel())
+        a.pos_candidates.append(int(cand.sum()))
+    return a
+
+
+def _proposals(outs, anchors, batch: Batch, config: DetectorConfig) -> tuple[list[Tensor], list[int]]:
+    """Per image: the dump's proposals, or the RPN's from its detached outputs (and how many were non-finite)."""
+    if batch.proposals is not None:
+        return list(batch.proposals), [0] * batch.num_images
+    proposals, nonfinite = [], []
+    with torch.no_grad():
+        for i in range(batch.num_images):
+            boxes, _, bad = image_proposals([o.logits[i] for o in outs], [o.deltas[i] for o in outs], anchors,
+                                            batch.image_sizes[i], config.train_proposals, config.rpn_coder)
+            proposals.append(boxes)
+            nonfinite.append(bad)
+    return proposals, nonfinite
 
 
 def _live(t: Tensor) -> Tensor:

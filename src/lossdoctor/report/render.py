@@ -61,8 +61,8 @@ def header(report: Report) -> Text:
     t.append(f"{m['lossdoctor']} (torch {m['torch']})\n")
     t.append(f"checkpoint  {ck['path'] or '<object>'}  [{ck['layout']} layout")
     t.append(f", sha256 {ck['sha256'][:12]}]\n" if ck.get("sha256") else "]\n")
-    t.append(f"batch       {bt['path'] or '<object>'}  [{bt['images']} images, levels {', '.join(bt['levels'])}, "
-             f"strides {bt['strides']}, padded {bt['pad_size'][0]}x{bt['pad_size'][1]}]\n")
+    t.append(f"batch       {bt['path'] or '<object>'}  [{bt['images']} images, levels {bt['levels'][0]}-{bt['levels'][-1]} "
+             f"(strides {'/'.join(str(x) for x in bt['strides'])}), padded {bt['pad_size'][0]}x{bt['pad_size'][1]}]\n")
     it = bt.get("meta", {}).get("iteration")
     t.append(f"detector    {m['config']['name']} config; {h['classes']} classes (background {h['background']}), "
              f"{h['anchors']} anchors/location, {h['channels']} channels" + (f"; iteration {it}" if it is not None else "") + "\n")
@@ -80,7 +80,7 @@ def symptom(report: Report) -> Text:
     dets = s["detections"]
     style = "bold red" if dets and sum(dets) == 0 else ""
     t.append(f"detections per image at score > {s['score_thr']}: {dets}", style=style)
-    t.append("; max foreground score: [" + ", ".join(num(v).plain for v in s["max_fg_score"]) + "]")
+    t.append("\n         max foreground score per image: [" + ", ".join(num(v).plain for v in s["max_fg_score"]) + "]")
     t.append(f"; anchors with objectness > 0.5: {s['objectness_above_half']:.1%}")
     return t
 
