@@ -3,8 +3,10 @@
 - fixtures/toy.toml: the toy detector's config (pass it with --config)
 - fixtures/healthy: the toy detector trained 300 steps under `fixed` (seed 0), and a held-out
   batch: the first held-out draw (seeds 777, 778, ...) in which every FPN level has a positive anchor
-- fixtures/collapse: the step where the `legacy` run (seed 0) first went non-finite, as written by
-  the capture hook during training
+- fixtures/first-nan and fixtures/collapse: the `legacy` run (seed 0) in a loop without a NaN check,
+  as written by the capture hook during training: first-nan is its first non-finite loss (step 0),
+  collapse the first step whose gradient norm exceeded 1000, a few steps before its weights
+  turned NaN and its held-out detections dropped to 0
 - fixtures/faults/*: the healthy batch with one fault each (image without GT, zero-width GT box,
   1-based labels, NaN in one level's features), on its first two images; replay them with
   fixtures/healthy/checkpoint.pt
@@ -33,7 +35,8 @@ from lossdoctor.toy.model import toy_config  # noqa: E402
 from lossdoctor.toy.train import make_batch, train  # noqa: E402
 
 HEALTHY_STEPS = 300
-COLLAPSE_STEPS = 300
+COLLAPSE_STEPS = 400
+EXPLOSION_NORM = 1000.0
 HELD_OUT_FIRST_SEED = 777
 HELD_OUT_IMAGES = 4
 
@@ -67,16 +70,22 @@ def healthy(out: Path) -> None:
     print(f"healthy: held-out seed {seed}; held-out recall {hist.detections[-1][2]:.2f}")
 
 
-def collapse(out: Path, scratch: Path) -> None:
+def collapse(root: Path, scratch: Path) -> None:
     args = "--config fixtures/toy.toml"
-    _, hist = train(legacy(), COLLAPSE_STEPS, 0, stop_on_nonfinite=True, capture_dir=scratch, capture_args=args, log=print)
-    if hist.captured is None:
-        print("collapse: the legacy run did not go non-finite; no collapse fixture written")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("checkpoint.pt", "batch.pt"):
-        shutil.copyfile(Path(hist.captured) / name, out / name)
-    print(f"collapse: legacy run went non-finite at step {hist.broke_at}")
+    _, hist = train(legacy(), COLLAPSE_STEPS, 0, stop_on_nonfinite=False, capture_dir=scratch, capture_args=args,
+                    capture_norm=EXPLOSION_NORM, log=print)
+    reasons = {p: load_batch(p / "batch.pt").meta["reason"] for p in hist.captured}
+    first = next((p for p, why in reasons.items() if why.startswith("non-finite loss")), None)
+    blowup = next((p for p, why in reasons.items() if "gradient norm" in why or "non-finite gradient" in why), None)
+    for name, folder in (("first-nan", first), ("collapse", blowup)):
+        if folder is None:
+            print(f"{name}: the legacy run never triggered it; not written")
+            continue
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for f in ("checkpoint.pt", "batch.pt"):
+            shutil.copyfile(folder / f, root / name / f)
+        print(f"{name}: {folder.name}: {reasons[folder]}")
+    print(f"legacy run: held-out detections {hist.detections[-1][1]}, recall {hist.detections[-1][2]:.2f} after {COLLAPSE_STEPS} steps")
 
 
 def faults(healthy_batch: Path, out: Path) -> None:
@@ -123,7 +132,7 @@ def main(argv=None):
         write_config(out / "toy.toml")
         healthy(out / "healthy")
         scratch = out / ".capture"
-        collapse(out / "collapse", scratch)
+        collapse(out, scratch)
         shutil.rmtree(scratch, ignore_errors=True)
     faults(out / "healthy" / "batch.pt", out / "faults")
 

@@ -65,3 +65,22 @@ def test_capture_every_n_steps(tmp_path):
     for step in range(5):
         cap.check(step, torch.tensor(1.0), features=feats, image_sizes=sizes, gt_boxes=boxes, gt_labels=labels, strides=list(STRIDES))
     assert [p.name for p in cap.written] == ["step_000000", "step_000002", "step_000004"]
+
+
+def test_capture_catches_a_gradient_explosion_before_it_is_nan(tmp_path):
+    torch.manual_seed(0)
+    model = TinyDetector()
+    cap = Capture(tmp_path, model, grad_norm_above=1e3, stream=io.StringIO())
+    stream = batches(2, 2)
+    norms = []
+    for step in range(4):
+        images, sizes, boxes, labels = next(stream)
+        b = make_batch(model, images, sizes, boxes, labels)
+        loss = replay(live_heads(model), b, toy_config(), [fixed()], seed=step).losses["fixed"].total
+        model.zero_grad()
+        (loss * (1e6 if step == 2 else 1.0)).backward()  # a blow-up at step 2, finite all along
+        norms.append(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None).sqrt().item())
+        cap.check(step, loss, features=b.features, image_sizes=sizes, gt_boxes=boxes, gt_labels=labels, strides=list(STRIDES))
+    assert norms[2] > 1e3 > max(norms[:2] + norms[3:])
+    assert [p.name for p in cap.written] == ["step_000002"]
+    assert load_batch(cap.written[0] / "batch.pt").meta["reason"].startswith("gradient norm")

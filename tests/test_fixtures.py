@@ -21,13 +21,14 @@ def sha(p: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def collapse():
-    return inspect(FIX / "collapse" / "checkpoint.pt", FIX / "collapse" / "batch.pt", config=CONFIG)
+def first_nan():
+    return inspect(FIX / "first-nan" / "checkpoint.pt", FIX / "first-nan" / "batch.pt", config=CONFIG)
 
 
-def test_collapse_names_the_real_cause(collapse):
-    """The captured legacy step: its NaN comes from a per-level mean over an empty set; lossdoctor says
+def test_first_nan_names_the_empty_mean(first_nan):
+    """The legacy run's first non-finite loss: a per-level mean over an empty set; lossdoctor says
     which level and stage, and that the fixed normalization is finite on the same batch."""
+    collapse = first_nan
     levels = {(r["profile"], r["head"], r["level"]): r for r in collapse.tables["levels"]}
     errs = [f for f in collapse.findings if f["code"] == "nan-empty-mean"]
     assert errs and all(f["profile"] == "legacy" for f in errs)
@@ -41,6 +42,35 @@ def test_collapse_names_the_real_cause(collapse):
     assert totals["fixed"]["loss_total"] == totals["fixed"]["loss_total"]
     assert not [f for f in collapse.findings if f["severity"] == "error" and f["profile"] == "fixed"]
     assert collapse.meta["batch"]["meta"]["reason"].startswith("non-finite loss")
+
+
+@pytest.fixture(scope="module")
+def collapse():
+    return inspect(FIX / "collapse" / "checkpoint.pt", FIX / "collapse" / "batch.pt", config=CONFIG)
+
+
+def test_collapse_names_the_real_cause(collapse):
+    """The legacy run's gradient blow-up, as captured: lossdoctor finds that the RoI box loss, averaged
+    over a handful of positive RoIs instead of all sampled RoIs, carries the whole exploding gradient,
+    at the level that holds those positives; under `fixed` the same batch has a normal gradient."""
+    assert "gradient norm" in collapse.meta["batch"]["meta"]["reason"]
+    f = next(f for f in collapse.findings if f["code"] == "exploding-gradient")
+    assert f["profile"] == "legacy" and f["head"] == "roi" and f["evidence"]["dominant_term"] == "roi_box"
+    assert f["evidence"]["dominant_share"] > 0.9
+    assert not [x for x in collapse.findings if x["code"] == "exploding-gradient" and x["profile"] == "fixed"]
+    rows = {(r["profile"], r["head"], r["level"]): r for r in collapse.tables["levels"]}
+    leg, fix = rows[("legacy", "roi", "all")], rows[("fixed", "roi", "all")]
+    # the two box losses differ exactly by their normalizers: positives vs all sampled RoIs
+    assert leg["avg_factor_bbox"] == leg["pos"] and fix["avg_factor_bbox"] == fix["sampled"]
+    assert leg["loss_bbox"] / fix["loss_bbox"] == pytest.approx(fix["sampled"] / leg["pos"], rel=1e-5)
+    # the level that carries it: the RoI level with the positives and the largest box gradient
+    roi_levels = [r for k, r in rows.items() if k[0] == "legacy" and k[1] == "roi" and k[2] != "all"]
+    top = max(roi_levels, key=lambda r: r["grad_deltas"])
+    assert top["pos"] == leg["pos"] > 0
+    totals = {r["profile"]: r for r in collapse.tables["profiles"]}
+    assert totals["legacy"]["grad_total_norm"] > 10 * totals["fixed"]["grad_total_norm"]
+    # and the symptom the run showed: detections already down to 0
+    assert any(x["code"] == "collapse-to-background" for x in collapse.findings)
 
 
 def test_healthy_makes_detections_and_no_error():

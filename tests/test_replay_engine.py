@@ -50,7 +50,7 @@ def test_shared_normalizer_levels_add_up_to_the_whole_batch_loss(name):
         d = lv[0].avg_factor
         # the whole-batch loss computed at once: sum of every sampled per-sample loss / D
         samples = r.samples[head]
-        whole = sum(float(s.cls_loss.sum()) for s in samples) / d
+        whole = sum(s.cls_loss.sum().item() for s in samples) / d
         assert sum(vals(r, name, head, "cls")) == pytest.approx(whole, rel=1e-5)
         assert prof.term(head, "cls").item() == pytest.approx(whole, rel=1e-5)
 

@@ -8,8 +8,9 @@
         capture.check(step, loss, features=feats, image_sizes=sizes, gt_boxes=boxes, gt_labels=labels)
         optimizer.step(); optimizer.zero_grad()
 
-At the first step whose loss or any gradient is non-finite (and, with ``every=N``, every N steps)
-it writes ``DIR/step_000123/batch.pt`` and ``checkpoint.pt`` (the weights that produced this loss:
+At the first step whose loss is non-finite, the first whose gradient is non-finite, the first whose
+total gradient norm exceeds ``grad_norm_above`` (if set: catches an explosion before it turns into
+NaN), and with ``every=N`` every N steps, it writes ``DIR/step_000123/batch.pt`` and ``checkpoint.pt`` (the weights that produced this loss:
 call it before ``optimizer.step()``), atomically, and prints the ``lossdoctor inspect`` command.
 """
 from __future__ import annotations
@@ -25,39 +26,49 @@ from .inputs.files import save_torch
 
 
 class Capture:
-    """Writes a checkpoint + batch dump when training goes non-finite (once), or every ``every`` steps."""
+    """Writes a checkpoint + batch dump when training goes wrong (once per kind of trouble), or every ``every`` steps."""
 
     def __init__(self, directory: str | Path, model: torch.nn.Module, *, every: int | None = None,
-                 once: bool = True, extra_args: str = "", stream=None):
+                 once: bool = True, grad_norm_above: float | None = None, extra_args: str = "", stream=None):
         self.directory = Path(directory)
         self.model = model
         self.every = every
         self.once = once
+        self.grad_norm_above = grad_norm_above
         self.extra_args = extra_args
         self.stream = stream if stream is not None else sys.stderr
         self.written: list[Path] = []
-        self._caught_nonfinite = False
+        self._caught: set[str] = set()
 
-    def nonfinite_reason(self, loss) -> str | None:
-        """Why this step is non-finite (loss or the first parameter whose gradient is), or None."""
+    def triggers(self, loss) -> list[tuple[str, str]]:
+        """Every kind of trouble at this step, as (kind, reason): "loss" or "grad" (non-finite), "norm" (too large)."""
+        out = []
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         if not math.isfinite(value):
-            return f"non-finite loss ({value})"
+            out.append(("loss", f"non-finite loss ({value})"))
+        sq, bad = 0.0, None
         for name, p in self.model.named_parameters():
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                return f"non-finite gradient in {name}"
-        return None
+            if p.grad is None:
+                continue
+            if bad is None and not bool(torch.isfinite(p.grad).all()):
+                bad = name
+            sq += float(p.grad.detach().double().pow(2).sum())
+        if bad is not None:
+            out.append(("grad", f"non-finite gradient in {bad}"))
+        elif self.grad_norm_above is not None and math.sqrt(sq) > self.grad_norm_above:
+            out.append(("norm", f"gradient norm {math.sqrt(sq):.3g} above {self.grad_norm_above:g}"))
+        return out
 
     def check(self, step: int, loss, *, features, image_sizes, gt_boxes, gt_labels, meta: dict | None = None, **batch) -> Path | None:
         """Call once per step, after ``backward()`` and before ``optimizer.step()``. Returns the dump folder if one was written."""
-        reason = self.nonfinite_reason(loss)
-        if reason is not None and self.once and self._caught_nonfinite:
-            reason = None
+        hits = self.triggers(loss)
+        new = [h for h in hits if not (self.once and h[0] in self._caught)]
+        # one dump covers every kind of trouble of its step (a NaN loss with NaN gradients is one event)
+        reason = "; ".join(r for _, r in hits) if new else None
         periodic = self.every is not None and step % self.every == 0
         if reason is None and not periodic:
             return None
-        if reason is not None:
-            self._caught_nonfinite = True
+        self._caught.update(k for k, _ in hits)
         folder = self.directory / f"step_{step:06d}"
         info = {"step": step, "reason": reason or f"every {self.every} steps", **(meta or {})}
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)

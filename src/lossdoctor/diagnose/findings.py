@@ -188,12 +188,39 @@ def _gradient_findings(r: Replay, grads: dict[str, ProfileGrads]) -> list[Findin
         if g.total_norm == g.total_norm:
             if g.total_norm > EXPLODING_NORM:
                 clip = f"; a clip at {g.max_norm} scales it by {g.clip_coef:.3g} to {g.clipped_norm:.3g}" if g.max_norm else ""
-                out.append(_f("warning", "exploding-gradient", f"{name}: total head gradient norm {g.total_norm:.3g} (pre-clip){clip}",
-                              profile=name, evidence={"total_norm": g.total_norm, "clip_coef": g.clip_coef, "clipped_norm": g.clipped_norm}))
+                term, share = _dominant_term(g)
+                what, head, by_pos = "", None, False
+                if term:
+                    head = term.split("_")[0]
+                    first = r.losses[name].levels[head][0]
+                    d = first.avg_factor_bbox if term.endswith("box") else first.avg_factor
+                    pos, sampled = sum(s.pos for s in r.samples[head]), sum(s.sampled for s in r.samples[head])
+                    by_pos = term.endswith("box") and d == pos and sampled > pos
+                    unit = "positive " + ("anchors" if head == "rpn" else "RoIs")
+                    what = f"; {share:.0%} of it from {term}, divided by {d:g}" + (f", its {unit}, of {sampled} sampled" if by_pos else "")
+                f = _f("warning", "exploding-gradient", f"{name}: total head gradient norm {g.total_norm:.3g} (pre-clip){what}{clip}",
+                       head=head, profile=name,
+                       evidence={"total_norm": g.total_norm, "clip_coef": g.clip_coef, "clipped_norm": g.clipped_norm,
+                                 "dominant_term": term, "dominant_share": share})
+                if by_pos:
+                    # a box loss averaged over a few positives: the normalizer, not the learning rate, is the cause
+                    f.fix = (f"divide {term} by all sampled samples (profile 'fixed'; MMDetection, torchvision and "
+                             f"Detectron2 all do) instead of the positives; then {f.fix}")
+                out.append(f)
             elif g.total_norm < VANISHING_NORM:
                 out.append(_f("warning", "vanishing-gradient", f"{name}: total head gradient norm {g.total_norm:.3g}",
                               profile=name, evidence={"total_norm": g.total_norm}))
     return out
+
+
+def _dominant_term(g: ProfileGrads) -> tuple[str | None, float]:
+    """The loss term with the largest share of the squared gradient norm (3x3-conv parameters, not split, left out)."""
+    sq = {t: sum(v[t] ** 2 for v in g.params.values() if v[t] == v[t]) for t in ("rpn_cls", "rpn_box", "roi_cls", "roi_box")}
+    total = sum(sq.values())
+    if not total > 0:
+        return None, math.nan
+    term = max(sq, key=sq.get)
+    return term, sq[term] / total
 
 
 def _symptom_findings(r: Replay, s: Symptom) -> list[Finding]:

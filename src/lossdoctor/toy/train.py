@@ -26,7 +26,7 @@ class History:
     loss: list[float] = field(default_factory=list)
     detections: list[tuple[int, int, float]] = field(default_factory=list)  # (step, held-out detections, recall)
     broke_at: int | None = None  # first step with a non-finite loss
-    captured: object = None  # the capture folder, if one was written
+    captured: list = field(default_factory=list)  # capture folders written, in order
 
 
 def make_batch(model: TinyDetector, images, sizes, boxes, labels, meta=None) -> Batch:
@@ -61,7 +61,8 @@ def evaluate(model: TinyDetector, data) -> tuple[int, float]:
 
 
 def train(profile: LossProfile, steps: int, seed: int, *, batch_size: int = 4, stop_on_nonfinite: bool = True,
-          capture_dir=None, capture_args: str = "", eval_every: int = 50, log=None) -> tuple[TinyDetector, History]:
+          capture_dir=None, capture_args: str = "", capture_norm: float | None = None, eval_every: int = 50,
+          log=None) -> tuple[TinyDetector, History]:
     """SGD (lr 0.01, momentum 0.9, wd 1e-4, linear warmup) on synthetic shapes.
 
     ``stop_on_nonfinite`` stops at the first non-finite loss, as torchvision's reference engine
@@ -73,7 +74,8 @@ def train(profile: LossProfile, steps: int, seed: int, *, batch_size: int = 4, s
 
     torch.manual_seed(seed)
     model = TinyDetector()
-    capture = Capture(capture_dir, model, extra_args=capture_args) if capture_dir is not None else None
+    capture = (Capture(capture_dir, model, extra_args=capture_args, grad_norm_above=capture_norm)
+               if capture_dir is not None else None)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     cfg = toy_config()
     hist = History(profile.name, seed)
@@ -92,7 +94,7 @@ def train(profile: LossProfile, steps: int, seed: int, *, batch_size: int = 4, s
         hist.steps.append(step)
         hist.loss.append(value)
         if capture is not None:
-            hist.captured = hist.captured or capture.check(step, loss, features=b.features, image_sizes=sizes, gt_boxes=boxes, gt_labels=labels,
+            capture.check(step, loss, features=b.features, image_sizes=sizes, gt_boxes=boxes, gt_labels=labels,
                           strides=list(STRIDES), meta={"sample_seed": step, "profile": profile.name, "train_seed": seed})
         if not math.isfinite(value) and hist.broke_at is None:
             hist.broke_at = step
@@ -108,6 +110,8 @@ def train(profile: LossProfile, steps: int, seed: int, *, batch_size: int = 4, s
             if log:
                 _, dets, rec = hist.detections[-1]
                 log(f"{profile.name} seed {seed} step {step + 1}: loss {value:.4g}, held-out detections {dets}, recall {rec:.2f}")
+    if capture is not None:
+        hist.captured = list(capture.written)
     if not hist.detections or hist.detections[-1][0] != len(hist.steps):
         model.eval()
         hist.detections.append((len(hist.steps), *evaluate(model, evaluation)))
