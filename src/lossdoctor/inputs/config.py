@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dataclass_toml import load_over, read_toml
+from .dataclass_toml import load_named
 from .errors import InputError
 
 # log(1000 / 16): the cap on dw/dh at decode time in all three frameworks.
@@ -190,12 +190,7 @@ def preset(name: str) -> DetectorConfig:
 
 def load_config(spec: str | Path) -> DetectorConfig:
     """A preset name, or a TOML file whose optional ``base`` key names the preset it overrides."""
-    spec = str(spec)
-    if spec in PRESETS:
-        return preset(spec)
-    if not spec.endswith(".toml"):
-        raise InputError(f"unknown detector preset {spec!r}; use one of {', '.join(PRESETS)} or a .toml file")
-    return load_over(DetectorConfig, preset(read_toml(spec).get("base", "torchvision")), spec, "config")
+    return load_named(DetectorConfig, spec, PRESETS, "torchvision", "detector preset")
 
 
 def replace(cfg, **changes):

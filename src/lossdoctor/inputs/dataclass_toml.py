@@ -24,22 +24,28 @@ def read_toml(path: str | Path) -> dict:
         raise InputError(f"{path} is not valid TOML: {e}; fix the file") from None
 
 
-def load_over(cls, base, path: str | Path, where: str):
-    """``cls`` from TOML file ``path`` whose keys override ``base`` (tables merge key by key).
-
-    Without a ``name`` key the result is named after the file.
-    """
-    data = read_toml(path)
-    data.pop("base", None)
-    merged = to_dict(base)
+def load_named(cls, spec: str | Path, makers: dict, default_base: str, what: str):
+    """A built-in by name (``makers[name]()``), or a TOML file whose keys override the built-in its
+    ``base`` names (tables merge key by key). Without a ``name`` key the result is named after the file."""
+    spec = str(spec)
+    choices = f"use one of {', '.join(makers)} or a .toml file"
+    if spec in makers:
+        return makers[spec]()
+    if not spec.endswith(".toml"):
+        raise InputError(f"unknown {what} {spec!r}; {choices}")
+    data = read_toml(spec)
+    base = data.pop("base", default_base)
+    if base not in makers:
+        raise InputError(f"{spec}: base {base!r} is not a built-in {what}; {choices}")
+    merged = to_dict(makers[base]())
     for key, value in data.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
     if "name" not in data:
-        merged["name"] = Path(path).stem
-    return from_dict(cls, merged, where)
+        merged["name"] = Path(spec).stem
+    return from_dict(cls, merged, what.split()[-1])
 
 
 def _coerce(value, tp, where: str):

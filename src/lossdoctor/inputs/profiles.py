@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dataclass_toml import dumps_toml, load_over, read_toml, to_dict
+from .dataclass_toml import dumps_toml, load_named, to_dict
 from .errors import InputError
 
 # float32 machine epsilon: MMDetection adds it to every avg_factor (weight_reduce_loss).
@@ -208,12 +208,7 @@ def builtin(name: str) -> LossProfile:
 
 def load_profile(spec: str | Path) -> LossProfile:
     """A built-in profile name, or a TOML file (its optional ``base`` names the profile it edits)."""
-    spec = str(spec)
-    if spec in BUILTIN:
-        return builtin(spec)
-    if not spec.endswith(".toml"):
-        raise InputError(f"unknown profile {spec!r}; use one of {', '.join(BUILTIN)} or a profile .toml file")
-    return load_over(LossProfile, builtin(read_toml(spec).get("base", "fixed")), spec, "profile")
+    return load_named(LossProfile, spec, BUILTIN, "fixed", "profile")
 
 
 def profile_toml(profile: LossProfile) -> str:
