@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 # Elements of one IoU block (GT x anchors): bounds memory by this, not by anchors x GT.
-IOU_CHUNK_ELEMENTS = 1 << 22
+IOU_CHUNK_ELEMENTS = 1 << 21
 
 
 def box_area(boxes: Tensor) -> Tensor:
@@ -19,10 +19,10 @@ def box_iou(a: Tensor, b: Tensor, union_eps: float = 0.0) -> Tensor:
     ``union_eps`` > 0 clamps the union from below (MMDetection, 1e-6); 0 divides plainly
     (torchvision, Detectron2).
     """
-    lt = torch.max(a[:, None, :2], b[None, :, :2])
-    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
+    # per axis, so no [G, M, 2] temporaries: the peak is a few [G, M] blocks
+    iw = (torch.min(a[:, None, 2], b[None, :, 2]) - torch.max(a[:, None, 0], b[None, :, 0])).clamp_(min=0)
+    ih = (torch.min(a[:, None, 3], b[None, :, 3]) - torch.max(a[:, None, 1], b[None, :, 1])).clamp_(min=0)
+    inter = iw.mul_(ih)
     union = box_area(a)[:, None] + box_area(b)[None, :] - inter
     if union_eps > 0:
         union = union.clamp(min=union_eps)
