@@ -30,7 +30,7 @@ def plot(report: Report, path: str | Path, profiles: list[str] | None = None) ->
         ax.set_title(f"{head.upper()}: sampled per level")
         ax.legend(fontsize=8)
         for col, (key, title, log) in enumerate((("loss", "loss (cls + bbox)", False), ("grad_feature", "|dL/d feature|", True),
-                                                 ("sample_weight", "per-sample weight (cls)", True)), start=1):
+                                                 ("sample_weight", "per-sample weight (bars cls, ◆ box)", True)), start=1):
             ax = axes[row][col]
             width = 0.8 / len(profiles)
             for k, p in enumerate(profiles):
@@ -39,6 +39,12 @@ def plot(report: Report, path: str | Path, profiles: list[str] | None = None) ->
                 pos = [i - 0.4 + width * (k + 0.5) for i in x]
                 finite = [v if isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or not log) else 0 for v in vals]
                 bars = ax.bar(pos, finite, width, label=p)
+                if key == "sample_weight":
+                    box = [by[l].get("sample_weight_bbox") for l in levels]
+                    pts = [(x_, v) for x_, v in zip(pos, box) if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
+                    if pts:
+                        ax.scatter([a for a, _ in pts], [b for _, b in pts], marker="D", color=bars.patches[0].get_facecolor(),
+                                   edgecolor="black", zorder=3, s=28)
                 for b, v in zip(bars, vals):
                     if isinstance(v, float) and not math.isfinite(v):
                         ax.annotate("NaN" if v != v else "Inf", (b.get_x() + b.get_width() / 2, 0), ha="center", va="bottom",
