@@ -204,3 +204,14 @@ def test_collapse_to_background():
     diag = run(sd=sd)
     f = find(diag, "collapse-to-background")
     assert diag.symptom.detections == [0, 0] and f.evidence["max_fg_score"] < 0.05
+
+
+def test_no_gradient_names_the_parameters_that_got_none():
+    """A profile that switches the RoI terms off leaves the whole box head without gradient."""
+    off = dataclasses.replace(fixed(), name="rpn-only", roi_cls=Term("ce", "sampled", weight=0.0, floor=1.0),
+                              roi_box=Term("smooth_l1", "sampled", beta=1 / 9, weight=0.0, floor=1.0))
+    diag = run(profiles=(off, "fixed"))
+    f = find(diag, "no-gradient", profile="rpn-only")
+    assert f.severity == "warning"
+    assert sorted(f.evidence["params"]) == sorted(f"roi_heads.{p}.{k}" for p in ("box_head.fc6", "box_head.fc7", "box_predictor.cls_score", "box_predictor.bbox_pred") for k in ("weight", "bias"))
+    assert not [x for x in diag.findings if x.code == "no-gradient" and x.profile == "fixed"]

@@ -57,6 +57,9 @@ FIX = {
     "level-weight-imbalance": "use one shared avg_factor (profile 'fixed') so every sample weighs the same on every level",
     "exploding-gradient": "enable gradient clipping (max_norm=35, norm_type=2) and scale the learning rate to the batch "
                           "(lr 0.02 is for 16 images)",
+    "no-gradient": "a parameter without gradient differs between ranks under DDP (the known hang with empty-GT images): "
+                   "keep every level and head in the graph with zero-weighted terms (profile 'fixed' does), or set "
+                   "find_unused_parameters",
     "vanishing-gradient": "the loss barely moves the heads: check loss weights and that the normalizer is not far larger "
                           "than the number of samples",
     "nonfinite-weights": "training diverged before this checkpoint: take an earlier checkpoint and lower the LR or enable clipping",
@@ -185,6 +188,13 @@ def _gradient_findings(r: Replay, grads: dict[str, ProfileGrads]) -> list[Findin
                 out.append(_f("warning", "level-weight-imbalance",
                               f"{name}: one {head} sample at {hi} weighs {max(weights) / min(weights):.0f}x one at {lo}",
                               head=head, profile=name, evidence={"max_weight": max(weights), "min_weight": min(weights), "levels": [hi, lo]}))
+        if g.no_grad:
+            params = [r.heads.keys[k.split(".")[0]] + "." + k.split(".")[1] for k in g.no_grad if "." in k and not k.startswith("rpn features")]
+            levels = [k.split()[-1] for k in g.no_grad if k.startswith("rpn features")]
+            parts = ([f"parameters {', '.join(params)}"] if params else []) + ([f"the RPN features of {', '.join(levels)}"] if levels else [])
+            out.append(_f("warning" if params else "info", "no-gradient",
+                          f"{name}: {' and '.join(parts)} received no gradient from this batch",
+                          profile=name, evidence={"params": params, "levels": levels}))
         if g.total_norm == g.total_norm:
             if g.total_norm > EXPLODING_NORM:
                 clip = f"; a clip at {g.max_norm} scales it by {g.clip_coef:.3g} to {g.clipped_norm:.3g}" if g.max_norm else ""
