@@ -22,6 +22,16 @@ def resolve_inputs(checkpoint, batch, config=None, unsafe_load: bool = False) ->
     return heads, batch, config
 
 
+def resolve_profiles(specs) -> list[LossProfile]:
+    """Names, TOML paths or LossProfile objects → profiles, each under its own name."""
+    profs = [p if isinstance(p, LossProfile) else load_profile(p) for p in specs]
+    names = [p.name for p in profs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise InputError(f"two profiles are both named {dup!r}; give each a different name")
+    return profs
+
+
 def run_replay(checkpoint: str | Path | HeadWeights, batch: str | Path | Batch, *,
                config: str | Path | DetectorConfig | None = None,
                profiles=("legacy", "fixed"), seed: int = 0, sample_all: bool = False, unsafe_load: bool = False):
@@ -32,8 +42,7 @@ def run_replay(checkpoint: str | Path | HeadWeights, batch: str | Path | Batch, 
     from .replay.engine import replay
 
     heads, batch, config = resolve_inputs(checkpoint, batch, config, unsafe_load)
-    profs = [p if isinstance(p, LossProfile) else load_profile(p) for p in profiles]
-    return replay(heads, batch, config, profs, seed=seed, sample_all=sample_all)
+    return replay(heads, batch, config, resolve_profiles(profiles), seed=seed, sample_all=sample_all)
 
 
 def inspect(checkpoint, batch, *, config=None, old="legacy", new="fixed", profiles=None, seed: int | None = None,
@@ -48,11 +57,7 @@ def inspect(checkpoint, batch, *, config=None, old="legacy", new="fixed", profil
     from .report.build import build_report
 
     heads, b, cfg = resolve_inputs(checkpoint, batch, config, unsafe_load)
-    specs = list(profiles) if profiles is not None else [old, new]
-    profs = [p if isinstance(p, LossProfile) else load_profile(p) for p in specs]
-    names = [p.name for p in profs]
-    if len(set(names)) != len(names):
-        raise InputError(f"two profiles are both named {names[0]!r}; give each a different name")
+    profs = resolve_profiles(list(profiles) if profiles is not None else [old, new])
     if seed is None:
         seed = int(b.meta.get("sample_seed", 0))
     r = replay(heads, b, cfg, profs, seed=seed, sample_all=sample_all)
