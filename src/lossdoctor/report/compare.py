@@ -68,9 +68,9 @@ def _totals(report: Report, profile: str) -> dict:
     return next((r for r in report.tables.get("profiles", []) if r["profile"] == profile), {})
 
 
-def _findings(report: Report, profile: str | None) -> dict:
-    keep = [f for f in report.findings if profile is None or f.get("profile") in (None, profile)]
-    return {tuple(f.get(k) for k in FINDING_KEY) + ((f.get("profile"),) if profile is None else ()): f for f in keep}
+def _findings(report: Report, profile: str) -> dict:
+    """The findings that concern ``profile`` (its own and the profile-free ones), keyed without the profile."""
+    return {tuple(f.get(k) for k in FINDING_KEY): f for f in report.findings if f.get("profile") in (None, profile)}
 
 
 def compare_profiles(old: Report, old_profile: str, new: Report, new_profile: str) -> Comparison:
