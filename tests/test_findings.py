@@ -11,7 +11,7 @@ from lossdoctor.diagnose import diagnose
 from lossdoctor.inputs.batch import validate_batch
 from lossdoctor.inputs.checkpoint import heads_from_state_dict
 from lossdoctor.inputs.config import preset
-from lossdoctor.inputs.profiles import BUILTIN, Term, fixed
+from lossdoctor.inputs.profiles import BUILTIN, TermSpec, fixed
 from lossdoctor.replay.engine import replay
 
 import factories as F
@@ -184,7 +184,7 @@ def test_exploding_gradient():
 
 
 def test_vanishing_gradient():
-    tiny = dataclasses.replace(fixed(), name="tiny", **{t: Term("bce" if t == "rpn_cls" else "ce" if t == "roi_cls" else "l1", "sampled", weight=1e-12, floor=1.0) for t in ("rpn_cls", "rpn_box", "roi_cls", "roi_box")})
+    tiny = dataclasses.replace(fixed(), name="tiny", **{t: TermSpec("bce" if t == "rpn_cls" else "ce" if t == "roi_cls" else "l1", "sampled", weight=1e-12, floor=1.0) for t in ("rpn_cls", "rpn_box", "roi_cls", "roi_box")})
     find(run(profiles=(tiny,)), "vanishing-gradient", profile="tiny")
 
 
@@ -208,8 +208,8 @@ def test_collapse_to_background():
 
 def test_no_gradient_names_the_parameters_that_got_none():
     """A profile that switches the RoI terms off leaves the whole box head without gradient."""
-    off = dataclasses.replace(fixed(), name="rpn-only", roi_cls=Term("ce", "sampled", weight=0.0, floor=1.0),
-                              roi_box=Term("smooth_l1", "sampled", beta=1 / 9, weight=0.0, floor=1.0))
+    off = dataclasses.replace(fixed(), name="rpn-only", roi_cls=TermSpec("ce", "sampled", weight=0.0, floor=1.0),
+                              roi_box=TermSpec("smooth_l1", "sampled", beta=1 / 9, weight=0.0, floor=1.0))
     diag = run(profiles=(off, "fixed"))
     f = find(diag, "no-gradient", profile="rpn-only")
     assert f.severity == "warning"

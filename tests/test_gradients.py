@@ -9,7 +9,7 @@ import torch
 
 from lossdoctor.diagnose.gradients import gradients
 from lossdoctor.inputs.config import preset
-from lossdoctor.inputs.profiles import BUILTIN, Term, fixed
+from lossdoctor.inputs.profiles import BUILTIN, TermSpec, fixed
 from lossdoctor.replay.engine import replay
 
 import factories as F
@@ -28,8 +28,8 @@ def close(got, want):
 
 
 PROFILES = [p() for p in BUILTIN.values()] + [
-    dataclasses.replace(fixed(), name="weighted", pos_weight=2.0, rpn_box=Term("l1", "level_pos", weight=3.0, empty="zero"),
-                        roi_cls=Term("ce", "level_sampled", floor=1.0), max_norm=0.5),
+    dataclasses.replace(fixed(), name="weighted", pos_weight=2.0, rpn_box=TermSpec("l1", "level_pos", weight=3.0, empty="zero"),
+                        roi_cls=TermSpec("ce", "level_sampled", floor=1.0), max_norm=0.5),
 ]
 
 

@@ -163,7 +163,7 @@ def test_checkpoint_objects_are_replaced_not_executed(tmp_path):
     torch.save({"state_dict": F.state_dict(), "meta": {"cfg": evil}}, p)
     h = load_checkpoint(p)
     assert not marker.exists()
-    assert h.layout == "torchvision" and any("system" in r for r in h.replaced)
+    assert h.layout == "torchvision" and [(r.name, r.code) for r in h.replaced] == [("posix.system", True)]
 
 
 # ---- configs and profiles ------------------------------------------------------------------

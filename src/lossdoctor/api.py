@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .inputs.batch import Batch, load_batch
 from .inputs.checkpoint import HeadWeights, check_fit, load_checkpoint
-from .inputs.config import DetectorConfig, load_config, preset
+from .inputs.config import DetectorConfig, load_config, preset, replace
 from .inputs.errors import InputError
 from .inputs.profiles import LossProfile, load_profile
 
@@ -57,10 +57,12 @@ def inspect(checkpoint, batch, *, config=None, old="legacy", new="fixed", profil
     from .report.build import build_report
 
     heads, b, cfg = resolve_inputs(checkpoint, batch, config, unsafe_load)
+    if score_thr is not None:
+        cfg = replace(cfg, test=replace(cfg.test, score_thr=score_thr))
     profs = resolve_profiles(list(profiles) if profiles is not None else [old, new])
     if seed is None:
         seed = int(b.meta.get("sample_seed", 0))
     r = replay(heads, b, cfg, profs, seed=seed, sample_all=sample_all)
-    return build_report(diagnose(r, score_thr),
+    return build_report(diagnose(r),
                         checkpoint if isinstance(checkpoint, (str, Path)) else None,
                         batch if isinstance(batch, (str, Path)) else None)

@@ -103,17 +103,16 @@ def _check_device(device: Device) -> None:
         raise InputError("--device cuda is not supported by this version: the replay runs on the CPU; use --device cpu")
 
 
-def _export(report, json_out, csv_out, csv_dir, plot_out, profiles=None) -> None:
-    if json_out and json_out != "-":
-        report.save_json(json_out)
-    if csv_out:
-        report.save_csv(csv_out)
-    if csv_dir:
-        report.save_csv_dir(csv_dir)
-    if plot_out:
-        from .report.plot import plot
-
-        plot(report, plot_out, profiles)
+def _file_inputs(**roles) -> dict[str, str]:
+    """The files a command reads, by role, for the output guard (names of built-ins are no files)."""
+    out = {}
+    for role, value in roles.items():
+        path = None if value is None else str(value)
+        if path is not None and ".json:" in path:
+            path = path.partition(".json:")[0] + ".json"  # REPORT.json:PROFILE
+        if path is not None and (role in ("checkpoint", "batch") or Path(path).is_file()):
+            out[role.replace("_", " ")] = path
+    return out
 
 
 JSON_HELP = "write the report as JSON to FILE, or to stdout with '-' (the terminal view then goes to stderr)"
@@ -148,11 +147,15 @@ def inspect(
     def run():
         _check_device(device)
         from .api import inspect as run_inspect
+        from .report.export import Outputs, export
         from .report.render import console, render
 
+        outputs = Outputs(json_out, csv, csv_dir, plot)
+        inputs = _file_inputs(checkpoint=ckpt, batch=batch, config=config, old_profile=old, new_profile=new)
+        outputs.check(inputs)
         report = run_inspect(ckpt, batch, config=config, old=old, new=new, seed=seed, sample_all=sample_all,
                              score_thr=score_thr, unsafe_load=unsafe_load)
-        _export(report, json_out, csv, csv_dir, plot)
+        export(report, outputs, inputs)
         if json_out == "-":
             sys.stdout.write(report.to_json() + "\n")
         render(report, console(stderr=json_out == "-"), quiet=quiet)
@@ -207,7 +210,12 @@ def compare(
         from .report.model import Report
         from .report.render import console, render_comparison
 
+        from .report.export import Outputs
+
         _check_device(device)
+        outputs = Outputs(json_out, csv, csv_dir, plot)
+        inputs = _file_inputs(checkpoint=ckpt, batch=batch, config=config, old=old, new=new)
+        outputs.check(inputs)
         (kind_a, a, pa), (kind_b, b, pb) = _side(old), _side(new)
         if kind_a != kind_b:
             raise InputError("--old and --new must both be profiles or both be reports (.json)")
@@ -320,9 +328,11 @@ def check(
             k = heads.num_classes
             out.print(f"checkpoint {ckpt}: {heads.layout} layout, {heads.channels} channels, {heads.num_anchors} anchors/location, "
                       f"{k} classes (background {heads.background}); fits the batch with config '{cfg.name}'")
+            _print_replaced(out, "checkpoint", heads.replaced)
             bad = [(i, j, int(l)) for i, lab in enumerate(b.gt_labels) for j, l in enumerate(lab.tolist()) if not 0 <= l < k]
             if bad:
                 out.print(f"  {len(bad)} labels outside 0..{k - 1} (first: image {bad[0][0]} box {bad[0][1]} label {bad[0][2]}); the replay leaves them out")
+        _print_replaced(out, "batch", b.replaced)
         if b.suspicions:
             out.print(f"{len(b.suspicions)} suspicious items (inspect turns them into findings):")
             for s in b.suspicions:
@@ -331,6 +341,13 @@ def check(
             out.print("nothing suspicious")
 
     _guard(run)
+
+
+def _print_replaced(out, what: str, replaced) -> None:
+    """The globals a file named that were replaced by inert placeholders (and which run code)."""
+    for r in replaced:
+        kind = "CODE, not run" if r.code else "an object, not rebuilt"
+        out.print(f"  {what} names {r.name}: replaced by an inert placeholder ({kind})")
 
 
 def main():

@@ -65,6 +65,8 @@ FIX = {
     "nonfinite-weights": "training diverged before this checkpoint: take an earlier checkpoint and lower the LR or enable clipping",
     "nonfinite-features": "the NaN/Inf comes from upstream of the heads: check the backbone/FPN (BatchNorm with tiny batches, "
                           "FrozenBN eps), fp16, and the input normalization",
+    "unsafe-pickle-global": "do not open this file with torch.load(weights_only=False) or pickle: it tries to run "
+                            "code on loading. Get the weights from a source you trust; lossdoctor read only its tensors",
     "collapse-to-background": "the classifier predicts background everywhere: compare profiles (a per-level mean over-weights "
                               "negatives), check labels against the background column, lower the LR",
 }
@@ -108,6 +110,13 @@ def _data_findings(r: Replay) -> list[Finding]:
             out.append(_f("error", "label-out-of-range",
                           f"{len(dropped)} GT boxes have labels {bad} outside 0..{k - 1}: they were left out of the replay",
                           image=dropped[0][0], evidence={"labels": bad, "num_classes": k, "boxes": [[i, j] for i, j, _ in dropped[:20]]}))
+    for what, replaced in (("checkpoint", r.heads.replaced), ("batch", r.batch.replaced)):
+        code = [x.name for x in replaced if x.code]
+        if code:
+            out.append(_f("error", "unsafe-pickle-global",
+                          f"the {what} file names {', '.join(code)}, code that unpickling would have run; lossdoctor "
+                          "put an inert placeholder in its place and did not run it",
+                          evidence={"file": what, "globals": code}))
     bad_params = [r.heads.keys[name.split(".")[0]] + "." + name.split(".")[1] for name, t in r.heads.params.items()
                   if not bool(t.detach().isfinite().all())]
     if bad_params:

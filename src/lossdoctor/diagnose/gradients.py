@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..inputs.profiles import LossProfile
 from ..replay.engine import Replay
+from ..vocab import Empty
 
 TERMS = ("rpn_cls", "rpn_box", "roi_cls", "roi_box")
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing
@@ -100,7 +101,7 @@ class _Shared:
 def _coef(term, d: float) -> float:
     """d loss / d numerator: weight / D, or the empty-set cases of ``replay.losses.normalize``."""
     if d == 0:
-        return 0.0 if term.empty == "zero" else math.inf * term.weight
+        return 0.0 if term.empty is Empty.ZERO else math.inf * term.weight
     return term.weight / d
 
 

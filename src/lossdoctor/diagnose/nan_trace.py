@@ -21,7 +21,7 @@ ROI_PARAMS = ("fc1", "fc2", "cls", "reg")
 EMPTY_WHAT = {
     "level_sampled": "sampled {unit} at {level}", "level_pos": "positives at {level}",
     "sampled": "sampled {unit} in the batch", "pos": "positive {unit} in the batch",
-    "budget": "images", "mmdet_sampler": "images",
+    "budget": "images", "mmdet_sampler": "images", "mmdet_pseudo": "images",
 }
 
 

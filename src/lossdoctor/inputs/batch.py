@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .files import save_torch
+from .torchfile import Replaced, noting_payloads, read_file
 
 BATCH_FORMAT = "lossdoctor.batch/1"
 REQUIRED = ("format", "features", "image_sizes", "gt_boxes", "gt_labels")
@@ -57,6 +58,7 @@ class Batch:
     proposals: list[Tensor] | None = None
     meta: dict = field(default_factory=dict)
     suspicions: list[Suspicion] = field(default_factory=list)
+    replaced: list[Replaced] = field(default_factory=list)  # globals the file named, not rebuilt
 
     @property
     def num_images(self) -> int:
@@ -150,6 +152,8 @@ def validate_batch(data) -> Batch:
 
     features = _check_features(data["features"])
     n = next(iter(features.values())).shape[0]
+    if n == 0:
+        raise _refuse("features", "at least one image (N >= 1)", next(iter(features.values())))
     sizes = data["image_sizes"]
     if isinstance(sizes, Tensor):
         sizes = sizes.tolist()
@@ -256,16 +260,30 @@ def find_suspicions(batch: Batch) -> list[Suspicion]:
 
 
 def load_batch(path: str | Path) -> Batch:
-    """Load and validate a dump; it is read with ``weights_only=True`` (no code runs)."""
+    """Load and validate a dump; it is read by :mod:`.torchfile`, so no code from it runs."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"batch file {p} does not exist; check the path")
     try:
-        data = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a file that is not a torch save
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{p} is not a lossdoctor batch dump (torch.load failed: {first[:160]}); write it with lossdoctor.dump_batch") from None
-    return validate_batch(data)
+        loaded = read_file(p)
+    except InputError as e:
+        raise InputError(f"{p} is not a lossdoctor batch dump ({e}); write it with lossdoctor.dump_batch") from None
+    if _looks_like_checkpoint(loaded.obj):
+        raise InputError(f"{p} looks like a checkpoint, not a batch dump; pass it as CKPT (before BATCH)")
+    try:
+        batch = validate_batch(loaded.obj)
+    except InputError as e:
+        raise noting_payloads(e, loaded.replaced) from None
+    batch.replaced = list(loaded.replaced)
+    return batch
+
+
+def _looks_like_checkpoint(obj) -> bool:
+    """A dict of named tensors, or one under 'state_dict' / 'model', without a batch format tag."""
+    if not isinstance(obj, dict) or "format" in obj:
+        return False
+    inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), obj)
+    return any(isinstance(v, Tensor) and "." in str(k) for k, v in inner.items())
 
 
 def _cpu(t):

@@ -1,20 +1,20 @@
 """Checkpoints: find the RPN and box-head weights, whatever the framework's key names.
 
-Checkpoints are untrusted. They are read with ``weights_only=True``; a framework checkpoint that
-carries other objects (configs, numpy scalars, ...) is read with an unpickler that rebuilds only
-tensors and plain containers and replaces every other object by an inert :class:`Placeholder`
-(reported in ``HeadWeights.replaced``). No code from the file runs unless ``unsafe=True``.
+Checkpoints are untrusted. They are read by :mod:`.torchfile`, which rebuilds only tensors and
+plain containers and replaces every other object by an inert placeholder (reported in
+``HeadWeights.replaced``). No code from the file runs unless ``unsafe=True``.
 """
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .batch import BATCH_FORMAT
 from .errors import InputError
+from .torchfile import Loaded, Placeholder, Replaced, noting_payloads, read_file
 
 # canonical name -> key suffix, per layout. "conv" has two torchvision spellings (pre-v2 and v2).
 LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -64,7 +64,7 @@ class HeadWeights:
     layout: str
     keys: dict[str, str]  # canonical name -> key in the file
     background: str  # "first" or "last"
-    replaced: list[str] = field(default_factory=list)
+    replaced: list[Replaced] = field(default_factory=list)  # globals the file named, not rebuilt
 
     @property
     def channels(self) -> int:
@@ -110,98 +110,54 @@ class HeadWeights:
         return labels
 
 
-class Placeholder:
-    """Stands in for any object a checkpoint holds that is not a tensor or plain container."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-    def __repr__(self):
-        return f"<replaced {getattr(self, 'qualname', 'object')}>"
-
-
-def _placeholder(qualname: str, seen: list[str]):
-    if qualname not in seen:
-        seen.append(qualname)
-    return type("Placeholder", (Placeholder,), {"qualname": qualname})
-
-
-_SAFE_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"),
-    ("torch", "Size"),
-    ("torch.storage", "UntypedStorage"),
-    ("torch", "device"),
-}
-
-
-def _safe_pickle_module(seen: list[str]):
-    """A ``pickle`` stand-in whose Unpickler rebuilds tensors only; everything else is inert."""
-
-    class SafeUnpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if (module, name) in _SAFE_GLOBALS or (
-                module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype))
-            ):
-                return super().find_class(module, name)
-            return _placeholder(f"{module}.{name}", seen)
-
-    class Module:
-        Unpickler = SafeUnpickler
-        load = pickle.load
-        __name__ = "lossdoctor_safe_pickle"
-
-    return Module
-
-
-# pickle protocol 2+ streams start with the PROTO opcode (legacy, non-zip torch.save files)
-PICKLE_PROTO = 0x80
-
-
-def _looks_like_torch_save(path: Path) -> bool:
-    """torch.save writes a zip archive (or, with the legacy format, a pickle)."""
-    import zipfile
-
-    with open(path, "rb") as f:
-        first = f.read(1)
-    return zipfile.is_zipfile(path) or first == bytes([PICKLE_PROTO])
-
-
-def _read(path: Path, unsafe: bool) -> tuple[object, list[str]]:
+def _read(path: Path, unsafe: bool) -> Loaded:
     if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise InputError(f"{path} is a .safetensors file; install the 'safetensors' package to read it") from None
-        try:
-            return load_file(str(path)), []
-        except Exception as e:
-            raise InputError(f"{path} is not a readable .safetensors file ({e}); check the file") from None
-    if not _looks_like_torch_save(path):
-        raise InputError(f"{path} is not a torch checkpoint (neither a torch.save zip archive nor a pickle); check the file")
+        return Loaded(_read_safetensors(path), [], "safetensors")
     if unsafe:
-        return torch.load(path, map_location="cpu", weights_only=False), []
+        try:
+            return Loaded(torch.load(path, map_location="cpu", weights_only=False), [], "unsafe")
+        except Exception as e:  # --unsafe-load: torch's own errors, in one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise InputError(f"{path} could not be loaded even with --unsafe-load ({first})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), []
-    except pickle.UnpicklingError:
-        pass  # holds objects beyond tensors: fall back to the inert unpickler
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"{path} is not a torch checkpoint (torch.load failed: {first[:160]}); check the file") from None
-    seen: list[str] = []
+        return read_file(path)
+    except InputError as e:
+        raise InputError(f"{path} is not a torch checkpoint ({e}); check the file") from None
+
+
+def _read_safetensors(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_safe_pickle_module(seen)), seen
+        from safetensors.torch import load_file
+    except ImportError:
+        raise InputError(f"{path} is a .safetensors file; install the 'safetensors' package to read it") from None
+    try:
+        return load_file(str(path))
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"{path} could not be read safely ({first[:160]}); if you trust it, pass --unsafe-load") from None
+        raise InputError(f"{path} is not a readable .safetensors file ({e}); check the file") from None
+
+
+def _refuse_foreign(obj, path: Path) -> None:
+    """Clear words for a batch dump passed as the checkpoint, or a whole pickled model."""
+    if isinstance(obj, dict) and obj.get("format") == BATCH_FORMAT:
+        raise InputError(f"{path} is a lossdoctor batch dump, not a checkpoint; pass it as BATCH (after CKPT)")
+    inner = obj.get("model", obj) if isinstance(obj, dict) else obj
+    if _is_module(inner):
+        raise InputError(
+            f"{path} holds a whole pickled model (torch.save(model)), which cannot be read without running "
+            "its code; save its weights instead: torch.save(model.state_dict(), PATH)"
+        )
+
+
+def _is_module(obj) -> bool:
+    if isinstance(obj, torch.nn.Module):
+        return False  # loaded with --unsafe-load: its state_dict is used
+    state = getattr(obj, "state", None)
+    return isinstance(obj, Placeholder) and isinstance(state, dict) and "_modules" in state
 
 
 def _state_dict(obj) -> dict[str, Tensor]:
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
     if isinstance(obj, dict):
         for wrapper in ("state_dict", "model"):
             inner = obj.get(wrapper)
@@ -271,8 +227,12 @@ def load_checkpoint(path: str | Path, layout: str | None = None, unsafe: bool = 
     p = Path(path)
     if not p.is_file():
         raise InputError(f"checkpoint file {p} does not exist; check the path")
-    obj, replaced = _read(p, unsafe)
-    return heads_from_state_dict(_state_dict(obj), layout, replaced)
+    loaded = _read(p, unsafe)
+    _refuse_foreign(loaded.obj, p)
+    try:
+        return heads_from_state_dict(_state_dict(loaded.obj), layout, loaded.replaced)
+    except InputError as e:
+        raise noting_payloads(InputError(f"{p}: {e}"), loaded.replaced) from None
 
 
 def check_fit(heads: HeadWeights, batch, config) -> None:

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..vocab import Background, Mapper
+from .checks import as_member, check_count, check_fraction, check_range, check_unit
 from .dataclass_toml import load_named
 from .errors import InputError
 
@@ -18,7 +20,6 @@ from .errors import InputError
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
 MATCHER_STYLES = ("mmdet", "torchvision")
-ROI_MAPPERS = ("torchvision", "detectron2", "mmdet")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,21 @@ class AnchorConfig:
     stride_from_size: bool = False
     # mmdet marks anchors outside each image's own pad_shape (sides rounded up to this) invalid; 0 = all valid.
     valid_pad_divisor: int = 0
+
+    def __post_init__(self):
+        if not self.sizes or not all(self.sizes):
+            raise InputError("anchors.sizes needs at least one size for every level")
+        for level in self.sizes:
+            for size in level:
+                check_range(size, "anchors.sizes", 0.0, open_low=True)
+        if not self.ratios:
+            raise InputError("anchors.ratios needs at least one ratio")
+        for ratio in self.ratios:
+            check_range(ratio, "anchors.ratios", 0.0, open_low=True)
+        if len({len(level) for level in self.sizes}) != 1:
+            raise InputError("anchors.sizes must give every level the same number of sizes")
+        check_range(self.offset, "anchors.offset", 0.0, 1.0)
+        check_range(self.valid_pad_divisor, "anchors.valid_pad_divisor", 0)
 
 
 @dataclass(frozen=True)
@@ -55,11 +71,15 @@ class MatcherConfig:
     # mmdet clamps the union to >= 1e-6; torchvision and Detectron2 do not clamp (0 here).
     union_eps: float = 0.0
 
-    def validate(self):
+    def __post_init__(self):
         if self.style not in MATCHER_STYLES:
             raise InputError(f"matcher style {self.style!r} is unknown; use one of {', '.join(MATCHER_STYLES)}")
-        if not 0.0 <= self.bg_iou <= self.fg_iou <= 1.0:
-            raise InputError(f"matcher thresholds need 0 <= bg_iou <= fg_iou <= 1, found {self.bg_iou}, {self.fg_iou}")
+        check_unit(self.fg_iou, "matcher fg_iou")
+        check_unit(self.bg_iou, "matcher bg_iou")
+        if self.bg_iou > self.fg_iou:
+            raise InputError(f"matcher thresholds need bg_iou <= fg_iou, found {self.bg_iou}, {self.fg_iou}")
+        check_unit(self.min_pos_iou, "matcher min_pos_iou")
+        check_range(self.union_eps, "matcher union_eps", 0.0)
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,10 @@ class SamplerConfig:
     pos_fraction: float = 0.5
     add_gt: bool = False  # add GT boxes to the candidates (RoI stage)
 
+    def __post_init__(self):
+        check_count(self.batch_size, "sampler batch_size")
+        check_fraction(self.pos_fraction, "sampler pos_fraction")
+
 
 @dataclass(frozen=True)
 class CoderConfig:
@@ -78,6 +102,11 @@ class CoderConfig:
     weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
     clip: float = BBOX_XFORM_CLIP
     clip_both: bool = False  # mmdet clamps dw/dh to [-clip, clip]; the others only from above
+
+    def __post_init__(self):
+        for w in self.weights:
+            check_range(w, "coder weights", 0.0, open_low=True)
+        check_range(self.clip, "coder clip", 0.0, open_low=True)
 
 
 @dataclass(frozen=True)
@@ -90,6 +119,12 @@ class ProposalConfig:
     min_size: float = 1e-3
     min_size_inclusive: bool = True  # torchvision keeps w >= 1e-3; mmdet/Detectron2 keep w > 0
 
+    def __post_init__(self):
+        check_count(self.pre_nms_top_n, "proposals pre_nms_top_n")
+        check_count(self.post_nms_top_n, "proposals post_nms_top_n")
+        check_unit(self.nms_iou, "proposals nms_iou")
+        check_range(self.min_size, "proposals min_size", 0.0)
+
 
 @dataclass(frozen=True)
 class RoIPoolConfig:
@@ -98,14 +133,17 @@ class RoIPoolConfig:
     num_levels: int = 4  # the finest levels used (P2-P5)
     sampling_ratio: int = 2  # 0 = adaptive ceil(roi_size / output_size)
     aligned: bool = False
-    mapper: str = "torchvision"
+    mapper: Mapper = Mapper.TORCHVISION
     canonical_scale: float = 224.0
     canonical_level: int = 4
     finest_scale: float = 56.0  # mmdet's mapper
 
-    def validate(self):
-        if self.mapper not in ROI_MAPPERS:
-            raise InputError(f"roi mapper {self.mapper!r} is unknown; use one of {', '.join(ROI_MAPPERS)}")
+    def __post_init__(self):
+        object.__setattr__(self, "mapper", as_member(Mapper, self.mapper, "roi_pool.mapper"))
+        check_count(self.num_levels, "roi_pool.num_levels")
+        check_range(self.sampling_ratio, "roi_pool.sampling_ratio", 0)
+        check_range(self.canonical_scale, "roi_pool.canonical_scale", 0.0, open_low=True)
+        check_range(self.finest_scale, "roi_pool.finest_scale", 0.0, open_low=True)
 
 
 @dataclass(frozen=True)
@@ -116,6 +154,12 @@ class TestConfig:
     nms_iou: float = 0.5
     detections_per_img: int = 100
     min_box_size: float = 1e-2
+
+    def __post_init__(self):
+        check_unit(self.score_thr, "score threshold")
+        check_unit(self.nms_iou, "test nms_iou")
+        check_count(self.detections_per_img, "test detections_per_img")
+        check_range(self.min_box_size, "test min_box_size", 0.0)
 
 
 @dataclass(frozen=True)
@@ -139,6 +183,10 @@ class DetectorConfig:
     # Only used when the checkpoint layout cannot tell: "first" (torchvision) or "last".
     background: str = ""
 
+    def __post_init__(self):
+        if self.background:
+            as_member(Background, self.background, "background")
+
 
 def torchvision_preset() -> DetectorConfig:
     """torchvision ``fasterrcnn_resnet50_fpn`` defaults."""
@@ -160,7 +208,7 @@ def mmdet_preset() -> DetectorConfig:
         test_proposals=ProposalConfig(1000, 1000, 0.7, 0.0, False),
         roi_matcher=MatcherConfig(0.5, 0.5, False, min_pos_iou=0.5, **mm),
         roi_coder=CoderConfig((10.0, 10.0, 5.0, 5.0), clip_both=True),
-        roi_pool=RoIPoolConfig(sampling_ratio=0, aligned=True, mapper="mmdet"),
+        roi_pool=RoIPoolConfig(sampling_ratio=0, aligned=True, mapper=Mapper.MMDET),
         test=TestConfig(min_box_size=0.0),
     )
 
@@ -172,7 +220,7 @@ def detectron2_preset() -> DetectorConfig:
         anchors=AnchorConfig(size_major=True),
         train_proposals=ProposalConfig(2000, 1000, 0.7, 0.0, False),
         test_proposals=ProposalConfig(1000, 1000, 0.7, 0.0, False),
-        roi_pool=RoIPoolConfig(sampling_ratio=0, aligned=True, mapper="detectron2"),
+        roi_pool=RoIPoolConfig(sampling_ratio=0, aligned=True, mapper=Mapper.DETECTRON2),
         test=TestConfig(min_box_size=0.0),
     )
 

@@ -6,6 +6,7 @@ those dataclasses, so both share the same checks and error messages.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import tomllib
 import types
 import typing
@@ -45,7 +46,7 @@ def load_named(cls, spec: str | Path, makers: dict, default_base: str, what: str
             merged[key] = value
     if "name" not in data:
         merged["name"] = Path(spec).stem
-    return from_dict(cls, merged, what.split()[-1])
+    return from_dict(cls, merged, Path(spec).name)
 
 
 def _coerce(value, tp, where: str):
@@ -68,6 +69,10 @@ def _coerce(value, tp, where: str):
         if len(args) != len(value):
             raise InputError(f"{where}: expected {len(args)} values, found {len(value)}")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if not isinstance(value, str):
+            raise InputError(f"{where}: expected one of {', '.join(m.value for m in tp)}, found {value!r}")
+        return value  # the dataclass turns it into a member and names the choices if it is none
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"{where}: expected a number, found {value!r}")
@@ -101,13 +106,9 @@ def from_dict(cls, data: dict, where: str = ""):
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
-        obj = cls(**kwargs)
-    except TypeError as e:
+        return cls(**kwargs)
+    except (TypeError, InputError) as e:
         raise InputError(f"{where or cls.__name__}: {e}") from None
-    check = getattr(obj, "validate", None)
-    if check is not None:
-        check()
-    return obj
 
 
 def to_dict(obj) -> dict:
@@ -121,6 +122,8 @@ def to_dict(obj) -> dict:
             v = to_dict(v)
         elif isinstance(v, tuple):
             v = [list(x) if isinstance(x, tuple) else x for x in v]
+        elif isinstance(v, enum.Enum):
+            v = v.value
         out[f.name] = v
     return out
 

@@ -20,11 +20,39 @@ def read_text(path: str | Path, what: str) -> str:
         raise InputError(f"cannot read {what} {p}: {e.strerror or e}; check the path") from None
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a reader never sees half a file."""
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file: equal once symlinks are resolved, or the same inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(option: str, path: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output ``path`` that is a directory or is one of ``inputs`` (role -> path)."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    if p.is_dir():
+        raise InputError(f"{option} {p} is a directory; give a file name")
+    for role, q in inputs.items():
+        if q is not None and same_file(p, q):
+            raise InputError(
+                f"{option} {p} is the {role} ({q}); lossdoctor never writes over an input: choose another path"
+            )
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a reader never sees half a file.
+
+    Missing parent folders are created. A path that cannot be written is an :class:`InputError`.
+    """
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as e:
+        raise InputError(f"cannot write {p}: {e.strerror or e}; check the path") from None
     os.close(fd)
     try:
         write(tmp)

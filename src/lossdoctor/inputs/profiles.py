@@ -20,7 +20,8 @@ and ``count`` is chosen by ``normalizer``:
 ``sampled``        sampled samples of the whole batch, all levels (RPN anchors or RoIs)
 ``pos``            sampled positives of the whole batch
 ``budget``         sampler batch size per image x images (Detectron2's RPN: 256 N)
-``mmdet_sampler``  sum over images of max(#pos, 1) + max(#neg, 1) (MMDetection's SamplingResult)
+``mmdet_sampler``  sum over images of max(#pos, 1) + max(#neg, 1) (MMDetection's RandomSampler)
+``mmdet_pseudo``   sum over images of max(#pos, 1) (MMDetection's PseudoSampler)
 =================  ===========================================================================
 
 ``unsampled_leak`` reproduces MMDetection's weight-multiply semantics: the RPN loss is summed
@@ -32,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..vocab import BOX_LOSSES, CLS_LOSSES, BOX_TERMS, Empty, LossKind, Normalizer, Part, Term
+from .checks import as_member, check_range
 from .dataclass_toml import dumps_toml, load_named, to_dict
 from .errors import InputError
 
@@ -39,34 +42,25 @@ from .errors import InputError
 EPS32 = 1.1920928955078125e-07
 SMOOTH_L1_TV_BETA = 1.0 / 9.0
 
-NORMALIZERS = ("level_sampled", "level_pos", "sampled", "pos", "budget", "mmdet_sampler")
-CLS_LOSSES = ("bce", "ce")
-BOX_LOSSES = ("l1", "smooth_l1")
-EMPTY = ("nan", "zero")
-TERMS = ("rpn_cls", "rpn_box", "roi_cls", "roi_box")
-
 
 @dataclass(frozen=True)
-class Term:
-    """One loss term: its per-sample loss and its normalization."""
+class TermSpec:
+    """One loss term: its per-sample loss and its normalization (validated on construction)."""
 
-    loss: str
-    normalizer: str = "sampled"
+    loss: LossKind
+    normalizer: Normalizer = Normalizer.SAMPLED
     beta: float = 0.0  # smooth-L1 transition point; < 1e-5 means plain L1 (as fvcore does)
     weight: float = 1.0
     floor: float = 0.0
     eps: float = 0.0
-    empty: str = "zero"
+    empty: Empty = Empty.ZERO
 
-    def validate(self):
-        if self.loss not in CLS_LOSSES + BOX_LOSSES:
-            raise InputError(f"loss {self.loss!r} is unknown; use one of {', '.join(CLS_LOSSES + BOX_LOSSES)}")
-        if self.normalizer not in NORMALIZERS:
-            raise InputError(f"normalizer {self.normalizer!r} is unknown; use one of {', '.join(NORMALIZERS)}")
-        if self.empty not in EMPTY:
-            raise InputError(f"empty {self.empty!r} is unknown; use 'nan' or 'zero'")
-        if self.beta < 0 or self.floor < 0 or self.eps < 0:
-            raise InputError("beta, floor and eps must be >= 0")
+    def __post_init__(self):
+        object.__setattr__(self, "loss", as_member(LossKind, self.loss, "loss"))
+        object.__setattr__(self, "normalizer", as_member(Normalizer, self.normalizer, "normalizer"))
+        object.__setattr__(self, "empty", as_member(Empty, self.empty, "empty"))
+        for name in ("beta", "weight", "floor", "eps"):
+            check_range(getattr(self, name), name, 0.0)
 
 
 @dataclass(frozen=True)
@@ -75,27 +69,33 @@ class LossProfile:
 
     name: str
     summary: str = ""
-    rpn_cls: Term = field(default_factory=lambda: Term("bce"))
-    rpn_box: Term = field(default_factory=lambda: Term("smooth_l1", beta=SMOOTH_L1_TV_BETA))
-    roi_cls: Term = field(default_factory=lambda: Term("ce"))
-    roi_box: Term = field(default_factory=lambda: Term("smooth_l1", beta=SMOOTH_L1_TV_BETA))
+    rpn_cls: TermSpec = field(default_factory=lambda: TermSpec(LossKind.BCE))
+    rpn_box: TermSpec = field(default_factory=lambda: TermSpec(LossKind.SMOOTH_L1, beta=SMOOTH_L1_TV_BETA))
+    roi_cls: TermSpec = field(default_factory=lambda: TermSpec(LossKind.CE))
+    roi_box: TermSpec = field(default_factory=lambda: TermSpec(LossKind.SMOOTH_L1, beta=SMOOTH_L1_TV_BETA))
     pos_weight: float = 1.0
     unsampled_leak: bool = False
     max_norm: float | None = None  # gradient clipping to simulate (total L2 norm), None = off
 
-    def validate(self):
-        for name in TERMS:
-            term = getattr(self, name)
-            want = BOX_LOSSES if name.endswith("box") else CLS_LOSSES
-            if term.loss not in want:
-                raise InputError(f"profile {self.name!r}: {name} needs one of {', '.join(want)}, found {term.loss!r}")
-        if self.rpn_cls.loss != "bce" or self.roi_cls.loss != "ce":
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise InputError(f"a profile needs a non-empty name, found {self.name!r}")
+        for term in BOX_TERMS:
+            spec = self.term(term)
+            if not isinstance(spec, TermSpec):
+                raise InputError(f"profile {self.name!r}: {term} is not a TermSpec")
+            want = CLS_LOSSES if term.part is Part.CLS else BOX_LOSSES
+            if spec.loss not in want:
+                names = ", ".join(want)
+                raise InputError(f"profile {self.name!r}: {term} needs one of {names}, found {spec.loss!r}")
+        if self.rpn_cls.loss is not LossKind.BCE or self.roi_cls.loss is not LossKind.CE:
             raise InputError(f"profile {self.name!r}: rpn_cls must be 'bce' and roi_cls 'ce'")
-        if self.pos_weight <= 0:
-            raise InputError(f"profile {self.name!r}: pos_weight must be > 0")
+        check_range(self.pos_weight, f"profile {self.name!r}: pos_weight", 0.0, open_low=True)
+        if self.max_norm is not None:
+            check_range(self.max_norm, f"profile {self.name!r}: max_norm", 0.0, open_low=True)
 
-    def term(self, name: str) -> Term:
-        return getattr(self, name)
+    def term(self, term: Term) -> TermSpec:
+        return getattr(self, Term(term).value)
 
 
 def legacy() -> LossProfile:
@@ -111,10 +111,10 @@ def legacy() -> LossProfile:
     return LossProfile(
         name="legacy",
         summary="naive per-level mean; box loss over the level's positives; empty set -> NaN",
-        rpn_cls=Term("bce", "level_sampled", empty="nan"),
-        rpn_box=Term("smooth_l1", "level_pos", beta=sl1, empty="nan"),
-        roi_cls=Term("ce", "sampled", empty="nan"),
-        roi_box=Term("smooth_l1", "pos", beta=sl1, empty="nan"),
+        rpn_cls=TermSpec(LossKind.BCE, Normalizer.LEVEL_SAMPLED, empty=Empty.NAN),
+        rpn_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.LEVEL_POS, beta=sl1, empty=Empty.NAN),
+        roi_cls=TermSpec(LossKind.CE, Normalizer.SAMPLED, empty=Empty.NAN),
+        roi_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.POS, beta=sl1, empty=Empty.NAN),
     )
 
 
@@ -130,10 +130,10 @@ def fixed() -> LossProfile:
     return LossProfile(
         name="fixed",
         summary="one avg_factor = max(total sampled, 1) per head, shared by levels and terms; empty -> 0",
-        rpn_cls=Term("bce", "sampled", floor=1.0),
-        rpn_box=Term("smooth_l1", "sampled", beta=sl1, floor=1.0),
-        roi_cls=Term("ce", "sampled", floor=1.0),
-        roi_box=Term("smooth_l1", "sampled", beta=sl1, floor=1.0),
+        rpn_cls=TermSpec(LossKind.BCE, Normalizer.SAMPLED, floor=1.0),
+        rpn_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.SAMPLED, beta=sl1, floor=1.0),
+        roi_cls=TermSpec(LossKind.CE, Normalizer.SAMPLED, floor=1.0),
+        roi_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.SAMPLED, beta=sl1, floor=1.0),
     )
 
 
@@ -149,10 +149,10 @@ def mmdet() -> LossProfile:
     return LossProfile(
         name="mmdet",
         summary="MMDetection 3.x: avg_factor = sum_img max(pos,1)+max(neg,1) (+eps); L1 boxes",
-        rpn_cls=Term("bce", "mmdet_sampler", eps=EPS32),
-        rpn_box=Term("l1", "mmdet_sampler", eps=EPS32),
-        roi_cls=Term("ce", "sampled", floor=1.0, eps=EPS32),
-        roi_box=Term("l1", "sampled", eps=EPS32),
+        rpn_cls=TermSpec(LossKind.BCE, Normalizer.MMDET_SAMPLER, eps=EPS32),
+        rpn_box=TermSpec(LossKind.L1, Normalizer.MMDET_SAMPLER, eps=EPS32),
+        roi_cls=TermSpec(LossKind.CE, Normalizer.SAMPLED, floor=1.0, eps=EPS32),
+        roi_box=TermSpec(LossKind.L1, Normalizer.SAMPLED, eps=EPS32),
         unsampled_leak=True,
     )
 
@@ -169,10 +169,10 @@ def torchvision() -> LossProfile:
     return LossProfile(
         name="torchvision",
         summary="torchvision: BCE mean over sampled anchors, SL1(1/9) sums / sampled count; CE mean",
-        rpn_cls=Term("bce", "sampled", empty="nan"),
-        rpn_box=Term("smooth_l1", "sampled", beta=sl1, empty="nan"),
-        roi_cls=Term("ce", "sampled", empty="nan"),
-        roi_box=Term("smooth_l1", "sampled", beta=sl1, empty="nan"),
+        rpn_cls=TermSpec(LossKind.BCE, Normalizer.SAMPLED, empty=Empty.NAN),
+        rpn_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.SAMPLED, beta=sl1, empty=Empty.NAN),
+        roi_cls=TermSpec(LossKind.CE, Normalizer.SAMPLED, empty=Empty.NAN),
+        roi_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.SAMPLED, beta=sl1, empty=Empty.NAN),
     )
 
 
@@ -187,10 +187,10 @@ def detectron2() -> LossProfile:
     return LossProfile(
         name="detectron2",
         summary="Detectron2: RPN sums / (256 x images); CE mean; L1 boxes / max(R, 1)",
-        rpn_cls=Term("bce", "budget"),
-        rpn_box=Term("l1", "budget"),
-        roi_cls=Term("ce", "sampled"),
-        roi_box=Term("l1", "sampled", floor=1.0),
+        rpn_cls=TermSpec(LossKind.BCE, Normalizer.BUDGET),
+        rpn_box=TermSpec(LossKind.L1, Normalizer.BUDGET),
+        roi_cls=TermSpec(LossKind.CE, Normalizer.SAMPLED),
+        roi_box=TermSpec(LossKind.L1, Normalizer.SAMPLED, floor=1.0),
     )
 
 

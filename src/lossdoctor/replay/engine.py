@@ -16,7 +16,8 @@ from torch import Tensor
 from ..inputs.batch import Batch
 from ..inputs.checkpoint import HeadWeights
 from ..inputs.config import DetectorConfig
-from ..inputs.profiles import LossProfile, Term
+from ..inputs.profiles import LossProfile, TermSpec
+from ..vocab import Normalizer
 from .anchors import level_anchors, valid_flags
 from .boxes import encode
 from .heads import RpnLevelOutput, box_hidden, box_predict, rpn_head
@@ -57,7 +58,7 @@ class LevelSamples:
     def pos(self) -> int:
         return int(self.cls_pos.sum())
 
-    def box_loss(self, term: Term) -> Tensor:
+    def box_loss(self, term: TermSpec) -> Tensor:
         """Per-positive box loss Tensor[P] under the term's loss kind (cached per kind)."""
         key = (term.loss, term.beta)
         if key not in self._box_cache:
@@ -67,25 +68,29 @@ class LevelSamples:
 
 @dataclass
 class HeadCounts:
-    """What the normalizers count, for one head."""
+    """What the normalizers count, for one head: per level, and per image."""
 
-    sampled: list[int]
-    pos: list[int]
-    budget: int
-    mmdet_sampler: int
+    sampled: list[int]  # per level
+    pos: list[int]  # per level
+    budget: int  # sampler batch size x images
+    img_pos: list[int]
+    img_neg: list[int]
 
-    def count(self, normalizer: str, level: int) -> float:
-        if normalizer == "level_sampled":
-            return self.sampled[level]
-        if normalizer == "level_pos":
-            return self.pos[level]
-        if normalizer == "sampled":
-            return sum(self.sampled)
-        if normalizer == "pos":
-            return sum(self.pos)
-        if normalizer == "budget":
-            return self.budget
-        return self.mmdet_sampler
+    def count(self, normalizer: Normalizer, level: int) -> float:
+        """The count ``normalizer`` divides by at ``level``."""
+        return COUNTS[normalizer](self, level)
+
+
+# One entry per Normalizer member (a test checks that every member has one).
+COUNTS = {
+    Normalizer.LEVEL_SAMPLED: lambda c, level: c.sampled[level],
+    Normalizer.LEVEL_POS: lambda c, level: c.pos[level],
+    Normalizer.SAMPLED: lambda c, level: sum(c.sampled),
+    Normalizer.POS: lambda c, level: sum(c.pos),
+    Normalizer.BUDGET: lambda c, level: c.budget,
+    Normalizer.MMDET_SAMPLER: lambda c, level: sum(max(p, 1) + max(n, 1) for p, n in zip(c.img_pos, c.img_neg)),
+    Normalizer.MMDET_PSEUDO: lambda c, level: sum(max(p, 1) for p in c.img_pos),
+}
 
 
 @dataclass
@@ -267,10 +272,6 @@ def usable_gt(batch: Batch, num_classes: int):
     return boxes, labels, sources, dropped
 
 
-def _mmdet_count(pos: list[int], neg: list[int]) -> int:
-    return sum(max(p, 1) + max(n, 1) for p, n in zip(pos, neg))
-
-
 def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: list[LossProfile], *,
            seed: int = 0, sample_all: bool = False) -> Replay:
     """Replay the RPN and RoI losses of ``batch`` under each of ``profiles``.
@@ -336,9 +337,9 @@ def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: l
 
     counts = {
         "rpn": HeadCounts([s.sampled for s in rpn_samples], [s.pos for s in rpn_samples],
-                          config.rpn_sampler.batch_size * n, _mmdet_count(a.img_pos, a.img_neg)),
+                          config.rpn_sampler.batch_size * n, a.img_pos, a.img_neg),
         "roi": HeadCounts([s.sampled for s in roi_samples], [s.pos for s in roi_samples],
-                          config.roi_sampler.batch_size * n, _mmdet_count(roi_pos, roi_neg)),
+                          config.roi_sampler.batch_size * n, roi_pos, roi_neg),
     }
     images = []
     for i in range(n):

@@ -1,0 +1,174 @@
+"""The vocabulary: every head, loss term, normalizer, severity and other closed set of names is
+spelled once, here.
+
+Members are ``StrEnum``s, so they compare equal to, and serialize as, the strings the JSON and CSV
+reports carry. Code elsewhere names them as members (``Head.RPN``), never as string literals, and
+every dispatch over them covers each member.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Head(StrEnum):
+    """A head of the detector, as the ``head`` column of the tables names it."""
+
+    RPN = "rpn"
+    ROI = "roi"
+    MASK = "mask"
+
+
+class Part(StrEnum):
+    """What a loss term of a head scores; the levels table has a ``loss_<part>`` column each."""
+
+    CLS = "cls"
+    BOX = "bbox"
+    MASK = "mask"
+
+
+class Term(StrEnum):
+    """A loss term: one (head, part) pair, summed over levels."""
+
+    RPN_CLS = "rpn_cls"
+    RPN_BOX = "rpn_box"
+    ROI_CLS = "roi_cls"
+    ROI_BOX = "roi_box"
+    ROI_MASK = "roi_mask"
+
+    @property
+    def head(self) -> Head:
+        return TERM_PARTS[self][0]
+
+    @property
+    def part(self) -> Part:
+        return TERM_PARTS[self][1]
+
+
+TERM_PARTS: dict[Term, tuple[Head, Part]] = {
+    Term.RPN_CLS: (Head.RPN, Part.CLS),
+    Term.RPN_BOX: (Head.RPN, Part.BOX),
+    Term.ROI_CLS: (Head.ROI, Part.CLS),
+    Term.ROI_BOX: (Head.ROI, Part.BOX),
+    Term.ROI_MASK: (Head.MASK, Part.MASK),
+}
+# The four Faster R-CNN terms, in report order; the mask term joins them when a mask head exists.
+BOX_TERMS = (Term.RPN_CLS, Term.RPN_BOX, Term.ROI_CLS, Term.ROI_BOX)
+TERMS = (*BOX_TERMS, Term.ROI_MASK)
+
+
+def term_of(head: Head, part: Part) -> Term:
+    """The term a head's part is reported under."""
+    for term, hp in TERM_PARTS.items():
+        if hp == (head, part):
+            return term
+    raise KeyError(f"{head} has no {part} term")
+
+
+def head_terms(head: Head) -> tuple[Term, ...]:
+    """The terms of one head, in report order."""
+    return tuple(t for t in TERMS if t.head == head)
+
+
+class Normalizer(StrEnum):
+    """What a loss term's sum is divided by (see ``inputs.profiles``)."""
+
+    LEVEL_SAMPLED = "level_sampled"
+    LEVEL_POS = "level_pos"
+    SAMPLED = "sampled"
+    POS = "pos"
+    BUDGET = "budget"
+    MMDET_SAMPLER = "mmdet_sampler"
+    MMDET_PSEUDO = "mmdet_pseudo"
+
+
+class LossKind(StrEnum):
+    """The per-sample loss of a term."""
+
+    BCE = "bce"
+    CE = "ce"
+    L1 = "l1"
+    SMOOTH_L1 = "smooth_l1"
+
+
+CLS_LOSSES = (LossKind.BCE, LossKind.CE)
+BOX_LOSSES = (LossKind.L1, LossKind.SMOOTH_L1)
+
+
+class Empty(StrEnum):
+    """What a term over an empty set yields: NaN (0/0, the naive code) or a zero with a graph."""
+
+    NAN = "nan"
+    ZERO = "zero"
+
+
+class Severity(StrEnum):
+    """How much a finding matters; members sort most severe first by ``rank``."""
+
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+    @property
+    def rank(self) -> int:
+        return list(Severity).index(self)
+
+
+class FailOn(StrEnum):
+    """The ``--fail-on`` threshold: a severity, or never."""
+
+    ERROR = "error"
+    WARNING = "warning"
+    NEVER = "never"
+
+    def fails(self, worst: Severity | None) -> bool:
+        """Whether a report whose worst finding is ``worst`` fails at this threshold."""
+        if self is FailOn.NEVER or worst is None:
+            return False
+        return worst.rank <= Severity(self.value).rank
+
+
+class Layout(StrEnum):
+    """A checkpoint's key layout (which framework wrote it)."""
+
+    TORCHVISION = "torchvision"
+    MMDET = "mmdet"
+    DETECTRON2 = "detectron2"
+
+
+class Framework(StrEnum):
+    """The framework a run trained with, as a dump's ``meta["framework"]`` records it."""
+
+    TORCHVISION = "torchvision"
+    MMDET = "mmdet"
+    DETECTRON2 = "detectron2"
+    CUSTOM = "custom"
+
+
+class Background(StrEnum):
+    """Where the classifier keeps its background logit."""
+
+    FIRST = "first"
+    LAST = "last"
+
+
+class Mapper(StrEnum):
+    """How a RoI is mapped to its pooling level."""
+
+    TORCHVISION = "torchvision"
+    DETECTRON2 = "detectron2"
+    MMDET = "mmdet"
+
+
+class Stage(StrEnum):
+    """A stage of the data flow where a NaN/Inf can first appear, in data-flow order."""
+
+    INPUT = "input"
+    WEIGHTS = "weights"
+    OUTPUTS = "outputs"
+    PROPOSALS = "proposals"
+    TARGETS = "targets"
+    PER_SAMPLE = "per-sample loss"
+    NORMALIZER = "normalizer"
+    LEVEL_LOSS = "level loss"
+    GRADIENTS = "gradients"
