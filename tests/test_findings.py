@@ -215,3 +215,48 @@ def test_no_gradient_names_the_parameters_that_got_none():
     assert f.severity == "warning"
     assert sorted(f.evidence["params"]) == sorted(f"roi_heads.{p}.{k}" for p in ("box_head.fc6", "box_head.fc7", "box_predictor.cls_score", "box_predictor.bbox_pred") for k in ("weight", "bias"))
     assert not [x for x in diag.findings if x.code == "no-gradient" and x.profile == "fixed"]
+
+
+def _rows(diag):
+    from lossdoctor.report.build import level_rows
+
+    return [(r["profile"], r["head"], r["level"], r["pos"], r["neg"], r["loss_cls"], r["loss_bbox"]) for r in level_rows(diag)]
+
+
+def test_nonfinite_gt_is_named_and_left_out_of_the_replay():
+    """Image 1 gains a NaN box and a box whose x2 is -inf: the finding names both, says which one
+    torchvision's degenerate check (x2 <= x1 or y2 <= y1) stops on, and the replay is exactly the
+    replay of the batch without them."""
+    clean = healthy_dict()
+    d = healthy_dict()
+    bad = torch.tensor([[float("nan"), 10.0, 50.0, 60.0], [20.0, 20.0, -float("inf"), 80.0]])
+    d["gt_boxes"][1] = torch.cat([d["gt_boxes"][1][:2], bad, d["gt_boxes"][1][2:]])
+    d["gt_labels"][1] = torch.tensor([0, 1, 2, 2, 2, 0, 1])
+    diag, ref = run(d), run(clean)
+    f = find(diag, "nonfinite-gt", image=1, severity="error")
+    assert f.evidence["boxes"] == [2, 3] and f.evidence["torchvision_asserts"] == [False, True]
+    assert "stops on 1 of them and lets 1 through" in f.message
+    assert diag.replay.images[1].gt == 5 and diag.replay.images[1].gt_nonfinite == 2
+    assert _rows(diag) == _rows(ref)
+    assert not [x for x in diag.findings if x.code == "nonfinite-loss"]
+
+
+def test_all_ignored_image_trains_as_an_image_without_gt():
+    ignored, empty = healthy_dict(), healthy_dict()
+    ignored["gt_ignore"] = [torch.zeros(5, dtype=torch.bool), torch.ones(5, dtype=torch.bool)]
+    empty["gt_boxes"][1], empty["gt_labels"][1] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    diag = run(ignored)
+    f = find(diag, "empty-gt-image", image=1)
+    assert "all 5 GT boxes are marked ignored" in f.message and f.severity == "info"
+    assert diag.replay.images[1].gt == 0 and diag.replay.images[1].gt_ignored == 5
+    assert _rows(diag) == _rows(run(empty))
+
+
+def test_an_image_whose_labels_are_all_out_of_range_has_no_usable_gt():
+    d = healthy_dict()
+    d["gt_labels"][1] = torch.tensor([5, 6, 7, 5, 6])
+    diag = run(d)
+    f = find(diag, "empty-gt-image", image=1)
+    assert f.evidence == {"ignored": 0, "bad_label": 5, "nonfinite": 0}
+    assert "5 labelled outside 0..2" in f.message
+    find(diag, "label-out-of-range", image=1)

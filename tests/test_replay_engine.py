@@ -124,3 +124,17 @@ def test_empty_batch_of_gt_still_replays():
     assert math.isnan(r.losses["legacy"].term("roi", "bbox").item())
     assert r.losses["fixed"].term("roi", "bbox").item() == 0.0
     assert r.losses["detectron2"].term("rpn", "bbox").item() == 0.0
+
+
+def test_every_normalizer_has_a_count():
+    """The normalizer table covers the whole vocabulary; each count worked out by hand."""
+    from lossdoctor.replay.engine import COUNTS, HeadCounts
+    from lossdoctor.vocab import Normalizer
+
+    assert set(COUNTS) == set(Normalizer)
+    c = HeadCounts(sampled=[10, 6], pos=[3, 0], budget=512, img_pos=[3, 0], img_neg=[7, 6])
+    want = {
+        Normalizer.LEVEL_SAMPLED: 6, Normalizer.LEVEL_POS: 0, Normalizer.SAMPLED: 16, Normalizer.POS: 3,
+        Normalizer.BUDGET: 512, Normalizer.MMDET_SAMPLER: (3 + 7) + (1 + 6), Normalizer.MMDET_PSEUDO: 3 + 1,
+    }
+    assert {n: c.count(n, 1) for n in Normalizer} == want

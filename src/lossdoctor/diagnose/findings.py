@@ -40,6 +40,8 @@ FIX = {
     "gradients": "a loss with an undefined gradient at 0 (smooth-L1 with beta 0 written as 0.5 d^2 / beta): use an exact L1",
     "degenerate-gt": "drop boxes with x2 <= x1 or y2 <= y1 after the augmentation pipeline (torchvision asserts this; a "
                      "zero-size box gives log(0) regression targets)",
+    "nonfinite-gt": "find the augmentation (or annotation conversion) that produces NaN/Inf coordinates and drop or "
+                    "fix those boxes before the loss; clip boxes to the image after every geometric transform",
     "gt-outside-image": "clip boxes to the image after resizing, and check they are rescaled with the image",
     "gt-xywh-suspected": "convert (x, y, w, h) to (x1, y1, x2, y2): x2 = x + w, y2 = y + h",
     "labels-one-based": "subtract 1 from the labels: the dump wants foreground classes 0..K-1 (torchvision's label j is class j-1 here)",
@@ -92,9 +94,10 @@ def _f(severity, code, message, fix_key=None, **kw) -> Finding:
 def _data_findings(r: Replay) -> list[Finding]:
     out = []
     for s in r.batch.suspicions:
-        sev = {"degenerate-gt": "error", "gt-xywh-suspected": "error", "nonfinite-features": "error",
+        sev = {"degenerate-gt": "error", "gt-xywh-suspected": "error", "nonfinite-features": "error", "nonfinite-gt": "error",
                "gt-outside-image": "warning", "empty-gt-image": "info"}[s.code]
         out.append(_f(sev, s.code, s.message, image=s.image, level=s.level, evidence={**s.evidence, **({"box": s.box} if s.box is not None and "box" not in s.evidence else {})}))
+    out += _no_usable_gt(r)
     k = r.heads.num_classes
     dropped = r.dropped_labels
     if dropped:
@@ -122,6 +125,24 @@ def _data_findings(r: Replay) -> list[Finding]:
     if bad_params:
         out.append(_f("error", "nonfinite-weights", f"non-finite checkpoint weights: {', '.join(bad_params)}",
                       evidence={"params": bad_params}))
+    return out
+
+
+def _no_usable_gt(r: Replay) -> list[Finding]:
+    """Images whose boxes were all left out of the replay (the batch already names empty and
+    all-ignored images)."""
+    named = {s.image for s in r.batch.suspicions if s.code == "empty-gt-image"}
+    out = []
+    for im in r.images:
+        if im.gt > 0 or im.image in named:
+            continue
+        parts = [(im.gt_ignored, "ignored"), (im.gt_bad_label, f"labelled outside 0..{r.heads.num_classes - 1}"),
+                 (im.gt_nonfinite, "non-finite")]
+        why = ", ".join(f"{n} {what}" for n, what in parts if n)
+        out.append(_f("info", "empty-gt-image",
+                      f"image {im.image} has no usable GT box ({why}), so it trains as an image without objects",
+                      image=im.image, evidence={"ignored": im.gt_ignored, "bad_label": im.gt_bad_label,
+                                                "nonfinite": im.gt_nonfinite}))
     return out
 
 

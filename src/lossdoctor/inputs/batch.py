@@ -212,7 +212,24 @@ def validate_batch(data) -> Batch:
 
 def find_suspicions(batch: Batch) -> list[Suspicion]:
     """Valid-but-suspicious content: the raw material of the data findings."""
-    out: list[Suspicion] = []
+    out = _feature_suspicions(batch)
+    for i, (boxes, ignore, size) in enumerate(zip(batch.gt_boxes, batch.gt_ignore, batch.image_sizes)):
+        if boxes.shape[0] == 0:
+            out.append(Suspicion("empty-gt-image", f"image {i} has no GT box", image=i))
+            continue
+        if bool(ignore.all()):
+            out.append(Suspicion(
+                "empty-gt-image",
+                f"image {i}: all {boxes.shape[0]} GT boxes are marked ignored (crowd), so it trains as an "
+                "image without objects (negatives only)",
+                image=i, evidence={"ignored": boxes.shape[0]},
+            ))
+        out += _nonfinite_boxes(i, boxes) + _box_suspicions(i, boxes, size)
+    return out
+
+
+def _feature_suspicions(batch: Batch) -> list[Suspicion]:
+    out = []
     for name, t in batch.features.items():
         nan = int(torch.isnan(t).sum())
         inf = int(torch.isinf(t).sum())
@@ -222,41 +239,70 @@ def find_suspicions(batch: Batch) -> list[Suspicion]:
                 "nonfinite-features", f"features {name} hold {nan} NaN and {inf} Inf values",
                 image=bad[0], level=name, evidence={"nan": nan, "inf": inf, "images": bad},
             ))
-    for i, (boxes, (h, w)) in enumerate(zip(batch.gt_boxes, batch.image_sizes)):
-        if boxes.shape[0] == 0:
-            out.append(Suspicion("empty-gt-image", f"image {i} has no GT box", image=i))
-            continue
-        finite = torch.isfinite(boxes).all(1)
-        bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        for j in (~finite).nonzero().flatten().tolist():
-            out.append(Suspicion("degenerate-gt", f"image {i} box {j} has non-finite coordinates",
-                                 image=i, box=j, evidence={"box": boxes[j].tolist()}))
-        degenerate = finite & ((bw <= 0) | (bh <= 0))
-        for j in degenerate.nonzero().flatten().tolist():
-            kind = "zero" if (bw[j] == 0 or bh[j] == 0) else "negative"
-            out.append(Suspicion(
-                "degenerate-gt", f"image {i} box {j} has {kind} width or height ({bw[j]:.4g} x {bh[j]:.4g})",
-                image=i, box=j, evidence={"box": boxes[j].tolist(), "width": float(bw[j]), "height": float(bh[j])},
-            ))
-        tol = OUTSIDE_TOLERANCE
-        outside = finite & ((boxes[:, 0] < -tol) | (boxes[:, 1] < -tol) | (boxes[:, 2] > w + tol) | (boxes[:, 3] > h + tol))
-        for j in outside.nonzero().flatten().tolist():
-            out.append(Suspicion(
-                "gt-outside-image", f"image {i} box {j} {boxes[j].tolist()} reaches outside the {h}x{w} image",
-                image=i, box=j, evidence={"box": boxes[j].tolist(), "image_size": [h, w]},
-            ))
-        # xywh read as xyxy: "x2" smaller than x1 for some boxes, while x1 + x2 stays inside the image.
-        inverted = finite & ((bw < 0) | (bh < 0))
-        if int(inverted.sum()) > 0:
-            as_xywh = boxes[inverted]
-            fits = ((as_xywh[:, 0] + as_xywh[:, 2]) <= w + tol) & ((as_xywh[:, 1] + as_xywh[:, 3]) <= h + tol)
-            if bool(fits.all()):
-                out.append(Suspicion(
-                    "gt-xywh-suspected",
-                    f"image {i}: {int(inverted.sum())} of {boxes.shape[0]} boxes have x2 < x1 or y2 < y1 but fit as (x, y, w, h)",
-                    image=i, box=int(inverted.nonzero()[0]), evidence={"inverted": int(inverted.sum()), "boxes": boxes.shape[0]},
-                ))
     return out
+
+
+def _nonfinite_boxes(i: int, boxes: Tensor) -> list[Suspicion]:
+    """One suspicion per image naming its boxes with NaN/Inf coordinates, and what the frameworks
+    do with them: torchvision's degenerate-box check (x2 <= x1 or y2 <= y1) stops on some; NaN
+    compares false, so others pass it and give NaN losses, as MMDetection and Detectron2 do."""
+    bad = (~torch.isfinite(boxes).all(1)).nonzero().flatten().tolist()
+    if not bad:
+        return []
+    rows = boxes[bad]
+    asserts = ((rows[:, 2] <= rows[:, 0]) | (rows[:, 3] <= rows[:, 1])).tolist()
+    tv = (
+        f"torchvision's degenerate-box check stops on {sum(asserts)} of them and lets "
+        f"{len(bad) - sum(asserts)} through to NaN losses"
+        if any(asserts) else "torchvision's degenerate-box check lets them through (NaN/Inf compare false) to NaN losses"
+    )
+    return [Suspicion(
+        "nonfinite-gt",
+        f"image {i}: box{'es' if len(bad) > 1 else ''} {', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''} "
+        f"{'have' if len(bad) > 1 else 'has'} non-finite coordinates (first {rows[0].tolist()}), left out of the "
+        f"replay; {tv}; MMDetection and Detectron2 train on them and produce NaN losses",
+        image=i, box=bad[0],
+        evidence={"boxes": bad, "coordinates": rows.tolist()[:20], "torchvision_asserts": asserts},
+    )]
+
+
+def _box_suspicions(i: int, boxes: Tensor, size: tuple[int, int]) -> list[Suspicion]:
+    """Degenerate, out-of-image and (x, y, w, h)-looking boxes among the finite ones."""
+    h, w = size
+    finite = torch.isfinite(boxes).all(1)
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    out = []
+    for j in (finite & ((bw <= 0) | (bh <= 0))).nonzero().flatten().tolist():
+        kind = "zero" if (bw[j] == 0 or bh[j] == 0) else "negative"
+        out.append(Suspicion(
+            "degenerate-gt", f"image {i} box {j} has {kind} width or height ({bw[j]:.4g} x {bh[j]:.4g})",
+            image=i, box=j, evidence={"box": boxes[j].tolist(), "width": float(bw[j]), "height": float(bh[j])},
+        ))
+    tol = OUTSIDE_TOLERANCE
+    outside = finite & ((boxes[:, 0] < -tol) | (boxes[:, 1] < -tol) | (boxes[:, 2] > w + tol) | (boxes[:, 3] > h + tol))
+    for j in outside.nonzero().flatten().tolist():
+        out.append(Suspicion(
+            "gt-outside-image", f"image {i} box {j} {boxes[j].tolist()} reaches outside the {h}x{w} image",
+            image=i, box=j, evidence={"box": boxes[j].tolist(), "image_size": [h, w]},
+        ))
+    return out + _xywh_suspicion(i, boxes, finite & ((bw < 0) | (bh < 0)), size)
+
+
+def _xywh_suspicion(i: int, boxes: Tensor, inverted: Tensor, size: tuple[int, int]) -> list[Suspicion]:
+    """xywh read as xyxy: "x2" smaller than x1 for some boxes, while x1 + x2 stays inside the image."""
+    h, w = size
+    if int(inverted.sum()) == 0:
+        return []
+    as_xywh = boxes[inverted]
+    tol = OUTSIDE_TOLERANCE
+    fits = ((as_xywh[:, 0] + as_xywh[:, 2]) <= w + tol) & ((as_xywh[:, 1] + as_xywh[:, 3]) <= h + tol)
+    if not bool(fits.all()):
+        return []
+    return [Suspicion(
+        "gt-xywh-suspected",
+        f"image {i}: {int(inverted.sum())} of {boxes.shape[0]} boxes have x2 < x1 or y2 < y1 but fit as (x, y, w, h)",
+        image=i, box=int(inverted.nonzero()[0]), evidence={"inverted": int(inverted.sum()), "boxes": boxes.shape[0]},
+    )]
 
 
 def load_batch(path: str | Path) -> Batch:

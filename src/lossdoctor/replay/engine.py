@@ -169,6 +169,7 @@ class ImageStats:
     gt: int
     gt_ignored: int
     gt_bad_label: int
+    gt_nonfinite: int
     gt_without_pos: int
     gt_best_iou_min: float
     gt_best_iou_mean: float
@@ -256,16 +257,19 @@ def _spread(rows: list[dict], key: str) -> float:
 
 
 def usable_gt(batch: Batch, num_classes: int):
-    """GT the heads can train on: not ignored, label in 0..K-1.
+    """GT the heads can train on: not ignored, finite coordinates, label in 0..K-1.
 
-    Returns boxes, labels, their indices in the dump (per image), and the dropped (image, box, label).
+    Returns boxes, labels, their indices in the dump (per image), and the (image, box, label) of
+    finite, not-ignored boxes dropped for their label. Non-finite boxes are left out too; the batch
+    records them as the ``nonfinite-gt`` suspicion.
     """
     boxes, labels, sources, dropped = [], [], [], []
     for i, (b, l, ig) in enumerate(zip(batch.gt_boxes, batch.gt_labels, batch.gt_ignore)):
         ok_label = (l >= 0) & (l < num_classes)
-        for j in (~ok_label & ~ig).nonzero().flatten().tolist():
+        candidate = torch.isfinite(b).all(1) & ~ig
+        for j in (candidate & ~ok_label).nonzero().flatten().tolist():
             dropped.append((i, j, int(l[j])))
-        keep = ok_label & ~ig
+        keep = candidate & ok_label
         boxes.append(b[keep])
         labels.append(l[keep])
         sources.append(keep.nonzero().flatten())
@@ -346,7 +350,8 @@ def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: l
         best = a.gt_best[i]
         images.append(ImageStats(
             image=i, gt=gts[i].shape[0], gt_ignored=int(batch.gt_ignore[i].sum()),
-            gt_bad_label=sum(1 for d in dropped if d[0] == i), gt_without_pos=int((~a.gt_has_pos[i]).sum()),
+            gt_bad_label=sum(1 for d in dropped if d[0] == i),
+            gt_nonfinite=int((~torch.isfinite(batch.gt_boxes[i]).all(1)).sum()), gt_without_pos=int((~a.gt_has_pos[i]).sum()),
             gt_best_iou_min=float(best.min()) if best.numel() else float("nan"),
             gt_best_iou_mean=float(best.mean()) if best.numel() else float("nan"),
             rpn_pos_candidates=a.pos_candidates[i], rpn_pos=a.img_pos[i], rpn_neg=a.img_neg[i],
@@ -403,8 +408,9 @@ def _assign_rpn(anchors, shapes, gts, batch: Batch, heads: HeadWeights, config: 
 
 def _proposals(outs, anchors, batch: Batch, config: DetectorConfig) -> tuple[list[Tensor], list[int]]:
     """Per image: the dump's proposals, or the RPN's from its detached outputs (and how many were non-finite)."""
-    if batch.proposals is not None:
-        return list(batch.proposals), [0] * batch.num_images
+    if batch.proposals is not None:  # the dump's, less any with non-finite coordinates
+        finite = [torch.isfinite(p).all(1) for p in batch.proposals]
+        return [p[f] for p, f in zip(batch.proposals, finite)], [int((~f).sum()) for f in finite]
     proposals, nonfinite = [], []
     with torch.no_grad():
         for i in range(batch.num_images):

@@ -19,6 +19,10 @@ from .boxes import box_area
 # stay in cache and are reused by the allocator (large ones page-fault on every chunk).
 ROI_CHUNK_ELEMENTS = 1 << 20
 MAPPER_EPS = {"torchvision": 1e-6, "detectron2": 1e-8, "mmdet": 1e-6}
+# Adaptive sampling (sampling_ratio 0) takes ceil(bin / 1 px) points per bin side; beyond this
+# many (a RoI over 7 x 32 = 224 feature pixels wide, only from broken boxes) it takes this many, so
+# memory stays bounded. The frameworks' kernels would loop over every point.
+MAX_ADAPTIVE_GRID = 32
 
 
 def map_levels(rois: Tensor, strides: list[int], cfg: RoIPoolConfig) -> Tensor:
@@ -54,7 +58,8 @@ def _axis_weights(start: Tensor, bin_size: Tensor, grid: int, pooled: int, size:
     k = torch.arange(grid, dtype=start.dtype) + 0.5
     pos = start[:, None, None] + p[None, :, None] * bin_size[:, None, None] + k[None, None, :] * bin_size[:, None, None] / grid
     inside = (pos >= -1.0) & (pos <= size)
-    pos = pos.clamp(min=0)
+    # a point outside the map (or not finite: a huge RoI) weighs 0; give it a valid row all the same
+    pos = torch.where(inside, pos, torch.zeros_like(pos)).clamp(min=0)
     low = pos.floor().long()
     edge = low >= size - 1
     low = torch.where(edge, torch.full_like(low, size - 1), low)
@@ -139,8 +144,8 @@ def roi_align_torch(feat: Tensor, rois: Tensor, img: Tensor, scale: float, poole
         gh = torch.full((r,), sampling_ratio, dtype=torch.long)
         gw = gh
     else:
-        gh = torch.ceil(rh / pooled).nan_to_num(0).clamp(min=0).long()
-        gw = torch.ceil(rw / pooled).nan_to_num(0).clamp(min=0).long()
+        gh = torch.ceil(rh / pooled).nan_to_num(0).clamp(0, MAX_ADAPTIVE_GRID).long()
+        gw = torch.ceil(rw / pooled).nan_to_num(0).clamp(0, MAX_ADAPTIVE_GRID).long()
     feat_hwc = feat.permute(0, 2, 3, 1).contiguous()  # gathers read whole channel vectors
     keys = gh * 100003 + gw
     pieces = []
@@ -153,6 +158,8 @@ def roi_align_torch(feat: Tensor, rois: Tensor, img: Tensor, scale: float, poole
         if a == 0 or b == 0:
             continue  # no sample point: the kernel outputs 0
         pieces.append((idx, _pool_group(feat_hwc, img[idx], y1[idx], x1[idx], bh[idx], bw[idx], a, b, pooled)))
+    if not pieces:  # no RoI has a sample point: zeros, still in the graph (an empty sum reads no value)
+        return out + feat.reshape(-1)[:0].sum()
     return _scatter_rows(out, pieces)
 
 
