@@ -4,6 +4,7 @@
 
 Runs both as fresh processes, alternating, and prints the medians and their ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,11 @@ def main():
     ap.add_argument("--repeat", type=int, default=7)
     args = ap.parse_args()
     exe = shutil.which("lossdoctor")
-    help_cmd = [exe, "--help"] if exe else [sys.executable, "-c", "from lossdoctor.cli import main; main()", "--help"]
+    help_cmd = (
+        [exe, "--help"]
+        if exe
+        else [sys.executable, "-c", "from lossdoctor.cli import main; main()", "--help"]
+    )
     torch_cmd = [sys.executable, "-c", "import torch"]
     timed(torch_cmd)  # warm the file cache for both
     timed(help_cmd)

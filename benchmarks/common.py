@@ -1,5 +1,6 @@
 """A COCO-scale synthetic batch and checkpoint: 2 images padded to 800 x 1216, P2-P6 with 256
 channels, 80 classes, torchvision layout. Shared by the benchmark scripts."""
+
 from __future__ import annotations
 
 import torch
@@ -21,12 +22,18 @@ def coco_heads(seed: int = 0):
         return torch.randn(*shape, generator=g) * std
 
     sd = {
-        "rpn.head.conv.0.0.weight": rnd(c, c, 3, 3, std=0.02), "rpn.head.conv.0.0.bias": rnd(c),
-        "rpn.head.cls_logits.weight": rnd(a, c, 1, 1), "rpn.head.cls_logits.bias": rnd(a),
-        "rpn.head.bbox_pred.weight": rnd(4 * a, c, 1, 1), "rpn.head.bbox_pred.bias": rnd(4 * a),
-        "roi_heads.box_head.fc6.weight": rnd(f, c * 49, std=0.005), "roi_heads.box_head.fc6.bias": rnd(f),
-        "roi_heads.box_head.fc7.weight": rnd(f, f, std=0.03), "roi_heads.box_head.fc7.bias": rnd(f),
-        "roi_heads.box_predictor.cls_score.weight": rnd(k + 1, f), "roi_heads.box_predictor.cls_score.bias": rnd(k + 1),
+        "rpn.head.conv.0.0.weight": rnd(c, c, 3, 3, std=0.02),
+        "rpn.head.conv.0.0.bias": rnd(c),
+        "rpn.head.cls_logits.weight": rnd(a, c, 1, 1),
+        "rpn.head.cls_logits.bias": rnd(a),
+        "rpn.head.bbox_pred.weight": rnd(4 * a, c, 1, 1),
+        "rpn.head.bbox_pred.bias": rnd(4 * a),
+        "roi_heads.box_head.fc6.weight": rnd(f, c * 49, std=0.005),
+        "roi_heads.box_head.fc6.bias": rnd(f),
+        "roi_heads.box_head.fc7.weight": rnd(f, f, std=0.03),
+        "roi_heads.box_head.fc7.bias": rnd(f),
+        "roi_heads.box_predictor.cls_score.weight": rnd(k + 1, f),
+        "roi_heads.box_predictor.cls_score.bias": rnd(k + 1),
         "roi_heads.box_predictor.bbox_pred.weight": rnd(4 * (k + 1), f, std=0.001),
         "roi_heads.box_predictor.bbox_pred.bias": rnd(4 * (k + 1)),
     }
@@ -38,15 +45,28 @@ def coco_batch(gt_per_image: int = 100, seed: int = 0):
     h, w = PAD
     feats = {}
     for s in STRIDES:
-        feats[f"p{s.bit_length() - 1}"] = torch.randn(2, CHANNELS, -(-h // s), -(-w // s), generator=g)
+        feats[f"p{s.bit_length() - 1}"] = torch.randn(
+            2, CHANNELS, -(-h // s), -(-w // s), generator=g
+        )
     sizes = [[800, 1199], [736, 1216]]
     boxes, labels = [], []
     for ih, iw in sizes:
         wh = torch.exp(torch.rand(gt_per_image, 2, generator=g) * 5.5 + 2.0)  # 7 .. 600 px
         xy = torch.rand(gt_per_image, 2, generator=g) * (torch.tensor([iw, ih]) - wh).clamp(min=1)
-        boxes.append(torch.cat([xy, xy + wh], 1).clamp(max=torch.tensor([iw, ih, iw, ih], dtype=torch.float32)))
+        boxes.append(
+            torch.cat([xy, xy + wh], 1).clamp(
+                max=torch.tensor([iw, ih, iw, ih], dtype=torch.float32)
+            )
+        )
         labels.append(torch.randint(0, CLASSES, (gt_per_image,), generator=g))
-    return validate_batch({
-        "format": BATCH_FORMAT, "features": feats, "image_sizes": sizes, "pad_size": list(PAD),
-        "strides": list(STRIDES), "gt_boxes": boxes, "gt_labels": labels,
-    })
+    return validate_batch(
+        {
+            "format": BATCH_FORMAT,
+            "features": feats,
+            "image_sizes": sizes,
+            "pad_size": list(PAD),
+            "strides": list(STRIDES),
+            "gt_boxes": boxes,
+            "gt_labels": labels,
+        }
+    )

@@ -8,6 +8,7 @@ The plain step is what a training loop does with these heads on this batch: the 
 profiles + gradients + NaN trace + symptom + findings. Both run on the COCO-scale batch of
 benchmarks/replay_coco.py, alternating, in this one process; the ratio of the medians is printed.
 """
+
 from __future__ import annotations
 
 import argparse

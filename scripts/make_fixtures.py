@@ -13,6 +13,7 @@
 
 Runs single-threaded so the float reductions, and so the files, are the same on every machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from lossdoctor.inputs.batch import Batch, dump_batch, load_batch  # noqa: E402
-from lossdoctor.inputs.files import save_torch  # noqa: E402
 from lossdoctor.inputs.dataclass_toml import dumps_toml, to_dict  # noqa: E402
+from lossdoctor.inputs.files import save_torch  # noqa: E402
 from lossdoctor.inputs.profiles import fixed, legacy  # noqa: E402
 from lossdoctor.replay.engine import replay  # noqa: E402
 from lossdoctor.toy.data import batches  # noqa: E402
@@ -43,12 +44,23 @@ HELD_OUT_IMAGES = 4
 
 def write_config(out: Path) -> None:
     data = {"base": "torchvision", **to_dict(toy_config())}
-    out.write_text("# The toy detector of scripts/make_fixtures.py: torchvision rules, anchors 8-128 px.\n" + dumps_toml(data))
+    out.write_text(
+        "# The toy detector of scripts/make_fixtures.py: torchvision rules, anchors 8-128 px.\n"
+        + dumps_toml(data)
+    )
 
 
 def save_dump(path: Path, batch: Batch, meta: dict) -> None:
-    dump_batch(path, features={k: v.detach() for k, v in batch.features.items()}, image_sizes=batch.image_sizes,
-               gt_boxes=batch.gt_boxes, gt_labels=batch.gt_labels, strides=batch.strides, pad_size=batch.pad_size, meta=meta)
+    dump_batch(
+        path,
+        features={k: v.detach() for k, v in batch.features.items()},
+        image_sizes=batch.image_sizes,
+        gt_boxes=batch.gt_boxes,
+        gt_labels=batch.gt_labels,
+        strides=batch.strides,
+        pad_size=batch.pad_size,
+        meta=meta,
+    )
 
 
 def healthy(out: Path) -> None:
@@ -65,18 +77,36 @@ def healthy(out: Path) -> None:
             break
     out.mkdir(parents=True, exist_ok=True)
     save_torch({k: v.detach() for k, v in model.state_dict().items()}, out / "checkpoint.pt")
-    save_dump(out / "batch.pt", b, {"source": f"toy detector, fixed profile, {HEALTHY_STEPS} steps, seed 0",
-                                    "held_out_seed": seed, "sample_seed": 0})
+    save_dump(
+        out / "batch.pt",
+        b,
+        {
+            "source": f"toy detector, fixed profile, {HEALTHY_STEPS} steps, seed 0",
+            "held_out_seed": seed,
+            "sample_seed": 0,
+        },
+    )
     print(f"healthy: held-out seed {seed}; held-out recall {hist.detections[-1][2]:.2f}")
 
 
 def collapse(root: Path, scratch: Path) -> None:
     args = "--config fixtures/toy.toml"
-    _, hist = train(legacy(), COLLAPSE_STEPS, 0, stop_on_nonfinite=False, capture_dir=scratch, capture_args=args,
-                    capture_norm=EXPLOSION_NORM, log=print)
+    _, hist = train(
+        legacy(),
+        COLLAPSE_STEPS,
+        0,
+        stop_on_nonfinite=False,
+        capture_dir=scratch,
+        capture_args=args,
+        capture_norm=EXPLOSION_NORM,
+        log=print,
+    )
     reasons = {p: load_batch(p / "batch.pt").meta["reason"] for p in hist.captured}
     first = next((p for p, why in reasons.items() if why.startswith("non-finite loss")), None)
-    blowup = next((p for p, why in reasons.items() if "gradient norm" in why or "non-finite gradient" in why), None)
+    blowup = next(
+        (p for p, why in reasons.items() if "gradient norm" in why or "non-finite gradient" in why),
+        None,
+    )
     for name, folder in (("first-nan", first), ("collapse", blowup)):
         if folder is None:
             print(f"{name}: the legacy run never triggered it; not written")
@@ -85,7 +115,9 @@ def collapse(root: Path, scratch: Path) -> None:
         for f in ("checkpoint.pt", "batch.pt"):
             shutil.copyfile(folder / f, root / name / f)
         print(f"{name}: {folder.name}: {reasons[folder]}")
-    print(f"legacy run: held-out detections {hist.detections[-1][1]}, recall {hist.detections[-1][2]:.2f} after {COLLAPSE_STEPS} steps")
+    print(
+        f"legacy run: held-out detections {hist.detections[-1][1]}, recall {hist.detections[-1][2]:.2f} after {COLLAPSE_STEPS} steps"
+    )
 
 
 def faults(healthy_batch: Path, out: Path) -> None:
@@ -123,7 +155,11 @@ def faults(healthy_batch: Path, out: Path) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "fixtures"))
-    ap.add_argument("--only-faults", action="store_true", help="re-derive fixtures/faults from the healthy batch only")
+    ap.add_argument(
+        "--only-faults",
+        action="store_true",
+        help="re-derive fixtures/faults from the healthy batch only",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)

@@ -1,19 +1,26 @@
 """Small synthetic checkpoints and batches for the tests."""
+
 from __future__ import annotations
 
 import torch
 
-from lossdoctor.inputs.batch import validate_batch, BATCH_FORMAT
+from lossdoctor.inputs.batch import BATCH_FORMAT, validate_batch
 from lossdoctor.inputs.checkpoint import heads_from_state_dict
 
 TV_KEYS = {
-    "rpn_conv": "rpn.head.conv.0.0", "rpn_cls": "rpn.head.cls_logits", "rpn_reg": "rpn.head.bbox_pred",
-    "fc1": "roi_heads.box_head.fc6", "fc2": "roi_heads.box_head.fc7",
-    "cls": "roi_heads.box_predictor.cls_score", "reg": "roi_heads.box_predictor.bbox_pred",
+    "rpn_conv": "rpn.head.conv.0.0",
+    "rpn_cls": "rpn.head.cls_logits",
+    "rpn_reg": "rpn.head.bbox_pred",
+    "fc1": "roi_heads.box_head.fc6",
+    "fc2": "roi_heads.box_head.fc7",
+    "cls": "roi_heads.box_predictor.cls_score",
+    "reg": "roi_heads.box_predictor.bbox_pred",
 }
 
 
-def state_dict(channels=8, anchors=3, classes=3, pool=7, hidden=32, seed=0, reg_slots=None, std=0.01):
+def state_dict(
+    channels=8, anchors=3, classes=3, pool=7, hidden=32, seed=0, reg_slots=None, std=0.01
+):
     """A torchvision-layout state_dict: ``classes`` foreground classes, background in column 0."""
     g = torch.Generator().manual_seed(seed)
     reg_slots = classes + 1 if reg_slots is None else reg_slots
@@ -41,20 +48,28 @@ def heads(**kw):
     return heads_from_state_dict(state_dict(**kw))
 
 
-def batch_dict(n=2, channels=8, size=(64, 96), strides=(4, 8, 16, 32, 64), seed=0, boxes=None, labels=None):
+def batch_dict(
+    n=2, channels=8, size=(64, 96), strides=(4, 8, 16, 32, 64), seed=0, boxes=None, labels=None
+):
     """A valid dump dict: ``n`` images of ``size``, random features, a few GT boxes."""
     g = torch.Generator().manual_seed(seed)
     h, w = size
     feats = {}
     for s in strides:
-        feats[f"p{int(torch.tensor(float(s)).log2())}"] = torch.randn(n, channels, -(-h // s), -(-w // s), generator=g)
+        feats[f"p{int(torch.tensor(float(s)).log2())}"] = torch.randn(
+            n, channels, -(-h // s), -(-w // s), generator=g
+        )
     if boxes is None:
         boxes = [torch.tensor([[8.0, 10.0, 40.0, 50.0], [50.0, 5.0, 90.0, 30.0]]) for _ in range(n)]
     if labels is None:
         labels = [torch.arange(b.shape[0]) % 3 for b in boxes]
     return {
-        "format": BATCH_FORMAT, "features": feats, "image_sizes": [[h, w]] * n,
-        "strides": list(strides), "gt_boxes": boxes, "gt_labels": labels,
+        "format": BATCH_FORMAT,
+        "features": feats,
+        "image_sizes": [[h, w]] * n,
+        "strides": list(strides),
+        "gt_boxes": boxes,
+        "gt_labels": labels,
     }
 
 

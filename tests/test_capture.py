@@ -1,4 +1,5 @@
 """The capture hook in a real training loop that is made to go NaN."""
+
 from __future__ import annotations
 
 import io
@@ -28,14 +29,24 @@ def test_capture_writes_one_dump_at_the_first_nonfinite_step_and_it_replays(tmp_
     for step in range(POISON_STEP + 3):
         images, sizes, boxes, labels = next(stream)
         if step == POISON_STEP:
-            images[1, :, 40, 40] = float("nan")  # a corrupt pixel: GroupNorm spreads it over the image
+            images[1, :, 40, 40] = float(
+                "nan"
+            )  # a corrupt pixel: GroupNorm spreads it over the image
         b = make_batch(model, images, sizes, boxes, labels)
         r = replay(live_heads(model), b, toy_config(), [fixed()], seed=step)
         loss = r.losses["fixed"].total
         opt.zero_grad()
         loss.backward()
-        capture.check(step, loss, features=b.features, image_sizes=sizes, gt_boxes=boxes, gt_labels=labels,
-                      strides=list(STRIDES), meta={"sample_seed": step})
+        capture.check(
+            step,
+            loss,
+            features=b.features,
+            image_sizes=sizes,
+            gt_boxes=boxes,
+            gt_labels=labels,
+            strides=list(STRIDES),
+            meta={"sample_seed": step},
+        )
         losses.append({k: v.item() for k, v in r.losses["fixed"].terms.items()})
         opt.step()  # NaN weights from here on: every later step is non-finite too
     bad_steps = [i for i, t in enumerate(losses) if not all(math.isfinite(v) for v in t.values())]
@@ -45,10 +56,17 @@ def test_capture_writes_one_dump_at_the_first_nonfinite_step_and_it_replays(tmp_
     folder = capture.written[0]
     assert f"lossdoctor inspect {folder / 'checkpoint.pt'} {folder / 'batch.pt'}" in log.getvalue()
     dumped = load_batch(folder / "batch.pt")
-    assert dumped.meta["step"] == POISON_STEP and dumped.meta["reason"].startswith("non-finite loss")
+    assert dumped.meta["step"] == POISON_STEP and dumped.meta["reason"].startswith(
+        "non-finite loss"
+    )
     # the dump replays to the same losses: the same terms non-finite, the finite ones equal
-    again = run_replay(folder / "checkpoint.pt", folder / "batch.pt", config=toy_config(), profiles=["fixed"],
-                       seed=dumped.meta["sample_seed"])
+    again = run_replay(
+        folder / "checkpoint.pt",
+        folder / "batch.pt",
+        config=toy_config(),
+        profiles=["fixed"],
+        seed=dumped.meta["sample_seed"],
+    )
     got = {k: v.item() for k, v in again.losses["fixed"].terms.items()}
     want = losses[POISON_STEP]
     for k in want:
@@ -63,7 +81,15 @@ def test_capture_every_n_steps(tmp_path):
     images, sizes, boxes, labels = next(batches(1, 2))
     feats = {k: v.detach() for k, v in model.features(images).items()}
     for step in range(5):
-        cap.check(step, torch.tensor(1.0), features=feats, image_sizes=sizes, gt_boxes=boxes, gt_labels=labels, strides=list(STRIDES))
+        cap.check(
+            step,
+            torch.tensor(1.0),
+            features=feats,
+            image_sizes=sizes,
+            gt_boxes=boxes,
+            gt_labels=labels,
+            strides=list(STRIDES),
+        )
     assert [p.name for p in cap.written] == ["step_000000", "step_000002", "step_000004"]
 
 
@@ -76,11 +102,23 @@ def test_capture_catches_a_gradient_explosion_before_it_is_nan(tmp_path):
     for step in range(4):
         images, sizes, boxes, labels = next(stream)
         b = make_batch(model, images, sizes, boxes, labels)
-        loss = replay(live_heads(model), b, toy_config(), [fixed()], seed=step).losses["fixed"].total
+        loss = (
+            replay(live_heads(model), b, toy_config(), [fixed()], seed=step).losses["fixed"].total
+        )
         model.zero_grad()
         (loss * (1e6 if step == 2 else 1.0)).backward()  # a blow-up at step 2, finite all along
-        norms.append(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None).sqrt().item())
-        cap.check(step, loss, features=b.features, image_sizes=sizes, gt_boxes=boxes, gt_labels=labels, strides=list(STRIDES))
+        norms.append(
+            sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None).sqrt().item()
+        )
+        cap.check(
+            step,
+            loss,
+            features=b.features,
+            image_sizes=sizes,
+            gt_boxes=boxes,
+            gt_labels=labels,
+            strides=list(STRIDES),
+        )
     assert norms[2] > 1e3 > max(norms[:2] + norms[3:])
     assert [p.name for p in cap.written] == ["step_000002"]
     assert load_batch(cap.written[0] / "batch.pt").meta["reason"].startswith("gradient norm")

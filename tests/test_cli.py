@@ -1,4 +1,5 @@
 """The CLI through typer's CliRunner: every command, every input error, exports and exit codes."""
+
 from __future__ import annotations
 
 import csv
@@ -11,11 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import factories as F
 from lossdoctor import dump_batch
 from lossdoctor.cli import app
 from lossdoctor.report.model import Report
-
-import factories as F
 
 runner = CliRunner()
 
@@ -25,8 +25,15 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     torch.save({"model": F.state_dict(), "epoch": 7}, d / "ckpt.pt")
     b = F.batch_dict()
-    dump_batch(d / "batch.pt", features=b["features"], image_sizes=b["image_sizes"], gt_boxes=b["gt_boxes"],
-               gt_labels=b["gt_labels"], strides=b["strides"], meta={"iteration": 5000})
+    dump_batch(
+        d / "batch.pt",
+        features=b["features"],
+        image_sizes=b["image_sizes"],
+        gt_boxes=b["gt_boxes"],
+        gt_labels=b["gt_labels"],
+        strides=b["strides"],
+        meta={"iteration": 5000},
+    )
     return d
 
 
@@ -46,8 +53,16 @@ def test_inspect_prints_header_symptom_findings_and_tables(files):
     r = run("inspect", files / "ckpt.pt", files / "batch.pt")
     assert r.exit_code == 0, r.output
     out = r.stdout
-    for needle in ("torchvision layout", "iteration 5000", "Symptom", "Findings", "nan-empty-mean", "RPN head, per level",
-                   "ROI head, per level", "Totals per profile"):
+    for needle in (
+        "torchvision layout",
+        "iteration 5000",
+        "Symptom",
+        "Findings",
+        "nan-empty-mean",
+        "RPN head, per level",
+        "ROI head, per level",
+        "Totals per profile",
+    ):
         assert needle in out
     assert "\x1b[" not in out  # plain text off a terminal
     assert max(len(line) for line in out.splitlines()) <= 120
@@ -60,30 +75,78 @@ def test_quiet_prints_symptom_and_findings_only(files):
 
 
 def test_fail_on_sets_exit_code(files):
-    assert run("inspect", files / "ckpt.pt", files / "batch.pt", "--fail-on", "error").exit_code == 1
+    assert (
+        run("inspect", files / "ckpt.pt", files / "batch.pt", "--fail-on", "error").exit_code == 1
+    )
     # fixed vs mmdet on this batch: no error, but warnings remain
-    r = run("inspect", files / "ckpt.pt", files / "batch.pt", "--old", "fixed", "--new", "mmdet", "--fail-on", "error")
+    r = run(
+        "inspect",
+        files / "ckpt.pt",
+        files / "batch.pt",
+        "--old",
+        "fixed",
+        "--new",
+        "mmdet",
+        "--fail-on",
+        "error",
+    )
     assert r.exit_code == 0, r.output
 
 
 def test_exports_json_csv_csvdir_plot(files, tmp_path):
-    r = run("inspect", files / "ckpt.pt", files / "batch.pt", "--json", tmp_path / "r.json", "--csv", tmp_path / "l.csv",
-            "--csv-dir", tmp_path / "all", "--plot", tmp_path / "p.png")
+    r = run(
+        "inspect",
+        files / "ckpt.pt",
+        files / "batch.pt",
+        "--json",
+        tmp_path / "r.json",
+        "--csv",
+        tmp_path / "l.csv",
+        "--csv-dir",
+        tmp_path / "all",
+        "--plot",
+        tmp_path / "p.png",
+    )
     assert r.exit_code == 0, r.output
     rep = Report.load(tmp_path / "r.json")
     assert rep.meta["checkpoint"]["sha256"] and rep.meta["batch"]["meta"] == {"iteration": 5000}
     with open(tmp_path / "l.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0])[:19] == ["profile", "head", "level", "anchors", "pos", "neg", "ignored", "sampled", "avg_factor",
-                                  "sample_weight", "loss_cls", "loss_bbox", "loss_share", "grad_feature", "grad_logits_pos",
-                                  "grad_logits_neg", "grad_deltas", "nonfinite", "nan_origin"]
+    assert list(rows[0])[:19] == [
+        "profile",
+        "head",
+        "level",
+        "anchors",
+        "pos",
+        "neg",
+        "ignored",
+        "sampled",
+        "avg_factor",
+        "sample_weight",
+        "loss_cls",
+        "loss_bbox",
+        "loss_share",
+        "grad_feature",
+        "grad_logits_pos",
+        "grad_logits_neg",
+        "grad_deltas",
+        "nonfinite",
+        "nan_origin",
+    ]
     assert len(rows) == len(rep.tables["levels"])
     for row, want in zip(rows, rep.tables["levels"]):
         for k in ("loss_cls", "loss_bbox", "avg_factor", "grad_feature"):
             got = float(row[k])
             assert (math.isnan(got) and math.isnan(want[k])) or got == want[k], (k, row[k], want[k])
         assert int(row["pos"]) == want["pos"] and row["nan_origin"] == want["nan_origin"]
-    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["findings.csv", "images.csv", "levels.csv", "origins.csv", "params.csv", "profiles.csv"]
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [
+        "findings.csv",
+        "images.csv",
+        "levels.csv",
+        "origins.csv",
+        "params.csv",
+        "profiles.csv",
+    ]
     png = (tmp_path / "p.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -102,15 +165,35 @@ def test_json_roundtrip_is_lossless_and_compare_with_itself_shows_no_change(file
     a = Report.load(tmp_path / "r.json")
     b = Report.from_dict(json.loads(a.to_json()))
     assert a.to_json() == b.to_json()
-    r = run("compare", "--old", tmp_path / "r.json", "--new", tmp_path / "r.json", "--json", tmp_path / "c.json")
+    r = run(
+        "compare",
+        "--old",
+        tmp_path / "r.json",
+        "--new",
+        tmp_path / "r.json",
+        "--json",
+        tmp_path / "c.json",
+    )
     assert r.exit_code == 0, r.output
     assert "no change" in r.stdout and "Findings that appear: 0" in r.stdout
     c = json.loads((tmp_path / "c.json").read_text())
-    assert all(row["change"] == "=" for comp in c["comparisons"] for row in comp["rows"] + comp["totals"])
+    assert all(
+        row["change"] == "=" for comp in c["comparisons"] for row in comp["rows"] + comp["totals"]
+    )
 
 
 def test_compare_two_profiles_calls_out_nan_to_finite(files, tmp_path):
-    r = run("compare", files / "ckpt.pt", files / "batch.pt", "--old", "legacy", "--new", "fixed", "--csv", tmp_path / "c.csv")
+    r = run(
+        "compare",
+        files / "ckpt.pt",
+        files / "batch.pt",
+        "--old",
+        "legacy",
+        "--new",
+        "fixed",
+        "--csv",
+        tmp_path / "c.csv",
+    )
     assert r.exit_code == 0, r.output
     assert "NaN → finite" in r.stdout and "Findings that disappear" in r.stdout
     rows = list(csv.DictReader(open(tmp_path / "c.csv")))
@@ -120,18 +203,34 @@ def test_compare_two_profiles_calls_out_nan_to_finite(files, tmp_path):
 
 def test_compare_report_profiles_and_errors(files, tmp_path):
     run("inspect", files / "ckpt.pt", files / "batch.pt", "--json", tmp_path / "r.json")
-    r = run("compare", "--old", f"{tmp_path / 'r.json'}:legacy", "--new", f"{tmp_path / 'r.json'}:fixed")
+    r = run(
+        "compare", "--old", f"{tmp_path / 'r.json'}:legacy", "--new", f"{tmp_path / 'r.json'}:fixed"
+    )
     assert r.exit_code == 0 and "finite" in r.stdout
-    one_line_error(run("compare", "--old", tmp_path / "r.json", "--new", "fixed"), "both be profiles or both be reports")
+    one_line_error(
+        run("compare", "--old", tmp_path / "r.json", "--new", "fixed"),
+        "both be profiles or both be reports",
+    )
     one_line_error(run("compare", "--old", "legacy", "--new", "fixed"), "needs CKPT and BATCH")
-    one_line_error(run("compare", "--old", f"{tmp_path / 'r.json'}:mmdet", "--new", tmp_path / "r.json"), "has no profile 'mmdet'")
+    one_line_error(
+        run("compare", "--old", f"{tmp_path / 'r.json'}:mmdet", "--new", tmp_path / "r.json"),
+        "has no profile 'mmdet'",
+    )
 
 
 def test_report_of_another_version(tmp_path):
-    (tmp_path / "old.json").write_text(json.dumps({"format": "lossdoctor.report/0", "meta": {}, "tables": {}, "findings": []}))
-    one_line_error(run("compare", "--old", tmp_path / "old.json", "--new", tmp_path / "old.json"), "is not 'lossdoctor.report/1'")
+    (tmp_path / "old.json").write_text(
+        json.dumps({"format": "lossdoctor.report/0", "meta": {}, "tables": {}, "findings": []})
+    )
+    one_line_error(
+        run("compare", "--old", tmp_path / "old.json", "--new", tmp_path / "old.json"),
+        "is not 'lossdoctor.report/1'",
+    )
     (tmp_path / "bad.json").write_text("{not json")
-    one_line_error(run("compare", "--old", tmp_path / "bad.json", "--new", tmp_path / "bad.json"), "is not JSON")
+    one_line_error(
+        run("compare", "--old", tmp_path / "bad.json", "--new", tmp_path / "bad.json"),
+        "is not JSON",
+    )
 
 
 def test_input_errors_are_one_line(files, tmp_path):
@@ -146,7 +245,10 @@ def test_input_errors_are_one_line(files, tmp_path):
     (tmp_path / "bad.toml").write_text("pos_weight = \n")
     one_line_error(run("inspect", ck, bt, "--new", tmp_path / "bad.toml"), "is not valid TOML")
     torch.save(F.state_dict(channels=16), tmp_path / "wide.pt")
-    one_line_error(run("inspect", tmp_path / "wide.pt", bt), "checkpoint heads take 16 channels but the batch features have 8")
+    one_line_error(
+        run("inspect", tmp_path / "wide.pt", bt),
+        "checkpoint heads take 16 channels but the batch features have 8",
+    )
     one_line_error(run("inspect", ck, bt, "--device", "cuda"), "--device cuda is not supported")
     one_line_error(run("inspect", ck, bt, "--bogus"), "No such option: --bogus")
     one_line_error(run("inspect", ck), "Missing argument 'BATCH'")
@@ -162,7 +264,10 @@ def test_profiles_list_and_toml(tmp_path):
     assert r.exit_code == 0 and 'normalizer = "mmdet_sampler"' in r.stdout
     (tmp_path / "mine.toml").write_text(r.stdout.replace('name = "mmdet"', 'name = "mine"'))
     from lossdoctor.inputs.profiles import load_profile, mmdet
-    assert load_profile(tmp_path / "mine.toml") == mmdet().__class__(**{**mmdet().__dict__, "name": "mine"})
+
+    assert load_profile(tmp_path / "mine.toml") == mmdet().__class__(
+        **{**mmdet().__dict__, "name": "mine"}
+    )
     one_line_error(run("profiles", "nope"), "unknown profile 'nope'")
 
 
@@ -170,8 +275,16 @@ def test_check(files, tmp_path):
     r = run("check", files / "batch.pt", files / "ckpt.pt")
     assert r.exit_code == 0, r.output
     assert "valid lossdoctor.batch/1" in r.stdout and "fits the batch" in r.stdout
-    b = F.batch_dict(boxes=[torch.tensor([[5.0, 5.0, 5.0, 30.0]])] * 2, labels=[torch.tensor([3])] * 2)
-    dump_batch(tmp_path / "sus.pt", features=b["features"], image_sizes=b["image_sizes"], gt_boxes=b["gt_boxes"], gt_labels=b["gt_labels"])
+    b = F.batch_dict(
+        boxes=[torch.tensor([[5.0, 5.0, 5.0, 30.0]])] * 2, labels=[torch.tensor([3])] * 2
+    )
+    dump_batch(
+        tmp_path / "sus.pt",
+        features=b["features"],
+        image_sizes=b["image_sizes"],
+        gt_boxes=b["gt_boxes"],
+        gt_labels=b["gt_labels"],
+    )
     r = run("check", tmp_path / "sus.pt", files / "ckpt.pt")
     assert r.exit_code == 0 and "degenerate-gt" in r.stdout and "labels outside 0..2" in r.stdout
     torch.save({"format": "lossdoctor.batch/1"}, tmp_path / "broken.pt")

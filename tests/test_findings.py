@@ -1,5 +1,6 @@
 """A catalogue of injected faults, each built from one healthy batch: the right finding fires at the
 right level, stage and image, and the healthy batch has no error-severity finding."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+import factories as F
 from lossdoctor.diagnose import diagnose
 from lossdoctor.inputs.batch import validate_batch
 from lossdoctor.inputs.checkpoint import heads_from_state_dict
@@ -14,12 +16,15 @@ from lossdoctor.inputs.config import preset
 from lossdoctor.inputs.profiles import BUILTIN, TermSpec, fixed
 from lossdoctor.replay.engine import replay
 
-import factories as F
-
 SIZE = (512, 512)
 # one GT per level, each exactly one anchor of that level (IoU 1): P2 32 px ... P6 512 px
-HEALTHY_BOXES = [[84.0, 84.0, 116.0, 116.0], [168.0, 64.0, 232.0, 128.0], [256.0, 256.0, 384.0, 384.0],
-                 [128.0, 32.0, 384.0, 288.0], [0.0, 0.0, 512.0, 512.0]]
+HEALTHY_BOXES = [
+    [84.0, 84.0, 116.0, 116.0],
+    [168.0, 64.0, 232.0, 128.0],
+    [256.0, 256.0, 384.0, 384.0],
+    [128.0, 32.0, 384.0, 288.0],
+    [0.0, 0.0, 512.0, 512.0],
+]
 
 
 def healthy_dict(n=2):
@@ -36,8 +41,14 @@ def run(d=None, cfg="torchvision", profiles=("legacy", "fixed"), sd=None):
 
 
 def find(diag, code, **where):
-    hits = [f for f in diag.findings if f.code == code and all(getattr(f, k) == v for k, v in where.items())]
-    assert hits, f"{code} {where} not in {[(f.code, f.level, f.image, f.profile) for f in diag.findings]}"
+    hits = [
+        f
+        for f in diag.findings
+        if f.code == code and all(getattr(f, k) == v for k, v in where.items())
+    ]
+    assert hits, (
+        f"{code} {where} not in {[(f.code, f.level, f.image, f.profile) for f in diag.findings]}"
+    )
     return hits[0]
 
 
@@ -66,7 +77,9 @@ def test_nan_empty_mean_at_the_level_without_positive():
 def test_nonfinite_features_are_the_origin(value, kind):
     d = healthy_dict()
     d["features"]["p4"][1, :, 10, 10] = value
-    diag = run(d, profiles=("mmdet",), cfg="mmdet")  # mmdet: every anchor enters the loss, sampled or not
+    diag = run(
+        d, profiles=("mmdet",), cfg="mmdet"
+    )  # mmdet: every anchor enters the loss, sampled or not
     f = find(diag, "nonfinite-features", level="p4", image=1)
     assert f.evidence[kind] > 0 and f.evidence["nan" if kind == "inf" else "inf"] == 0
     o = find(diag, "nonfinite-loss", profile="mmdet", head="rpn", level="p4", image=1)
@@ -120,7 +133,9 @@ def test_gt_far_outside_matches_no_anchor_and_makes_every_anchor_positive():
 def test_xywh_boxes():
     d = healthy_dict()
     xyxy = d["gt_boxes"][0][:3]
-    d["gt_boxes"][0] = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1) + torch.tensor([100.0, 100.0, 0.0, 0.0])
+    d["gt_boxes"][0] = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1) + torch.tensor(
+        [100.0, 100.0, 0.0, 0.0]
+    )
     d["gt_labels"][0] = d["gt_labels"][0][:3]
     find(run(d), "gt-xywh-suspected", image=0)
 
@@ -135,8 +150,12 @@ def test_one_based_labels():
 def test_one_based_labels_collide_with_background_in_a_background_last_layout():
     sd = F.state_dict(reg_slots=3)
     from lossdoctor.inputs.checkpoint import LAYOUTS
+
     tv = {v[0]: k for k, v in LAYOUTS["torchvision"].items()}
-    mm = {f"{LAYOUTS['mmdet'][tv[k.rsplit('.', 1)[0]]][0]}.{k.rsplit('.', 1)[1]}": v for k, v in sd.items()}
+    mm = {
+        f"{LAYOUTS['mmdet'][tv[k.rsplit('.', 1)[0]]][0]}.{k.rsplit('.', 1)[1]}": v
+        for k, v in sd.items()
+    }
     d = healthy_dict()
     d["gt_labels"] = [torch.tensor([1, 2, 3, 1, 2])] * 2
     f = find(run(d, cfg="mmdet", sd=mm), "labels-one-based")
@@ -168,7 +187,9 @@ def test_gt_without_positive_under_mmdet_min_pos_iou():
 def test_background_dominance_and_level_weight_imbalance_under_legacy():
     diag = run()
     find(diag, "level-weight-imbalance", profile="legacy", head="rpn")
-    assert not [f for f in diag.findings if f.code == "level-weight-imbalance" and f.profile == "fixed"]
+    assert not [
+        f for f in diag.findings if f.code == "level-weight-imbalance" and f.profile == "fixed"
+    ]
     d = healthy_dict()
     d["gt_boxes"] = [b[:1] for b in d["gt_boxes"]]
     d["gt_labels"] = [l[:1] for l in d["gt_labels"]]
@@ -184,7 +205,19 @@ def test_exploding_gradient():
 
 
 def test_vanishing_gradient():
-    tiny = dataclasses.replace(fixed(), name="tiny", **{t: TermSpec("bce" if t == "rpn_cls" else "ce" if t == "roi_cls" else "l1", "sampled", weight=1e-12, floor=1.0) for t in ("rpn_cls", "rpn_box", "roi_cls", "roi_box")})
+    tiny = dataclasses.replace(
+        fixed(),
+        name="tiny",
+        **{
+            t: TermSpec(
+                "bce" if t == "rpn_cls" else "ce" if t == "roi_cls" else "l1",
+                "sampled",
+                weight=1e-12,
+                floor=1.0,
+            )
+            for t in ("rpn_cls", "rpn_box", "roi_cls", "roi_box")
+        },
+    )
     find(run(profiles=(tiny,)), "vanishing-gradient", profile="tiny")
 
 
@@ -208,19 +241,35 @@ def test_collapse_to_background():
 
 def test_no_gradient_names_the_parameters_that_got_none():
     """A profile that switches the RoI terms off leaves the whole box head without gradient."""
-    off = dataclasses.replace(fixed(), name="rpn-only", roi_cls=TermSpec("ce", "sampled", weight=0.0, floor=1.0),
-                              roi_box=TermSpec("smooth_l1", "sampled", beta=1 / 9, weight=0.0, floor=1.0))
+    off = dataclasses.replace(
+        fixed(),
+        name="rpn-only",
+        roi_cls=TermSpec("ce", "sampled", weight=0.0, floor=1.0),
+        roi_box=TermSpec("smooth_l1", "sampled", beta=1 / 9, weight=0.0, floor=1.0),
+    )
     diag = run(profiles=(off, "fixed"))
     f = find(diag, "no-gradient", profile="rpn-only")
     assert f.severity == "warning"
-    assert sorted(f.evidence["params"]) == sorted(f"roi_heads.{p}.{k}" for p in ("box_head.fc6", "box_head.fc7", "box_predictor.cls_score", "box_predictor.bbox_pred") for k in ("weight", "bias"))
+    assert sorted(f.evidence["params"]) == sorted(
+        f"roi_heads.{p}.{k}"
+        for p in (
+            "box_head.fc6",
+            "box_head.fc7",
+            "box_predictor.cls_score",
+            "box_predictor.bbox_pred",
+        )
+        for k in ("weight", "bias")
+    )
     assert not [x for x in diag.findings if x.code == "no-gradient" and x.profile == "fixed"]
 
 
 def _rows(diag):
     from lossdoctor.report.build import level_rows
 
-    return [(r["profile"], r["head"], r["level"], r["pos"], r["neg"], r["loss_cls"], r["loss_bbox"]) for r in level_rows(diag)]
+    return [
+        (r["profile"], r["head"], r["level"], r["pos"], r["neg"], r["loss_cls"], r["loss_bbox"])
+        for r in level_rows(diag)
+    ]
 
 
 def test_nonfinite_gt_is_named_and_left_out_of_the_replay():
@@ -244,7 +293,10 @@ def test_nonfinite_gt_is_named_and_left_out_of_the_replay():
 def test_all_ignored_image_trains_as_an_image_without_gt():
     ignored, empty = healthy_dict(), healthy_dict()
     ignored["gt_ignore"] = [torch.zeros(5, dtype=torch.bool), torch.ones(5, dtype=torch.bool)]
-    empty["gt_boxes"][1], empty["gt_labels"][1] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    empty["gt_boxes"][1], empty["gt_labels"][1] = (
+        torch.zeros(0, 4),
+        torch.zeros(0, dtype=torch.long),
+    )
     diag = run(ignored)
     f = find(diag, "empty-gt-image", image=1)
     assert "all 5 GT boxes are marked ignored" in f.message and f.severity == "info"

@@ -1,4 +1,5 @@
 """The committed fixtures: what lossdoctor says about them, and that they regenerate bit for bit."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +23,9 @@ def sha(p: Path) -> str:
 
 @pytest.fixture(scope="module")
 def first_nan():
-    return inspect(FIX / "first-nan" / "checkpoint.pt", FIX / "first-nan" / "batch.pt", config=CONFIG)
+    return inspect(
+        FIX / "first-nan" / "checkpoint.pt", FIX / "first-nan" / "batch.pt", config=CONFIG
+    )
 
 
 def test_first_nan_names_the_empty_mean(first_nan):
@@ -40,7 +43,9 @@ def test_first_nan_names_the_empty_mean(first_nan):
     totals = {r["profile"]: r for r in collapse.tables["profiles"]}
     assert totals["legacy"]["loss_total"] != totals["legacy"]["loss_total"]  # NaN, as in training
     assert totals["fixed"]["loss_total"] == totals["fixed"]["loss_total"]
-    assert not [f for f in collapse.findings if f["severity"] == "error" and f["profile"] == "fixed"]
+    assert not [
+        f for f in collapse.findings if f["severity"] == "error" and f["profile"] == "fixed"
+    ]
     assert collapse.meta["batch"]["meta"]["reason"].startswith("non-finite loss")
 
 
@@ -55,16 +60,28 @@ def test_collapse_names_the_real_cause(collapse):
     at the level that holds those positives; under `fixed` the same batch has a normal gradient."""
     assert "gradient norm" in collapse.meta["batch"]["meta"]["reason"]
     f = next(f for f in collapse.findings if f["code"] == "exploding-gradient")
-    assert f["profile"] == "legacy" and f["head"] == "roi" and f["evidence"]["dominant_term"] == "roi_box"
+    assert (
+        f["profile"] == "legacy"
+        and f["head"] == "roi"
+        and f["evidence"]["dominant_term"] == "roi_box"
+    )
     assert f["evidence"]["dominant_share"] > 0.9
-    assert not [x for x in collapse.findings if x["code"] == "exploding-gradient" and x["profile"] == "fixed"]
+    assert not [
+        x
+        for x in collapse.findings
+        if x["code"] == "exploding-gradient" and x["profile"] == "fixed"
+    ]
     rows = {(r["profile"], r["head"], r["level"]): r for r in collapse.tables["levels"]}
     leg, fix = rows[("legacy", "roi", "all")], rows[("fixed", "roi", "all")]
     # the two box losses differ exactly by their normalizers: positives vs all sampled RoIs
     assert leg["avg_factor_bbox"] == leg["pos"] and fix["avg_factor_bbox"] == fix["sampled"]
-    assert leg["loss_bbox"] / fix["loss_bbox"] == pytest.approx(fix["sampled"] / leg["pos"], rel=1e-5)
+    assert leg["loss_bbox"] / fix["loss_bbox"] == pytest.approx(
+        fix["sampled"] / leg["pos"], rel=1e-5
+    )
     # the level that carries it: the RoI level with the positives and the largest box gradient
-    roi_levels = [r for k, r in rows.items() if k[0] == "legacy" and k[1] == "roi" and k[2] != "all"]
+    roi_levels = [
+        r for k, r in rows.items() if k[0] == "legacy" and k[1] == "roi" and k[2] != "all"
+    ]
     top = max(roi_levels, key=lambda r: r["grad_deltas"])
     assert top["pos"] == leg["pos"] > 0
     totals = {r["profile"]: r for r in collapse.tables["profiles"]}
@@ -80,15 +97,22 @@ def test_healthy_makes_detections_and_no_error():
     assert all(r["detections"] > 0 for r in imgs if r["gt"] > 0)
 
 
-@pytest.mark.parametrize("fault,code,where", [
-    ("no-gt-image", "empty-gt-image", {"image": 1}),
-    ("zero-width-box", "degenerate-gt", {"image": 0}),
-    ("one-based-labels", "labels-one-based", {}),
-    ("nan-features-p4", "nonfinite-features", {"level": "p4", "image": 1}),
-])
+@pytest.mark.parametrize(
+    "fault,code,where",
+    [
+        ("no-gt-image", "empty-gt-image", {"image": 1}),
+        ("zero-width-box", "degenerate-gt", {"image": 0}),
+        ("one-based-labels", "labels-one-based", {}),
+        ("nan-features-p4", "nonfinite-features", {"level": "p4", "image": 1}),
+    ],
+)
 def test_fault_fixtures_fire_their_finding(fault, code, where):
     rep = inspect(HEALTHY_CKPT, FIX / "faults" / fault / "batch.pt", config=CONFIG)
-    hits = [f for f in rep.findings if f["code"] == code and all(f.get(k) == v for k, v in where.items())]
+    hits = [
+        f
+        for f in rep.findings
+        if f["code"] == code and all(f.get(k) == v for k, v in where.items())
+    ]
     assert hits, [(f["code"], f.get("level"), f.get("image")) for f in rep.findings]
 
 
@@ -107,8 +131,11 @@ def test_fault_fixtures_regenerate_bit_for_bit(tmp_path):
 @pytest.mark.slow
 def test_all_fixtures_regenerate_bit_for_bit(tmp_path):
     """Trains both runs again (minutes): every committed fixture file comes back byte for byte."""
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_fixtures.py"), "--out", str(tmp_path)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_fixtures.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     for p in sorted(FIX.rglob("*")):
         if p.is_file():
             assert sha(p) == sha(tmp_path / p.relative_to(FIX)), p

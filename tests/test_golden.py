@@ -38,7 +38,9 @@ def same(golden, got, where: str = "") -> list[str]:
         if golden == got or abs(golden - got) <= max(REL * max(abs(golden), abs(got)), ABS):
             return []
         return [f"{where}: {golden!r} != {got!r}"]
-    return [] if golden == got and type(golden) is type(got) else [f"{where}: {golden!r} != {got!r}"]
+    return (
+        [] if golden == got and type(golden) is type(got) else [f"{where}: {golden!r} != {got!r}"]
+    )
 
 
 @pytest.mark.parametrize("name", list(cases()))

@@ -1,4 +1,5 @@
 """Gradient norms against plain autograd: one backward per term, norms computed the plain way."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,12 +8,11 @@ import math
 import pytest
 import torch
 
+import factories as F
 from lossdoctor.diagnose.gradients import gradients
 from lossdoctor.inputs.config import preset
 from lossdoctor.inputs.profiles import BUILTIN, TermSpec, fixed
 from lossdoctor.replay.engine import replay
-
-import factories as F
 
 REL = 1e-5
 
@@ -28,8 +28,14 @@ def close(got, want):
 
 
 PROFILES = [p() for p in BUILTIN.values()] + [
-    dataclasses.replace(fixed(), name="weighted", pos_weight=2.0, rpn_box=TermSpec("l1", "level_pos", weight=3.0, empty="zero"),
-                        roi_cls=TermSpec("ce", "level_sampled", floor=1.0), max_norm=0.5),
+    dataclasses.replace(
+        fixed(),
+        name="weighted",
+        pos_weight=2.0,
+        rpn_box=TermSpec("l1", "level_pos", weight=3.0, empty="zero"),
+        roi_cls=TermSpec("ce", "level_sampled", floor=1.0),
+        max_norm=0.5,
+    ),
 ]
 
 
@@ -46,7 +52,9 @@ def test_param_norms_by_term_match_autograd(case, name):
     params = r.heads.params
     terms = r.losses[name].terms
     for term, loss in terms.items():
-        grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            loss, list(params.values()), retain_graph=True, allow_unused=True
+        )
         for (key, _), grad in zip(params.items(), grads):
             got = g.params[key][term]
             if key.startswith("rpn_conv"):
@@ -72,18 +80,24 @@ def test_level_norms_match_autograd(case, name):
         for s, gf in zip(r.samples[head], feats):
             assert close(rows[(head, s.name)].feature, plain_norm(gf)), (head, s.name)
     for lvl in r.rpn:
-        gl, gd = torch.autograd.grad(terms["rpn_cls"] + terms["rpn_box"], [lvl.out.logits, lvl.out.deltas], retain_graph=True)
+        gl, gd = torch.autograd.grad(
+            terms["rpn_cls"] + terms["rpn_box"], [lvl.out.logits, lvl.out.deltas], retain_graph=True
+        )
         row = rows[("rpn", lvl.name)]
         assert close(row.logits_pos, plain_norm(gl[lvl.positive]))
         assert close(row.logits_neg, plain_norm(gl[~lvl.positive]))
         assert close(row.deltas, plain_norm(gd))
     roi = r.roi
-    gc, gr = torch.autograd.grad(terms["roi_cls"] + terms["roi_box"], [roi.cls_logits, roi.deltas], retain_graph=True)
+    gc, gr = torch.autograd.grad(
+        terms["roi_cls"] + terms["roi_box"], [roi.cls_logits, roi.deltas], retain_graph=True
+    )
     fg = roi.fg_class >= 0
     for lvl, s in enumerate(r.samples["roi"]):
         at = roi.level == lvl
         row = rows[("roi", s.name)]
-        assert close(row.logits_pos, plain_norm(gc[at & fg])) and close(row.logits_neg, plain_norm(gc[at & ~fg]))
+        assert close(row.logits_pos, plain_norm(gc[at & fg])) and close(
+            row.logits_neg, plain_norm(gc[at & ~fg])
+        )
         assert close(row.deltas, plain_norm(gr[at]))
 
 

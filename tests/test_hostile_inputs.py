@@ -65,19 +65,31 @@ def handmade(marker) -> dict[str, bytes]:
     cmd = f"touch {marker}".encode()
     popen_args = raw(b"(", text("touch"), text(str(marker)), b"l\x85")  # (["touch", marker],)
     return {
-        "NEWOBJ-BUILD": raw(b"\x80\x02csubprocess\nPopen\n", popen_args, b"\x81}", text("args"), text(cmd), b"sb."),
+        "NEWOBJ-BUILD": raw(
+            b"\x80\x02csubprocess\nPopen\n", popen_args, b"\x81}", text("args"), text(cmd), b"sb."
+        ),
         "NEWOBJ_EX": raw(b"\x80\x04csubprocess\nPopen\n", popen_args, b"}\x92."),
         "INST": raw(b"(S'", cmd, b"'\nios\nsystem\n."),
         "OBJ": raw(b"(cos\nsystem\nS'", cmd, b"'\no."),
         "STACK_GLOBAL": raw(
-            b"\x80\x04\x8c\x02os\x94\x8c\x06system\x94\x93\x94\x8c", bytes([len(cmd)]), cmd, b"\x94\x85\x94R\x94."
+            b"\x80\x04\x8c\x02os\x94\x8c\x06system\x94\x93\x94\x8c",
+            bytes([len(cmd)]),
+            cmd,
+            b"\x94\x85\x94R\x94.",
         ),
-        "BUILD": raw(b"\x80\x02cbuiltins\nopen\nq\x00)\x81}q\x01X\x04\x00\x00\x00fileq\x02X", len(str(marker)).to_bytes(4, "little"), str(marker).encode(), b"sb."),
+        "BUILD": raw(
+            b"\x80\x02cbuiltins\nopen\nq\x00)\x81}q\x01X\x04\x00\x00\x00fileq\x02X",
+            len(str(marker)).to_bytes(4, "little"),
+            str(marker).encode(),
+            b"sb.",
+        ),
         "EXT1": b"\x80\x02\x82\xf0)R.",
         "PERSID": b"\x80\x02Pstorage\n.",
         "open-file": raw(b"cbuiltins\nopen\n(S'", str(marker).encode(), b"'\nS'w'\ntR."),
         "getattr-chain": raw(
-            b"cbuiltins\ngetattr\n(cbuiltins\n__import__\n(S'os'\ntRS'system'\ntR(S'", cmd, b"'\ntR."
+            b"cbuiltins\ngetattr\n(cbuiltins\n__import__\n(S'os'\ntRS'system'\ntR(S'",
+            cmd,
+            b"'\ntR.",
         ),
     }
 
@@ -94,8 +106,12 @@ def env(tmp_path):
     torch.save({"model": F.state_dict()}, tmp_path / "ckpt.pt")
     b = F.batch_dict()
     dump_batch(
-        tmp_path / "batch.pt", features=b["features"], image_sizes=b["image_sizes"],
-        gt_boxes=b["gt_boxes"], gt_labels=b["gt_labels"], strides=b["strides"],
+        tmp_path / "batch.pt",
+        features=b["features"],
+        image_sizes=b["image_sizes"],
+        gt_boxes=b["gt_boxes"],
+        gt_labels=b["gt_labels"],
+        strides=b["strides"],
     )
     return tmp_path, tmp_path / "pwned"
 
@@ -120,9 +136,16 @@ def findings(result) -> list[str]:
 # ---- checkpoints that carry code ------------------------------------------------------------
 
 CKPT_PAYLOADS = {
-    **{f"plain-pickle-protocol-{p}": (lambda m, p=p: pickle.dumps({"model": Payload(m)}, protocol=p)) for p in range(6)},
+    **{
+        f"plain-pickle-protocol-{p}": (
+            lambda m, p=p: pickle.dumps({"model": Payload(m)}, protocol=p)
+        )
+        for p in range(6)
+    },
     "plain-pickle-exec": lambda m: pickle.dumps({"model": Payload(m, "exec")}, protocol=2),
-    "plain-pickle-subprocess": lambda m: pickle.dumps({"model": Payload(m, "subprocess")}, protocol=4),
+    "plain-pickle-subprocess": lambda m: pickle.dumps(
+        {"model": Payload(m, "subprocess")}, protocol=4
+    ),
     **{f"opcode-{k}": (lambda m, k=k: handmade(m)[k]) for k in handmade("x")},
 }
 
@@ -152,12 +175,17 @@ def test_checkpoint_with_weights_and_payload_reports_it(env, fmt):
     assert "unsafe-pickle-global" in findings(r) and r.exit_code == 1
     assert not marker.exists()
     check = invoke("check", d / "batch.pt", path)
-    assert check.exit_code == 0 and "posix.system" in check.stdout and "CODE, not run" in check.stdout
+    assert (
+        check.exit_code == 0 and "posix.system" in check.stdout and "CODE, not run" in check.stdout
+    )
 
 
 def test_zip_with_a_hostile_data_pkl(env):
     d, marker = env
-    zip_archive(d / "evil.pt", {"archive/data.pkl": pickle.dumps(Payload(marker), protocol=2), "archive/version": b"3\n"})
+    zip_archive(
+        d / "evil.pt",
+        {"archive/data.pkl": pickle.dumps(Payload(marker), protocol=2), "archive/version": b"3\n"},
+    )
     exit2(invoke("inspect", d / "evil.pt", d / "batch.pt"), "posix.system, which was not run")
     assert not marker.exists()
 
@@ -223,6 +251,7 @@ def test_truncated_checkpoints(env, fmt, fraction):
 
 # ---- batches that carry code or are broken --------------------------------------------------
 
+
 def _batch_with(d, marker, where):
     b = F.batch_dict()
     if where == "meta":
@@ -262,14 +291,22 @@ def test_batch_as_plain_pickle_payload(env):
 def test_zero_images(env):
     d, _ = env
     b = F.batch_dict(n=1)
-    b.update(features={k: v[:0] for k, v in b["features"].items()}, image_sizes=[], gt_boxes=[], gt_labels=[])
+    b.update(
+        features={k: v[:0] for k, v in b["features"].items()},
+        image_sizes=[],
+        gt_boxes=[],
+        gt_labels=[],
+    )
     torch.save(b, d / "empty.pt")
     exit2(invoke("inspect", d / "ckpt.pt", d / "empty.pt"), "at least one image")
 
 
 def test_swapped_and_foreign_files(env):
     d, _ = env
-    exit2(invoke("inspect", d / "batch.pt", d / "ckpt.pt"), "is a lossdoctor batch dump, not a checkpoint")
+    exit2(
+        invoke("inspect", d / "batch.pt", d / "ckpt.pt"),
+        "is a lossdoctor batch dump, not a checkpoint",
+    )
     exit2(invoke("check", d / "ckpt.pt"), "looks like a checkpoint")
     from lossdoctor.toy.model import TinyDetector
 
@@ -291,22 +328,33 @@ def test_garbage_and_empty_files(env):
 
 # ---- outputs must never replace inputs ------------------------------------------------------
 
+
 def _unchanged(paths):
     before = {p: p.read_bytes() for p in paths}
     return lambda: all(p.read_bytes() == v for p, v in before.items())
 
 
-@pytest.mark.parametrize("option,target", [
-    ("--json", "ckpt.pt"), ("--csv", "batch.pt"), ("--plot", "ckpt.pt"), ("--csv-dir", "ckpt.pt"),
-    ("--json", "link-to-ckpt"), ("--csv", "hardlink-to-batch"), ("--json", "profile.toml"),
-])
+@pytest.mark.parametrize(
+    "option,target",
+    [
+        ("--json", "ckpt.pt"),
+        ("--csv", "batch.pt"),
+        ("--plot", "ckpt.pt"),
+        ("--csv-dir", "ckpt.pt"),
+        ("--json", "link-to-ckpt"),
+        ("--csv", "hardlink-to-batch"),
+        ("--json", "profile.toml"),
+    ],
+)
 def test_outputs_onto_inputs_are_refused(env, option, target):
     d, _ = env
     (d / "profile.toml").write_text('base = "fixed"\n')
     os.symlink(d / "ckpt.pt", d / "link-to-ckpt")
     os.link(d / "batch.pt", d / "hardlink-to-batch")
     same = _unchanged([d / "ckpt.pt", d / "batch.pt", d / "profile.toml"])
-    r = invoke("inspect", d / "ckpt.pt", d / "batch.pt", "--old", d / "profile.toml", option, d / target)
+    r = invoke(
+        "inspect", d / "ckpt.pt", d / "batch.pt", "--old", d / "profile.toml", option, d / target
+    )
     exit2(r, str(d / target))
     assert same()
 
@@ -315,8 +363,22 @@ def test_compare_never_writes_over_a_compared_report(env):
     d, _ = env
     assert invoke("inspect", d / "ckpt.pt", d / "batch.pt", "--json", d / "r.json").exit_code == 0
     same = _unchanged([d / "r.json"])
-    exit2(invoke("compare", "--old", f"{d / 'r.json'}:legacy", "--new", d / "r.json", "--json", d / "r.json"), "r.json")
-    exit2(invoke("compare", "--old", d / "r.json", "--new", d / "r.json", "--csv", d / "r.json"), "r.json")
+    exit2(
+        invoke(
+            "compare",
+            "--old",
+            f"{d / 'r.json'}:legacy",
+            "--new",
+            d / "r.json",
+            "--json",
+            d / "r.json",
+        ),
+        "r.json",
+    )
+    exit2(
+        invoke("compare", "--old", d / "r.json", "--new", d / "r.json", "--csv", d / "r.json"),
+        "r.json",
+    )
     assert same()
 
 
@@ -324,7 +386,12 @@ def test_directory_outputs_and_clashing_outputs(env):
     d, _ = env
     (d / "out").mkdir()
     exit2(invoke("inspect", d / "ckpt.pt", d / "batch.pt", "--json", d / "out"), "is a directory")
-    exit2(invoke("inspect", d / "ckpt.pt", d / "batch.pt", "--json", d / "x.out", "--csv", d / "x.out"), "both write")
+    exit2(
+        invoke(
+            "inspect", d / "ckpt.pt", d / "batch.pt", "--json", d / "x.out", "--csv", d / "x.out"
+        ),
+        "both write",
+    )
     r = invoke("inspect", d / "ckpt.pt", d / "batch.pt", "--json", d / "new" / "deep" / "r.json")
     assert r.exit_code == 0 and (d / "new" / "deep" / "r.json").is_file()  # parents are created
 
@@ -332,20 +399,48 @@ def test_directory_outputs_and_clashing_outputs(env):
 # ---- values out of range ----------------------------------------------------------------------
 
 BAD_TOML = {
-    "negative weight": ("profile", '[rpn_box]\nweight = -1.0\n', "weight must be >= 0"),
-    "negative floor": ("profile", '[roi_cls]\nfloor = -2.0\n', "floor must be >= 0"),
-    "nan eps": ("profile", '[roi_box]\neps = nan\n', "eps must be a number"),
-    "misspelled normalizer": ("profile", '[rpn_cls]\nnormalizer = "level_smapled"\n', "normalizer 'level_smapled' is unknown"),
+    "negative weight": ("profile", "[rpn_box]\nweight = -1.0\n", "weight must be >= 0"),
+    "negative floor": ("profile", "[roi_cls]\nfloor = -2.0\n", "floor must be >= 0"),
+    "nan eps": ("profile", "[roi_box]\neps = nan\n", "eps must be a number"),
+    "misspelled normalizer": (
+        "profile",
+        '[rpn_cls]\nnormalizer = "level_smapled"\n',
+        "normalizer 'level_smapled' is unknown",
+    ),
     "zero pos weight": ("profile", "pos_weight = 0.0\n", "pos_weight must be > 0"),
-    "negative budget": ("config", "[rpn_sampler]\nbatch_size = -256\n", "batch_size must be a positive integer"),
-    "zero budget": ("config", "[roi_sampler]\nbatch_size = 0\n", "batch_size must be a positive integer"),
-    "zero fraction": ("config", "[rpn_sampler]\npos_fraction = 0.0\n", "pos_fraction must be > 0 and <= 1"),
+    "negative budget": (
+        "config",
+        "[rpn_sampler]\nbatch_size = -256\n",
+        "batch_size must be a positive integer",
+    ),
+    "zero budget": (
+        "config",
+        "[roi_sampler]\nbatch_size = 0\n",
+        "batch_size must be a positive integer",
+    ),
+    "zero fraction": (
+        "config",
+        "[rpn_sampler]\npos_fraction = 0.0\n",
+        "pos_fraction must be > 0 and <= 1",
+    ),
     "iou above one": ("config", "[rpn_matcher]\nfg_iou = 1.5\n", "fg_iou must be >= 0 and <= 1"),
-    "inverted thresholds": ("config", "[rpn_matcher]\nbg_iou = 0.8\nfg_iou = 0.7\n", "bg_iou <= fg_iou"),
+    "inverted thresholds": (
+        "config",
+        "[rpn_matcher]\nbg_iou = 0.8\nfg_iou = 0.7\n",
+        "bg_iou <= fg_iou",
+    ),
     "negative nms": ("config", "[train_proposals]\nnms_iou = -0.1\n", "nms_iou must be >= 0"),
-    "zero levels": ("config", "[roi_pool]\nnum_levels = 0\n", "num_levels must be a positive integer"),
+    "zero levels": (
+        "config",
+        "[roi_pool]\nnum_levels = 0\n",
+        "num_levels must be a positive integer",
+    ),
     "zero ratio": ("config", "[anchors]\nratios = [0.0, 1.0]\n", "anchors.ratios must be > 0"),
-    "score above one": ("config", "[test]\nscore_thr = 7.0\n", "score threshold must be >= 0 and <= 1"),
+    "score above one": (
+        "config",
+        "[test]\nscore_thr = 7.0\n",
+        "score threshold must be >= 0 and <= 1",
+    ),
 }
 
 

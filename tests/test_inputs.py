@@ -1,4 +1,5 @@
 """Batch schema, suspicions, checkpoints (layouts, wrappers, safe loading), configs and profiles from TOML."""
+
 from __future__ import annotations
 
 import os
@@ -6,14 +7,13 @@ import os
 import pytest
 import torch
 
+import factories as F
 from lossdoctor import dump_batch, load_batch, load_checkpoint
 from lossdoctor.inputs.batch import validate_batch
 from lossdoctor.inputs.checkpoint import LAYOUTS, heads_from_state_dict
 from lossdoctor.inputs.config import load_config
 from lossdoctor.inputs.errors import InputError
 from lossdoctor.inputs.profiles import BUILTIN, load_profile, profile_toml
-
-import factories as F
 
 
 def codes(batch):
@@ -22,18 +22,46 @@ def codes(batch):
 
 # ---- batch schema --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mutate,needle", [
-    (lambda d: d.pop("gt_labels"), "batch key 'gt_labels' is missing"),
-    (lambda d: d.update(format="other/1"), "batch key 'format': expected 'lossdoctor.batch/1', found 'other/1'"),
-    (lambda d: d.update(image_sizes=[[64, 96]]), "batch key 'image_sizes': expected 2 [h, w] pairs"),
-    (lambda d: d["gt_boxes"].__setitem__(0, torch.zeros(2, 5)), "batch key 'gt_boxes[0]': expected a float Tensor[K, 4] (x1, y1, x2, y2), found Tensor[2, 5] float32"),
-    (lambda d: d["gt_labels"].__setitem__(1, torch.tensor([0.0, 1.0])), "batch key 'gt_labels[1]': expected an integer Tensor[K], found Tensor[2] float32"),
-    (lambda d: d["gt_labels"].__setitem__(1, torch.tensor([0])), "batch key 'gt_labels[1]': expected 2 labels (one per box)"),
-    (lambda d: d["features"].__setitem__("p3", torch.zeros(2, 4, 8, 12)), "batch key 'features.p3': expected N, C = [2, 8] like the first level"),
-    (lambda d: d.update(strides=[4, 8]), "batch key 'strides': expected 5 positive integers (one per level)"),
-    (lambda d: d.update(extra=1), "batch key 'extra': expected only the keys"),
-    (lambda d: d.update(image_sizes=[[640, 96], [64, 96]]), "batch key 'image_sizes[0]': expected a size within the padded input"),
-])
+
+@pytest.mark.parametrize(
+    "mutate,needle",
+    [
+        (lambda d: d.pop("gt_labels"), "batch key 'gt_labels' is missing"),
+        (
+            lambda d: d.update(format="other/1"),
+            "batch key 'format': expected 'lossdoctor.batch/1', found 'other/1'",
+        ),
+        (
+            lambda d: d.update(image_sizes=[[64, 96]]),
+            "batch key 'image_sizes': expected 2 [h, w] pairs",
+        ),
+        (
+            lambda d: d["gt_boxes"].__setitem__(0, torch.zeros(2, 5)),
+            "batch key 'gt_boxes[0]': expected a float Tensor[K, 4] (x1, y1, x2, y2), found Tensor[2, 5] float32",
+        ),
+        (
+            lambda d: d["gt_labels"].__setitem__(1, torch.tensor([0.0, 1.0])),
+            "batch key 'gt_labels[1]': expected an integer Tensor[K], found Tensor[2] float32",
+        ),
+        (
+            lambda d: d["gt_labels"].__setitem__(1, torch.tensor([0])),
+            "batch key 'gt_labels[1]': expected 2 labels (one per box)",
+        ),
+        (
+            lambda d: d["features"].__setitem__("p3", torch.zeros(2, 4, 8, 12)),
+            "batch key 'features.p3': expected N, C = [2, 8] like the first level",
+        ),
+        (
+            lambda d: d.update(strides=[4, 8]),
+            "batch key 'strides': expected 5 positive integers (one per level)",
+        ),
+        (lambda d: d.update(extra=1), "batch key 'extra': expected only the keys"),
+        (
+            lambda d: d.update(image_sizes=[[640, 96], [64, 96]]),
+            "batch key 'image_sizes[0]': expected a size within the padded input",
+        ),
+    ],
+)
 def test_schema_violations_name_key_expected_and_found(mutate, needle):
     d = F.batch_dict()
     mutate(d)
@@ -72,14 +100,28 @@ def test_xywh_boxes_are_suspected():
 def test_dump_batch_roundtrip_is_atomic_and_validates(tmp_path):
     d = F.batch_dict()
     path = tmp_path / "b.pt"
-    dump_batch(path, features=d["features"], image_sizes=d["image_sizes"], gt_boxes=d["gt_boxes"],
-               gt_labels=d["gt_labels"], strides=d["strides"], meta={"iteration": 5000})
+    dump_batch(
+        path,
+        features=d["features"],
+        image_sizes=d["image_sizes"],
+        gt_boxes=d["gt_boxes"],
+        gt_labels=d["gt_labels"],
+        strides=d["strides"],
+        meta={"iteration": 5000},
+    )
     b = load_batch(path)
-    assert b.meta == {"iteration": 5000} and b.strides == [4, 8, 16, 32, 64] and b.pad_size == (64, 96)
+    assert (
+        b.meta == {"iteration": 5000} and b.strides == [4, 8, 16, 32, 64] and b.pad_size == (64, 96)
+    )
     assert torch.equal(b.features["p3"], d["features"]["p3"])
     with pytest.raises(InputError):
-        dump_batch(tmp_path / "bad.pt", features=d["features"], image_sizes=d["image_sizes"], gt_boxes=d["gt_boxes"],
-                   gt_labels=d["gt_labels"][:1])
+        dump_batch(
+            tmp_path / "bad.pt",
+            features=d["features"],
+            image_sizes=d["image_sizes"],
+            gt_boxes=d["gt_boxes"],
+            gt_labels=d["gt_labels"][:1],
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.pt"]  # nothing half-written
 
 
@@ -103,14 +145,29 @@ def test_not_a_batch_file(tmp_path):
 
 # ---- checkpoints ---------------------------------------------------------------------------
 
+
 def test_native_layout_shapes_give_channels_anchors_classes():
     h = F.heads(channels=8, anchors=3, classes=5)
-    assert (h.channels, h.num_anchors, h.num_classes, h.pool_size, h.bg_col, h.reg_classes) == (8, 3, 5, 7, 0, 6)
+    assert (h.channels, h.num_anchors, h.num_classes, h.pool_size, h.bg_col, h.reg_classes) == (
+        8,
+        3,
+        5,
+        7,
+        0,
+        6,
+    )
     agnostic = F.heads(classes=5, reg_slots=1)
     assert agnostic.reg_classes == 1
 
 
-@pytest.mark.parametrize("wrap", [lambda sd: sd, lambda sd: {"model": sd, "epoch": 3}, lambda sd: {"state_dict": sd, "meta": {}}])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,
+        lambda sd: {"model": sd, "epoch": 3},
+        lambda sd: {"state_dict": sd, "meta": {}},
+    ],
+)
 def test_checkpoint_wrappers(tmp_path, wrap):
     p = tmp_path / "c.pt"
     torch.save(wrap(F.state_dict()), p)
@@ -135,7 +192,9 @@ def test_other_layouts_put_background_last(layout, bg):
         out[f"{LAYOUTS[layout][tv[prefix]][0]}.{kind}"] = t
     h = heads_from_state_dict(out)
     assert h.layout == layout and h.bg_col == bg and h.reg_classes == 3
-    assert h.fg_logit(torch.tensor([0, 2])).tolist() == [0, 2] and h.reg_slot(torch.tensor([2])).tolist() == [2]
+    assert h.fg_logit(torch.tensor([0, 2])).tolist() == [0, 2] and h.reg_slot(
+        torch.tensor([2])
+    ).tolist() == [2]
 
 
 def test_shape_mismatch_names_both_shapes():
@@ -163,10 +222,13 @@ def test_checkpoint_objects_are_replaced_not_executed(tmp_path):
     torch.save({"state_dict": F.state_dict(), "meta": {"cfg": evil}}, p)
     h = load_checkpoint(p)
     assert not marker.exists()
-    assert h.layout == "torchvision" and [(r.name, r.code) for r in h.replaced] == [("posix.system", True)]
+    assert h.layout == "torchvision" and [(r.name, r.code) for r in h.replaced] == [
+        ("posix.system", True)
+    ]
 
 
 # ---- configs and profiles ------------------------------------------------------------------
+
 
 def test_profile_toml_roundtrip(tmp_path):
     for name, make in BUILTIN.items():
@@ -183,13 +245,16 @@ def test_profile_toml_overrides_a_base(tmp_path):
     assert prof.rpn_box.normalizer == "sampled" and prof.rpn_box.floor == 1.0
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("pos_wieght = 2.0", "unknown key 'pos_wieght'"),
-    ("[rpn_box]\nnormalizer = \"per_level\"", "normalizer 'per_level' is unknown"),
-    ("[rpn_box]\nloss = \"ce\"", "rpn_box needs one of l1, smooth_l1"),
-    ("pos_weight = \"x\"", "expected a number"),
-    ("pos_weight = ", "is not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("pos_wieght = 2.0", "unknown key 'pos_wieght'"),
+        ('[rpn_box]\nnormalizer = "per_level"', "normalizer 'per_level' is unknown"),
+        ('[rpn_box]\nloss = "ce"', "rpn_box needs one of l1, smooth_l1"),
+        ('pos_weight = "x"', "expected a number"),
+        ("pos_weight = ", "is not valid TOML"),
+    ],
+)
 def test_bad_profile_toml(tmp_path, text, needle):
     p = tmp_path / "bad.toml"
     p.write_text(text)
@@ -206,7 +271,9 @@ def test_unknown_profile_and_preset_names():
 
 def test_config_toml_overrides_preset(tmp_path):
     p = tmp_path / "det.toml"
-    p.write_text('base = "mmdet"\n[rpn_sampler]\nbatch_size = 128\n[anchors]\nsizes = [[16.0], [32.0]]\n')
+    p.write_text(
+        'base = "mmdet"\n[rpn_sampler]\nbatch_size = 128\n[anchors]\nsizes = [[16.0], [32.0]]\n'
+    )
     cfg = load_config(p)
     assert cfg.rpn_sampler.batch_size == 128 and cfg.rpn_sampler.pos_fraction == 0.5
     assert cfg.anchors.sizes == ((16.0,), (32.0,)) and cfg.anchors.valid_pad_divisor == 32

@@ -33,16 +33,33 @@ HOSTILE_FILE = MARKER.with_suffix(".evil")
 CMD = f"touch {MARKER}"
 
 SAFE = [
-    ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("torch", "Size"),
-    ("torch", "FloatStorage"), ("torch", "float32"), ("builtins", "set"), ("_codecs", "encode"),
-    ("torch.storage", "_load_from_bytes"), ("torch._utils", "_rebuild_parameter"),
-    ("numpy.core.multiarray", "_reconstruct"), ("mmengine.config.config", "ConfigDict"),
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch", "Size"),
+    ("torch", "FloatStorage"),
+    ("torch", "float32"),
+    ("builtins", "set"),
+    ("_codecs", "encode"),
+    ("torch.storage", "_load_from_bytes"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("mmengine.config.config", "ConfigDict"),
 ]
 HOSTILE = [
-    ("os", "system"), ("posix", "system"), ("builtins", "exec"), ("builtins", "eval"),
-    ("builtins", "open"), ("subprocess", "check_call"), ("subprocess", "Popen"),
-    ("builtins", "getattr"), ("builtins", "__import__"), ("torch", "load"), ("pickle", "loads"),
-    ("__builtin__", "exec"), ("nt", "system"), ("runpy", "run_path"),
+    ("os", "system"),
+    ("posix", "system"),
+    ("builtins", "exec"),
+    ("builtins", "eval"),
+    ("builtins", "open"),
+    ("subprocess", "check_call"),
+    ("subprocess", "Popen"),
+    ("builtins", "getattr"),
+    ("builtins", "__import__"),
+    ("torch", "load"),
+    ("pickle", "loads"),
+    ("__builtin__", "exec"),
+    ("nt", "system"),
+    ("runpy", "run_path"),
 ]
 
 
@@ -55,8 +72,19 @@ def _hostile_pickle() -> bytes:
 
 
 ARGS = [
-    CMD, f"open({str(MARKER)!r}, 'w').close()", str(MARKER), "w", ["touch", str(MARKER)],
-    str(HOSTILE_FILE), _hostile_pickle(), "os", "system", 0, 7, -1, 10**12,
+    CMD,
+    f"open({str(MARKER)!r}, 'w').close()",
+    str(MARKER),
+    "w",
+    ["touch", str(MARKER)],
+    str(HOSTILE_FILE),
+    _hostile_pickle(),
+    "os",
+    "system",
+    0,
+    7,
+    -1,
+    10**12,
 ]
 
 
@@ -112,13 +140,22 @@ def _plain(v) -> bytes:
     return data[2:-1]
 
 
-GLOBALS = st.builds(lambda g, s: ("global", g, s), st.sampled_from(SAFE + HOSTILE), st.sampled_from(["plain", "stack"]))
+GLOBALS = st.builds(
+    lambda g, s: ("global", g, s),
+    st.sampled_from(SAFE + HOSTILE),
+    st.sampled_from(["plain", "stack"]),
+)
 LEAVES = st.one_of(st.builds(lambda v: ("value", v), st.sampled_from(ARGS)), GLOBALS)
 CALL_KINDS = ["reduce", "inst", "obj", "newobj", "newobj_ex", "build", "persid", "memo"]
 
 
 def _extend(children):
-    calls = st.builds(lambda k, c, a: (k, c, a), st.sampled_from(CALL_KINDS), GLOBALS, st.lists(children, max_size=4))
+    calls = st.builds(
+        lambda k, c, a: (k, c, a),
+        st.sampled_from(CALL_KINDS),
+        GLOBALS,
+        st.lists(children, max_size=4),
+    )
     containers = st.one_of(
         st.builds(lambda xs: ("tuple", xs), st.lists(children, max_size=4)),
         st.builds(lambda xs: ("list", xs), st.lists(children, max_size=4)),
@@ -156,7 +193,10 @@ def as_zip(stream: bytes) -> bytes:
 
 
 def as_legacy(stream: bytes) -> bytes:
-    head = b"".join(pickle.dumps(x, protocol=2) for x in (MAGIC_NUMBER, PROTOCOL_VERSION, {"little_endian": True}))
+    head = b"".join(
+        pickle.dumps(x, protocol=2)
+        for x in (MAGIC_NUMBER, PROTOCOL_VERSION, {"little_endian": True})
+    )
     return head + stream + pickle.dumps(["0"], protocol=2) + (16).to_bytes(8, "little") + bytes(64)
 
 
@@ -208,7 +248,17 @@ def test_random_pickle_streams_run_no_code_long(tmp_path_factory, stream):
 
 def test_the_grammar_reaches_hostile_calls_that_would_run():
     """The generator is not toothless: one of its streams, read by the real pickle, runs code."""
-    stream = b"\x80\x02" + emit(("reduce", ("global", ("builtins", "open"), "stack"), [("value", str(MARKER)), ("value", "w")])) + b"."
+    stream = (
+        b"\x80\x02"
+        + emit(
+            (
+                "reduce",
+                ("global", ("builtins", "open"), "stack"),
+                [("value", str(MARKER)), ("value", "w")],
+            )
+        )
+        + b"."
+    )
     MARKER.unlink(missing_ok=True)
     try:
         pickle.loads(stream).close()

@@ -6,6 +6,7 @@ relu(-v)), and the 1x1 convs take their difference. The box head has zero weight
 gets the class logits ``Z`` and deltas ``B`` from the biases. Expected values are computed below
 in plain Python floats, from the formulas, independently of the library.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,13 +15,12 @@ import random
 import pytest
 import torch
 
+from factories import TV_KEYS
 from lossdoctor.inputs.batch import BATCH_FORMAT, validate_batch
 from lossdoctor.inputs.checkpoint import heads_from_state_dict
 from lossdoctor.inputs.config import DetectorConfig, preset, replace
 from lossdoctor.inputs.profiles import BUILTIN, EPS32
 from lossdoctor.replay.engine import replay
-
-from factories import TV_KEYS
 
 STRIDES = (4, 8)
 SIZES = (8.0, 16.0)
@@ -44,10 +44,13 @@ def make_heads():
         reg[k, 2 * (k + 1), 0, 0], reg[k, 2 * (k + 1) + 1, 0, 0] = 1.0, -1.0
     sd = {}
     parts = {
-        "rpn_conv": (w, torch.zeros(CHANNELS)), "rpn_cls": (cls, torch.zeros(1)), "rpn_reg": (reg, torch.zeros(4)),
+        "rpn_conv": (w, torch.zeros(CHANNELS)),
+        "rpn_cls": (cls, torch.zeros(1)),
+        "rpn_reg": (reg, torch.zeros(4)),
         "fc1": (torch.zeros(HIDDEN, CHANNELS * POOL * POOL), torch.zeros(HIDDEN)),
         "fc2": (torch.zeros(HIDDEN, HIDDEN), torch.zeros(HIDDEN)),
-        "cls": (torch.zeros(4, HIDDEN), torch.tensor(Z)), "reg": (torch.zeros(16, HIDDEN), torch.tensor(B)),
+        "cls": (torch.zeros(4, HIDDEN), torch.tensor(Z)),
+        "reg": (torch.zeros(16, HIDDEN), torch.tensor(B)),
     }
     for part, (wt, b) in parts.items():
         sd[f"{TV_KEYS[part]}.weight"], sd[f"{TV_KEYS[part]}.bias"] = wt, b
@@ -56,7 +59,13 @@ def make_heads():
 
 def config(base: str) -> DetectorConfig:
     cfg = preset(base)
-    anchors = replace(cfg.anchors, sizes=((SIZES[0],), (SIZES[1],)), ratios=(1.0,), stride_from_size=False, valid_pad_divisor=0)
+    anchors = replace(
+        cfg.anchors,
+        sizes=((SIZES[0],), (SIZES[1],)),
+        ratios=(1.0,),
+        stride_from_size=False,
+        valid_pad_divisor=0,
+    )
     return replace(cfg, anchors=anchors)
 
 
@@ -64,14 +73,29 @@ def anchors_py():
     """Level → list of anchors [x1, y1, x2, y2], row-major, centres at (x * s, y * s)."""
     out = []
     for s, size, (h, w) in zip(STRIDES, SIZES, GRID):
-        out.append([[x * s - size / 2, y * s - size / 2, x * s + size / 2, y * s + size / 2] for y in range(h) for x in range(w)])
+        out.append(
+            [
+                [x * s - size / 2, y * s - size / 2, x * s + size / 2, y * s + size / 2]
+                for y in range(h)
+                for x in range(w)
+            ]
+        )
     return out
 
 
 def outputs_py(n, seed=1):
     """Chosen logits and deltas: [image][level][anchor] -> (logit, (dx, dy, dw, dh))."""
     rnd = random.Random(seed)
-    return [[[(rnd.uniform(-3, 3), tuple(rnd.uniform(-1, 1) for _ in range(4))) for _ in range(h * w)] for h, w in GRID] for _ in range(n)]
+    return [
+        [
+            [
+                (rnd.uniform(-3, 3), tuple(rnd.uniform(-1, 1) for _ in range(4)))
+                for _ in range(h * w)
+            ]
+            for h, w in GRID
+        ]
+        for _ in range(n)
+    ]
 
 
 def make_batch(outs, gt_boxes, gt_labels, proposals):
@@ -86,15 +110,21 @@ def make_batch(outs, gt_boxes, gt_labels, proposals):
                     f[i, 2 * j, y, x] = max(v, 0.0)
                     f[i, 2 * j + 1, y, x] = max(-v, 0.0)
         feats[f"p{lvl + 2}"] = f
-    return validate_batch({
-        "format": BATCH_FORMAT, "features": feats, "image_sizes": [[IMAGE, IMAGE]] * n, "strides": list(STRIDES),
-        "gt_boxes": [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in gt_boxes],
-        "gt_labels": [torch.tensor(l, dtype=torch.long) for l in gt_labels],
-        "proposals": [torch.tensor(p, dtype=torch.float32).reshape(-1, 4) for p in proposals],
-    })
+    return validate_batch(
+        {
+            "format": BATCH_FORMAT,
+            "features": feats,
+            "image_sizes": [[IMAGE, IMAGE]] * n,
+            "strides": list(STRIDES),
+            "gt_boxes": [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in gt_boxes],
+            "gt_labels": [torch.tensor(l, dtype=torch.long) for l in gt_labels],
+            "proposals": [torch.tensor(p, dtype=torch.float32).reshape(-1, 4) for p in proposals],
+        }
+    )
 
 
 # ---- the reference formulas, in plain Python ------------------------------------------------
+
 
 def iou(a, b):
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
@@ -106,8 +136,12 @@ def iou(a, b):
 def encode(g, r, wts):
     rw, rh = r[2] - r[0], r[3] - r[1]
     gw, gh = g[2] - g[0], g[3] - g[1]
-    return [wts[0] * ((g[0] + gw / 2) - (r[0] + rw / 2)) / rw, wts[1] * ((g[1] + gh / 2) - (r[1] + rh / 2)) / rh,
-            wts[2] * math.log(gw / rw), wts[3] * math.log(gh / rh)]
+    return [
+        wts[0] * ((g[0] + gw / 2) - (r[0] + rw / 2)) / rw,
+        wts[1] * ((g[1] + gh / 2) - (r[1] + rh / 2)) / rh,
+        wts[2] * math.log(gw / rw),
+        wts[3] * math.log(gh / rh),
+    ]
 
 
 def bce(x, y):
@@ -156,7 +190,13 @@ def expected(profile, outs, gts, labels, proposals):
     """Per-level rpn (cls, box) and total roi (cls, box) under one profile, from the formulas."""
     n = len(outs)
     lv = rpn_samples(outs, gts)
-    rpn_beta = {"legacy": 1 / 9, "fixed": 1 / 9, "torchvision": 1 / 9, "mmdet": 0.0, "detectron2": 0.0}[profile]
+    rpn_beta = {
+        "legacy": 1 / 9,
+        "fixed": 1 / 9,
+        "torchvision": 1 / 9,
+        "mmdet": 0.0,
+        "detectron2": 0.0,
+    }[profile]
     S = sum(len(s) for s in lv)
     pos_img = [sum(1 for s in lv for (i, _, p, _) in s if i == img and p) for img in range(n)]
     neg_img = [sum(1 for s in lv for (i, _, p, _) in s if i == img and not p) for img in range(n)]
@@ -167,7 +207,9 @@ def expected(profile, outs, gts, labels, proposals):
         boxes = [sum(sl1(dd - tt, rpn_beta) for dd, tt in zip(*b)) for (_, _, p, b) in s if p]
         box_sum = sum(boxes)
         if profile == "legacy":
-            rpn.append((cls_sum / len(s) if s else math.nan, box_sum / len(boxes) if boxes else math.nan))
+            rpn.append(
+                (cls_sum / len(s) if s else math.nan, box_sum / len(boxes) if boxes else math.nan)
+            )
         elif profile in ("fixed", "torchvision"):
             rpn.append((cls_sum / S, box_sum / S))
         elif profile == "mmdet":
@@ -184,7 +226,7 @@ def expected(profile, outs, gts, labels, proposals):
                 c = labels[i][j]
                 ces.append(ce(Z, c + 1))
                 t = encode(gts[i][j], r, (10, 10, 5, 5))
-                pred = B[4 * (c + 1): 4 * (c + 2)]
+                pred = B[4 * (c + 1) : 4 * (c + 2)]
                 boxes.append(sum(sl1(p - q, rpn_beta) for p, q in zip(pred, t)))
             else:
                 ces.append(ce(Z, 0))
@@ -202,9 +244,17 @@ def expected(profile, outs, gts, labels, proposals):
 
 CASES = {
     # image 0: one GT that exactly covers a P2 anchor; image 1: no GT. P3 gets no positive.
-    "normal": ([[[0.0, 0.0, 8.0, 8.0]], []], [[1], []], [[[1.0, 0.0, 9.0, 8.0], [8.0, 8.0, 16.0, 16.0]], [[0.0, 0.0, 8.0, 8.0]]]),
+    "normal": (
+        [[[0.0, 0.0, 8.0, 8.0]], []],
+        [[1], []],
+        [[[1.0, 0.0, 9.0, 8.0], [8.0, 8.0, 16.0, 16.0]], [[0.0, 0.0, 8.0, 8.0]]],
+    ),
     # two GTs in one image, one per level
-    "two_levels": ([[[0.0, 0.0, 8.0, 8.0], [0.0, 0.0, 16.0, 16.0]]], [[2, 0]], [[[1.0, 1.0, 15.0, 15.0], [9.0, 9.0, 15.0, 16.0]]]),
+    "two_levels": (
+        [[[0.0, 0.0, 8.0, 8.0], [0.0, 0.0, 16.0, 16.0]]],
+        [[2, 0]],
+        [[[1.0, 1.0, 15.0, 15.0], [9.0, 9.0, 15.0, 16.0]]],
+    ),
     # no GT anywhere: no RPN positive and no RoI positive
     "no_positive": ([[], []], [[], []], [[[0.0, 0.0, 8.0, 8.0]], [[4.0, 4.0, 12.0, 12.0]]]),
 }
@@ -236,9 +286,21 @@ def test_profile_matches_reference_formula(case, profile):
 def test_reference_cases_exercise_the_edge_cases():
     """The cases really contain what they claim: no-GT image, a level without positive, no RoI positive."""
     gts, labels, props = CASES["normal"]
-    r = replay(make_heads(), make_batch(outputs_py(2), gts, labels, props), config("torchvision"), [BUILTIN["legacy"]()], sample_all=True)
+    r = replay(
+        make_heads(),
+        make_batch(outputs_py(2), gts, labels, props),
+        config("torchvision"),
+        [BUILTIN["legacy"]()],
+        sample_all=True,
+    )
     assert r.images[1].gt == 0 and r.images[1].rpn_pos == 0
     assert [s.pos for s in r.samples["rpn"]] == [1, 0]
     gts, labels, props = CASES["no_positive"]
-    r = replay(make_heads(), make_batch(outputs_py(2), gts, labels, props), config("torchvision"), [BUILTIN["legacy"]()], sample_all=True)
+    r = replay(
+        make_heads(),
+        make_batch(outputs_py(2), gts, labels, props),
+        config("torchvision"),
+        [BUILTIN["legacy"]()],
+        sample_all=True,
+    )
     assert sum(s.pos for s in r.samples["roi"]) == 0

@@ -1,4 +1,5 @@
 """Replay invariants: NaN semantics, shared normalizers, seeds, bad labels, MMDetection's leak."""
+
 from __future__ import annotations
 
 import math
@@ -6,19 +7,25 @@ import math
 import pytest
 import torch
 
+import factories as F
 from lossdoctor.inputs.batch import validate_batch
 from lossdoctor.inputs.config import preset
 from lossdoctor.inputs.profiles import BUILTIN
 from lossdoctor.replay.engine import replay
-
-import factories as F
 
 ALL = [p() for p in BUILTIN.values()]
 SHARED = ("fixed", "mmdet", "torchvision", "detectron2")
 
 
 def run(batch=None, cfg="torchvision", seed=0, sample_all=False, profiles=ALL, heads=None):
-    return replay(heads or F.heads(), batch or F.batch(), preset(cfg), profiles, seed=seed, sample_all=sample_all)
+    return replay(
+        heads or F.heads(),
+        batch or F.batch(),
+        preset(cfg),
+        profiles,
+        seed=seed,
+        sample_all=sample_all,
+    )
 
 
 def vals(r, profile, head, kind):
@@ -66,7 +73,10 @@ def test_fixed_avg_factor_is_total_sampled_and_legacy_per_level():
 
 
 def test_mmdet_rpn_avg_factor_is_per_image_floored_sum():
-    b = F.batch(boxes=[torch.tensor([[8.0, 10.0, 40.0, 50.0]]), torch.zeros(0, 4)], labels=[torch.tensor([0]), torch.zeros(0, dtype=torch.long)])
+    b = F.batch(
+        boxes=[torch.tensor([[8.0, 10.0, 40.0, 50.0]]), torch.zeros(0, 4)],
+        labels=[torch.tensor([0]), torch.zeros(0, dtype=torch.long)],
+    )
     r = run(b, cfg="mmdet")
     im = r.images
     assert im[1].rpn_pos == 0
@@ -85,7 +95,10 @@ def test_same_seed_same_numbers_sample_all_ignores_seed():
 def _nan_equal(rows_a, rows_b):
     def norm(v):
         return "nan" if isinstance(v, float) and math.isnan(v) else v
-    return [{k: norm(v) for k, v in r.items()} for r in rows_a] == [{k: norm(v) for k, v in r.items()} for r in rows_b]
+
+    return [{k: norm(v) for k, v in r.items()} for r in rows_a] == [
+        {k: norm(v) for k, v in r.items()} for r in rows_b
+    ]
 
 
 def test_labels_out_of_range_are_left_out_and_recorded():
@@ -134,7 +147,12 @@ def test_every_normalizer_has_a_count():
     assert set(COUNTS) == set(Normalizer)
     c = HeadCounts(sampled=[10, 6], pos=[3, 0], budget=512, img_pos=[3, 0], img_neg=[7, 6])
     want = {
-        Normalizer.LEVEL_SAMPLED: 6, Normalizer.LEVEL_POS: 0, Normalizer.SAMPLED: 16, Normalizer.POS: 3,
-        Normalizer.BUDGET: 512, Normalizer.MMDET_SAMPLER: (3 + 7) + (1 + 6), Normalizer.MMDET_PSEUDO: 3 + 1,
+        Normalizer.LEVEL_SAMPLED: 6,
+        Normalizer.LEVEL_POS: 0,
+        Normalizer.SAMPLED: 16,
+        Normalizer.POS: 3,
+        Normalizer.BUDGET: 512,
+        Normalizer.MMDET_SAMPLER: (3 + 7) + (1 + 6),
+        Normalizer.MMDET_PSEUDO: 3 + 1,
     }
     assert {n: c.count(n, 1) for n in Normalizer} == want

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -37,7 +37,9 @@ ODD = [math.nan, math.inf, -math.inf, 1e30, -1e30, 0.0, -5.0, 1e5, 0.5]
 
 def coordinate(extent: int):
     """One box coordinate: mostly inside the image, sometimes anything at all."""
-    return st.one_of(st.floats(0, extent), st.floats(0, extent), st.sampled_from(ODD), st.floats(allow_nan=True))
+    return st.one_of(
+        st.floats(0, extent), st.floats(0, extent), st.sampled_from(ODD), st.floats(allow_nan=True)
+    )
 
 
 @st.composite
@@ -66,14 +68,20 @@ def boxes(draw, h: int, w: int):
 
 @st.composite
 def features(draw, n: int, pad: tuple[int, int], levels: int):
-    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float16, torch.float64, torch.bfloat16]))
+    dtype = draw(
+        st.sampled_from(
+            [torch.float32, torch.float32, torch.float16, torch.float64, torch.bfloat16]
+        )
+    )
     scale = draw(st.sampled_from([1.0, 1.0, 1e-8, 1e4, 1e30]))
     out = {}
     for lvl, s in enumerate(STRIDES[:levels]):
         h, w = max(1, -(-pad[0] // s)), max(1, -(-pad[1] // s))
         t = torch.randn(n, CHANNELS, h, w) * scale
         for _ in range(draw(st.integers(0, 2)) if draw(st.booleans()) else 0):
-            t.view(-1)[draw(st.integers(0, t.numel() - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+            t.view(-1)[draw(st.integers(0, t.numel() - 1))] = draw(
+                st.sampled_from([math.nan, math.inf, -math.inf])
+            )
         out[f"p{lvl + 2}"] = t.to(dtype)
     return out
 
@@ -81,18 +89,37 @@ def features(draw, n: int, pad: tuple[int, int], levels: int):
 @st.composite
 def batches(draw) -> dict:
     n = draw(st.integers(1, 3))
-    sizes = [[draw(st.sampled_from([1, 2, 17, 40, 64])), draw(st.sampled_from([1, 3, 33, 64]))] for _ in range(n)]
+    sizes = [
+        [draw(st.sampled_from([1, 2, 17, 40, 64])), draw(st.sampled_from([1, 3, 33, 64]))]
+        for _ in range(n)
+    ]
     pad = (max(h for h, _ in sizes), max(w for _, w in sizes))
     pad = (-(-pad[0] // 64) * 64, -(-pad[1] // 64) * 64)
     gt = [draw(boxes(h, w)) for h, w in sizes]
     label_hi = draw(st.sampled_from([3, 3, 3, 4, 1000]))
-    labels = [torch.tensor([draw(st.integers(-1 if label_hi > 3 else 0, label_hi - 1)) for _ in range(len(b))], dtype=torch.long) for b in gt]
+    labels = [
+        torch.tensor(
+            [draw(st.integers(-1 if label_hi > 3 else 0, label_hi - 1)) for _ in range(len(b))],
+            dtype=torch.long,
+        )
+        for b in gt
+    ]
     d = {
-        "format": BATCH_FORMAT, "features": draw(features(n, pad, draw(st.integers(1, 5)))),
-        "image_sizes": sizes, "pad_size": list(pad), "gt_boxes": gt, "gt_labels": labels,
+        "format": BATCH_FORMAT,
+        "features": draw(features(n, pad, draw(st.integers(1, 5)))),
+        "image_sizes": sizes,
+        "pad_size": list(pad),
+        "gt_boxes": gt,
+        "gt_labels": labels,
     }
     if draw(st.booleans()):
-        d["gt_ignore"] = [torch.tensor([draw(st.booleans()) or draw(st.booleans()) for _ in range(len(b))], dtype=torch.bool) for b in gt]
+        d["gt_ignore"] = [
+            torch.tensor(
+                [draw(st.booleans()) or draw(st.booleans()) for _ in range(len(b))],
+                dtype=torch.bool,
+            )
+            for b in gt
+        ]
     if draw(st.integers(0, 4)) == 0:
         d["proposals"] = [draw(boxes(h, w)) for h, w in sizes]
     d["strides"] = list(STRIDES[: len(d["features"])])
@@ -124,7 +151,9 @@ PROFILES = ("legacy", "fixed", "mmdet", "torchvision", "detectron2")
 
 
 def run_inspect(ckpt, batch_path, out, options=()):
-    r = runner.invoke(app, ["inspect", str(ckpt), str(batch_path), "--json", str(out), "--quiet", *options])
+    r = runner.invoke(
+        app, ["inspect", str(ckpt), str(batch_path), "--json", str(out), "--quiet", *options]
+    )
     assert r.exit_code in (0, 1, 2), r.output
     assert "Traceback" not in r.output and "internal error" not in r.output, r.output
     if r.exit_code == 2:
@@ -144,8 +173,13 @@ def replay_one(ckpt, tmp, d: dict, name: str, options=()):
 
 
 OPTIONS = st.builds(
-    lambda c, old, new, all_: ["--config", c, "--old", old, "--new", new] + (["--sample-all"] if all_ else []),
-    st.sampled_from(CONFIGS), st.sampled_from(PROFILES[:2]), st.sampled_from(PROFILES[2:]), st.booleans(),
+    lambda c, old, new, all_: (
+        ["--config", c, "--old", old, "--new", new] + (["--sample-all"] if all_ else [])
+    ),
+    st.sampled_from(CONFIGS),
+    st.sampled_from(PROFILES[:2]),
+    st.sampled_from(PROFILES[2:]),
+    st.booleans(),
 )
 
 
@@ -157,8 +191,14 @@ def _property(tmp_path_factory, ckpt, a, b, options):
     tmp = tmp_path_factory.mktemp("fuzz")
     ra, rb = replay_one(ckpt, tmp, a, "a", options), replay_one(ckpt, tmp, b, "b")
     if ra is not None and rb is not None:
-        r = runner.invoke(app, ["compare", "--old", str(tmp / "a.json"), "--new", str(tmp / "b.json")])
-        assert r.exit_code in (0, 1, 2) and "Traceback" not in r.output and "internal error" not in r.output, r.output
+        r = runner.invoke(
+            app, ["compare", "--old", str(tmp / "a.json"), "--new", str(tmp / "b.json")]
+        )
+        assert (
+            r.exit_code in (0, 1, 2)
+            and "Traceback" not in r.output
+            and "internal error" not in r.output
+        ), r.output
 
 
 @FAST
@@ -176,6 +216,7 @@ def test_every_valid_batch_replays_to_a_report_long(tmp_path_factory, ckpt, a, b
 
 # ---- examples that once failed, kept as explicit regressions ------------------------------------
 
+
 def _small(boxes, labels=None, strides=STRIDES, **extra) -> dict:
     labels = labels or [torch.zeros(len(b), dtype=torch.long) for b in boxes]
     d = F.batch_dict(channels=CHANNELS, boxes=boxes, labels=labels, strides=strides)
@@ -184,18 +225,39 @@ def _small(boxes, labels=None, strides=STRIDES, **extra) -> dict:
 
 REGRESSIONS = {
     # RoIAlign indexed outside the map: sample points of an Inf or 1e30 box overflowed int64
-    "inf coordinate": (_small([torch.tensor([[0.0, 0.0, math.inf, 10.0]]), torch.tensor([[4.0, 4.0, 40.0, 30.0]])]), []),
-    "huge box": (_small([torch.tensor([[-1e30, -1e30, 1e30, 1e30]]), torch.tensor([[4.0, 4.0, 40.0, 30.0]])]), []),
+    "inf coordinate": (
+        _small(
+            [torch.tensor([[0.0, 0.0, math.inf, 10.0]]), torch.tensor([[4.0, 4.0, 40.0, 30.0]])]
+        ),
+        [],
+    ),
+    "huge box": (
+        _small(
+            [torch.tensor([[-1e30, -1e30, 1e30, 1e30]]), torch.tensor([[4.0, 4.0, 40.0, 30.0]])]
+        ),
+        [],
+    ),
     "huge box, adaptive RoIAlign": (
-        _small([torch.tensor([[0.0, 0.0, 5e4, 5e4]]), torch.tensor([[4.0, 4.0, 40.0, 30.0]])]), ["--config", "mmdet"]),
+        _small([torch.tensor([[0.0, 0.0, 5e4, 5e4]]), torch.tensor([[4.0, 4.0, 40.0, 30.0]])]),
+        ["--config", "mmdet"],
+    ),
     # one level, and every RoI on it a zero-width GT under adaptive RoIAlign: no sample point
     # anywhere, and the pooled features fell out of the graph
     "only sampleless rois": (
-        _small([torch.tensor([[4.0, 4.0, 4.0, 20.0]])] * 2, strides=(4,), proposals=[torch.zeros(0, 4)] * 2),
+        _small(
+            [torch.tensor([[4.0, 4.0, 4.0, 20.0]])] * 2,
+            strides=(4,),
+            proposals=[torch.zeros(0, 4)] * 2,
+        ),
         ["--config", "mmdet"],
     ),
-    "nan proposals": (_small([torch.tensor([[4.0, 4.0, 40.0, 30.0]])] * 2,
-                             proposals=[torch.tensor([[math.nan, 0.0, 5.0, 5.0], [1.0, 1.0, 30.0, 30.0]])] * 2), []),
+    "nan proposals": (
+        _small(
+            [torch.tensor([[4.0, 4.0, 40.0, 30.0]])] * 2,
+            proposals=[torch.tensor([[math.nan, 0.0, 5.0, 5.0], [1.0, 1.0, 30.0, 30.0]])] * 2,
+        ),
+        [],
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """Anchors, matcher, sampler, box coder, RoIAlign and level mapping against the reference notes."""
+
 from __future__ import annotations
 
 import math
@@ -6,7 +7,13 @@ import math
 import pytest
 import torch
 
-from lossdoctor.inputs.config import AnchorConfig, MatcherConfig, RoIPoolConfig, SamplerConfig, preset
+from lossdoctor.inputs.config import (
+    AnchorConfig,
+    MatcherConfig,
+    RoIPoolConfig,
+    SamplerConfig,
+    preset,
+)
 from lossdoctor.replay import boxes as B
 from lossdoctor.replay.anchors import cell_anchors, level_anchors, level_strides
 from lossdoctor.replay.matcher import IGNORED, NEGATIVE, POSITIVE, match
@@ -16,7 +23,11 @@ from lossdoctor.replay.sampler import sample
 
 def test_torchvision_cell_anchors_are_rounded_like_the_reference():
     # reference: P2 [-23,-11,23,11] [-16,-16,16,16] [-11,-23,11,23]; P6 [-362,-181,362,181] ...
-    assert cell_anchors((32.0,), (0.5, 1.0, 2.0), True, False).tolist() == [[-23, -11, 23, 11], [-16, -16, 16, 16], [-11, -23, 11, 23]]
+    assert cell_anchors((32.0,), (0.5, 1.0, 2.0), True, False).tolist() == [
+        [-23, -11, 23, 11],
+        [-16, -16, 16, 16],
+        [-11, -23, 11, 23],
+    ]
     p6 = cell_anchors((512.0,), (0.5, 1.0, 2.0), True, False)
     assert p6[0].tolist() == [-362, -181, 362, 181] and p6[2].tolist() == [-181, -362, 181, 362]
 
@@ -42,7 +53,9 @@ def test_torchvision_strides_come_from_padded_size_over_feature_size():
 
 
 def _anchors():
-    return torch.tensor([[0, 0, 10, 10], [0, 0, 10, 20], [5, 0, 15, 10], [100, 100, 110, 110]], dtype=torch.float32)
+    return torch.tensor(
+        [[0, 0, 10, 10], [0, 0, 10, 20], [5, 0, 15, 10], [100, 100, 110, 110]], dtype=torch.float32
+    )
 
 
 def test_matcher_thresholds_and_ignore_band():
@@ -72,7 +85,9 @@ def test_gt_overlapping_no_anchor_makes_every_anchor_positive_under_torchvision_
 
 def test_mmdet_low_quality_later_gt_wins():
     anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])
-    gt = torch.tensor([[0.0, 0.0, 10.0, 4.0], [0.0, 0.0, 4.0, 10.0]])  # both best-match anchor 0 at IoU 0.4
+    gt = torch.tensor(
+        [[0.0, 0.0, 10.0, 4.0], [0.0, 0.0, 4.0, 10.0]]
+    )  # both best-match anchor 0 at IoU 0.4
     mm = match(gt, anchors, MatcherConfig(0.7, 0.3, True, "mmdet", min_pos_iou=0.3))
     tv = match(gt, anchors, MatcherConfig(0.7, 0.3, True, "torchvision"))
     assert mm.labels[0] == POSITIVE and mm.gt[0] == 1  # later GT wins
@@ -110,8 +125,12 @@ def test_encode_decode_roundtrip_and_zero_width_gives_minus_inf():
     gt = torch.tensor([[2.0, 3.0, 14.0, 19.0]])
     d = B.encode(gt, ref, (10.0, 10.0, 5.0, 5.0))
     # dx = 10 * (8 - 5) / 10 = 3; dy = 10 * (11 - 10) / 20 = 0.5; dw = 5 ln(12/10); dh = 5 ln(16/20)
-    assert d[0].tolist() == pytest.approx([3.0, 0.5, 5 * math.log(1.2), 5 * math.log(0.8)], rel=1e-6)
-    assert torch.allclose(B.decode(d, ref, (10.0, 10.0, 5.0, 5.0), math.log(1000 / 16)), gt, atol=1e-5)
+    assert d[0].tolist() == pytest.approx(
+        [3.0, 0.5, 5 * math.log(1.2), 5 * math.log(0.8)], rel=1e-6
+    )
+    assert torch.allclose(
+        B.decode(d, ref, (10.0, 10.0, 5.0, 5.0), math.log(1000 / 16)), gt, atol=1e-5
+    )
     z = B.encode(torch.tensor([[5.0, 5.0, 5.0, 9.0]]), ref, (1, 1, 1, 1))
     assert z[0, 2] == -math.inf
 
@@ -128,7 +147,9 @@ def test_decode_clamps_dw_upper_only_unless_clip_both():
 
 
 def test_nms_keeps_highest_and_suppresses_overlaps():
-    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10.5]], dtype=torch.float32)
+    boxes = torch.tensor(
+        [[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10.5]], dtype=torch.float32
+    )
     scores = torch.tensor([0.9, 0.8, 0.7, 0.95])
     assert B.nms_torch(boxes, scores, 0.5).tolist() == [3, 2]
     groups = torch.tensor([0, 1, 0, 0])
@@ -183,8 +204,12 @@ def _roi_align_kernel(feat, box, scale, pooled, sampling_ratio, aligned):
                     else:
                         xh = xl + 1
                     ly, lx = yy - yl, xx - xl
-                    acc += (1 - ly) * (1 - lx) * feat[:, yl, xl] + (1 - ly) * lx * feat[:, yl, xh] \
-                        + ly * (1 - lx) * feat[:, yh, xl] + ly * lx * feat[:, yh, xh]
+                    acc += (
+                        (1 - ly) * (1 - lx) * feat[:, yl, xl]
+                        + (1 - ly) * lx * feat[:, yl, xh]
+                        + ly * (1 - lx) * feat[:, yh, xl]
+                        + ly * lx * feat[:, yh, xh]
+                    )
             out[:, ph, pw] = acc / count
     return out
 
@@ -193,11 +218,21 @@ def _roi_align_kernel(feat, box, scale, pooled, sampling_ratio, aligned):
 def test_roi_align_matches_the_kernel(sampling_ratio, aligned):
     g = torch.Generator().manual_seed(0)
     feat = torch.randn(2, 3, 9, 11, generator=g)
-    rois = torch.tensor([[3.0, 4.0, 30.0, 25.0], [-6.0, -3.0, 10.0, 8.0], [20.0, 14.0, 47.0, 38.0], [5.0, 5.0, 5.5, 5.2], [0, 0, 60, 40]])
+    rois = torch.tensor(
+        [
+            [3.0, 4.0, 30.0, 25.0],
+            [-6.0, -3.0, 10.0, 8.0],
+            [20.0, 14.0, 47.0, 38.0],
+            [5.0, 5.0, 5.5, 5.2],
+            [0, 0, 60, 40],
+        ]
+    )
     img = torch.tensor([0, 1, 1, 0, 1])
     got = roi_align_torch(feat, rois, img, 0.25, 4, sampling_ratio, aligned)
     for r in range(rois.shape[0]):
-        want = _roi_align_kernel(feat[img[r]].double(), rois[r].tolist(), 0.25, 4, sampling_ratio, aligned)
+        want = _roi_align_kernel(
+            feat[img[r]].double(), rois[r].tolist(), 0.25, 4, sampling_ratio, aligned
+        )
         assert torch.allclose(got[r].double(), want, atol=1e-5), r
 
 
@@ -205,6 +240,11 @@ def test_roi_align_matches_the_kernel(sampling_ratio, aligned):
 def test_roi_align_backward_passes_gradcheck(sampling_ratio, aligned):
     g = torch.Generator().manual_seed(1)
     feat = torch.randn(2, 2, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
-    rois = torch.tensor([[3.0, 4.0, 17.0, 20.0], [-3.0, -2.0, 9.0, 8.0], [10.0, 2.0, 27.0, 23.0]], dtype=torch.float64)
+    rois = torch.tensor(
+        [[3.0, 4.0, 17.0, 20.0], [-3.0, -2.0, 9.0, 8.0], [10.0, 2.0, 27.0, 23.0]],
+        dtype=torch.float64,
+    )
     img = torch.tensor([0, 1, 1])
-    assert torch.autograd.gradcheck(lambda f: roi_align_torch(f, rois, img, 0.25, 3, sampling_ratio, aligned), (feat,))
+    assert torch.autograd.gradcheck(
+        lambda f: roi_align_torch(f, rois, img, 0.25, 3, sampling_ratio, aligned), (feat,)
+    )

@@ -4,6 +4,7 @@ Run with torchvision installed, e.g. ``pip install torch==2.14.1 torchvision==0.
 environment. Sampling budgets are made large enough that torchvision keeps every candidate, which is
 what ``sample_all`` does, so both sides see the same samples.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from torchvision.models.detection.roi_heads import RoIHeads  # noqa: E402
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead  # noqa: E402
 from torchvision.ops import MultiScaleRoIAlign, nms, roi_align  # noqa: E402
 
+import factories as F  # noqa: E402
 from lossdoctor.inputs.config import preset  # noqa: E402
 from lossdoctor.inputs.profiles import builtin  # noqa: E402
 from lossdoctor.replay.anchors import level_anchors  # noqa: E402
@@ -26,22 +28,54 @@ from lossdoctor.replay.boxes import nms_torch  # noqa: E402
 from lossdoctor.replay.engine import replay  # noqa: E402
 from lossdoctor.replay.roi_align import roi_align_torch  # noqa: E402
 
-import factories as F  # noqa: E402
-
-ALL = 10 ** 6  # a sampler budget no batch reaches: torchvision then keeps every candidate
+ALL = 10**6  # a sampler budget no batch reaches: torchvision then keeps every candidate
 
 
 def tv_modules(sd, channels, classes, pool=7, hidden=32):
     anchor_gen = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
     head = RPNHead(channels, 3)
-    rpn = RegionProposalNetwork(anchor_gen, head, 0.7, 0.3, ALL, 0.5, dict(training=2000, testing=1000),
-                                dict(training=2000, testing=1000), 0.7)
-    roi = RoIHeads(MultiScaleRoIAlign(["0", "1", "2", "3"], pool, 2), TwoMLPHead(channels * pool * pool, hidden),
-                   FastRCNNPredictor(hidden, classes + 1), 0.5, 0.5, ALL, 0.25, None, 0.05, 0.5, 100)
+    rpn = RegionProposalNetwork(
+        anchor_gen,
+        head,
+        0.7,
+        0.3,
+        ALL,
+        0.5,
+        dict(training=2000, testing=1000),
+        dict(training=2000, testing=1000),
+        0.7,
+    )
+    roi = RoIHeads(
+        MultiScaleRoIAlign(["0", "1", "2", "3"], pool, 2),
+        TwoMLPHead(channels * pool * pool, hidden),
+        FastRCNNPredictor(hidden, classes + 1),
+        0.5,
+        0.5,
+        ALL,
+        0.25,
+        None,
+        0.05,
+        0.5,
+        100,
+    )
     own = {k: v for k, v in sd.items()}
-    head.load_state_dict({k[len("rpn.head."):]: v for k, v in own.items() if k.startswith("rpn.head.")})
-    roi.box_head.load_state_dict({k[len("roi_heads.box_head."):]: v for k, v in own.items() if k.startswith("roi_heads.box_head.")})
-    roi.box_predictor.load_state_dict({k[len("roi_heads.box_predictor."):]: v for k, v in own.items() if k.startswith("roi_heads.box_predictor.")})
+    head.load_state_dict(
+        {k[len("rpn.head.") :]: v for k, v in own.items() if k.startswith("rpn.head.")}
+    )
+    roi.box_head.load_state_dict(
+        {
+            k[len("roi_heads.box_head.") :]: v
+            for k, v in own.items()
+            if k.startswith("roi_heads.box_head.")
+        }
+    )
+    roi.box_predictor.load_state_dict(
+        {
+            k[len("roi_heads.box_predictor.") :]: v
+            for k, v in own.items()
+            if k.startswith("roi_heads.box_predictor.")
+        }
+    )
     return rpn.train(), roi.train()
 
 
@@ -74,9 +108,16 @@ def test_torchvision_losses_match(seed):
 
     from lossdoctor.inputs.batch import validate_batch
     from lossdoctor.inputs.checkpoint import heads_from_state_dict
+
     d["proposals"] = [p.detach() for p in proposals]
     batch = validate_batch(d)
-    r = replay(heads_from_state_dict(sd), batch, preset("torchvision"), [builtin("torchvision")], sample_all=True)
+    r = replay(
+        heads_from_state_dict(sd),
+        batch,
+        preset("torchvision"),
+        [builtin("torchvision")],
+        sample_all=True,
+    )
     t = r.losses["torchvision"].terms
     assert t["rpn_cls"].item() == pytest.approx(rpn_losses["loss_objectness"].item(), rel=1e-5)
     assert t["rpn_box"].item() == pytest.approx(rpn_losses["loss_rpn_box_reg"].item(), rel=1e-5)
@@ -85,7 +126,13 @@ def test_torchvision_losses_match(seed):
 
     # and our own proposals are torchvision's
     d.pop("proposals")
-    r2 = replay(heads_from_state_dict(sd), validate_batch(d), preset("torchvision"), [builtin("torchvision")], sample_all=True)
+    r2 = replay(
+        heads_from_state_dict(sd),
+        validate_batch(d),
+        preset("torchvision"),
+        [builtin("torchvision")],
+        sample_all=True,
+    )
     assert [im.proposals for im in r2.images] == [p.shape[0] for p in proposals]
 
 
@@ -94,7 +141,9 @@ def test_anchors_match_torchvision_including_p6_stride():
     shapes = [(200, 304), (100, 152), (50, 76), (25, 38), (13, 19)]
     images = ImageList(torch.zeros(1, 3, 800, 1216), [(800, 1216)])
     ref = gen(images, [torch.zeros(1, 1, h, w) for h, w in shapes])[0]
-    ours = torch.cat(level_anchors(preset("torchvision").anchors, [4, 8, 16, 32, 64], shapes, (800, 1216)))
+    ours = torch.cat(
+        level_anchors(preset("torchvision").anchors, [4, 8, 16, 32, 64], shapes, (800, 1216))
+    )
     assert torch.equal(ours, ref)
 
 
@@ -105,8 +154,12 @@ def test_pure_roi_align_matches_compiled(sampling_ratio, aligned):
     xy = torch.rand(300, 2, generator=g) * 150
     rois = torch.cat([xy, xy + torch.rand(300, 2, generator=g) * 120 + 0.5], 1)
     img = torch.randint(0, 2, (300,), generator=g)
-    ref = roi_align(feat, torch.cat([img[:, None].float(), rois], 1), 7, 0.125, sampling_ratio, aligned)
-    assert torch.allclose(roi_align_torch(feat, rois, img, 0.125, 7, sampling_ratio, aligned), ref, atol=1e-5)
+    ref = roi_align(
+        feat, torch.cat([img[:, None].float(), rois], 1), 7, 0.125, sampling_ratio, aligned
+    )
+    assert torch.allclose(
+        roi_align_torch(feat, rois, img, 0.125, 7, sampling_ratio, aligned), ref, atol=1e-5
+    )
 
 
 def test_pure_nms_matches_compiled():

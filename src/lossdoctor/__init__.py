@@ -2,9 +2,22 @@
 
 The library is importable without the CLI; heavy modules load on first use.
 """
+
 __version__ = "0.1.0"
 
-__all__ = ["dump_batch", "load_batch", "load_checkpoint", "replay", "run_replay", "inspect", "compare", "Report", "Capture", "InputError", "__version__"]
+__all__ = [
+    "dump_batch",
+    "load_batch",
+    "load_checkpoint",
+    "replay",
+    "run_replay",
+    "inspect",
+    "compare",
+    "Report",
+    "Capture",
+    "InputError",
+    "__version__",
+]
 
 
 def __getattr__(name):

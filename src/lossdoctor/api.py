@@ -1,4 +1,5 @@
 """The library's front door: paths or objects in, a replay (and later a report) out."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,9 +11,15 @@ from .inputs.errors import InputError
 from .inputs.profiles import LossProfile, load_profile
 
 
-def resolve_inputs(checkpoint, batch, config=None, unsafe_load: bool = False) -> tuple[HeadWeights, Batch, DetectorConfig]:
+def resolve_inputs(
+    checkpoint, batch, config=None, unsafe_load: bool = False
+) -> tuple[HeadWeights, Batch, DetectorConfig]:
     """Load what is given as paths; the checkpoint layout picks the preset unless ``config`` says otherwise."""
-    heads = checkpoint if isinstance(checkpoint, HeadWeights) else load_checkpoint(checkpoint, unsafe=unsafe_load)
+    heads = (
+        checkpoint
+        if isinstance(checkpoint, HeadWeights)
+        else load_checkpoint(checkpoint, unsafe=unsafe_load)
+    )
     batch = batch if isinstance(batch, Batch) else load_batch(batch)
     if config is None:
         config = preset(heads.layout)
@@ -32,9 +39,16 @@ def resolve_profiles(specs) -> list[LossProfile]:
     return profs
 
 
-def run_replay(checkpoint: str | Path | HeadWeights, batch: str | Path | Batch, *,
-               config: str | Path | DetectorConfig | None = None,
-               profiles=("legacy", "fixed"), seed: int = 0, sample_all: bool = False, unsafe_load: bool = False):
+def run_replay(
+    checkpoint: str | Path | HeadWeights,
+    batch: str | Path | Batch,
+    *,
+    config: str | Path | DetectorConfig | None = None,
+    profiles=("legacy", "fixed"),
+    seed: int = 0,
+    sample_all: bool = False,
+    unsafe_load: bool = False,
+):
     """Replay ``batch`` through the checkpoint's heads under each profile → :class:`~lossdoctor.replay.engine.Replay`.
 
     ``profiles`` are built-in names, TOML paths or :class:`LossProfile` objects.
@@ -42,11 +56,24 @@ def run_replay(checkpoint: str | Path | HeadWeights, batch: str | Path | Batch, 
     from .replay.engine import replay
 
     heads, batch, config = resolve_inputs(checkpoint, batch, config, unsafe_load)
-    return replay(heads, batch, config, resolve_profiles(profiles), seed=seed, sample_all=sample_all)
+    return replay(
+        heads, batch, config, resolve_profiles(profiles), seed=seed, sample_all=sample_all
+    )
 
 
-def inspect(checkpoint, batch, *, config=None, old="legacy", new="fixed", profiles=None, seed: int | None = None,
-            sample_all: bool = False, score_thr: float | None = None, unsafe_load: bool = False):
+def inspect(
+    checkpoint,
+    batch,
+    *,
+    config=None,
+    old="legacy",
+    new="fixed",
+    profiles=None,
+    seed: int | None = None,
+    sample_all: bool = False,
+    score_thr: float | None = None,
+    unsafe_load: bool = False,
+):
     """Replay and diagnose ``batch`` under two (or more) profiles → :class:`~lossdoctor.report.model.Report`.
 
     ``profiles`` (a list) overrides ``old``/``new``; entries are names, TOML paths or LossProfile objects.
@@ -63,6 +90,8 @@ def inspect(checkpoint, batch, *, config=None, old="legacy", new="fixed", profil
     if seed is None:
         seed = int(b.meta.get("sample_seed", 0))
     r = replay(heads, b, cfg, profs, seed=seed, sample_all=sample_all)
-    return build_report(diagnose(r),
-                        checkpoint if isinstance(checkpoint, (str, Path)) else None,
-                        batch if isinstance(batch, (str, Path)) else None)
+    return build_report(
+        diagnose(r),
+        checkpoint if isinstance(checkpoint, (str, Path)) else None,
+        batch if isinstance(batch, (str, Path)) else None,
+    )

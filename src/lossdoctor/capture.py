@@ -13,6 +13,7 @@ total gradient norm exceeds ``grad_norm_above`` (if set: catches an explosion be
 NaN), and with ``every=N`` every N steps, it writes ``DIR/step_000123/batch.pt`` and ``checkpoint.pt`` (the weights that produced this loss:
 call it before ``optimizer.step()``), atomically, and prints the ``lossdoctor inspect`` command.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,17 @@ from .inputs.files import save_torch
 class Capture:
     """Writes a checkpoint + batch dump when training goes wrong (once per kind of trouble), or every ``every`` steps."""
 
-    def __init__(self, directory: str | Path, model: torch.nn.Module, *, every: int | None = None,
-                 once: bool = True, grad_norm_above: float | None = None, extra_args: str = "", stream=None):
+    def __init__(
+        self,
+        directory: str | Path,
+        model: torch.nn.Module,
+        *,
+        every: int | None = None,
+        once: bool = True,
+        grad_norm_above: float | None = None,
+        extra_args: str = "",
+        stream=None,
+    ):
         self.directory = Path(directory)
         self.model = model
         self.every = every
@@ -56,10 +66,23 @@ class Capture:
         if bad is not None:
             out.append(("grad", f"non-finite gradient in {bad}"))
         elif self.grad_norm_above is not None and math.sqrt(sq) > self.grad_norm_above:
-            out.append(("norm", f"gradient norm {math.sqrt(sq):.3g} above {self.grad_norm_above:g}"))
+            out.append(
+                ("norm", f"gradient norm {math.sqrt(sq):.3g} above {self.grad_norm_above:g}")
+            )
         return out
 
-    def check(self, step: int, loss, *, features, image_sizes, gt_boxes, gt_labels, meta: dict | None = None, **batch) -> Path | None:
+    def check(
+        self,
+        step: int,
+        loss,
+        *,
+        features,
+        image_sizes,
+        gt_boxes,
+        gt_labels,
+        meta: dict | None = None,
+        **batch,
+    ) -> Path | None:
         """Call once per step, after ``backward()`` and before ``optimizer.step()``. Returns the dump folder if one was written."""
         hits = self.triggers(loss)
         new = [h for h in hits if not (self.once and h[0] in self._caught)]
@@ -73,11 +96,21 @@ class Capture:
         info = {"step": step, "reason": reason or f"every {self.every} steps", **(meta or {})}
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         info["loss"] = value if math.isfinite(value) else str(value)
-        dump_batch(folder / "batch.pt", features={k: v.detach() for k, v in features.items()}, image_sizes=image_sizes,
-                   gt_boxes=gt_boxes, gt_labels=gt_labels, meta=info, **batch)
+        dump_batch(
+            folder / "batch.pt",
+            features={k: v.detach() for k, v in features.items()},
+            image_sizes=image_sizes,
+            gt_boxes=gt_boxes,
+            gt_labels=gt_labels,
+            meta=info,
+            **batch,
+        )
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         save_torch(state, folder / "checkpoint.pt")
         self.written.append(folder)
         cmd = f"lossdoctor inspect {folder / 'checkpoint.pt'} {folder / 'batch.pt'}{' ' + self.extra_args if self.extra_args else ''}"
-        print(f"lossdoctor: {info['reason']} at step {step}; wrote {folder}\n  inspect it with: {cmd}", file=self.stream)
+        print(
+            f"lossdoctor: {info['reason']} at step {step}; wrote {folder}\n  inspect it with: {cmd}",
+            file=self.stream,
+        )
         return folder

@@ -3,13 +3,13 @@
 Only typer is imported at start-up; torch, pandas and matplotlib load inside the commands that
 need them, so ``lossdoctor --help`` stays fast.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from typer.core import TyperGroup
@@ -63,10 +63,13 @@ class OneLineErrors(TyperGroup):
 
 
 app = typer.Typer(
-    cls=OneLineErrors, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+    cls=OneLineErrors,
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     help="Replay and diagnose the RPN and RoI losses of a Faster R-CNN FPN detector on one dumped batch.\n\n"
-         "\b\nExample:\n  lossdoctor inspect fixtures/collapse/checkpoint.pt fixtures/collapse/batch.pt",
+    "\b\nExample:\n  lossdoctor inspect fixtures/collapse/checkpoint.pt fixtures/collapse/batch.pt",
 )
 
 
@@ -92,7 +95,10 @@ def _guard(fn):
         if os.environ.get("LOSSDOCTOR_DEBUG"):
             raise
         msg = (str(e).strip().splitlines() or [""])[0][:200]
-        typer.echo(f"lossdoctor: internal error: {type(e).__name__}: {msg} (set LOSSDOCTOR_DEBUG=1 for the traceback)", err=True)
+        typer.echo(
+            f"lossdoctor: internal error: {type(e).__name__}: {msg} (set LOSSDOCTOR_DEBUG=1 for the traceback)",
+            err=True,
+        )
         raise typer.Exit(EXIT_INTERNAL)
 
 
@@ -100,7 +106,9 @@ def _check_device(device: Device) -> None:
     if device == Device.cuda:
         from .inputs.errors import InputError
 
-        raise InputError("--device cuda is not supported by this version: the replay runs on the CPU; use --device cpu")
+        raise InputError(
+            "--device cuda is not supported by this version: the replay runs on the CPU; use --device cpu"
+        )
 
 
 def _file_inputs(**roles) -> dict[str, str]:
@@ -121,21 +129,41 @@ JSON_HELP = "write the report as JSON to FILE, or to stdout with '-' (the termin
 @app.command()
 def inspect(
     ckpt: str = typer.Argument(..., metavar="CKPT", help="checkpoint (.pt/.pth, or .safetensors)"),
-    batch: str = typer.Argument(..., metavar="BATCH", help="batch dump written by lossdoctor.dump_batch"),
+    batch: str = typer.Argument(
+        ..., metavar="BATCH", help="batch dump written by lossdoctor.dump_batch"
+    ),
     old: str = typer.Option("legacy", "--old", help="profile name or profile .toml"),
     new: str = typer.Option("fixed", "--new", help="profile name or profile .toml"),
-    config: Optional[str] = typer.Option(None, "--config", help="detector preset (torchvision, mmdet, detectron2) or .toml; default: from the checkpoint layout"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed (default: the dump's meta sample_seed, else 0)"),
-    sample_all: bool = typer.Option(False, "--sample-all", help="take every candidate instead of sampling"),
+    config: str | None = typer.Option(
+        None,
+        "--config",
+        help="detector preset (torchvision, mmdet, detectron2) or .toml; default: from the checkpoint layout",
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="sampling seed (default: the dump's meta sample_seed, else 0)"
+    ),
+    sample_all: bool = typer.Option(
+        False, "--sample-all", help="take every candidate instead of sampling"
+    ),
     device: Device = typer.Option(Device.cpu, "--device"),
-    score_thr: Optional[float] = typer.Option(None, "--score-thr", help="detection score threshold (default: the config's, 0.05)"),
-    csv: Optional[str] = typer.Option(None, "--csv", help="write the per-level table to FILE"),
-    csv_dir: Optional[str] = typer.Option(None, "--csv-dir", help="write every table to DIR"),
-    json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
-    plot: Optional[str] = typer.Option(None, "--plot", help="write a PNG figure to FILE"),
-    fail_on: FailOn = typer.Option(FailOn.never, "--fail-on", help="exit 1 if a finding at or above this severity exists"),
-    unsafe_load: bool = typer.Option(False, "--unsafe-load", help="allow arbitrary pickled objects in the checkpoint (runs code from it)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the symptom and the findings"),
+    score_thr: float | None = typer.Option(
+        None, "--score-thr", help="detection score threshold (default: the config's, 0.05)"
+    ),
+    csv: str | None = typer.Option(None, "--csv", help="write the per-level table to FILE"),
+    csv_dir: str | None = typer.Option(None, "--csv-dir", help="write every table to DIR"),
+    json_out: str | None = typer.Option(None, "--json", help=JSON_HELP),
+    plot: str | None = typer.Option(None, "--plot", help="write a PNG figure to FILE"),
+    fail_on: FailOn = typer.Option(
+        FailOn.never, "--fail-on", help="exit 1 if a finding at or above this severity exists"
+    ),
+    unsafe_load: bool = typer.Option(
+        False,
+        "--unsafe-load",
+        help="allow arbitrary pickled objects in the checkpoint (runs code from it)",
+    ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="print only the symptom and the findings"
+    ),
 ):
     """Replay BATCH through CKPT's heads under two profiles and diagnose.
 
@@ -151,10 +179,21 @@ def inspect(
         from .report.render import console, render
 
         outputs = Outputs(json_out, csv, csv_dir, plot)
-        inputs = _file_inputs(checkpoint=ckpt, batch=batch, config=config, old_profile=old, new_profile=new)
+        inputs = _file_inputs(
+            checkpoint=ckpt, batch=batch, config=config, old_profile=old, new_profile=new
+        )
         outputs.check(inputs)
-        report = run_inspect(ckpt, batch, config=config, old=old, new=new, seed=seed, sample_all=sample_all,
-                             score_thr=score_thr, unsafe_load=unsafe_load)
+        report = run_inspect(
+            ckpt,
+            batch,
+            config=config,
+            old=old,
+            new=new,
+            seed=seed,
+            sample_all=sample_all,
+            score_thr=score_thr,
+            unsafe_load=unsafe_load,
+        )
         export(report, outputs, inputs)
         if json_out == "-":
             sys.stdout.write(report.to_json() + "\n")
@@ -175,20 +214,46 @@ def _side(spec: str):
 
 @app.command()
 def compare(
-    ckpt: Optional[str] = typer.Argument(None, metavar="[CKPT", help="checkpoint (needed when both sides are profiles)"),
-    batch: Optional[str] = typer.Argument(None, metavar="BATCH]", help="batch dump (needed when both sides are profiles)"),
-    old: str = typer.Option(..., "--old", help="profile name, profile .toml, or report .json (REPORT.json:PROFILE picks one)"),
-    new: str = typer.Option(..., "--new", help="profile name, profile .toml, or report .json (REPORT.json:PROFILE picks one)"),
-    config: Optional[str] = typer.Option(None, "--config", help="detector preset or .toml (profiles only)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed (default: the dump's meta sample_seed, else 0)"),
+    ckpt: str | None = typer.Argument(
+        None, metavar="[CKPT", help="checkpoint (needed when both sides are profiles)"
+    ),
+    batch: str | None = typer.Argument(
+        None, metavar="BATCH]", help="batch dump (needed when both sides are profiles)"
+    ),
+    old: str = typer.Option(
+        ...,
+        "--old",
+        help="profile name, profile .toml, or report .json (REPORT.json:PROFILE picks one)",
+    ),
+    new: str = typer.Option(
+        ...,
+        "--new",
+        help="profile name, profile .toml, or report .json (REPORT.json:PROFILE picks one)",
+    ),
+    config: str | None = typer.Option(
+        None, "--config", help="detector preset or .toml (profiles only)"
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="sampling seed (default: the dump's meta sample_seed, else 0)"
+    ),
     sample_all: bool = typer.Option(False, "--sample-all"),
     device: Device = typer.Option(Device.cpu, "--device"),
-    score_thr: Optional[float] = typer.Option(None, "--score-thr"),
-    csv: Optional[str] = typer.Option(None, "--csv", help="write the comparison rows to FILE"),
-    csv_dir: Optional[str] = typer.Option(None, "--csv-dir", help="write the replayed report's tables to DIR (profiles only)"),
-    json_out: Optional[str] = typer.Option(None, "--json", help="write the comparison as JSON to FILE, or '-' for stdout"),
-    plot: Optional[str] = typer.Option(None, "--plot", help="write a PNG figure, old vs new (profiles only)"),
-    fail_on: FailOn = typer.Option(FailOn.never, "--fail-on", help="exit 1 if the new side has a finding at or above this severity"),
+    score_thr: float | None = typer.Option(None, "--score-thr"),
+    csv: str | None = typer.Option(None, "--csv", help="write the comparison rows to FILE"),
+    csv_dir: str | None = typer.Option(
+        None, "--csv-dir", help="write the replayed report's tables to DIR (profiles only)"
+    ),
+    json_out: str | None = typer.Option(
+        None, "--json", help="write the comparison as JSON to FILE, or '-' for stdout"
+    ),
+    plot: str | None = typer.Option(
+        None, "--plot", help="write a PNG figure, old vs new (profiles only)"
+    ),
+    fail_on: FailOn = typer.Option(
+        FailOn.never,
+        "--fail-on",
+        help="exit 1 if the new side has a finding at or above this severity",
+    ),
     unsafe_load: bool = typer.Option(False, "--unsafe-load"),
     all_rows: bool = typer.Option(False, "--all", help="show unchanged metrics too"),
 ):
@@ -204,13 +269,13 @@ def compare(
     def run():
         import json
 
-        from .inputs.files import atomic_write
         from .inputs.errors import InputError
-        from .report.compare import compare as compare_reports, compare_profiles
+        from .inputs.files import atomic_write
+        from .report.compare import compare as compare_reports
+        from .report.compare import compare_profiles
+        from .report.export import Outputs
         from .report.model import Report
         from .report.render import console, render_comparison
-
-        from .report.export import Outputs
 
         _check_device(device)
         outputs = Outputs(json_out, csv, csv_dir, plot)
@@ -221,11 +286,22 @@ def compare(
             raise InputError("--old and --new must both be profiles or both be reports (.json)")
         if kind_a == "profile":
             if not (ckpt and batch):
-                raise InputError("comparing two profiles needs CKPT and BATCH: lossdoctor compare CKPT BATCH --old A --new B")
+                raise InputError(
+                    "comparing two profiles needs CKPT and BATCH: lossdoctor compare CKPT BATCH --old A --new B"
+                )
             from .api import inspect as run_inspect
 
-            report = run_inspect(ckpt, batch, config=config, old=a, new=b, seed=seed, sample_all=sample_all,
-                                 score_thr=score_thr, unsafe_load=unsafe_load)
+            report = run_inspect(
+                ckpt,
+                batch,
+                config=config,
+                old=a,
+                new=b,
+                seed=seed,
+                sample_all=sample_all,
+                score_thr=score_thr,
+                unsafe_load=unsafe_load,
+            )
             names = report.profiles
             comps = [compare_profiles(report, names[0], report, names[1])]
             new_report, new_profile = report, names[1]
@@ -237,30 +313,46 @@ def compare(
                 draw(report, plot)
         else:
             if ckpt or batch:
-                raise InputError("two reports need no CKPT or BATCH; drop them, or compare profiles instead")
+                raise InputError(
+                    "two reports need no CKPT or BATCH; drop them, or compare profiles instead"
+                )
             if csv_dir or plot:
-                raise InputError("--csv-dir and --plot need a replay: compare two profiles with CKPT and BATCH")
+                raise InputError(
+                    "--csv-dir and --plot need a replay: compare two profiles with CKPT and BATCH"
+                )
             ra, rb = Report.load(a), Report.load(b)
             for r, p, path in ((ra, pa, a), (rb, pb, b)):
                 if p and p not in r.profiles:
-                    raise InputError(f"report {path} has no profile {p!r}; it has {', '.join(r.profiles)}")
+                    raise InputError(
+                        f"report {path} has no profile {p!r}; it has {', '.join(r.profiles)}"
+                    )
             ra.meta["_label"], rb.meta["_label"] = a, b
             comps = compare_reports(ra, rb, pa, pb)
             if not comps:
-                raise InputError(f"the reports share no profile ({', '.join(ra.profiles)} vs {', '.join(rb.profiles)}); pick one with REPORT.json:PROFILE")
+                raise InputError(
+                    f"the reports share no profile ({', '.join(ra.profiles)} vs {', '.join(rb.profiles)}); pick one with REPORT.json:PROFILE"
+                )
             new_report, new_profile = rb, pb
         payload = {"format": "lossdoctor.compare/1", "comparisons": [c.to_dict() for c in comps]}
         text = json.dumps(payload, indent=1, allow_nan=True, default=str)
         if json_out and json_out != "-":
             atomic_write(json_out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         if csv:
-            rows = [{"old_side": c.old, "new_side": c.new, **r} for c in comps for r in c.totals + c.rows]
+            rows = [
+                {"old_side": c.old, "new_side": c.new, **r}
+                for c in comps
+                for r in c.totals + c.rows
+            ]
             table = Report({}, {"rows": rows}).csv_text("rows")
             atomic_write(csv, lambda tmp: Path(tmp).write_text(table, encoding="utf-8"))
         if json_out == "-":
             sys.stdout.write(text + "\n")
         render_comparison(comps, console(stderr=json_out == "-"), changed_only=not all_rows)
-        keep = [f for f in new_report.findings if new_profile is None or f.get("profile") in (None, new_profile)]
+        keep = [
+            f
+            for f in new_report.findings
+            if new_profile is None or f.get("profile") in (None, new_profile)
+        ]
         if Report(new_report.meta, {}, keep).fails(fail_on.value):
             raise typer.Exit(EXIT_FINDING)
 
@@ -268,7 +360,9 @@ def compare(
 
 
 @app.command()
-def profiles(name: Optional[str] = typer.Argument(None, help="a built-in profile name or a profile .toml")):
+def profiles(
+    name: str | None = typer.Argument(None, help="a built-in profile name or a profile .toml"),
+):
     """List the built-in loss profiles, or print one as TOML to edit and pass back with --old/--new.
 
     \b
@@ -300,8 +394,12 @@ def profiles(name: Optional[str] = typer.Argument(None, help="a built-in profile
 @app.command()
 def check(
     batch: str = typer.Argument(..., metavar="BATCH", help="batch dump"),
-    ckpt: Optional[str] = typer.Argument(None, metavar="[CKPT]", help="checkpoint to check the batch against"),
-    config: Optional[str] = typer.Option(None, "--config", help="detector preset or .toml; default: from the checkpoint layout"),
+    ckpt: str | None = typer.Argument(
+        None, metavar="[CKPT]", help="checkpoint to check the batch against"
+    ),
+    config: str | None = typer.Option(
+        None, "--config", help="detector preset or .toml; default: from the checkpoint layout"
+    ),
     unsafe_load: bool = typer.Option(False, "--unsafe-load"),
 ):
     """Validate a batch dump (and its fit to a checkpoint) without replaying.
@@ -318,20 +416,33 @@ def check(
 
         out = console()
         b = load_batch(batch)
-        out.print(f"batch {batch}: valid lossdoctor.batch/1, {b.num_images} images, {b.channels} channels, padded {b.pad_size[0]}x{b.pad_size[1]}")
+        out.print(
+            f"batch {batch}: valid lossdoctor.batch/1, {b.num_images} images, {b.channels} channels, padded {b.pad_size[0]}x{b.pad_size[1]}"
+        )
         for (name, f), s in zip(b.features.items(), b.strides):
             out.print(f"  {name}: {f.shape[2]}x{f.shape[3]}, stride {s}")
         for i, (size, boxes) in enumerate(zip(b.image_sizes, b.gt_boxes)):
-            out.print(f"  image {i}: {size[0]}x{size[1]}, {boxes.shape[0]} GT boxes, {int(b.gt_ignore[i].sum())} ignored")
+            out.print(
+                f"  image {i}: {size[0]}x{size[1]}, {boxes.shape[0]} GT boxes, {int(b.gt_ignore[i].sum())} ignored"
+            )
         if ckpt:
             heads, b, cfg = resolve_inputs(ckpt, b, config, unsafe_load)
             k = heads.num_classes
-            out.print(f"checkpoint {ckpt}: {heads.layout} layout, {heads.channels} channels, {heads.num_anchors} anchors/location, "
-                      f"{k} classes (background {heads.background}); fits the batch with config '{cfg.name}'")
+            out.print(
+                f"checkpoint {ckpt}: {heads.layout} layout, {heads.channels} channels, {heads.num_anchors} anchors/location, "
+                f"{k} classes (background {heads.background}); fits the batch with config '{cfg.name}'"
+            )
             _print_replaced(out, "checkpoint", heads.replaced)
-            bad = [(i, j, int(l)) for i, lab in enumerate(b.gt_labels) for j, l in enumerate(lab.tolist()) if not 0 <= l < k]
+            bad = [
+                (i, j, int(l))
+                for i, lab in enumerate(b.gt_labels)
+                for j, l in enumerate(lab.tolist())
+                if not 0 <= l < k
+            ]
             if bad:
-                out.print(f"  {len(bad)} labels outside 0..{k - 1} (first: image {bad[0][0]} box {bad[0][1]} label {bad[0][2]}); the replay leaves them out")
+                out.print(
+                    f"  {len(bad)} labels outside 0..{k - 1} (first: image {bad[0][0]} box {bad[0][1]} label {bad[0][2]}); the replay leaves them out"
+                )
         _print_replaced(out, "batch", b.replaced)
         if b.suspicions:
             out.print(f"{len(b.suspicions)} suspicious items (inspect turns them into findings):")

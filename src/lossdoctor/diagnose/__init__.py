@@ -1,4 +1,5 @@
 """Diagnose: gradients, NaN/Inf origins, the detection symptom, and findings over the replay."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -8,6 +8,7 @@ with ``X X^T`` shared by every term and profile). The expensive parts, the 3x3 R
 RoIAlign, get one backward per profile and head, not one per term: the 3x3 conv's parameters are
 therefore reported as a total, not split by term.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,7 +79,9 @@ class _Shared:
     def bce(self, lvl: int) -> Tensor:
         if lvl not in self._bce:
             out = self.r.rpn[lvl]
-            self._bce[lvl] = torch.autograd.grad(out.bce.sum(), out.out.logits, retain_graph=True)[0]
+            self._bce[lvl] = torch.autograd.grad(out.bce.sum(), out.out.logits, retain_graph=True)[
+                0
+            ]
         return self._bce[lvl]
 
     def box(self, head: str, lvl: int, term) -> Tensor:
@@ -86,15 +89,21 @@ class _Shared:
         if key not in self._box:
             s = self.r.samples[head][lvl]
             loss = s.box_loss(term)
-            self._box[key] = (torch.autograd.grad(loss.sum(), s.box_pred, retain_graph=True)[0]
-                              if loss.numel() else s.box_pred.detach().new_zeros(0, 4))
+            self._box[key] = (
+                torch.autograd.grad(loss.sum(), s.box_pred, retain_graph=True)[0]
+                if loss.numel()
+                else s.box_pred.detach().new_zeros(0, 4)
+            )
         return self._box[key]
 
     def ce(self) -> Tensor:
         if self._ce is None:
             roi = self.r.roi
-            self._ce = (torch.autograd.grad(roi.ce.sum(), roi.cls_logits, retain_graph=True)[0]
-                        if roi.ce.numel() else roi.cls_logits.detach().clone())
+            self._ce = (
+                torch.autograd.grad(roi.ce.sum(), roi.cls_logits, retain_graph=True)[0]
+                if roi.ce.numel()
+                else roi.cls_logits.detach().clone()
+            )
         return self._ce
 
 
@@ -116,12 +125,16 @@ def _rpn(r: Replay, p: LossProfile, sh: _Shared, params: dict, rows: list, bad: 
         c_cls = _coef(p.rpn_cls, loss.avg_factor)
         weight = torch.where(out.positive, p.pos_weight, 1.0) * c_cls
         g = sh.bce(lvl) * weight
-        g_logits = g * out.sampled if p.unsampled_leak else torch.where(out.sampled, g, torch.zeros(()))
+        g_logits = (
+            g * out.sampled if p.unsampled_leak else torch.where(out.sampled, g, torch.zeros(()))
+        )
         img, anc = out.positive.nonzero(as_tuple=True)
         g_deltas = torch.zeros_like(out.out.deltas.detach())
         g_deltas[img, anc] = sh.box("rpn", lvl, p.rpn_box) * _coef(p.rpn_box, loss.avg_factor_bbox)
         if p.unsampled_leak:
-            g_deltas = g_deltas + out.out.deltas.detach() * 0  # 0 * inf = NaN, as the weight-multiply does
+            g_deltas = (
+                g_deltas + out.out.deltas.detach() * 0
+            )  # 0 * inf = NaN, as the weight-multiply does
         # channel-first [N, outputs, H*W], so the 1x1 convs' gradients are batched matmuls
         gl = g_logits.view(n, h * w, a).transpose(1, 2)
         gd = g_deltas.view(n, h * w, 4 * a).transpose(1, 2)
@@ -136,12 +149,26 @@ def _rpn(r: Replay, p: LossProfile, sh: _Shared, params: dict, rows: list, bad: 
         grad_hidden.append(torch.matmul(w_all.T, g_all).view(n, c, h, w))
         pos, neg = _sq(g_logits[out.positive]), _sq(g_logits[~out.positive])
         pos_sq, neg_sq = pos_sq + pos, neg_sq + neg
-        rows.append(LevelGrads("rpn", out.name, math.nan, math.sqrt(pos), math.sqrt(neg), _norm(g_deltas), _share(neg, pos),
-                               int((~torch.isfinite(g_logits)).sum() + (~torch.isfinite(g_deltas)).sum())))
+        rows.append(
+            LevelGrads(
+                "rpn",
+                out.name,
+                math.nan,
+                math.sqrt(pos),
+                math.sqrt(neg),
+                _norm(g_deltas),
+                _share(neg, pos),
+                int((~torch.isfinite(g_logits)).sum() + (~torch.isfinite(g_deltas)).sum()),
+            )
+        )
     conv_w, conv_b = heads.params["rpn_conv.weight"], heads.params["rpn_conv.bias"]
-    grads = torch.autograd.grad([o.out.hidden for o in r.rpn], list(r.features) + [conv_w, conv_b],
-                                grad_outputs=grad_hidden, retain_graph=True)
-    for row, gf in zip(rows[-len(r.rpn):], grads):
+    grads = torch.autograd.grad(
+        [o.out.hidden for o in r.rpn],
+        list(r.features) + [conv_w, conv_b],
+        grad_outputs=grad_hidden,
+        retain_graph=True,
+    )
+    for row, gf in zip(rows[-len(r.rpn) :], grads):
         row.feature = _norm(gf)
         if row.feature == 0:
             bad.append(f"rpn features {row.level}")
@@ -161,18 +188,27 @@ def _roi(r: Replay, p: LossProfile, sh: _Shared, params: dict, rows: list, bad: 
     n_levels = len(r.samples["roi"])
     fg = roi.fg_class >= 0
     losses = r.losses[p.name].levels["roi"]
-    c_cls = torch.tensor([_coef(p.roi_cls, l.avg_factor) for l in losses])[roi.level] if roi.level.numel() else torch.zeros(0)
+    c_cls = (
+        torch.tensor([_coef(p.roi_cls, l.avg_factor) for l in losses])[roi.level]
+        if roi.level.numel()
+        else torch.zeros(0)
+    )
     g_cls = sh.ce() * (torch.where(fg, p.pos_weight, 1.0) * c_cls)[:, None]
     g_reg = torch.zeros_like(roi.deltas.detach())
     pos_rows = fg.nonzero().flatten()
     for lvl, loss in enumerate(losses):
         rows_l = pos_rows[roi.level[pos_rows] == lvl]
         if rows_l.numel():
-            g_reg[rows_l, heads.reg_slot(roi.fg_class[rows_l])] = sh.box("roi", lvl, p.roi_box) * _coef(p.roi_box, loss.avg_factor_bbox)
+            g_reg[rows_l, heads.reg_slot(roi.fg_class[rows_l])] = sh.box(
+                "roi", lvl, p.roi_box
+            ) * _coef(p.roi_box, loss.avg_factor_bbox)
     h1, h2 = roi.hidden1.detach(), roi.hidden.detach()
     g_reg_flat = g_reg.flatten(1)
     gp1_total = None
-    for term, g_out, w_out, name in (("roi_cls", g_cls, P["cls.weight"], "cls"), ("roi_box", g_reg_flat, P["reg.weight"], "reg")):
+    for term, g_out, w_out, name in (
+        ("roi_cls", g_cls, P["cls.weight"], "cls"),
+        ("roi_box", g_reg_flat, P["reg.weight"], "reg"),
+    ):
         _add(params, term, f"{name}.weight", g_out.T @ h2)
         _add(params, term, f"{name}.bias", g_out.sum(0))
         gp2 = (g_out @ w_out.detach()) * (h2 > 0)
@@ -185,16 +221,27 @@ def _roi(r: Replay, p: LossProfile, sh: _Shared, params: dict, rows: list, bad: 
     params["fc1.weight"]["total"] = _gram_norm_sq(gp1_total, sh.gram)
     g_pooled = (gp1_total @ P["fc1.weight"].detach()).view_as(roi.pooled)
     feats = list(r.features[:n_levels])
-    g_feat = torch.autograd.grad(roi.pooled, feats, grad_outputs=g_pooled, retain_graph=True, allow_unused=True)
+    g_feat = torch.autograd.grad(
+        roi.pooled, feats, grad_outputs=g_pooled, retain_graph=True, allow_unused=True
+    )
     neg_sq = pos_sq = 0.0
     for lvl in range(n_levels):
         at = roi.level == lvl
         pos, neg = _sq(g_cls[at & fg]), _sq(g_cls[at & ~fg])
         pos_sq, neg_sq = pos_sq + pos, neg_sq + neg
         gf = g_feat[lvl]
-        rows.append(LevelGrads("roi", r.samples["roi"][lvl].name, _norm(gf) if gf is not None else 0.0, math.sqrt(pos),
-                               math.sqrt(neg), _norm(g_reg[at]), _share(neg, pos),
-                               int((~torch.isfinite(g_cls[at])).sum() + (~torch.isfinite(g_reg[at])).sum())))
+        rows.append(
+            LevelGrads(
+                "roi",
+                r.samples["roi"][lvl].name,
+                _norm(gf) if gf is not None else 0.0,
+                math.sqrt(pos),
+                math.sqrt(neg),
+                _norm(g_reg[at]),
+                _share(neg, pos),
+                int((~torch.isfinite(g_cls[at])).sum() + (~torch.isfinite(g_reg[at])).sum()),
+            )
+        )
     return _share(neg_sq, pos_sq)
 
 
@@ -218,7 +265,15 @@ def profile_gradients(r: Replay, p: LossProfile, shared: _Shared | None = None) 
         entry = {}
         for term in TERMS:
             g = by_term.get(term)
-            entry[term] = math.sqrt(float(g)) if isinstance(g, Tensor) and g.dim() == 0 else (_norm(g) if g is not None else (math.nan if name.startswith("rpn_conv") else 0.0))
+            entry[term] = (
+                math.sqrt(float(g))
+                if isinstance(g, Tensor) and g.dim() == 0
+                else (
+                    _norm(g)
+                    if g is not None
+                    else (math.nan if name.startswith("rpn_conv") else 0.0)
+                )
+            )
         if "total" in by_term:
             g = by_term["total"]
             tot_sq = float(g) if g.dim() == 0 else _sq(g)
@@ -231,7 +286,11 @@ def profile_gradients(r: Replay, p: LossProfile, shared: _Shared | None = None) 
             bad.append(name)
         norms[name] = entry
     total = math.sqrt(total_sq) if total_sq == total_sq else math.nan
-    coef = min(1.0, p.max_norm / (total + CLIP_EPS)) if p.max_norm is not None and total == total else (math.nan if total != total else 1.0)
+    coef = (
+        min(1.0, p.max_norm / (total + CLIP_EPS))
+        if p.max_norm is not None and total == total
+        else (math.nan if total != total else 1.0)
+    )
     return ProfileGrads(p.name, rows, norms, total, p.max_norm, coef, total * coef, share, bad)
 
 

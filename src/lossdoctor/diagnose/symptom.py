@@ -1,4 +1,5 @@
 """The symptom: what the checkpoint would detect on this batch in test mode."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,16 +37,35 @@ def symptom(r: Replay, score_thr: float | None = None) -> Symptom:
         anchors = [o.anchors for o in r.rpn]
         props, img = [], []
         for i, size in enumerate(r.batch.image_sizes):
-            p, _, _ = image_proposals([l[i] for l in logits], [d[i] for d in deltas], anchors, size,
-                                      cfg.test_proposals, cfg.rpn_coder)
+            p, _, _ = image_proposals(
+                [l[i] for l in logits],
+                [d[i] for d in deltas],
+                anchors,
+                size,
+                cfg.test_proposals,
+                cfg.rpn_coder,
+            )
             props.append(p)
             img.append(torch.full((p.shape[0],), i, dtype=torch.long))
         rois, img = torch.cat(props), torch.cat(img)
         n_levels = len(r.samples["roi"])
         strides = r.batch.strides[:n_levels]
         feats = [f.detach() for f in r.features[:n_levels]]
-        detached = type(heads)({k: v.detach() for k, v in heads.params.items()}, heads.layout, heads.keys, heads.background)
-        pooled = multiscale_roi_align(feats, strides, rois, img, map_levels(rois, strides, cfg.roi_pool), heads.pool_size, cfg.roi_pool)
+        detached = type(heads)(
+            {k: v.detach() for k, v in heads.params.items()},
+            heads.layout,
+            heads.keys,
+            heads.background,
+        )
+        pooled = multiscale_roi_align(
+            feats,
+            strides,
+            rois,
+            img,
+            map_levels(rois, strides, cfg.roi_pool),
+            heads.pool_size,
+            cfg.roi_pool,
+        )
         cls, reg = box_predict(box_hidden(pooled, detached)[1], detached)
         prob = torch.softmax(cls, -1)
         k = heads.num_classes
@@ -60,13 +80,18 @@ def symptom(r: Replay, score_thr: float | None = None) -> Symptom:
             m = sc.shape[0]
             d = reg[sel][:, slots].reshape(-1, 4)  # [M*K, 4]
             ref = rois[sel].repeat_interleave(k, 0)
-            boxes = clip_to_image(decode(d, ref, cfg.roi_coder.weights, cfg.roi_coder.clip, cfg.roi_coder.clip_both), size)
+            boxes = clip_to_image(
+                decode(d, ref, cfg.roi_coder.weights, cfg.roi_coder.clip, cfg.roi_coder.clip_both),
+                size,
+            )
             scores = sc.reshape(-1)
             labels = torch.arange(k).repeat(m)
             keep = (scores > thr).nonzero().flatten()
             keep = keep[keep_min_size(boxes[keep], cfg.test.min_box_size, True)]
             keep = keep[torch.isfinite(boxes[keep]).all(1)]
-            keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], cfg.test.nms_iou)][: cfg.test.detections_per_img]
+            keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], cfg.test.nms_iou)][
+                : cfg.test.detections_per_img
+            ]
             out_boxes.append(boxes[keep])
             out_scores.append(scores[keep])
             out_labels.append(labels[keep])

@@ -5,6 +5,7 @@ was found). Content that is valid but suspicious (degenerate or out-of-image box
 features, images without GT, ...) is accepted and recorded as a :class:`Suspicion`: those are
 what the diagnosis is for.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,8 +85,13 @@ def _refuse(key: str, expected: str, found) -> InputError:
 def _int_pair(value, key: str) -> tuple[int, int]:
     if isinstance(value, Tensor):
         value = value.tolist()
-    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) == int(v) and v > 0 for v in value
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) == int(v) and v > 0
+            for v in value
+        )
     ):
         raise _refuse(key, "[h, w] of two positive integers", value)
     return int(value[0]), int(value[1])
@@ -93,7 +99,11 @@ def _int_pair(value, key: str) -> tuple[int, int]:
 
 def _per_image(value, key: str, n: int) -> list:
     if not isinstance(value, (list, tuple)) or len(value) != n:
-        raise _refuse(key, f"a list of {n} tensors (one per image)", value if not isinstance(value, (list, tuple)) else f"a list of {len(value)}")
+        raise _refuse(
+            key,
+            f"a list of {n} tensors (one per image)",
+            value if not isinstance(value, (list, tuple)) else f"a list of {len(value)}",
+        )
     return list(value)
 
 
@@ -122,7 +132,11 @@ def _default_strides(features: dict[str, Tensor], pad_size) -> list[int]:
     for name in features:
         m = LEVEL_NAME.match(name)
         if not m:
-            raise _refuse("strides", "a list of strides (level names are not p2..p6, and pad_size is absent)", "no strides")
+            raise _refuse(
+                "strides",
+                "a list of strides (level names are not p2..p6, and pad_size is absent)",
+                "no strides",
+            )
         strides.append(2 ** int(m.group(1)))
     return strides
 
@@ -138,17 +152,25 @@ def _check_boxes(t, key: str) -> Tensor:
 def validate_batch(data) -> Batch:
     """Check a loaded dump against the ``lossdoctor.batch/1`` schema and build a :class:`Batch`."""
     if not isinstance(data, dict):
-        raise InputError(f"not a lossdoctor batch dump: expected a dict, found {type(data).__name__}; write it with lossdoctor.dump_batch")
+        raise InputError(
+            f"not a lossdoctor batch dump: expected a dict, found {type(data).__name__}; write it with lossdoctor.dump_batch"
+        )
     if data.get("format") != BATCH_FORMAT:
         if "format" not in data:
-            raise InputError(f"not a lossdoctor batch dump: key 'format' is missing (expected {BATCH_FORMAT!r}); write it with lossdoctor.dump_batch")
+            raise InputError(
+                f"not a lossdoctor batch dump: key 'format' is missing (expected {BATCH_FORMAT!r}); write it with lossdoctor.dump_batch"
+            )
         raise _refuse("format", repr(BATCH_FORMAT), repr(data.get("format")))
     for key in REQUIRED:
         if key not in data:
-            raise InputError(f"batch key '{key}' is missing; lossdoctor.dump_batch writes every required key")
+            raise InputError(
+                f"batch key '{key}' is missing; lossdoctor.dump_batch writes every required key"
+            )
     unknown = sorted(set(data) - set(REQUIRED) - set(OPTIONAL))
     if unknown:
-        raise _refuse(unknown[0], f"only the keys {', '.join(REQUIRED + OPTIONAL)}", "an unknown key")
+        raise _refuse(
+            unknown[0], f"only the keys {', '.join(REQUIRED + OPTIONAL)}", "an unknown key"
+        )
 
     features = _check_features(data["features"])
     n = next(iter(features.values())).shape[0]
@@ -166,8 +188,10 @@ def validate_batch(data) -> Batch:
     if strides is not None:
         if isinstance(strides, Tensor):
             strides = strides.tolist()
-        if not isinstance(strides, (list, tuple)) or len(strides) != len(features) or not all(
-            isinstance(s, int) and s > 0 for s in strides
+        if (
+            not isinstance(strides, (list, tuple))
+            or len(strides) != len(features)
+            or not all(isinstance(s, int) and s > 0 for s in strides)
         ):
             raise _refuse("strides", f"{len(features)} positive integers (one per level)", strides)
         strides = list(strides)
@@ -178,12 +202,21 @@ def validate_batch(data) -> Batch:
         pad_size = (finest.shape[2] * strides[0], finest.shape[3] * strides[0])
     for i, (h, w) in enumerate(image_sizes):
         if h > pad_size[0] or w > pad_size[1]:
-            raise _refuse(f"image_sizes[{i}]", f"a size within the padded input {list(pad_size)}", [h, w])
+            raise _refuse(
+                f"image_sizes[{i}]", f"a size within the padded input {list(pad_size)}", [h, w]
+            )
 
-    boxes = [_check_boxes(t, f"gt_boxes[{i}]") for i, t in enumerate(_per_image(data["gt_boxes"], "gt_boxes", n))]
+    boxes = [
+        _check_boxes(t, f"gt_boxes[{i}]")
+        for i, t in enumerate(_per_image(data["gt_boxes"], "gt_boxes", n))
+    ]
     labels = []
     for i, t in enumerate(_per_image(data["gt_labels"], "gt_labels", n)):
-        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        if (
+            not isinstance(t, Tensor)
+            or t.dim() != 1
+            or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8)
+        ):
             raise _refuse(f"gt_labels[{i}]", "an integer Tensor[K]", t)
         if t.shape[0] != boxes[i].shape[0]:
             raise _refuse(f"gt_labels[{i}]", f"{boxes[i].shape[0]} labels (one per box)", t)
@@ -200,12 +233,17 @@ def validate_batch(data) -> Batch:
         ignore.append(t.bool())
     proposals = None
     if data.get("proposals") is not None:
-        proposals = [_check_boxes(t, f"proposals[{i}]") for i, t in enumerate(_per_image(data["proposals"], "proposals", n))]
+        proposals = [
+            _check_boxes(t, f"proposals[{i}]")
+            for i, t in enumerate(_per_image(data["proposals"], "proposals", n))
+        ]
     meta = data.get("meta") or {}
     if not isinstance(meta, dict):
         raise _refuse("meta", "a dict", meta)
 
-    batch = Batch(features, image_sizes, pad_size, strides, boxes, labels, ignore, proposals, dict(meta))
+    batch = Batch(
+        features, image_sizes, pad_size, strides, boxes, labels, ignore, proposals, dict(meta)
+    )
     batch.suspicions.extend(find_suspicions(batch))
     return batch
 
@@ -213,17 +251,22 @@ def validate_batch(data) -> Batch:
 def find_suspicions(batch: Batch) -> list[Suspicion]:
     """Valid-but-suspicious content: the raw material of the data findings."""
     out = _feature_suspicions(batch)
-    for i, (boxes, ignore, size) in enumerate(zip(batch.gt_boxes, batch.gt_ignore, batch.image_sizes)):
+    for i, (boxes, ignore, size) in enumerate(
+        zip(batch.gt_boxes, batch.gt_ignore, batch.image_sizes)
+    ):
         if boxes.shape[0] == 0:
             out.append(Suspicion("empty-gt-image", f"image {i} has no GT box", image=i))
             continue
         if bool(ignore.all()):
-            out.append(Suspicion(
-                "empty-gt-image",
-                f"image {i}: all {boxes.shape[0]} GT boxes are marked ignored (crowd), so it trains as an "
-                "image without objects (negatives only)",
-                image=i, evidence={"ignored": boxes.shape[0]},
-            ))
+            out.append(
+                Suspicion(
+                    "empty-gt-image",
+                    f"image {i}: all {boxes.shape[0]} GT boxes are marked ignored (crowd), so it trains as an "
+                    "image without objects (negatives only)",
+                    image=i,
+                    evidence={"ignored": boxes.shape[0]},
+                )
+            )
         out += _nonfinite_boxes(i, boxes) + _box_suspicions(i, boxes, size)
     return out
 
@@ -235,10 +278,15 @@ def _feature_suspicions(batch: Batch) -> list[Suspicion]:
         inf = int(torch.isinf(t).sum())
         if nan or inf:
             bad = (~torch.isfinite(t)).flatten(1).any(1).nonzero().flatten().tolist()
-            out.append(Suspicion(
-                "nonfinite-features", f"features {name} hold {nan} NaN and {inf} Inf values",
-                image=bad[0], level=name, evidence={"nan": nan, "inf": inf, "images": bad},
-            ))
+            out.append(
+                Suspicion(
+                    "nonfinite-features",
+                    f"features {name} hold {nan} NaN and {inf} Inf values",
+                    image=bad[0],
+                    level=name,
+                    evidence={"nan": nan, "inf": inf, "images": bad},
+                )
+            )
     return out
 
 
@@ -254,16 +302,24 @@ def _nonfinite_boxes(i: int, boxes: Tensor) -> list[Suspicion]:
     tv = (
         f"torchvision's degenerate-box check stops on {sum(asserts)} of them and lets "
         f"{len(bad) - sum(asserts)} through to NaN losses"
-        if any(asserts) else "torchvision's degenerate-box check lets them through (NaN/Inf compare false) to NaN losses"
+        if any(asserts)
+        else "torchvision's degenerate-box check lets them through (NaN/Inf compare false) to NaN losses"
     )
-    return [Suspicion(
-        "nonfinite-gt",
-        f"image {i}: box{'es' if len(bad) > 1 else ''} {', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''} "
-        f"{'have' if len(bad) > 1 else 'has'} non-finite coordinates (first {rows[0].tolist()}), left out of the "
-        f"replay; {tv}; MMDetection and Detectron2 train on them and produce NaN losses",
-        image=i, box=bad[0],
-        evidence={"boxes": bad, "coordinates": rows.tolist()[:20], "torchvision_asserts": asserts},
-    )]
+    return [
+        Suspicion(
+            "nonfinite-gt",
+            f"image {i}: box{'es' if len(bad) > 1 else ''} {', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''} "
+            f"{'have' if len(bad) > 1 else 'has'} non-finite coordinates (first {rows[0].tolist()}), left out of the "
+            f"replay; {tv}; MMDetection and Detectron2 train on them and produce NaN losses",
+            image=i,
+            box=bad[0],
+            evidence={
+                "boxes": bad,
+                "coordinates": rows.tolist()[:20],
+                "torchvision_asserts": asserts,
+            },
+        )
+    ]
 
 
 def _box_suspicions(i: int, boxes: Tensor, size: tuple[int, int]) -> list[Suspicion]:
@@ -274,35 +330,58 @@ def _box_suspicions(i: int, boxes: Tensor, size: tuple[int, int]) -> list[Suspic
     out = []
     for j in (finite & ((bw <= 0) | (bh <= 0))).nonzero().flatten().tolist():
         kind = "zero" if (bw[j] == 0 or bh[j] == 0) else "negative"
-        out.append(Suspicion(
-            "degenerate-gt", f"image {i} box {j} has {kind} width or height ({bw[j]:.4g} x {bh[j]:.4g})",
-            image=i, box=j, evidence={"box": boxes[j].tolist(), "width": float(bw[j]), "height": float(bh[j])},
-        ))
+        out.append(
+            Suspicion(
+                "degenerate-gt",
+                f"image {i} box {j} has {kind} width or height ({bw[j]:.4g} x {bh[j]:.4g})",
+                image=i,
+                box=j,
+                evidence={"box": boxes[j].tolist(), "width": float(bw[j]), "height": float(bh[j])},
+            )
+        )
     tol = OUTSIDE_TOLERANCE
-    outside = finite & ((boxes[:, 0] < -tol) | (boxes[:, 1] < -tol) | (boxes[:, 2] > w + tol) | (boxes[:, 3] > h + tol))
+    outside = finite & (
+        (boxes[:, 0] < -tol)
+        | (boxes[:, 1] < -tol)
+        | (boxes[:, 2] > w + tol)
+        | (boxes[:, 3] > h + tol)
+    )
     for j in outside.nonzero().flatten().tolist():
-        out.append(Suspicion(
-            "gt-outside-image", f"image {i} box {j} {boxes[j].tolist()} reaches outside the {h}x{w} image",
-            image=i, box=j, evidence={"box": boxes[j].tolist(), "image_size": [h, w]},
-        ))
+        out.append(
+            Suspicion(
+                "gt-outside-image",
+                f"image {i} box {j} {boxes[j].tolist()} reaches outside the {h}x{w} image",
+                image=i,
+                box=j,
+                evidence={"box": boxes[j].tolist(), "image_size": [h, w]},
+            )
+        )
     return out + _xywh_suspicion(i, boxes, finite & ((bw < 0) | (bh < 0)), size)
 
 
-def _xywh_suspicion(i: int, boxes: Tensor, inverted: Tensor, size: tuple[int, int]) -> list[Suspicion]:
+def _xywh_suspicion(
+    i: int, boxes: Tensor, inverted: Tensor, size: tuple[int, int]
+) -> list[Suspicion]:
     """xywh read as xyxy: "x2" smaller than x1 for some boxes, while x1 + x2 stays inside the image."""
     h, w = size
     if int(inverted.sum()) == 0:
         return []
     as_xywh = boxes[inverted]
     tol = OUTSIDE_TOLERANCE
-    fits = ((as_xywh[:, 0] + as_xywh[:, 2]) <= w + tol) & ((as_xywh[:, 1] + as_xywh[:, 3]) <= h + tol)
+    fits = ((as_xywh[:, 0] + as_xywh[:, 2]) <= w + tol) & (
+        (as_xywh[:, 1] + as_xywh[:, 3]) <= h + tol
+    )
     if not bool(fits.all()):
         return []
-    return [Suspicion(
-        "gt-xywh-suspected",
-        f"image {i}: {int(inverted.sum())} of {boxes.shape[0]} boxes have x2 < x1 or y2 < y1 but fit as (x, y, w, h)",
-        image=i, box=int(inverted.nonzero()[0]), evidence={"inverted": int(inverted.sum()), "boxes": boxes.shape[0]},
-    )]
+    return [
+        Suspicion(
+            "gt-xywh-suspected",
+            f"image {i}: {int(inverted.sum())} of {boxes.shape[0]} boxes have x2 < x1 or y2 < y1 but fit as (x, y, w, h)",
+            image=i,
+            box=int(inverted.nonzero()[0]),
+            evidence={"inverted": int(inverted.sum()), "boxes": boxes.shape[0]},
+        )
+    ]
 
 
 def load_batch(path: str | Path) -> Batch:
@@ -313,9 +392,13 @@ def load_batch(path: str | Path) -> Batch:
     try:
         loaded = read_file(p)
     except InputError as e:
-        raise InputError(f"{p} is not a lossdoctor batch dump ({e}); write it with lossdoctor.dump_batch") from None
+        raise InputError(
+            f"{p} is not a lossdoctor batch dump ({e}); write it with lossdoctor.dump_batch"
+        ) from None
     if _looks_like_checkpoint(loaded.obj):
-        raise InputError(f"{p} looks like a checkpoint, not a batch dump; pass it as CKPT (before BATCH)")
+        raise InputError(
+            f"{p} looks like a checkpoint, not a batch dump; pass it as CKPT (before BATCH)"
+        )
     try:
         batch = validate_batch(loaded.obj)
     except InputError as e:
@@ -358,7 +441,10 @@ def dump_batch(
     data = {
         "format": BATCH_FORMAT,
         "features": {str(k): _cpu(v) for k, v in features.items()},
-        "image_sizes": [[int(h), int(w)] for h, w in (image_sizes.tolist() if isinstance(image_sizes, Tensor) else image_sizes)],
+        "image_sizes": [
+            [int(h), int(w)]
+            for h, w in (image_sizes.tolist() if isinstance(image_sizes, Tensor) else image_sizes)
+        ],
         "gt_boxes": [_cpu(b) for b in gt_boxes],
         "gt_labels": [_cpu(b) for b in gt_labels],
     }

@@ -4,6 +4,7 @@ Checkpoints are untrusted. They are read by :mod:`.torchfile`, which rebuilds on
 plain containers and replaces every other object by an inert placeholder (reported in
 ``HeadWeights.replaced``). No code from the file runs unless ``unsafe=True``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -118,7 +119,9 @@ def _read(path: Path, unsafe: bool) -> Loaded:
             return Loaded(torch.load(path, map_location="cpu", weights_only=False), [], "unsafe")
         except Exception as e:  # --unsafe-load: torch's own errors, in one line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise InputError(f"{path} could not be loaded even with --unsafe-load ({first})") from None
+            raise InputError(
+                f"{path} could not be loaded even with --unsafe-load ({first})"
+            ) from None
     try:
         return read_file(path)
     except InputError as e:
@@ -129,17 +132,23 @@ def _read_safetensors(path: Path) -> dict:
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise InputError(f"{path} is a .safetensors file; install the 'safetensors' package to read it") from None
+        raise InputError(
+            f"{path} is a .safetensors file; install the 'safetensors' package to read it"
+        ) from None
     try:
         return load_file(str(path))
     except Exception as e:
-        raise InputError(f"{path} is not a readable .safetensors file ({e}); check the file") from None
+        raise InputError(
+            f"{path} is not a readable .safetensors file ({e}); check the file"
+        ) from None
 
 
 def _refuse_foreign(obj, path: Path) -> None:
     """Clear words for a batch dump passed as the checkpoint, or a whole pickled model."""
     if isinstance(obj, dict) and obj.get("format") == BATCH_FORMAT:
-        raise InputError(f"{path} is a lossdoctor batch dump, not a checkpoint; pass it as BATCH (after CKPT)")
+        raise InputError(
+            f"{path} is a lossdoctor batch dump, not a checkpoint; pass it as BATCH (after CKPT)"
+        )
     inner = obj.get("model", obj) if isinstance(obj, dict) else obj
     if _is_module(inner):
         raise InputError(
@@ -167,7 +176,9 @@ def _state_dict(obj) -> dict[str, Tensor]:
         tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
         if tensors:
             return {k[7:] if k.startswith("module.") else k: v for k, v in tensors.items()}
-    raise InputError("the checkpoint holds no state_dict of tensors (plain, or under 'model' / 'state_dict'); save model.state_dict()")
+    raise InputError(
+        "the checkpoint holds no state_dict of tensors (plain, or under 'model' / 'state_dict'); save model.state_dict()"
+    )
 
 
 def _find(sd: dict[str, Tensor], layout: str) -> dict[str, str] | None:
@@ -182,7 +193,9 @@ def _find(sd: dict[str, Tensor], layout: str) -> dict[str, str] | None:
     return keys
 
 
-def heads_from_state_dict(sd: dict[str, Tensor], layout: str | None = None, replaced=()) -> HeadWeights:
+def heads_from_state_dict(
+    sd: dict[str, Tensor], layout: str | None = None, replaced=()
+) -> HeadWeights:
     """Pick the head weights out of a state_dict; ``layout`` None = detect from key names."""
     layouts = [layout] if layout else list(LAYOUTS)
     for name in layouts:
@@ -194,13 +207,17 @@ def heads_from_state_dict(sd: dict[str, Tensor], layout: str | None = None, repl
             for kind in ("weight", "bias"):
                 t = sd.get(f"{prefix}.{kind}")
                 if t is None:
-                    raise InputError(f"checkpoint key '{prefix}.{kind}' is missing; the {name} head needs it")
+                    raise InputError(
+                        f"checkpoint key '{prefix}.{kind}' is missing; the {name} head needs it"
+                    )
                 params[f"{part}.{kind}"] = t.detach().float()
         heads = HeadWeights(params, name, keys, BACKGROUND[name], list(replaced))
         check_heads(heads)
         return heads
     want = ", ".join(f"{n}: '{LAYOUTS[n]['rpn_cls'][0]}.weight'" for n in layouts)
-    raise InputError(f"no RPN/box head found in the checkpoint (looked for {want}); is this a Faster R-CNN FPN checkpoint?")
+    raise InputError(
+        f"no RPN/box head found in the checkpoint (looked for {want}); is this a Faster R-CNN FPN checkpoint?"
+    )
 
 
 def check_heads(h: HeadWeights) -> None:
@@ -214,15 +231,23 @@ def check_heads(h: HeadWeights) -> None:
     }
     for name, shape in expect.items():
         if tuple(p[name].shape) != shape:
-            raise InputError(f"checkpoint '{h.keys[name.split('.')[0]]}.weight' has shape {list(p[name].shape)}, expected {list(shape)}")
+            raise InputError(
+                f"checkpoint '{h.keys[name.split('.')[0]]}.weight' has shape {list(p[name].shape)}, expected {list(shape)}"
+            )
     fc_in = p["fc1.weight"].shape[1]
-    if h.pool_size ** 2 * h.channels != fc_in:
-        raise InputError(f"box head input {fc_in} is not channels ({h.channels}) x P x P for any P; check the checkpoint")
+    if h.pool_size**2 * h.channels != fc_in:
+        raise InputError(
+            f"box head input {fc_in} is not channels ({h.channels}) x P x P for any P; check the checkpoint"
+        )
     if h.reg_classes not in (1, h.num_classes, h.num_logits) or p["reg.weight"].shape[0] % 4:
-        raise InputError(f"box regressor has {p['reg.weight'].shape[0]} outputs, expected 4, 4K or 4(K+1) with K+1 = {h.num_logits}")
+        raise InputError(
+            f"box regressor has {p['reg.weight'].shape[0]} outputs, expected 4, 4K or 4(K+1) with K+1 = {h.num_logits}"
+        )
 
 
-def load_checkpoint(path: str | Path, layout: str | None = None, unsafe: bool = False) -> HeadWeights:
+def load_checkpoint(
+    path: str | Path, layout: str | None = None, unsafe: bool = False
+) -> HeadWeights:
     """Load the head weights of a checkpoint file without running code from it."""
     p = Path(path)
     if not p.is_file():

@@ -4,6 +4,7 @@ Presets reproduce each framework's Faster R-CNN R50-FPN defaults, as read from t
 (see the project's reference notes). All values are plain data; a TOML file with the same
 sections overrides a preset field by field.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,11 +74,15 @@ class MatcherConfig:
 
     def __post_init__(self):
         if self.style not in MATCHER_STYLES:
-            raise InputError(f"matcher style {self.style!r} is unknown; use one of {', '.join(MATCHER_STYLES)}")
+            raise InputError(
+                f"matcher style {self.style!r} is unknown; use one of {', '.join(MATCHER_STYLES)}"
+            )
         check_unit(self.fg_iou, "matcher fg_iou")
         check_unit(self.bg_iou, "matcher bg_iou")
         if self.bg_iou > self.fg_iou:
-            raise InputError(f"matcher thresholds need bg_iou <= fg_iou, found {self.bg_iou}, {self.fg_iou}")
+            raise InputError(
+                f"matcher thresholds need bg_iou <= fg_iou, found {self.bg_iou}, {self.fg_iou}"
+            )
         check_unit(self.min_pos_iou, "matcher min_pos_iou")
         check_range(self.union_eps, "matcher union_eps", 0.0)
 
@@ -225,7 +230,11 @@ def detectron2_preset() -> DetectorConfig:
     )
 
 
-PRESETS = {"torchvision": torchvision_preset, "mmdet": mmdet_preset, "detectron2": detectron2_preset}
+PRESETS = {
+    "torchvision": torchvision_preset,
+    "mmdet": mmdet_preset,
+    "detectron2": detectron2_preset,
+}
 
 
 def preset(name: str) -> DetectorConfig:
@@ -233,7 +242,9 @@ def preset(name: str) -> DetectorConfig:
     try:
         return PRESETS[name]()
     except KeyError:
-        raise InputError(f"unknown detector preset {name!r}; use one of {', '.join(PRESETS)} or a .toml file") from None
+        raise InputError(
+            f"unknown detector preset {name!r}; use one of {', '.join(PRESETS)} or a .toml file"
+        ) from None
 
 
 def load_config(spec: str | Path) -> DetectorConfig:

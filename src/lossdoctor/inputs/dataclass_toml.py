@@ -3,6 +3,7 @@
 Configs and profiles are plain data; this is the one place that turns a TOML document into
 those dataclasses, so both share the same checks and error messages.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,7 +72,9 @@ def _coerce(value, tp, where: str):
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         if not isinstance(value, str):
-            raise InputError(f"{where}: expected one of {', '.join(m.value for m in tp)}, found {value!r}")
+            raise InputError(
+                f"{where}: expected one of {', '.join(m.value for m in tp)}, found {value!r}"
+            )
         return value  # the dataclass turns it into a member and names the choices if it is none
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -132,7 +135,11 @@ def _toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
-        return repr(v) if v == v and v not in (float("inf"), float("-inf")) else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+        return (
+            repr(v)
+            if v == v and v not in (float("inf"), float("-inf"))
+            else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+        )
     if isinstance(v, (int,)):
         return str(v)
     if isinstance(v, str):

@@ -1,4 +1,5 @@
 """Files: atomic writes, reproducible torch saves, text reads with one-line errors."""
+
 from __future__ import annotations
 
 import io
@@ -58,7 +59,9 @@ def atomic_write(path: str | Path, write) -> None:
         write(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
+        os.chmod(
+            tmp, 0o666 & ~umask
+        )  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -28,12 +28,13 @@ and ``count`` is chosen by ``normalizer``:
 over every anchor with weight 0 for unsampled ones, so a non-finite prediction anywhere in a level
 makes that level's loss NaN (0 * inf). The others index the sampled anchors.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..vocab import BOX_LOSSES, CLS_LOSSES, BOX_TERMS, Empty, LossKind, Normalizer, Part, Term
+from ..vocab import BOX_LOSSES, BOX_TERMS, CLS_LOSSES, Empty, LossKind, Normalizer, Part, Term
 from .checks import as_member, check_range
 from .dataclass_toml import dumps_toml, load_named, to_dict
 from .errors import InputError
@@ -70,9 +71,13 @@ class LossProfile:
     name: str
     summary: str = ""
     rpn_cls: TermSpec = field(default_factory=lambda: TermSpec(LossKind.BCE))
-    rpn_box: TermSpec = field(default_factory=lambda: TermSpec(LossKind.SMOOTH_L1, beta=SMOOTH_L1_TV_BETA))
+    rpn_box: TermSpec = field(
+        default_factory=lambda: TermSpec(LossKind.SMOOTH_L1, beta=SMOOTH_L1_TV_BETA)
+    )
     roi_cls: TermSpec = field(default_factory=lambda: TermSpec(LossKind.CE))
-    roi_box: TermSpec = field(default_factory=lambda: TermSpec(LossKind.SMOOTH_L1, beta=SMOOTH_L1_TV_BETA))
+    roi_box: TermSpec = field(
+        default_factory=lambda: TermSpec(LossKind.SMOOTH_L1, beta=SMOOTH_L1_TV_BETA)
+    )
     pos_weight: float = 1.0
     unsampled_leak: bool = False
     max_norm: float | None = None  # gradient clipping to simulate (total L2 norm), None = off
@@ -87,7 +92,9 @@ class LossProfile:
             want = CLS_LOSSES if term.part is Part.CLS else BOX_LOSSES
             if spec.loss not in want:
                 names = ", ".join(want)
-                raise InputError(f"profile {self.name!r}: {term} needs one of {names}, found {spec.loss!r}")
+                raise InputError(
+                    f"profile {self.name!r}: {term} needs one of {names}, found {spec.loss!r}"
+                )
         if self.rpn_cls.loss is not LossKind.BCE or self.roi_cls.loss is not LossKind.CE:
             raise InputError(f"profile {self.name!r}: rpn_cls must be 'bce' and roi_cls 'ce'")
         check_range(self.pos_weight, f"profile {self.name!r}: pos_weight", 0.0, open_low=True)
@@ -194,7 +201,13 @@ def detectron2() -> LossProfile:
     )
 
 
-BUILTIN = {"legacy": legacy, "fixed": fixed, "mmdet": mmdet, "torchvision": torchvision, "detectron2": detectron2}
+BUILTIN = {
+    "legacy": legacy,
+    "fixed": fixed,
+    "mmdet": mmdet,
+    "torchvision": torchvision,
+    "detectron2": detectron2,
+}
 
 
 def builtin(name: str) -> LossProfile:

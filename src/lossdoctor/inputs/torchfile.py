@@ -226,7 +226,9 @@ class _Reader:
         qualname = f"{module}.{name}"
         if qualname not in self._placeholders:
             self.replaced[qualname] = Replaced(qualname, runs_code(module, name))
-            self._placeholders[qualname] = type("Placeholder", (Placeholder,), {"qualname": qualname})
+            self._placeholders[qualname] = type(
+                "Placeholder", (Placeholder,), {"qualname": qualname}
+            )
         return self._placeholders[qualname]
 
     def nested(self, data):
@@ -275,7 +277,11 @@ def _typed(untyped: torch.UntypedStorage, dtype: torch.dtype) -> torch.storage.T
 
 
 def _from_bytes(data: bytes, dtype: torch.dtype, big_endian: bool) -> torch.storage.TypedStorage:
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+    raw = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data
+        else torch.zeros(0, dtype=torch.uint8)
+    )
     if big_endian and dtype.itemsize > 1:
         raw = raw.view(-1, dtype.itemsize).flip(1).reshape(-1)
     return _typed(raw.untyped_storage(), dtype)
@@ -290,7 +296,11 @@ def _read_zip(f, size: int) -> Loaded:
         if not pkl:
             raise InputError("a zip archive without data.pkl, not a torch.save file")
         prefix = pkl[0][: -len("data.pkl")]
-        big = z.read(prefix + "byteorder").strip() == b"big" if prefix + "byteorder" in names else False
+        big = (
+            z.read(prefix + "byteorder").strip() == b"big"
+            if prefix + "byteorder" in names
+            else False
+        )
         reader = _Reader(size)
 
         def fetch(key: str, dtype: torch.dtype, numel: int):
@@ -306,7 +316,9 @@ def _read_zip(f, size: int) -> Loaded:
 
 def _check_inflation(info: zipfile.ZipInfo) -> None:
     if info.file_size > MAX_INFLATION * info.compress_size + INFLATION_SLACK:
-        raise InputError(f"zip record {info.filename} inflates {info.file_size} bytes from {info.compress_size}")
+        raise InputError(
+            f"zip record {info.filename} inflates {info.file_size} bytes from {info.compress_size}"
+        )
 
 
 def _zip_record(z: zipfile.ZipFile, name: str, nbytes: int) -> bytes:
@@ -317,7 +329,9 @@ def _zip_record(z: zipfile.ZipFile, name: str, nbytes: int) -> bytes:
         raise InputError(f"the archive has no storage record {name}") from None
     _check_inflation(info)
     if info.file_size < nbytes:
-        raise InputError(f"storage record {name} holds {info.file_size} bytes, fewer than it claims")
+        raise InputError(
+            f"storage record {name} holds {info.file_size} bytes, fewer than it claims"
+        )
     with z.open(info) as f:
         return f.read(nbytes)
 

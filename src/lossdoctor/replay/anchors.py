@@ -1,4 +1,5 @@
 """Anchors per FPN level, in each framework's convention."""
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,11 @@ from ..inputs.config import AnchorConfig
 
 def cell_anchors(sizes, ratios, round_: bool, size_major: bool) -> Tensor:
     """Anchors centred on (0, 0) → Tensor[A, 4]; ratio = h / w, w = size / sqrt(r), h = size * sqrt(r)."""
-    pairs = [(s, r) for s in sizes for r in ratios] if size_major else [(s, r) for r in ratios for s in sizes]
+    pairs = (
+        [(s, r) for s in sizes for r in ratios]
+        if size_major
+        else [(s, r) for r in ratios for s in sizes]
+    )
     base = []
     for size, ratio in pairs:
         w = size / math.sqrt(ratio)
@@ -22,7 +27,9 @@ def cell_anchors(sizes, ratios, round_: bool, size_major: bool) -> Tensor:
     return t.float().round() if round_ else t.float()
 
 
-def grid_anchors(cell: Tensor, height: int, width: int, stride_h: float, stride_w: float, offset: float) -> Tensor:
+def grid_anchors(
+    cell: Tensor, height: int, width: int, stride_h: float, stride_w: float, offset: float
+) -> Tensor:
     """All anchors of one level → Tensor[H * W * A, 4], ordered (y, x, a)."""
     ys = (torch.arange(height, dtype=torch.float32) + offset) * stride_h
     xs = (torch.arange(width, dtype=torch.float32) + offset) * stride_w
@@ -31,24 +38,38 @@ def grid_anchors(cell: Tensor, height: int, width: int, stride_h: float, stride_
     return (shifts + cell[None]).reshape(-1, 4)
 
 
-def level_strides(cfg: AnchorConfig, strides: list[int], shapes: list[tuple[int, int]], pad_size) -> list[tuple[float, float]]:
+def level_strides(
+    cfg: AnchorConfig, strides: list[int], shapes: list[tuple[int, int]], pad_size
+) -> list[tuple[float, float]]:
     """(stride_h, stride_w) per level; torchvision's are padded_size // feature_size per axis."""
     if cfg.stride_from_size:
         return [(pad_size[0] // h, pad_size[1] // w) for h, w in shapes]
     return [(s, s) for s in strides]
 
 
-def level_anchors(cfg: AnchorConfig, strides: list[int], shapes: list[tuple[int, int]], pad_size) -> list[Tensor]:
+def level_anchors(
+    cfg: AnchorConfig, strides: list[int], shapes: list[tuple[int, int]], pad_size
+) -> list[Tensor]:
     """Anchors of every level → list of Tensor[H_l * W_l * A, 4]."""
     if len(cfg.sizes) < len(shapes):
-        raise ValueError(f"the config has anchor sizes for {len(cfg.sizes)} levels, the batch has {len(shapes)}")
+        raise ValueError(
+            f"the config has anchor sizes for {len(cfg.sizes)} levels, the batch has {len(shapes)}"
+        )
     out = []
-    for sizes, (h, w), (sh, sw) in zip(cfg.sizes, shapes, level_strides(cfg, strides, shapes, pad_size)):
-        out.append(grid_anchors(cell_anchors(sizes, cfg.ratios, cfg.round, cfg.size_major), h, w, sh, sw, cfg.offset))
+    for sizes, (h, w), (sh, sw) in zip(
+        cfg.sizes, shapes, level_strides(cfg, strides, shapes, pad_size)
+    ):
+        out.append(
+            grid_anchors(
+                cell_anchors(sizes, cfg.ratios, cfg.round, cfg.size_major), h, w, sh, sw, cfg.offset
+            )
+        )
     return out
 
 
-def valid_flags(cfg: AnchorConfig, strides: list[int], shapes, image_size, num_anchors: int) -> list[Tensor] | None:
+def valid_flags(
+    cfg: AnchorConfig, strides: list[int], shapes, image_size, num_anchors: int
+) -> list[Tensor] | None:
     """mmdet's valid flags for one image: locations inside ceil(pad_shape / stride) → list of Tensor[H*W*A] bool."""
     if cfg.valid_pad_divisor <= 0:
         return None

@@ -1,4 +1,5 @@
 """Box operations: area, IoU (chunked), encode/decode, clip, NMS. Boxes are (x1, y1, x2, y2)."""
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,12 @@ def box_iou(a: Tensor, b: Tensor, union_eps: float = 0.0) -> Tensor:
     (torchvision, Detectron2).
     """
     # per axis, so no [G, M, 2] temporaries: the peak is a few [G, M] blocks
-    iw = (torch.min(a[:, None, 2], b[None, :, 2]) - torch.max(a[:, None, 0], b[None, :, 0])).clamp_(min=0)
-    ih = (torch.min(a[:, None, 3], b[None, :, 3]) - torch.max(a[:, None, 1], b[None, :, 1])).clamp_(min=0)
+    iw = (torch.min(a[:, None, 2], b[None, :, 2]) - torch.max(a[:, None, 0], b[None, :, 0])).clamp_(
+        min=0
+    )
+    ih = (torch.min(a[:, None, 3], b[None, :, 3]) - torch.max(a[:, None, 1], b[None, :, 1])).clamp_(
+        min=0
+    )
     inter = iw.mul_(ih)
     union = box_area(a)[:, None] + box_area(b)[None, :] - inter
     if union_eps > 0:
@@ -37,7 +42,7 @@ def iou_chunks(a: Tensor, b: Tensor, union_eps: float = 0.0, skip=None):
     step = max(1, IOU_CHUNK_ELEMENTS // max(1, a.shape[0]))
     for k, start in enumerate(range(0, b.shape[0], step)):
         if skip is None or not skip(k):
-            yield start, box_iou(a, b[start:start + step], union_eps)
+            yield start, box_iou(a, b[start : start + step], union_eps)
 
 
 def encode(gt: Tensor, ref: Tensor, weights) -> Tensor:
@@ -54,7 +59,15 @@ def encode(gt: Tensor, ref: Tensor, weights) -> Tensor:
     gh = gt[:, 3] - gt[:, 1]
     gx = gt[:, 0] + 0.5 * gw
     gy = gt[:, 1] + 0.5 * gh
-    return torch.stack([wx * (gx - rx) / rw, wy * (gy - ry) / rh, ww * torch.log(gw / rw), wh * torch.log(gh / rh)], 1)
+    return torch.stack(
+        [
+            wx * (gx - rx) / rw,
+            wy * (gy - ry) / rh,
+            ww * torch.log(gw / rw),
+            wh * torch.log(gh / rh),
+        ],
+        1,
+    )
 
 
 def decode(deltas: Tensor, ref: Tensor, weights, clip: float, clip_both: bool = False) -> Tensor:
@@ -118,7 +131,11 @@ def nms_torch(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
 def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
     """NMS within each group (level or class) → kept indices sorted by decreasing score."""
-    keep = [idx[nms(boxes[idx], scores[idx], iou_threshold)] for g in groups.unique() for idx in [(groups == g).nonzero().flatten()]]
+    keep = [
+        idx[nms(boxes[idx], scores[idx], iou_threshold)]
+        for g in groups.unique()
+        for idx in [(groups == g).nonzero().flatten()]
+    ]
     if not keep:
         return torch.zeros(0, dtype=torch.long)
     keep = torch.cat(keep)

@@ -5,6 +5,7 @@ and sample per image once, seeded; proposals from the detached RPN outputs (or t
 RoI assignment and sampling with GT added; multi-scale RoIAlign; box head; then each profile's
 normalization over the same per-sample losses.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,7 +89,9 @@ COUNTS = {
     Normalizer.SAMPLED: lambda c, level: sum(c.sampled),
     Normalizer.POS: lambda c, level: sum(c.pos),
     Normalizer.BUDGET: lambda c, level: c.budget,
-    Normalizer.MMDET_SAMPLER: lambda c, level: sum(max(p, 1) + max(n, 1) for p, n in zip(c.img_pos, c.img_neg)),
+    Normalizer.MMDET_SAMPLER: lambda c, level: sum(
+        max(p, 1) + max(n, 1) for p, n in zip(c.img_pos, c.img_neg)
+    ),
     Normalizer.MMDET_PSEUDO: lambda c, level: sum(max(p, 1) for p in c.img_pos),
 }
 
@@ -118,8 +121,10 @@ class ProfileLosses:
     @property
     def terms(self) -> dict[str, Tensor]:
         return {
-            "rpn_cls": self.term("rpn", "cls"), "rpn_box": self.term("rpn", "bbox"),
-            "roi_cls": self.term("roi", "cls"), "roi_box": self.term("roi", "bbox"),
+            "rpn_cls": self.term("rpn", "cls"),
+            "rpn_box": self.term("rpn", "bbox"),
+            "roi_cls": self.term("roi", "cls"),
+            "roi_box": self.term("roi", "bbox"),
         }
 
     @property
@@ -218,28 +223,49 @@ class Replay:
                 head_rows = []
                 for s, ll in zip(self.samples[head], pl.levels[head]):
                     cls, box = float(ll.loss_cls.detach()), float(ll.loss_bbox.detach())
-                    head_rows.append({
-                        "profile": name, "head": head, "level": s.name, "anchors": s.candidates,
-                        "pos": s.pos, "neg": s.sampled - s.pos, "ignored": s.ignored, "sampled": s.sampled,
-                        "avg_factor": ll.avg_factor, "avg_factor_bbox": ll.avg_factor_bbox,
-                        "sample_weight": ll.sample_weight, "sample_weight_bbox": ll.sample_weight_bbox,
-                        "loss_cls": cls, "loss_bbox": box, "loss_share": _share(cls + box, total),
-                    })
+                    head_rows.append(
+                        {
+                            "profile": name,
+                            "head": head,
+                            "level": s.name,
+                            "anchors": s.candidates,
+                            "pos": s.pos,
+                            "neg": s.sampled - s.pos,
+                            "ignored": s.ignored,
+                            "sampled": s.sampled,
+                            "avg_factor": ll.avg_factor,
+                            "avg_factor_bbox": ll.avg_factor_bbox,
+                            "sample_weight": ll.sample_weight,
+                            "sample_weight_bbox": ll.sample_weight_bbox,
+                            "loss_cls": cls,
+                            "loss_bbox": box,
+                            "loss_share": _share(cls + box, total),
+                        }
+                    )
                 rows.extend(head_rows)
                 cls = float(pl.term(head, "cls").detach())
                 box = float(pl.term(head, "bbox").detach())
                 af = sorted({r["avg_factor"] for r in head_rows})
                 afb = sorted({r["avg_factor_bbox"] for r in head_rows})
-                rows.append({
-                    "profile": name, "head": head, "level": "all",
-                    **{k: sum(r[k] for r in head_rows) for k in ("anchors", "pos", "neg", "ignored", "sampled")},
-                    # a shared normalizer is one number; per-level ones have none for the whole head
-                    "avg_factor": af[0] if len(af) == 1 else float("nan"),
-                    "avg_factor_bbox": afb[0] if len(afb) == 1 else float("nan"),
-                    "sample_weight": _spread(head_rows, "sample_weight"),
-                    "sample_weight_bbox": _spread(head_rows, "sample_weight_bbox"),
-                    "loss_cls": cls, "loss_bbox": box, "loss_share": _share(cls + box, total),
-                })
+                rows.append(
+                    {
+                        "profile": name,
+                        "head": head,
+                        "level": "all",
+                        **{
+                            k: sum(r[k] for r in head_rows)
+                            for k in ("anchors", "pos", "neg", "ignored", "sampled")
+                        },
+                        # a shared normalizer is one number; per-level ones have none for the whole head
+                        "avg_factor": af[0] if len(af) == 1 else float("nan"),
+                        "avg_factor_bbox": afb[0] if len(afb) == 1 else float("nan"),
+                        "sample_weight": _spread(head_rows, "sample_weight"),
+                        "sample_weight_bbox": _spread(head_rows, "sample_weight_bbox"),
+                        "loss_cls": cls,
+                        "loss_bbox": box,
+                        "loss_share": _share(cls + box, total),
+                    }
+                )
         return rows
 
     def image_rows(self) -> list[dict]:
@@ -276,8 +302,15 @@ def usable_gt(batch: Batch, num_classes: int):
     return boxes, labels, sources, dropped
 
 
-def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: list[LossProfile], *,
-           seed: int = 0, sample_all: bool = False) -> Replay:
+def replay(
+    heads: HeadWeights,
+    batch: Batch,
+    config: DetectorConfig,
+    profiles: list[LossProfile],
+    *,
+    seed: int = 0,
+    sample_all: bool = False,
+) -> Replay:
     """Replay the RPN and RoI losses of ``batch`` under each of ``profiles``.
 
     All profiles see the same samples (one seeded draw, or every candidate with ``sample_all``),
@@ -300,7 +333,9 @@ def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: l
 
     rpn_levels, rpn_samples = [], []
     leak_zero = torch.zeros(())
-    for lvl, (name, out, anc, (start, stop)) in enumerate(zip(batch.levels, outs, anchors, _ranges(sizes))):
+    for lvl, (name, out, anc, (start, stop)) in enumerate(
+        zip(batch.levels, outs, anchors, _ranges(sizes))
+    ):
         lab, mat = labels[:, start:stop], matched[:, start:stop]
         smp, pos = sampled[:, start:stop], positive[:, start:stop]
         bce = bce_loss(out.logits, lab == POSITIVE)
@@ -309,23 +344,44 @@ def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: l
         for i in range(n):
             sel = img_idx == i
             if sel.any():
-                tgt[sel] = encode(gts[i][mat[i, a_idx[sel]]], anc[a_idx[sel]], config.rpn_coder.weights)
+                tgt[sel] = encode(
+                    gts[i][mat[i, a_idx[sel]]], anc[a_idx[sel]], config.rpn_coder.weights
+                )
         rpn_levels.append(RpnLevel(name, batch.strides[lvl], anc, out, lab, mat, smp, pos, bce))
-        rpn_samples.append(LevelSamples(
-            name, candidates=lab.numel(), ignored=int((lab == IGNORED).sum()),
-            cls_loss=bce[smp], cls_pos=pos[smp], box_pred=out.deltas[img_idx, a_idx], box_target=tgt,
-            cls_leak=(bce * 0).sum(), box_leak=(out.deltas * 0).sum(),
-        ))
+        rpn_samples.append(
+            LevelSamples(
+                name,
+                candidates=lab.numel(),
+                ignored=int((lab == IGNORED).sum()),
+                cls_loss=bce[smp],
+                cls_pos=pos[smp],
+                box_pred=out.deltas[img_idx, a_idx],
+                box_target=tgt,
+                cls_leak=(bce * 0).sum(),
+                box_leak=(out.deltas * 0).sum(),
+            )
+        )
 
     proposals, nonfinite = _proposals(outs, anchors, batch, config)
     roi_levels = min(config.roi_pool.num_levels, len(features))
-    roi, roi_pos, roi_neg = _sample_rois(proposals, gts, gt_labels, batch.strides[:roi_levels], config, gen, sample_all)
-    roi.pooled = multiscale_roi_align(features[:roi_levels], batch.strides[:roi_levels], roi.boxes, roi.img, roi.level,
-                                      heads.pool_size, config.roi_pool)
+    roi, roi_pos, roi_neg = _sample_rois(
+        proposals, gts, gt_labels, batch.strides[:roi_levels], config, gen, sample_all
+    )
+    roi.pooled = multiscale_roi_align(
+        features[:roi_levels],
+        batch.strides[:roi_levels],
+        roi.boxes,
+        roi.img,
+        roi.level,
+        heads.pool_size,
+        config.roi_pool,
+    )
     roi.hidden1, roi.hidden = box_hidden(roi.pooled, heads)
     roi.cls_logits, roi.deltas = box_predict(roi.hidden, heads)
     fg = roi.fg_class >= 0
-    target_col = torch.where(fg, heads.fg_logit(roi.fg_class.clamp(min=0)), torch.full_like(roi.fg_class, heads.bg_col))
+    target_col = torch.where(
+        fg, heads.fg_logit(roi.fg_class.clamp(min=0)), torch.full_like(roi.fg_class, heads.bg_col)
+    )
     roi.ce = ce_loss(roi.cls_logits, target_col)
     pos_rows = fg.nonzero().flatten()
     pos_pred = roi.deltas[pos_rows, heads.reg_slot(roi.fg_class[pos_rows])]
@@ -333,33 +389,77 @@ def replay(heads: HeadWeights, batch: Batch, config: DetectorConfig, profiles: l
     for lvl in range(roi_levels):
         at = roi.level == lvl
         at_pos = at[pos_rows]
-        roi_samples.append(LevelSamples(
-            batch.levels[lvl], candidates=roi.candidates_per_level[lvl], ignored=0,
-            cls_loss=roi.ce[at], cls_pos=fg[at], box_pred=pos_pred[at_pos], box_target=roi.targets[pos_rows][at_pos],
-            cls_leak=leak_zero, box_leak=leak_zero,
-        ))
+        roi_samples.append(
+            LevelSamples(
+                batch.levels[lvl],
+                candidates=roi.candidates_per_level[lvl],
+                ignored=0,
+                cls_loss=roi.ce[at],
+                cls_pos=fg[at],
+                box_pred=pos_pred[at_pos],
+                box_target=roi.targets[pos_rows][at_pos],
+                cls_leak=leak_zero,
+                box_leak=leak_zero,
+            )
+        )
 
     counts = {
-        "rpn": HeadCounts([s.sampled for s in rpn_samples], [s.pos for s in rpn_samples],
-                          config.rpn_sampler.batch_size * n, a.img_pos, a.img_neg),
-        "roi": HeadCounts([s.sampled for s in roi_samples], [s.pos for s in roi_samples],
-                          config.roi_sampler.batch_size * n, roi_pos, roi_neg),
+        "rpn": HeadCounts(
+            [s.sampled for s in rpn_samples],
+            [s.pos for s in rpn_samples],
+            config.rpn_sampler.batch_size * n,
+            a.img_pos,
+            a.img_neg,
+        ),
+        "roi": HeadCounts(
+            [s.sampled for s in roi_samples],
+            [s.pos for s in roi_samples],
+            config.roi_sampler.batch_size * n,
+            roi_pos,
+            roi_neg,
+        ),
     }
     images = []
     for i in range(n):
         best = a.gt_best[i]
-        images.append(ImageStats(
-            image=i, gt=gts[i].shape[0], gt_ignored=int(batch.gt_ignore[i].sum()),
-            gt_bad_label=sum(1 for d in dropped if d[0] == i),
-            gt_nonfinite=int((~torch.isfinite(batch.gt_boxes[i]).all(1)).sum()), gt_without_pos=int((~a.gt_has_pos[i]).sum()),
-            gt_best_iou_min=float(best.min()) if best.numel() else float("nan"),
-            gt_best_iou_mean=float(best.mean()) if best.numel() else float("nan"),
-            rpn_pos_candidates=a.pos_candidates[i], rpn_pos=a.img_pos[i], rpn_neg=a.img_neg[i],
-            proposals=proposals[i].shape[0], proposals_nonfinite=nonfinite[i], roi_pos=roi_pos[i], roi_neg=roi_neg[i],
-        ))
-    result = Replay(heads, batch, config, seed, sample_all, features, rpn_levels, roi,
-                    {"rpn": rpn_samples, "roi": roi_samples}, counts, images, gts, gt_labels, gt_sources, a.gt_best,
-                    a.gt_has_pos, dropped)
+        images.append(
+            ImageStats(
+                image=i,
+                gt=gts[i].shape[0],
+                gt_ignored=int(batch.gt_ignore[i].sum()),
+                gt_bad_label=sum(1 for d in dropped if d[0] == i),
+                gt_nonfinite=int((~torch.isfinite(batch.gt_boxes[i]).all(1)).sum()),
+                gt_without_pos=int((~a.gt_has_pos[i]).sum()),
+                gt_best_iou_min=float(best.min()) if best.numel() else float("nan"),
+                gt_best_iou_mean=float(best.mean()) if best.numel() else float("nan"),
+                rpn_pos_candidates=a.pos_candidates[i],
+                rpn_pos=a.img_pos[i],
+                rpn_neg=a.img_neg[i],
+                proposals=proposals[i].shape[0],
+                proposals_nonfinite=nonfinite[i],
+                roi_pos=roi_pos[i],
+                roi_neg=roi_neg[i],
+            )
+        )
+    result = Replay(
+        heads,
+        batch,
+        config,
+        seed,
+        sample_all,
+        features,
+        rpn_levels,
+        roi,
+        {"rpn": rpn_samples, "roi": roi_samples},
+        counts,
+        images,
+        gts,
+        gt_labels,
+        gt_sources,
+        a.gt_best,
+        a.gt_has_pos,
+        dropped,
+    )
     for p in profiles:
         result.losses[p.name] = profile_losses(result, p)
     return result
@@ -380,16 +480,30 @@ class RpnAssignment:
     pos_candidates: list[int]
 
 
-def _assign_rpn(anchors, shapes, gts, batch: Batch, heads: HeadWeights, config: DetectorConfig, gen, sample_all) -> RpnAssignment:
+def _assign_rpn(
+    anchors, shapes, gts, batch: Batch, heads: HeadWeights, config: DetectorConfig, gen, sample_all
+) -> RpnAssignment:
     """Assign and sample per image, over all levels jointly (the budget is per image, not per level)."""
     n = batch.num_images
     all_anchors = torch.cat(anchors)
-    a = RpnAssignment(torch.empty(n, all_anchors.shape[0], dtype=torch.int8), torch.empty(n, all_anchors.shape[0], dtype=torch.long),
-                      torch.zeros(n, all_anchors.shape[0], dtype=torch.bool), torch.zeros(n, all_anchors.shape[0], dtype=torch.bool),
-                      [], [], [], [], [])
+    a = RpnAssignment(
+        torch.empty(n, all_anchors.shape[0], dtype=torch.int8),
+        torch.empty(n, all_anchors.shape[0], dtype=torch.long),
+        torch.zeros(n, all_anchors.shape[0], dtype=torch.bool),
+        torch.zeros(n, all_anchors.shape[0], dtype=torch.bool),
+        [],
+        [],
+        [],
+        [],
+        [],
+    )
     for i in range(n):
-        flags = valid_flags(config.anchors, batch.strides, shapes, batch.image_sizes[i], heads.num_anchors)
-        m = match(gts[i], all_anchors, config.rpn_matcher, torch.cat(flags) if flags is not None else None)
+        flags = valid_flags(
+            config.anchors, batch.strides, shapes, batch.image_sizes[i], heads.num_anchors
+        )
+        m = match(
+            gts[i], all_anchors, config.rpn_matcher, torch.cat(flags) if flags is not None else None
+        )
         a.labels[i], a.matched[i] = m.labels, m.gt
         pos, neg = sample(m.labels, config.rpn_sampler, gen, sample_all)
         a.sampled[i, pos] = True
@@ -406,7 +520,9 @@ def _assign_rpn(anchors, shapes, gts, batch: Batch, heads: HeadWeights, config: 
     return a
 
 
-def _proposals(outs, anchors, batch: Batch, config: DetectorConfig) -> tuple[list[Tensor], list[int]]:
+def _proposals(
+    outs, anchors, batch: Batch, config: DetectorConfig
+) -> tuple[list[Tensor], list[int]]:
     """Per image: the dump's proposals, or the RPN's from its detached outputs (and how many were non-finite)."""
     if batch.proposals is not None:  # the dump's, less any with non-finite coordinates
         finite = [torch.isfinite(p).all(1) for p in batch.proposals]
@@ -414,8 +530,14 @@ def _proposals(outs, anchors, batch: Batch, config: DetectorConfig) -> tuple[lis
     proposals, nonfinite = [], []
     with torch.no_grad():
         for i in range(batch.num_images):
-            boxes, _, bad = image_proposals([o.logits[i] for o in outs], [o.deltas[i] for o in outs], anchors,
-                                            batch.image_sizes[i], config.train_proposals, config.rpn_coder)
+            boxes, _, bad = image_proposals(
+                [o.logits[i] for o in outs],
+                [o.deltas[i] for o in outs],
+                anchors,
+                batch.image_sizes[i],
+                config.train_proposals,
+                config.rpn_coder,
+            )
             proposals.append(boxes)
             nonfinite.append(bad)
     return proposals, nonfinite
@@ -442,13 +564,15 @@ def _sample_rois(proposals, gts, gt_labels, strides, config: DetectorConfig, gen
         cands = torch.cat([props, gt]) if config.roi_sampler.add_gt else props
         is_gt = torch.zeros(cands.shape[0], dtype=torch.bool)
         if config.roi_sampler.add_gt:
-            is_gt[props.shape[0]:] = True
+            is_gt[props.shape[0] :] = True
         m = match(gt, cands, config.roi_matcher)
         if config.roi_matcher.style == "mmdet" and config.roi_sampler.add_gt and gt.shape[0]:
             # mmdet assigns every added GT to itself, whatever its IoU (a zero-size GT too)
             m.labels[is_gt] = POSITIVE
             m.gt[is_gt] = torch.arange(gt.shape[0])
-        cand_levels += torch.bincount(map_levels(cands, strides, config.roi_pool), minlength=len(strides))
+        cand_levels += torch.bincount(
+            map_levels(cands, strides, config.roi_pool), minlength=len(strides)
+        )
         pos, neg = sample(m.labels, config.roi_sampler, gen, sample_all)
         idx = torch.cat([pos, neg])
         img_pos.append(pos.numel())
@@ -468,9 +592,14 @@ def _sample_rois(proposals, gts, gt_labels, strides, config: DetectorConfig, gen
         rows["targets"].append(tgt)
     boxes = torch.cat(rows["boxes"]) if rows["boxes"] else torch.zeros(0, 4)
     roi = RoiSet(
-        boxes=boxes, img=torch.cat(rows["img"]), level=map_levels(boxes, strides, config.roi_pool),
-        fg_class=torch.cat(rows["fg"]), gt_index=torch.cat(rows["gt"]), is_gt=torch.cat(rows["is_gt"]),
-        targets=torch.cat(rows["targets"]), candidates_per_level=cand_levels.tolist(),
+        boxes=boxes,
+        img=torch.cat(rows["img"]),
+        level=map_levels(boxes, strides, config.roi_pool),
+        fg_class=torch.cat(rows["fg"]),
+        gt_index=torch.cat(rows["gt"]),
+        is_gt=torch.cat(rows["is_gt"]),
+        targets=torch.cat(rows["targets"]),
+        candidates_per_level=cand_levels.tolist(),
     )
     return roi, img_pos, img_neg
 
@@ -490,10 +619,16 @@ def profile_losses(r: Replay, profile: LossProfile) -> ProfileLosses:
                 cls_num, box_num = cls_num + s.cls_leak, box_num + s.box_leak
             loss_cls, d_cls = normalize(cls_num, cls_term, counts.count(cls_term.normalizer, lvl))
             loss_box, d_box = normalize(box_num, box_term, counts.count(box_term.normalizer, lvl))
-            out.append(LevelLoss(
-                s.name, loss_cls, loss_box, d_cls, d_box,
-                cls_term.weight / d_cls if d_cls else float("nan"),
-                box_term.weight / d_box if d_box else float("nan"),
-            ))
+            out.append(
+                LevelLoss(
+                    s.name,
+                    loss_cls,
+                    loss_box,
+                    d_cls,
+                    d_box,
+                    cls_term.weight / d_cls if d_cls else float("nan"),
+                    box_term.weight / d_box if d_box else float("nan"),
+                )
+            )
         levels[head] = out
     return ProfileLosses(profile, levels)

@@ -1,4 +1,5 @@
 """The RPN head and the box head (two FCs + predictors), as pure functions of the weights."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ def rpn_predict(hidden: Tensor, w: HeadWeights) -> tuple[Tensor, Tensor]:
     p = w.params
     n, _, h, wd = hidden.shape
     a = w.num_anchors
-    logits = F.conv2d(hidden, p["rpn_cls.weight"], p["rpn_cls.bias"]).permute(0, 2, 3, 1).reshape(n, -1)
+    logits = (
+        F.conv2d(hidden, p["rpn_cls.weight"], p["rpn_cls.bias"]).permute(0, 2, 3, 1).reshape(n, -1)
+    )
     deltas = F.conv2d(hidden, p["rpn_reg.weight"], p["rpn_reg.bias"])
     deltas = deltas.view(n, a, 4, h, wd).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
     return logits, deltas

@@ -1,4 +1,5 @@
 """Per-sample losses and their normalization under a profile term."""
+
 from __future__ import annotations
 
 import torch
@@ -41,6 +42,10 @@ def normalize(numerator: Tensor, term: TermSpec, count: float) -> tuple[Tensor, 
     """weight * numerator / D → (loss, D). D = 0 is the empty set: NaN (0/0) or a live zero."""
     d = denominator(term, count)
     if d == 0:
-        value = numerator * 0 if term.empty is Empty.ZERO else numerator / torch.zeros((), dtype=numerator.dtype)
+        value = (
+            numerator * 0
+            if term.empty is Empty.ZERO
+            else numerator / torch.zeros((), dtype=numerator.dtype)
+        )
         return value * term.weight, d
     return numerator / d * term.weight, d

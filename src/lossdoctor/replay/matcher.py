@@ -1,4 +1,5 @@
 """Max-IoU assignment of anchors (or proposals) to GT boxes, computed in bounded-memory chunks."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,7 +73,9 @@ def match(gt: Tensor, boxes: Tensor, cfg: MatcherConfig, valid: Tensor | None = 
         gi, bi, val = torch.cat(tied_gt), torch.cat(tied_box), torch.cat(tied_val)
         keep = val == gt_best[gi]
         gi, bi = gi[keep], bi[keep]
-        eligible = gt_best >= cfg.min_pos_iou if cfg.style == "mmdet" else torch.ones(g, dtype=torch.bool)
+        eligible = (
+            gt_best >= cfg.min_pos_iou if cfg.style == "mmdet" else torch.ones(g, dtype=torch.bool)
+        )
         zero = (gt_best == 0) & eligible
         if bool(zero.any()):
             # a GT overlapping nothing: every candidate ties at IoU 0 (torchvision's all-positive case)

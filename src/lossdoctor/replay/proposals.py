@@ -1,4 +1,5 @@
 """RPN proposals: per-level top-k, decode, clip, size filter, per-level NMS, per-image top-k."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,14 @@ from ..inputs.config import CoderConfig, ProposalConfig
 from .boxes import batched_nms, clip_to_image, decode, keep_min_size
 
 
-def image_proposals(logits: list[Tensor], deltas: list[Tensor], anchors: list[Tensor], size: tuple[int, int],
-                    cfg: ProposalConfig, coder: CoderConfig) -> tuple[Tensor, Tensor, int]:
+def image_proposals(
+    logits: list[Tensor],
+    deltas: list[Tensor],
+    anchors: list[Tensor],
+    size: tuple[int, int],
+    cfg: ProposalConfig,
+    coder: CoderConfig,
+) -> tuple[Tensor, Tensor, int]:
     """Proposals of one image, from detached head outputs.
 
     logits[l]: Tensor[A_l]; deltas[l]: Tensor[A_l, 4]; anchors[l]: Tensor[A_l, 4].
@@ -20,7 +27,9 @@ def image_proposals(logits: list[Tensor], deltas: list[Tensor], anchors: list[Te
     for lvl, (lo, de, an) in enumerate(zip(logits, deltas, anchors)):
         k = min(cfg.pre_nms_top_n, lo.shape[0])
         top = lo.nan_to_num(-float("inf")).topk(k, sorted=True).indices
-        b = clip_to_image(decode(de[top], an[top], coder.weights, coder.clip, coder.clip_both), size)
+        b = clip_to_image(
+            decode(de[top], an[top], coder.weights, coder.clip, coder.clip_both), size
+        )
         boxes.append(b)
         scores.append(lo[top])
         groups.append(torch.full((k,), lvl, dtype=torch.long))

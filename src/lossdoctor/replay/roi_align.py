@@ -5,6 +5,7 @@ The bilinear sampling follows torchvision's ``roi_align`` kernel exactly (sample
 factor into a y part and an x part, so each RoI is pooled as ``Wy @ F[window] @ Wx^T`` over a
 gathered window instead of point by point.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,7 +49,9 @@ def map_levels(rois: Tensor, strides: list[int], cfg: RoIPoolConfig) -> Tensor:
     return (lvl.clamp(k_min, k_min + n - 1) - k_min).long()
 
 
-def _axis_weights(start: Tensor, bin_size: Tensor, grid: int, pooled: int, size: int) -> tuple[Tensor, Tensor]:
+def _axis_weights(
+    start: Tensor, bin_size: Tensor, grid: int, pooled: int, size: int
+) -> tuple[Tensor, Tensor]:
     """Sample rows (or cols) of one axis → (idx Tensor[R, P*2g] int64, W Tensor[R, P, P*2g]).
 
     W[r, p, j] is the weight of gathered row j in output bin p (bilinear weight / grid).
@@ -56,7 +59,11 @@ def _axis_weights(start: Tensor, bin_size: Tensor, grid: int, pooled: int, size:
     r = start.shape[0]
     p = torch.arange(pooled, dtype=start.dtype)
     k = torch.arange(grid, dtype=start.dtype) + 0.5
-    pos = start[:, None, None] + p[None, :, None] * bin_size[:, None, None] + k[None, None, :] * bin_size[:, None, None] / grid
+    pos = (
+        start[:, None, None]
+        + p[None, :, None] * bin_size[:, None, None]
+        + k[None, None, :] * bin_size[:, None, None] / grid
+    )
     inside = (pos >= -1.0) & (pos <= size)
     # a point outside the map (or not finite: a huge RoI) weighs 0; give it a valid row all the same
     pos = torch.where(inside, pos, torch.zeros_like(pos)).clamp(min=0)
@@ -68,7 +75,9 @@ def _axis_weights(start: Tensor, bin_size: Tensor, grid: int, pooled: int, size:
     frac = pos - low.to(pos.dtype)
     w = torch.cat([1 - frac, frac], -1) * inside.repeat(1, 1, 2).to(pos.dtype) / grid  # [R, P, 2g]
     idx = torch.cat([low, high], -1).reshape(r, -1)
-    dense = (torch.eye(pooled, dtype=w.dtype)[None, :, :, None] * w[:, :, None, :]).reshape(r, pooled, -1)
+    dense = (torch.eye(pooled, dtype=w.dtype)[None, :, :, None] * w[:, :, None, :]).reshape(
+        r, pooled, -1
+    )
     return idx, dense
 
 
@@ -83,9 +92,9 @@ class _Gather(torch.autograd.Function):
         step = max(1, ROI_CHUNK_ELEMENTS // (rows * cols * c))
         out = []
         for s in range(0, flat.shape[0], step):
-            g = flat_feat.index_select(0, flat[s:s + step].reshape(-1)).view(-1, rows, cols, c)
-            t = torch.einsum("rpa,rabc->rpbc", wy[s:s + step], g)
-            out.append(torch.einsum("rpbc,rqb->rcpq", t, wx[s:s + step]))
+            g = flat_feat.index_select(0, flat[s : s + step].reshape(-1)).view(-1, rows, cols, c)
+            t = torch.einsum("rpa,rabc->rpbc", wy[s : s + step], g)
+            out.append(torch.einsum("rpbc,rqb->rcpq", t, wx[s : s + step]))
         ctx.save_for_backward(flat, wy, wx)
         ctx.shape, ctx.rows, ctx.cols = flat_feat.shape, rows, cols
         return torch.cat(out) if out else flat_feat.new_zeros(0, c, wy.shape[1], wx.shape[1])
@@ -98,28 +107,52 @@ class _Gather(torch.autograd.Function):
         c = ctx.shape[1]
         step = max(1, ROI_CHUNK_ELEMENTS // (rows * cols * c))
         for s in range(0, flat.shape[0], step):
-            t = torch.einsum("rcpq,rqb->rpbc", grad_out[s:s + step], wx[s:s + step])
-            g = torch.einsum("rpa,rpbc->rabc", wy[s:s + step], t)
-            grad.index_add_(0, flat[s:s + step].reshape(-1), g.reshape(-1, c))
+            t = torch.einsum("rcpq,rqb->rpbc", grad_out[s : s + step], wx[s : s + step])
+            g = torch.einsum("rpa,rpbc->rabc", wy[s : s + step], t)
+            grad.index_add_(0, flat[s : s + step].reshape(-1), g.reshape(-1, c))
         return grad, None, None, None, None, None
 
 
-def _pool_group(feat: Tensor, img: Tensor, ys: Tensor, xs: Tensor, bh: Tensor, bw: Tensor, gh: int, gw: int, pooled: int) -> Tensor:
+def _pool_group(
+    feat: Tensor,
+    img: Tensor,
+    ys: Tensor,
+    xs: Tensor,
+    bh: Tensor,
+    bw: Tensor,
+    gh: int,
+    gw: int,
+    pooled: int,
+) -> Tensor:
     """RoIs sharing one sampling grid (gh, gw) → Tensor[R, C, P, P]. feat: Tensor[N, H, W, C]."""
     _, h, w, c = feat.shape
     iy, wy = _axis_weights(ys.detach(), bh.detach(), gh, pooled, h)
     ix, wx = _axis_weights(xs.detach(), bw.detach(), gw, pooled, w)
     rows, cols = iy.shape[1], ix.shape[1]
     # one flat row index per (RoI, sample row, sample col): index_select copies whole channel rows
-    flat = ((img[:, None, None] * h + iy[:, :, None]) * w + ix[:, None, :]).reshape(img.shape[0], -1)
-    return _Gather.apply(feat.reshape(-1, c), flat, wy.to(feat.dtype), wx.to(feat.dtype), rows, cols)
+    flat = ((img[:, None, None] * h + iy[:, :, None]) * w + ix[:, None, :]).reshape(
+        img.shape[0], -1
+    )
+    return _Gather.apply(
+        feat.reshape(-1, c), flat, wy.to(feat.dtype), wx.to(feat.dtype), rows, cols
+    )
 
 
-def roi_align_level(feat: Tensor, rois: Tensor, img: Tensor, scale: float, pooled: int, sampling_ratio: int, aligned: bool) -> Tensor:
+def roi_align_level(
+    feat: Tensor,
+    rois: Tensor,
+    img: Tensor,
+    scale: float,
+    pooled: int,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
     """RoIAlign on one level. feat: Tensor[N, C, H, W]; rois: Tensor[R, 4] in input pixels;
     img: Tensor[R] image index → Tensor[R, C, P, P]."""
     if rois.shape[0] == 0:
-        return feat.new_zeros(0, feat.shape[1], pooled, pooled) + 0 * feat.sum()  # keeps the level in the graph
+        return (
+            feat.new_zeros(0, feat.shape[1], pooled, pooled) + 0 * feat.sum()
+        )  # keeps the level in the graph
     try:  # the compiled op, where torchvision happens to be installed
         from torchvision.ops import roi_align as tv_roi_align
     except Exception:
@@ -128,7 +161,15 @@ def roi_align_level(feat: Tensor, rois: Tensor, img: Tensor, scale: float, poole
     return tv_roi_align(feat, boxes, pooled, scale, sampling_ratio, aligned)
 
 
-def roi_align_torch(feat: Tensor, rois: Tensor, img: Tensor, scale: float, pooled: int, sampling_ratio: int, aligned: bool) -> Tensor:
+def roi_align_torch(
+    feat: Tensor,
+    rois: Tensor,
+    img: Tensor,
+    scale: float,
+    pooled: int,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
     """The pure-torch RoIAlign behind :func:`roi_align_level` (same arguments and result)."""
     n, c, h, w = feat.shape
     r = rois.shape[0]
@@ -157,8 +198,12 @@ def roi_align_torch(feat: Tensor, rois: Tensor, img: Tensor, scale: float, poole
         a, b = int(gh[idx[0]]), int(gw[idx[0]])
         if a == 0 or b == 0:
             continue  # no sample point: the kernel outputs 0
-        pieces.append((idx, _pool_group(feat_hwc, img[idx], y1[idx], x1[idx], bh[idx], bw[idx], a, b, pooled)))
-    if not pieces:  # no RoI has a sample point: zeros, still in the graph (an empty sum reads no value)
+        pieces.append(
+            (idx, _pool_group(feat_hwc, img[idx], y1[idx], x1[idx], bh[idx], bw[idx], a, b, pooled))
+        )
+    if (
+        not pieces
+    ):  # no RoI has a sample point: zeros, still in the graph (an empty sum reads no value)
         return out + feat.reshape(-1)[:0].sum()
     return _scatter_rows(out, pieces)
 
@@ -174,17 +219,28 @@ def _scatter_rows(out: Tensor, pieces: list[tuple[Tensor, Tensor]]) -> Tensor:
     return out.index_copy(0, order, torch.cat([v for _, v in pieces]))
 
 
-def multiscale_roi_align(features: list[Tensor], strides: list[int], rois: Tensor, img: Tensor, levels: Tensor,
-                         pooled: int, cfg: RoIPoolConfig) -> Tensor:
+def multiscale_roi_align(
+    features: list[Tensor],
+    strides: list[int],
+    rois: Tensor,
+    img: Tensor,
+    levels: Tensor,
+    pooled: int,
+    cfg: RoIPoolConfig,
+) -> Tensor:
     """Pool each RoI from its mapped level → Tensor[R, C, P, P]; every level stays in the graph."""
     n, c = features[0].shape[:2]
     pieces, keep_alive = [], []
     for lvl, (feat, stride) in enumerate(zip(features, strides)):
         idx = (levels == lvl).nonzero().flatten()
-        pooled_l = roi_align_level(feat, rois[idx], img[idx], 1.0 / stride, pooled, cfg.sampling_ratio, cfg.aligned)
+        pooled_l = roi_align_level(
+            feat, rois[idx], img[idx], 1.0 / stride, pooled, cfg.sampling_ratio, cfg.aligned
+        )
         if idx.numel():
             pieces.append((idx, pooled_l))
         else:
-            keep_alive.append(pooled_l.sum())  # 0 * sum keeps an unused level in the graph, as mmdet does
+            keep_alive.append(
+                pooled_l.sum()
+            )  # 0 * sum keeps an unused level in the graph, as mmdet does
     out = _scatter_rows(features[0].new_zeros(rois.shape[0], c, pooled, pooled), pieces)
     return out + 0 * sum(keep_alive) if keep_alive else out

@@ -1,4 +1,5 @@
 """Seeded positive/negative sampling, shared by every profile."""
+
 from __future__ import annotations
 
 import torch
@@ -8,7 +9,9 @@ from ..inputs.config import SamplerConfig
 from .matcher import NEGATIVE, POSITIVE
 
 
-def sample(labels: Tensor, cfg: SamplerConfig, generator: torch.Generator | None, sample_all: bool = False) -> tuple[Tensor, Tensor]:
+def sample(
+    labels: Tensor, cfg: SamplerConfig, generator: torch.Generator | None, sample_all: bool = False
+) -> tuple[Tensor, Tensor]:
     """Pick positives and negatives from ``labels`` (Tensor[M], 1/0/-1) → (pos_idx, neg_idx), sorted.
 
     At most ``int(batch_size * pos_fraction)`` positives, negatives fill the rest of

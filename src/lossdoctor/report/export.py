@@ -48,7 +48,9 @@ def _check_csv_dir(d: Path, inputs: dict, files: list[tuple[str, Path]]) -> None
     taken += [(opt, p) for opt, p in files]
     for role, p in taken:
         if p.suffix == ".csv" and os.path.realpath(p.parent) == os.path.realpath(d):
-            raise InputError(f"--csv-dir {d} holds {p} (the {role}); write the CSV files to another folder")
+            raise InputError(
+                f"--csv-dir {d} holds {p} (the {role}); write the CSV files to another folder"
+            )
 
 
 def inputs_of(report: Report) -> dict[str, str | None]:

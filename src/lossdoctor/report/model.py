@@ -4,6 +4,7 @@ JSON: ``{"format": "lossdoctor.report/1", "meta": {...}, "tables": {name: [row, 
 "findings": [finding, ...]}``. Non-finite numbers are written as JSON ``NaN`` / ``Infinity``
 (as Python's json and pandas read them), so a report reads back exactly.
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,17 +14,43 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..inputs.files import atomic_write, read_text
 from ..inputs.errors import InputError
+from ..inputs.files import atomic_write, read_text
 
 REPORT_FORMAT = "lossdoctor.report/1"
 LEVEL_COLUMNS = (
-    "profile", "head", "level", "anchors", "pos", "neg", "ignored", "sampled", "avg_factor", "sample_weight",
-    "loss_cls", "loss_bbox", "loss_share", "grad_feature", "grad_logits_pos", "grad_logits_neg", "grad_deltas",
-    "nonfinite", "nan_origin",
+    "profile",
+    "head",
+    "level",
+    "anchors",
+    "pos",
+    "neg",
+    "ignored",
+    "sampled",
+    "avg_factor",
+    "sample_weight",
+    "loss_cls",
+    "loss_bbox",
+    "loss_share",
+    "grad_feature",
+    "grad_logits_pos",
+    "grad_logits_neg",
+    "grad_deltas",
+    "nonfinite",
+    "nan_origin",
 )
 IMAGE_COLUMNS = ("image", "gt", "gt_without_pos", "detections", "max_fg_score")
-FINDING_KEYS = ("severity", "code", "head", "level", "profile", "image", "message", "evidence", "fix")
+FINDING_KEYS = (
+    "severity",
+    "code",
+    "head",
+    "level",
+    "profile",
+    "image",
+    "message",
+    "evidence",
+    "fix",
+)
 SEVERITIES = ("error", "warning", "info")
 
 
@@ -57,29 +84,38 @@ class Report:
 
     # ---- JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": REPORT_FORMAT, "meta": self.meta, "tables": self.tables, "findings": self.findings}
+        return {
+            "format": REPORT_FORMAT,
+            "meta": self.meta,
+            "tables": self.tables,
+            "findings": self.findings,
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, allow_nan=True, default=_jsonable)
 
     @classmethod
-    def from_dict(cls, data) -> "Report":
+    def from_dict(cls, data) -> Report:
         if not isinstance(data, dict) or "format" not in data:
             raise InputError("not a lossdoctor report: no 'format' key; write one with --json")
         if data["format"] != REPORT_FORMAT:
-            raise InputError(f"report format {data['format']!r} is not {REPORT_FORMAT!r}; re-run lossdoctor inspect --json with this version")
+            raise InputError(
+                f"report format {data['format']!r} is not {REPORT_FORMAT!r}; re-run lossdoctor inspect --json with this version"
+            )
         for key in ("meta", "tables", "findings"):
             if key not in data:
                 raise InputError(f"report key '{key}' is missing; write the report with --json")
         return cls(data["meta"], data["tables"], data["findings"])
 
     @classmethod
-    def load(cls, path: str | Path) -> "Report":
+    def load(cls, path: str | Path) -> Report:
         text = read_text(path, "report")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise InputError(f"{path} is not JSON ({e.msg} at line {e.lineno}); pass a report written with --json") from None
+            raise InputError(
+                f"{path} is not JSON ({e.msg} at line {e.lineno}); pass a report written with --json"
+            ) from None
         return cls.from_dict(data)
 
     def save_json(self, path: str | Path) -> None:
@@ -109,9 +145,18 @@ class Report:
         for name in self.tables:
             self.save_csv(d / f"{name}.csv", name)
             written.append(d / f"{name}.csv")
-        flat = [{**{k: f.get(k) for k in FINDING_KEYS if k != "evidence"}, "evidence": json.dumps(f.get("evidence"), default=_jsonable)}
-                for f in self.findings]
-        text = Report(self.meta, {"findings": flat}).csv_text("findings") if flat else ",".join(FINDING_KEYS) + "\n"
+        flat = [
+            {
+                **{k: f.get(k) for k in FINDING_KEYS if k != "evidence"},
+                "evidence": json.dumps(f.get("evidence"), default=_jsonable),
+            }
+            for f in self.findings
+        ]
+        text = (
+            Report(self.meta, {"findings": flat}).csv_text("findings")
+            if flat
+            else ",".join(FINDING_KEYS) + "\n"
+        )
         atomic_write(d / "findings.csv", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         written.append(d / "findings.csv")
         return written

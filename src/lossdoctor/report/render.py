@@ -3,6 +3,7 @@
 Numbers have 3 significant digits; NaN and Inf are highlighted. Colour follows rich's rules:
 none when the output is not a terminal or NO_COLOR is set.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,13 @@ from .model import Report
 
 WIDTH = 120
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
-LEVEL_METRICS = (("avg_factor", "avg_f"), ("sample_weight", "w/smp"), ("loss_cls", "cls"), ("loss_bbox", "bbox"),
-                 ("grad_feature", "|dL/dF|"))
+LEVEL_METRICS = (
+    ("avg_factor", "avg_f"),
+    ("sample_weight", "w/smp"),
+    ("loss_cls", "cls"),
+    ("loss_bbox", "bbox"),
+    ("grad_feature", "|dL/dF|"),
+)
 
 
 def console(file=None, stderr: bool = False) -> Console:
@@ -61,15 +67,24 @@ def header(report: Report) -> Text:
     t.append(f"{m['lossdoctor']} (torch {m['torch']})\n")
     t.append(f"checkpoint  {ck['path'] or '<object>'}  [{ck['layout']} layout")
     t.append(f", sha256 {ck['sha256'][:12]}]\n" if ck.get("sha256") else "]\n")
-    t.append(f"batch       {bt['path'] or '<object>'}  [{bt['images']} images, levels {bt['levels'][0]}-{bt['levels'][-1]} "
-             f"(strides {'/'.join(str(x) for x in bt['strides'])}), padded {bt['pad_size'][0]}x{bt['pad_size'][1]}]\n")
+    t.append(
+        f"batch       {bt['path'] or '<object>'}  [{bt['images']} images, levels {bt['levels'][0]}-{bt['levels'][-1]} "
+        f"(strides {'/'.join(str(x) for x in bt['strides'])}), padded {bt['pad_size'][0]}x{bt['pad_size'][1]}]\n"
+    )
     it = bt.get("meta", {}).get("iteration")
-    t.append(f"detector    {m['config']['name']} config; {h['classes']} classes (background {h['background']}), "
-             f"{h['anchors']} anchors/location, {h['channels']} channels" + (f"; iteration {it}" if it is not None else "") + "\n")
+    t.append(
+        f"detector    {m['config']['name']} config; {h['classes']} classes (background {h['background']}), "
+        f"{h['anchors']} anchors/location, {h['channels']} channels"
+        + (f"; iteration {it}" if it is not None else "")
+        + "\n"
+    )
     sampling = "every candidate (--sample-all)" if m["sample_all"] else f"seed {m['seed']}"
     t.append(f"profiles    {' vs '.join(report.profiles)}; sampling {sampling}")
     if ck.get("replaced"):
-        t.append(f"\nnote        replaced {len(ck['replaced'])} non-tensor checkpoint objects: {', '.join(ck['replaced'][:3])}", style="dim")
+        t.append(
+            f"\nnote        replaced {len(ck['replaced'])} non-tensor checkpoint objects: {', '.join(ck['replaced'][:3])}",
+            style="dim",
+        )
     return t
 
 
@@ -80,21 +95,39 @@ def symptom(report: Report) -> Text:
     dets = s["detections"]
     style = "bold red" if dets and sum(dets) == 0 else ""
     t.append(f"detections per image at score > {s['score_thr']}: {dets}", style=style)
-    t.append("\n         max foreground score per image: [" + ", ".join(num(v).plain for v in s["max_fg_score"]) + "]")
+    t.append(
+        "\n         max foreground score per image: ["
+        + ", ".join(num(v).plain for v in s["max_fg_score"])
+        + "]"
+    )
     t.append(f"; anchors with objectness > 0.5: {s['objectness_above_half']:.1%}")
     return t
 
 
 def findings(report: Report) -> Table:
-    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False, title_justify="left",
-              title=Text(f"Findings ({len(report.findings)}, most severe first)", style="bold"))
+    t = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        expand=False,
+        title_justify="left",
+        title=Text(f"Findings ({len(report.findings)}, most severe first)", style="bold"),
+    )
     t.add_column("severity", no_wrap=True)
     t.add_column("code", no_wrap=True)
     t.add_column("where", no_wrap=True)
     t.add_column("finding and fix", ratio=1)
     for k, f in enumerate(report.findings):
-        where = " ".join(x for x in (f.get("profile"), f.get("head"), f.get("level"),
-                                     f"img {f['image']}" if f.get("image") is not None else None) if x)
+        where = " ".join(
+            x
+            for x in (
+                f.get("profile"),
+                f.get("head"),
+                f.get("level"),
+                f"img {f['image']}" if f.get("image") is not None else None,
+            )
+            if x
+        )
         body = Text(f["message"])
         # a run of findings with the same code and fix shows the fix once, after its last member
         nxt = report.findings[k + 1] if k + 1 < len(report.findings) else None
@@ -110,9 +143,18 @@ def findings(report: Report) -> Table:
 def level_table(report: Report, head: str, profiles: list[str]) -> Table:
     rows = [r for r in report.tables["levels"] if r["head"] == head]
     unit = "anchors" if head == "rpn" else "RoIs"
-    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title_justify="left", padding=(0, 1, 0, 0),
-              title=Text(f"{head.upper()} head, per level ({unit}; counts are shared by all profiles; "
-                         "avg_f: normalizer, w/smp: per-sample weight, |dL/dF|: feature gradient)", style="bold"))
+    t = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        title_justify="left",
+        padding=(0, 1, 0, 0),
+        title=Text(
+            f"{head.upper()} head, per level ({unit}; counts are shared by all profiles; "
+            "avg_f: normalizer, w/smp: per-sample weight, |dL/dF|: feature gradient)",
+            style="bold",
+        ),
+    )
     for name in ("level", unit, "pos", "neg"):
         t.add_column(name, justify="right" if name != "level" else "left", no_wrap=True)
     for p in profiles:
@@ -122,12 +164,21 @@ def level_table(report: Report, head: str, profiles: list[str]) -> Table:
     for lvl in levels:
         by_p = {r["profile"]: r for r in rows if r["level"] == lvl}
         first = by_p[profiles[0]]
-        cells = [Text(lvl, style="bold" if lvl == "all" else ""), num(first["anchors"]), num(first["pos"]), num(first["neg"])]
+        cells = [
+            Text(lvl, style="bold" if lvl == "all" else ""),
+            num(first["anchors"]),
+            num(first["pos"]),
+            num(first["neg"]),
+        ]
         for p in profiles:
             r = by_p[p]
             for key, _ in LEVEL_METRICS:
-                per_level = lvl == "all" and key in ("avg_factor", "sample_weight") and r[key] != r[key]
-                cell = Text("-", style="dim") if per_level else num(r[key])  # per-level normalizers: no head-wide value
+                per_level = (
+                    lvl == "all" and key in ("avg_factor", "sample_weight") and r[key] != r[key]
+                )
+                cell = (
+                    Text("-", style="dim") if per_level else num(r[key])
+                )  # per-level normalizers: no head-wide value
                 if key == "loss_bbox" and r.get("nan_origin") and not cell.style:
                     cell.stylize("bold red")
                 cells.append(cell)
@@ -136,10 +187,33 @@ def level_table(report: Report, head: str, profiles: list[str]) -> Table:
 
 
 def totals(report: Report) -> Table:
-    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title_justify="left",
-              title=Text("Totals per profile (gradient norms over all head parameters)", style="bold"))
-    cols = ("loss_total", "rpn_cls", "rpn_box", "roi_cls", "roi_box", "grad_total_norm", "grad_clipped_norm", "rpn_neg_share")
-    names = ("loss", "rpn_cls", "rpn_box", "roi_cls", "roi_box", "|grad| pre-clip", "post-clip", "rpn neg share")
+    t = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        title_justify="left",
+        title=Text("Totals per profile (gradient norms over all head parameters)", style="bold"),
+    )
+    cols = (
+        "loss_total",
+        "rpn_cls",
+        "rpn_box",
+        "roi_cls",
+        "roi_box",
+        "grad_total_norm",
+        "grad_clipped_norm",
+        "rpn_neg_share",
+    )
+    names = (
+        "loss",
+        "rpn_cls",
+        "rpn_box",
+        "roi_cls",
+        "roi_box",
+        "|grad| pre-clip",
+        "post-clip",
+        "rpn neg share",
+    )
     t.add_column("profile")
     for n in names:
         t.add_column(n, justify="right")
@@ -164,28 +238,50 @@ def render(report: Report, out: Console, quiet: bool = False) -> None:
     out.print()
     out.print(totals(report))
     if len(report.profiles) > 2:
-        out.print(Text(f"(tables show the first two profiles; all {len(report.profiles)} are in --json/--csv)", style="dim"))
+        out.print(
+            Text(
+                f"(tables show the first two profiles; all {len(report.profiles)} are in --json/--csv)",
+                style="dim",
+            )
+        )
 
 
 def render_comparison(comps: list[Comparison], out: Console, changed_only: bool = True) -> None:
     for c in comps:
-        t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title_justify="left",
-                  title=Text(f"{c.old}  →  {c.new}", style="bold"))
+        t = Table(
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+            title_justify="left",
+            title=Text(f"{c.old}  →  {c.new}", style="bold"),
+        )
         for name in ("head", "level", "metric", "old", "new", "change"):
             t.add_column(name, justify="right" if name in ("old", "new") else "left", no_wrap=True)
         shown = 0
         for r in c.totals:
             if r["change"] != "=" or not changed_only:
-                t.add_row("total", "", r["metric"], num(r["old"]), num(r["new"]), _change(r["change"]))
+                t.add_row(
+                    "total", "", r["metric"], num(r["old"]), num(r["new"]), _change(r["change"])
+                )
                 shown += 1
         for r in c.rows:
             if r["change"] != "=" or not changed_only:
-                t.add_row(r["head"], r["level"], r["metric"], num(r["old"]), num(r["new"]), _change(r["change"]))
+                t.add_row(
+                    r["head"],
+                    r["level"],
+                    r["metric"],
+                    num(r["old"]),
+                    num(r["new"]),
+                    _change(r["change"]),
+                )
                 shown += 1
         if not shown:
             t.add_row("", "", "no change", "", "", "")
         out.print(t)
-        for title, items, style in (("Findings that appear", c.appeared, "red"), ("Findings that disappear", c.disappeared, "green")):
+        for title, items, style in (
+            ("Findings that appear", c.appeared, "red"),
+            ("Findings that disappear", c.disappeared, "green"),
+        ):
             out.print(Text(f"{title}: {len(items)}", style="bold"))
             for f in items:
                 out.print(Text(f"  {f['severity']:<8} {f['code']:<24} {f['message']}", style=style))

@@ -1,4 +1,5 @@
 """Synthetic shapes: rectangles, ellipses and triangles of 3 classes on noise, sizes spanning every FPN level."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,10 +58,16 @@ def sample(g: torch.Generator) -> Sample:
             image[:, m] = color[:, None]
             boxes.append(box)
             labels.append(kind)
-    return Sample(image, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.long))
+    return Sample(
+        image,
+        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        torch.tensor(labels, dtype=torch.long),
+    )
 
 
-def collate(samples: list[Sample]) -> tuple[Tensor, list[tuple[int, int]], list[Tensor], list[Tensor]]:
+def collate(
+    samples: list[Sample],
+) -> tuple[Tensor, list[tuple[int, int]], list[Tensor], list[Tensor]]:
     """Pad to a common size (a multiple of 32) → (images [N, 3, H, W], sizes, boxes, labels)."""
     h = max(s.image.shape[1] for s in samples)
     w = max(s.image.shape[2] for s in samples)
@@ -68,7 +75,12 @@ def collate(samples: list[Sample]) -> tuple[Tensor, list[tuple[int, int]], list[
     images = torch.zeros(len(samples), 3, h, w)
     for i, s in enumerate(samples):
         images[i, :, : s.image.shape[1], : s.image.shape[2]] = s.image
-    return images, [tuple(s.image.shape[1:]) for s in samples], [s.boxes for s in samples], [s.labels for s in samples]
+    return (
+        images,
+        [tuple(s.image.shape[1:]) for s in samples],
+        [s.boxes for s in samples],
+        [s.labels for s in samples],
+    )
 
 
 def batches(seed: int, size: int):

@@ -1,4 +1,5 @@
 """The tiny detector: a 5-stage conv backbone, an FPN with P2-P6, and the native RPN and box heads."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -19,7 +20,8 @@ def toy_config() -> DetectorConfig:
     """torchvision's rules, scaled to 128-192 px images: anchors 8-128 px, smaller sample budgets."""
     base = preset("torchvision")
     return replace(
-        base, name="toy",
+        base,
+        name="toy",
         anchors=replace(base.anchors, sizes=ANCHOR_SIZES),
         train_proposals=ProposalConfig(600, 300),
         test_proposals=ProposalConfig(300, 100),
@@ -28,7 +30,9 @@ def toy_config() -> DetectorConfig:
 
 
 def _conv(cin, cout, stride):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.ReLU(inplace=True)
+    )
 
 
 class TinyDetector(nn.Module):
@@ -39,9 +43,13 @@ class TinyDetector(nn.Module):
         super().__init__()
         widths = (16, 24, 32, 48, 64)
         self.backbone = nn.Module()
-        self.backbone.body = nn.ModuleList([_conv(3, widths[0], 2)] + [_conv(a, b, 2) for a, b in zip(widths, widths[1:])])
+        self.backbone.body = nn.ModuleList(
+            [_conv(3, widths[0], 2)] + [_conv(a, b, 2) for a, b in zip(widths, widths[1:])]
+        )
         self.backbone.lateral = nn.ModuleList([nn.Conv2d(w, channels, 1) for w in widths[1:]])
-        self.backbone.output = nn.ModuleList([nn.Conv2d(channels, channels, 3, 1, 1) for _ in widths[1:]])
+        self.backbone.output = nn.ModuleList(
+            [nn.Conv2d(channels, channels, 3, 1, 1) for _ in widths[1:]]
+        )
         self.rpn = nn.Module()
         self.rpn.head = nn.Module()
         self.rpn.head.conv = nn.Sequential(nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1)))
@@ -84,7 +92,9 @@ def live_heads(model: TinyDetector):
     import dataclasses
 
     sd = dict(model.named_parameters())
-    heads = heads_from_state_dict({k: v.detach() for k, v in sd.items() if not k.startswith("backbone.")})
+    heads = heads_from_state_dict(
+        {k: v.detach() for k, v in sd.items() if not k.startswith("backbone.")}
+    )
     params = {}
     for part, prefix in heads.keys.items():
         for kind in ("weight", "bias"):

@@ -1,4 +1,5 @@
 """Train the tiny detector under a loss profile, computing losses with lossdoctor's replay code."""
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,9 @@ class History:
     seed: int
     steps: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
-    detections: list[tuple[int, int, float]] = field(default_factory=list)  # (step, held-out detections, recall)
+    detections: list[tuple[int, int, float]] = field(
+        default_factory=list
+    )  # (step, held-out detections, recall)
     broke_at: int | None = None  # first step with a non-finite loss
     captured: list = field(default_factory=list)  # capture folders written, in order
 
@@ -32,8 +35,17 @@ class History:
 def make_batch(model: TinyDetector, images, sizes, boxes, labels, meta=None) -> Batch:
     """A replay Batch whose features keep their graph to the backbone."""
     feats = model.features(images)
-    return Batch(feats, list(sizes), tuple(images.shape[-2:]), list(STRIDES), list(boxes), list(labels),
-                 [torch.zeros(b.shape[0], dtype=torch.bool) for b in boxes], None, dict(meta or {}))
+    return Batch(
+        feats,
+        list(sizes),
+        tuple(images.shape[-2:]),
+        list(STRIDES),
+        list(boxes),
+        list(labels),
+        [torch.zeros(b.shape[0], dtype=torch.bool) for b in boxes],
+        None,
+        dict(meta or {}),
+    )
 
 
 def held_out(seed: int = 10_000, size: int = 8):
@@ -60,9 +72,19 @@ def evaluate(model: TinyDetector, data) -> tuple[int, float]:
     return sum(s.detections), found / max(total, 1)
 
 
-def train(profile: LossProfile, steps: int, seed: int, *, batch_size: int = 4, stop_on_nonfinite: bool = True,
-          capture_dir=None, capture_args: str = "", capture_norm: float | None = None, eval_every: int = 50,
-          log=None) -> tuple[TinyDetector, History]:
+def train(
+    profile: LossProfile,
+    steps: int,
+    seed: int,
+    *,
+    batch_size: int = 4,
+    stop_on_nonfinite: bool = True,
+    capture_dir=None,
+    capture_args: str = "",
+    capture_norm: float | None = None,
+    eval_every: int = 50,
+    log=None,
+) -> tuple[TinyDetector, History]:
     """SGD (lr 0.01, momentum 0.9, wd 1e-4, linear warmup) on synthetic shapes.
 
     ``stop_on_nonfinite`` stops at the first non-finite loss, as torchvision's reference engine
@@ -74,8 +96,11 @@ def train(profile: LossProfile, steps: int, seed: int, *, batch_size: int = 4, s
 
     torch.manual_seed(seed)
     model = TinyDetector()
-    capture = (Capture(capture_dir, model, extra_args=capture_args, grad_norm_above=capture_norm)
-               if capture_dir is not None else None)
+    capture = (
+        Capture(capture_dir, model, extra_args=capture_args, grad_norm_above=capture_norm)
+        if capture_dir is not None
+        else None
+    )
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     cfg = toy_config()
     hist = History(profile.name, seed)
@@ -94,8 +119,16 @@ def train(profile: LossProfile, steps: int, seed: int, *, batch_size: int = 4, s
         hist.steps.append(step)
         hist.loss.append(value)
         if capture is not None:
-            capture.check(step, loss, features=b.features, image_sizes=sizes, gt_boxes=boxes, gt_labels=labels,
-                          strides=list(STRIDES), meta={"sample_seed": step, "profile": profile.name, "train_seed": seed})
+            capture.check(
+                step,
+                loss,
+                features=b.features,
+                image_sizes=sizes,
+                gt_boxes=boxes,
+                gt_labels=labels,
+                strides=list(STRIDES),
+                meta={"sample_seed": step, "profile": profile.name, "train_seed": seed},
+            )
         if not math.isfinite(value) and hist.broke_at is None:
             hist.broke_at = step
             if log:
@@ -109,7 +142,9 @@ def train(profile: LossProfile, steps: int, seed: int, *, batch_size: int = 4, s
             model.train()
             if log:
                 _, dets, rec = hist.detections[-1]
-                log(f"{profile.name} seed {seed} step {step + 1}: loss {value:.4g}, held-out detections {dets}, recall {rec:.2f}")
+                log(
+                    f"{profile.name} seed {seed} step {step + 1}: loss {value:.4g}, held-out detections {dets}, recall {rec:.2f}"
+                )
     if capture is not None:
         hist.captured = list(capture.written)
     if not hist.detections or hist.detections[-1][0] != len(hist.steps):
