@@ -73,7 +73,7 @@ def healthy(out: Path) -> None:
         with torch.no_grad():
             b = make_batch(model, images, sizes, boxes, labels)
         r = replay(live_heads(model), b, toy_config(), [fixed()])
-        if all(s.pos > 0 for s in r.samples["rpn"]):
+        if all(s.pos > 0 for s in r.rpn.samples):
             break
     out.mkdir(parents=True, exist_ok=True)
     save_torch({k: v.detach() for k, v in model.state_dict().items()}, out / "checkpoint.pt")

@@ -127,7 +127,9 @@ def test_gt_far_outside_matches_no_anchor_and_makes_every_anchor_positive():
     d["gt_boxes"][1][1] = torch.tensor([2000.0, 2000.0, 2040.0, 2040.0])
     diag = run(d)
     f = find(diag, "gt-matches-no-anchor", image=1, severity="error")
-    assert f.evidence["rpn_pos_candidates"] == sum(l.anchors.shape[0] for l in diag.replay.rpn)
+    assert f.evidence["rpn_pos_candidates"] == sum(
+        l.anchors.shape[0] for l in diag.replay.rpn.levels
+    )
 
 
 def test_xywh_boxes():

@@ -56,7 +56,7 @@ def test_param_norms_by_term_match_autograd(case, name):
             loss, list(params.values()), retain_graph=True, allow_unused=True
         )
         for (key, _), grad in zip(params.items(), grads):
-            got = g.params[key][term]
+            got = g.params[key].by_term[term]
             if key.startswith("rpn_conv"):
                 assert math.isnan(got)  # not split by term, by design
                 continue
@@ -64,7 +64,7 @@ def test_param_norms_by_term_match_autograd(case, name):
     total = sum(terms.values())
     grads = torch.autograd.grad(total, list(params.values()), retain_graph=True, allow_unused=True)
     for (key, _), grad in zip(params.items(), grads):
-        assert close(g.params[key]["total"], plain_norm(grad)), key
+        assert close(g.params[key].total, plain_norm(grad)), key
     want_total = math.sqrt(sum(plain_norm(x) ** 2 for x in grads))
     assert close(g.total_norm, want_total)
 
@@ -79,7 +79,7 @@ def test_level_norms_match_autograd(case, name):
         feats = torch.autograd.grad(loss, r.features, retain_graph=True, allow_unused=True)
         for s, gf in zip(r.samples[head], feats):
             assert close(rows[(head, s.name)].feature, plain_norm(gf)), (head, s.name)
-    for lvl in r.rpn:
+    for lvl in r.rpn.levels:
         gl, gd = torch.autograd.grad(
             terms["rpn_cls"] + terms["rpn_box"], [lvl.out.logits, lvl.out.deltas], retain_graph=True
         )

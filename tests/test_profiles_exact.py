@@ -21,6 +21,7 @@ from lossdoctor.inputs.checkpoint import heads_from_state_dict
 from lossdoctor.inputs.config import DetectorConfig, preset, replace
 from lossdoctor.inputs.profiles import BUILTIN, EPS32
 from lossdoctor.replay.engine import replay
+from lossdoctor.vocab import Term
 
 STRIDES = (4, 8)
 SIZES = (8.0, 16.0)
@@ -279,8 +280,8 @@ def test_profile_matches_reference_formula(case, profile):
     for lvl, (c, b) in enumerate(rpn):
         assert close(got.levels["rpn"][lvl].loss_cls.item(), c), (lvl, "rpn cls")
         assert close(got.levels["rpn"][lvl].loss_bbox.item(), b), (lvl, "rpn box")
-    assert close(got.term("roi", "cls").item(), roi[0])
-    assert close(got.term("roi", "bbox").item(), roi[1])
+    assert close(got.term(Term.ROI_CLS).item(), roi[0])
+    assert close(got.term(Term.ROI_BOX).item(), roi[1])
 
 
 def test_reference_cases_exercise_the_edge_cases():

@@ -12,6 +12,7 @@ from lossdoctor.inputs.batch import validate_batch
 from lossdoctor.inputs.config import preset
 from lossdoctor.inputs.profiles import BUILTIN
 from lossdoctor.replay.engine import replay
+from lossdoctor.vocab import Term
 
 ALL = [p() for p in BUILTIN.values()]
 SHARED = ("fixed", "mmdet", "torchvision", "detectron2")
@@ -59,7 +60,7 @@ def test_shared_normalizer_levels_add_up_to_the_whole_batch_loss(name):
         samples = r.samples[head]
         whole = sum(s.cls_loss.sum().item() for s in samples) / d
         assert sum(vals(r, name, head, "cls")) == pytest.approx(whole, rel=1e-5)
-        assert prof.term(head, "cls").item() == pytest.approx(whole, rel=1e-5)
+        assert prof.term(Term(f"{head}_cls")).item() == pytest.approx(whole, rel=1e-5)
 
 
 def test_fixed_avg_factor_is_total_sampled_and_legacy_per_level():
@@ -84,28 +85,36 @@ def test_mmdet_rpn_avg_factor_is_per_image_floored_sum():
     assert r.losses["mmdet"].levels["rpn"][0].avg_factor == pytest.approx(want + 1.1920929e-07)
 
 
+def _level_numbers(r):
+    """Every profile's per-level counts and loss values."""
+    return [
+        (name, head, s.name, s.pos, s.sampled, ll.loss_cls.item(), ll.loss_bbox.item())
+        for name, pl in r.losses.items()
+        for head, levels in pl.levels.items()
+        for s, ll in zip(r.samples[head], levels)
+    ]
+
+
 def test_same_seed_same_numbers_sample_all_ignores_seed():
     a, b, c = run(seed=5), run(seed=5), run(seed=6)
-    assert a.level_rows() == b.level_rows() or _nan_equal(a.level_rows(), b.level_rows())
-    assert not _nan_equal(a.level_rows(), c.level_rows())  # the RoI sampler draws differently
+    assert _nan_equal(_level_numbers(a), _level_numbers(b))
+    assert not _nan_equal(_level_numbers(a), _level_numbers(c))  # the RoI sampler draws differently
     x, y = run(seed=1, sample_all=True), run(seed=99, sample_all=True)
-    assert _nan_equal(x.level_rows(), y.level_rows())
+    assert _nan_equal(_level_numbers(x), _level_numbers(y))
 
 
 def _nan_equal(rows_a, rows_b):
     def norm(v):
         return "nan" if isinstance(v, float) and math.isnan(v) else v
 
-    return [{k: norm(v) for k, v in r.items()} for r in rows_a] == [
-        {k: norm(v) for k, v in r.items()} for r in rows_b
-    ]
+    return [tuple(map(norm, r)) for r in rows_a] == [tuple(map(norm, r)) for r in rows_b]
 
 
 def test_labels_out_of_range_are_left_out_and_recorded():
     boxes = [torch.tensor([[8.0, 10.0, 40.0, 50.0], [50.0, 5.0, 90.0, 30.0]])] * 2
     labels = [torch.tensor([0, 3]), torch.tensor([-1, 2])]  # 3 classes: 3 and -1 are unusable
     r = run(F.batch(boxes=boxes, labels=labels))
-    assert r.dropped_labels == [(0, 1, 3), (1, 0, -1)]
+    assert [(d.image, d.box, d.label) for d in r.gt.dropped_labels] == [(0, 1, 3), (1, 0, -1)]
     assert [im.gt for im in r.images] == [1, 1]
     assert [im.gt_bad_label for im in r.images] == [1, 1]
 
@@ -119,8 +128,8 @@ def test_mmdet_leak_nan_from_an_unsampled_anchor():
     lvl = 4
     for seed in range(50):  # the first seed whose draw leaves the poisoned anchors out
         r = replay(F.heads(), batch, preset("mmdet"), profiles, seed=seed)
-        nan_anchor = ~torch.isfinite(r.rpn[lvl].out.logits)
-        if nan_anchor.any() and not (nan_anchor & r.rpn[lvl].sampled).any():
+        nan_anchor = ~torch.isfinite(r.rpn.levels[lvl].out.logits)
+        if nan_anchor.any() and not (nan_anchor & r.rpn.levels[lvl].sampled).any():
             break
     else:
         pytest.fail("no seed left the poisoned anchors unsampled")
@@ -134,14 +143,14 @@ def test_empty_batch_of_gt_still_replays():
     b = F.batch(boxes=[torch.zeros(0, 4)] * 2, labels=[torch.zeros(0, dtype=torch.long)] * 2)
     r = run(b)
     assert all(im.rpn_pos == 0 and im.roi_pos == 0 for im in r.images)
-    assert math.isnan(r.losses["legacy"].term("roi", "bbox").item())
-    assert r.losses["fixed"].term("roi", "bbox").item() == 0.0
-    assert r.losses["detectron2"].term("rpn", "bbox").item() == 0.0
+    assert math.isnan(r.losses["legacy"].term(Term.ROI_BOX).item())
+    assert r.losses["fixed"].term(Term.ROI_BOX).item() == 0.0
+    assert r.losses["detectron2"].term(Term.RPN_BOX).item() == 0.0
 
 
 def test_every_normalizer_has_a_count():
     """The normalizer table covers the whole vocabulary; each count worked out by hand."""
-    from lossdoctor.replay.engine import COUNTS, HeadCounts
+    from lossdoctor.replay.samples import COUNTS, HeadCounts
     from lossdoctor.vocab import Normalizer
 
     assert set(COUNTS) == set(Normalizer)

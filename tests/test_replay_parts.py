@@ -52,6 +52,21 @@ def test_torchvision_strides_come_from_padded_size_over_feature_size():
     assert level_strides(preset("mmdet").anchors, [64], [(13, 19)], (800, 1216)) == [(64, 64)]
 
 
+# torchvision's and MMDetection's RPN matchers, by their named differences
+TV = MatcherConfig(fg_iou=0.7, bg_iou=0.3, low_quality=True)
+
+
+def mmdet_rpn(min_iou: float) -> MatcherConfig:
+    return MatcherConfig(
+        fg_iou=0.7,
+        bg_iou=0.3,
+        low_quality=True,
+        low_quality_min_iou=min_iou,
+        low_quality_reassign=True,
+        nan_positive=False,
+    )
+
+
 def _anchors():
     return torch.tensor(
         [[0, 0, 10, 10], [0, 0, 10, 20], [5, 0, 15, 10], [100, 100, 110, 110]], dtype=torch.float32
@@ -60,7 +75,7 @@ def _anchors():
 
 def test_matcher_thresholds_and_ignore_band():
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
-    m = match(gt, _anchors(), MatcherConfig(0.7, 0.3, low_quality=False))
+    m = match(gt, _anchors(), MatcherConfig(fg_iou=0.7, bg_iou=0.3, low_quality=False))
     # IoUs: 1.0, 0.5, 1/3, 0 → pos, ignored, ignored, neg
     assert m.labels.tolist() == [POSITIVE, IGNORED, IGNORED, NEGATIVE]
     assert m.gt_best.tolist() == [1.0]
@@ -68,8 +83,8 @@ def test_matcher_thresholds_and_ignore_band():
 
 def test_low_quality_match_torchvision_vs_mmdet_min_pos_iou():
     gt = torch.tensor([[0.0, 0.0, 10.0, 5.0]])  # best IoU 0.5 (anchor 0), below fg 0.7
-    tv = match(gt, _anchors(), MatcherConfig(0.7, 0.3, True, "torchvision"))
-    mm = match(gt, _anchors(), MatcherConfig(0.7, 0.3, True, "mmdet", min_pos_iou=0.6))
+    tv = match(gt, _anchors(), TV)
+    mm = match(gt, _anchors(), mmdet_rpn(0.6))
     assert tv.labels[0] == POSITIVE  # low-quality match restores the best anchor
     assert mm.labels[0] != POSITIVE  # 0.5 < min_pos_iou 0.6: no positive at all
 
@@ -77,8 +92,8 @@ def test_low_quality_match_torchvision_vs_mmdet_min_pos_iou():
 def test_gt_overlapping_no_anchor_makes_every_anchor_positive_under_torchvision_matching():
     # reference edge case: the low-quality pass matches every anchor whose IoU equals the GT's max, 0
     gt = torch.tensor([[2000.0, 2000.0, 2010.0, 2010.0]])
-    tv = match(gt, _anchors(), MatcherConfig(0.7, 0.3, True, "torchvision"))
-    mm = match(gt, _anchors(), MatcherConfig(0.7, 0.3, True, "mmdet", min_pos_iou=0.3))
+    tv = match(gt, _anchors(), TV)
+    mm = match(gt, _anchors(), mmdet_rpn(0.3))
     assert (tv.labels == POSITIVE).all()
     assert (mm.labels == NEGATIVE).all()
 
@@ -88,8 +103,8 @@ def test_mmdet_low_quality_later_gt_wins():
     gt = torch.tensor(
         [[0.0, 0.0, 10.0, 4.0], [0.0, 0.0, 4.0, 10.0]]
     )  # both best-match anchor 0 at IoU 0.4
-    mm = match(gt, anchors, MatcherConfig(0.7, 0.3, True, "mmdet", min_pos_iou=0.3))
-    tv = match(gt, anchors, MatcherConfig(0.7, 0.3, True, "torchvision"))
+    mm = match(gt, anchors, mmdet_rpn(0.3))
+    tv = match(gt, anchors, TV)
     assert mm.labels[0] == POSITIVE and mm.gt[0] == 1  # later GT wins
     assert tv.labels[0] == POSITIVE and tv.gt[0] == 0  # its own argmax (first max)
 

@@ -1,56 +1,44 @@
 """lossdoctor: replay and diagnose the RPN and RoI losses of a Faster R-CNN FPN detector.
 
-The library is importable without the CLI; heavy modules load on first use.
+The library is importable without the CLI; heavy modules (torch) load on first use of a name.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "dump_batch",
-    "load_batch",
-    "load_checkpoint",
-    "replay",
-    "run_replay",
-    "inspect",
-    "compare",
-    "Report",
-    "Capture",
-    "InputError",
-    "__version__",
-]
+# public name -> the module that defines it
+_WHERE = {
+    # inspect, compare and replay
+    "inspect": "api", "compare": "api", "run_replay": "api",
+    "replay": "replay.engine", "Replay": "replay.engine",
+    "diagnose": "diagnose", "Diagnosis": "diagnose",
+    "Finding": "diagnose.findings", "Rule": "diagnose.findings", "RULES": "diagnose.findings",
+    "Report": "report.model", "CompareResult": "report.compare", "Comparison": "report.compare",
+    # inputs
+    "dump_batch": "inputs.batch", "load_batch": "inputs.batch", "Batch": "inputs.batch",
+    "load_checkpoint": "inputs.checkpoint", "HeadWeights": "inputs.checkpoint",
+    "load_config": "inputs.config", "preset": "inputs.config", "DetectorConfig": "inputs.config",
+    "load_profile": "inputs.profiles", "LossProfile": "inputs.profiles", "TermSpec": "inputs.profiles",
+    "InputError": "inputs.errors",
+    "Capture": "capture",
+    # the vocabulary
+    "Head": "vocab", "Part": "vocab", "Term": "vocab", "Normalizer": "vocab", "Severity": "vocab",
+    "FailOn": "vocab", "LossKind": "vocab", "Empty": "vocab", "Layer": "vocab", "Layout": "vocab",
+    "Framework": "vocab", "Stage": "vocab",
+}  # fmt: skip
+__all__ = sorted(_WHERE) + ["__version__"]
 
 
-def __getattr__(name):
-    if name in ("dump_batch", "load_batch"):
-        from .inputs import batch
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'lossdoctor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return getattr(batch, name)
-    if name == "load_checkpoint":
-        from .inputs.checkpoint import load_checkpoint
 
-        return load_checkpoint
-    if name == "InputError":
-        from .inputs.errors import InputError
-
-        return InputError
-    if name == "replay":
-        from .replay.engine import replay
-
-        return replay
-    if name in ("run_replay", "inspect"):
-        from . import api
-
-        return getattr(api, name)
-    if name == "compare":
-        from .report.compare import compare
-
-        return compare
-    if name == "Capture":
-        from .capture import Capture
-
-        return Capture
-    if name == "Report":
-        from .report.model import Report
-
-        return Report
-    raise AttributeError(name)
+def __dir__() -> list[str]:
+    return list(__all__)

@@ -1,31 +1,29 @@
 """The lossdoctor command line: a thin layer over the library.
 
 Only typer is imported at start-up; torch, pandas and matplotlib load inside the commands that
-need them, so ``lossdoctor --help`` stays fast.
+need them, so ``lossdoctor --help`` stays fast. The vocabulary module is plain Python.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
 
+from .vocab import FailOn
+
 EXIT_FINDING = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
 
 
-class FailOn(str, Enum):
-    error = "error"
-    warning = "warning"
-    never = "never"
-
-
-class Device(str, Enum):
+class Device(StrEnum):
     cpu = "cpu"
     cuda = "cuda"
 
@@ -55,7 +53,7 @@ class OneLineErrors(TyperGroup):
             sys.exit(EXIT_BAD_INPUT)
         except typer.Abort:
             typer.echo("lossdoctor: aborted", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
         except _CLICK_EXCEPTION as e:
             typer.echo(f"lossdoctor: error: {e.format_message()}", err=True)
             sys.exit(EXIT_BAD_INPUT)
@@ -68,9 +66,58 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
-    help="Replay and diagnose the RPN and RoI losses of a Faster R-CNN FPN detector on one dumped batch.\n\n"
-    "\b\nExample:\n  lossdoctor inspect fixtures/collapse/checkpoint.pt fixtures/collapse/batch.pt",
+    help="Replay and diagnose the RPN and RoI losses of a Faster R-CNN FPN detector on one "
+    "dumped batch.\n\n\b\nExample:\n  lossdoctor inspect fixtures/collapse/checkpoint.pt "
+    "fixtures/collapse/batch.pt --config fixtures/toy.toml",
 )
+
+# ---- options shared by the commands ------------------------------------------------------------
+
+CkptArg = Annotated[
+    str, typer.Argument(metavar="CKPT", help="checkpoint (.pt/.pth, or .safetensors)")
+]
+BatchArg = Annotated[
+    str, typer.Argument(metavar="BATCH", help="batch dump written by lossdoctor.dump_batch")
+]
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        help="detector preset (torchvision, mmdet, detectron2) or .toml; "
+        "default: from the checkpoint layout",
+    ),
+]
+SeedOpt = Annotated[
+    int | None,
+    typer.Option("--seed", help="sampling seed (default: the dump's meta sample_seed, else 0)"),
+]
+SampleAllOpt = Annotated[
+    bool, typer.Option("--sample-all", help="take every candidate instead of sampling")
+]
+DeviceOpt = Annotated[
+    Device, typer.Option("--device", help="where to replay (the CPU in this version)")
+]
+ScoreThrOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--score-thr", help="detection score threshold in [0, 1] (default: the config's, 0.05)"
+    ),
+]
+CsvDirOpt = Annotated[
+    str | None, typer.Option("--csv-dir", help="write every table to DIR/<table>.csv")
+]
+PlotOpt = Annotated[str | None, typer.Option("--plot", help="write a PNG figure to FILE")]
+FailOnOpt = Annotated[
+    FailOn, typer.Option("--fail-on", help="exit 1 if a finding at or above this severity exists")
+]
+UnsafeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--unsafe-load",
+        help="read the checkpoint with torch.load(weights_only=False): "
+        "runs code from the file; only for files you trust",
+    ),
+]
 
 
 def _fail(message: str) -> None:
@@ -79,7 +126,8 @@ def _fail(message: str) -> None:
 
 
 def _guard(fn):
-    """Run a command body: InputError → one line, exit 2; a bug → one line, exit 3 (traceback with LOSSDOCTOR_DEBUG=1)."""
+    """Run a command body: InputError → one line, exit 2; a bug → one line, exit 3 (the traceback
+    with LOSSDOCTOR_DEBUG=1)."""
     from .inputs.errors import InputError
 
     try:
@@ -90,16 +138,17 @@ def _guard(fn):
         _fail(str(e))
     except KeyboardInterrupt:
         typer.echo("lossdoctor: interrupted; no output file was left half-written", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except Exception as e:
         if os.environ.get("LOSSDOCTOR_DEBUG"):
             raise
         msg = (str(e).strip().splitlines() or [""])[0][:200]
         typer.echo(
-            f"lossdoctor: internal error: {type(e).__name__}: {msg} (set LOSSDOCTOR_DEBUG=1 for the traceback)",
+            f"lossdoctor: internal error: {type(e).__name__}: {msg} "
+            "(set LOSSDOCTOR_DEBUG=1 for the traceback)",
             err=True,
         )
-        raise typer.Exit(EXIT_INTERNAL)
+        raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def _check_device(device: Device) -> None:
@@ -123,47 +172,47 @@ def _file_inputs(**roles) -> dict[str, str]:
     return out
 
 
-JSON_HELP = "write the report as JSON to FILE, or to stdout with '-' (the terminal view then goes to stderr)"
+def _stdout_json(json_out: str | None, text: str) -> None:
+    if json_out == "-":
+        sys.stdout.write(text + "\n")
+
+
+# ---- commands ----------------------------------------------------------------------------------
 
 
 @app.command()
 def inspect(
-    ckpt: str = typer.Argument(..., metavar="CKPT", help="checkpoint (.pt/.pth, or .safetensors)"),
-    batch: str = typer.Argument(
-        ..., metavar="BATCH", help="batch dump written by lossdoctor.dump_batch"
-    ),
-    old: str = typer.Option("legacy", "--old", help="profile name or profile .toml"),
-    new: str = typer.Option("fixed", "--new", help="profile name or profile .toml"),
-    config: str | None = typer.Option(
-        None,
-        "--config",
-        help="detector preset (torchvision, mmdet, detectron2) or .toml; default: from the checkpoint layout",
-    ),
-    seed: int | None = typer.Option(
-        None, "--seed", help="sampling seed (default: the dump's meta sample_seed, else 0)"
-    ),
-    sample_all: bool = typer.Option(
-        False, "--sample-all", help="take every candidate instead of sampling"
-    ),
-    device: Device = typer.Option(Device.cpu, "--device"),
-    score_thr: float | None = typer.Option(
-        None, "--score-thr", help="detection score threshold (default: the config's, 0.05)"
-    ),
-    csv: str | None = typer.Option(None, "--csv", help="write the per-level table to FILE"),
-    csv_dir: str | None = typer.Option(None, "--csv-dir", help="write every table to DIR"),
-    json_out: str | None = typer.Option(None, "--json", help=JSON_HELP),
-    plot: str | None = typer.Option(None, "--plot", help="write a PNG figure to FILE"),
-    fail_on: FailOn = typer.Option(
-        FailOn.never, "--fail-on", help="exit 1 if a finding at or above this severity exists"
-    ),
-    unsafe_load: bool = typer.Option(
-        False,
-        "--unsafe-load",
-        help="allow arbitrary pickled objects in the checkpoint (runs code from it)",
-    ),
-    quiet: bool = typer.Option(
-        False, "--quiet", "-q", help="print only the symptom and the findings"
-    ),
+    ckpt: CkptArg,
+    batch: BatchArg,
+    old: Annotated[
+        str, typer.Option("--old", help="the run's profile: a built-in name or a profile .toml")
+    ] = "legacy",
+    new: Annotated[
+        str, typer.Option("--new", help="the what-if profile: a built-in name or a profile .toml")
+    ] = "fixed",
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    sample_all: SampleAllOpt = False,
+    device: DeviceOpt = Device.cpu,
+    score_thr: ScoreThrOpt = None,
+    csv: Annotated[
+        str | None, typer.Option("--csv", help="write the levels table to FILE")
+    ] = None,
+    csv_dir: CsvDirOpt = None,
+    json_out: Annotated[
+        str | None,
+        typer.Option(
+            "--json",
+            help="write the report as JSON to FILE, or to stdout with '-' (the "
+            "terminal view then goes to stderr)",
+        ),
+    ] = None,
+    plot: PlotOpt = None,
+    fail_on: FailOnOpt = FailOn.NEVER,
+    unsafe_load: UnsafeOpt = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="print only the symptom and the findings")
+    ] = False,
 ):
     """Replay BATCH through CKPT's heads under two profiles and diagnose.
 
@@ -195,67 +244,55 @@ def inspect(
             unsafe_load=unsafe_load,
         )
         export(report, outputs, inputs)
-        if json_out == "-":
-            sys.stdout.write(report.to_json() + "\n")
+        _stdout_json(json_out, report.to_json())
         render(report, console(stderr=json_out == "-"), quiet=quiet)
-        if report.fails(fail_on.value):
+        if report.fails(fail_on):
             raise typer.Exit(EXIT_FINDING)
 
     _guard(run)
 
 
-def _side(spec: str):
-    """('report', path, profile or None) for REPORT.json[:PROFILE], else ('profile', spec, None)."""
-    path, _, prof = spec.partition(".json:")
-    if spec.endswith(".json") or prof:
-        return "report", path + ".json" if prof else spec, prof or None
-    return "profile", spec, None
-
-
 @app.command()
 def compare(
-    ckpt: str | None = typer.Argument(
-        None, metavar="[CKPT", help="checkpoint (needed when both sides are profiles)"
-    ),
-    batch: str | None = typer.Argument(
-        None, metavar="BATCH]", help="batch dump (needed when both sides are profiles)"
-    ),
-    old: str = typer.Option(
-        ...,
-        "--old",
-        help="profile name, profile .toml, or report .json (REPORT.json:PROFILE picks one)",
-    ),
-    new: str = typer.Option(
-        ...,
-        "--new",
-        help="profile name, profile .toml, or report .json (REPORT.json:PROFILE picks one)",
-    ),
-    config: str | None = typer.Option(
-        None, "--config", help="detector preset or .toml (profiles only)"
-    ),
-    seed: int | None = typer.Option(
-        None, "--seed", help="sampling seed (default: the dump's meta sample_seed, else 0)"
-    ),
-    sample_all: bool = typer.Option(False, "--sample-all"),
-    device: Device = typer.Option(Device.cpu, "--device"),
-    score_thr: float | None = typer.Option(None, "--score-thr"),
-    csv: str | None = typer.Option(None, "--csv", help="write the comparison rows to FILE"),
-    csv_dir: str | None = typer.Option(
-        None, "--csv-dir", help="write the replayed report's tables to DIR (profiles only)"
-    ),
-    json_out: str | None = typer.Option(
-        None, "--json", help="write the comparison as JSON to FILE, or '-' for stdout"
-    ),
-    plot: str | None = typer.Option(
-        None, "--plot", help="write a PNG figure, old vs new (profiles only)"
-    ),
-    fail_on: FailOn = typer.Option(
-        FailOn.never,
-        "--fail-on",
-        help="exit 1 if the new side has a finding at or above this severity",
-    ),
-    unsafe_load: bool = typer.Option(False, "--unsafe-load"),
-    all_rows: bool = typer.Option(False, "--all", help="show unchanged metrics too"),
+    ckpt: Annotated[
+        str | None,
+        typer.Argument(metavar="[CKPT", help="checkpoint (when both sides are profiles)"),
+    ] = None,
+    batch: Annotated[
+        str | None,
+        typer.Argument(metavar="BATCH]", help="batch dump (when both sides are profiles)"),
+    ] = None,
+    old: Annotated[
+        str,
+        typer.Option(
+            "--old",
+            help="profile name, profile .toml, or report .json (REPORT.json:PROFILE picks one)",
+        ),
+    ] = ...,
+    new: Annotated[
+        str,
+        typer.Option(
+            "--new",
+            help="profile name, profile .toml, or report .json (REPORT.json:PROFILE picks one)",
+        ),
+    ] = ...,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    sample_all: SampleAllOpt = False,
+    device: DeviceOpt = Device.cpu,
+    score_thr: ScoreThrOpt = None,
+    csv: Annotated[
+        str | None, typer.Option("--csv", help="write the comparison rows to FILE")
+    ] = None,
+    csv_dir: CsvDirOpt = None,
+    json_out: Annotated[
+        str | None,
+        typer.Option("--json", help="write the comparison as JSON to FILE, or '-' for stdout"),
+    ] = None,
+    plot: PlotOpt = None,
+    fail_on: FailOnOpt = FailOn.NEVER,
+    unsafe_load: UnsafeOpt = False,
+    all_rows: Annotated[bool, typer.Option("--all", help="show unchanged metrics too")] = False,
 ):
     """Compare two profiles on one batch, or two saved reports.
 
@@ -267,93 +304,38 @@ def compare(
     """
 
     def run():
-        import json
-
+        _check_device(device)
+        from .api import compare as run_compare
         from .inputs.errors import InputError
-        from .inputs.files import atomic_write
-        from .report.compare import compare as compare_reports
-        from .report.compare import compare_profiles
-        from .report.export import Outputs
-        from .report.model import Report
+        from .report.export import Outputs, export
         from .report.render import console, render_comparison
 
-        _check_device(device)
         outputs = Outputs(json_out, csv, csv_dir, plot)
         inputs = _file_inputs(checkpoint=ckpt, batch=batch, config=config, old=old, new=new)
         outputs.check(inputs)
-        (kind_a, a, pa), (kind_b, b, pb) = _side(old), _side(new)
-        if kind_a != kind_b:
-            raise InputError("--old and --new must both be profiles or both be reports (.json)")
-        if kind_a == "profile":
-            if not (ckpt and batch):
-                raise InputError(
-                    "comparing two profiles needs CKPT and BATCH: lossdoctor compare CKPT BATCH --old A --new B"
-                )
-            from .api import inspect as run_inspect
-
-            report = run_inspect(
-                ckpt,
-                batch,
-                config=config,
-                old=a,
-                new=b,
-                seed=seed,
-                sample_all=sample_all,
-                score_thr=score_thr,
-                unsafe_load=unsafe_load,
+        options = dict(
+            config=config,
+            seed=seed,
+            sample_all=sample_all,
+            score_thr=score_thr,
+            unsafe_load=unsafe_load,
+        )
+        result = run_compare(old, new, checkpoint=ckpt, batch=batch, **options)
+        if result.report is None and (csv_dir or plot):
+            raise InputError(
+                "--csv-dir and --plot need a replay: compare two profiles with CKPT and BATCH"
             )
-            names = report.profiles
-            comps = [compare_profiles(report, names[0], report, names[1])]
-            new_report, new_profile = report, names[1]
-            if csv_dir:
-                report.save_csv_dir(csv_dir)
-            if plot:
-                from .report.plot import plot as draw
-
-                draw(report, plot)
-        else:
-            if ckpt or batch:
-                raise InputError(
-                    "two reports need no CKPT or BATCH; drop them, or compare profiles instead"
-                )
-            if csv_dir or plot:
-                raise InputError(
-                    "--csv-dir and --plot need a replay: compare two profiles with CKPT and BATCH"
-                )
-            ra, rb = Report.load(a), Report.load(b)
-            for r, p, path in ((ra, pa, a), (rb, pb, b)):
-                if p and p not in r.profiles:
-                    raise InputError(
-                        f"report {path} has no profile {p!r}; it has {', '.join(r.profiles)}"
-                    )
-            ra.meta["_label"], rb.meta["_label"] = a, b
-            comps = compare_reports(ra, rb, pa, pb)
-            if not comps:
-                raise InputError(
-                    f"the reports share no profile ({', '.join(ra.profiles)} vs {', '.join(rb.profiles)}); pick one with REPORT.json:PROFILE"
-                )
-            new_report, new_profile = rb, pb
-        payload = {"format": "lossdoctor.compare/1", "comparisons": [c.to_dict() for c in comps]}
-        text = json.dumps(payload, indent=1, allow_nan=True, default=str)
+        if result.report is not None:
+            export(result.report, Outputs(csv_dir=csv_dir, plot=plot), inputs)
         if json_out and json_out != "-":
-            atomic_write(json_out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            result.save_json(json_out)
         if csv:
-            rows = [
-                {"old_side": c.old, "new_side": c.new, **r}
-                for c in comps
-                for r in c.totals + c.rows
-            ]
-            table = Report({}, {"rows": rows}).csv_text("rows")
-            atomic_write(csv, lambda tmp: Path(tmp).write_text(table, encoding="utf-8"))
-        if json_out == "-":
-            sys.stdout.write(text + "\n")
-        render_comparison(comps, console(stderr=json_out == "-"), changed_only=not all_rows)
-        keep = [
-            f
-            for f in new_report.findings
-            if new_profile is None or f.get("profile") in (None, new_profile)
-        ]
-        if Report(new_report.meta, {}, keep).fails(fail_on.value):
+            result.save_csv(csv)
+        _stdout_json(json_out, result.to_json())
+        render_comparison(
+            result.comparisons, console(stderr=json_out == "-"), changed_only=not all_rows
+        )
+        if result.fails(fail_on):
             raise typer.Exit(EXIT_FINDING)
 
     _guard(run)
@@ -361,7 +343,9 @@ def compare(
 
 @app.command()
 def profiles(
-    name: str | None = typer.Argument(None, help="a built-in profile name or a profile .toml"),
+    name: Annotated[
+        str | None, typer.Argument(help="a built-in profile name or a profile .toml")
+    ] = None,
 ):
     """List the built-in loss profiles, or print one as TOML to edit and pass back with --old/--new.
 
@@ -391,16 +375,57 @@ def profiles(
     _guard(run)
 
 
+def _print_replaced(out, what: str, replaced) -> None:
+    """The globals a file named that were replaced by inert placeholders (and which run code)."""
+    for r in replaced:
+        kind = "CODE, not run" if r.code else "an object, not rebuilt"
+        out.print(f"  {what} names {r.name}: replaced by an inert placeholder ({kind})")
+
+
+def _print_batch(out, path: str, b) -> None:
+    pad = f"{b.pad_size[0]}x{b.pad_size[1]}"
+    out.print(
+        f"batch {path}: valid lossdoctor.batch/1, {b.num_images} images, {b.channels} channels, padded {pad}"
+    )
+    for (name, f), s in zip(b.features.items(), b.strides):
+        out.print(f"  {name}: {f.shape[2]}x{f.shape[3]}, stride {s}")
+    for i, (size, boxes) in enumerate(zip(b.image_sizes, b.gt_boxes)):
+        out.print(
+            f"  image {i}: {size[0]}x{size[1]}, {boxes.shape[0]} GT boxes, {int(b.gt_ignore[i].sum())} ignored"
+        )
+    _print_replaced(out, "batch", b.replaced)
+
+
+def _print_fit(out, path: str, heads, b, cfg) -> None:
+    k = heads.num_classes
+    out.print(
+        f"checkpoint {path}: {heads.layout} layout, {heads.channels} channels, {heads.num_anchors} "
+        f"anchors/location, {k} classes (background {heads.background}); fits the batch with "
+        f"config '{cfg.name}'"
+    )
+    _print_replaced(out, "checkpoint", heads.replaced)
+    bad = [
+        (i, j, int(v))
+        for i, lab in enumerate(b.gt_labels)
+        for j, v in enumerate(lab.tolist())
+        if not 0 <= v < k
+    ]
+    if bad:
+        i, j, v = bad[0]
+        out.print(
+            f"  {len(bad)} labels outside 0..{k - 1} (first: image {i} box {j} label {v}); the replay leaves them out"
+        )
+
+
 @app.command()
 def check(
-    batch: str = typer.Argument(..., metavar="BATCH", help="batch dump"),
-    ckpt: str | None = typer.Argument(
-        None, metavar="[CKPT]", help="checkpoint to check the batch against"
-    ),
-    config: str | None = typer.Option(
-        None, "--config", help="detector preset or .toml; default: from the checkpoint layout"
-    ),
-    unsafe_load: bool = typer.Option(False, "--unsafe-load"),
+    batch: BatchArg,
+    ckpt: Annotated[
+        str | None,
+        typer.Argument(metavar="[CKPT]", help="checkpoint to check the batch against"),
+    ] = None,
+    config: ConfigOpt = None,
+    unsafe_load: UnsafeOpt = False,
 ):
     """Validate a batch dump (and its fit to a checkpoint) without replaying.
 
@@ -416,49 +441,51 @@ def check(
 
         out = console()
         b = load_batch(batch)
-        out.print(
-            f"batch {batch}: valid lossdoctor.batch/1, {b.num_images} images, {b.channels} channels, padded {b.pad_size[0]}x{b.pad_size[1]}"
-        )
-        for (name, f), s in zip(b.features.items(), b.strides):
-            out.print(f"  {name}: {f.shape[2]}x{f.shape[3]}, stride {s}")
-        for i, (size, boxes) in enumerate(zip(b.image_sizes, b.gt_boxes)):
-            out.print(
-                f"  image {i}: {size[0]}x{size[1]}, {boxes.shape[0]} GT boxes, {int(b.gt_ignore[i].sum())} ignored"
-            )
+        _print_batch(out, batch, b)
         if ckpt:
             heads, b, cfg = resolve_inputs(ckpt, b, config, unsafe_load)
-            k = heads.num_classes
-            out.print(
-                f"checkpoint {ckpt}: {heads.layout} layout, {heads.channels} channels, {heads.num_anchors} anchors/location, "
-                f"{k} classes (background {heads.background}); fits the batch with config '{cfg.name}'"
-            )
-            _print_replaced(out, "checkpoint", heads.replaced)
-            bad = [
-                (i, j, int(l))
-                for i, lab in enumerate(b.gt_labels)
-                for j, l in enumerate(lab.tolist())
-                if not 0 <= l < k
-            ]
-            if bad:
-                out.print(
-                    f"  {len(bad)} labels outside 0..{k - 1} (first: image {bad[0][0]} box {bad[0][1]} label {bad[0][2]}); the replay leaves them out"
-                )
-        _print_replaced(out, "batch", b.replaced)
-        if b.suspicions:
-            out.print(f"{len(b.suspicions)} suspicious items (inspect turns them into findings):")
-            for s in b.suspicions:
-                out.print(f"  {s.code}: {s.message}")
-        else:
+            _print_fit(out, ckpt, heads, b, cfg)
+        if not b.suspicions:
             out.print("nothing suspicious")
+            return
+        out.print(f"{len(b.suspicions)} suspicious items (inspect turns them into findings):")
+        for s in b.suspicions:
+            out.print(f"  {s.code}: {s.message}")
 
     _guard(run)
 
 
-def _print_replaced(out, what: str, replaced) -> None:
-    """The globals a file named that were replaced by inert placeholders (and which run code)."""
-    for r in replaced:
-        kind = "CODE, not run" if r.code else "an object, not rebuilt"
-        out.print(f"  {what} names {r.name}: replaced by an inert placeholder ({kind})")
+@app.command()
+def explain(
+    code: Annotated[
+        str | None, typer.Argument(help="a finding code, as reports print it")
+    ] = None,
+    list_all: Annotated[
+        bool, typer.Option("--list", help="one line per code: code, severity, summary")
+    ] = False,
+):
+    """What a finding means, its evidence fields and its fix.
+
+    \b
+    Examples:
+      lossdoctor explain nan-empty-mean
+      lossdoctor explain --list
+    """
+
+    def run():
+        from .inputs.errors import InputError
+        from .report.explain import explain as explain_code
+        from .report.explain import listing
+
+        if list_all or not code:
+            typer.echo("\n".join(listing()))
+            return
+        try:
+            typer.echo(explain_code(code))
+        except KeyError as e:
+            raise InputError(f"{e.args[0]}; see lossdoctor explain --list") from None
+
+    _guard(run)
 
 
 def main():

@@ -70,6 +70,33 @@ def head_terms(head: Head) -> tuple[Term, ...]:
     return tuple(t for t in TERMS if t.head == head)
 
 
+class Layer(StrEnum):
+    """A layer of the heads, named by what it is (its key in a checkpoint depends on the layout)."""
+
+    RPN_CONV = "rpn_conv"
+    RPN_LOGITS = "rpn_logits"
+    RPN_DELTAS = "rpn_deltas"
+    BOX_FC1 = "box_fc1"
+    BOX_FC2 = "box_fc2"
+    BOX_LOGITS = "box_logits"
+    BOX_DELTAS = "box_deltas"
+
+    @property
+    def head(self) -> Head:
+        return Head.RPN if self in RPN_LAYERS else Head.ROI
+
+
+RPN_LAYERS = (Layer.RPN_CONV, Layer.RPN_LOGITS, Layer.RPN_DELTAS)
+BOX_LAYERS = (Layer.BOX_FC1, Layer.BOX_FC2, Layer.BOX_LOGITS, Layer.BOX_DELTAS)
+# the parameters of a layer
+WEIGHT, BIAS = "weight", "bias"
+
+
+def param(layer: Layer, kind: str) -> str:
+    """The canonical name of a head parameter, e.g. ``rpn_logits.weight``."""
+    return f"{layer}.{kind}"
+
+
 class Normalizer(StrEnum):
     """What a loss term's sum is divided by (see ``inputs.profiles``)."""
 
@@ -158,6 +185,10 @@ class Mapper(StrEnum):
     TORCHVISION = "torchvision"
     DETECTRON2 = "detectron2"
     MMDET = "mmdet"
+
+
+# the origins table names a gradient that is not finite (while its loss is) as this term
+GRADIENT_TERM = "grad"
 
 
 class Stage(StrEnum):

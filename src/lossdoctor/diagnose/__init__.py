@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..replay.engine import Replay
+from .checks import Facts
 from .findings import Finding, findings
-from .gradients import ProfileGrads, gradients
-from .nan_trace import Origin, trace
-from .symptom import Symptom, symptom
+from .gradients import gradients
+from .nan_trace import trace
+from .symptom import symptom
 
 
-@dataclass
-class Diagnosis:
-    replay: Replay
-    grads: dict[str, ProfileGrads]
-    origins: list[Origin]
-    symptom: Symptom
-    findings: list[Finding]
+@dataclass(kw_only=True)
+class Diagnosis(Facts):
+    """The replay, its gradients, NaN/Inf origins and symptom, and the findings over them."""
+
+    findings: list[Finding] = field(default_factory=list)
 
 
 def diagnose(r: Replay, score_thr: float | None = None) -> Diagnosis:
     """Gradients, NaN/Inf origins, the symptom and the findings of one replay."""
     g = gradients(r)
-    o = trace(r, g)
-    s = symptom(r, score_thr)
-    return Diagnosis(r, g, o, s, findings(r, g, o, s))
+    d = Diagnosis(replay=r, grads=g, origins=trace(r, g), symptom=symptom(r, score_thr))
+    d.findings = findings(d)
+    return d

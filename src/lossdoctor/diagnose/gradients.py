@@ -17,20 +17,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..inputs.profiles import LossProfile
+from ..inputs.checkpoint import BOX_COORDS
+from ..inputs.profiles import LossProfile, TermSpec
 from ..replay.engine import Replay
-from ..vocab import Empty
+from ..replay.normalize import LevelLoss
+from ..replay.rpn import RpnLevel
+from ..vocab import BIAS, BOX_TERMS, WEIGHT, Empty, Head, Layer, Term, param
 
-TERMS = ("rpn_cls", "rpn_box", "roi_cls", "roi_box")
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing
 CLIP_EPS = 1e-6
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LevelGrads:
     """Norms for one (head, level) under one profile."""
 
-    head: str
+    head: Head
     level: str
     feature: float  # ||dL_head / d feature_l||
     logits_pos: float
@@ -40,17 +42,27 @@ class LevelGrads:
     nonfinite: int  # non-finite gradient entries at this level's head outputs
 
 
-@dataclass
+@dataclass(kw_only=True)
+class ParamNorms:
+    """One head parameter's gradient norm per loss term (NaN where not split: the 3x3 RPN conv)
+    and in total."""
+
+    by_term: dict[Term, float]
+    total: float
+
+
+@dataclass(kw_only=True)
 class ProfileGrads:
     profile: str
     levels: list[LevelGrads]
-    params: dict[str, dict[str, float]]  # canonical param -> {term: norm, "total": norm}
+    params: dict[str, ParamNorms]  # by canonical parameter name
     total_norm: float
     max_norm: float | None
     clip_coef: float
     clipped_norm: float
-    neg_share: dict[str, float] = field(default_factory=dict)  # per head
-    no_grad: list[str] = field(default_factory=list)  # parameters / levels that got no gradient
+    neg_share: dict[Head, float] = field(default_factory=dict)
+    no_grad_params: list[str] = field(default_factory=list)  # canonical names, no gradient
+    no_grad_levels: list[str] = field(default_factory=list)  # RPN features without gradient
 
 
 def _norm(t: Tensor) -> float:
@@ -64,7 +76,11 @@ def _sq(t: Tensor) -> float:
 
 def _share(neg_sq: float, pos_sq: float) -> float:
     total = neg_sq + pos_sq
-    return neg_sq / total if total > 0 else float("nan")
+    return neg_sq / total if total > 0 else math.nan
+
+
+def _nonfinite(*ts: Tensor) -> int:
+    return int(sum((~torch.isfinite(t)).sum() for t in ts))
 
 
 class _Shared:
@@ -74,25 +90,25 @@ class _Shared:
         self.r = r
         self._bce, self._box, self._ce = {}, {}, None
         x = r.roi.pooled.detach().flatten(1)
-        self.gram = x @ x.T if x.shape[0] else x.new_zeros(0, 0)  # [R, R], shared by every fc1 norm
+        self.gram = x @ x.T if x.shape[0] else x.new_zeros(0, 0)  # [R, R], shared by fc1 norms
 
     def bce(self, lvl: int) -> Tensor:
         if lvl not in self._bce:
-            out = self.r.rpn[lvl]
-            self._bce[lvl] = torch.autograd.grad(out.bce.sum(), out.out.logits, retain_graph=True)[
-                0
-            ]
+            level = self.r.rpn.levels[lvl]
+            self._bce[lvl] = torch.autograd.grad(
+                level.bce.sum(), level.out.logits, retain_graph=True
+            )[0]
         return self._bce[lvl]
 
-    def box(self, head: str, lvl: int, term) -> Tensor:
-        key = (head, lvl, term.loss, term.beta)
+    def box(self, head: Head, lvl: int, spec: TermSpec) -> Tensor:
+        key = (head, lvl, spec.loss, spec.beta)
         if key not in self._box:
             s = self.r.samples[head][lvl]
-            loss = s.box_loss(term)
+            loss = s.box_loss(spec)
             self._box[key] = (
                 torch.autograd.grad(loss.sum(), s.box_pred, retain_graph=True)[0]
                 if loss.numel()
-                else s.box_pred.detach().new_zeros(0, 4)
+                else s.box_pred.detach().new_zeros(0, BOX_COORDS)
             )
         return self._box[key]
 
@@ -107,142 +123,177 @@ class _Shared:
         return self._ce
 
 
-def _coef(term, d: float) -> float:
+@dataclass(kw_only=True)
+class _ParamGrad:
+    """A parameter's gradient per term (a tensor, or a 0-d squared norm for fc1's weight), and
+    its total where the terms are not summed (the 3x3 conv, fc1's weight)."""
+
+    by_term: dict[Term, Tensor] = field(default_factory=dict)
+    total: Tensor | None = None
+
+    def add(self, term: Term, g: Tensor) -> None:
+        self.by_term[term] = self.by_term[term] + g if term in self.by_term else g
+
+
+@dataclass(kw_only=True)
+class _HeadGrads:
+    levels: list[LevelGrads]
+    params: dict[str, _ParamGrad]
+    neg_share: float
+    no_grad_levels: list[str] = field(default_factory=list)
+
+
+def _coef(spec: TermSpec, d: float) -> float:
     """d loss / d numerator: weight / D, or the empty-set cases of ``replay.losses.normalize``."""
     if d == 0:
-        return 0.0 if term.empty is Empty.ZERO else math.inf * term.weight
-    return term.weight / d
+        return 0.0 if spec.empty is Empty.ZERO else math.inf * spec.weight
+    return spec.weight / d
 
 
-def _rpn(r: Replay, p: LossProfile, sh: _Shared, params: dict, rows: list, bad: list):
-    heads = r.heads
-    w_cls = heads.params["rpn_cls.weight"].detach().flatten(1)  # [A, C]
-    w_reg = heads.params["rpn_reg.weight"].detach().flatten(1)  # [4A, C]
-    a = heads.num_anchors
-    grad_hidden, neg_sq, pos_sq = [], 0.0, 0.0
-    for lvl, (out, loss) in enumerate(zip(r.rpn, r.losses[p.name].levels["rpn"])):
-        n, c, h, w = out.out.hidden.shape
-        c_cls = _coef(p.rpn_cls, loss.avg_factor)
-        weight = torch.where(out.positive, p.pos_weight, 1.0) * c_cls
-        g = sh.bce(lvl) * weight
-        g_logits = (
-            g * out.sampled if p.unsampled_leak else torch.where(out.sampled, g, torch.zeros(()))
-        )
-        img, anc = out.positive.nonzero(as_tuple=True)
-        g_deltas = torch.zeros_like(out.out.deltas.detach())
-        g_deltas[img, anc] = sh.box("rpn", lvl, p.rpn_box) * _coef(p.rpn_box, loss.avg_factor_bbox)
-        if p.unsampled_leak:
-            g_deltas = (
-                g_deltas + out.out.deltas.detach() * 0
-            )  # 0 * inf = NaN, as the weight-multiply does
-        # channel-first [N, outputs, H*W], so the 1x1 convs' gradients are batched matmuls
-        gl = g_logits.view(n, h * w, a).transpose(1, 2)
-        gd = g_deltas.view(n, h * w, 4 * a).transpose(1, 2)
-        hid = out.out.hidden.detach().flatten(2)  # [N, C, H*W]
-        hid_t = hid.transpose(1, 2)
-        _add(params, "rpn_cls", "rpn_cls.weight", torch.matmul(gl, hid_t).sum(0)[:, :, None, None])
-        _add(params, "rpn_cls", "rpn_cls.bias", gl.sum((0, 2)))
-        _add(params, "rpn_box", "rpn_reg.weight", torch.matmul(gd, hid_t).sum(0)[:, :, None, None])
-        _add(params, "rpn_box", "rpn_reg.bias", gd.sum((0, 2)))
-        g_all = torch.cat([gl, gd], 1)  # [N, 5A, H*W]
-        w_all = torch.cat([w_cls, w_reg], 0)  # [5A, C]
-        grad_hidden.append(torch.matmul(w_all.T, g_all).view(n, c, h, w))
-        pos, neg = _sq(g_logits[out.positive]), _sq(g_logits[~out.positive])
-        pos_sq, neg_sq = pos_sq + pos, neg_sq + neg
-        rows.append(
-            LevelGrads(
-                "rpn",
-                out.name,
-                math.nan,
-                math.sqrt(pos),
-                math.sqrt(neg),
-                _norm(g_deltas),
-                _share(neg, pos),
-                int((~torch.isfinite(g_logits)).sum() + (~torch.isfinite(g_deltas)).sum()),
-            )
-        )
-    conv_w, conv_b = heads.params["rpn_conv.weight"], heads.params["rpn_conv.bias"]
+def _rpn_outputs(lvl: int, level: RpnLevel, loss: LevelLoss, p: LossProfile, sh: _Shared):
+    """∂L/∂logits Tensor[N, A_l] and ∂L/∂deltas Tensor[N, A_l, 4] of one level."""
+    weight = torch.where(level.positive, p.pos_weight, 1.0) * _coef(p.rpn_cls, loss.avg_factor)
+    g = sh.bce(lvl) * weight
+    if p.unsampled_leak:
+        g_logits = g * level.sampled
+    else:
+        g_logits = torch.where(level.sampled, g, torch.zeros(()))
+    img, anc = level.positive.nonzero(as_tuple=True)
+    g_deltas = torch.zeros_like(level.out.deltas.detach())
+    g_box = sh.box(Head.RPN, lvl, p.rpn_box) * _coef(p.rpn_box, loss.avg_factor_bbox)
+    g_deltas[img, anc] = g_box
+    if p.unsampled_leak:  # 0 * inf = NaN, as the weight-multiply does
+        g_deltas = g_deltas + level.out.deltas.detach() * 0
+    return g_logits, g_deltas
+
+
+def _rpn_level(lvl: int, r: Replay, p: LossProfile, sh: _Shared, params: dict):
+    """One level's output norms and 1x1-conv gradients → (row, ∂L/∂hidden Tensor[N, C, H, W])."""
+    level = r.rpn.levels[lvl]
+    g_logits, g_deltas = _rpn_outputs(lvl, level, r.losses[p.name].levels[Head.RPN][lvl], p, sh)
+    n, c, h, w = level.out.hidden.shape
+    a = r.heads.num_anchors
+    # channel-first [N, outputs, H*W], so the 1x1 convs' gradients are batched matmuls
+    gl = g_logits.view(n, h * w, a).transpose(1, 2)
+    gd = g_deltas.view(n, h * w, BOX_COORDS * a).transpose(1, 2)
+    hid_t = level.out.hidden.detach().flatten(2).transpose(1, 2)  # [N, H*W, C]
+    for layer, term, g in (
+        (Layer.RPN_LOGITS, Term.RPN_CLS, gl),
+        (Layer.RPN_DELTAS, Term.RPN_BOX, gd),
+    ):
+        params[param(layer, WEIGHT)].add(term, torch.matmul(g, hid_t).sum(0)[:, :, None, None])
+        params[param(layer, BIAS)].add(term, g.sum((0, 2)))
+    w_all = torch.cat(
+        [r.heads.weight(x).detach().flatten(1) for x in (Layer.RPN_LOGITS, Layer.RPN_DELTAS)]
+    )
+    grad_hidden = torch.matmul(w_all.T, torch.cat([gl, gd], 1)).view(n, c, h, w)
+    pos, neg = _sq(g_logits[level.positive]), _sq(g_logits[~level.positive])
+    row = LevelGrads(
+        head=Head.RPN,
+        level=level.name,
+        feature=math.nan,
+        logits_pos=math.sqrt(pos),
+        logits_neg=math.sqrt(neg),
+        deltas=_norm(g_deltas),
+        neg_share=_share(neg, pos),
+        nonfinite=_nonfinite(g_logits, g_deltas),
+    )
+    return row, grad_hidden, (pos, neg)
+
+
+def _rpn(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
+    """RPN norms: per level by hand, then one backward through the 3x3 conv for every level."""
+    layers = (Layer.RPN_CONV, Layer.RPN_LOGITS, Layer.RPN_DELTAS)
+    params = {param(x, k): _ParamGrad() for x in layers for k in (WEIGHT, BIAS)}
+    done = [_rpn_level(lvl, r, p, sh, params) for lvl in range(len(r.rpn.levels))]
+    conv = [r.heads.weight(Layer.RPN_CONV), r.heads.bias(Layer.RPN_CONV)]
     grads = torch.autograd.grad(
-        [o.out.hidden for o in r.rpn],
-        list(r.features) + [conv_w, conv_b],
-        grad_outputs=grad_hidden,
+        [lv.out.hidden for lv in r.rpn.levels],
+        list(r.features) + conv,
+        grad_outputs=[g for _, g, _ in done],
         retain_graph=True,
     )
-    for row, gf in zip(rows[-len(r.rpn) :], grads):
+    rows = [row for row, _, _ in done]
+    for row, gf in zip(rows, grads):
         row.feature = _norm(gf)
-        if row.feature == 0:
-            bad.append(f"rpn features {row.level}")
-    params.setdefault("rpn_conv.weight", {})["total"] = grads[-2]
-    params.setdefault("rpn_conv.bias", {})["total"] = grads[-1]
-    return _share(neg_sq, pos_sq)
-
-
-def _add(params: dict, term: str, name: str, g: Tensor):
-    slot = params.setdefault(name, {})
-    slot[term] = slot[term] + g if term in slot else g
-
-
-def _roi(r: Replay, p: LossProfile, sh: _Shared, params: dict, rows: list, bad: list):
-    heads, roi = r.heads, r.roi
-    P = heads.params
-    n_levels = len(r.samples["roi"])
-    fg = roi.fg_class >= 0
-    losses = r.losses[p.name].levels["roi"]
-    c_cls = (
-        torch.tensor([_coef(p.roi_cls, l.avg_factor) for l in losses])[roi.level]
-        if roi.level.numel()
-        else torch.zeros(0)
+    params[param(Layer.RPN_CONV, WEIGHT)].total = grads[-2]
+    params[param(Layer.RPN_CONV, BIAS)].total = grads[-1]
+    pos_sq, neg_sq = sum(x for _, _, (x, _) in done), sum(y for _, _, (_, y) in done)
+    idle = [row.level for row in rows if row.feature == 0]
+    return _HeadGrads(
+        levels=rows, params=params, neg_share=_share(neg_sq, pos_sq), no_grad_levels=idle
     )
+
+
+def _roi_outputs(r: Replay, p: LossProfile, sh: _Shared) -> tuple[Tensor, Tensor]:
+    """∂L/∂class logits Tensor[R, K+1] and ∂L/∂deltas Tensor[R, reg_classes, 4]."""
+    roi, heads = r.roi, r.heads
+    fg = roi.fg_class >= 0
+    losses = r.losses[p.name].levels[Head.ROI]
+    c_cls = torch.tensor([_coef(p.roi_cls, lv.avg_factor) for lv in losses])
+    c_cls = c_cls[roi.level] if roi.level.numel() else torch.zeros(0)
     g_cls = sh.ce() * (torch.where(fg, p.pos_weight, 1.0) * c_cls)[:, None]
     g_reg = torch.zeros_like(roi.deltas.detach())
     pos_rows = fg.nonzero().flatten()
     for lvl, loss in enumerate(losses):
-        rows_l = pos_rows[roi.level[pos_rows] == lvl]
-        if rows_l.numel():
-            g_reg[rows_l, heads.reg_slot(roi.fg_class[rows_l])] = sh.box(
-                "roi", lvl, p.roi_box
-            ) * _coef(p.roi_box, loss.avg_factor_bbox)
-    h1, h2 = roi.hidden1.detach(), roi.hidden.detach()
-    g_reg_flat = g_reg.flatten(1)
+        rows = pos_rows[roi.level[pos_rows] == lvl]
+        if rows.numel():
+            g = sh.box(Head.ROI, lvl, p.roi_box) * _coef(p.roi_box, loss.avg_factor_bbox)
+            g_reg[rows, heads.reg_slot(roi.fg_class[rows])] = g
+    return g_cls, g_reg
+
+
+def _box_head(r: Replay, sh: _Shared, g_cls: Tensor, g_reg: Tensor, params: dict) -> Tensor:
+    """The box head's parameter gradients by term, by hand → ∂L/∂(fc1 input) summed over terms."""
+    heads, h1, h2 = r.heads, r.roi.hidden1.detach(), r.roi.hidden.detach()
     gp1_total = None
-    for term, g_out, w_out, name in (
-        ("roi_cls", g_cls, P["cls.weight"], "cls"),
-        ("roi_box", g_reg_flat, P["reg.weight"], "reg"),
-    ):
-        _add(params, term, f"{name}.weight", g_out.T @ h2)
-        _add(params, term, f"{name}.bias", g_out.sum(0))
-        gp2 = (g_out @ w_out.detach()) * (h2 > 0)
-        _add(params, term, "fc2.weight", gp2.T @ h1)
-        _add(params, term, "fc2.bias", gp2.sum(0))
-        gp1 = (gp2 @ P["fc2.weight"].detach()) * (h1 > 0)
-        _add(params, term, "fc1.bias", gp1.sum(0))
-        params.setdefault("fc1.weight", {})[term] = _gram_norm_sq(gp1, sh.gram)
+    outputs = (
+        (Term.ROI_CLS, g_cls, Layer.BOX_LOGITS),
+        (Term.ROI_BOX, g_reg.flatten(1), Layer.BOX_DELTAS),
+    )
+    for term, g_out, layer in outputs:
+        params[param(layer, WEIGHT)].add(term, g_out.T @ h2)
+        params[param(layer, BIAS)].add(term, g_out.sum(0))
+        gp2 = (g_out @ heads.weight(layer).detach()) * (h2 > 0)
+        params[param(Layer.BOX_FC2, WEIGHT)].add(term, gp2.T @ h1)
+        params[param(Layer.BOX_FC2, BIAS)].add(term, gp2.sum(0))
+        gp1 = (gp2 @ heads.weight(Layer.BOX_FC2).detach()) * (h1 > 0)
+        params[param(Layer.BOX_FC1, BIAS)].add(term, gp1.sum(0))
+        params[param(Layer.BOX_FC1, WEIGHT)].by_term[term] = _gram_norm_sq(gp1, sh.gram)
         gp1_total = gp1 if gp1_total is None else gp1_total + gp1
-    params["fc1.weight"]["total"] = _gram_norm_sq(gp1_total, sh.gram)
-    g_pooled = (gp1_total @ P["fc1.weight"].detach()).view_as(roi.pooled)
-    feats = list(r.features[:n_levels])
+    params[param(Layer.BOX_FC1, WEIGHT)].total = _gram_norm_sq(gp1_total, sh.gram)
+    return gp1_total @ heads.weight(Layer.BOX_FC1).detach()
+
+
+def _roi(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
+    """RoI norms: outputs and box head by hand, then one backward through RoIAlign."""
+    roi = r.roi
+    layers = (Layer.BOX_FC1, Layer.BOX_FC2, Layer.BOX_LOGITS, Layer.BOX_DELTAS)
+    params = {param(x, k): _ParamGrad() for x in layers for k in (WEIGHT, BIAS)}
+    g_cls, g_reg = _roi_outputs(r, p, sh)
+    g_pooled = _box_head(r, sh, g_cls, g_reg, params).view_as(roi.pooled)
+    feats = list(r.features[: roi.num_levels])
     g_feat = torch.autograd.grad(
         roi.pooled, feats, grad_outputs=g_pooled, retain_graph=True, allow_unused=True
     )
-    neg_sq = pos_sq = 0.0
-    for lvl in range(n_levels):
+    fg, rows, neg_sq, pos_sq = roi.fg_class >= 0, [], 0.0, 0.0
+    for lvl, (s, gf) in enumerate(zip(roi.samples, g_feat)):
         at = roi.level == lvl
         pos, neg = _sq(g_cls[at & fg]), _sq(g_cls[at & ~fg])
         pos_sq, neg_sq = pos_sq + pos, neg_sq + neg
-        gf = g_feat[lvl]
         rows.append(
             LevelGrads(
-                "roi",
-                r.samples["roi"][lvl].name,
-                _norm(gf) if gf is not None else 0.0,
-                math.sqrt(pos),
-                math.sqrt(neg),
-                _norm(g_reg[at]),
-                _share(neg, pos),
-                int((~torch.isfinite(g_cls[at])).sum() + (~torch.isfinite(g_reg[at])).sum()),
+                head=Head.ROI,
+                level=s.name,
+                feature=_norm(gf) if gf is not None else 0.0,
+                logits_pos=math.sqrt(pos),
+                logits_neg=math.sqrt(neg),
+                deltas=_norm(g_reg[at]),
+                neg_share=_share(neg, pos),
+                nonfinite=_nonfinite(g_cls[at], g_reg[at]),
             )
         )
-    return _share(neg_sq, pos_sq)
+    return _HeadGrads(levels=rows, params=params, neg_share=_share(neg_sq, pos_sq))
 
 
 def _gram_norm_sq(g: Tensor, gram: Tensor) -> Tensor:
@@ -252,46 +303,54 @@ def _gram_norm_sq(g: Tensor, gram: Tensor) -> Tensor:
     return ((g @ g.T).double() * gram.double()).sum().clamp(min=0)
 
 
+def _term_norm(g: Tensor | None, split: bool) -> float:
+    if g is None:
+        return 0.0 if split else math.nan
+    return math.sqrt(float(g)) if g.dim() == 0 else _norm(g)
+
+
+def _param_norms(acc: _ParamGrad) -> tuple[ParamNorms, float]:
+    """Final norms of one parameter, and its squared total."""
+    split = acc.total is None or acc.total.dim() == 0  # the 3x3 conv is not split by term
+    by_term = {t: _term_norm(acc.by_term.get(t), split) for t in BOX_TERMS}
+    if acc.total is not None:
+        total_sq = float(acc.total) if acc.total.dim() == 0 else _sq(acc.total)
+    else:
+        total_sq = _sq(sum(acc.by_term.values(), torch.zeros(())))
+    total = math.sqrt(total_sq) if total_sq == total_sq else math.nan
+    return ParamNorms(by_term=by_term, total=total), total_sq
+
+
+def _clip(total: float, max_norm: float | None) -> float:
+    """The factor torch's clip_grad_norm_ scales the gradients by (NaN for a NaN norm)."""
+    if total != total:
+        return math.nan
+    return 1.0 if max_norm is None else min(1.0, max_norm / (total + CLIP_EPS))
+
+
 def profile_gradients(r: Replay, p: LossProfile, shared: _Shared | None = None) -> ProfileGrads:
     """All gradient norms of one replayed profile."""
     sh = shared or _Shared(r)
-    params: dict[str, dict] = {}
-    rows: list[LevelGrads] = []
-    bad: list[str] = []
-    share = {"rpn": _rpn(r, p, sh, params, rows, bad), "roi": _roi(r, p, sh, params, rows, bad)}
-    norms: dict[str, dict[str, float]] = {}
-    total_sq = 0.0
-    for name, by_term in params.items():
-        entry = {}
-        for term in TERMS:
-            g = by_term.get(term)
-            entry[term] = (
-                math.sqrt(float(g))
-                if isinstance(g, Tensor) and g.dim() == 0
-                else (
-                    _norm(g)
-                    if g is not None
-                    else (math.nan if name.startswith("rpn_conv") else 0.0)
-                )
-            )
-        if "total" in by_term:
-            g = by_term["total"]
-            tot_sq = float(g) if g.dim() == 0 else _sq(g)
-        else:
-            tot = sum((g for t, g in by_term.items() if t != "total"), torch.zeros(()))
-            tot_sq = _sq(tot)
-        entry["total"] = math.sqrt(tot_sq) if tot_sq == tot_sq else math.nan
-        total_sq += tot_sq
-        if entry["total"] == 0:
-            bad.append(name)
-        norms[name] = entry
+    heads = {Head.RPN: _rpn(r, p, sh), Head.ROI: _roi(r, p, sh)}
+    norms, total_sq = {}, 0.0
+    for hg in heads.values():
+        for name, acc in hg.params.items():
+            norms[name], sq = _param_norms(acc)
+            total_sq += sq
     total = math.sqrt(total_sq) if total_sq == total_sq else math.nan
-    coef = (
-        min(1.0, p.max_norm / (total + CLIP_EPS))
-        if p.max_norm is not None and total == total
-        else (math.nan if total != total else 1.0)
+    coef = _clip(total, p.max_norm)
+    return ProfileGrads(
+        profile=p.name,
+        levels=[row for hg in heads.values() for row in hg.levels],
+        params=norms,
+        total_norm=total,
+        max_norm=p.max_norm,
+        clip_coef=coef,
+        clipped_norm=total * coef,
+        neg_share={h: hg.neg_share for h, hg in heads.items()},
+        no_grad_params=[name for name, n in norms.items() if n.total == 0],
+        no_grad_levels=heads[Head.RPN].no_grad_levels,
     )
-    return ProfileGrads(p.name, rows, norms, total, p.max_norm, coef, total * coef, share, bad)
 
 
 def gradients(r: Replay) -> dict[str, ProfileGrads]:

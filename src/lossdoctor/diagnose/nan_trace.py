@@ -1,9 +1,10 @@
 """Where the first NaN/Inf came from: finiteness checked stage by stage, in data-flow order.
 
-Stages: input features → head weights → head outputs → anchors/proposals → regression targets →
-per-sample losses → normalizer → level loss → gradients. For each (profile, head, level, term)
-whose loss or gradient is non-finite, the first stage that broke, its NaN/+Inf/-Inf counts, one
-example (image, anchor or RoI, GT box in the dump) and the cause in words.
+Stages (:class:`~lossdoctor.vocab.Stage`): input features → head weights → head outputs →
+anchors/proposals → regression targets → per-sample losses → normalizer → level loss →
+gradients. For each (profile, head, level, part) whose loss or gradient is non-finite, the first
+stage that broke, its NaN/+Inf/-Inf counts, one example (image, anchor or RoI, GT box in the dump)
+and the cause in words.
 """
 
 from __future__ import annotations
@@ -13,47 +14,73 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..inputs.profiles import LossProfile
 from ..replay.engine import Replay
+from ..vocab import (
+    BIAS,
+    BOX_LAYERS,
+    RPN_LAYERS,
+    WEIGHT,
+    Head,
+    Layer,
+    Normalizer,
+    Part,
+    Stage,
+    param,
+    term_of,
+)
 from .gradients import ProfileGrads
 
-STAGES = (
-    "input",
-    "weights",
-    "outputs",
-    "proposals",
-    "targets",
-    "per-sample loss",
-    "normalizer",
-    "level loss",
-    "gradients",
-)
-RPN_PARAMS = ("rpn_conv", "rpn_cls", "rpn_reg")
-ROI_PARAMS = ("fc1", "fc2", "cls", "reg")
+# what a normalizer counted, when it counted nothing
 EMPTY_WHAT = {
-    "level_sampled": "sampled {unit} at {level}",
-    "level_pos": "positives at {level}",
-    "sampled": "sampled {unit} in the batch",
-    "pos": "positive {unit} in the batch",
-    "budget": "images",
-    "mmdet_sampler": "images",
-    "mmdet_pseudo": "images",
+    Normalizer.LEVEL_SAMPLED: "sampled {unit} at {level}",
+    Normalizer.LEVEL_POS: "positives at {level}",
+    Normalizer.SAMPLED: "sampled {unit} in the batch",
+    Normalizer.POS: "positive {unit} in the batch",
+    Normalizer.BUDGET: "images",
+    Normalizer.MMDET_SAMPLER: "images",
+    Normalizer.MMDET_PSEUDO: "images",
 }
+UNITS = {Head.RPN: "anchors", Head.ROI: "RoIs"}
+# What to change when a loss first breaks at each stage (the nan-empty-mean finding has its own).
+CAUSES = {
+    Stage.INPUT: "the features are already non-finite: look upstream of the heads (backbone/FPN "
+    "BatchNorm eps, fp16 overflow, input normalization, learning rate)",
+    Stage.WEIGHTS: "training had diverged before this checkpoint: restart from an earlier one with "
+    "a lower LR, a longer warmup or gradient clipping (max_norm=35)",
+    Stage.OUTPUTS: "lower the learning rate or enable gradient clipping (max_norm=35); check fp16 "
+    "overflow of logits and deltas",
+    Stage.PROPOSALS: "proposals decoded to Inf/NaN: clip dw/dh at log(1000/16) when decoding and "
+    "lower the learning rate",
+    Stage.TARGETS: "drop GT boxes with x2 <= x1 or y2 <= y1 (or under 1 px) after the augmentation "
+    "pipeline, before the loss",
+    Stage.PER_SAMPLE: "compute the losses in float32 and check the logits' magnitude",
+    Stage.NORMALIZER: "normalize by a count that cannot be 0: one shared avg_factor = max(total "
+    "sampled, 1)",
+    Stage.LEVEL_LOSS: "compute the losses in float32; the per-level sum overflowed",
+    Stage.GRADIENTS: "a loss with an undefined gradient at 0 (smooth-L1 with beta 0 written as "
+    "0.5 d^2 / beta): use an exact L1",
+}
+LAYERS = {Head.RPN: RPN_LAYERS, Head.ROI: BOX_LAYERS}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Origin:
+    """The first broken stage of one non-finite (profile, head, level, part); ``part`` None is a
+    gradient that is not finite while its loss is."""
+
     profile: str
-    head: str
+    head: Head
     level: str
-    term: str  # "cls", "bbox" or "grad"
-    stage: str
+    part: Part | None
+    stage: Stage
     nan: int
     posinf: int
     neginf: int
-    image: int | None
-    index: int | None  # anchor index in the level (RPN) or RoI row (RoI)
-    gt: int | None  # box index in the dump's gt_boxes[image]
-    cause: str
+    image: int | None = None
+    index: int | None = None  # anchor index in the level (RPN) or RoI row (RoI)
+    gt: int | None = None  # box index in the dump's gt_boxes[image]
+    cause: str = ""
 
     @property
     def kind(self) -> str:
@@ -69,52 +96,69 @@ def _bad(t: Tensor) -> Tensor:
     return ~torch.isfinite(t.detach())
 
 
-class _Level:
-    """The tensors of one (head, level) that the stages look at, for one term."""
+@dataclass(kw_only=True)
+class _View:
+    """The tensors of one (head, level, part) that the stages look at. ``where``: (image, anchor
+    or RoI row) per output row; ``pos_where`` / ``pos_gt`` likewise per sampled positive."""
 
-    def __init__(self, r: Replay, head: str, lvl: int, term: str, leak: bool):
-        self.r, self.head, self.lvl, self.term = r, head, lvl, term
-        s = r.samples[head][lvl]
-        self.name = s.name
-        self.feature = r.features[lvl].detach()
-        if head == "rpn":
-            out = r.rpn[lvl]
-            mask = out.positive if term == "bbox" else out.sampled
-            if leak:
-                mask = torch.ones_like(mask)
-            pred = (
-                out.out.deltas.detach()[mask] if term == "bbox" else out.out.logits.detach()[mask]
-            )
-            self.outputs = pred
-            self.where = mask.nonzero()  # (image, anchor) per output row
-            self.unsampled_only = leak and not bool(
-                _bad(
-                    out.out.deltas[out.positive] if term == "bbox" else out.out.logits[out.sampled]
-                ).any()
-            )
-            img, anc = out.positive.nonzero(as_tuple=True)
-            self.pos_where = torch.stack([img, anc], 1)
-            self.pos_gt = out.matched[img, anc]
-            self.refs = None
-        else:
-            roi = r.roi
-            at = (roi.level == lvl).nonzero().flatten()
-            fg_at = at[roi.fg_class[at] >= 0]
-            rows = fg_at if term == "bbox" else at
-            self.outputs = (
-                roi.deltas.detach()[rows] if term == "bbox" else roi.cls_logits.detach()[rows]
-            )
-            self.where = torch.stack([roi.img[rows], rows], 1)
-            self.unsampled_only = False
-            self.pos_where = torch.stack([roi.img[fg_at], fg_at], 1)
-            self.pos_gt = roi.gt_index[fg_at]
-            self.refs = roi.boxes[at]
-            self.ref_where = torch.stack([roi.img[at], at], 1)
-        self.targets = s.box_target.detach()
-        self.per_sample = s.cls_loss.detach() if term == "cls" else None
+    name: str
+    feature: Tensor
+    outputs: Tensor
+    where: Tensor
+    unsampled_only: bool
+    pos_where: Tensor
+    pos_gt: Tensor
+    targets: Tensor
+    per_sample: Tensor | None
+    refs: Tensor | None = None
+    ref_where: Tensor | None = None
 
 
-def _example(where: Tensor, bad: Tensor):
+def _rpn_view(r: Replay, lvl: int, part: Part, leak: bool) -> _View:
+    level, s = r.rpn.levels[lvl], r.rpn.samples[lvl]
+    box = part is Part.BOX
+    mask = level.positive if box else level.sampled
+    counted = (level.out.deltas if box else level.out.logits).detach()
+    if leak:  # every anchor enters the weight-multiply sum
+        mask = torch.ones_like(mask)
+    img, anc = level.positive.nonzero(as_tuple=True)
+    return _View(
+        name=s.name,
+        feature=r.features[lvl].detach(),
+        outputs=counted[mask],
+        where=mask.nonzero(),
+        unsampled_only=leak
+        and not bool(_bad(counted[level.positive if box else level.sampled]).any()),
+        pos_where=torch.stack([img, anc], 1),
+        pos_gt=level.matched[img, anc],
+        targets=s.box_target.detach(),
+        per_sample=None if box else s.cls_loss.detach(),
+    )
+
+
+def _roi_view(r: Replay, lvl: int, part: Part) -> _View:
+    roi, s = r.roi, r.roi.samples[lvl]
+    at = (roi.level == lvl).nonzero().flatten()
+    fg_at = at[roi.fg_class[at] >= 0]
+    box = part is Part.BOX
+    rows = fg_at if box else at
+    outputs = (roi.deltas if box else roi.cls_logits).detach()[rows]
+    return _View(
+        name=s.name,
+        feature=r.features[lvl].detach(),
+        outputs=outputs,
+        where=torch.stack([roi.img[rows], rows], 1),
+        unsampled_only=False,
+        pos_where=torch.stack([roi.img[fg_at], fg_at], 1),
+        pos_gt=roi.gt_index[fg_at],
+        targets=s.box_target.detach(),
+        per_sample=None if box else s.cls_loss.detach(),
+        refs=roi.boxes[at],
+        ref_where=torch.stack([roi.img[at], at], 1),
+    )
+
+
+def _example(where: Tensor, bad: Tensor) -> tuple[int | None, int | None]:
     first = bad.nonzero()
     if first.numel() == 0:
         return None, None
@@ -122,101 +166,104 @@ def _example(where: Tensor, bad: Tensor):
     return int(where[row, 0]), int(where[row, 1])
 
 
-def _first_stage(
-    r: Replay, p, head: str, lvl: int, term: str, value: Tensor, denominator: float
-) -> Origin | None:
-    lv = _Level(r, head, lvl, term, p.unsampled_leak and head == "rpn")
-    unit = "anchors" if head == "rpn" else "RoIs"
+class _Tracer:
+    """Builds the origin of one (profile, head, level, part)."""
 
-    def origin(stage, t, image=None, index=None, gt=None, cause=""):
-        n, pi, ni = counts(t)
-        return Origin(p.name, head, lv.name, term, stage, n, pi, ni, image, index, gt, cause)
+    def __init__(self, r: Replay, p: LossProfile, head: Head, lvl: int, part: Part):
+        self.r, self.p, self.head, self.part = r, p, head, part
+        leak = p.unsampled_leak and head is Head.RPN
+        self.v = _rpn_view(r, lvl, part, leak) if head is Head.RPN else _roi_view(r, lvl, part)
 
-    out_bad = _bad(lv.outputs)
-    if out_bad.any():
-        fb = _bad(lv.feature)
-        if fb.any():
-            imgs = fb.flatten(1).any(1).nonzero().flatten().tolist()
-            n, pi, ni = counts(lv.feature)
-            return origin(
-                "input",
-                lv.feature,
-                image=imgs[0],
-                cause=f"input: {'NaN' if n else 'Inf'} already in the {lv.name} features (images {imgs})",
-            )
-        keys = [
-            k
-            for k in (RPN_PARAMS if head == "rpn" else ROI_PARAMS)
-            for kind in ("weight", "bias")
-            if _bad(r.heads.params[f"{k}.{kind}"]).any()
-        ]
-        if keys:
-            names = [f"{r.heads.keys[k]}" for k in dict.fromkeys(keys)]
-            t = torch.cat(
-                [
-                    r.heads.params[f"{k}.{kind}"].detach().flatten()
-                    for k in dict.fromkeys(keys)
-                    for kind in ("weight", "bias")
-                ]
-            )
-            return origin(
-                "weights",
-                t,
-                cause=f"weights: non-finite checkpoint parameters {', '.join(names)} (training had already diverged)",
-            )
-        if head == "roi" and _bad(lv.refs).any():
-            image, index = _example(lv.ref_where, _bad(lv.refs).any(1))
-            return origin(
-                "proposals", lv.refs, image, index, cause="proposals: non-finite RoI boxes"
-            )
-        image, index = _example(lv.where, out_bad.reshape(out_bad.shape[0], -1).any(1))
-        if lv.unsampled_only:
+    def origin(self, stage: Stage, t: Tensor, image=None, index=None, gt=None, cause="") -> Origin:
+        nan, pos, neg = counts(t)
+        return Origin(
+            profile=self.p.name,
+            head=self.head,
+            level=self.v.name,
+            part=self.part,
+            stage=stage,
+            nan=nan,
+            posinf=pos,
+            neginf=neg,
+            image=image,
+            index=index,
+            gt=gt,
+            cause=cause,
+        )
+
+    def first_stage(self, value: Tensor, denominator: float) -> Origin:
+        v = self.v
+        if _bad(v.outputs).any():
+            return self.before_outputs() or self.outputs()
+        if self.part is Part.BOX and _bad(v.targets).any():
+            return self.targets()
+        if v.per_sample is not None and _bad(v.per_sample).any():
+            cause = "per-sample loss: the classification loss overflowed"
+            return self.origin(Stage.PER_SAMPLE, v.per_sample, cause=cause)
+        if denominator == 0:
+            spec = self.p.term(term_of(self.head, self.part))
+            what = EMPTY_WHAT[spec.normalizer].format(unit=UNITS[self.head], level=v.name)
+            return self.origin(Stage.NORMALIZER, value, cause=f"empty set: mean over 0 {what}")
+        cause = "level loss: the sum of finite per-sample losses overflowed"
+        return self.origin(Stage.LEVEL_LOSS, value, cause=cause)
+
+    def before_outputs(self) -> Origin | None:
+        """Broken outputs whose cause is upstream: the features, the weights, the RoI boxes."""
+        v, heads = self.v, self.r.heads
+        if _bad(v.feature).any():
+            imgs = _bad(v.feature).flatten(1).any(1).nonzero().flatten().tolist()
+            kind = "NaN" if counts(v.feature)[0] else "Inf"
+            cause = f"input: {kind} already in the {v.name} features (images {imgs})"
+            return self.origin(Stage.INPUT, v.feature, image=imgs[0], cause=cause)
+        names = [param(x, k) for x in LAYERS[self.head] for k in (WEIGHT, BIAS)]
+        broken = [n for n in names if _bad(heads.params[n]).any()]
+        if broken:
+            layers = list(dict.fromkeys(heads.keys[Layer(n.split(".")[0])] for n in broken))
+            t = torch.cat([heads.params[n].detach().flatten() for n in broken])
             cause = (
-                f"outputs: a non-finite prediction at an unsampled anchor of {lv.name} enters through weight 0 "
-                "(0 x inf = NaN, MMDetection's weight-multiply)"
+                f"weights: non-finite checkpoint parameters {', '.join(layers)} "
+                "(training had already diverged)"
+            )
+            return self.origin(Stage.WEIGHTS, t, cause=cause)
+        if v.refs is not None and _bad(v.refs).any():
+            image, index = _example(v.ref_where, _bad(v.refs).any(1))
+            cause = "proposals: non-finite RoI boxes"
+            return self.origin(Stage.PROPOSALS, v.refs, image, index, cause=cause)
+        return None
+
+    def outputs(self) -> Origin:
+        v = self.v
+        bad = _bad(v.outputs)
+        image, index = _example(v.where, bad.reshape(bad.shape[0], -1).any(1))
+        if v.unsampled_only:
+            cause = (
+                f"outputs: a non-finite prediction at an unsampled anchor of {v.name} enters "
+                "through weight 0 (0 x inf = NaN, MMDetection's weight-multiply)"
             )
         else:
-            peak = (
-                float(lv.outputs[torch.isfinite(lv.outputs)].abs().max())
-                if torch.isfinite(lv.outputs).any()
-                else float("nan")
+            finite = v.outputs[torch.isfinite(v.outputs)]
+            peak = float(finite.abs().max()) if finite.numel() else float("nan")
+            cause = (
+                f"outputs: the {self.head.upper()} head produced Inf/NaN from finite features "
+                f"and weights (overflow; largest finite |output| {peak:.3g})"
             )
-            cause = f"outputs: the {head.upper()} head produced Inf/NaN from finite features and weights (overflow; largest finite |output| {peak:.3g})"
-        return origin("outputs", lv.outputs, image, index, cause=cause)
-    if term == "bbox" and _bad(lv.targets).any():
-        rows = _bad(lv.targets).any(1)
-        row = int(rows.nonzero()[0])
-        image, index = int(lv.pos_where[row, 0]), int(lv.pos_where[row, 1])
-        g = int(lv.pos_gt[row])
-        return origin(
-            "targets",
-            lv.targets,
-            image,
-            index,
-            int(r.gt_sources[image][g]),
-            cause=_target_cause(r, head, image, g, index),
+        return self.origin(Stage.OUTPUTS, v.outputs, image, index, cause=cause)
+
+    def targets(self) -> Origin:
+        v = self.v
+        row = int(_bad(v.targets).any(1).nonzero()[0])
+        image, index = int(v.pos_where[row, 0]), int(v.pos_where[row, 1])
+        g = int(v.pos_gt[row])
+        cause = _target_cause(self.r, self.head, image, g, index)
+        return self.origin(
+            Stage.TARGETS, v.targets, image, index, self.r.gt.dump_index(image, g), cause
         )
-    if term == "cls" and lv.per_sample is not None and _bad(lv.per_sample).any():
-        return origin(
-            "per-sample loss",
-            lv.per_sample,
-            cause="per-sample loss: the classification loss overflowed",
-        )
-    if denominator == 0:
-        what = EMPTY_WHAT[
-            (p.term(f"{head}_{'cls' if term == 'cls' else 'box'}")).normalizer
-        ].format(unit=unit, level=lv.name)
-        return origin("normalizer", value, cause=f"empty set: mean over 0 {what}")
-    return origin(
-        "level loss", value, cause="level loss: the sum of finite per-sample losses overflowed"
-    )
 
 
-def _target_cause(r: Replay, head: str, image: int, g: int, index: int) -> str:
-    box = r.gt_boxes[image][g]
-    j = int(r.gt_sources[image][g])
+def _target_cause(r: Replay, head: Head, image: int, g: int, index: int) -> str:
+    box = r.gt.boxes[image][g]
     w, h = float(box[2] - box[0]), float(box[3] - box[1])
-    where = f"(image {image}, box {j})"
+    where = f"(image {image}, box {r.gt.dump_index(image, g)})"
     if not bool(torch.isfinite(box).all()):
         return f"target: non-finite GT box coordinates {where}"
     if w == 0 or h == 0:
@@ -225,45 +272,43 @@ def _target_cause(r: Replay, head: str, image: int, g: int, index: int) -> str:
         return (
             f"target: log of a negative size from an inverted GT box {where} (x2 < x1 or y2 < y1)"
         )
-    if head == "roi":
-        ref = r.roi.boxes[index]
-        return f"target: zero-size reference RoI {ref.tolist()} (division by its width or height) {where}"
+    if head is Head.ROI:
+        ref = r.roi.boxes[index].tolist()
+        return f"target: zero-size reference RoI {ref} (division by its width or height) {where}"
     return f"target: non-finite regression target {where}"
 
 
+def _gradient_origin(profile: str, head: Head, level: str, nonfinite: int) -> Origin:
+    cause = "gradients: the loss is finite but its gradient at the head outputs is not"
+    return Origin(
+        profile=profile,
+        head=head,
+        level=level,
+        part=None,
+        stage=Stage.GRADIENTS,
+        nan=nonfinite,
+        posinf=0,
+        neginf=0,
+        cause=cause,
+    )
+
+
 def trace(r: Replay, grads: dict[str, ProfileGrads] | None = None) -> list[Origin]:
-    """The first broken stage of every non-finite (profile, head, level, term)."""
+    """The first broken stage of every non-finite (profile, head, level, part)."""
     out: list[Origin] = []
     for name, pl in r.losses.items():
-        p = pl.profile
-        for head in ("rpn", "roi"):
-            for lvl, ll in enumerate(pl.levels[head]):
-                broken = False
-                for term, value, d in (
-                    ("cls", ll.loss_cls, ll.avg_factor),
-                    ("bbox", ll.loss_bbox, ll.avg_factor_bbox),
-                ):
-                    if not bool(torch.isfinite(value.detach())):
-                        out.append(_first_stage(r, p, head, lvl, term, value, d))
-                        broken = True
+        for head, levels in pl.levels.items():
+            for lvl, ll in enumerate(levels):
+                parts = (
+                    (Part.CLS, ll.loss_cls, ll.avg_factor),
+                    (Part.BOX, ll.loss_bbox, ll.avg_factor_bbox),
+                )
+                broken = [(p, v, d) for p, v, d in parts if not bool(torch.isfinite(v.detach()))]
+                for part, value, d in broken:
+                    out.append(_Tracer(r, pl.profile, head, lvl, part).first_stage(value, d))
                 if broken or grads is None:
                     continue
                 row = next(g for g in grads[name].levels if g.head == head and g.level == ll.level)
                 if row.nonfinite:
-                    out.append(
-                        Origin(
-                            name,
-                            head,
-                            ll.level,
-                            "grad",
-                            "gradients",
-                            row.nonfinite,
-                            0,
-                            0,
-                            None,
-                            None,
-                            None,
-                            "gradients: the loss is finite but its gradient at the head outputs is not",
-                        )
-                    )
+                    out.append(_gradient_origin(name, head, ll.level, row.nonfinite))
     return out

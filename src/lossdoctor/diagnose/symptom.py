@@ -7,14 +7,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..inputs.checkpoint import BOX_COORDS, HeadWeights
+from ..inputs.config import DetectorConfig
 from ..replay.boxes import batched_nms, clip_to_image, decode, keep_min_size
 from ..replay.engine import Replay
 from ..replay.heads import box_hidden, box_predict
 from ..replay.proposals import image_proposals
 from ..replay.roi_align import map_levels, multiscale_roi_align
+from ..vocab import Background
+
+# an anchor counts as "objectness > 0.5" when its logit is above this
+HALF_PROBABILITY_LOGIT = 0.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Symptom:
     score_thr: float
     detections: list[int]  # per image
@@ -25,75 +31,90 @@ class Symptom:
     labels: list[Tensor]  # foreground class 0..K-1
 
 
+@dataclass(kw_only=True)
+class _Scored:
+    """Test-mode RoIs of the batch: rois Tensor[M, 4], img Tensor[M], per-class foreground
+    probabilities Tensor[M, K] and deltas Tensor[M, reg_classes, 4]."""
+
+    rois: Tensor
+    img: Tensor
+    fg_prob: Tensor
+    deltas: Tensor
+
+
+def _test_rois(r: Replay) -> tuple[Tensor, Tensor]:
+    """Test-mode proposals of every image → (rois Tensor[M, 4], image index Tensor[M])."""
+    levels = r.rpn.levels
+    anchors = [lv.anchors for lv in levels]
+    props, img = [], []
+    for i, size in enumerate(r.batch.image_sizes):
+        logits = [lv.out.logits.detach()[i] for lv in levels]
+        deltas = [lv.out.deltas.detach()[i] for lv in levels]
+        p, _, _ = image_proposals(
+            logits, deltas, anchors, size, r.config.test_proposals, r.config.rpn_coder
+        )
+        props.append(p)
+        img.append(torch.full((p.shape[0],), i, dtype=torch.long))
+    return torch.cat(props), torch.cat(img)
+
+
+def _score(r: Replay, rois: Tensor, img: Tensor) -> _Scored:
+    """The box head on test-mode RoIs, with detached weights and features."""
+    cfg, heads = r.config, r.heads.detached()
+    k = r.roi.num_levels
+    strides, feats = r.batch.strides[:k], [f.detach() for f in r.features[:k]]
+    levels = map_levels(rois, strides, cfg.roi_pool)
+    pooled = multiscale_roi_align(feats, strides, rois, img, levels, heads.pool_size, cfg.roi_pool)
+    cls, reg = box_predict(box_hidden(pooled, heads)[1], heads)
+    first_fg = 1 if heads.background is Background.FIRST else 0
+    fg_cols = torch.arange(heads.num_classes) + first_fg
+    return _Scored(rois=rois, img=img, fg_prob=torch.softmax(cls, -1)[:, fg_cols], deltas=reg)
+
+
+def _image_detections(s: _Scored, i: int, size, heads: HeadWeights, cfg: DetectorConfig):
+    """One image's detections: decode per class, threshold, size filter, per-class NMS, top-k."""
+    sel = s.img == i
+    scores_all = s.fg_prob[sel]  # [M_i, K]
+    k = heads.num_classes
+    coder = cfg.roi_coder
+    d = s.deltas[sel][:, heads.reg_slot(torch.arange(k))].reshape(-1, BOX_COORDS)
+    ref = s.rois[sel].repeat_interleave(k, 0)
+    boxes = clip_to_image(decode(d, ref, coder.weights, coder.clip, coder.clip_both), size)
+    scores, labels = scores_all.reshape(-1), torch.arange(k).repeat(scores_all.shape[0])
+    keep = (scores > cfg.test.score_thr).nonzero().flatten()
+    keep = keep[keep_min_size(boxes[keep], cfg.test.min_box_size, True)]
+    keep = keep[torch.isfinite(boxes[keep]).all(1)]
+    keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], cfg.test.nms_iou)]
+    keep = keep[: cfg.test.detections_per_img]
+    best = float(scores_all.max()) if scores_all.numel() else 0.0
+    return boxes[keep], scores[keep], labels[keep], best
+
+
 def symptom(r: Replay, score_thr: float | None = None) -> Symptom:
-    """Test-mode proposals → box head → softmax → score > thr → per-class NMS → top-k per image."""
+    """Test-mode proposals → box head → softmax → score > thr → per-class NMS → top-k per image.
+
+    ``score_thr`` overrides the config's test threshold.
+    """
     cfg = r.config
-    thr = cfg.test.score_thr if score_thr is None else score_thr
-    heads = r.heads
+    if score_thr is not None:
+        from ..inputs.config import replace
+
+        cfg = replace(cfg, test=replace(cfg.test, score_thr=score_thr))
     with torch.no_grad():
-        logits = [o.out.logits.detach() for o in r.rpn]
-        deltas = [o.out.deltas.detach() for o in r.rpn]
-        above = sum(int((l > 0).sum()) for l in logits) / max(1, sum(l.numel() for l in logits))
-        anchors = [o.anchors for o in r.rpn]
-        props, img = [], []
-        for i, size in enumerate(r.batch.image_sizes):
-            p, _, _ = image_proposals(
-                [l[i] for l in logits],
-                [d[i] for d in deltas],
-                anchors,
-                size,
-                cfg.test_proposals,
-                cfg.rpn_coder,
-            )
-            props.append(p)
-            img.append(torch.full((p.shape[0],), i, dtype=torch.long))
-        rois, img = torch.cat(props), torch.cat(img)
-        n_levels = len(r.samples["roi"])
-        strides = r.batch.strides[:n_levels]
-        feats = [f.detach() for f in r.features[:n_levels]]
-        detached = type(heads)(
-            {k: v.detach() for k, v in heads.params.items()},
-            heads.layout,
-            heads.keys,
-            heads.background,
-        )
-        pooled = multiscale_roi_align(
-            feats,
-            strides,
-            rois,
-            img,
-            map_levels(rois, strides, cfg.roi_pool),
-            heads.pool_size,
-            cfg.roi_pool,
-        )
-        cls, reg = box_predict(box_hidden(pooled, detached)[1], detached)
-        prob = torch.softmax(cls, -1)
-        k = heads.num_classes
-        fg_cols = torch.arange(k) + (1 if heads.background == "first" else 0)
-        fg_prob = prob[:, fg_cols]  # [M, K]
-        slots = heads.reg_slot(torch.arange(k))
-        out_boxes, out_scores, out_labels, dets, best = [], [], [], [], []
-        for i, size in enumerate(r.batch.image_sizes):
-            sel = img == i
-            sc = fg_prob[sel]
-            best.append(float(sc.max()) if sc.numel() else 0.0)
-            m = sc.shape[0]
-            d = reg[sel][:, slots].reshape(-1, 4)  # [M*K, 4]
-            ref = rois[sel].repeat_interleave(k, 0)
-            boxes = clip_to_image(
-                decode(d, ref, cfg.roi_coder.weights, cfg.roi_coder.clip, cfg.roi_coder.clip_both),
-                size,
-            )
-            scores = sc.reshape(-1)
-            labels = torch.arange(k).repeat(m)
-            keep = (scores > thr).nonzero().flatten()
-            keep = keep[keep_min_size(boxes[keep], cfg.test.min_box_size, True)]
-            keep = keep[torch.isfinite(boxes[keep]).all(1)]
-            keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], cfg.test.nms_iou)][
-                : cfg.test.detections_per_img
-            ]
-            out_boxes.append(boxes[keep])
-            out_scores.append(scores[keep])
-            out_labels.append(labels[keep])
-            dets.append(int(keep.numel()))
-    return Symptom(thr, dets, best, above, out_boxes, out_scores, out_labels)
+        logits = [lv.out.logits.detach() for lv in r.rpn.levels]
+        above = sum(int((x > HALF_PROBABILITY_LOGIT).sum()) for x in logits)
+        total = max(1, sum(x.numel() for x in logits))
+        scored = _score(r, *_test_rois(r))
+        per_image = [
+            _image_detections(scored, i, size, r.heads, cfg)
+            for i, size in enumerate(r.batch.image_sizes)
+        ]
+    return Symptom(
+        score_thr=cfg.test.score_thr,
+        detections=[int(b.shape[0]) for b, _, _, _ in per_image],
+        max_fg_score=[best for *_, best in per_image],
+        objectness_above_half=above / total,
+        boxes=[b for b, *_ in per_image],
+        scores=[s for _, s, _, _ in per_image],
+        labels=[lab for _, _, lab, _ in per_image],
+    )

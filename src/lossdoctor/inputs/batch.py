@@ -26,6 +26,7 @@ OPTIONAL = ("pad_size", "strides", "gt_ignore", "proposals", "meta")
 # A box may stick out of the image by this many pixels before it counts as "outside".
 OUTSIDE_TOLERANCE = 1.0
 LEVEL_NAME = re.compile(r"^[pP](\d+)$")
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Suspicion:
     evidence: dict = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Batch:
     """A validated batch dump.
 
@@ -82,28 +83,27 @@ def _refuse(key: str, expected: str, found) -> InputError:
     return InputError(f"batch key '{key}': expected {expected}, found {found}")
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) == int(v) and v > 0
+
+
 def _int_pair(value, key: str) -> tuple[int, int]:
     if isinstance(value, Tensor):
         value = value.tolist()
     if (
         not isinstance(value, (list, tuple))
         or len(value) != 2
-        or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) == int(v) and v > 0
-            for v in value
-        )
+        or not all(map(_positive_int, value))
     ):
         raise _refuse(key, "[h, w] of two positive integers", value)
     return int(value[0]), int(value[1])
 
 
 def _per_image(value, key: str, n: int) -> list:
-    if not isinstance(value, (list, tuple)) or len(value) != n:
-        raise _refuse(
-            key,
-            f"a list of {n} tensors (one per image)",
-            value if not isinstance(value, (list, tuple)) else f"a list of {len(value)}",
-        )
+    if not isinstance(value, (list, tuple)):
+        raise _refuse(key, f"a list of {n} tensors (one per image)", value)
+    if len(value) != n:
+        raise _refuse(key, f"a list of {n} tensors (one per image)", f"a list of {len(value)}")
     return list(value)
 
 
@@ -122,6 +122,8 @@ def _check_features(features) -> dict[str, Tensor]:
             raise _refuse(key, "levels ordered finest first (sizes must not grow)", t)
         prev = t
         out[str(name)] = t.detach().float() if t.dtype != torch.float32 else t.detach()
+    if prev.shape[0] == 0:
+        raise _refuse("features", "at least one image (N >= 1)", prev)
     return out
 
 
@@ -132,11 +134,8 @@ def _default_strides(features: dict[str, Tensor], pad_size) -> list[int]:
     for name in features:
         m = LEVEL_NAME.match(name)
         if not m:
-            raise _refuse(
-                "strides",
-                "a list of strides (level names are not p2..p6, and pad_size is absent)",
-                "no strides",
-            )
+            expected = "a list of strides (level names are not p2..p6, and pad_size is absent)"
+            raise _refuse("strides", expected, "no strides")
         strides.append(2 ** int(m.group(1)))
     return strides
 
@@ -149,18 +148,19 @@ def _check_boxes(t, key: str) -> Tensor:
     return t.detach().float()
 
 
-def validate_batch(data) -> Batch:
-    """Check a loaded dump against the ``lossdoctor.batch/1`` schema and build a :class:`Batch`."""
+def _check_keys(data) -> None:
     if not isinstance(data, dict):
         raise InputError(
-            f"not a lossdoctor batch dump: expected a dict, found {type(data).__name__}; write it with lossdoctor.dump_batch"
+            f"not a lossdoctor batch dump: expected a dict, found {type(data).__name__}; "
+            "write it with lossdoctor.dump_batch"
         )
-    if data.get("format") != BATCH_FORMAT:
-        if "format" not in data:
-            raise InputError(
-                f"not a lossdoctor batch dump: key 'format' is missing (expected {BATCH_FORMAT!r}); write it with lossdoctor.dump_batch"
-            )
-        raise _refuse("format", repr(BATCH_FORMAT), repr(data.get("format")))
+    if "format" not in data:
+        raise InputError(
+            f"not a lossdoctor batch dump: key 'format' is missing (expected {BATCH_FORMAT!r}); "
+            "write it with lossdoctor.dump_batch"
+        )
+    if data["format"] != BATCH_FORMAT:
+        raise _refuse("format", repr(BATCH_FORMAT), repr(data["format"]))
     for key in REQUIRED:
         if key not in data:
             raise InputError(
@@ -172,102 +172,109 @@ def validate_batch(data) -> Batch:
             unknown[0], f"only the keys {', '.join(REQUIRED + OPTIONAL)}", "an unknown key"
         )
 
-    features = _check_features(data["features"])
-    n = next(iter(features.values())).shape[0]
-    if n == 0:
-        raise _refuse("features", "at least one image (N >= 1)", next(iter(features.values())))
-    sizes = data["image_sizes"]
+
+def _check_sizes(sizes, n: int) -> list[tuple[int, int]]:
     if isinstance(sizes, Tensor):
         sizes = sizes.tolist()
     if not isinstance(sizes, (list, tuple)) or len(sizes) != n:
         raise _refuse("image_sizes", f"{n} [h, w] pairs (N = {n} from the features)", sizes)
-    image_sizes = [_int_pair(s, f"image_sizes[{i}]") for i, s in enumerate(sizes)]
+    return [_int_pair(s, f"image_sizes[{i}]") for i, s in enumerate(sizes)]
 
-    pad_size = _int_pair(data["pad_size"], "pad_size") if data.get("pad_size") is not None else None
-    strides = data.get("strides")
-    if strides is not None:
-        if isinstance(strides, Tensor):
-            strides = strides.tolist()
-        if (
-            not isinstance(strides, (list, tuple))
-            or len(strides) != len(features)
-            or not all(isinstance(s, int) and s > 0 for s in strides)
-        ):
-            raise _refuse("strides", f"{len(features)} positive integers (one per level)", strides)
-        strides = list(strides)
-    else:
-        strides = _default_strides(features, pad_size)
-    if pad_size is None:
+
+def _check_strides(strides, features: dict[str, Tensor], pad_size) -> list[int]:
+    if strides is None:
+        return _default_strides(features, pad_size)
+    if isinstance(strides, Tensor):
+        strides = strides.tolist()
+    ok = isinstance(strides, (list, tuple)) and len(strides) == len(features)
+    if not ok or not all(isinstance(s, int) and s > 0 for s in strides):
+        raise _refuse("strides", f"{len(features)} positive integers (one per level)", strides)
+    return list(strides)
+
+
+def _check_geometry(data: dict, features, sizes) -> tuple[tuple[int, int], list[int]]:
+    """The padded input size and the level strides, given or derived, and every image within."""
+    pad = _int_pair(data["pad_size"], "pad_size") if data.get("pad_size") is not None else None
+    strides = _check_strides(data.get("strides"), features, pad)
+    if pad is None:
         finest = next(iter(features.values()))
-        pad_size = (finest.shape[2] * strides[0], finest.shape[3] * strides[0])
-    for i, (h, w) in enumerate(image_sizes):
-        if h > pad_size[0] or w > pad_size[1]:
+        pad = (finest.shape[2] * strides[0], finest.shape[3] * strides[0])
+    for i, (h, w) in enumerate(sizes):
+        if h > pad[0] or w > pad[1]:
             raise _refuse(
-                f"image_sizes[{i}]", f"a size within the padded input {list(pad_size)}", [h, w]
+                f"image_sizes[{i}]", f"a size within the padded input {list(pad)}", [h, w]
             )
+    return pad, strides
 
-    boxes = [
-        _check_boxes(t, f"gt_boxes[{i}]")
-        for i, t in enumerate(_per_image(data["gt_boxes"], "gt_boxes", n))
-    ]
-    labels = []
-    for i, t in enumerate(_per_image(data["gt_labels"], "gt_labels", n)):
-        if (
-            not isinstance(t, Tensor)
-            or t.dim() != 1
-            or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8)
-        ):
+
+def _check_labels(raw, boxes: list[Tensor]) -> list[Tensor]:
+    out = []
+    for i, t in enumerate(_per_image(raw, "gt_labels", len(boxes))):
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype not in INT_DTYPES:
             raise _refuse(f"gt_labels[{i}]", "an integer Tensor[K]", t)
         if t.shape[0] != boxes[i].shape[0]:
             raise _refuse(f"gt_labels[{i}]", f"{boxes[i].shape[0]} labels (one per box)", t)
-        labels.append(t.long())
-    ignore = []
-    raw_ignore = data.get("gt_ignore")
-    for i in range(n):
-        if raw_ignore is None:
-            ignore.append(torch.zeros(boxes[i].shape[0], dtype=torch.bool))
-            continue
-        t = _per_image(raw_ignore, "gt_ignore", n)[i]
+        out.append(t.long())
+    return out
+
+
+def _check_ignore(raw, boxes: list[Tensor]) -> list[Tensor]:
+    if raw is None:
+        return [torch.zeros(b.shape[0], dtype=torch.bool) for b in boxes]
+    out = []
+    for i, t in enumerate(_per_image(raw, "gt_ignore", len(boxes))):
         if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != boxes[i].shape[0]:
             raise _refuse(f"gt_ignore[{i}]", f"a bool Tensor[{boxes[i].shape[0]}]", t)
-        ignore.append(t.bool())
+        out.append(t.bool())
+    return out
+
+
+def validate_batch(data) -> Batch:
+    """Check a loaded dump against the ``lossdoctor.batch/1`` schema and build a :class:`Batch`."""
+    _check_keys(data)
+    features = _check_features(data["features"])
+    n = next(iter(features.values())).shape[0]
+    sizes = _check_sizes(data["image_sizes"], n)
+    pad, strides = _check_geometry(data, features, sizes)
+    raw_boxes = _per_image(data["gt_boxes"], "gt_boxes", n)
+    boxes = [_check_boxes(t, f"gt_boxes[{i}]") for i, t in enumerate(raw_boxes)]
     proposals = None
     if data.get("proposals") is not None:
-        proposals = [
-            _check_boxes(t, f"proposals[{i}]")
-            for i, t in enumerate(_per_image(data["proposals"], "proposals", n))
-        ]
+        raw = _per_image(data["proposals"], "proposals", n)
+        proposals = [_check_boxes(t, f"proposals[{i}]") for i, t in enumerate(raw)]
     meta = data.get("meta") or {}
     if not isinstance(meta, dict):
         raise _refuse("meta", "a dict", meta)
-
     batch = Batch(
-        features, image_sizes, pad_size, strides, boxes, labels, ignore, proposals, dict(meta)
+        features=features,
+        image_sizes=sizes,
+        pad_size=pad,
+        strides=strides,
+        gt_boxes=boxes,
+        gt_labels=_check_labels(data["gt_labels"], boxes),
+        gt_ignore=_check_ignore(data.get("gt_ignore"), boxes),
+        proposals=proposals,
+        meta=dict(meta),
     )
-    batch.suspicions.extend(find_suspicions(batch))
+    batch.suspicions = find_suspicions(batch)
     return batch
 
 
 def find_suspicions(batch: Batch) -> list[Suspicion]:
     """Valid-but-suspicious content: the raw material of the data findings."""
     out = _feature_suspicions(batch)
-    for i, (boxes, ignore, size) in enumerate(
-        zip(batch.gt_boxes, batch.gt_ignore, batch.image_sizes)
-    ):
+    for i, (boxes, ignore) in enumerate(zip(batch.gt_boxes, batch.gt_ignore)):
         if boxes.shape[0] == 0:
             out.append(Suspicion("empty-gt-image", f"image {i} has no GT box", image=i))
             continue
         if bool(ignore.all()):
-            out.append(
-                Suspicion(
-                    "empty-gt-image",
-                    f"image {i}: all {boxes.shape[0]} GT boxes are marked ignored (crowd), so it trains as an "
-                    "image without objects (negatives only)",
-                    image=i,
-                    evidence={"ignored": boxes.shape[0]},
-                )
+            message = (
+                f"image {i}: all {boxes.shape[0]} GT boxes are marked ignored (crowd), so it "
+                "trains as an image without objects (negatives only)"
             )
-        out += _nonfinite_boxes(i, boxes) + _box_suspicions(i, boxes, size)
+            evidence = {"ignored": boxes.shape[0]}
+            out.append(Suspicion("empty-gt-image", message, image=i, evidence=evidence))
+        out += _nonfinite_boxes(i, boxes) + _box_suspicions(i, boxes, batch.image_sizes[i])
     return out
 
 
@@ -299,27 +306,19 @@ def _nonfinite_boxes(i: int, boxes: Tensor) -> list[Suspicion]:
         return []
     rows = boxes[bad]
     asserts = ((rows[:, 2] <= rows[:, 0]) | (rows[:, 3] <= rows[:, 1])).tolist()
-    tv = (
-        f"torchvision's degenerate-box check stops on {sum(asserts)} of them and lets "
-        f"{len(bad) - sum(asserts)} through to NaN losses"
-        if any(asserts)
-        else "torchvision's degenerate-box check lets them through (NaN/Inf compare false) to NaN losses"
+    stops = sum(asserts)
+    tv = "torchvision's degenerate-box check " + (
+        f"stops on {stops} of them and lets {len(bad) - stops} through to NaN losses"
+        if stops
+        else "lets them through (NaN/Inf compare false) to NaN losses"
     )
-    return [
-        Suspicion(
-            "nonfinite-gt",
-            f"image {i}: box{'es' if len(bad) > 1 else ''} {', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''} "
-            f"{'have' if len(bad) > 1 else 'has'} non-finite coordinates (first {rows[0].tolist()}), left out of the "
-            f"replay; {tv}; MMDetection and Detectron2 train on them and produce NaN losses",
-            image=i,
-            box=bad[0],
-            evidence={
-                "boxes": bad,
-                "coordinates": rows.tolist()[:20],
-                "torchvision_asserts": asserts,
-            },
-        )
-    ]
+    which = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+    message = (
+        f"image {i}: boxes {which} have non-finite coordinates (first {rows[0].tolist()}), left "
+        f"out of the replay; {tv}; MMDetection and Detectron2 train on them and produce NaN losses"
+    )
+    evidence = {"boxes": bad, "coordinates": rows.tolist()[:20], "torchvision_asserts": asserts}
+    return [Suspicion("nonfinite-gt", message, image=i, box=bad[0], evidence=evidence)]
 
 
 def _box_suspicions(i: int, boxes: Tensor, size: tuple[int, int]) -> list[Suspicion]:
@@ -359,10 +358,8 @@ def _box_suspicions(i: int, boxes: Tensor, size: tuple[int, int]) -> list[Suspic
     return out + _xywh_suspicion(i, boxes, finite & ((bw < 0) | (bh < 0)), size)
 
 
-def _xywh_suspicion(
-    i: int, boxes: Tensor, inverted: Tensor, size: tuple[int, int]
-) -> list[Suspicion]:
-    """xywh read as xyxy: "x2" smaller than x1 for some boxes, while x1 + x2 stays inside the image."""
+def _xywh_suspicion(i: int, boxes: Tensor, inverted: Tensor, size) -> list[Suspicion]:
+    """xywh read as xyxy: "x2" below x1 for some boxes, while x1 + x2 stays inside the image."""
     h, w = size
     if int(inverted.sum()) == 0:
         return []
@@ -373,15 +370,14 @@ def _xywh_suspicion(
     )
     if not bool(fits.all()):
         return []
-    return [
-        Suspicion(
-            "gt-xywh-suspected",
-            f"image {i}: {int(inverted.sum())} of {boxes.shape[0]} boxes have x2 < x1 or y2 < y1 but fit as (x, y, w, h)",
-            image=i,
-            box=int(inverted.nonzero()[0]),
-            evidence={"inverted": int(inverted.sum()), "boxes": boxes.shape[0]},
-        )
-    ]
+    count = int(inverted.sum())
+    message = (
+        f"image {i}: {count} of {boxes.shape[0]} boxes have x2 < x1 or y2 < y1 but fit as "
+        "(x, y, w, h)"
+    )
+    evidence = {"inverted": count, "boxes": boxes.shape[0]}
+    first = int(inverted.nonzero()[0])
+    return [Suspicion("gt-xywh-suspected", message, image=i, box=first, evidence=evidence)]
 
 
 def load_batch(path: str | Path) -> Batch:
@@ -419,10 +415,29 @@ def _cpu(t):
     return t.detach().cpu() if isinstance(t, Tensor) else t
 
 
+def _feature_dict(features, strides) -> dict[str, Tensor]:
+    """Features as a dict level -> tensor: a dict as it is, a list or tuple (finest first, as
+    ``extract_feat`` returns them) named pK from its strides (2^K), else p2, p3, ..."""
+    if isinstance(features, dict):
+        return {str(k): _cpu(v) for k, v in features.items()}
+    if not isinstance(features, (list, tuple)):
+        expected = "a dict level -> Tensor[N, C, H, W], or a list/tuple of them finest first"
+        raise _refuse("features", expected, features)
+    first = 2 if strides is None else int(math.log2(int(strides[0])))
+    return {f"p{first + k}": _cpu(v) for k, v in enumerate(features)}
+
+
+def _int_sizes(image_sizes) -> list[list[int]]:
+    sizes = image_sizes.tolist() if isinstance(image_sizes, Tensor) else image_sizes
+    if not isinstance(sizes, (list, tuple)):
+        raise _refuse("image_sizes", "a list of [h, w] pairs", sizes)
+    return [[int(h), int(w)] for h, w in sizes]
+
+
 def dump_batch(
     path: str | Path,
     *,
-    features: dict[str, Tensor],
+    features,
     image_sizes,
     gt_boxes,
     gt_labels,
@@ -434,24 +449,19 @@ def dump_batch(
 ) -> Batch:
     """Write a ``lossdoctor.batch/1`` dump from inside a training loop, validated on the way out.
 
-    features: level name → Tensor[N, C, H, W], finest first (e.g. the FPN outputs p2..p6).
-    gt_boxes / gt_labels: per image Tensor[K, 4] (x1, y1, x2, y2) and Tensor[K] foreground class
-    0..C-1. Returns the validated :class:`Batch`.
+    features: level name → Tensor[N, C, H, W], finest first (e.g. the FPN outputs p2..p6), or a
+    list/tuple of them. gt_boxes / gt_labels: per image Tensor[K, 4] (x1, y1, x2, y2) and
+    Tensor[K] foreground class 0..C-1. Returns the validated :class:`Batch`.
     """
     data = {
         "format": BATCH_FORMAT,
-        "features": {str(k): _cpu(v) for k, v in features.items()},
-        "image_sizes": [
-            [int(h), int(w)]
-            for h, w in (image_sizes.tolist() if isinstance(image_sizes, Tensor) else image_sizes)
-        ],
+        "features": _feature_dict(features, strides),
+        "image_sizes": _int_sizes(image_sizes),
         "gt_boxes": [_cpu(b) for b in gt_boxes],
         "gt_labels": [_cpu(b) for b in gt_labels],
     }
-    if gt_ignore is not None:
-        data["gt_ignore"] = [_cpu(b) for b in gt_ignore]
-    if proposals is not None:
-        data["proposals"] = [_cpu(b) for b in proposals]
+    optional = {"gt_ignore": gt_ignore, "proposals": proposals}
+    data.update({k: [_cpu(b) for b in v] for k, v in optional.items() if v is not None})
     if pad_size is not None:
         data["pad_size"] = [int(v) for v in pad_size]
     if strides is not None:

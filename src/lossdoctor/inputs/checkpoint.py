@@ -7,77 +7,97 @@ plain containers and replaces every other object by an inert placeholder (report
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..vocab import BIAS, WEIGHT, Background, Layer, Layout, param
 from .batch import BATCH_FORMAT
+from .checks import as_member
 from .errors import InputError
 from .torchfile import Loaded, Placeholder, Replaced, noting_payloads, read_file
 
-# canonical name -> key suffix, per layout. "conv" has two torchvision spellings (pre-v2 and v2).
-LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "torchvision": {
-        "rpn_conv": ("rpn.head.conv.0.0", "rpn.head.conv"),
-        "rpn_cls": ("rpn.head.cls_logits",),
-        "rpn_reg": ("rpn.head.bbox_pred",),
-        "fc1": ("roi_heads.box_head.fc6",),
-        "fc2": ("roi_heads.box_head.fc7",),
-        "cls": ("roi_heads.box_predictor.cls_score",),
-        "reg": ("roi_heads.box_predictor.bbox_pred",),
+# Key prefix of each layer, per layout. The torchvision RPN conv has two spellings (pre-v2, v2).
+LAYOUTS: dict[Layout, dict[Layer, tuple[str, ...]]] = {
+    Layout.TORCHVISION: {
+        Layer.RPN_CONV: ("rpn.head.conv.0.0", "rpn.head.conv"),
+        Layer.RPN_LOGITS: ("rpn.head.cls_logits",),
+        Layer.RPN_DELTAS: ("rpn.head.bbox_pred",),
+        Layer.BOX_FC1: ("roi_heads.box_head.fc6",),
+        Layer.BOX_FC2: ("roi_heads.box_head.fc7",),
+        Layer.BOX_LOGITS: ("roi_heads.box_predictor.cls_score",),
+        Layer.BOX_DELTAS: ("roi_heads.box_predictor.bbox_pred",),
     },
-    "mmdet": {
-        "rpn_conv": ("rpn_head.rpn_conv",),
-        "rpn_cls": ("rpn_head.rpn_cls",),
-        "rpn_reg": ("rpn_head.rpn_reg",),
-        "fc1": ("roi_head.bbox_head.shared_fcs.0",),
-        "fc2": ("roi_head.bbox_head.shared_fcs.1",),
-        "cls": ("roi_head.bbox_head.fc_cls",),
-        "reg": ("roi_head.bbox_head.fc_reg",),
+    Layout.MMDET: {
+        Layer.RPN_CONV: ("rpn_head.rpn_conv",),
+        Layer.RPN_LOGITS: ("rpn_head.rpn_cls",),
+        Layer.RPN_DELTAS: ("rpn_head.rpn_reg",),
+        Layer.BOX_FC1: ("roi_head.bbox_head.shared_fcs.0",),
+        Layer.BOX_FC2: ("roi_head.bbox_head.shared_fcs.1",),
+        Layer.BOX_LOGITS: ("roi_head.bbox_head.fc_cls",),
+        Layer.BOX_DELTAS: ("roi_head.bbox_head.fc_reg",),
     },
-    "detectron2": {
-        "rpn_conv": ("proposal_generator.rpn_head.conv",),
-        "rpn_cls": ("proposal_generator.rpn_head.objectness_logits",),
-        "rpn_reg": ("proposal_generator.rpn_head.anchor_deltas",),
-        "fc1": ("roi_heads.box_head.fc1",),
-        "fc2": ("roi_heads.box_head.fc2",),
-        "cls": ("roi_heads.box_predictor.cls_score",),
-        "reg": ("roi_heads.box_predictor.bbox_pred",),
+    Layout.DETECTRON2: {
+        Layer.RPN_CONV: ("proposal_generator.rpn_head.conv",),
+        Layer.RPN_LOGITS: ("proposal_generator.rpn_head.objectness_logits",),
+        Layer.RPN_DELTAS: ("proposal_generator.rpn_head.anchor_deltas",),
+        Layer.BOX_FC1: ("roi_heads.box_head.fc1",),
+        Layer.BOX_FC2: ("roi_heads.box_head.fc2",),
+        Layer.BOX_LOGITS: ("roi_heads.box_predictor.cls_score",),
+        Layer.BOX_DELTAS: ("roi_heads.box_predictor.bbox_pred",),
     },
 }
 # Where each layout keeps the background logit.
-BACKGROUND = {"torchvision": "first", "mmdet": "last", "detectron2": "last"}
-PARTS = ("rpn_conv", "rpn_cls", "rpn_reg", "fc1", "fc2", "cls", "reg")
+BACKGROUND = {
+    Layout.TORCHVISION: Background.FIRST,
+    Layout.MMDET: Background.LAST,
+    Layout.DETECTRON2: Background.LAST,
+}
+# 3 x 3 RPN conv, 1 x 1 predictors
+RPN_CONV_KERNEL, PREDICTOR_KERNEL = 3, 1
+BOX_COORDS = 4
 
 
-@dataclass
+@dataclass(kw_only=True)
 class HeadWeights:
-    """The RPN head and box head parameters, in canonical names.
+    """The RPN head and box head parameters, by canonical name (``param(layer, kind)``).
 
-    params: ``{part}.weight`` / ``{part}.bias`` for part in PARTS:
-    rpn_conv Tensor[C, C, 3, 3]; rpn_cls Tensor[A, C, 1, 1]; rpn_reg Tensor[4A, C, 1, 1];
-    fc1 Tensor[F, C*P*P]; fc2 Tensor[F, F]; cls Tensor[K+1, F]; reg Tensor[4K', F].
+    rpn_conv Tensor[C, C, 3, 3]; rpn_logits Tensor[A, C, 1, 1]; rpn_deltas Tensor[4A, C, 1, 1];
+    box_fc1 Tensor[F, C*P*P]; box_fc2 Tensor[F, F]; box_logits Tensor[K+1, F];
+    box_deltas Tensor[4K', F] (K' = 1, K or K+1).
     """
 
     params: dict[str, Tensor]
-    layout: str
-    keys: dict[str, str]  # canonical name -> key in the file
-    background: str  # "first" or "last"
+    layout: Layout
+    keys: dict[Layer, str]  # layer -> its key prefix in the file
+    background: Background
     replaced: list[Replaced] = field(default_factory=list)  # globals the file named, not rebuilt
+
+    def weight(self, layer: Layer) -> Tensor:
+        return self.params[param(layer, WEIGHT)]
+
+    def bias(self, layer: Layer) -> Tensor:
+        return self.params[param(layer, BIAS)]
+
+    def file_key(self, name: str) -> str:
+        """The key of a canonical parameter name (``rpn_logits.weight``) in the file."""
+        layer, kind = name.split(".")
+        return f"{self.keys[Layer(layer)]}.{kind}"
 
     @property
     def channels(self) -> int:
-        return self.params["rpn_conv.weight"].shape[1]
+        return self.weight(Layer.RPN_CONV).shape[1]
 
     @property
     def num_anchors(self) -> int:
-        return self.params["rpn_cls.weight"].shape[0]
+        return self.weight(Layer.RPN_LOGITS).shape[0]
 
     @property
     def num_logits(self) -> int:
-        return self.params["cls.weight"].shape[0]
+        return self.weight(Layer.BOX_LOGITS).shape[0]
 
     @property
     def num_classes(self) -> int:
@@ -87,20 +107,20 @@ class HeadWeights:
     @property
     def pool_size(self) -> int:
         """RoIAlign output side P, from fc1's input size C * P * P."""
-        return round((self.params["fc1.weight"].shape[1] / self.channels) ** 0.5)
+        return round((self.weight(Layer.BOX_FC1).shape[1] / self.channels) ** 0.5)
 
     @property
     def bg_col(self) -> int:
-        return 0 if self.background == "first" else self.num_classes
+        return 0 if self.background is Background.FIRST else self.num_classes
 
     @property
     def reg_classes(self) -> int:
         """Class slots in the box regressor: 1 (agnostic), K, or K+1 (with a background slot)."""
-        return self.params["reg.weight"].shape[0] // 4
+        return self.weight(Layer.BOX_DELTAS).shape[0] // BOX_COORDS
 
     def fg_logit(self, labels: Tensor) -> Tensor:
         """Foreground class 0..K-1 → its column in the class logits."""
-        return labels + 1 if self.background == "first" else labels
+        return labels + 1 if self.background is Background.FIRST else labels
 
     def reg_slot(self, labels: Tensor) -> Tensor:
         """Foreground class 0..K-1 → its slot in the box regressor Tensor[R, reg_classes, 4]."""
@@ -109,6 +129,11 @@ class HeadWeights:
         if self.reg_classes == self.num_logits:
             return self.fg_logit(labels)
         return labels
+
+    def detached(self) -> HeadWeights:
+        """The same heads with every parameter detached (for test-mode passes)."""
+        params = {k: v.detach() for k, v in self.params.items()}
+        return dataclasses.replace(self, params=params)
 
 
 def _read(path: Path, unsafe: bool) -> Loaded:
@@ -152,8 +177,8 @@ def _refuse_foreign(obj, path: Path) -> None:
     inner = obj.get("model", obj) if isinstance(obj, dict) else obj
     if _is_module(inner):
         raise InputError(
-            f"{path} holds a whole pickled model (torch.save(model)), which cannot be read without running "
-            "its code; save its weights instead: torch.save(model.state_dict(), PATH)"
+            f"{path} holds a whole pickled model (torch.save(model)), which cannot be read without "
+            "running its code; save its weights instead: torch.save(model.state_dict(), PATH)"
         )
 
 
@@ -177,76 +202,87 @@ def _state_dict(obj) -> dict[str, Tensor]:
         if tensors:
             return {k[7:] if k.startswith("module.") else k: v for k, v in tensors.items()}
     raise InputError(
-        "the checkpoint holds no state_dict of tensors (plain, or under 'model' / 'state_dict'); save model.state_dict()"
+        "the checkpoint holds no state_dict of tensors (plain, or under 'model' / 'state_dict'); "
+        "save model.state_dict()"
     )
 
 
-def _find(sd: dict[str, Tensor], layout: str) -> dict[str, str] | None:
+def _find(sd: dict[str, Tensor], layout: Layout) -> dict[Layer, str] | None:
+    """Each layer's key prefix in ``sd`` under ``layout``, or None if one is missing."""
     keys = {}
-    for part, prefixes in LAYOUTS[layout].items():
-        for prefix in prefixes:
-            if f"{prefix}.weight" in sd:
-                keys[part] = prefix
-                break
-        else:
+    for layer, prefixes in LAYOUTS[layout].items():
+        found = next((p for p in prefixes if f"{p}.{WEIGHT}" in sd), None)
+        if found is None:
             return None
+        keys[layer] = found
     return keys
 
 
 def heads_from_state_dict(
-    sd: dict[str, Tensor], layout: str | None = None, replaced=()
+    sd: dict[str, Tensor], layout: Layout | str | None = None, replaced=()
 ) -> HeadWeights:
     """Pick the head weights out of a state_dict; ``layout`` None = detect from key names."""
-    layouts = [layout] if layout else list(LAYOUTS)
+    layouts = [as_member(Layout, layout, "layout")] if layout else list(Layout)
     for name in layouts:
         keys = _find(sd, name)
-        if keys is None:
-            continue
-        params = {}
-        for part, prefix in keys.items():
-            for kind in ("weight", "bias"):
-                t = sd.get(f"{prefix}.{kind}")
-                if t is None:
-                    raise InputError(
-                        f"checkpoint key '{prefix}.{kind}' is missing; the {name} head needs it"
-                    )
-                params[f"{part}.{kind}"] = t.detach().float()
-        heads = HeadWeights(params, name, keys, BACKGROUND[name], list(replaced))
-        check_heads(heads)
-        return heads
-    want = ", ".join(f"{n}: '{LAYOUTS[n]['rpn_cls'][0]}.weight'" for n in layouts)
+        if keys is not None:
+            heads = HeadWeights(
+                params=_params(sd, keys, name),
+                layout=name,
+                keys=keys,
+                background=BACKGROUND[name],
+                replaced=list(replaced),
+            )
+            check_heads(heads)
+            return heads
+    want = ", ".join(f"{n}: '{LAYOUTS[n][Layer.RPN_LOGITS][0]}.{WEIGHT}'" for n in layouts)
     raise InputError(
-        f"no RPN/box head found in the checkpoint (looked for {want}); is this a Faster R-CNN FPN checkpoint?"
+        f"no RPN/box head found in the checkpoint (looked for {want}); "
+        "is this a Faster R-CNN FPN checkpoint?"
     )
+
+
+def _params(sd: dict[str, Tensor], keys: dict[Layer, str], layout: Layout) -> dict[str, Tensor]:
+    params = {}
+    for layer, prefix in keys.items():
+        for kind in (WEIGHT, BIAS):
+            t = sd.get(f"{prefix}.{kind}")
+            if t is None:
+                raise InputError(
+                    f"checkpoint key '{prefix}.{kind}' is missing; the {layout} head needs it"
+                )
+            params[param(layer, kind)] = t.detach().float()
+    return params
 
 
 def check_heads(h: HeadWeights) -> None:
     """Shapes must form one consistent Faster R-CNN head."""
-    p = h.params
-    c = p["rpn_conv.weight"].shape
+    c, a = h.channels, h.num_anchors
     expect = {
-        "rpn_conv.weight": (c[0], c[0], 3, 3),
-        "rpn_cls.weight": (h.num_anchors, c[0], 1, 1),
-        "rpn_reg.weight": (4 * h.num_anchors, c[0], 1, 1),
+        Layer.RPN_CONV: (c, c, RPN_CONV_KERNEL, RPN_CONV_KERNEL),
+        Layer.RPN_LOGITS: (a, c, PREDICTOR_KERNEL, PREDICTOR_KERNEL),
+        Layer.RPN_DELTAS: (BOX_COORDS * a, c, PREDICTOR_KERNEL, PREDICTOR_KERNEL),
     }
-    for name, shape in expect.items():
-        if tuple(p[name].shape) != shape:
-            raise InputError(
-                f"checkpoint '{h.keys[name.split('.')[0]]}.weight' has shape {list(p[name].shape)}, expected {list(shape)}"
-            )
-    fc_in = p["fc1.weight"].shape[1]
-    if h.pool_size**2 * h.channels != fc_in:
+    for layer, shape in expect.items():
+        found = list(h.weight(layer).shape)
+        if tuple(found) != shape:
+            key = h.file_key(param(layer, WEIGHT))
+            raise InputError(f"checkpoint '{key}' has shape {found}, expected {list(shape)}")
+    fc_in = h.weight(Layer.BOX_FC1).shape[1]
+    if h.pool_size**2 * c != fc_in:
         raise InputError(
-            f"box head input {fc_in} is not channels ({h.channels}) x P x P for any P; check the checkpoint"
+            f"box head input {fc_in} is not channels ({c}) x P x P for any P; check the checkpoint"
         )
-    if h.reg_classes not in (1, h.num_classes, h.num_logits) or p["reg.weight"].shape[0] % 4:
+    outputs = h.weight(Layer.BOX_DELTAS).shape[0]
+    if h.reg_classes not in (1, h.num_classes, h.num_logits) or outputs % BOX_COORDS:
         raise InputError(
-            f"box regressor has {p['reg.weight'].shape[0]} outputs, expected 4, 4K or 4(K+1) with K+1 = {h.num_logits}"
+            f"box regressor has {outputs} outputs, expected 4, 4K or 4(K+1) "
+            f"with K+1 = {h.num_logits}"
         )
 
 
 def load_checkpoint(
-    path: str | Path, layout: str | None = None, unsafe: bool = False
+    path: str | Path, layout: Layout | str | None = None, unsafe: bool = False
 ) -> HeadWeights:
     """Load the head weights of a checkpoint file without running code from it."""
     p = Path(path)
@@ -264,18 +300,18 @@ def check_fit(heads: HeadWeights, batch, config) -> None:
     """The checkpoint's heads and the config must accept the batch's features."""
     if heads.channels != batch.channels:
         raise InputError(
-            f"checkpoint heads take {heads.channels} channels but the batch features have {batch.channels}; "
-            "dump the FPN outputs that feed these heads"
+            f"checkpoint heads take {heads.channels} channels but the batch features have "
+            f"{batch.channels}; dump the FPN outputs that feed these heads"
         )
-    levels = len(batch.levels)
-    if len(config.anchors.sizes) < levels:
+    levels, sized = len(batch.levels), len(config.anchors.sizes)
+    if sized < levels:
         raise InputError(
-            f"the batch has {levels} levels but config '{config.name}' has anchor sizes for {len(config.anchors.sizes)}; "
-            "add sizes to [anchors] in a config TOML"
+            f"the batch has {levels} levels but config '{config.name}' has anchor sizes for "
+            f"{sized}; add sizes to [anchors] in a config TOML"
         )
     a = len(config.anchors.ratios) * len(config.anchors.sizes[0])
     if a != heads.num_anchors:
         raise InputError(
-            f"checkpoint RPN predicts {heads.num_anchors} anchors per location but config '{config.name}' makes {a}; "
-            "set [anchors] ratios/sizes in a config TOML"
+            f"checkpoint RPN predicts {heads.num_anchors} anchors per location but config "
+            f"'{config.name}' makes {a}; set [anchors] ratios/sizes in a config TOML"
         )

@@ -12,15 +12,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..vocab import Background, Mapper
+from ..vocab import Mapper
 from .checks import as_member, check_count, check_fraction, check_range, check_unit
 from .dataclass_toml import load_named
 from .errors import InputError
 
 # log(1000 / 16): the cap on dw/dh at decode time in all three frameworks.
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
-
-MATCHER_STYLES = ("mmdet", "torchvision")
 
 
 @dataclass(frozen=True)
@@ -35,7 +33,8 @@ class AnchorConfig:
     # torchvision computes strides as padded_size // feature_size, per axis (P6 of an 800-px input
     # gets stride 61, not 64); the others use the nominal stride.
     stride_from_size: bool = False
-    # mmdet marks anchors outside each image's own pad_shape (sides rounded up to this) invalid; 0 = all valid.
+    # mmdet marks anchors outside each image's own pad_shape (sides rounded up to this) invalid;
+    # 0 = all valid
     valid_pad_divisor: int = 0
 
     def __post_init__(self):
@@ -56,35 +55,41 @@ class AnchorConfig:
 
 @dataclass(frozen=True)
 class MatcherConfig:
-    """Max-IoU assignment. ``style`` picks the low-quality-match semantics.
+    """Max-IoU assignment: IoU < bg_iou negative, >= fg_iou positive, in between ignored; then the
+    low-quality pass, and what a NaN IoU does. The frameworks differ only in the named fields:
 
-    - ``mmdet``: a GT whose best IoU is >= ``min_pos_iou`` takes every anchor reaching that IoU,
-      later GTs win conflicts.
-    - ``torchvision`` (also Detectron2): every anchor reaching some GT's best IoU (even 0) becomes
-      positive for its own best GT.
+    - ``low_quality_min_iou``: a GT takes part in the low-quality pass if its best IoU reaches
+      this (MMDetection's ``min_pos_iou``, 0.3 for the RPN). At 0 (torchvision, Detectron2) even a
+      GT that overlaps nothing takes part: its best IoU of 0 ties with every candidate.
+    - ``low_quality_reassign``: a candidate that ties with a GT's best IoU is assigned to that GT,
+      later GTs winning (MMDetection); otherwise it only becomes positive for its own best GT.
+    - ``nan_positive``: a NaN IoU leaves the candidate positive (torchvision, Detectron2: it fails
+      both threshold tests); otherwise it stays ignored (MMDetection).
     """
 
     fg_iou: float = 0.7
     bg_iou: float = 0.3
     low_quality: bool = True
-    style: str = "torchvision"
-    min_pos_iou: float = 0.0
-    # mmdet clamps the union to >= 1e-6; torchvision and Detectron2 do not clamp (0 here).
+    low_quality_min_iou: float = 0.0
+    low_quality_reassign: bool = False
+    nan_positive: bool = True
+    # MMDetection clamps the union to >= 1e-6; torchvision and Detectron2 do not clamp (0 here).
     union_eps: float = 0.0
 
     def __post_init__(self):
-        if self.style not in MATCHER_STYLES:
-            raise InputError(
-                f"matcher style {self.style!r} is unknown; use one of {', '.join(MATCHER_STYLES)}"
-            )
         check_unit(self.fg_iou, "matcher fg_iou")
         check_unit(self.bg_iou, "matcher bg_iou")
         if self.bg_iou > self.fg_iou:
             raise InputError(
                 f"matcher thresholds need bg_iou <= fg_iou, found {self.bg_iou}, {self.fg_iou}"
             )
-        check_unit(self.min_pos_iou, "matcher min_pos_iou")
+        check_unit(self.low_quality_min_iou, "matcher low_quality_min_iou")
         check_range(self.union_eps, "matcher union_eps", 0.0)
+
+    @property
+    def every_candidate_positive_for_empty_overlap(self) -> bool:
+        """Whether a GT that overlaps no candidate makes every candidate positive."""
+        return self.low_quality and self.low_quality_min_iou == 0.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,9 @@ class SamplerConfig:
     batch_size: int = 256
     pos_fraction: float = 0.5
     add_gt: bool = False  # add GT boxes to the candidates (RoI stage)
+    # added GT boxes are assigned to themselves whatever their IoU (MMDetection); otherwise they
+    # are matched like any other candidate
+    gt_self_assigned: bool = False
 
     def __post_init__(self):
         check_count(self.batch_size, "sampler batch_size")
@@ -169,7 +177,8 @@ class TestConfig:
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """Everything about the detector that is not the loss normalization."""
+    """Everything about the detector that is not the loss normalization. Start from a preset
+    (:func:`preset`) and change fields with :func:`replace`."""
 
     name: str = "torchvision"
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
@@ -177,20 +186,16 @@ class DetectorConfig:
     rpn_sampler: SamplerConfig = field(default_factory=SamplerConfig)
     rpn_coder: CoderConfig = field(default_factory=CoderConfig)
     train_proposals: ProposalConfig = field(default_factory=ProposalConfig)
-    test_proposals: ProposalConfig = field(default_factory=lambda: ProposalConfig(1000, 1000))
-    roi_matcher: MatcherConfig = field(
-        default_factory=lambda: MatcherConfig(fg_iou=0.5, bg_iou=0.5, low_quality=False)
-    )
-    roi_sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(512, 0.25, True))
-    roi_coder: CoderConfig = field(default_factory=lambda: CoderConfig((10.0, 10.0, 5.0, 5.0)))
+    test_proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    roi_matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    roi_sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    roi_coder: CoderConfig = field(default_factory=CoderConfig)
     roi_pool: RoIPoolConfig = field(default_factory=RoIPoolConfig)
     test: TestConfig = field(default_factory=TestConfig)
-    # Only used when the checkpoint layout cannot tell: "first" (torchvision) or "last".
-    background: str = ""
 
-    def __post_init__(self):
-        if self.background:
-            as_member(Background, self.background, "background")
+
+# Box coder weights of the RoI head in all three frameworks (stds 0.1, 0.1, 0.2, 0.2).
+ROI_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 
 def torchvision_preset() -> DetectorConfig:
@@ -198,35 +203,57 @@ def torchvision_preset() -> DetectorConfig:
     return DetectorConfig(
         name="torchvision",
         anchors=AnchorConfig(round=True, stride_from_size=True),
+        rpn_matcher=MatcherConfig(fg_iou=0.7, bg_iou=0.3, low_quality=True),
+        rpn_sampler=SamplerConfig(batch_size=256, pos_fraction=0.5),
+        train_proposals=ProposalConfig(pre_nms_top_n=2000, post_nms_top_n=2000, nms_iou=0.7),
+        test_proposals=ProposalConfig(pre_nms_top_n=1000, post_nms_top_n=1000, nms_iou=0.7),
+        roi_matcher=MatcherConfig(fg_iou=0.5, bg_iou=0.5, low_quality=False),
+        roi_sampler=SamplerConfig(batch_size=512, pos_fraction=0.25, add_gt=True),
+        roi_coder=CoderConfig(weights=ROI_CODER_WEIGHTS),
+        roi_pool=RoIPoolConfig(sampling_ratio=2, aligned=False, mapper=Mapper.TORCHVISION),
+        test=TestConfig(score_thr=0.05, nms_iou=0.5, detections_per_img=100, min_box_size=1e-2),
     )
 
 
 def mmdet_preset() -> DetectorConfig:
     """MMDetection 3.x ``faster-rcnn_r50_fpn_1x`` defaults."""
-    mm = dict(style="mmdet", union_eps=1e-6)
+    mmdet = dict(low_quality_reassign=True, nan_positive=False, union_eps=1e-6)
+    proposals = dict(nms_iou=0.7, min_size=0.0, min_size_inclusive=False)
     return DetectorConfig(
         name="mmdet",
         anchors=AnchorConfig(valid_pad_divisor=32),
-        rpn_matcher=MatcherConfig(0.7, 0.3, True, min_pos_iou=0.3, **mm),
+        rpn_matcher=MatcherConfig(fg_iou=0.7, bg_iou=0.3, low_quality_min_iou=0.3, **mmdet),
+        rpn_sampler=SamplerConfig(batch_size=256, pos_fraction=0.5),
         rpn_coder=CoderConfig(clip_both=True),
-        train_proposals=ProposalConfig(2000, 1000, 0.7, 0.0, False),
-        test_proposals=ProposalConfig(1000, 1000, 0.7, 0.0, False),
-        roi_matcher=MatcherConfig(0.5, 0.5, False, min_pos_iou=0.5, **mm),
-        roi_coder=CoderConfig((10.0, 10.0, 5.0, 5.0), clip_both=True),
+        train_proposals=ProposalConfig(pre_nms_top_n=2000, post_nms_top_n=1000, **proposals),
+        test_proposals=ProposalConfig(pre_nms_top_n=1000, post_nms_top_n=1000, **proposals),
+        roi_matcher=MatcherConfig(
+            fg_iou=0.5, bg_iou=0.5, low_quality=False, low_quality_min_iou=0.5, **mmdet
+        ),
+        roi_sampler=SamplerConfig(
+            batch_size=512, pos_fraction=0.25, add_gt=True, gt_self_assigned=True
+        ),
+        roi_coder=CoderConfig(weights=ROI_CODER_WEIGHTS, clip_both=True),
         roi_pool=RoIPoolConfig(sampling_ratio=0, aligned=True, mapper=Mapper.MMDET),
-        test=TestConfig(min_box_size=0.0),
+        test=TestConfig(score_thr=0.05, nms_iou=0.5, detections_per_img=100, min_box_size=0.0),
     )
 
 
 def detectron2_preset() -> DetectorConfig:
     """Detectron2 ``faster_rcnn_R_50_FPN`` (Base-RCNN-FPN) defaults."""
+    proposals = dict(nms_iou=0.7, min_size=0.0, min_size_inclusive=False)
     return DetectorConfig(
         name="detectron2",
         anchors=AnchorConfig(size_major=True),
-        train_proposals=ProposalConfig(2000, 1000, 0.7, 0.0, False),
-        test_proposals=ProposalConfig(1000, 1000, 0.7, 0.0, False),
+        rpn_matcher=MatcherConfig(fg_iou=0.7, bg_iou=0.3, low_quality=True),
+        rpn_sampler=SamplerConfig(batch_size=256, pos_fraction=0.5),
+        train_proposals=ProposalConfig(pre_nms_top_n=2000, post_nms_top_n=1000, **proposals),
+        test_proposals=ProposalConfig(pre_nms_top_n=1000, post_nms_top_n=1000, **proposals),
+        roi_matcher=MatcherConfig(fg_iou=0.5, bg_iou=0.5, low_quality=False),
+        roi_sampler=SamplerConfig(batch_size=512, pos_fraction=0.25, add_gt=True),
+        roi_coder=CoderConfig(weights=ROI_CODER_WEIGHTS),
         roi_pool=RoIPoolConfig(sampling_ratio=0, aligned=True, mapper=Mapper.DETECTRON2),
-        test=TestConfig(min_box_size=0.0),
+        test=TestConfig(score_thr=0.05, nms_iou=0.5, detections_per_img=100, min_box_size=0.0),
     )
 
 

@@ -41,3 +41,23 @@ def image_proposals(
     boxes, scores, groups = boxes[idx], scores[idx], groups[idx]
     keep = batched_nms(boxes, scores, groups, cfg.nms_iou)[: cfg.post_nms_top_n]
     return boxes[keep], scores[keep], dropped
+
+
+def training_proposals(
+    outs, anchors: list[Tensor], batch, config
+) -> tuple[list[Tensor], list[int]]:
+    """Per image, the RoI stage's candidates and how many were dropped as non-finite: the dump's
+    proposals (less any with NaN/Inf coordinates), else the RPN's from its detached outputs."""
+    if batch.proposals is not None:
+        finite = [torch.isfinite(p).all(1) for p in batch.proposals]
+        return [p[f] for p, f in zip(batch.proposals, finite)], [int((~f).sum()) for f in finite]
+    proposals, nonfinite = [], []
+    with torch.no_grad():
+        for i, size in enumerate(batch.image_sizes):
+            logits, deltas = [o.logits[i] for o in outs], [o.deltas[i] for o in outs]
+            boxes, _, bad = image_proposals(
+                logits, deltas, anchors, size, config.train_proposals, config.rpn_coder
+            )
+            proposals.append(boxes)
+            nonfinite.append(bad)
+    return proposals, nonfinite

@@ -1,22 +1,27 @@
-"""Build a :class:`Report` from a diagnosis."""
+"""Build a :class:`Report` from a diagnosis: the tables' rows are made here, from the replay's
+typed results (the engine builds no rows)."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import __version__
 from ..diagnose import Diagnosis
+from ..diagnose.gradients import LevelGrads, ProfileGrads
 from ..inputs.dataclass_toml import to_dict
-from ..replay.engine import HEADS
-from .model import IMAGE_COLUMNS, LEVEL_COLUMNS, Report
+from ..replay.normalize import LevelLoss, ProfileLosses
+from ..replay.samples import LevelSamples
+from ..vocab import BOX_TERMS, GRADIENT_TERM, Head, Part, term_of
+from .model import Report
+from .rows import FindingRow, ImageRow, LevelRow, OriginRow, ParamRow, ProfileRow
 
-GRAD_COLUMNS = ("grad_feature", "grad_logits_pos", "grad_logits_neg", "grad_deltas")
+ALL_LEVELS = "all"
 
 
 def sha256(path: str | Path | None) -> str | None:
@@ -29,12 +34,12 @@ def sha256(path: str | Path | None) -> str | None:
     return h.hexdigest()
 
 
-def _plain(v):
+def plain(v):
     """Batch meta → JSON-safe values."""
     if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
+        return {str(k): plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
+        return [plain(x) for x in v]
     if isinstance(v, torch.Tensor):
         return v.tolist()
     if v is None or isinstance(v, (bool, int, float, str)):
@@ -46,64 +51,129 @@ def _nonfinite(t) -> int:
     return int((~torch.isfinite(t.detach())).sum())
 
 
-def level_rows(d: Diagnosis) -> list[dict]:
-    r = d.replay
-    rows = r.level_rows()
-    grads = {(name, g.head, g.level): g for name, pg in d.grads.items() for g in pg.levels}
-    origins: dict[tuple, str] = {}
+def _share(part: float, total: float) -> float:
+    return part / total if total != 0 and total == total else math.nan
+
+
+def _common(values) -> float:
+    """A head-wide value: the one all levels share, or NaN when they differ."""
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else math.nan
+
+
+@dataclass(kw_only=True)
+class _LevelCtx:
+    """What one (profile, head) contributes to its level rows."""
+
+    profile: str
+    head: Head
+    pl: ProfileLosses
+    grads: dict[str, LevelGrads]
+    origins: dict[str, str]
+
+
+def _level_row(c: _LevelCtx, s: LevelSamples, ll: LevelLoss, total: float) -> LevelRow:
+    g = c.grads[s.name]
+    box_spec = c.pl.profile.term(term_of(c.head, Part.BOX))
+    nonfinite = sum(
+        _nonfinite(t) for t in (s.cls_loss, s.box_loss(box_spec), ll.loss_cls, ll.loss_bbox)
+    )
+    cls, box = float(ll.loss_cls.detach()), float(ll.loss_bbox.detach())
+    return LevelRow(
+        profile=c.profile,
+        head=c.head,
+        level=s.name,
+        anchors=s.candidates,
+        pos=s.pos,
+        neg=s.sampled - s.pos,
+        ignored=s.ignored,
+        sampled=s.sampled,
+        avg_factor=ll.avg_factor,
+        sample_weight=ll.sample_weight,
+        loss_cls=cls,
+        loss_bbox=box,
+        loss_share=_share(cls + box, total),
+        grad_feature=g.feature,
+        grad_logits_pos=g.logits_pos,
+        grad_logits_neg=g.logits_neg,
+        grad_deltas=g.deltas,
+        nonfinite=nonfinite + g.nonfinite,
+        nan_origin=c.origins.get(s.name, ""),
+        avg_factor_bbox=ll.avg_factor_bbox,
+        sample_weight_bbox=ll.sample_weight_bbox,
+        neg_share=g.neg_share,
+    )
+
+
+def _root_sum_sq(rows: list[LevelRow], attr: str) -> float:
+    return math.sqrt(sum(getattr(r, attr) ** 2 for r in rows))
+
+
+def _all_row(c: _LevelCtx, rows: list[LevelRow], total: float, neg_share: float) -> LevelRow:
+    """The head's totals: counts summed, a normalizer only where every level shares one."""
+    cls = float(c.pl.term(term_of(c.head, Part.CLS)).detach())
+    box = float(c.pl.term(term_of(c.head, Part.BOX)).detach())
+    used = [r for r in rows if r.sampled > 0]
+    return LevelRow(
+        profile=c.profile,
+        head=c.head,
+        level=ALL_LEVELS,
+        anchors=sum(r.anchors for r in rows),
+        pos=sum(r.pos for r in rows),
+        neg=sum(r.neg for r in rows),
+        ignored=sum(r.ignored for r in rows),
+        sampled=sum(r.sampled for r in rows),
+        avg_factor=_common(r.avg_factor for r in rows),
+        sample_weight=_common(r.sample_weight for r in used),
+        loss_cls=cls,
+        loss_bbox=box,
+        loss_share=_share(cls + box, total),
+        grad_feature=_root_sum_sq(rows, "grad_feature"),
+        grad_logits_pos=_root_sum_sq(rows, "grad_logits_pos"),
+        grad_logits_neg=_root_sum_sq(rows, "grad_logits_neg"),
+        grad_deltas=_root_sum_sq(rows, "grad_deltas"),
+        nonfinite=sum(r.nonfinite for r in rows),
+        nan_origin=next((r.nan_origin for r in rows if r.nan_origin), ""),
+        avg_factor_bbox=_common(r.avg_factor_bbox for r in rows),
+        sample_weight_bbox=_common(r.sample_weight_bbox for r in used),
+        neg_share=neg_share,
+    )
+
+
+def _head_rows(d: Diagnosis, name: str, head: Head, pg: ProfileGrads) -> list[LevelRow]:
+    pl = d.replay.losses[name]
+    origins: dict[str, str] = {}
     for o in d.origins:
-        origins.setdefault((o.profile, o.head, o.level), o.stage)
-    per_level = {}
-    for name, pl in r.losses.items():
-        for head in HEADS:
-            for s, ll in zip(r.samples[head], pl.levels[head]):
-                box_term = pl.profile.term(f"{head}_box")
-                per_level[(name, head, s.name)] = (
-                    _nonfinite(s.cls_loss)
-                    + _nonfinite(s.box_loss(box_term))
-                    + _nonfinite(ll.loss_cls)
-                    + _nonfinite(ll.loss_bbox)
-                )
-    out = []
-    for row in rows:
-        key = (row["profile"], row["head"], row["level"])
-        if row["level"] == "all":
-            same = [g for (p, h, _), g in grads.items() if p == row["profile"] and h == row["head"]]
-            extra = {
-                c: math.sqrt(sum(getattr(g, c.removeprefix("grad_")) ** 2 for g in same))
-                for c in GRAD_COLUMNS
-            }
-            lv = [k for k in per_level if k[0] == row["profile"] and k[1] == row["head"]]
-            extra["nonfinite"] = sum(per_level[k] + grads[k].nonfinite for k in lv)
-            extra["nan_origin"] = next((origins[k] for k in lv if k in origins), "")
-            extra["neg_share"] = d.grads[row["profile"]].neg_share.get(row["head"], math.nan)
-        else:
-            g = grads[key]
-            extra = {c: getattr(g, c.removeprefix("grad_")) for c in GRAD_COLUMNS}
-            extra["nonfinite"] = per_level[key] + g.nonfinite
-            extra["nan_origin"] = origins.get(key, "")
-            extra["neg_share"] = g.neg_share
-        merged = {**row, **extra}
-        out.append(
-            {
-                **{c: merged[c] for c in LEVEL_COLUMNS},
-                **{k: v for k, v in merged.items() if k not in LEVEL_COLUMNS},
-            }
-        )
-    return out
+        if o.profile == name and o.head == head:
+            origins.setdefault(o.level, o.stage)
+    c = _LevelCtx(
+        profile=name,
+        head=head,
+        pl=pl,
+        origins=origins,
+        grads={g.level: g for g in pg.levels if g.head == head},
+    )
+    total = float(pl.total.detach())
+    samples = d.replay.samples[head]
+    rows = [_level_row(c, s, ll, total) for s, ll in zip(samples, pl.levels[head])]
+    return rows + [_all_row(c, rows, total, pg.neg_share.get(head, math.nan))]
+
+
+def level_rows(d: Diagnosis) -> list[dict]:
+    """The ``levels`` table: per (profile, head, level), then an ``all`` row per (profile, head)."""
+    return [
+        row.to_dict()
+        for name, pg in d.grads.items()
+        for head in d.replay.samples
+        for row in _head_rows(d, name, head, pg)
+    ]
 
 
 def image_rows(d: Diagnosis) -> list[dict]:
-    rows = d.replay.image_rows()
-    for row, dets, best in zip(rows, d.symptom.detections, d.symptom.max_fg_score):
-        row["detections"] = dets
-        row["max_fg_score"] = best
+    s = d.symptom
     return [
-        {
-            **{k: row[k] for k in IMAGE_COLUMNS},
-            **{k: v for k, v in row.items() if k not in IMAGE_COLUMNS},
-        }
-        for row in rows
+        ImageRow(**vars(im), detections=dets, max_fg_score=best).to_dict()
+        for im, dets, best in zip(d.replay.images, s.detections, s.max_fg_score)
     ]
 
 
@@ -112,44 +182,84 @@ def param_rows(d: Diagnosis) -> list[dict]:
     out = []
     for name, pg in d.grads.items():
         for key, norms in pg.params.items():
-            part, kind = key.split(".")
-            out.append(
-                {
-                    "profile": name,
-                    "param": f"{heads.keys[part]}.{kind}",
-                    "shape": "x".join(str(s) for s in heads.params[key].shape),
-                    **norms,
-                }
+            shape = "x".join(str(x) for x in heads.params[key].shape)
+            row = ParamRow(
+                profile=name,
+                param=heads.file_key(key),
+                shape=shape,
+                total=norms.total,
+                **{t.value: norms.by_term[t] for t in BOX_TERMS},
             )
+            out.append(row.to_dict())
     return out
+
+
+def _no_grad(d: Diagnosis, g: ProfileGrads) -> str:
+    levels = [f"{Head.RPN} features {lvl}" for lvl in g.no_grad_levels]
+    return ";".join(levels + [d.replay.heads.file_key(p) for p in g.no_grad_params])
 
 
 def profile_rows(d: Diagnosis) -> list[dict]:
     out = []
     for name, pl in d.replay.losses.items():
         g = d.grads[name]
-        terms = {k: float(v.detach()) for k, v in pl.terms.items()}
-        out.append(
-            {
-                "profile": name,
-                "loss_total": float(pl.total.detach()),
-                **terms,
-                "grad_total_norm": g.total_norm,
-                "max_norm": g.max_norm,
-                "clip_coef": g.clip_coef,
-                "grad_clipped_norm": g.clipped_norm,
-                "rpn_neg_share": g.neg_share.get("rpn"),
-                "roi_neg_share": g.neg_share.get("roi"),
-                "no_grad": ";".join(g.no_grad),
-            }
+        row = ProfileRow(
+            profile=name,
+            loss_total=float(pl.total.detach()),
+            **{t.value: float(v.detach()) for t, v in pl.terms.items()},
+            grad_total_norm=g.total_norm,
+            max_norm=g.max_norm,
+            clip_coef=g.clip_coef,
+            grad_clipped_norm=g.clipped_norm,
+            rpn_neg_share=g.neg_share.get(Head.RPN),
+            roi_neg_share=g.neg_share.get(Head.ROI),
+            no_grad=_no_grad(d, g),
         )
+        out.append(row.to_dict())
     return out
 
 
-def build_report(d: Diagnosis, checkpoint_path=None, batch_path=None) -> Report:
-    r = d.replay
-    h = r.heads
-    meta = {
+def origin_rows(d: Diagnosis) -> list[dict]:
+    return [
+        OriginRow(
+            profile=o.profile,
+            head=o.head,
+            level=o.level,
+            term=o.part or GRADIENT_TERM,
+            stage=o.stage,
+            nan=o.nan,
+            posinf=o.posinf,
+            neginf=o.neginf,
+            image=o.image,
+            index=o.index,
+            gt=o.gt,
+            cause=o.cause,
+        ).to_dict()
+        for o in d.origins
+    ]
+
+
+def finding_rows(d: Diagnosis) -> list[dict]:
+    return [
+        FindingRow(
+            severity=f.severity,
+            code=f.code,
+            head=f.head,
+            level=f.level,
+            profile=f.profile,
+            image=f.image,
+            message=f.message,
+            evidence=f.evidence,
+            fix=f.fix,
+        ).to_dict()
+        for f in d.findings
+    ]
+
+
+def _meta(d: Diagnosis, checkpoint_path, batch_path) -> dict:
+    r, h, s = d.replay, d.replay.heads, d.symptom
+    b = r.batch
+    return {
         "lossdoctor": __version__,
         "torch": torch.__version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -162,13 +272,13 @@ def build_report(d: Diagnosis, checkpoint_path=None, batch_path=None) -> Report:
         "batch": {
             "path": str(batch_path) if batch_path else None,
             "sha256": sha256(batch_path),
-            "images": r.batch.num_images,
-            "levels": r.batch.levels,
-            "strides": r.batch.strides,
-            "pad_size": list(r.batch.pad_size),
-            "image_sizes": [list(s) for s in r.batch.image_sizes],
-            "meta": _plain(r.batch.meta),
-            "replaced": [x.name for x in r.batch.replaced],
+            "images": b.num_images,
+            "levels": b.levels,
+            "strides": b.strides,
+            "pad_size": list(b.pad_size),
+            "image_sizes": [list(x) for x in b.image_sizes],
+            "meta": plain(b.meta),
+            "replaced": [x.name for x in b.replaced],
         },
         "heads": {
             "channels": h.channels,
@@ -183,34 +293,22 @@ def build_report(d: Diagnosis, checkpoint_path=None, batch_path=None) -> Report:
         "seed": r.seed,
         "sample_all": r.sample_all,
         "symptom": {
-            "score_thr": d.symptom.score_thr,
-            "detections": d.symptom.detections,
-            "max_fg_score": d.symptom.max_fg_score,
-            "objectness_above_half": d.symptom.objectness_above_half,
+            "score_thr": s.score_thr,
+            "detections": s.detections,
+            "max_fg_score": s.max_fg_score,
+            "objectness_above_half": s.objectness_above_half,
         },
     }
+
+
+def build_report(d: Diagnosis, checkpoint_path=None, batch_path=None) -> Report:
     tables = {
         "levels": level_rows(d),
         "images": image_rows(d),
         "params": param_rows(d),
         "profiles": profile_rows(d),
-        "origins": [dataclasses.asdict(o) for o in d.origins],
+        "origins": origin_rows(d),
     }
-    findings = [
-        {
-            k: getattr(f, k)
-            for k in (
-                "severity",
-                "code",
-                "head",
-                "level",
-                "profile",
-                "image",
-                "message",
-                "evidence",
-                "fix",
-            )
-        }
-        for f in d.findings
-    ]
-    return Report(meta, tables, findings)
+    return Report(
+        meta=_meta(d, checkpoint_path, batch_path), tables=tables, findings=finding_rows(d)
+    )

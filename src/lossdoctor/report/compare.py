@@ -6,57 +6,47 @@ Each metric is shown side by side with its change: a ratio ``new / old``, or the
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
-from .model import Report
+from ..inputs.files import atomic_write
+from ..vocab import BOX_TERMS, FailOn
+from .model import Report, csv_text
 
+COMPARE_FORMAT = "lossdoctor.compare/1"
+# levels-table columns compared per (head, level)
 METRICS = (
-    "pos",
-    "neg",
-    "sampled",
-    "avg_factor",
-    "sample_weight",
-    "loss_cls",
-    "loss_bbox",
-    "loss_share",
-    "grad_feature",
-    "grad_logits_pos",
-    "grad_logits_neg",
-    "grad_deltas",
-    "nonfinite",
-    "nan_origin",
-)
-TOTALS = (
-    "loss_total",
-    "rpn_cls",
-    "rpn_box",
-    "roi_cls",
-    "roi_box",
-    "grad_total_norm",
-    "grad_clipped_norm",
-)
+    "pos", "neg", "sampled", "avg_factor", "sample_weight", "loss_cls", "loss_bbox", "loss_share",
+    "grad_feature", "grad_logits_pos", "grad_logits_neg", "grad_deltas", "nonfinite", "nan_origin",
+)  # fmt: skip
+# profiles-table columns compared per profile
+TOTALS = ("loss_total", *(t.value for t in BOX_TERMS), "grad_total_norm", "grad_clipped_norm")
 FINDING_KEY = ("severity", "code", "head", "level", "image")
+SAME = "="
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Comparison:
+    """One side against the other: per (head, level) metric rows, profile totals, and the
+    findings that appear (only in new) or disappear (only in old)."""
+
     old: str  # label of the old side
     new: str
     rows: list[dict]  # {"head", "level", "metric", "old", "new", "change"}
     totals: list[dict]  # {"metric", "old", "new", "change"}
-    appeared: list[dict]  # findings only in new
-    disappeared: list[dict]  # findings only in old
+    appeared: list[dict]
+    disappeared: list[dict]
 
     @property
     def changed(self) -> bool:
-        return bool(self.appeared or self.disappeared) or any(
-            r["change"] != "=" for r in self.rows + self.totals
-        )
+        moved = any(r["change"] != SAME for r in self.rows + self.totals)
+        return bool(self.appeared or self.disappeared) or moved
 
     def to_dict(self) -> dict:
         return {
-            "format": "lossdoctor.compare/1",
+            "format": COMPARE_FORMAT,
             "old": self.old,
             "new": self.new,
             "rows": self.rows,
@@ -64,6 +54,47 @@ class Comparison:
             "appeared": self.appeared,
             "disappeared": self.disappeared,
         }
+
+
+@dataclass(kw_only=True)
+class CompareResult:
+    """What ``lossdoctor.compare`` returns: the comparisons, the new side's report and profile
+    (for ``fails``), and the replayed report when two profiles were compared on a batch."""
+
+    comparisons: list[Comparison]
+    new_report: Report
+    new_profile: str | None = None
+    report: Report | None = None
+
+    def to_dict(self) -> dict:
+        return {"format": COMPARE_FORMAT, "comparisons": [c.to_dict() for c in self.comparisons]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=True, default=str)
+
+    def csv_text(self) -> str:
+        rows = [
+            {"old_side": c.old, "new_side": c.new, **r}
+            for c in self.comparisons
+            for r in c.totals + c.rows
+        ]
+        return csv_text(rows)
+
+    def save_json(self, path: str | Path) -> None:
+        text = self.to_json()
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def save_csv(self, path: str | Path) -> None:
+        text = self.csv_text()
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def fails(self, fail_on: FailOn | str) -> bool:
+        """Whether the new side has a finding at or above ``fail_on``."""
+        keep = [
+            f for f in self.new_report.findings
+            if self.new_profile is None or f.get("profile") in (None, self.new_profile)
+        ]  # fmt: skip
+        return Report(self.new_report.meta, {}, keep).fails(fail_on)
 
 
 def _state(v) -> str:
@@ -76,36 +107,37 @@ def _state(v) -> str:
     return "finite"
 
 
+def _dash(v) -> str:
+    return "-" if v in (None, "") else str(v)
+
+
 def change(old, new) -> str:
     """How ``new`` differs from ``old``: "=", "x0.5", "NaN → finite", "finite → Inf", "a → b"."""
-    if old == new or (_state(old) == _state(new) == "NaN"):
-        return "="
     so, sn = _state(old), _state(new)
+    if old == new or so == sn == "NaN":
+        return SAME
     if "value" in (so, sn):
-        return (
-            f"{old if old not in (None, '') else '-'} → {new if new not in (None, '') else '-'}"
-            if old != new
-            else "="
-        )
+        return f"{_dash(old)} → {_dash(new)}"
     if so != sn:
         return f"{so} → {sn}"
     if so == "Inf":
-        return "="
+        return SAME
     if old == 0:
-        return "0 → nonzero" if new != 0 else "="
+        return "0 → nonzero" if new != 0 else SAME
     return f"x{new / old:.3g}"
 
 
 def _rows(report: Report, profile: str) -> dict:
-    return {(r["head"], r["level"]): r for r in report.tables["levels"] if r["profile"] == profile}
+    return {(r.head, r.level): r.to_dict() for r in report.levels() if r.profile == profile}
 
 
 def _totals(report: Report, profile: str) -> dict:
-    return next((r for r in report.tables.get("profiles", []) if r["profile"] == profile), {})
+    return next((r for r in report.tables.get("profiles", []) if r.get("profile") == profile), {})
 
 
 def _findings(report: Report, profile: str) -> dict:
-    """The findings that concern ``profile`` (its own and the profile-free ones), keyed without the profile."""
+    """The findings that concern ``profile`` (its own and the profile-free ones), keyed without
+    the profile."""
     return {
         tuple(f.get(k) for k in FINDING_KEY): f
         for f in report.findings
@@ -113,22 +145,18 @@ def _findings(report: Report, profile: str) -> dict:
     }
 
 
-def compare_profiles(old: Report, old_profile: str, new: Report, new_profile: str) -> Comparison:
-    """One profile of ``old`` against one profile of ``new`` (the same report for two profiles)."""
+def compare_profiles(
+    old: Report, old_profile: str, new: Report, new_profile: str, labels: tuple[str, str] = ("", "")
+) -> Comparison:
+    """One profile of ``old`` against one profile of ``new`` (the same report for two profiles).
+    ``labels`` prefix each side's profile name (the report files, say)."""
     a, b = _rows(old, old_profile), _rows(new, new_profile)
-    rows = []
-    for key in [k for k in a if k in b]:
-        for m in METRICS:
-            rows.append(
-                {
-                    "head": key[0],
-                    "level": key[1],
-                    "metric": m,
-                    "old": a[key].get(m),
-                    "new": b[key].get(m),
-                    "change": change(a[key].get(m), b[key].get(m)),
-                }
-            )
+    rows = [
+        {"head": key[0], "level": key[1], "metric": m, "old": a[key].get(m), "new": b[key].get(m),
+         "change": change(a[key].get(m), b[key].get(m))}
+        for key in a if key in b
+        for m in METRICS
+    ]  # fmt: skip
     ta, tb = _totals(old, old_profile), _totals(new, new_profile)
     totals = [
         {"metric": m, "old": ta.get(m), "new": tb.get(m), "change": change(ta.get(m), tb.get(m))}
@@ -136,23 +164,29 @@ def compare_profiles(old: Report, old_profile: str, new: Report, new_profile: st
         if m in ta or m in tb
     ]
     fa, fb = _findings(old, old_profile), _findings(new, new_profile)
-    label_a = old_profile if old is new else f"{old.meta.get('_label', 'old')}:{old_profile}"
-    label_b = new_profile if old is new else f"{new.meta.get('_label', 'new')}:{new_profile}"
     return Comparison(
-        label_a,
-        label_b,
-        rows,
-        totals,
-        [f for k, f in fb.items() if k not in fa],
-        [f for k, f in fa.items() if k not in fb],
+        old=f"{labels[0]}:{old_profile}" if labels[0] else old_profile,
+        new=f"{labels[1]}:{new_profile}" if labels[1] else new_profile,
+        rows=rows,
+        totals=totals,
+        appeared=[f for k, f in fb.items() if k not in fa],
+        disappeared=[f for k, f in fa.items() if k not in fb],
     )
 
 
-def compare(
-    old: Report, new: Report, old_profile: str | None = None, new_profile: str | None = None
+def compare_reports(
+    old: Report,
+    new: Report,
+    old_profile: str | None = None,
+    new_profile: str | None = None,
+    labels: tuple[str, str] = ("old", "new"),
 ) -> list[Comparison]:
     """Compare two reports: the named profiles, or every profile present in both."""
     if old_profile or new_profile:
-        return [compare_profiles(old, old_profile or new_profile, new, new_profile or old_profile)]
+        return [
+            compare_profiles(
+                old, old_profile or new_profile, new, new_profile or old_profile, labels
+            )
+        ]
     shared = [p for p in old.profiles if p in new.profiles]
-    return [compare_profiles(old, p, new, p) for p in shared]
+    return [compare_profiles(old, p, new, p, labels) for p in shared]

@@ -16,46 +16,17 @@ from pathlib import Path
 
 from ..inputs.errors import InputError
 from ..inputs.files import atomic_write, read_text
+from ..vocab import FailOn, Severity
+from .rows import FINDING_KEYS, LevelRow
 
 REPORT_FORMAT = "lossdoctor.report/1"
-LEVEL_COLUMNS = (
-    "profile",
-    "head",
-    "level",
-    "anchors",
-    "pos",
-    "neg",
-    "ignored",
-    "sampled",
-    "avg_factor",
-    "sample_weight",
-    "loss_cls",
-    "loss_bbox",
-    "loss_share",
-    "grad_feature",
-    "grad_logits_pos",
-    "grad_logits_neg",
-    "grad_deltas",
-    "nonfinite",
-    "nan_origin",
-)
-IMAGE_COLUMNS = ("image", "gt", "gt_without_pos", "detections", "max_fg_score")
-FINDING_KEYS = (
-    "severity",
-    "code",
-    "head",
-    "level",
-    "profile",
-    "image",
-    "message",
-    "evidence",
-    "fix",
-)
-SEVERITIES = ("error", "warning", "info")
+LEVELS, IMAGES = "levels", "images"
 
 
 @dataclass
 class Report:
+    """Metadata, tidy tables (lists of flat row dicts, see ``rows``) and findings."""
+
     meta: dict
     tables: dict[str, list[dict]]
     findings: list[dict] = field(default_factory=list)
@@ -67,20 +38,21 @@ class Report:
 
         return pd.DataFrame(self.tables.get(name, []))
 
+    def levels(self) -> list[LevelRow]:
+        """The ``levels`` table as typed rows."""
+        return [LevelRow.from_dict(r) for r in self.tables.get(LEVELS, [])]
+
     @property
     def profiles(self) -> list[str]:
         return list(self.meta.get("profiles", {}))
 
-    def worst_severity(self) -> str | None:
-        found = [f["severity"] for f in self.findings]
-        return next((s for s in SEVERITIES if s in found), None)
+    def worst_severity(self) -> Severity | None:
+        found = {Severity(f["severity"]) for f in self.findings}
+        return min(found, key=lambda s: s.rank) if found else None
 
-    def fails(self, fail_on: str) -> bool:
+    def fails(self, fail_on: FailOn | str) -> bool:
         """True when a finding at or above ``fail_on`` (error / warning / never) exists."""
-        if fail_on == "never":
-            return False
-        worst = self.worst_severity()
-        return worst is not None and SEVERITIES.index(worst) <= SEVERITIES.index(fail_on)
+        return FailOn(fail_on).fails(self.worst_severity())
 
     # ---- JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -100,11 +72,25 @@ class Report:
             raise InputError("not a lossdoctor report: no 'format' key; write one with --json")
         if data["format"] != REPORT_FORMAT:
             raise InputError(
-                f"report format {data['format']!r} is not {REPORT_FORMAT!r}; re-run lossdoctor inspect --json with this version"
+                f"report format {data['format']!r} is not {REPORT_FORMAT!r}; re-run lossdoctor "
+                "inspect --json with this version"
             )
-        for key in ("meta", "tables", "findings"):
-            if key not in data:
-                raise InputError(f"report key '{key}' is missing; write the report with --json")
+        for key, kind in (("meta", dict), ("tables", dict), ("findings", list)):
+            if not isinstance(data.get(key), kind):
+                raise InputError(
+                    f"report key '{key}' is missing or not a {kind.__name__}; write the report with --json"
+                )
+        for name, rows in data["tables"].items():
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise InputError(
+                    f"report table '{name}' is not a list of rows; write the report with --json"
+                )
+        if not all(
+            isinstance(f, dict) and f.get("severity") in set(Severity) for f in data["findings"]
+        ):
+            raise InputError(
+                "a finding of the report has no known severity; write the report with --json"
+            )
         return cls(data["meta"], data["tables"], data["findings"])
 
     @classmethod
@@ -123,43 +109,38 @@ class Report:
         atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     # ---- CSV ---------------------------------------------------------------------------
-    def csv_text(self, name: str = "levels") -> str:
-        rows = self.tables.get(name, [])
-        buf = io.StringIO()
-        cols = _columns(rows)
-        w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: _csv_value(row.get(k)) for k in cols})
-        return buf.getvalue()
+    def csv_text(self, name: str = LEVELS) -> str:
+        return csv_text(self.tables.get(name, []))
 
-    def save_csv(self, path: str | Path, name: str = "levels") -> None:
+    def save_csv(self, path: str | Path, name: str = LEVELS) -> None:
         text = self.csv_text(name)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def save_csv_dir(self, directory: str | Path) -> list[Path]:
         """Every table as ``DIR/<table>.csv``, and the findings as ``DIR/findings.csv``."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         written = []
         for name in self.tables:
             self.save_csv(d / f"{name}.csv", name)
             written.append(d / f"{name}.csv")
         flat = [
-            {
-                **{k: f.get(k) for k in FINDING_KEYS if k != "evidence"},
-                "evidence": json.dumps(f.get("evidence"), default=_jsonable),
-            }
+            {**f, "evidence": json.dumps(f.get("evidence"), default=_jsonable)}
             for f in self.findings
         ]
-        text = (
-            Report(self.meta, {"findings": flat}).csv_text("findings")
-            if flat
-            else ",".join(FINDING_KEYS) + "\n"
-        )
+        text = csv_text(flat) if flat else ",".join(FINDING_KEYS) + "\n"
         atomic_write(d / "findings.csv", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        written.append(d / "findings.csv")
-        return written
+        return written + [d / "findings.csv"]
+
+
+def csv_text(rows: list[dict]) -> str:
+    """Rows as CSV text: the columns of the first rows in order, then any that come later."""
+    buf = io.StringIO()
+    cols = _columns(rows)
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: _csv_value(row.get(k)) for k in cols})
+    return buf.getvalue()
 
 
 def _columns(rows: list[dict]) -> list[str]:

@@ -13,11 +13,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .compare import Comparison
+from ..vocab import BOX_TERMS, Head, Severity
+from .build import ALL_LEVELS
+from .compare import SAME, Comparison
 from .model import Report
+from .rows import LevelRow, ProfileRow
 
 WIDTH = 120
-SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+SEVERITY_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
+UNITS = {Head.RPN: "anchors", Head.ROI: "RoIs", Head.MASK: "RoIs"}
 LEVEL_METRICS = (
     ("avg_factor", "avg_f"),
     ("sample_weight", "w/smp"),
@@ -58,33 +62,48 @@ def num(v) -> Text:
     return Text(str(v))
 
 
+def _table(title: str, **kw) -> Table:
+    """A borderless table with a bold title, left-aligned, as every table of the report."""
+    return Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        title_justify="left",
+        title=Text(title, style="bold"),
+        **kw,
+    )
+
+
 def header(report: Report) -> Text:
     m = report.meta
-    ck, bt = m["checkpoint"], m["batch"]
-    h = m["heads"]
+    ck, bt, h = m["checkpoint"], m["batch"], m["heads"]
     t = Text()
     t.append("lossdoctor ", style="bold")
     t.append(f"{m['lossdoctor']} (torch {m['torch']})\n")
     t.append(f"checkpoint  {ck['path'] or '<object>'}  [{ck['layout']} layout")
     t.append(f", sha256 {ck['sha256'][:12]}]\n" if ck.get("sha256") else "]\n")
+    strides = "/".join(str(x) for x in bt["strides"])
+    pad = f"{bt['pad_size'][0]}x{bt['pad_size'][1]}"
+    levels = f"{bt['levels'][0]}-{bt['levels'][-1]}"
     t.append(
-        f"batch       {bt['path'] or '<object>'}  [{bt['images']} images, levels {bt['levels'][0]}-{bt['levels'][-1]} "
-        f"(strides {'/'.join(str(x) for x in bt['strides'])}), padded {bt['pad_size'][0]}x{bt['pad_size'][1]}]\n"
+        f"batch       {bt['path'] or '<object>'}  [{bt['images']} images, levels {levels} "
+        f"(strides {strides}), padded {pad}]\n"
     )
     it = bt.get("meta", {}).get("iteration")
     t.append(
-        f"detector    {m['config']['name']} config; {h['classes']} classes (background {h['background']}), "
-        f"{h['anchors']} anchors/location, {h['channels']} channels"
+        f"detector    {m['config']['name']} config; {h['classes']} classes (background "
+        f"{h['background']}), {h['anchors']} anchors/location, {h['channels']} channels"
         + (f"; iteration {it}" if it is not None else "")
         + "\n"
     )
     sampling = "every candidate (--sample-all)" if m["sample_all"] else f"seed {m['seed']}"
     t.append(f"profiles    {' vs '.join(report.profiles)}; sampling {sampling}")
     if ck.get("replaced"):
-        t.append(
-            f"\nnote        replaced {len(ck['replaced'])} non-tensor checkpoint objects: {', '.join(ck['replaced'][:3])}",
-            style="dim",
+        shown = ", ".join(ck["replaced"][:3])
+        note = (
+            f"\nnote        replaced {len(ck['replaced'])} non-tensor checkpoint objects: {shown}"
         )
+        t.append(note, style="dim")
     return t
 
 
@@ -104,121 +123,85 @@ def symptom(report: Report) -> Text:
     return t
 
 
+def _where(f: dict) -> str:
+    image = f"img {f['image']}" if f.get("image") is not None else None
+    return " ".join(x for x in (f.get("profile"), f.get("head"), f.get("level"), image) if x)
+
+
 def findings(report: Report) -> Table:
-    t = Table(
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        expand=False,
-        title_justify="left",
-        title=Text(f"Findings ({len(report.findings)}, most severe first)", style="bold"),
-    )
+    t = _table(f"Findings ({len(report.findings)}, most severe first)", expand=False)
     t.add_column("severity", no_wrap=True)
     t.add_column("code", no_wrap=True)
     t.add_column("where", no_wrap=True)
     t.add_column("finding and fix", ratio=1)
     for k, f in enumerate(report.findings):
-        where = " ".join(
-            x
-            for x in (
-                f.get("profile"),
-                f.get("head"),
-                f.get("level"),
-                f"img {f['image']}" if f.get("image") is not None else None,
-            )
-            if x
-        )
         body = Text(f["message"])
         # a run of findings with the same code and fix shows the fix once, after its last member
         nxt = report.findings[k + 1] if k + 1 < len(report.findings) else None
         if nxt is None or (nxt["code"], nxt["fix"]) != (f["code"], f["fix"]):
             body.append("\nfix: ", style="bold")
             body.append(f["fix"], style="dim")
-        t.add_row(Text(f["severity"], style=SEVERITY_STYLE[f["severity"]]), f["code"], where, body)
+        severity = Text(f["severity"], style=SEVERITY_STYLE[Severity(f["severity"])])
+        t.add_row(severity, f["code"], _where(f), body)
     if not report.findings:
         t.add_row("", "", "", "no finding")
     return t
 
 
-def level_table(report: Report, head: str, profiles: list[str]) -> Table:
-    rows = [r for r in report.tables["levels"] if r["head"] == head]
-    unit = "anchors" if head == "rpn" else "RoIs"
-    t = Table(
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        title_justify="left",
+def _level_cells(r: LevelRow) -> list[Text]:
+    """The metrics of one profile at one level (a head-wide normalizer only where levels share one)."""
+    cells = []
+    for key, _ in LEVEL_METRICS:
+        v = getattr(r, key)
+        per_level = r.level == ALL_LEVELS and key in ("avg_factor", "sample_weight") and v != v
+        cell = Text("-", style="dim") if per_level else num(v)
+        if key == "loss_bbox" and r.nan_origin and not cell.style:
+            cell.stylize("bold red")
+        cells.append(cell)
+    return cells
+
+
+def level_table(report: Report, head: Head, profiles: list[str]) -> Table:
+    rows = [r for r in report.levels() if r.head == head]
+    unit = UNITS[Head(head)]
+    t = _table(
+        f"{head.upper()} head, per level ({unit}; counts are shared by all profiles; "
+        "avg_f: normalizer, w/smp: per-sample weight, |dL/dF|: feature gradient)",
         padding=(0, 1, 0, 0),
-        title=Text(
-            f"{head.upper()} head, per level ({unit}; counts are shared by all profiles; "
-            "avg_f: normalizer, w/smp: per-sample weight, |dL/dF|: feature gradient)",
-            style="bold",
-        ),
     )
     for name in ("level", unit, "pos", "neg"):
         t.add_column(name, justify="right" if name != "level" else "left", no_wrap=True)
     for p in profiles:
         for _, short in LEVEL_METRICS:
             t.add_column(f"{p[:7]}\n{short}", justify="right", no_wrap=True)
-    levels = list(dict.fromkeys(r["level"] for r in rows))
+    levels = list(dict.fromkeys(r.level for r in rows))
     for lvl in levels:
-        by_p = {r["profile"]: r for r in rows if r["level"] == lvl}
+        by_p = {r.profile: r for r in rows if r.level == lvl}
         first = by_p[profiles[0]]
-        cells = [
-            Text(lvl, style="bold" if lvl == "all" else ""),
-            num(first["anchors"]),
-            num(first["pos"]),
-            num(first["neg"]),
-        ]
+        cells = [Text(lvl, style="bold" if lvl == ALL_LEVELS else "")]
+        cells += [num(first.anchors), num(first.pos), num(first.neg)]
         for p in profiles:
-            r = by_p[p]
-            for key, _ in LEVEL_METRICS:
-                per_level = (
-                    lvl == "all" and key in ("avg_factor", "sample_weight") and r[key] != r[key]
-                )
-                cell = (
-                    Text("-", style="dim") if per_level else num(r[key])
-                )  # per-level normalizers: no head-wide value
-                if key == "loss_bbox" and r.get("nan_origin") and not cell.style:
-                    cell.stylize("bold red")
-                cells.append(cell)
-        t.add_row(*cells, end_section=lvl == levels[-2] if len(levels) > 1 else False)
+            cells += _level_cells(by_p[p])
+        t.add_row(*cells, end_section=len(levels) > 1 and lvl == levels[-2])
     return t
 
 
 def totals(report: Report) -> Table:
-    t = Table(
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        title_justify="left",
-        title=Text("Totals per profile (gradient norms over all head parameters)", style="bold"),
-    )
+    t = _table("Totals per profile (gradient norms over all head parameters)")
     cols = (
         "loss_total",
-        "rpn_cls",
-        "rpn_box",
-        "roi_cls",
-        "roi_box",
+        *(x.value for x in BOX_TERMS),
         "grad_total_norm",
         "grad_clipped_norm",
         "rpn_neg_share",
     )
-    names = (
-        "loss",
-        "rpn_cls",
-        "rpn_box",
-        "roi_cls",
-        "roi_box",
-        "|grad| pre-clip",
-        "post-clip",
-        "rpn neg share",
-    )
+    names = ("loss", *(x.value for x in BOX_TERMS), "|grad| pre-clip", "post-clip", "rpn neg share")
     t.add_column("profile")
     for n in names:
         t.add_column(n, justify="right")
     for r in report.tables.get("profiles", []):
-        t.add_row(r["profile"], *[num(r.get(c)) for c in cols])
+        row = ProfileRow.from_dict(r)
+        t.add_row(row.profile, *[num(getattr(row, c)) for c in cols])
     return t
 
 
@@ -232,52 +215,38 @@ def render(report: Report, out: Console, quiet: bool = False) -> None:
     out.print(findings(report))
     if quiet:
         return
-    for head in ("rpn", "roi"):
+    heads = list(dict.fromkeys(r.head for r in report.levels()))
+    for head in heads:
         out.print()
         out.print(level_table(report, head, report.profiles[:2]))
     out.print()
     out.print(totals(report))
     if len(report.profiles) > 2:
-        out.print(
-            Text(
-                f"(tables show the first two profiles; all {len(report.profiles)} are in --json/--csv)",
-                style="dim",
-            )
+        note = (
+            f"(tables show the first two profiles; all {len(report.profiles)} are in --json/--csv)"
         )
+        out.print(Text(note, style="dim"))
+
+
+def _comparison_table(c: Comparison, changed_only: bool) -> Table:
+    t = _table(f"{c.old}  →  {c.new}")
+    for name in ("head", "level", "metric", "old", "new", "change"):
+        t.add_column(name, justify="right" if name in ("old", "new") else "left", no_wrap=True)
+    shown = 0
+    for head, level, r in [("total", "", r) for r in c.totals] + [
+        (r["head"], r["level"], r) for r in c.rows
+    ]:
+        if r["change"] != SAME or not changed_only:
+            t.add_row(head, level, r["metric"], num(r["old"]), num(r["new"]), _change(r["change"]))
+            shown += 1
+    if not shown:
+        t.add_row("", "", "no change", "", "", "")
+    return t
 
 
 def render_comparison(comps: list[Comparison], out: Console, changed_only: bool = True) -> None:
     for c in comps:
-        t = Table(
-            box=box.SIMPLE_HEAD,
-            show_edge=False,
-            pad_edge=False,
-            title_justify="left",
-            title=Text(f"{c.old}  →  {c.new}", style="bold"),
-        )
-        for name in ("head", "level", "metric", "old", "new", "change"):
-            t.add_column(name, justify="right" if name in ("old", "new") else "left", no_wrap=True)
-        shown = 0
-        for r in c.totals:
-            if r["change"] != "=" or not changed_only:
-                t.add_row(
-                    "total", "", r["metric"], num(r["old"]), num(r["new"]), _change(r["change"])
-                )
-                shown += 1
-        for r in c.rows:
-            if r["change"] != "=" or not changed_only:
-                t.add_row(
-                    r["head"],
-                    r["level"],
-                    r["metric"],
-                    num(r["old"]),
-                    num(r["new"]),
-                    _change(r["change"]),
-                )
-                shown += 1
-        if not shown:
-            t.add_row("", "", "no change", "", "", "")
-        out.print(t)
+        out.print(_comparison_table(c, changed_only))
         for title, items, style in (
             ("Findings that appear", c.appeared, "red"),
             ("Findings that disappear", c.disappeared, "green"),

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ..inputs.checkpoint import heads_from_state_dict
 from ..inputs.config import DetectorConfig, ProposalConfig, SamplerConfig, preset, replace
+from ..vocab import BIAS, WEIGHT, param
 
 CHANNELS = 32
 STRIDES = (4, 8, 16, 32, 64)
@@ -96,7 +97,7 @@ def live_heads(model: TinyDetector):
         {k: v.detach() for k, v in sd.items() if not k.startswith("backbone.")}
     )
     params = {}
-    for part, prefix in heads.keys.items():
-        for kind in ("weight", "bias"):
-            params[f"{part}.{kind}"] = sd[f"{prefix}.{kind}"]
+    for layer, prefix in heads.keys.items():
+        for kind in (WEIGHT, BIAS):
+            params[param(layer, kind)] = sd[f"{prefix}.{kind}"]
     return dataclasses.replace(heads, params=params)

@@ -36,15 +36,14 @@ def make_batch(model: TinyDetector, images, sizes, boxes, labels, meta=None) -> 
     """A replay Batch whose features keep their graph to the backbone."""
     feats = model.features(images)
     return Batch(
-        feats,
-        list(sizes),
-        tuple(images.shape[-2:]),
-        list(STRIDES),
-        list(boxes),
-        list(labels),
-        [torch.zeros(b.shape[0], dtype=torch.bool) for b in boxes],
-        None,
-        dict(meta or {}),
+        features=feats,
+        image_sizes=list(sizes),
+        pad_size=tuple(images.shape[-2:]),
+        strides=list(STRIDES),
+        gt_boxes=list(boxes),
+        gt_labels=list(labels),
+        gt_ignore=[torch.zeros(b.shape[0], dtype=torch.bool) for b in boxes],
+        meta=dict(meta or {}),
     )
 
 

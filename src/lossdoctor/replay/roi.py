@@ -1,0 +1,193 @@
+"""The RoI stage: candidates (proposals, plus GT), assignment and sampling per image, multi-scale
+RoIAlign, the box head, and each level's samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..inputs.checkpoint import BOX_COORDS, HeadWeights
+from ..inputs.config import DetectorConfig
+from .boxes import encode
+from .gt import UsableGt
+from .heads import box_hidden, box_predict
+from .losses import ce_loss
+from .matcher import POSITIVE, match
+from .roi_align import map_levels, multiscale_roi_align
+from .sampler import sample
+from .samples import HeadCounts, LevelSamples, head_counts
+
+BACKGROUND_CLASS = -1  # fg_class of a negative RoI
+NO_GT = -1  # gt_index of a negative RoI
+
+
+@dataclass(kw_only=True)
+class SampledRois:
+    """The sampled RoIs of the batch, positives first within each image. boxes Tensor[R, 4];
+    img, level, fg_class (-1: background), gt_index (-1: none) Tensor[R]; is_gt Tensor[R] bool;
+    targets Tensor[R, 4] (valid for positives)."""
+
+    boxes: Tensor
+    img: Tensor
+    level: Tensor
+    fg_class: Tensor
+    gt_index: Tensor
+    is_gt: Tensor
+    targets: Tensor
+    candidates_per_level: list[int]
+    img_pos: list[int]
+    img_neg: list[int]
+
+
+@dataclass(kw_only=True)
+class RoiStage(SampledRois):
+    """The sampled RoIs and the box head on them: pooled Tensor[R, C, P, P]; hidden1, hidden
+    Tensor[R, F]; cls_logits Tensor[R, K+1]; deltas Tensor[R, reg_classes, 4]; ce Tensor[R]."""
+
+    pooled: Tensor
+    hidden1: Tensor
+    hidden: Tensor
+    cls_logits: Tensor
+    deltas: Tensor
+    ce: Tensor
+    samples: list[LevelSamples]
+    counts: HeadCounts
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.candidates_per_level)
+
+
+def _candidates(props: Tensor, gt: Tensor, config: DetectorConfig) -> tuple[Tensor, Tensor]:
+    """One image's candidates (proposals, then the GT if the sampler adds it) and is_gt flags."""
+    cands = torch.cat([props, gt]) if config.roi_sampler.add_gt else props
+    is_gt = torch.zeros(cands.shape[0], dtype=torch.bool)
+    if config.roi_sampler.add_gt:
+        is_gt[props.shape[0] :] = True
+    return cands, is_gt
+
+
+@dataclass(kw_only=True)
+class _ImageRois:
+    """One image's candidates and its sampled RoI rows."""
+
+    candidates: Tensor
+    boxes: Tensor
+    fg_class: Tensor
+    gt_index: Tensor
+    is_gt: Tensor
+    targets: Tensor
+    pos: int
+    neg: int
+
+
+def _sample_image(props, gt, labels, config: DetectorConfig, gen, sample_all) -> _ImageRois:
+    """Assign one image's candidates to its GT and sample them → that image's RoI rows."""
+    cands, is_gt = _candidates(props, gt, config)
+    m = match(gt, cands, config.roi_matcher)
+    if config.roi_sampler.gt_self_assigned and config.roi_sampler.add_gt and gt.shape[0]:
+        m.labels[is_gt] = POSITIVE  # each added GT is its own match, whatever its IoU
+        m.gt[is_gt] = torch.arange(gt.shape[0])
+    pos, neg = sample(m.labels, config.roi_sampler, gen, sample_all)
+    idx = torch.cat([pos, neg])
+    fg = torch.full((idx.numel(),), BACKGROUND_CLASS, dtype=torch.long)
+    gidx = torch.full((idx.numel(),), NO_GT, dtype=torch.long)
+    tgt = torch.zeros(idx.numel(), BOX_COORDS)
+    if pos.numel():
+        gidx[: pos.numel()] = m.gt[pos]
+        fg[: pos.numel()] = labels[m.gt[pos]]
+        tgt[: pos.numel()] = encode(gt[m.gt[pos]], cands[pos], config.roi_coder.weights)
+    return _ImageRois(
+        candidates=cands,
+        boxes=cands[idx],
+        fg_class=fg,
+        gt_index=gidx,
+        is_gt=is_gt[idx],
+        targets=tgt,
+        pos=pos.numel(),
+        neg=neg.numel(),
+    )
+
+
+def sample_rois(proposals, gt: UsableGt, strides, config: DetectorConfig, gen, sample_all):
+    """Assign and sample every image's candidates → :class:`SampledRois`."""
+    cand_levels = torch.zeros(len(strides), dtype=torch.long)
+    rows = []
+    for props, boxes, labels in zip(proposals, gt.boxes, gt.labels):
+        row = _sample_image(props, boxes, labels, config, gen, sample_all)
+        levels = map_levels(row.candidates, strides, config.roi_pool)
+        cand_levels += torch.bincount(levels, minlength=len(strides))
+        rows.append(row)
+    boxes = torch.cat([r.boxes for r in rows])
+    img = [torch.full((r.boxes.shape[0],), i, dtype=torch.long) for i, r in enumerate(rows)]
+    return SampledRois(
+        boxes=boxes,
+        img=torch.cat(img),
+        level=map_levels(boxes, strides, config.roi_pool),
+        fg_class=torch.cat([r.fg_class for r in rows]),
+        gt_index=torch.cat([r.gt_index for r in rows]),
+        is_gt=torch.cat([r.is_gt for r in rows]),
+        targets=torch.cat([r.targets for r in rows]),
+        candidates_per_level=cand_levels.tolist(),
+        img_pos=[r.pos for r in rows],
+        img_neg=[r.neg for r in rows],
+    )
+
+
+def _level_samples(s: SampledRois, ce: Tensor, deltas: Tensor, heads, names) -> list[LevelSamples]:
+    fg = s.fg_class >= 0
+    pos_rows = fg.nonzero().flatten()
+    pos_pred = deltas[pos_rows, heads.reg_slot(s.fg_class[pos_rows])]
+    zero = torch.zeros(())
+    out = []
+    for lvl, name in enumerate(names):
+        at = s.level == lvl
+        at_pos = at[pos_rows]
+        out.append(
+            LevelSamples(
+                name=name,
+                candidates=s.candidates_per_level[lvl],
+                ignored=0,
+                cls_loss=ce[at],
+                cls_pos=fg[at],
+                box_pred=pos_pred[at_pos],
+                box_target=s.targets[pos_rows][at_pos],
+                cls_leak=zero,
+                box_leak=zero,
+            )
+        )
+    return out
+
+
+def roi_stage(
+    heads: HeadWeights,
+    features: list[Tensor],
+    strides: list[int],
+    names: list[str],
+    s: SampledRois,
+    config: DetectorConfig,
+) -> RoiStage:
+    """Pool the sampled RoIs from their levels, run the box head, and collect each level's samples."""
+    pooled = multiscale_roi_align(
+        features, strides, s.boxes, s.img, s.level, heads.pool_size, config.roi_pool
+    )
+    hidden1, hidden = box_hidden(pooled, heads)
+    cls_logits, deltas = box_predict(hidden, heads)
+    fg = s.fg_class >= 0
+    bg = torch.full_like(s.fg_class, heads.bg_col)
+    ce = ce_loss(cls_logits, torch.where(fg, heads.fg_logit(s.fg_class.clamp(min=0)), bg))
+    samples = _level_samples(s, ce, deltas, heads, names)
+    budget = config.roi_sampler.batch_size * len(s.img_pos)
+    return RoiStage(
+        **vars(s),
+        pooled=pooled,
+        hidden1=hidden1,
+        hidden=hidden,
+        cls_logits=cls_logits,
+        deltas=deltas,
+        ce=ce,
+        samples=samples,
+        counts=head_counts(samples, budget, s.img_pos, s.img_neg),
+    )
