@@ -54,8 +54,8 @@ def main():
         full_diagnosis(heads, batch, cfg)
         diag.append(time.perf_counter() - t)
     p, d = statistics.median(plain), statistics.median(diag)
-    print(f"plain training step (1 forward, 1 backward): {p:.2f} s  {['%.2f' % x for x in plain]}")
-    print(f"diagnosis, 2 profiles:                      {d:.2f} s  {['%.2f' % x for x in diag]}")
+    print(f"plain training step (1 forward, 1 backward): {p:.2f} s  {[f'{x:.2f}' for x in plain]}")
+    print(f"diagnosis, 2 profiles:                      {d:.2f} s  {[f'{x:.2f}' for x in diag]}")
     print(f"ratio diagnosis / plain step: {d / p:.2f}  (budget 2.0)")
 
 

@@ -80,7 +80,8 @@ def main():
         a, b = results[100], results[1000]
         print(
             f"  1000/100 GT: time x{b['seconds'] / a['seconds']:.2f}, "
-            f"replay memory above inputs x{(b['peak_mb'] - b['inputs_mb']) / (a['peak_mb'] - a['inputs_mb']):.2f}"
+            "replay memory above inputs "
+            f"x{(b['peak_mb'] - b['inputs_mb']) / (a['peak_mb'] - a['inputs_mb']):.2f}"
         )
 
 

@@ -2,7 +2,8 @@
 
 - fixtures/toy.toml: the toy detector's config (pass it with --config)
 - fixtures/healthy: the toy detector trained 300 steps under `fixed` (seed 0), and a held-out
-  batch: the first held-out draw (seeds 777, 778, ...) in which every FPN level has a positive anchor
+  batch: the first held-out draw (seeds 777, 778, ...) in which every FPN level has a positive
+  anchor
 - fixtures/first-nan and fixtures/collapse: the `legacy` run (seed 0) in a loop without a NaN check,
   as written by the capture hook during training: first-nan is its first non-finite loss (step 0),
   collapse the first step whose gradient norm exceeded 1000, a few steps before its weights
@@ -116,7 +117,8 @@ def collapse(root: Path, scratch: Path) -> None:
             shutil.copyfile(folder / f, root / name / f)
         print(f"{name}: {folder.name}: {reasons[folder]}")
     print(
-        f"legacy run: held-out detections {hist.detections[-1][1]}, recall {hist.detections[-1][2]:.2f} after {COLLAPSE_STEPS} steps"
+        f"legacy run: held-out detections {hist.detections[-1][1]}, "
+        f"recall {hist.detections[-1][2]:.2f} after {COLLAPSE_STEPS} steps"
     )
 
 

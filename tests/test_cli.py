@@ -291,13 +291,32 @@ def test_check(files, tmp_path):
     one_line_error(run("check", tmp_path / "broken.pt"), "batch key 'features' is missing")
 
 
-@pytest.mark.parametrize("cmd", ["inspect", "compare", "profiles", "check"])
+@pytest.mark.parametrize("cmd", ["inspect", "compare", "profiles", "check", "explain"])
 def test_every_help_has_an_example(cmd):
     r = run(cmd, "--help")
     assert r.exit_code == 0 and "lossdoctor " + cmd in r.stdout and "Example" in r.stdout
 
 
 def test_help_does_not_import_torch():
-    code = "import sys\nimport lossdoctor.cli as c\ntry:\n    c.main()\nexcept SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    code = (
+        "import sys\nimport lossdoctor.cli as c\ntry:\n    c.main()\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
     out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True)
     assert "Commands" in out.stdout and out.stdout.strip().endswith("NO-TORCH")
+
+
+def test_explain_a_code_its_list_and_an_unknown_code():
+    from lossdoctor.diagnose.findings import RULES, rule
+
+    r = run("explain", "nan-empty-mean")
+    assert r.exit_code == 0, r.output
+    want = rule("nan-empty-mean")
+    assert r.stdout.startswith("nan-empty-mean  [error]") and want.fix in r.stdout.replace("\n", " ")
+    assert "evidence: stage, nan, posinf, neginf, index, gt" in r.stdout
+    listing = run("explain", "--list").stdout.strip().splitlines()
+    assert [line.split()[0] for line in listing] == [x.code for x in RULES]
+    assert run("explain", "gt-matches-no-anchor").stdout.startswith("gt-matches-no-anchor  [error (some cases warning)]")
+    causes = run("explain", "nonfinite-loss").stdout
+    assert "input: the features are already non-finite" in causes and "targets: drop GT boxes" in causes
+    one_line_error(run("explain", "nan-emtpy-mean"), "unknown finding code 'nan-emtpy-mean'")

@@ -14,6 +14,7 @@ from lossdoctor.inputs.batch import validate_batch
 from lossdoctor.inputs.checkpoint import heads_from_state_dict
 from lossdoctor.inputs.config import preset
 from lossdoctor.inputs.profiles import BUILTIN, TermSpec, fixed
+from lossdoctor.vocab import LossKind
 from lossdoctor.replay.engine import replay
 
 SIZE = (512, 512)
@@ -65,7 +66,7 @@ def test_healthy_batch_has_no_error(cfg):
 def test_nan_empty_mean_at_the_level_without_positive():
     d = healthy_dict()
     d["gt_boxes"] = [b[:4] for b in d["gt_boxes"]]  # drop the P6 object
-    d["gt_labels"] = [l[:4] for l in d["gt_labels"]]
+    d["gt_labels"] = [lab[:4] for lab in d["gt_labels"]]
     diag = run(d)
     f = find(diag, "nan-empty-mean", profile="legacy", level="p6", head="rpn")
     assert f.evidence["stage"] == "normalizer" and f.evidence["nan"] == 1
@@ -128,7 +129,7 @@ def test_gt_far_outside_matches_no_anchor_and_makes_every_anchor_positive():
     diag = run(d)
     f = find(diag, "gt-matches-no-anchor", image=1, severity="error")
     assert f.evidence["rpn_pos_candidates"] == sum(
-        l.anchors.shape[0] for l in diag.replay.rpn.levels
+        lv.anchors.shape[0] for lv in diag.replay.rpn.levels
     )
 
 
@@ -194,7 +195,7 @@ def test_background_dominance_and_level_weight_imbalance_under_legacy():
     ]
     d = healthy_dict()
     d["gt_boxes"] = [b[:1] for b in d["gt_boxes"]]
-    d["gt_labels"] = [l[:1] for l in d["gt_labels"]]
+    d["gt_labels"] = [lab[:1] for lab in d["gt_labels"]]
     find(run(d), "background-dominance", profile="legacy", head="rpn")
 
 
@@ -314,3 +315,98 @@ def test_an_image_whose_labels_are_all_out_of_range_has_no_usable_gt():
     assert f.evidence == {"ignored": 0, "bad_label": 5, "nonfinite": 0}
     assert "5 labelled outside 0..2" in f.message
     find(diag, "label-out-of-range", image=1)
+
+
+# ---- the rule table: every rule has a fault that fires it ------------------------------------
+
+
+def _drop_p6(d):
+    d["gt_boxes"] = [b[:4] for b in d["gt_boxes"]]
+    d["gt_labels"] = [lab[:4] for lab in d["gt_labels"]]
+    return d
+
+
+def _with(change):
+    d = healthy_dict()
+    change(d)
+    return d
+
+
+def _unsafe():
+    from lossdoctor.inputs.torchfile import Replaced
+
+    batch = validate_batch(healthy_dict())
+    heads = heads_from_state_dict(F.state_dict(), replaced=[Replaced("posix.system", True)])
+    return diagnose(replay(heads, batch, preset("torchvision"), [fixed()]))
+
+
+def _tiny_weights():
+    kinds = {"rpn_cls": LossKind.BCE, "roi_cls": LossKind.CE}
+    specs = {
+        t: TermSpec(kinds.get(t, LossKind.L1), "sampled", weight=1e-12, floor=1.0)
+        for t in ("rpn_cls", "rpn_box", "roi_cls", "roi_box")
+    }
+    return run(profiles=(dataclasses.replace(fixed(), name="tiny", **specs),))
+
+
+def _nan_weight():
+    sd = F.state_dict()
+    sd["rpn.head.cls_logits.weight"][1, 0, 0, 0] = float("nan")
+    return run(sd=sd, profiles=("mmdet",), cfg="mmdet")
+
+
+def _background_collapse():
+    sd = F.state_dict()
+    sd["roi_heads.box_predictor.cls_score.bias"][0] = 20.0
+    return run(sd=sd)
+
+
+def _box(i, j, box):
+    def change(d):
+        d["gt_boxes"][i][j] = torch.tensor(box)
+
+    return change
+
+
+FAULTS = {
+    "unsafe-pickle-global": _unsafe,
+    "nonfinite-gt": lambda: run(_with(_box(0, 1, [float("nan"), 1.0, 30.0, 40.0]))),
+    "degenerate-gt": lambda: run(_with(_box(1, 2, [300.0, 256.0, 300.0, 384.0]))),
+    "gt-xywh-suspected": lambda: run(_with(_box(0, 2, [100.0, 100.0, 60.0, 80.0]))),
+    "nonfinite-features": lambda: run(_with(lambda d: d["features"]["p3"][0, 0, 1, 1].fill_(float("inf")))),
+    "labels-one-based": lambda: run(_with(lambda d: d.update(gt_labels=[torch.tensor([1, 2, 3, 1, 2])] * 2))),
+    "label-out-of-range": lambda: run(_with(lambda d: d["gt_labels"].__setitem__(1, torch.tensor([0, 9, 2, 0, 1])))),
+    "nonfinite-weights": _nan_weight,
+    "nan-empty-mean": lambda: run(_drop_p6(healthy_dict())),
+    "nonfinite-loss": _nan_weight,
+    "gt-matches-no-anchor": lambda: run(_with(_box(1, 1, [2000.0, 2000.0, 2040.0, 2040.0]))),
+    "collapse-to-background": _background_collapse,
+    "gt-outside-image": lambda: run(_with(_box(0, 0, [480.0, 84.0, 600.0, 116.0]))),
+    "gt-without-positive": lambda: run(_with(_box(0, 0, [100.0, 100.0, 102.0, 160.0])), cfg="mmdet", profiles=("mmdet",)),
+    "background-dominance": lambda: run(_with(lambda d: d.update(gt_boxes=[b[:1] for b in d["gt_boxes"]], gt_labels=[x[:1] for x in d["gt_labels"]]))),
+    "level-weight-imbalance": lambda: run(),
+    "exploding-gradient": lambda: run(_with(lambda d: [v.mul_(1e4) for v in d["features"].values()]), profiles=("fixed",)),
+    "vanishing-gradient": _tiny_weights,
+    "no-gradient": lambda: run(profiles=(dataclasses.replace(fixed(), name="rpn-only", roi_cls=TermSpec(LossKind.CE, weight=0.0, floor=1.0), roi_box=TermSpec(LossKind.L1, weight=0.0, floor=1.0)),)),
+    "empty-gt-image": lambda: run(_with(lambda d: d.update(gt_ignore=[torch.zeros(5, dtype=torch.bool), torch.ones(5, dtype=torch.bool)]))),
+    "no-positive-level": lambda: run(_drop_p6(healthy_dict())),
+}  # fmt: skip
+
+
+def test_every_rule_has_a_fault_case():
+    from lossdoctor.diagnose.findings import BY_CODE
+
+    assert set(FAULTS) == set(BY_CODE)
+
+
+@pytest.mark.parametrize("code", list(FAULTS))
+def test_each_rule_fires_on_its_fault_with_declared_evidence(code):
+    from lossdoctor.diagnose.findings import BY_CODE
+
+    diag = FAULTS[code]()
+    hits = [f for f in diag.findings if f.code == code]
+    assert hits, f"{code} did not fire; found {sorted({f.code for f in diag.findings})}"
+    for f in diag.findings:
+        rule = BY_CODE[f.code]  # every emitted code is declared
+        assert set(f.evidence) <= set(rule.evidence), (f.code, set(f.evidence) - set(rule.evidence))
+        assert f.severity in (rule.severity, rule.minor)

@@ -55,8 +55,9 @@ def collapse():
 
 
 def test_collapse_names_the_real_cause(collapse):
-    """The legacy run's gradient blow-up, as captured: lossdoctor finds that the RoI box loss, averaged
-    over a handful of positive RoIs instead of all sampled RoIs, carries the whole exploding gradient,
+    """The legacy run's gradient blow-up, as captured: lossdoctor finds that the RoI box loss,
+    averaged over a handful of positive RoIs instead of all sampled RoIs, carries the whole
+    exploding gradient,
     at the level that holds those positives; under `fixed` the same batch has a normal gradient."""
     assert "gradient norm" in collapse.meta["batch"]["meta"]["reason"]
     f = next(f for f in collapse.findings if f["code"] == "exploding-gradient")

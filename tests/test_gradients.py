@@ -72,7 +72,7 @@ def test_param_norms_by_term_match_autograd(case, name):
 @pytest.mark.parametrize("name", [p.name for p in PROFILES])
 def test_level_norms_match_autograd(case, name):
     r, G = case
-    rows = {(l.head, l.level): l for l in G[name].levels}
+    rows = {(g.head, g.level): g for g in G[name].levels}
     terms = r.losses[name].terms
     for head in ("rpn", "roi"):
         loss = terms[f"{head}_cls"] + terms[f"{head}_box"]

@@ -1,4 +1,5 @@
-"""Batch schema, suspicions, checkpoints (layouts, wrappers, safe loading), configs and profiles from TOML."""
+"""Batch schema, suspicions, checkpoints (layouts, wrappers, safe loading), configs and profiles
+from TOML."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def codes(batch):
         ),
         (
             lambda d: d["gt_boxes"].__setitem__(0, torch.zeros(2, 5)),
-            "batch key 'gt_boxes[0]': expected a float Tensor[K, 4] (x1, y1, x2, y2), found Tensor[2, 5] float32",
+            "batch key 'gt_boxes[0]': expected a float Tensor[K, 4] (x1, y1, x2, y2), "
+            "found Tensor[2, 5] float32",
         ),
         (
             lambda d: d["gt_labels"].__setitem__(1, torch.tensor([0.0, 1.0])),

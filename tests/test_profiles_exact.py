@@ -118,7 +118,7 @@ def make_batch(outs, gt_boxes, gt_labels, proposals):
             "image_sizes": [[IMAGE, IMAGE]] * n,
             "strides": list(STRIDES),
             "gt_boxes": [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in gt_boxes],
-            "gt_labels": [torch.tensor(l, dtype=torch.long) for l in gt_labels],
+            "gt_labels": [torch.tensor(lab, dtype=torch.long) for lab in gt_labels],
             "proposals": [torch.tensor(p, dtype=torch.float32).reshape(-1, 4) for p in proposals],
         }
     )
@@ -285,7 +285,8 @@ def test_profile_matches_reference_formula(case, profile):
 
 
 def test_reference_cases_exercise_the_edge_cases():
-    """The cases really contain what they claim: no-GT image, a level without positive, no RoI positive."""
+    """The cases really contain what they claim: no-GT image, a level without positive, no RoI
+    positive."""
     gts, labels, props = CASES["normal"]
     r = replay(
         make_heads(),

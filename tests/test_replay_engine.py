@@ -30,7 +30,7 @@ def run(batch=None, cfg="torchvision", seed=0, sample_all=False, profiles=ALL, h
 
 
 def vals(r, profile, head, kind):
-    return [float(getattr(l, f"loss_{kind}").detach()) for l in r.losses[profile].levels[head]]
+    return [float(getattr(lv, f"loss_{kind}").detach()) for lv in r.losses[profile].levels[head]]
 
 
 @pytest.mark.parametrize("cfg", ["torchvision", "mmdet", "detectron2"])
@@ -54,7 +54,7 @@ def test_shared_normalizer_levels_add_up_to_the_whole_batch_loss(name):
     prof = r.losses[name]
     for head in ("rpn", "roi"):
         lv = prof.levels[head]
-        assert len({l.avg_factor for l in lv}) == 1
+        assert len({x.avg_factor for x in lv}) == 1
         d = lv[0].avg_factor
         # the whole-batch loss computed at once: sum of every sampled per-sample loss / D
         samples = r.samples[head]
@@ -67,10 +67,10 @@ def test_fixed_avg_factor_is_total_sampled_and_legacy_per_level():
     r = run()
     rpn = r.losses["fixed"].levels["rpn"]
     total = sum(s.sampled for s in r.samples["rpn"])
-    assert {l.avg_factor for l in rpn} == {float(total)}
+    assert {x.avg_factor for x in rpn} == {float(total)}
     legacy = r.losses["legacy"].levels["rpn"]
-    assert [l.avg_factor for l in legacy] == [float(s.sampled) for s in r.samples["rpn"]]
-    assert [l.avg_factor_bbox for l in legacy] == [float(s.pos) for s in r.samples["rpn"]]
+    assert [x.avg_factor for x in legacy] == [float(s.sampled) for s in r.samples["rpn"]]
+    assert [x.avg_factor_bbox for x in legacy] == [float(s.pos) for s in r.samples["rpn"]]
 
 
 def test_mmdet_rpn_avg_factor_is_per_image_floored_sum():
@@ -120,7 +120,8 @@ def test_labels_out_of_range_are_left_out_and_recorded():
 
 
 def test_mmdet_leak_nan_from_an_unsampled_anchor():
-    """A NaN output at anchors nobody samples: mmdet's weight-multiply makes the level NaN, indexing does not."""
+    """A NaN output at anchors nobody samples: mmdet's weight-multiply makes the level NaN,
+    indexing does not."""
     d = F.batch_dict()
     d["features"]["p6"][0, :, 0, 0] = float("nan")  # every P6 output at one location becomes NaN
     batch = validate_batch(d)

@@ -90,7 +90,8 @@ def test_low_quality_match_torchvision_vs_mmdet_min_pos_iou():
 
 
 def test_gt_overlapping_no_anchor_makes_every_anchor_positive_under_torchvision_matching():
-    # reference edge case: the low-quality pass matches every anchor whose IoU equals the GT's max, 0
+    # reference edge case: the low-quality pass matches every anchor whose IoU equals the GT's
+    # max, 0
     gt = torch.tensor([[2000.0, 2000.0, 2010.0, 2010.0]])
     tv = match(gt, _anchors(), TV)
     mm = match(gt, _anchors(), mmdet_rpn(0.3))

@@ -1,4 +1,5 @@
-"""The torchvision preset and profile against the real torchvision modules (skipped without torchvision).
+"""The torchvision preset and profile against the real torchvision modules (skipped without
+torchvision).
 
 Run with torchvision installed, e.g. ``pip install torch==2.14.1 torchvision==0.29.1`` in a separate
 environment. Sampling budgets are made large enough that torchvision keeps every candidate, which is
@@ -58,7 +59,7 @@ def tv_modules(sd, channels, classes, pool=7, hidden=32):
         0.5,
         100,
     )
-    own = {k: v for k, v in sd.items()}
+    own = dict(sd)
     head.load_state_dict(
         {k[len("rpn.head.") :]: v for k, v in own.items() if k.startswith("rpn.head.")}
     )
@@ -101,7 +102,7 @@ def test_torchvision_losses_match(seed):
     pad = (d["features"]["p2"].shape[2] * 4, d["features"]["p2"].shape[3] * 4)
     images = ImageList(torch.zeros(n, 3, *pad), [tuple(s) for s in d["image_sizes"]])
     feats = OrderedDict(zip(["0", "1", "2", "3", "pool"], d["features"].values()))
-    targets = [{"boxes": b, "labels": l + 1} for b, l in zip(d["gt_boxes"], d["gt_labels"])]
+    targets = [{"boxes": b, "labels": lab + 1} for b, lab in zip(d["gt_boxes"], d["gt_labels"])]
     proposals, rpn_losses = rpn(images, feats, targets)
     # torchvision's RoI stage on its own proposals; lossdoctor replays the same proposals
     _, roi_losses = roi(feats, [p.detach() for p in proposals], images.image_sizes, targets)

@@ -21,7 +21,8 @@ _WHERE = {
     "dump_batch": "inputs.batch", "load_batch": "inputs.batch", "Batch": "inputs.batch",
     "load_checkpoint": "inputs.checkpoint", "HeadWeights": "inputs.checkpoint",
     "load_config": "inputs.config", "preset": "inputs.config", "DetectorConfig": "inputs.config",
-    "load_profile": "inputs.profiles", "LossProfile": "inputs.profiles", "TermSpec": "inputs.profiles",
+    "load_profile": "inputs.profiles", "LossProfile": "inputs.profiles",
+    "TermSpec": "inputs.profiles",
     "InputError": "inputs.errors",
     "Capture": "capture",
     # the vocabulary
@@ -29,7 +30,7 @@ _WHERE = {
     "FailOn": "vocab", "LossKind": "vocab", "Empty": "vocab", "Layer": "vocab", "Layout": "vocab",
     "Framework": "vocab", "Stage": "vocab",
 }  # fmt: skip
-__all__ = sorted(_WHERE) + ["__version__"]
+__all__ = sorted([*_WHERE, "__version__"])
 
 
 def __getattr__(name: str):

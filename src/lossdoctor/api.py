@@ -149,7 +149,8 @@ def compare(old, new, *, checkpoint=None, batch=None, **replay_options):
     if not a.is_report:
         if checkpoint is None or batch is None:
             raise InputError(
-                "comparing two profiles needs CKPT and BATCH: lossdoctor compare CKPT BATCH --old A --new B"
+                "comparing two profiles needs CKPT and BATCH: "
+                "lossdoctor compare CKPT BATCH --old A --new B"
             )
         report = inspect(checkpoint, batch, old=a.spec, new=b.spec, **replay_options)
         first, second = report.profiles[:2]

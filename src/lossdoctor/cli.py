@@ -120,6 +120,25 @@ UnsafeOpt = Annotated[
 ]
 
 
+# compare's own
+SIDE_HELP = "profile name, profile .toml, or report .json (REPORT.json:PROFILE picks one)"
+OptionalCkpt = Annotated[
+    str | None, typer.Argument(metavar="[CKPT", help="checkpoint (when both sides are profiles)")
+]
+OptionalBatch = Annotated[
+    str | None,
+    typer.Argument(metavar="BATCH]", help="batch dump (when both sides are profiles)"),
+]
+OldSide = Annotated[str, typer.Option("--old", help=SIDE_HELP)]
+NewSide = Annotated[str, typer.Option("--new", help=SIDE_HELP)]
+CompareCsv = Annotated[str | None, typer.Option("--csv", help="write the comparison rows to FILE")]
+CompareJson = Annotated[
+    str | None,
+    typer.Option("--json", help="write the comparison as JSON to FILE, or '-' for stdout"),
+]
+AllRows = Annotated[bool, typer.Option("--all", help="show unchanged metrics too")]
+
+
 def _fail(message: str) -> None:
     typer.echo(f"lossdoctor: error: {message}", err=True)
     raise typer.Exit(EXIT_BAD_INPUT)
@@ -156,12 +175,13 @@ def _check_device(device: Device) -> None:
         from .inputs.errors import InputError
 
         raise InputError(
-            "--device cuda is not supported by this version: the replay runs on the CPU; use --device cpu"
+            "--device cuda is not supported by this version: the replay runs on the CPU; "
+            "use --device cpu"
         )
 
 
 def _file_inputs(**roles) -> dict[str, str]:
-    """The files a command reads, by role, for the output guard (names of built-ins are no files)."""
+    """The files a command reads, by role, for the output guard (built-in names are no files)."""
     out = {}
     for role, value in roles.items():
         path = None if value is None else str(value)
@@ -195,9 +215,7 @@ def inspect(
     sample_all: SampleAllOpt = False,
     device: DeviceOpt = Device.cpu,
     score_thr: ScoreThrOpt = None,
-    csv: Annotated[
-        str | None, typer.Option("--csv", help="write the levels table to FILE")
-    ] = None,
+    csv: Annotated[str | None, typer.Option("--csv", help="write the levels table to FILE")] = None,
     csv_dir: CsvDirOpt = None,
     json_out: Annotated[
         str | None,
@@ -218,81 +236,60 @@ def inspect(
 
     \b
     Example:
-      lossdoctor inspect ckpt_5000.pt batch.pt --old legacy --new fixed --csv levels.csv --plot levels.png
+      lossdoctor inspect ckpt_5000.pt batch.pt --csv levels.csv --plot levels.png
     """
+    args = dict(locals())
+    _guard(lambda: _inspect(**args))
 
-    def run():
-        _check_device(device)
-        from .api import inspect as run_inspect
-        from .report.export import Outputs, export
-        from .report.render import console, render
 
-        outputs = Outputs(json_out, csv, csv_dir, plot)
-        inputs = _file_inputs(
-            checkpoint=ckpt, batch=batch, config=config, old_profile=old, new_profile=new
-        )
-        outputs.check(inputs)
-        report = run_inspect(
-            ckpt,
-            batch,
-            config=config,
-            old=old,
-            new=new,
-            seed=seed,
-            sample_all=sample_all,
-            score_thr=score_thr,
-            unsafe_load=unsafe_load,
-        )
-        export(report, outputs, inputs)
-        _stdout_json(json_out, report.to_json())
-        render(report, console(stderr=json_out == "-"), quiet=quiet)
-        if report.fails(fail_on):
-            raise typer.Exit(EXIT_FINDING)
+def _inspect(*, ckpt, batch, old, new, config, seed, sample_all, device, score_thr, csv, csv_dir,
+             json_out, plot, fail_on, unsafe_load, quiet):  # fmt: skip
+    _check_device(device)
+    from .api import inspect as run_inspect
+    from .report.export import Outputs, export
+    from .report.render import console, render
 
-    _guard(run)
+    outputs = Outputs(json_out, csv, csv_dir, plot)
+    inputs = _file_inputs(
+        checkpoint=ckpt, batch=batch, config=config, old_profile=old, new_profile=new
+    )
+    outputs.check(inputs)
+    report = run_inspect(
+        ckpt,
+        batch,
+        config=config,
+        old=old,
+        new=new,
+        seed=seed,
+        sample_all=sample_all,
+        score_thr=score_thr,
+        unsafe_load=unsafe_load,
+    )
+    export(report, outputs, inputs)
+    _stdout_json(json_out, report.to_json())
+    render(report, console(stderr=json_out == "-"), quiet=quiet)
+    if report.fails(fail_on):
+        raise typer.Exit(EXIT_FINDING)
 
 
 @app.command()
 def compare(
-    ckpt: Annotated[
-        str | None,
-        typer.Argument(metavar="[CKPT", help="checkpoint (when both sides are profiles)"),
-    ] = None,
-    batch: Annotated[
-        str | None,
-        typer.Argument(metavar="BATCH]", help="batch dump (when both sides are profiles)"),
-    ] = None,
-    old: Annotated[
-        str,
-        typer.Option(
-            "--old",
-            help="profile name, profile .toml, or report .json (REPORT.json:PROFILE picks one)",
-        ),
-    ] = ...,
-    new: Annotated[
-        str,
-        typer.Option(
-            "--new",
-            help="profile name, profile .toml, or report .json (REPORT.json:PROFILE picks one)",
-        ),
-    ] = ...,
+    ckpt: OptionalCkpt = None,
+    batch: OptionalBatch = None,
+    old: OldSide = ...,
+    new: NewSide = ...,
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     sample_all: SampleAllOpt = False,
     device: DeviceOpt = Device.cpu,
     score_thr: ScoreThrOpt = None,
-    csv: Annotated[
-        str | None, typer.Option("--csv", help="write the comparison rows to FILE")
-    ] = None,
+    csv: CompareCsv = None,
     csv_dir: CsvDirOpt = None,
-    json_out: Annotated[
-        str | None,
-        typer.Option("--json", help="write the comparison as JSON to FILE, or '-' for stdout"),
-    ] = None,
+    json_out: CompareJson = None,
     plot: PlotOpt = None,
     fail_on: FailOnOpt = FailOn.NEVER,
     unsafe_load: UnsafeOpt = False,
-    all_rows: Annotated[bool, typer.Option("--all", help="show unchanged metrics too")] = False,
+    all_rows: AllRows = False,
 ):
     """Compare two profiles on one batch, or two saved reports.
 
@@ -302,43 +299,45 @@ def compare(
       lossdoctor compare --old r1000.json --new r5000.json
       lossdoctor compare --old r5000.json:legacy --new r5000.json:fixed
     """
+    args = dict(locals())
+    _guard(lambda: _compare(**args))
 
-    def run():
-        _check_device(device)
-        from .api import compare as run_compare
-        from .inputs.errors import InputError
-        from .report.export import Outputs, export
-        from .report.render import console, render_comparison
 
-        outputs = Outputs(json_out, csv, csv_dir, plot)
-        inputs = _file_inputs(checkpoint=ckpt, batch=batch, config=config, old=old, new=new)
-        outputs.check(inputs)
-        options = dict(
-            config=config,
-            seed=seed,
-            sample_all=sample_all,
-            score_thr=score_thr,
-            unsafe_load=unsafe_load,
+def _compare(*, ckpt, batch, old, new, config, seed, sample_all, device, score_thr, csv, csv_dir,
+             json_out, plot, fail_on, unsafe_load, all_rows):  # fmt: skip
+    _check_device(device)
+    from .api import compare as run_compare
+    from .inputs.errors import InputError
+    from .report.export import Outputs, export
+    from .report.render import console, render_comparison
+
+    outputs = Outputs(json_out, csv, csv_dir, plot)
+    inputs = _file_inputs(checkpoint=ckpt, batch=batch, config=config, old=old, new=new)
+    outputs.check(inputs)
+    options = dict(
+        config=config,
+        seed=seed,
+        sample_all=sample_all,
+        score_thr=score_thr,
+        unsafe_load=unsafe_load,
+    )
+    result = run_compare(old, new, checkpoint=ckpt, batch=batch, **options)
+    if result.report is None and (csv_dir or plot):
+        raise InputError(
+            "--csv-dir and --plot need a replay: compare two profiles with CKPT and BATCH"
         )
-        result = run_compare(old, new, checkpoint=ckpt, batch=batch, **options)
-        if result.report is None and (csv_dir or plot):
-            raise InputError(
-                "--csv-dir and --plot need a replay: compare two profiles with CKPT and BATCH"
-            )
-        if result.report is not None:
-            export(result.report, Outputs(csv_dir=csv_dir, plot=plot), inputs)
-        if json_out and json_out != "-":
-            result.save_json(json_out)
-        if csv:
-            result.save_csv(csv)
-        _stdout_json(json_out, result.to_json())
-        render_comparison(
-            result.comparisons, console(stderr=json_out == "-"), changed_only=not all_rows
-        )
-        if result.fails(fail_on):
-            raise typer.Exit(EXIT_FINDING)
-
-    _guard(run)
+    if result.report is not None:
+        export(result.report, Outputs(csv_dir=csv_dir, plot=plot), inputs)
+    if json_out and json_out != "-":
+        result.save_json(json_out)
+    if csv:
+        result.save_csv(csv)
+    _stdout_json(json_out, result.to_json())
+    render_comparison(
+        result.comparisons, console(stderr=json_out == "-"), changed_only=not all_rows
+    )
+    if result.fails(fail_on):
+        raise typer.Exit(EXIT_FINDING)
 
 
 @app.command()
@@ -385,14 +384,14 @@ def _print_replaced(out, what: str, replaced) -> None:
 def _print_batch(out, path: str, b) -> None:
     pad = f"{b.pad_size[0]}x{b.pad_size[1]}"
     out.print(
-        f"batch {path}: valid lossdoctor.batch/1, {b.num_images} images, {b.channels} channels, padded {pad}"
+        f"batch {path}: valid lossdoctor.batch/1, {b.num_images} images, {b.channels} channels, "
+        f"padded {pad}"
     )
     for (name, f), s in zip(b.features.items(), b.strides):
         out.print(f"  {name}: {f.shape[2]}x{f.shape[3]}, stride {s}")
     for i, (size, boxes) in enumerate(zip(b.image_sizes, b.gt_boxes)):
-        out.print(
-            f"  image {i}: {size[0]}x{size[1]}, {boxes.shape[0]} GT boxes, {int(b.gt_ignore[i].sum())} ignored"
-        )
+        ignored = int(b.gt_ignore[i].sum())
+        out.print(f"  image {i}: {size[0]}x{size[1]}, {boxes.shape[0]} GT boxes, {ignored} ignored")
     _print_replaced(out, "batch", b.replaced)
 
 
@@ -413,7 +412,8 @@ def _print_fit(out, path: str, heads, b, cfg) -> None:
     if bad:
         i, j, v = bad[0]
         out.print(
-            f"  {len(bad)} labels outside 0..{k - 1} (first: image {i} box {j} label {v}); the replay leaves them out"
+            f"  {len(bad)} labels outside 0..{k - 1} (first: image {i} box {j} label {v}); "
+            "the replay leaves them out"
         )
 
 
@@ -457,9 +457,7 @@ def check(
 
 @app.command()
 def explain(
-    code: Annotated[
-        str | None, typer.Argument(help="a finding code, as reports print it")
-    ] = None,
+    code: Annotated[str | None, typer.Argument(help="a finding code, as reports print it")] = None,
     list_all: Annotated[
         bool, typer.Option("--list", help="one line per code: code, severity, summary")
     ] = False,

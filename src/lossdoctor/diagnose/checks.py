@@ -86,7 +86,10 @@ def empty_gt(f: Facts) -> list[Hit]:
             (im.gt_nonfinite, "non-finite"),
         ]
         why = ", ".join(f"{n} {what}" for n, what in parts if n)
-        msg = f"image {im.image} has no usable GT box ({why}), so it trains as an image without objects"
+        msg = (
+            f"image {im.image} has no usable GT box ({why}), so it trains as an image without "
+            "objects"
+        )
         ev = {"ignored": im.gt_ignored, "bad_label": im.gt_bad_label, "nonfinite": im.gt_nonfinite}
         out.append(Hit(message=msg, image=im.image, evidence=ev))
     return out
@@ -168,7 +171,10 @@ def nonfinite_weights(f: Facts) -> list[Hit]:
 
 
 def _origin_hit(o: Origin, fix: str | None) -> Hit:
-    msg = f"{o.profile}: {o.head} {LOSS_COLUMN[o.part]} at {o.level} is {o.kind}; first broken stage: {o.cause}"
+    msg = (
+        f"{o.profile}: {o.head} {LOSS_COLUMN[o.part]} at {o.level} is {o.kind}; first broken "
+        f"stage: {o.cause}"
+    )
     ev = {
         "stage": o.stage,
         "nan": o.nan,

@@ -51,7 +51,8 @@ RULES: tuple[Rule, ...] = (
         summary="a file names code that unpickling would have run (it did not run)",
         evidence=("file", "globals"),
         fix="do not open this file with torch.load(weights_only=False) or pickle: it tries to run "
-        "code on loading. Get the weights from a source you trust; lossdoctor read only its tensors",
+        "code on loading. Get the weights from a source you trust; lossdoctor read only its "
+        "tensors",
     ),
     Rule(
         code="nonfinite-gt",
@@ -181,7 +182,8 @@ RULES: tuple[Rule, ...] = (
         fix="balance positives and negatives: a shared avg_factor (profile 'fixed') or a positive "
         "weight; a per-level mean gives negatives of sparse levels huge weights",
         minor_fix="few positives for the sampler budget: normal for images with few objects; if "
-        "it persists, raise the sampler's positive_fraction or add positives (smaller/more anchors)",
+        "it persists, raise the sampler's positive_fraction or add positives (smaller/more "
+        "anchors)",
     ),
     Rule(
         code="level-weight-imbalance",

@@ -28,7 +28,8 @@ def read_toml(path: str | Path) -> dict:
 
 def load_named(cls, spec: str | Path, makers: dict, default_base: str, what: str):
     """A built-in by name (``makers[name]()``), or a TOML file whose keys override the built-in its
-    ``base`` names (tables merge key by key). Without a ``name`` key the result is named after the file."""
+    ``base`` names (tables merge key by key). Without a ``name`` key the result is named after
+    the file."""
     spec = str(spec)
     choices = f"use one of {', '.join(makers)} or a .toml file"
     if spec in makers:
@@ -50,6 +51,26 @@ def load_named(cls, spec: str | Path, makers: dict, default_base: str, what: str
     return from_dict(cls, merged, Path(spec).name)
 
 
+# scalar type -> (does a TOML value fit it, what the error says was expected)
+SCALARS = {
+    float: (lambda v: not isinstance(v, bool) and isinstance(v, (int, float)), "a number"),
+    int: (lambda v: not isinstance(v, bool) and isinstance(v, int), "an integer"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _coerce_tuple(value, tp, where: str) -> tuple:
+    args = typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+        raise InputError(f"{where}: expected a list, found {value!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if len(args) != len(value):
+        raise InputError(f"{where}: expected {len(args)} values, found {len(value)}")
+    return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+
+
 def _coerce(value, tp, where: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -58,40 +79,19 @@ def _coerce(value, tp, where: str):
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], where)
+        return None if value is None else _coerce(value, args[0], where)
     if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise InputError(f"{where}: expected a list, found {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise InputError(f"{where}: expected {len(args)} values, found {len(value)}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return _coerce_tuple(value, tp, where)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         if not isinstance(value, str):
-            raise InputError(
-                f"{where}: expected one of {', '.join(m.value for m in tp)}, found {value!r}"
-            )
+            names = ", ".join(m.value for m in tp)
+            raise InputError(f"{where}: expected one of {names}, found {value!r}")
         return value  # the dataclass turns it into a member and names the choices if it is none
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{where}: expected a number, found {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{where}: expected an integer, found {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise InputError(f"{where}: expected true or false, found {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise InputError(f"{where}: expected a string, found {value!r}")
-        return value
+    if tp in SCALARS:
+        fits, what = SCALARS[tp]
+        if not fits(value):
+            raise InputError(f"{where}: expected {what}, found {value!r}")
+        return float(value) if tp is float else value
     return value
 
 
@@ -105,7 +105,8 @@ def from_dict(cls, data: dict, where: str = ""):
     unknown = sorted(set(data) - names)
     if unknown:
         raise InputError(
-            f"{where or cls.__name__}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(names))}"
+            f"{where or cls.__name__}: unknown key {unknown[0]!r}; "
+            f"known keys: {', '.join(sorted(names))}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:

@@ -13,7 +13,8 @@ from .errors import InputError
 
 
 def read_text(path: str | Path, what: str) -> str:
-    """The file's text; a missing or unreadable file is an :class:`InputError` naming ``what`` it is."""
+    """The file's text; a missing or unreadable file is an :class:`InputError` naming ``what``
+    it is."""
     p = Path(path)
     try:
         return p.read_text(encoding="utf-8")
@@ -39,7 +40,8 @@ def check_output(option: str, path: str | Path, inputs: dict[str, str | Path | N
     for role, q in inputs.items():
         if q is not None and same_file(p, q):
             raise InputError(
-                f"{option} {p} is the {role} ({q}); lossdoctor never writes over an input: choose another path"
+                f"{option} {p} is the {role} ({q}); lossdoctor never writes over an input: "
+                "choose another path"
             )
 
 
@@ -69,8 +71,8 @@ def atomic_write(path: str | Path, write) -> None:
 
 
 def save_torch(obj, path: str | Path) -> None:
-    """``torch.save`` atomically and byte-for-byte reproducibly: saved through a buffer, the archive's
-    internal folder name does not depend on the (temporary) file name."""
+    """``torch.save`` atomically and byte-for-byte reproducibly: saved through a buffer, the
+    archive's internal folder name does not depend on the (temporary) file name."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = buf.getvalue()

@@ -136,7 +136,8 @@ def fixed() -> LossProfile:
     sl1 = SMOOTH_L1_TV_BETA
     return LossProfile(
         name="fixed",
-        summary="one avg_factor = max(total sampled, 1) per head, shared by levels and terms; empty -> 0",
+        summary="one avg_factor = max(total sampled, 1) per head, shared by levels and terms; "
+        "empty -> 0",
         rpn_cls=TermSpec(LossKind.BCE, Normalizer.SAMPLED, floor=1.0),
         rpn_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.SAMPLED, beta=sl1, floor=1.0),
         roi_cls=TermSpec(LossKind.CE, Normalizer.SAMPLED, floor=1.0),
@@ -148,7 +149,8 @@ def mmdet() -> LossProfile:
     """MMDetection 3.x Faster R-CNN (AnchorHead/RPNHead + BBoxHead).
 
     - A_rpn = sum_img max(#pos, 1) + max(#neg, 1)   (SamplingResult.avg_factor)
-    - loss_rpn_cls[l]  = sum_i w_i BCE(x_i, y_i) / (A_rpn + eps32), w over all anchors (0 if unsampled)
+    - loss_rpn_cls[l]  = sum_i w_i BCE(x_i, y_i) / (A_rpn + eps32), w over all anchors
+      (0 if unsampled)
     - loss_rpn_bbox[l] = sum_i b_i |d_i - t_i|_1 / (A_rpn + eps32); 0 if level l has no positive
     - loss_cls  = sum_j CE / (max(R, 1) + eps32) over the R sampled RoIs (background = last column)
     - loss_bbox = sum_{pos} |d - t|_1 / (R + eps32); 0 if the batch has no positive RoI
@@ -175,7 +177,8 @@ def torchvision() -> LossProfile:
     sl1 = SMOOTH_L1_TV_BETA
     return LossProfile(
         name="torchvision",
-        summary="torchvision: BCE mean over sampled anchors, SL1(1/9) sums / sampled count; CE mean",
+        summary="torchvision: BCE mean over sampled anchors, SL1(1/9) sums / sampled count; "
+        "CE mean",
         rpn_cls=TermSpec(LossKind.BCE, Normalizer.SAMPLED, empty=Empty.NAN),
         rpn_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.SAMPLED, beta=sl1, empty=Empty.NAN),
         roi_cls=TermSpec(LossKind.CE, Normalizer.SAMPLED, empty=Empty.NAN),
@@ -220,7 +223,8 @@ def builtin(name: str) -> LossProfile:
 
 
 def load_profile(spec: str | Path) -> LossProfile:
-    """A built-in profile name, or a TOML file (its optional ``base`` names the profile it edits)."""
+    """A built-in profile name, or a TOML file (its optional ``base`` names the profile it
+    edits)."""
     return load_named(LossProfile, spec, BUILTIN, "fixed", "profile")
 
 

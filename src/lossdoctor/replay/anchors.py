@@ -11,7 +11,8 @@ from ..inputs.config import AnchorConfig
 
 
 def cell_anchors(sizes, ratios, round_: bool, size_major: bool) -> Tensor:
-    """Anchors centred on (0, 0) → Tensor[A, 4]; ratio = h / w, w = size / sqrt(r), h = size * sqrt(r)."""
+    """Anchors centred on (0, 0) → Tensor[A, 4]; ratio = h / w, w = size / sqrt(r),
+    h = size * sqrt(r)."""
     pairs = (
         [(s, r) for s in sizes for r in ratios]
         if size_major
@@ -70,7 +71,8 @@ def level_anchors(
 def valid_flags(
     cfg: AnchorConfig, strides: list[int], shapes, image_size, num_anchors: int
 ) -> list[Tensor] | None:
-    """mmdet's valid flags for one image: locations inside ceil(pad_shape / stride) → list of Tensor[H*W*A] bool."""
+    """mmdet's valid flags for one image: locations inside ceil(pad_shape / stride) → list of
+    Tensor[H*W*A] bool."""
     if cfg.valid_pad_divisor <= 0:
         return None
     d = cfg.valid_pad_divisor

@@ -71,7 +71,8 @@ def encode(gt: Tensor, ref: Tensor, weights) -> Tensor:
 
 
 def decode(deltas: Tensor, ref: Tensor, weights, clip: float, clip_both: bool = False) -> Tensor:
-    """Apply deltas (Tensor[N, 4]) to ref boxes (Tensor[N, 4]) → Tensor[N, 4]; dw, dh capped at ``clip``."""
+    """Apply deltas (Tensor[N, 4]) to ref boxes (Tensor[N, 4]) → Tensor[N, 4]; dw, dh capped
+    at ``clip``."""
     wx, wy, ww, wh = weights
     rw = ref[:, 2] - ref[:, 0]
     rh = ref[:, 3] - ref[:, 1]
@@ -113,7 +114,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
 
 def nms_torch(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Pure-torch greedy NMS: suppress any box whose IoU with a kept, higher-scored box exceeds the threshold."""
+    """Pure-torch greedy NMS: suppress any box whose IoU with a kept, higher-scored box exceeds
+    the threshold."""
     if boxes.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long)
     order = scores.argsort(descending=True, stable=True)

@@ -9,7 +9,8 @@ from torch import Tensor
 from ..inputs.profiles import TermSpec
 from ..vocab import Empty, LossKind
 
-# fvcore switches smooth-L1 to exact L1 below this beta (the beta = 0 quadratic branch has a NaN gradient).
+# fvcore switches smooth-L1 to exact L1 below this beta (the beta = 0 quadratic branch has a NaN
+# gradient).
 SMOOTH_L1_MIN_BETA = 1e-5
 
 

@@ -169,7 +169,7 @@ def roi_stage(
     s: SampledRois,
     config: DetectorConfig,
 ) -> RoiStage:
-    """Pool the sampled RoIs from their levels, run the box head, and collect each level's samples."""
+    """Pool the sampled RoIs from their levels, run the box head, collect each level's samples."""
     pooled = multiscale_roi_align(
         features, strides, s.boxes, s.img, s.level, heads.pool_size, config.roi_pool
     )

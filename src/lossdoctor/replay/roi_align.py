@@ -161,6 +161,23 @@ def roi_align_level(
     return tv_roi_align(feat, boxes, pooled, scale, sampling_ratio, aligned)
 
 
+def _geometry(rois: Tensor, scale: float, pooled: int, sampling_ratio: int, aligned: bool):
+    """Each RoI's top-left corner and bin size in feature pixels, and its sampling grid:
+    (x1, y1, bin_w, bin_h, grid_h, grid_w), each Tensor[R]."""
+    offset = 0.5 if aligned else 0.0
+    x1, y1 = rois[:, 0] * scale - offset, rois[:, 1] * scale - offset
+    rw = rois[:, 2] * scale - offset - x1
+    rh = rois[:, 3] * scale - offset - y1
+    if not aligned:
+        rw, rh = rw.clamp(min=1.0), rh.clamp(min=1.0)
+    if sampling_ratio > 0:
+        gh = gw = torch.full((rois.shape[0],), sampling_ratio, dtype=torch.long)
+    else:
+        gh = torch.ceil(rh / pooled).nan_to_num(0).clamp(0, MAX_ADAPTIVE_GRID).long()
+        gw = torch.ceil(rw / pooled).nan_to_num(0).clamp(0, MAX_ADAPTIVE_GRID).long()
+    return x1, y1, rw / pooled, rh / pooled, gh, gw
+
+
 def roi_align_torch(
     feat: Tensor,
     rois: Tensor,
@@ -171,24 +188,11 @@ def roi_align_torch(
     aligned: bool,
 ) -> Tensor:
     """The pure-torch RoIAlign behind :func:`roi_align_level` (same arguments and result)."""
-    n, c, h, w = feat.shape
-    r = rois.shape[0]
-    out = feat.new_zeros(r, c, pooled, pooled)
-    offset = 0.5 if aligned else 0.0
-    x1, y1 = rois[:, 0] * scale - offset, rois[:, 1] * scale - offset
-    rw = rois[:, 2] * scale - offset - x1
-    rh = rois[:, 3] * scale - offset - y1
-    if not aligned:
-        rw, rh = rw.clamp(min=1.0), rh.clamp(min=1.0)
-    bw, bh = rw / pooled, rh / pooled
-    if sampling_ratio > 0:
-        gh = torch.full((r,), sampling_ratio, dtype=torch.long)
-        gw = gh
-    else:
-        gh = torch.ceil(rh / pooled).nan_to_num(0).clamp(0, MAX_ADAPTIVE_GRID).long()
-        gw = torch.ceil(rw / pooled).nan_to_num(0).clamp(0, MAX_ADAPTIVE_GRID).long()
+    _, c, h, _ = feat.shape
+    out = feat.new_zeros(rois.shape[0], c, pooled, pooled)
+    x1, y1, bw, bh, gh, gw = _geometry(rois, scale, pooled, sampling_ratio, aligned)
     feat_hwc = feat.permute(0, 2, 3, 1).contiguous()  # gathers read whole channel vectors
-    keys = gh * 100003 + gw
+    keys = gh * (MAX_ADAPTIVE_GRID + 1) + gw
     pieces = []
     # visit RoIs in (image, top edge) order so each chunk gathers from one band of the map
     band = img.double() * (h * 2 + 4) + y1.detach().double().nan_to_num(0).clamp(-h - 2, h + 2)
@@ -198,12 +202,9 @@ def roi_align_torch(
         a, b = int(gh[idx[0]]), int(gw[idx[0]])
         if a == 0 or b == 0:
             continue  # no sample point: the kernel outputs 0
-        pieces.append(
-            (idx, _pool_group(feat_hwc, img[idx], y1[idx], x1[idx], bh[idx], bw[idx], a, b, pooled))
-        )
-    if (
-        not pieces
-    ):  # no RoI has a sample point: zeros, still in the graph (an empty sum reads no value)
+        group = _pool_group(feat_hwc, img[idx], y1[idx], x1[idx], bh[idx], bw[idx], a, b, pooled)
+        pieces.append((idx, group))
+    if not pieces:  # no RoI has a sample point: zeros, still in the graph (reading no value)
         return out + feat.reshape(-1)[:0].sum()
     return _scatter_rows(out, pieces)
 

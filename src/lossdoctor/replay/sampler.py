@@ -12,7 +12,7 @@ from .matcher import NEGATIVE, POSITIVE
 def sample(
     labels: Tensor, cfg: SamplerConfig, generator: torch.Generator | None, sample_all: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Pick positives and negatives from ``labels`` (Tensor[M], 1/0/-1) → (pos_idx, neg_idx), sorted.
+    """Pick positives and negatives from ``labels`` (Tensor[M], 1/0/-1) → sorted (pos, neg).
 
     At most ``int(batch_size * pos_fraction)`` positives, negatives fill the rest of
     ``batch_size`` (torchvision's BalancedPositiveNegativeSampler, Detectron2's subsample_labels and

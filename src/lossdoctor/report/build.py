@@ -256,48 +256,59 @@ def finding_rows(d: Diagnosis) -> list[dict]:
     ]
 
 
+def _file_meta(path, **more) -> dict:
+    return {"path": str(path) if path else None, "sha256": sha256(path), **more}
+
+
+def _batch_meta(b, path) -> dict:
+    return _file_meta(
+        path,
+        images=b.num_images,
+        levels=b.levels,
+        strides=b.strides,
+        pad_size=list(b.pad_size),
+        image_sizes=[list(x) for x in b.image_sizes],
+        meta=plain(b.meta),
+        replaced=[x.name for x in b.replaced],
+    )
+
+
+def _heads_meta(h) -> dict:
+    return {
+        "channels": h.channels,
+        "anchors": h.num_anchors,
+        "classes": h.num_classes,
+        "background": h.background,
+        "pool": h.pool_size,
+        "reg_classes": h.reg_classes,
+    }
+
+
+def _symptom_meta(s) -> dict:
+    return {
+        "score_thr": s.score_thr,
+        "detections": s.detections,
+        "max_fg_score": s.max_fg_score,
+        "objectness_above_half": s.objectness_above_half,
+    }
+
+
 def _meta(d: Diagnosis, checkpoint_path, batch_path) -> dict:
-    r, h, s = d.replay, d.replay.heads, d.symptom
-    b = r.batch
+    r, h = d.replay, d.replay.heads
     return {
         "lossdoctor": __version__,
         "torch": torch.__version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "checkpoint": {
-            "path": str(checkpoint_path) if checkpoint_path else None,
-            "sha256": sha256(checkpoint_path),
-            "layout": h.layout,
-            "replaced": [x.name for x in h.replaced],
-        },
-        "batch": {
-            "path": str(batch_path) if batch_path else None,
-            "sha256": sha256(batch_path),
-            "images": b.num_images,
-            "levels": b.levels,
-            "strides": b.strides,
-            "pad_size": list(b.pad_size),
-            "image_sizes": [list(x) for x in b.image_sizes],
-            "meta": plain(b.meta),
-            "replaced": [x.name for x in b.replaced],
-        },
-        "heads": {
-            "channels": h.channels,
-            "anchors": h.num_anchors,
-            "classes": h.num_classes,
-            "background": h.background,
-            "pool": h.pool_size,
-            "reg_classes": h.reg_classes,
-        },
+        "checkpoint": _file_meta(
+            checkpoint_path, layout=h.layout, replaced=[x.name for x in h.replaced]
+        ),
+        "batch": _batch_meta(r.batch, batch_path),
+        "heads": _heads_meta(h),
         "config": to_dict(r.config),
         "profiles": {name: to_dict(pl.profile) for name, pl in r.losses.items()},
         "seed": r.seed,
         "sample_all": r.sample_all,
-        "symptom": {
-            "score_thr": s.score_thr,
-            "detections": s.detections,
-            "max_fg_score": s.max_fg_score,
-            "objectness_above_half": s.objectness_above_half,
-        },
+        "symptom": _symptom_meta(d.symptom),
     }
 
 

@@ -78,7 +78,8 @@ class Report:
         for key, kind in (("meta", dict), ("tables", dict), ("findings", list)):
             if not isinstance(data.get(key), kind):
                 raise InputError(
-                    f"report key '{key}' is missing or not a {kind.__name__}; write the report with --json"
+                    f"report key '{key}' is missing or not a {kind.__name__}; "
+                    "write the report with --json"
                 )
         for name, rows in data["tables"].items():
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
@@ -100,7 +101,8 @@ class Report:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise InputError(
-                f"{path} is not JSON ({e.msg} at line {e.lineno}); pass a report written with --json"
+                f"{path} is not JSON ({e.msg} at line {e.lineno}); "
+                "pass a report written with --json"
             ) from None
         return cls.from_dict(data)
 

@@ -149,7 +149,8 @@ def findings(report: Report) -> Table:
 
 
 def _level_cells(r: LevelRow) -> list[Text]:
-    """The metrics of one profile at one level (a head-wide normalizer only where levels share one)."""
+    """The metrics of one profile at one level (a head-wide normalizer only where levels share
+    one)."""
     cells = []
     for key, _ in LEVEL_METRICS:
         v = getattr(r, key)

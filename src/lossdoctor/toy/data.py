@@ -1,4 +1,5 @@
-"""Synthetic shapes: rectangles, ellipses and triangles of 3 classes on noise, sizes spanning every FPN level."""
+"""Synthetic shapes: rectangles, ellipses and triangles of 3 classes on noise, sizes spanning
+every FPN level."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The tiny detector: a 5-stage conv backbone, an FPN with P2-P6, and the native RPN and box heads."""
+"""The tiny detector: a 5-stage conv backbone, an FPN with P2-P6, and the native RPN and box
+heads."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ ANCHOR_SIZES = ((8.0,), (16.0,), (32.0,), (64.0,), (128.0,))
 
 
 def toy_config() -> DetectorConfig:
-    """torchvision's rules, scaled to 128-192 px images: anchors 8-128 px, smaller sample budgets."""
+    """torchvision's rules, scaled to 128-192 px images: anchors 8-128 px, smaller budgets."""
     base = preset("torchvision")
     return replace(
         base,
@@ -37,8 +38,9 @@ def _conv(cin, cout, stride):
 
 
 class TinyDetector(nn.Module):
-    """State-dict keys follow torchvision: ``backbone.*``, ``rpn.head.*``, ``roi_heads.box_head.fc6/fc7``,
-    ``roi_heads.box_predictor.cls_score/bbox_pred`` (background in column 0)."""
+    """State-dict keys follow torchvision: ``backbone.*``, ``rpn.head.*``,
+    ``roi_heads.box_head.fc6/fc7``, ``roi_heads.box_predictor.cls_score/bbox_pred`` (background
+    in column 0)."""
 
     def __init__(self, channels: int = CHANNELS, classes: int = NUM_CLASSES):
         super().__init__()
@@ -73,14 +75,15 @@ class TinyDetector(nn.Module):
             nn.init.zeros_(m.bias)
 
     def features(self, images: Tensor) -> dict[str, Tensor]:
-        """images [N, 3, H, W] (H, W multiples of 32) → {"p2": ..., "p6": ...}, each [N, C, H/s, W/s]."""
+        """images [N, 3, H, W] (H, W multiples of 32) → {"p2": ..., "p6": ...}, each
+        [N, C, H/s, W/s]."""
         x = images
         stages = []
         for layer in self.backbone.body:
             x = layer(x)
             stages.append(x)
         c = stages[1:]  # strides 4, 8, 16, 32
-        lat = [l(t) for l, t in zip(self.backbone.lateral, c)]
+        lat = [conv(t) for conv, t in zip(self.backbone.lateral, c)]
         for i in range(len(lat) - 2, -1, -1):
             lat[i] = lat[i] + F.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="nearest")
         outs = [o(t) for o, t in zip(self.backbone.output, lat)]

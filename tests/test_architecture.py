@@ -1,0 +1,127 @@
+"""The house rules, checked: one typed vocabulary (no head, term, normalizer or severity spelled
+as a string outside it), short functions, a public API that lists itself, help on every option,
+and a README catalogue that is the rule table's."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import lossdoctor
+from lossdoctor.vocab import Head, Normalizer, Severity, Term
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src" / "lossdoctor"
+VOCAB = {m.value for enum in (Head, Term, Normalizer, Severity) for m in enum}
+# levels-table columns and evidence fields (an interface) spelled like two normalizers: allowed as
+# names, never compared against (which is what stringly-typed dispatch on a normalizer would do)
+COLUMN_NAMES = {"pos", "sampled"}
+MAX_FUNCTION_LINES = 40
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the string constants that are docstrings."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                out.add(id(body[0].value))
+    return out
+
+
+def _compared(tree: ast.AST) -> set[int]:
+    """ids of the string constants that take part in a comparison."""
+    return {
+        id(c)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Compare)
+        for c in ast.walk(node)
+        if isinstance(c, ast.Constant)
+    }
+
+
+def vocabulary_literals(path: Path) -> list[str]:
+    """Where a file spells a head, term, normalizer or severity as a string literal."""
+    tree = ast.parse(path.read_text())
+    skip, compared = _docstrings(tree), _compared(tree)
+    return [
+        f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        and node.value in VOCAB and id(node) not in skip
+        and (node.value not in COLUMN_NAMES or id(node) in compared)
+    ]  # fmt: skip
+
+
+def long_functions(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    return [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]  # fmt: skip
+
+
+SOURCES = sorted(SRC.rglob("*.py"))
+
+
+def test_no_vocabulary_string_outside_the_vocabulary_module():
+    found = [hit for p in SOURCES if p.name != "vocab.py" for hit in vocabulary_literals(p)]
+    assert not found, "\n".join(found)
+
+
+def test_the_literal_check_catches_a_literal(tmp_path):
+    p = ROOT / "tests" / "_probe_literal.py"
+    try:
+        p.write_text(
+            '"""doc mentions rpn"""\nx = {"rpn": 1, "pos": 2}\nif head == "error" or n in ("sampled",):\n'
+            "    pass\n"
+        )
+        found = sorted(h.split(": ")[1] for h in vocabulary_literals(p))
+        assert found == ["'error'", "'rpn'", "'sampled'"]
+    finally:
+        p.unlink()
+
+
+def test_no_function_over_40_lines():
+    found = [hit for p in SOURCES for hit in long_functions(p)]
+    assert not found, "\n".join(found)
+
+
+def test_public_api_lists_itself_and_every_name_resolves():
+    assert dir(lossdoctor) == list(lossdoctor.__all__)
+    for name in lossdoctor.__all__:
+        assert getattr(lossdoctor, name) is not None, name
+    for needed in ("inspect", "compare", "replay", "Report", "Batch", "HeadWeights",
+                   "DetectorConfig", "LossProfile", "TermSpec", "Head", "Term", "Severity"):
+        assert needed in lossdoctor.__all__
+    with pytest.raises(AttributeError):
+        lossdoctor.no_such_name  # noqa: B018
+
+
+def _commands():
+    import typer.main
+
+    from lossdoctor.cli import app
+
+    group = typer.main.get_command(app)
+    return group.commands
+
+
+@pytest.mark.parametrize("name", ["inspect", "compare", "profiles", "check", "explain"])
+def test_every_option_and_argument_has_help(name):
+    cmd = _commands()[name]
+    missing = [p.name for p in cmd.params if not getattr(p, "help", None)]
+    assert not missing, f"{name}: no help for {missing}"
+
+
+def test_readme_catalogue_is_the_rule_table():
+    from lossdoctor.report.explain import CATALOGUE_BEGIN, CATALOGUE_END, catalogue_markdown
+
+    text = (ROOT / "README.md").read_text()
+    start, end = text.index(CATALOGUE_BEGIN), text.index(CATALOGUE_END) + len(CATALOGUE_END)
+    assert text[start:end] == catalogue_markdown(), "run: python scripts/update_readme.py"
