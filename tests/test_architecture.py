@@ -59,7 +59,8 @@ def vocabulary_literals(path: Path) -> list[str]:
 def long_functions(path: Path) -> list[str]:
     tree = ast.parse(path.read_text())
     return [
-        f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: "
+        f"{node.end_lineno - node.lineno + 1} lines"
         for node in ast.walk(tree)
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
@@ -78,8 +79,8 @@ def test_the_literal_check_catches_a_literal(tmp_path):
     p = ROOT / "tests" / "_probe_literal.py"
     try:
         p.write_text(
-            '"""doc mentions rpn"""\nx = {"rpn": 1, "pos": 2}\nif head == "error" or n in ("sampled",):\n'
-            "    pass\n"
+            '"""doc mentions rpn"""\nx = {"rpn": 1, "pos": 2}\n'
+            'if head == "error" or n in ("sampled",):\n    pass\n'
         )
         found = sorted(h.split(": ")[1] for h in vocabulary_literals(p))
         assert found == ["'error'", "'rpn'", "'sampled'"]
@@ -96,8 +97,20 @@ def test_public_api_lists_itself_and_every_name_resolves():
     assert dir(lossdoctor) == list(lossdoctor.__all__)
     for name in lossdoctor.__all__:
         assert getattr(lossdoctor, name) is not None, name
-    for needed in ("inspect", "compare", "replay", "Report", "Batch", "HeadWeights",
-                   "DetectorConfig", "LossProfile", "TermSpec", "Head", "Term", "Severity"):
+    for needed in (
+        "inspect",
+        "compare",
+        "replay",
+        "Report",
+        "Batch",
+        "HeadWeights",
+        "DetectorConfig",
+        "LossProfile",
+        "TermSpec",
+        "Head",
+        "Term",
+        "Severity",
+    ):
         assert needed in lossdoctor.__all__
     with pytest.raises(AttributeError):
         lossdoctor.no_such_name  # noqa: B018

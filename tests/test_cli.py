@@ -312,11 +312,18 @@ def test_explain_a_code_its_list_and_an_unknown_code():
     r = run("explain", "nan-empty-mean")
     assert r.exit_code == 0, r.output
     want = rule("nan-empty-mean")
-    assert r.stdout.startswith("nan-empty-mean  [error]") and want.fix in r.stdout.replace("\n", " ")
+    assert r.stdout.startswith("nan-empty-mean  [error]") and want.fix in r.stdout.replace(
+        "\n", " "
+    )
     assert "evidence: stage, nan, posinf, neginf, index, gt" in r.stdout
     listing = run("explain", "--list").stdout.strip().splitlines()
     assert [line.split()[0] for line in listing] == [x.code for x in RULES]
-    assert run("explain", "gt-matches-no-anchor").stdout.startswith("gt-matches-no-anchor  [error (some cases warning)]")
+    assert run("explain", "gt-matches-no-anchor").stdout.startswith(
+        "gt-matches-no-anchor  [error (some cases warning)]"
+    )
     causes = run("explain", "nonfinite-loss").stdout
-    assert "input: the features are already non-finite" in causes and "targets: drop GT boxes" in causes
+    assert (
+        "input: the features are already non-finite" in causes
+        and "targets: drop GT boxes" in causes
+    )
     one_line_error(run("explain", "nan-emtpy-mean"), "unknown finding code 'nan-emtpy-mean'")

@@ -14,8 +14,8 @@ from lossdoctor.inputs.batch import validate_batch
 from lossdoctor.inputs.checkpoint import heads_from_state_dict
 from lossdoctor.inputs.config import preset
 from lossdoctor.inputs.profiles import BUILTIN, TermSpec, fixed
-from lossdoctor.vocab import LossKind
 from lossdoctor.replay.engine import replay
+from lossdoctor.vocab import LossKind
 
 SIZE = (512, 512)
 # one GT per level, each exactly one anchor of that level (IoU 1): P2 32 px ... P6 512 px
@@ -368,29 +368,62 @@ def _box(i, j, box):
     return change
 
 
+def _set_labels(labels):
+    return _with(lambda d: d.update(gt_labels=[torch.tensor(labels)] * 2))
+
+
+def _set(key, i, value):
+    return _with(lambda d: d[key].__setitem__(i, value))
+
+
+def _one_gt_each():
+    return _with(
+        lambda d: d.update(
+            gt_boxes=[b[:1] for b in d["gt_boxes"]], gt_labels=[x[:1] for x in d["gt_labels"]]
+        )
+    )
+
+
+def _rpn_only():
+    off = dict(weight=0.0, floor=1.0)
+    prof = dataclasses.replace(
+        fixed(),
+        name="rpn-only",
+        roi_cls=TermSpec(LossKind.CE, **off),
+        roi_box=TermSpec(LossKind.L1, **off),
+    )
+    return run(profiles=(prof,))
+
+
+NAN, INF = float("nan"), float("inf")
+ALL_IGNORED = [torch.zeros(5, dtype=torch.bool), torch.ones(5, dtype=torch.bool)]
 FAULTS = {
     "unsafe-pickle-global": _unsafe,
-    "nonfinite-gt": lambda: run(_with(_box(0, 1, [float("nan"), 1.0, 30.0, 40.0]))),
+    "nonfinite-gt": lambda: run(_with(_box(0, 1, [NAN, 1.0, 30.0, 40.0]))),
     "degenerate-gt": lambda: run(_with(_box(1, 2, [300.0, 256.0, 300.0, 384.0]))),
     "gt-xywh-suspected": lambda: run(_with(_box(0, 2, [100.0, 100.0, 60.0, 80.0]))),
-    "nonfinite-features": lambda: run(_with(lambda d: d["features"]["p3"][0, 0, 1, 1].fill_(float("inf")))),
-    "labels-one-based": lambda: run(_with(lambda d: d.update(gt_labels=[torch.tensor([1, 2, 3, 1, 2])] * 2))),
-    "label-out-of-range": lambda: run(_with(lambda d: d["gt_labels"].__setitem__(1, torch.tensor([0, 9, 2, 0, 1])))),
+    "nonfinite-features": lambda: run(_with(lambda d: d["features"]["p3"][0, 0, 1, 1].fill_(INF))),
+    "labels-one-based": lambda: run(_set_labels([1, 2, 3, 1, 2])),
+    "label-out-of-range": lambda: run(_set("gt_labels", 1, torch.tensor([0, 9, 2, 0, 1]))),
     "nonfinite-weights": _nan_weight,
     "nan-empty-mean": lambda: run(_drop_p6(healthy_dict())),
     "nonfinite-loss": _nan_weight,
     "gt-matches-no-anchor": lambda: run(_with(_box(1, 1, [2000.0, 2000.0, 2040.0, 2040.0]))),
     "collapse-to-background": _background_collapse,
     "gt-outside-image": lambda: run(_with(_box(0, 0, [480.0, 84.0, 600.0, 116.0]))),
-    "gt-without-positive": lambda: run(_with(_box(0, 0, [100.0, 100.0, 102.0, 160.0])), cfg="mmdet", profiles=("mmdet",)),
-    "background-dominance": lambda: run(_with(lambda d: d.update(gt_boxes=[b[:1] for b in d["gt_boxes"]], gt_labels=[x[:1] for x in d["gt_labels"]]))),
+    "gt-without-positive": lambda: run(
+        _with(_box(0, 0, [100.0, 100.0, 102.0, 160.0])), cfg="mmdet", profiles=("mmdet",)
+    ),
+    "background-dominance": lambda: run(_one_gt_each()),
     "level-weight-imbalance": lambda: run(),
-    "exploding-gradient": lambda: run(_with(lambda d: [v.mul_(1e4) for v in d["features"].values()]), profiles=("fixed",)),
+    "exploding-gradient": lambda: run(
+        _with(lambda d: [v.mul_(1e4) for v in d["features"].values()]), profiles=("fixed",)
+    ),
     "vanishing-gradient": _tiny_weights,
-    "no-gradient": lambda: run(profiles=(dataclasses.replace(fixed(), name="rpn-only", roi_cls=TermSpec(LossKind.CE, weight=0.0, floor=1.0), roi_box=TermSpec(LossKind.L1, weight=0.0, floor=1.0)),)),
-    "empty-gt-image": lambda: run(_with(lambda d: d.update(gt_ignore=[torch.zeros(5, dtype=torch.bool), torch.ones(5, dtype=torch.bool)]))),
+    "no-gradient": _rpn_only,
+    "empty-gt-image": lambda: run(_with(lambda d: d.update(gt_ignore=ALL_IGNORED))),
     "no-positive-level": lambda: run(_drop_p6(healthy_dict())),
-}  # fmt: skip
+}
 
 
 def test_every_rule_has_a_fault_case():
