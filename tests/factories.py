@@ -7,6 +7,14 @@ import torch
 from lossdoctor.inputs.batch import BATCH_FORMAT, validate_batch
 from lossdoctor.inputs.checkpoint import heads_from_state_dict
 
+# The documented columns (README, "The report"), in order: an interface users' scripts read.
+LEVEL_COLUMNS = (
+    "profile", "head", "level", "anchors", "pos", "neg", "ignored", "sampled", "avg_factor",
+    "sample_weight", "loss_cls", "loss_bbox", "loss_share", "grad_feature", "grad_logits_pos",
+    "grad_logits_neg", "grad_deltas", "nonfinite", "nan_origin",
+)  # fmt: skip
+IMAGE_COLUMNS = ("image", "gt", "gt_without_pos", "detections", "max_fg_score")
+
 TV_KEYS = {
     "rpn_conv": "rpn.head.conv.0.0",
     "rpn_cls": "rpn.head.cls_logits",

@@ -30,29 +30,7 @@ runner = CliRunner()
 CHANNELS = 4
 STRIDES = (4, 8, 16, 32, 64)
 COUNT_COLUMNS = ("anchors", "pos", "neg", "ignored", "sampled", "nonfinite")
-# the documented columns (README, "The report"), in order
-LEVEL_COLUMNS = (
-    "profile",
-    "head",
-    "level",
-    "anchors",
-    "pos",
-    "neg",
-    "ignored",
-    "sampled",
-    "avg_factor",
-    "sample_weight",
-    "loss_cls",
-    "loss_bbox",
-    "loss_share",
-    "grad_feature",
-    "grad_logits_pos",
-    "grad_logits_neg",
-    "grad_deltas",
-    "nonfinite",
-    "nan_origin",
-)
-IMAGE_COLUMNS = ("image", "gt", "gt_without_pos", "detections", "max_fg_score")
+LEVEL_COLUMNS, IMAGE_COLUMNS = F.LEVEL_COLUMNS, F.IMAGE_COLUMNS
 IMAGE_COUNTS = ("gt", "gt_without_pos", "detections")
 ODD = [math.nan, math.inf, -math.inf, 1e30, -1e30, 0.0, -5.0, 1e5, 0.5]
 

@@ -192,6 +192,15 @@ def _file_inputs(**roles) -> dict[str, str]:
     return out
 
 
+def _checked_outputs(json_out, csv, csv_dir, plot, **roles):
+    """The outputs, refused before any work if one is a directory, an input or written twice."""
+    from .report.export import Outputs
+
+    outputs, inputs = Outputs(json_out, csv, csv_dir, plot), _file_inputs(**roles)
+    outputs.check(inputs)
+    return outputs, inputs
+
+
 def _stdout_json(json_out: str | None, text: str) -> None:
     if json_out == "-":
         sys.stdout.write(text + "\n")
@@ -246,14 +255,20 @@ def _inspect(*, ckpt, batch, old, new, config, seed, sample_all, device, score_t
              json_out, plot, fail_on, unsafe_load, quiet):  # fmt: skip
     _check_device(device)
     from .api import inspect as run_inspect
-    from .report.export import Outputs, export
+    from .report.export import export
     from .report.render import console, render
 
-    outputs = Outputs(json_out, csv, csv_dir, plot)
-    inputs = _file_inputs(
-        checkpoint=ckpt, batch=batch, config=config, old_profile=old, new_profile=new
+    outputs, inputs = _checked_outputs(
+        json_out,
+        csv,
+        csv_dir,
+        plot,
+        checkpoint=ckpt,
+        batch=batch,
+        config=config,
+        old_profile=old,
+        new_profile=new,
     )
-    outputs.check(inputs)
     report = run_inspect(
         ckpt,
         batch,
@@ -311,9 +326,9 @@ def _compare(*, ckpt, batch, old, new, config, seed, sample_all, device, score_t
     from .report.export import Outputs, export
     from .report.render import console, render_comparison
 
-    outputs = Outputs(json_out, csv, csv_dir, plot)
-    inputs = _file_inputs(checkpoint=ckpt, batch=batch, config=config, old=old, new=new)
-    outputs.check(inputs)
+    outputs, inputs = _checked_outputs(
+        json_out, csv, csv_dir, plot, checkpoint=ckpt, batch=batch, config=config, old=old, new=new
+    )
     options = dict(
         config=config,
         seed=seed,
