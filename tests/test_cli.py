@@ -231,7 +231,7 @@ def test_input_errors_are_one_line(files, tmp_path):
     )
     one_line_error(run("inspect", ck, bt, "--device", "cuda"), "--device cuda is not supported")
     one_line_error(run("inspect", ck, bt, "--bogus"), "No such option: --bogus")
-    one_line_error(run("inspect", ck), "Missing argument 'BATCH'")
+    one_line_error(run("inspect", ck), "BATCH is missing: pass CKPT BATCH, or a capture directory")
     one_line_error(run("inspect", ck, bt, "--old", "fixed", "--new", "fixed"), "both named 'fixed'")
 
 

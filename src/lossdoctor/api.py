@@ -7,26 +7,50 @@ from pathlib import Path
 
 from .inputs.batch import Batch, load_batch
 from .inputs.checkpoint import HeadWeights, check_fit, load_checkpoint
-from .inputs.config import DetectorConfig, load_config, preset, replace
+from .inputs.config import DetectorConfig, config_from_meta, load_config, preset, replace
 from .inputs.errors import InputError
-from .inputs.profiles import LossProfile, load_profile
+from .inputs.profiles import LossProfile, load_profile, profile_from_meta
 
 REPORT_SUFFIX = ".json"
+# a capture directory holds these two files
+CHECKPOINT_FILE, BATCH_FILE = "checkpoint.pt", "batch.pt"
+# without a profile recorded in the dump or given: the naive code, against the fix
+DEFAULT_OLD, DEFAULT_NEW = "legacy", "fixed"
+
+
+def capture_files(checkpoint, batch):
+    """(checkpoint, batch) as given, or the two files of a capture directory given as the
+    checkpoint with no batch."""
+    if batch is not None or isinstance(checkpoint, HeadWeights):
+        return checkpoint, batch
+    folder = Path(checkpoint)
+    if folder.is_dir():
+        ckpt, dump = folder / CHECKPOINT_FILE, folder / BATCH_FILE
+        if ckpt.is_file() and dump.is_file():
+            return ckpt, dump
+        raise InputError(
+            f"{folder} is a folder without {CHECKPOINT_FILE} and {BATCH_FILE}; pass CKPT BATCH, "
+            "or a capture directory as the capture hook and the framework adapters write it"
+        )
+    raise InputError(
+        f"BATCH is missing: pass CKPT BATCH, or a capture directory holding {CHECKPOINT_FILE} and "
+        f"{BATCH_FILE}"
+    )
 
 
 def resolve_inputs(
     checkpoint, batch, config=None, unsafe_load: bool = False
 ) -> tuple[HeadWeights, Batch, DetectorConfig]:
-    """Load what is given as paths; the checkpoint layout picks the preset unless ``config``
-    says otherwise."""
-    heads = (
-        checkpoint
-        if isinstance(checkpoint, HeadWeights)
-        else load_checkpoint(checkpoint, unsafe=unsafe_load)
-    )
+    """Load what is given as paths (a capture directory too). The config: ``config``, else the
+    one the dump records (``meta["config"]``), else the preset of the checkpoint's layout."""
+    checkpoint, batch = capture_files(checkpoint, batch)
+    heads = checkpoint
+    if not isinstance(checkpoint, HeadWeights):
+        heads = load_checkpoint(checkpoint, unsafe=unsafe_load)
     batch = batch if isinstance(batch, Batch) else load_batch(batch)
     if config is None:
-        config = preset(heads.layout)
+        recorded = batch.meta.get("config")
+        config = preset(heads.layout) if recorded is None else config_from_meta(recorded)
     elif not isinstance(config, DetectorConfig):
         config = load_config(config)
     check_fit(heads, batch, config)
@@ -41,6 +65,21 @@ def resolve_profiles(specs) -> list[LossProfile]:
     if dup is not None:
         raise InputError(f"two profiles are both named {dup!r}; give each a different name")
     return profs
+
+
+def run_profiles(batch: Batch, old=None, new=None) -> tuple[LossProfile, LossProfile, str]:
+    """The run's own profile and the what-if, and where the run's came from: ``old`` (given),
+    the dump's ``meta["profile"]``, or the default (legacy). The what-if defaults to fixed, or to
+    legacy when the run trained with fixed."""
+    if old is not None:
+        own, source = resolve_profiles([old])[0], "given"
+    elif batch.meta.get("profile") is not None:
+        own, source = profile_from_meta(batch.meta["profile"]), "dump"
+    else:
+        own, source = load_profile(DEFAULT_OLD), "default"
+    if new is None:
+        new = DEFAULT_OLD if own.name == DEFAULT_NEW else DEFAULT_NEW
+    return own, resolve_profiles([own, new])[1], source
 
 
 def run_replay(
@@ -64,40 +103,50 @@ def run_replay(
     )
 
 
+def _profiles(b: Batch, profiles, old, new) -> tuple[list[LossProfile], str]:
+    if profiles is not None:
+        return resolve_profiles(list(profiles)), "given"
+    own, whatif, source = run_profiles(b, old, new)
+    return [own, whatif], source
+
+
 def inspect(
     checkpoint,
-    batch,
+    batch=None,
     *,
     config=None,
-    old="legacy",
-    new="fixed",
+    old=None,
+    new=None,
     profiles=None,
     seed: int | None = None,
     sample_all: bool = False,
     score_thr: float | None = None,
     unsafe_load: bool = False,
 ):
-    """Replay and diagnose ``batch`` under two (or more) profiles →
+    """Replay and diagnose ``batch`` under the run's own profile and a what-if →
     :class:`~lossdoctor.report.model.Report`.
 
-    ``profiles`` (a list) overrides ``old``/``new``; entries are names, TOML paths or
-    LossProfile objects. ``seed`` None takes the dump's ``meta["sample_seed"]`` (what the capture
-    hook records), else 0.
+    ``checkpoint`` may be a capture directory (``batch`` then None). ``old`` is the run's profile
+    (default: what the dump records, else legacy), ``new`` the what-if (default: fixed); entries
+    are names, TOML paths or LossProfile objects, and ``profiles`` (a list) replaces both. ``seed``
+    None takes the dump's ``meta["sample_seed"]`` (what the capture hook records), else 0.
     """
     from .diagnose import diagnose
     from .replay.engine import replay
     from .report.build import build_report
 
-    heads, b, cfg = resolve_inputs(checkpoint, batch, config, unsafe_load)
+    ckpt_path, batch_path = capture_files(checkpoint, batch)
+    heads, b, cfg = resolve_inputs(ckpt_path, batch_path, config, unsafe_load)
     if score_thr is not None:
         cfg = replace(cfg, test=replace(cfg.test, score_thr=score_thr))
-    profs = resolve_profiles(list(profiles) if profiles is not None else [old, new])
-    if seed is None:
-        seed = int(b.meta.get("sample_seed", 0))
+    profs, source = _profiles(b, profiles, old, new)
+    seed = int(b.meta.get("sample_seed", 0)) if seed is None else seed
     r = replay(heads, b, cfg, profs, seed=seed, sample_all=sample_all)
-    ckpt_path = checkpoint if isinstance(checkpoint, (str, Path)) else None
-    batch_path = batch if isinstance(batch, (str, Path)) else None
-    return build_report(diagnose(r), ckpt_path, batch_path)
+    paths = [p if isinstance(p, (str, Path)) else None for p in (ckpt_path, batch_path)]
+    report = build_report(diagnose(r), *paths)
+    report.meta["run"] = {"profile": profs[0].name, "source": source,
+                          "framework": b.meta.get("framework")}  # fmt: skip
+    return report
 
 
 @dataclass(frozen=True)
@@ -133,41 +182,48 @@ def side(spec) -> Side:
     return Side(path, report, profile or None)
 
 
-def compare(old, new, *, checkpoint=None, batch=None, **replay_options):
-    """Compare two sides → :class:`~lossdoctor.report.compare.CompareResult`.
+def _compare_profiles(a: Side, b: Side, checkpoint, batch, options: dict):
+    from .report.compare import CompareResult, compare_profiles
 
-    Two profiles (names, TOML files or LossProfile objects) are replayed on ``checkpoint`` and
-    ``batch`` (with ``config``, ``seed``, ``sample_all``, ``score_thr``, ``unsafe_load`` as for
-    :func:`inspect`); two reports (``Report`` objects, ``.json`` paths, ``REPORT.json:PROFILE``)
-    need neither.
-    """
-    from .report.compare import CompareResult, compare_profiles, compare_reports
-
-    a, b = side(old), side(new)
-    if a.is_report != b.is_report:
-        raise InputError("--old and --new must both be profiles or both be reports (.json)")
-    if not a.is_report:
-        if checkpoint is None or batch is None:
-            raise InputError(
-                "comparing two profiles needs CKPT and BATCH: "
-                "lossdoctor compare CKPT BATCH --old A --new B"
-            )
-        report = inspect(checkpoint, batch, old=a.spec, new=b.spec, **replay_options)
-        first, second = report.profiles[:2]
-        comps = [compare_profiles(report, first, report, second)]
-        return CompareResult(
-            comparisons=comps, new_report=report, new_profile=second, report=report
+    if checkpoint is None:
+        raise InputError(
+            "comparing two profiles needs CKPT and BATCH (or a capture directory): "
+            "lossdoctor compare CKPT BATCH --old A --new B"
         )
+    report = inspect(checkpoint, batch, old=a.spec, new=b.spec, **options)
+    first, second = report.profiles[:2]
+    comps = [compare_profiles(report, first, report, second)]
+    return CompareResult(comparisons=comps, new_report=report, new_profile=second, report=report)
+
+
+def _compare_reports(a: Side, b: Side, checkpoint, batch):
+    from .report.compare import CompareResult, compare_reports
+
     if checkpoint is not None or batch is not None:
         raise InputError(
             "two reports need no CKPT or BATCH; drop them, or compare profiles instead"
         )
-    comps = compare_reports(
-        a.report, b.report, a.profile, b.profile, labels=(str(a.spec), str(b.spec))
-    )
+    labels = (str(a.spec), str(b.spec))
+    comps = compare_reports(a.report, b.report, a.profile, b.profile, labels=labels)
     if not comps:
         raise InputError(
             f"the reports share no profile ({', '.join(a.report.profiles)} vs "
             f"{', '.join(b.report.profiles)}); pick one with REPORT.json:PROFILE"
         )
     return CompareResult(comparisons=comps, new_report=b.report, new_profile=b.profile)
+
+
+def compare(old, new, *, checkpoint=None, batch=None, **replay_options):
+    """Compare two sides → :class:`~lossdoctor.report.compare.CompareResult`.
+
+    Two profiles (names, TOML files or LossProfile objects) are replayed on ``checkpoint`` and
+    ``batch`` (or a capture directory as ``checkpoint``), with ``config``, ``seed``,
+    ``sample_all``, ``score_thr``, ``unsafe_load`` as for :func:`inspect`; two reports (``Report``
+    objects, ``.json`` paths, ``REPORT.json:PROFILE``) need neither.
+    """
+    a, b = side(old), side(new)
+    if a.is_report != b.is_report:
+        raise InputError("--old and --new must both be profiles or both be reports (.json)")
+    if a.is_report:
+        return _compare_reports(a, b, checkpoint, batch)
+    return _compare_profiles(a, b, checkpoint, batch, replay_options)

@@ -74,7 +74,47 @@ app = typer.Typer(
 # ---- options shared by the commands ------------------------------------------------------------
 
 CkptArg = Annotated[
-    str, typer.Argument(metavar="CKPT", help="checkpoint (.pt/.pth, or .safetensors)")
+    str,
+    typer.Argument(
+        metavar="CKPT",
+        help="checkpoint (.pt/.pth, or .safetensors), or a capture directory holding "
+        "checkpoint.pt and batch.pt (then no BATCH)",
+    ),
+]
+OptionalBatchArg = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="[BATCH]",
+        help="batch dump written by lossdoctor.dump_batch (omit with a capture directory)",
+    ),
+]
+OwnProfileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--old",
+        help="the run's own profile: a built-in name or a profile .toml (default: the one the "
+        "dump records, else legacy)",
+    ),
+]
+WhatIfOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--new",
+        help="the what-if profile: a built-in name or a profile .toml (default: fixed; legacy "
+        "when the run trained with fixed)",
+    ),
+]
+LevelsCsvOpt = Annotated[str | None, typer.Option("--csv", help="write the levels table to FILE")]
+ReportJsonOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--json",
+        help="write the report as JSON to FILE, or to stdout with '-' (the terminal view then "
+        "goes to stderr)",
+    ),
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="print only the symptom and the findings")
 ]
 BatchArg = Annotated[
     str, typer.Argument(metavar="BATCH", help="batch dump written by lossdoctor.dump_batch")
@@ -123,7 +163,10 @@ UnsafeOpt = Annotated[
 # compare's own
 SIDE_HELP = "profile name, profile .toml, or report .json (REPORT.json:PROFILE picks one)"
 OptionalCkpt = Annotated[
-    str | None, typer.Argument(metavar="[CKPT", help="checkpoint (when both sides are profiles)")
+    str | None,
+    typer.Argument(
+        metavar="[CKPT", help="checkpoint or capture directory (when both sides are profiles)"
+    ),
 ]
 OptionalBatch = Annotated[
     str | None,
@@ -212,39 +255,27 @@ def _stdout_json(json_out: str | None, text: str) -> None:
 @app.command()
 def inspect(
     ckpt: CkptArg,
-    batch: BatchArg,
-    old: Annotated[
-        str, typer.Option("--old", help="the run's profile: a built-in name or a profile .toml")
-    ] = "legacy",
-    new: Annotated[
-        str, typer.Option("--new", help="the what-if profile: a built-in name or a profile .toml")
-    ] = "fixed",
+    batch: OptionalBatchArg = None,
+    old: OwnProfileOpt = None,
+    new: WhatIfOpt = None,
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     sample_all: SampleAllOpt = False,
     device: DeviceOpt = Device.cpu,
     score_thr: ScoreThrOpt = None,
-    csv: Annotated[str | None, typer.Option("--csv", help="write the levels table to FILE")] = None,
+    csv: LevelsCsvOpt = None,
     csv_dir: CsvDirOpt = None,
-    json_out: Annotated[
-        str | None,
-        typer.Option(
-            "--json",
-            help="write the report as JSON to FILE, or to stdout with '-' (the "
-            "terminal view then goes to stderr)",
-        ),
-    ] = None,
+    json_out: ReportJsonOpt = None,
     plot: PlotOpt = None,
     fail_on: FailOnOpt = FailOn.NEVER,
     unsafe_load: UnsafeOpt = False,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="print only the symptom and the findings")
-    ] = False,
+    quiet: QuietOpt = False,
 ):
-    """Replay BATCH through CKPT's heads under two profiles and diagnose.
+    """Replay BATCH through CKPT's heads under the run's profile and a what-if, and diagnose.
 
     \b
-    Example:
+    Examples:
+      lossdoctor inspect lossdoctor-dumps/step_000123
       lossdoctor inspect ckpt_5000.pt batch.pt --csv levels.csv --plot levels.png
     """
     args = dict(locals())
@@ -434,7 +465,12 @@ def _print_fit(out, path: str, heads, b, cfg) -> None:
 
 @app.command()
 def check(
-    batch: BatchArg,
+    batch: Annotated[
+        str,
+        typer.Argument(
+            metavar="BATCH", help="batch dump, or a capture directory (then its CKPT too)"
+        ),
+    ],
     ckpt: Annotated[
         str | None,
         typer.Argument(metavar="[CKPT]", help="checkpoint to check the batch against"),
@@ -445,29 +481,33 @@ def check(
     """Validate a batch dump (and its fit to a checkpoint) without replaying.
 
     \b
-    Example:
+    Examples:
       lossdoctor check batch.pt ckpt.pt
+      lossdoctor check lossdoctor-dumps/step_000123
     """
+    args = dict(locals())
+    _guard(lambda: _check(**args))
 
-    def run():
-        from .api import resolve_inputs
-        from .inputs.batch import load_batch
-        from .report.render import console
 
-        out = console()
-        b = load_batch(batch)
-        _print_batch(out, batch, b)
-        if ckpt:
-            heads, b, cfg = resolve_inputs(ckpt, b, config, unsafe_load)
-            _print_fit(out, ckpt, heads, b, cfg)
-        if not b.suspicions:
-            out.print("nothing suspicious")
-            return
-        out.print(f"{len(b.suspicions)} suspicious items (inspect turns them into findings):")
-        for s in b.suspicions:
-            out.print(f"  {s.code}: {s.message}")
+def _check(*, batch, ckpt, config, unsafe_load):
+    from .api import capture_files, resolve_inputs
+    from .inputs.batch import load_batch
+    from .report.render import console
 
-    _guard(run)
+    if ckpt is None and Path(batch).is_dir():
+        ckpt, batch = capture_files(batch, None)
+    out = console()
+    b = load_batch(batch)
+    _print_batch(out, batch, b)
+    if ckpt:
+        heads, b, cfg = resolve_inputs(ckpt, b, config, unsafe_load)
+        _print_fit(out, ckpt, heads, b, cfg)
+    if not b.suspicions:
+        out.print("nothing suspicious")
+        return
+    out.print(f"{len(b.suspicions)} suspicious items (inspect turns them into findings):")
+    for s in b.suspicions:
+        out.print(f"  {s.code}: {s.message}")
 
 
 @app.command()

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..vocab import Framework
 from .errors import InputError
 from .files import save_torch
 from .torchfile import Replaced, noting_payloads, read_file
@@ -229,6 +230,43 @@ def _check_ignore(raw, boxes: list[Tensor]) -> list[Tensor]:
     return out
 
 
+def _is_int(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v >= 0
+
+
+# meta keys lossdoctor reads: what each must be (the rest of meta is free)
+META_KEYS = {
+    "framework": (lambda v: v in set(Framework), f"one of {', '.join(Framework)}"),
+    "profile": (lambda v: isinstance(v, (str, dict)), "a built-in profile name or a profile table"),
+    "config": (lambda v: isinstance(v, (str, dict)), "a preset name or a detector config table"),
+    "step": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "rank": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "world_size": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "sample_seed": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "lr": (_is_number, "a number >= 0"),
+    "losses": (
+        lambda v: isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()),
+        "a dict loss name -> value (the framework's loss dict at that step)",
+    ),
+}
+
+
+def _check_meta(meta) -> dict:
+    if not isinstance(meta, dict):
+        raise _refuse("meta", "a dict", meta)
+    for key, (ok, expected) in META_KEYS.items():
+        if key in meta and meta[key] is not None and not ok(meta[key]):
+            raise _refuse(f"meta.{key}", expected, meta[key])
+    rank, world = meta.get("rank"), meta.get("world_size")
+    if rank is not None and world is not None and rank >= world:
+        raise _refuse("meta.rank", f"a rank below world_size {world}", rank)
+    return dict(meta)
+
+
 def validate_batch(data) -> Batch:
     """Check a loaded dump against the ``lossdoctor.batch/1`` schema and build a :class:`Batch`."""
     _check_keys(data)
@@ -242,9 +280,7 @@ def validate_batch(data) -> Batch:
     if data.get("proposals") is not None:
         raw = _per_image(data["proposals"], "proposals", n)
         proposals = [_check_boxes(t, f"proposals[{i}]") for i, t in enumerate(raw)]
-    meta = data.get("meta") or {}
-    if not isinstance(meta, dict):
-        raise _refuse("meta", "a dict", meta)
+    meta = _check_meta(data.get("meta") or {})
     batch = Batch(
         features=features,
         image_sizes=sizes,

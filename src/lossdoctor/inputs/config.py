@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..vocab import Mapper
 from .checks import as_member, check_count, check_fraction, check_range, check_unit
-from .dataclass_toml import load_named
+from .dataclass_toml import from_table, load_named
 from .errors import InputError
 
 # log(1000 / 16): the cap on dw/dh at decode time in all three frameworks.
@@ -99,6 +99,11 @@ class SamplerConfig:
     batch_size: int = 256
     pos_fraction: float = 0.5
     add_gt: bool = False  # add GT boxes to the candidates (RoI stage)
+    # every candidate is a sample, none drawn (MMDetection's PseudoSampler)
+    take_all: bool = False
+    # MMDetection's avg_factor counts max(#neg, 1) per image too (RandomSampler); PseudoSampler's
+    # counts positives only. What the mmdet_sampler normalizer counts.
+    avg_factor_with_neg: bool = True
     # added GT boxes are assigned to themselves whatever their IoU (MMDetection); otherwise they
     # are matched like any other candidate
     gt_self_assigned: bool = False
@@ -277,6 +282,22 @@ def preset(name: str) -> DetectorConfig:
 def load_config(spec: str | Path) -> DetectorConfig:
     """A preset name, or a TOML file whose optional ``base`` key names the preset it overrides."""
     return load_named(DetectorConfig, spec, PRESETS, "torchvision", "detector preset")
+
+
+def config_from_meta(value, where: str = "meta.config") -> DetectorConfig:
+    """The detector config a dump records: a preset name, or a table in the TOML schema (its
+    ``base`` defaults to ``torchvision``)."""
+    if isinstance(value, DetectorConfig):
+        return value
+    if isinstance(value, str):
+        return preset(value)
+    if isinstance(value, dict):
+        return from_table(
+            DetectorConfig, value, PRESETS, "torchvision", where, value.get("name", "run")
+        )
+    raise InputError(
+        f"{where}: expected a preset name or a config table, found {type(value).__name__}"
+    )
 
 
 def replace(cfg, **changes):

@@ -26,20 +26,14 @@ def read_toml(path: str | Path) -> dict:
         raise InputError(f"{path} is not valid TOML: {e}; fix the file") from None
 
 
-def load_named(cls, spec: str | Path, makers: dict, default_base: str, what: str):
-    """A built-in by name (``makers[name]()``), or a TOML file whose keys override the built-in its
-    ``base`` names (tables merge key by key). Without a ``name`` key the result is named after
-    the file."""
-    spec = str(spec)
-    choices = f"use one of {', '.join(makers)} or a .toml file"
-    if spec in makers:
-        return makers[spec]()
-    if not spec.endswith(".toml"):
-        raise InputError(f"unknown {what} {spec!r}; {choices}")
-    data = read_toml(spec)
+def from_table(cls, data: dict, makers: dict, default_base: str, where: str, name: str):
+    """Build ``cls`` from a table whose keys override the built-in its ``base`` names (tables
+    merge key by key); ``name`` names it where the table does not."""
+    data = dict(data)
     base = data.pop("base", default_base)
     if base not in makers:
-        raise InputError(f"{spec}: base {base!r} is not a built-in {what}; {choices}")
+        choices = ", ".join(makers)
+        raise InputError(f"{where}: base {base!r} is not a built-in; use one of {choices}")
     merged = to_dict(makers[base]())
     for key, value in data.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -47,8 +41,22 @@ def load_named(cls, spec: str | Path, makers: dict, default_base: str, what: str
         else:
             merged[key] = value
     if "name" not in data:
-        merged["name"] = Path(spec).stem
-    return from_dict(cls, merged, Path(spec).name)
+        merged["name"] = name
+    return from_dict(cls, merged, where)
+
+
+def load_named(cls, spec: str | Path, makers: dict, default_base: str, what: str):
+    """A built-in by name (``makers[name]()``), or a TOML file whose keys override the built-in
+    its ``base`` names. Without a ``name`` key the result is named after the file."""
+    spec = str(spec)
+    if spec in makers:
+        return makers[spec]()
+    if not spec.endswith(".toml"):
+        raise InputError(f"unknown {what} {spec!r}; use one of {', '.join(makers)} or a .toml file")
+    data = read_toml(spec)
+    return from_table(
+        cls, data, makers, default_base, Path(spec).name, data.get("name", Path(spec).stem)
+    )
 
 
 # scalar type -> (does a TOML value fit it, what the error says was expected)

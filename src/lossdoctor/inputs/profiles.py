@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ..vocab import BOX_LOSSES, BOX_TERMS, CLS_LOSSES, Empty, LossKind, Normalizer, Part, Term
 from .checks import as_member, check_range
-from .dataclass_toml import dumps_toml, load_named, to_dict
+from .dataclass_toml import dumps_toml, from_table, load_named, to_dict
 from .errors import InputError
 
 # float32 machine epsilon: MMDetection adds it to every avg_factor (weight_reduce_loss).
@@ -226,6 +226,22 @@ def load_profile(spec: str | Path) -> LossProfile:
     """A built-in profile name, or a TOML file (its optional ``base`` names the profile it
     edits)."""
     return load_named(LossProfile, spec, BUILTIN, "fixed", "profile")
+
+
+def profile_from_meta(value, where: str = "meta.profile") -> LossProfile:
+    """The profile a dump records: a built-in name, or an inline table (its ``base`` defaults to
+    ``fixed``; its ``name`` to "run")."""
+    if isinstance(value, LossProfile):
+        return value
+    if isinstance(value, str):
+        if value not in BUILTIN:
+            names = ", ".join(BUILTIN)
+            raise InputError(f"{where} {value!r} is not a built-in profile; use one of {names}")
+        return BUILTIN[value]()
+    if isinstance(value, dict):
+        return from_table(LossProfile, value, BUILTIN, "fixed", where, "run")
+    found = type(value).__name__
+    raise InputError(f"{where}: expected a built-in profile name or a profile table, found {found}")
 
 
 def profile_toml(profile: LossProfile) -> str:

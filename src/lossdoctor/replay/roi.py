@@ -179,7 +179,6 @@ def roi_stage(
     bg = torch.full_like(s.fg_class, heads.bg_col)
     ce = ce_loss(cls_logits, torch.where(fg, heads.fg_logit(s.fg_class.clamp(min=0)), bg))
     samples = _level_samples(s, ce, deltas, heads, names)
-    budget = config.roi_sampler.batch_size * len(s.img_pos)
     return RoiStage(
         **vars(s),
         pooled=pooled,
@@ -189,5 +188,5 @@ def roi_stage(
         deltas=deltas,
         ce=ce,
         samples=samples,
-        counts=head_counts(samples, budget, s.img_pos, s.img_neg),
+        counts=head_counts(samples, config.roi_sampler, len(s.img_pos), s.img_pos, s.img_neg),
     )

@@ -171,6 +171,6 @@ def rpn_stage(
         for name, stride, out, anc, span in zip(batch.levels, batch.strides, outs, anchors, spans)
     ]
     samples = [s for _, s in built]
-    budget = config.rpn_sampler.batch_size * batch.num_images
-    counts = head_counts(samples, budget, [x.pos for x in a.images], [x.neg for x in a.images])
+    pos, neg = [x.pos for x in a.images], [x.neg for x in a.images]
+    counts = head_counts(samples, config.rpn_sampler, batch.num_images, pos, neg)
     return RpnStage(levels=[lv for lv, _ in built], images=a.images, samples=samples, counts=counts)

@@ -20,7 +20,7 @@ def sample(
     """
     pos = (labels == POSITIVE).nonzero().flatten()
     neg = (labels == NEGATIVE).nonzero().flatten()
-    if sample_all:
+    if sample_all or cfg.take_all:
         return pos, neg
     num_pos = min(pos.numel(), int(cfg.batch_size * cfg.pos_fraction))
     num_neg = min(neg.numel(), cfg.batch_size - num_pos)

@@ -56,6 +56,7 @@ class HeadCounts:
     budget: int  # sampler batch size x images
     img_pos: list[int]
     img_neg: list[int]
+    with_neg: bool = True  # mmdet's avg_factor counts max(#neg, 1) per image too
 
     def count(self, normalizer: Normalizer, level: int) -> float:
         """The count ``normalizer`` divides by at ``level``."""
@@ -63,7 +64,9 @@ class HeadCounts:
 
 
 def _mmdet_sampler(c: HeadCounts) -> int:
-    return sum(max(p, 1) + max(n, 1) for p, n in zip(c.img_pos, c.img_neg))
+    """MMDetection's SamplingResult.avg_factor summed over images: max(#pos, 1), plus max(#neg, 1)
+    where the sampler counts negatives (RandomSampler) and not where it does not (PseudoSampler)."""
+    return sum(max(p, 1) + (max(n, 1) if c.with_neg else 0) for p, n in zip(c.img_pos, c.img_neg))
 
 
 # One entry per Normalizer member (a test checks that every member has one).
@@ -78,13 +81,13 @@ COUNTS = {
 }
 
 
-def head_counts(
-    samples: list[LevelSamples], budget: int, img_pos: list[int], img_neg: list[int]
-) -> HeadCounts:
+def head_counts(samples: list[LevelSamples], cfg, images: int, img_pos, img_neg) -> HeadCounts:
+    """What a head's normalizers count, given its sampler config ``cfg``."""
     return HeadCounts(
         sampled=[s.sampled for s in samples],
         pos=[s.pos for s in samples],
-        budget=budget,
+        budget=cfg.batch_size * images,
         img_pos=img_pos,
         img_neg=img_neg,
+        with_neg=cfg.avg_factor_with_neg,
     )
