@@ -443,3 +443,27 @@ def test_each_rule_fires_on_its_fault_with_declared_evidence(code):
         rule = BY_CODE[f.code]  # every emitted code is declared
         assert set(f.evidence) <= set(rule.evidence), (f.code, set(f.evidence) - set(rule.evidence))
         assert f.severity in (rule.severity, rule.minor)
+
+
+@pytest.mark.parametrize(
+    "meta,fires",
+    [
+        ({"framework": "torchvision"}, True),  # raw torchvision labels passed by hand
+        ({}, False),  # nothing says the labels were torchvision's
+        ({"framework": "mmdet"}, False),  # 0-based natively
+        (
+            {"framework": "torchvision", "adapter": "lossdoctor.adapters.torchvision"},
+            False,
+        ),  # converted
+    ],
+)
+def test_raw_torchvision_labels_are_caught_when_the_framework_is_known(meta, fires):
+    """torchvision's labels of 3 classes run 1..3; a batch holding only its classes 1 and 2 passed
+    as they are looks valid (0..2) to the replay: only knowing the run is torchvision's shows it."""
+    d = healthy_dict()
+    d["gt_labels"] = [torch.tensor([1, 2, 1, 2, 1])] * 2
+    d["meta"] = meta
+    hits = [f for f in run(d).findings if f.code == "labels-one-based"]
+    assert bool(hits) == fires
+    if fires:
+        assert hits[0].severity == "warning" and "torchvision" in hits[0].message

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..replay.engine import Replay
-from ..vocab import BOX_TERMS, Background, Head, Part, Stage, Term
+from ..vocab import BOX_TERMS, Background, Framework, Head, Part, Stage, Term
 from .gradients import ProfileGrads
 from .nan_trace import CAUSES, UNITS, Origin
 from .symptom import Symptom
@@ -103,27 +103,40 @@ def _label_facts(r: Replay) -> tuple[list[int], list[int], bool]:
 
 
 def labels_one_based(f: Facts) -> list[Hit]:
+    """Labels 1..K: an error where label K collides with the background (or falls beyond the
+    classifier); minor where the run is torchvision's (whose own labels are 1-based) and the
+    labels never use class 0, the mark of its raw labels passed as they are."""
     r = f.replay
     labels, _, one_based = _label_facts(r)
-    if not r.gt.dropped_labels or not one_based:
-        return []
     k = r.heads.num_classes
-    where = (
-        f"column {k}, the background of this {r.heads.layout} checkpoint"
-        if r.heads.background is Background.LAST
-        else f"beyond the last class {k - 1}"
-    )
-    msg = (
-        f"labels run 1..{max(labels)}: they look 1-based; label {k} lands on {where}, and every "
-        "class is shifted by one"
-    )
-    ev = {
-        "min_label": min(labels),
-        "max_label": max(labels),
-        "num_classes": k,
-        "dropped": len(r.gt.dropped_labels),
-    }
-    return [Hit(message=msg, image=r.gt.dropped_labels[0].image, evidence=ev)]
+    if r.gt.dropped_labels and one_based:
+        where = (
+            f"column {k}, the background of this {r.heads.layout} checkpoint"
+            if r.heads.background is Background.LAST
+            else f"beyond the last class {k - 1}"
+        )
+        msg = (
+            f"labels run 1..{max(labels)}: they look 1-based; label {k} lands on {where}, and "
+            "every class is shifted by one"
+        )
+    elif _raw_torchvision_labels(r, labels):
+        msg = (
+            f"labels run {min(labels)}..{max(labels)} and never use class 0 in a torchvision run, "
+            "whose own labels are 1-based (its label j is class j-1 here): if targets['labels'] "
+            "were passed as they are, every class is shifted by one"
+        )
+    else:
+        return []
+    ev = {"min_label": min(labels), "max_label": max(labels), "num_classes": k,
+          "dropped": len(r.gt.dropped_labels)}  # fmt: skip
+    image = r.gt.dropped_labels[0].image if r.gt.dropped_labels else None
+    return [Hit(message=msg, image=image, evidence=ev, minor=not one_based)]
+
+
+def _raw_torchvision_labels(r: Replay, labels: list[int]) -> bool:
+    meta = r.batch.meta
+    by_hand = meta.get("framework") == Framework.TORCHVISION and meta.get("adapter") is None
+    return by_hand and bool(labels) and min(labels) >= 1
 
 
 def label_out_of_range(f: Facts) -> list[Hit]:

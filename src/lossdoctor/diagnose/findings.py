@@ -93,8 +93,10 @@ RULES: tuple[Rule, ...] = (
     Rule(
         code="labels-one-based",
         severity=E,
+        minor=W,
         check=c.labels_one_based,
-        summary="labels run 1..K: they look 1-based (one class lands on the background or beyond)",
+        summary="labels look 1-based: label K lands on the background or beyond (warning: a "
+        "torchvision run whose labels never use class 0)",
         evidence=("min_label", "max_label", "num_classes", "dropped"),
         fix="subtract 1 from the labels: the dump wants foreground classes 0..K-1 (torchvision's "
         "label j is class j-1 here)",

@@ -8,6 +8,7 @@ what the diagnosis is for.
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 from dataclasses import dataclass, field
@@ -463,6 +464,23 @@ def _feature_dict(features, strides) -> dict[str, Tensor]:
     return {f"p{first + k}": _cpu(v) for k, v in enumerate(features)}
 
 
+def _plain(v):
+    """Meta as the plain values a dump holds: enum members as their strings, paths as str,
+    tensors and numpy scalars as numbers and lists."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, enum.Enum):
+        return _plain(v.value)
+    for kind in (bool, int, float, str):  # subclasses (a numpy bool, an IntEnum) as the base type
+        if isinstance(v, kind):
+            return kind(v)
+    if v is None or isinstance(v, Path):
+        return None if v is None else str(v)
+    return v.tolist() if hasattr(v, "tolist") else v
+
+
 def _int_sizes(image_sizes) -> list[list[int]]:
     sizes = image_sizes.tolist() if isinstance(image_sizes, Tensor) else image_sizes
     if not isinstance(sizes, (list, tuple)):
@@ -503,7 +521,7 @@ def dump_batch(
     if strides is not None:
         data["strides"] = [int(s) for s in strides]
     if meta:
-        data["meta"] = dict(meta)
+        data["meta"] = _plain(meta)
     batch = validate_batch(data)
     save_torch(data, path)
     return batch

@@ -1,0 +1,184 @@
+"""torchvision: a ``FasterRCNN`` (``fasterrcnn_resnet50_fpn`` and friends) and its training batch
+→ a capture directory.
+
+Two lines in an unchanged torchvision loop::
+
+    from lossdoctor.adapters import torchvision as ld
+    capture = ld.Capture("lossdoctor-dumps", model, grad_norm_above=1000)       # 1
+    for step, (images, targets) in enumerate(loader):
+        loss_dict = model(images, targets)
+        losses = sum(loss_dict.values())
+        optimizer.zero_grad(); losses.backward()
+        capture.check(step, loss_dict)                                         # 2
+        optimizer.step()
+
+Forward hooks record what the model's own forward computed: the transformed images and targets
+(``model.transform``), the FPN features (``model.backbone``) and the proposals the RPN made
+(``model.rpn``). Levels ``'0'..'3', 'pool'`` become p2..p6; torchvision's labels (1..K, 0 the
+background) become lossdoctor's foreground classes 0..K-1. The dump records the profile
+(``torchvision``) and the live model's detector config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..inputs.config import (
+    AnchorConfig,
+    CoderConfig,
+    DetectorConfig,
+    MatcherConfig,
+    ProposalConfig,
+    RoIPoolConfig,
+    SamplerConfig,
+    TestConfig,
+)  # fmt: skip
+from ..inputs.errors import InputError
+from ..vocab import Framework, Mapper
+from .common import HookedCapture, level_names, run_meta, write_dump
+
+PROFILE = "torchvision"
+# torchvision's postprocess drops boxes smaller than this (roi_heads.postprocess_detections)
+MIN_DETECTION_SIZE = 1e-2
+
+
+def _anchors(gen) -> AnchorConfig:
+    ratios = {tuple(r) for r in gen.aspect_ratios}
+    if len(ratios) != 1:
+        raise InputError(
+            "the anchor generator uses other aspect ratios on each level; lossdoctor needs one set"
+        )
+    sizes = tuple(tuple(float(s) for s in level) for level in gen.sizes)
+    return AnchorConfig(sizes=sizes, ratios=tuple(float(r) for r in ratios.pop()), round=True,
+                        stride_from_size=True)  # fmt: skip
+
+
+def _matcher(m) -> MatcherConfig:
+    return MatcherConfig(fg_iou=float(m.high_threshold), bg_iou=float(m.low_threshold),
+                         low_quality=bool(m.allow_low_quality_matches))  # fmt: skip
+
+
+def _sampler(s, add_gt: bool = False) -> SamplerConfig:
+    return SamplerConfig(batch_size=int(s.batch_size_per_image),
+                         pos_fraction=float(s.positive_fraction), add_gt=add_gt)  # fmt: skip
+
+
+def _proposals(rpn, mode: str) -> ProposalConfig:
+    return ProposalConfig(
+        pre_nms_top_n=int(rpn._pre_nms_top_n[mode]),
+        post_nms_top_n=int(rpn._post_nms_top_n[mode]),
+        nms_iou=float(rpn.nms_thresh),
+        min_size=float(rpn.min_size),
+        min_size_inclusive=True,
+    )
+
+
+def detector_config(model) -> DetectorConfig:
+    """The live model's detector config: anchors, matchers, samplers, coders, proposals,
+    RoIAlign and test settings, read off ``model.rpn`` and ``model.roi_heads``."""
+    rpn, roi = model.rpn, model.roi_heads
+    pool = roi.box_roi_pool
+    return DetectorConfig(
+        name="torchvision model",
+        anchors=_anchors(rpn.anchor_generator),
+        rpn_matcher=_matcher(rpn.proposal_matcher),
+        rpn_sampler=_sampler(rpn.fg_bg_sampler),
+        rpn_coder=CoderConfig(
+            weights=tuple(rpn.box_coder.weights), clip=rpn.box_coder.bbox_xform_clip
+        ),
+        train_proposals=_proposals(rpn, "training"),
+        test_proposals=_proposals(rpn, "testing"),
+        roi_matcher=_matcher(roi.proposal_matcher),
+        roi_sampler=_sampler(roi.fg_bg_sampler, True),
+        roi_coder=CoderConfig(
+            weights=tuple(roi.box_coder.weights), clip=roi.box_coder.bbox_xform_clip
+        ),
+        roi_pool=RoIPoolConfig(
+            num_levels=len(pool.featmap_names),
+            sampling_ratio=int(pool.sampling_ratio),
+            aligned=False,
+            mapper=Mapper.TORCHVISION,
+            canonical_scale=float(pool.canonical_scale),
+            canonical_level=int(pool.canonical_level),
+        ),
+        test=TestConfig(
+            score_thr=float(roi.score_thresh),
+            nms_iou=float(roi.nms_thresh),
+            detections_per_img=int(roi.detections_per_img),
+            min_box_size=MIN_DETECTION_SIZE,
+        ),  # fmt: skip
+    )
+
+
+def batch_fields(image_list, targets, features, proposals=None) -> dict:
+    """``dump_batch`` arguments from torchvision's own objects: the ImageList and targets after
+    ``model.transform``, the backbone's feature dict, the RPN's proposals."""
+    feats = [f.detach() for f in features.values()]
+    pad = tuple(image_list.tensors.shape[-2:])
+    names, strides = level_names(feats, pad)
+    out = {
+        "features": dict(zip(names, feats)),
+        "image_sizes": [list(s) for s in image_list.image_sizes],
+        "pad_size": list(pad),
+        "strides": strides,
+        "gt_boxes": [t["boxes"].detach() for t in targets],
+        "gt_labels": [t["labels"].detach() - 1 for t in targets],  # background 0 → -1
+    }
+    if proposals is not None:
+        out["proposals"] = [p.detach() for p in proposals]
+    return out
+
+
+def _rpn_proposals(rpn, image_list, features) -> list:
+    """The RPN's training proposals for these features, as ``rpn.forward`` makes them, without
+    its loss (no sampling: the global RNG is left alone)."""
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    feats = list(features.values())
+    objectness, deltas = rpn.head(feats)
+    anchors = rpn.anchor_generator(image_list, feats)
+    per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
+    objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+    boxes = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+    return rpn.filter_proposals(boxes, objectness, image_list.image_sizes, per_level)[0]
+
+
+def dump(out_dir: str | Path, model, images, targets, *, meta: dict | None = None) -> Path:
+    """Write a capture directory for one batch: runs ``model.transform``, ``model.backbone`` and
+    the RPN's proposal step under ``no_grad`` (the transform draws its resize size as in
+    training when the model is in train mode).
+
+    images: list of Tensor[3, H, W]; targets: list of {"boxes", "labels"} as for ``model(...)``.
+    """
+    with torch.no_grad():
+        image_list, tgts = model.transform(images, targets)
+        features = model.backbone(image_list.tensors)
+        proposals = _rpn_proposals(model.rpn, image_list, features)
+    info = run_meta(Framework.TORCHVISION, PROFILE, detector_config(model), meta)
+    return write_dump(
+        out_dir, model.state_dict(), batch_fields(image_list, tgts, features, proposals), info
+    )
+
+
+class Capture(HookedCapture):
+    """Capture from an unchanged torchvision training loop (see the module docstring)."""
+
+    framework = Framework.TORCHVISION
+
+    def __init__(self, directory, model, **kw):
+        super().__init__(directory, model, **kw)
+        self.hook(model.transform, "transformed")
+        self.hook(model.backbone, "features")
+        self.hook(model.rpn, "proposals", lambda args, out: out[0])
+        self.config = detector_config(model)
+
+    def batch_from_forward(self) -> tuple[dict, dict]:
+        if "transformed" not in self.seen:
+            raise RuntimeError("no forward of the model was recorded before check()")
+        image_list, targets = self.seen["transformed"]
+        if targets is None:
+            raise RuntimeError("the recorded forward had no targets: call check() in training")
+        batch = batch_fields(image_list, targets, self.seen["features"], self.seen.get("proposals"))
+        return batch, run_meta(Framework.TORCHVISION, PROFILE, self.config, None)

@@ -1,0 +1,135 @@
+"""The torchvision adapter against torchvision's real Faster R-CNN R50-FPN (skipped without
+torchvision): a couple of training steps, a capture, and `lossdoctor inspect DIR` reproducing the
+loss dict torchvision computed for that step."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+tv = pytest.importorskip("torchvision")
+from torchvision.models.detection import fasterrcnn_resnet50_fpn  # noqa: E402
+
+from lossdoctor.adapters import torchvision as ld  # noqa: E402
+from lossdoctor.cli import app  # noqa: E402
+from lossdoctor.inputs.batch import load_batch  # noqa: E402
+from lossdoctor.inputs.config import preset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+EVERY = 10**6  # a sampler budget no batch reaches: torchvision keeps every candidate
+TERMS = {"rpn_cls": "loss_objectness", "rpn_box": "loss_rpn_box_reg",
+         "roi_cls": "loss_classifier", "roi_box": "loss_box_reg"}  # fmt: skip
+REL = 1e-5
+
+
+def small_model(**kw):
+    torch.manual_seed(0)
+    kw = {"rpn_batch_size_per_image": EVERY, "box_batch_size_per_image": EVERY, **kw}
+    return fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4, min_size=128,
+                                   max_size=192, **kw).train()  # fmt: skip
+
+
+def batches(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        images = [torch.rand(3, 120, 160, generator=g), torch.rand(3, 128, 144, generator=g)]
+        targets = []
+        for im in images:
+            h, w = im.shape[1:]
+            xy = torch.rand(3, 2, generator=g) * torch.tensor([w - 40, h - 40])
+            boxes = torch.cat([xy, xy + torch.rand(3, 2, generator=g) * 30 + 10], 1)
+            targets.append({"boxes": boxes, "labels": torch.randint(1, 4, (3,), generator=g)})
+        yield images, targets
+
+
+def train(model, steps, capture):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    data = batches()
+    for step in range(steps):
+        images, targets = next(data)
+        loss_dict = model(images, targets)
+        opt.zero_grad()
+        sum(loss_dict.values()).backward()
+        capture.check(step, loss_dict)
+        opt.step()
+    return loss_dict
+
+
+def replayed_terms(folder) -> tuple[dict, dict]:
+    r = CliRunner().invoke(app, ["inspect", str(folder), "--sample-all", "--json", "-", "-q"])
+    assert r.exit_code in (0, 1), r.output
+    rep = json.loads(r.stdout)
+    own = rep["meta"]["run"]["profile"]
+    row = next(x for x in rep["tables"]["profiles"] if x["profile"] == own)
+    return rep, {t: row[t] for t in TERMS}
+
+
+def test_capture_reproduces_torchvisions_losses(tmp_path):
+    model = small_model()
+    capture = ld.Capture(tmp_path, model, every=1)
+    loss_dict = train(model, 2, capture)
+    folder = capture.written[-1]
+    assert folder.name == "step_000001"
+    rep, got = replayed_terms(folder)
+    assert rep["meta"]["run"] == {
+        "profile": "torchvision",
+        "source": "dump",
+        "framework": "torchvision",
+    }
+    assert rep["meta"]["batch"]["levels"] == ["p2", "p3", "p4", "p5", "p6"]
+    for term, key in TERMS.items():
+        want = float(loss_dict[key].detach())
+        assert got[term] == pytest.approx(want, rel=REL), (term, got[term], want)
+
+
+def test_dump_writes_what_the_hooked_forward_saw(tmp_path):
+    model = small_model()
+    capture = ld.Capture(tmp_path / "hooked", model, every=1)
+    images, targets = next(batches())
+    loss_dict = model(images, targets)
+    sum(loss_dict.values()).backward()
+    hooked = load_batch(capture.check(0, loss_dict) / "batch.pt")
+    direct = load_batch(ld.dump(tmp_path / "direct", model, images, targets) / "batch.pt")
+    for name in hooked.features:
+        assert torch.allclose(hooked.features[name], direct.features[name], atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(hooked.proposals, direct.proposals))
+    assert [lab.tolist() for lab in hooked.gt_labels] == [
+        (t["labels"] - 1).tolist() for t in targets
+    ]
+    assert direct.meta["framework"] == "torchvision" and direct.meta["profile"] == "torchvision"
+
+
+def test_the_default_models_config_is_the_preset():
+    live = ld.detector_config(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None))
+    assert dataclasses.replace(live, name="torchvision") == preset("torchvision")
+
+
+def test_the_live_config_follows_the_model():
+    model = small_model(rpn_fg_iou_thresh=0.6, box_score_thresh=0.2, rpn_pre_nms_top_n_train=300)
+    cfg = ld.detector_config(model)
+    assert cfg.rpn_matcher.fg_iou == 0.6 and cfg.test.score_thr == 0.2
+    assert cfg.train_proposals.pre_nms_top_n == 300 and cfg.rpn_sampler.batch_size == EVERY
+
+
+def test_readme_recipe_runs(tmp_path, monkeypatch):
+    """The README's torchvision recipe, executed as written, on a small model."""
+    text = (ROOT / "README.md").read_text()
+    recipe = re.search(r"<!-- recipe: torchvision -->\n```python\n(.*?)```", text, re.S).group(1)
+    model = small_model()
+    data = batches()
+    loader = [next(data) for _ in range(3)]
+    monkeypatch.chdir(tmp_path)
+    scope = {"model": model, "loader": loader,
+             "optimizer": torch.optim.SGD(model.parameters(), lr=1e9)}  # fmt: skip
+    exec(recipe, scope)  # noqa: S102
+    written = sorted(p.name for p in (tmp_path / "lossdoctor-dumps").iterdir())
+    assert written, "the recipe captured nothing"
+    rep, _ = replayed_terms(tmp_path / "lossdoctor-dumps" / written[0])
+    reason = rep["meta"]["batch"]["meta"]["reason"]
+    assert "gradient norm" in reason or "non-finite" in reason
