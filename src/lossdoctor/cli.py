@@ -510,6 +510,59 @@ def _check(*, batch, ckpt, config, unsafe_load):
         out.print(f"  {s.code}: {s.message}")
 
 
+class Source(StrEnum):
+    mmdet = "mmdet"
+    detectron2 = "detectron2"
+
+
+@app.command(name="config-from")
+def config_from(
+    framework: Annotated[Source, typer.Argument(help="the framework the config file is for")],
+    path: Annotated[
+        str, typer.Argument(metavar="CFG", help="mmdet .py config or Detectron2 .yaml config")
+    ],
+    profile: Annotated[
+        bool,
+        typer.Option("--profile", help="print the loss profile the config trains with instead"),
+    ] = False,
+):
+    """Print a framework config file's detector config (or loss profile) as lossdoctor TOML.
+
+    This RUNS the config file: mmdet configs are Python, read through mmengine's Config (and the
+    model is built from them, without weights); Detectron2 configs go through its get_cfg. Use
+    it only on config files you trust. lossdoctor never does it on its own.
+
+    \b
+    Examples:
+      lossdoctor config-from mmdet configs/faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py > det.toml
+      lossdoctor inspect ckpt.pth batch.pt --config det.toml
+    """
+    args = dict(locals())
+    _guard(lambda: _config_from(**args))
+
+
+def _config_from(*, framework, path, profile):
+    from .inputs.dataclass_toml import dumps_toml, to_dict
+    from .inputs.errors import InputError
+    from .inputs.profiles import profile_from_meta, profile_toml
+
+    if not Path(path).is_file():
+        raise InputError(f"config file {path} does not exist; check the path")
+    try:
+        adapter = __import__(
+            f"lossdoctor.adapters.{framework.value}", fromlist=["config_from_file"]
+        )
+        config, prof = adapter.config_from_file(path)
+    except ImportError as e:
+        raise InputError(
+            f"reading {framework.value} configs needs {framework.value} installed ({e})"
+        ) from None
+    if profile:
+        sys.stdout.write(profile_toml(profile_from_meta(prof)))
+    else:
+        sys.stdout.write(dumps_toml({"base": framework.value, **to_dict(config)}))
+
+
 @app.command()
 def explain(
     code: Annotated[str | None, typer.Argument(help="a finding code, as reports print it")] = None,

@@ -48,13 +48,16 @@ class HookedCapture(Capture):
         self.seen: dict = {}
         self.handles = []
 
-    def hook(self, module: torch.nn.Module, name: str, pick=lambda args, out: out) -> None:
-        """Record ``pick(inputs, output)`` of ``module``'s forward as ``seen[name]``."""
+    def hook(self, module: torch.nn.Module, name: str, pick=lambda args, kwargs, out: out) -> None:
+        """Record ``pick(args, kwargs, output)`` of ``module``'s forward as ``seen[name]``; a
+        ``pick`` that returns None records nothing."""
 
-        def record(_module, args, output):
-            self.seen[name] = pick(args, output)
+        def record(_module, args, kwargs, output):
+            value = pick(args, kwargs, output)
+            if value is not None:
+                self.seen[name] = value
 
-        self.handles.append(module.register_forward_hook(record))
+        self.handles.append(module.register_forward_hook(record, with_kwargs=True))
 
     def remove(self) -> None:
         """Stop recording (the hooks are removed from the model)."""

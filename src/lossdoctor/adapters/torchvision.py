@@ -171,7 +171,7 @@ class Capture(HookedCapture):
         super().__init__(directory, model, **kw)
         self.hook(model.transform, "transformed")
         self.hook(model.backbone, "features")
-        self.hook(model.rpn, "proposals", lambda args, out: out[0])
+        self.hook(model.rpn, "proposals", lambda args, kwargs, out: out[0])
         self.config = detector_config(model)
 
     def batch_from_forward(self) -> tuple[dict, dict]:

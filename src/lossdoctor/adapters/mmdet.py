@@ -1,0 +1,330 @@
+"""MMDetection 3.x: a two-stage detector (``FasterRCNN`` and friends) and what its dataloader
+yields → a capture directory.
+
+Two lines in the training config (the Runner then captures at the first non-finite loss,
+non-finite gradient, gradient norm above ``grad_norm_above``, or every ``every`` iterations; each
+rank writes its own dump)::
+
+    custom_imports = dict(imports=["lossdoctor.adapters.mmdet"], allow_failed_imports=False)
+    custom_hooks = [dict(type="LossDoctorHook", grad_norm_above=1000)]
+
+In a loop of your own: ``capture = Capture(DIR, model)`` once, then ``capture.check(step,
+losses)`` after ``backward()``; or ``dump(DIR, model, data_batch)`` for one batch.
+
+What is read: the data samples the model's forward received (``gt_instances``, converted from
+``HorizontalBoxes``; ``ignored_instances`` as ignored GT; ``img_shape``, ``batch_input_shape``),
+the FPN features (``model.neck``), the RPN's outputs (proposals made from them with
+``rpn_head.predict_by_feat`` and the ``rpn_proposal`` config, as ``loss_and_predict`` makes them),
+and the live model's config: anchors, assigners, samplers (RandomSampler, or PseudoSampler:
+every candidate, avg_factor = sum of max(#pos, 1)), coders, RoI extractor and losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+from ..inputs.config import (
+    AnchorConfig,
+    CoderConfig,
+    DetectorConfig,
+    MatcherConfig,
+    ProposalConfig,
+    RoIPoolConfig,
+    SamplerConfig,
+    TestConfig,
+)  # fmt: skip
+from ..inputs.dataclass_toml import to_dict
+from ..inputs.errors import InputError
+from ..inputs.profiles import mmdet
+from ..vocab import Framework, LossKind, Mapper, Part, Term
+from .common import HookedCapture, level_names, run_meta, write_dump
+
+# MMDetection's delta2bbox clamps dw, dh to |log(wh_ratio_clip)| with wh_ratio_clip = 16 / 1000
+WH_RATIO_CLIP = 16 / 1000
+RANDOM, PSEUDO = "RandomSampler", "PseudoSampler"
+
+
+def _get(cfg, key, default=None):
+    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+def _anchors(gen, pad_divisor: int) -> AnchorConfig:
+    if any(tuple(s) != (b, b) for s, b in zip(gen.strides, gen.base_sizes)):
+        raise InputError(
+            "an anchor generator whose base sizes differ from its strides is not supported"
+        )
+    scales = [float(s) for s in gen.scales]
+    sizes = tuple(tuple(b * s for s in scales) for b in gen.base_sizes)
+    return AnchorConfig(sizes=sizes, ratios=tuple(float(r) for r in gen.ratios),
+                        offset=float(gen.center_offset), size_major=not gen.scale_major,
+                        valid_pad_divisor=int(pad_divisor))  # fmt: skip
+
+
+def _matcher(assigner, min_iou_default: float = 0.0) -> MatcherConfig:
+    neg = _get(assigner, "neg_iou_thr")
+    if isinstance(neg, (tuple, list)) or _get(assigner, "gt_max_assign_all", True) is False:
+        raise InputError(
+            "MaxIoUAssigner with a neg_iou_thr range or gt_max_assign_all=False is not supported"
+        )
+    return MatcherConfig(
+        fg_iou=float(_get(assigner, "pos_iou_thr")),
+        bg_iou=float(neg),
+        low_quality=bool(_get(assigner, "match_low_quality", True)),
+        low_quality_min_iou=float(_get(assigner, "min_pos_iou", min_iou_default)),
+        low_quality_reassign=True,
+        nan_positive=False,
+        union_eps=1e-6,
+    )
+
+
+def _sampler(sampler, add_gt_default: bool) -> SamplerConfig:
+    kind = _get(sampler, "type")
+    if kind == PSEUDO:
+        return SamplerConfig(take_all=True, avg_factor_with_neg=False)
+    if kind != RANDOM or _get(sampler, "neg_pos_ub", -1) >= 0:
+        raise InputError(
+            f"sampler {kind} (or a neg_pos_ub) is not supported; "
+            "RandomSampler and PseudoSampler are"
+        )
+    add_gt = bool(_get(sampler, "add_gt_as_proposals", add_gt_default))
+    return SamplerConfig(
+        batch_size=int(_get(sampler, "num")),
+        pos_fraction=float(_get(sampler, "pos_fraction")),
+        add_gt=add_gt,
+        gt_self_assigned=add_gt,  # mmdet assigns each added GT to itself
+    )
+
+
+def _coder(coder) -> CoderConfig:
+    if any(float(m) != 0.0 for m in coder.means):
+        raise InputError("a box coder with non-zero means is not supported")
+    weights = tuple(1.0 / float(s) for s in coder.stds)
+    return CoderConfig(weights=weights, clip=abs(math.log(WH_RATIO_CLIP)), clip_both=True)
+
+
+def _proposals(cfg) -> ProposalConfig:
+    return ProposalConfig(
+        pre_nms_top_n=int(_get(cfg, "nms_pre")),
+        post_nms_top_n=int(_get(cfg, "max_per_img")),
+        nms_iou=float(_get(_get(cfg, "nms"), "iou_threshold")),
+        min_size=float(_get(cfg, "min_bbox_size", 0)),
+        min_size_inclusive=False,
+    )
+
+
+def detector_config(model) -> DetectorConfig:
+    """The live model's detector config, read off its heads and ``train_cfg`` / ``test_cfg``."""
+    train, test = model.train_cfg, model.test_cfg
+    rpn, box = model.rpn_head, model.roi_head.bbox_head
+    ext = model.roi_head.bbox_roi_extractor
+    layer = ext.roi_layers[0]
+    return DetectorConfig(
+        name="mmdet model",
+        anchors=_anchors(rpn.prior_generator, _get(model.data_preprocessor, "pad_size_divisor", 1)),
+        rpn_matcher=_matcher(train.rpn.assigner),
+        rpn_sampler=_sampler(train.rpn.sampler, False),
+        rpn_coder=_coder(rpn.bbox_coder),
+        train_proposals=_proposals(_get(train, "rpn_proposal", test.rpn)),
+        test_proposals=_proposals(test.rpn),
+        roi_matcher=_matcher(train.rcnn.assigner),
+        roi_sampler=_sampler(train.rcnn.sampler, True),
+        roi_coder=_coder(box.bbox_coder),
+        roi_pool=RoIPoolConfig(
+            num_levels=len(ext.featmap_strides),
+            sampling_ratio=int(layer.sampling_ratio),
+            aligned=bool(layer.aligned),
+            mapper=Mapper.MMDET,
+            finest_scale=float(ext.finest_scale),
+        ),  # fmt: skip
+        test=TestConfig(
+            score_thr=float(test.rcnn.score_thr),
+            nms_iou=float(_get(test.rcnn.nms, "iou_threshold")),
+            detections_per_img=int(test.rcnn.max_per_img),
+            min_box_size=0.0,
+        ),  # fmt: skip
+    )
+
+
+def _loss(module, cls: bool) -> tuple[LossKind, float, float]:
+    """(kind, beta, weight) of one of mmdet's loss modules."""
+    name, weight = type(module).__name__, float(getattr(module, "loss_weight", 1.0))
+    if cls and name == "CrossEntropyLoss":
+        return (LossKind.BCE if module.use_sigmoid else LossKind.CE), 0.0, weight
+    if not cls and name == "L1Loss":
+        return LossKind.L1, 0.0, weight
+    if not cls and name == "SmoothL1Loss":
+        return LossKind.SMOOTH_L1, float(module.beta), weight
+    raise InputError(f"loss {name} is not supported; CrossEntropyLoss, L1Loss and SmoothL1Loss are")
+
+
+def profile(model) -> str | dict:
+    """The loss normalization the model trains with: ``mmdet`` (whose RPN avg_factor follows the
+    sampler), or a profile table where the model's losses or weights differ from its defaults."""
+    rpn, box = model.rpn_head, model.roi_head.bbox_head
+    modules = {
+        Term.RPN_CLS: rpn.loss_cls, Term.RPN_BOX: rpn.loss_bbox,
+        Term.ROI_CLS: box.loss_cls, Term.ROI_BOX: box.loss_bbox,
+    }  # fmt: skip
+    base = mmdet()
+    specs = {}
+    for term, module in modules.items():
+        kind, beta, weight = _loss(module, term.part is Part.CLS)
+        specs[term.value] = dataclasses.replace(
+            base.term(term), loss=kind, beta=beta, weight=weight
+        )
+    pos = float(_get(model.train_cfg.rpn, "pos_weight", -1))
+    live = dataclasses.replace(base, pos_weight=pos if pos > 0 else 1.0, **specs)
+    return "mmdet" if live == base else to_dict(live)
+
+
+def _boxes(instances) -> torch.Tensor:
+    b = instances.bboxes
+    return (b.tensor if hasattr(b, "tensor") else b).detach().float().cpu().reshape(-1, 4)
+
+
+def batch_fields(inputs, data_samples, features, proposals=None) -> dict:
+    """``dump_batch`` arguments from what the model's forward got: the padded inputs, the data
+    samples, the FPN features (a tuple) and the proposals."""
+    feats = [f.detach() for f in features]
+    pad = tuple(inputs.shape[-2:])
+    names, strides = level_names(feats, pad)
+    boxes, labels, ignore = [], [], []
+    for ds in data_samples:
+        gt, ign = ds.gt_instances, ds.get("ignored_instances", None)
+        extra = _boxes(ign) if ign is not None and len(ign) else torch.zeros(0, 4)
+        boxes.append(torch.cat([_boxes(gt), extra]))
+        ign_labels = (
+            ign.labels if ign is not None and len(ign) else torch.zeros(0, dtype=torch.long)
+        )
+        labels.append(torch.cat([gt.labels.detach().cpu(), ign_labels.detach().cpu()]).long())
+        ignore.append(
+            torch.cat(
+                [torch.zeros(len(gt), dtype=torch.bool), torch.ones(len(extra), dtype=torch.bool)]
+            )
+        )
+    out = {"features": dict(zip(names, feats)), "pad_size": list(pad), "strides": strides,
+           "image_sizes": [list(ds.metainfo["img_shape"][:2]) for ds in data_samples],
+           "gt_boxes": boxes, "gt_labels": labels, "gt_ignore": ignore}  # fmt: skip
+    if proposals is not None:
+        out["proposals"] = [p.detach().float().cpu() for p in proposals]
+    return out
+
+
+def rpn_proposals(model, rpn_outs, data_samples) -> list[torch.Tensor]:
+    """The RPN's training proposals, as ``rpn_head.loss_and_predict`` makes them."""
+    cfg = _get(model.train_cfg, "rpn_proposal", model.test_cfg.rpn)
+    metas = [ds.metainfo for ds in data_samples]
+    with torch.no_grad():
+        results = model.rpn_head.predict_by_feat(*rpn_outs, batch_img_metas=metas, cfg=cfg)
+    return [_boxes(r) for r in results]
+
+
+def _meta(model, meta):
+    return run_meta(Framework.MMDET, profile(model), detector_config(model), meta)
+
+
+def dump(out_dir: str | Path, model, data_batch: dict, *, meta: dict | None = None) -> Path:
+    """Write a capture directory for one batch as the dataloader yields it: runs the model's
+    ``data_preprocessor``, ``extract_feat`` and its RPN under ``no_grad``."""
+    model = getattr(model, "module", model)
+    with torch.no_grad():
+        data = model.data_preprocessor(data_batch, True)
+        feats = model.extract_feat(data["inputs"])
+        outs = model.rpn_head(feats)
+    samples = data["data_samples"]
+    batch = batch_fields(data["inputs"], samples, feats, rpn_proposals(model, outs, samples))
+    return write_dump(out_dir, model.state_dict(), batch, _meta(model, meta))
+
+
+def _model_input(args, kwargs, output):
+    if kwargs.get("mode", args[2] if len(args) > 2 else None) != "loss":
+        return None
+    inputs = kwargs.get("inputs", args[0] if args else None)
+    return inputs, kwargs.get("data_samples", args[1] if len(args) > 1 else None)
+
+
+class Capture(HookedCapture):
+    """Capture from the model's own training forward (``mode="loss"``): call ``check(step,
+    losses)`` after ``backward()``, before the optimizer steps."""
+
+    framework = Framework.MMDET
+
+    def __init__(self, directory, model, **kw):
+        model = getattr(model, "module", model)
+        super().__init__(directory, model, **kw)
+        self.hook(model, "input", _model_input)
+        self.hook(model, "losses", lambda args, kwargs, out: out if isinstance(out, dict) else None)
+        self.hook(model.neck, "features")
+        self.hook(model.rpn_head, "rpn_outs")
+        self.run_info = _meta(model, None)
+
+    def batch_from_forward(self) -> tuple[dict, dict]:
+        if "input" not in self.seen:
+            raise RuntimeError("no training forward of the model (mode='loss') was recorded")
+        inputs, samples = self.seen["input"]
+        proposals = rpn_proposals(self.model, self.seen["rpn_outs"], samples)
+        return batch_fields(inputs, samples, self.seen["features"], proposals), self.run_info
+
+
+def _hook_class():
+    """``LossDoctorHook``, an mmengine Hook, registered in mmengine's and mmdet's HOOKS."""
+    from mmengine.hooks import Hook
+    from mmengine.registry import HOOKS
+
+    class LossDoctorHook(Hook):
+        """Captures from inside the Runner: each optimizer step checks the loss of the forward
+        and the gradients before the weights change (the checkpoint holds the weights that made
+        that loss). ``out_dir`` is relative to the work dir."""
+
+        priority = "LOW"
+
+        def __init__(self, out_dir="lossdoctor-dumps", every=None, grad_norm_above=None, once=True):
+            self.out_dir, self.options = (
+                out_dir,
+                dict(every=every, grad_norm_above=grad_norm_above, once=once),
+            )
+            self.capture, self.runner = None, None
+
+        def before_train(self, runner):
+            optimizer = runner.optim_wrapper.optimizer
+            folder = Path(runner.work_dir) / self.out_dir
+            self.capture = Capture(folder, runner.model, optimizer=optimizer, **self.options)
+            self.runner = runner
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._check())
+
+        def _check(self):
+            losses = self.capture.seen.get("losses")
+            if losses is not None:
+                self.capture.check(self.runner.iter, losses)
+
+    HOOKS.register_module(module=LossDoctorHook, force=True)
+    try:
+        from mmdet.registry import HOOKS as MMDET_HOOKS
+
+        MMDET_HOOKS.register_module(module=LossDoctorHook, force=True)
+    except ImportError:
+        pass
+    return LossDoctorHook
+
+
+try:
+    LossDoctorHook = _hook_class()
+except ImportError:  # mmengine absent: dump() and Capture still work where mmdet models do
+    LossDoctorHook = None
+
+
+def config_from_file(path: str | Path) -> tuple[DetectorConfig, str | dict]:
+    """The detector config and profile of an mmdet config file: built through mmengine's Config
+    (which runs the file's Python) and the model registry, without loading weights."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+
+    register_all_modules()
+    cfg = Config.fromfile(str(path))
+    model = MODELS.build(cfg.model)
+    return detector_config(model), profile(model)
