@@ -1,0 +1,292 @@
+"""Detectron2: a ``GeneralizedRCNN`` with an RPN and ``StandardROIHeads`` and its batched inputs
+→ a capture directory.
+
+Two lines with ``DefaultTrainer`` or ``SimpleTrainer`` (the hook runs after ``backward()`` and
+before the optimizer steps, so the checkpoint holds the weights that made the loss)::
+
+    from lossdoctor.adapters.detectron2 import LossDoctorHook
+    trainer.register_hooks([LossDoctorHook("lossdoctor-dumps", grad_norm_above=1000)])
+
+In a loop of your own: ``capture = Capture(DIR, model)`` once, then ``capture.check(step,
+loss_dict)`` after ``backward()``; or ``dump(DIR, model, batched_inputs)`` for one batch.
+
+One forward hook on ``model.proposal_generator`` sees what the model computed: the ImageList
+(image sizes, padded size), the FPN features (p2..p6), the GT ``Instances`` (``gt_boxes``,
+``gt_classes`` 0..K-1) and the RPN's proposals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..inputs.config import (
+    AnchorConfig,
+    CoderConfig,
+    DetectorConfig,
+    MatcherConfig,
+    ProposalConfig,
+    RoIPoolConfig,
+    SamplerConfig,
+    TestConfig,
+)  # fmt: skip
+from ..inputs.dataclass_toml import to_dict
+from ..inputs.errors import InputError
+from ..inputs.profiles import detectron2 as builtin_profile
+from ..vocab import Framework, LossKind, Mapper, Term
+from .common import HookedCapture, level_names, run_meta, write_dump
+
+# the Matcher's labels for (below, between, above) its thresholds
+RPN_LABELS, ROI_LABELS = [0, -1, 1], [0, 1]
+# fvcore's smooth-L1 is exact L1 below this beta
+L1_BELOW_BETA = 1e-5
+
+
+def _cell(cell: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Sizes and ratios (h / w) of one level's cell anchors (size-major, as Detectron2 orders)."""
+    w, h = cell[:, 2] - cell[:, 0], cell[:, 3] - cell[:, 1]
+    sizes = [round(float(s), 4) for s in (w * h).sqrt()]
+    ratios = [round(float(r), 4) for r in h / w]
+    distinct = list(dict.fromkeys(sizes))
+    return distinct, ratios[: len(ratios) // len(distinct)]
+
+
+def _anchors(gen) -> AnchorConfig:
+    levels = [_cell(c) for c in gen.cell_anchors]
+    ratios = {tuple(r) for _, r in levels}
+    if len(ratios) != 1:
+        raise InputError(
+            "the anchor generator uses other aspect ratios on each level; lossdoctor needs one set"
+        )
+    return AnchorConfig(sizes=tuple(tuple(s) for s, _ in levels), ratios=ratios.pop(),
+                        offset=float(gen.offset), size_major=True)  # fmt: skip
+
+
+def _matcher(m, labels: list[int]) -> MatcherConfig:
+    if list(m.labels) != labels:
+        raise InputError(f"a matcher with labels {list(m.labels)} is not supported ({labels} are)")
+    inner = m.thresholds[1:-1]
+    return MatcherConfig(fg_iou=float(inner[-1]), bg_iou=float(inner[0]),
+                         low_quality=bool(m.allow_low_quality_matches))  # fmt: skip
+
+
+def _coder(transform) -> CoderConfig:
+    return CoderConfig(
+        weights=tuple(float(w) for w in transform.weights), clip=float(transform.scale_clamp)
+    )
+
+
+def _proposals(rpn, training: bool) -> ProposalConfig:
+    return ProposalConfig(
+        pre_nms_top_n=int(rpn.pre_nms_topk[training]),
+        post_nms_top_n=int(rpn.post_nms_topk[training]),
+        nms_iou=float(rpn.nms_thresh),
+        min_size=float(rpn.min_box_size),
+        min_size_inclusive=False,
+    )
+
+
+def detector_config(model) -> DetectorConfig:
+    """The live model's detector config, read off ``model.proposal_generator`` and
+    ``model.roi_heads``."""
+    rpn, roi = model.proposal_generator, model.roi_heads
+    pooler, pred = roi.box_pooler, roi.box_predictor
+    layer = pooler.level_poolers[0]
+    return DetectorConfig(
+        name="detectron2 model",
+        anchors=_anchors(rpn.anchor_generator),
+        rpn_matcher=_matcher(rpn.anchor_matcher, RPN_LABELS),
+        rpn_sampler=SamplerConfig(
+            batch_size=int(rpn.batch_size_per_image), pos_fraction=float(rpn.positive_fraction)
+        ),
+        rpn_coder=_coder(rpn.box2box_transform),
+        train_proposals=_proposals(rpn, True),
+        test_proposals=_proposals(rpn, False),
+        roi_matcher=_matcher(roi.proposal_matcher, ROI_LABELS),
+        roi_sampler=SamplerConfig(
+            batch_size=int(roi.batch_size_per_image),
+            pos_fraction=float(roi.positive_fraction),
+            add_gt=bool(roi.proposal_append_gt),
+        ),  # fmt: skip
+        roi_coder=_coder(pred.box2box_transform),
+        roi_pool=RoIPoolConfig(
+            num_levels=pooler.max_level - pooler.min_level + 1,
+            sampling_ratio=int(layer.sampling_ratio),
+            aligned=bool(layer.aligned),
+            mapper=Mapper.DETECTRON2,
+            canonical_scale=float(pooler.canonical_box_size),
+            canonical_level=int(pooler.canonical_level),
+        ),  # fmt: skip
+        test=TestConfig(
+            score_thr=float(pred.test_score_thresh),
+            nms_iou=float(pred.test_nms_thresh),
+            detections_per_img=int(pred.test_topk_per_image),
+            min_box_size=0.0,
+        ),  # fmt: skip
+    )
+
+
+def _box_spec(spec, loss_type: str, beta: float, weight: float):
+    if loss_type != "smooth_l1":
+        raise InputError(
+            f"box regression loss {loss_type!r} is not supported (smooth_l1 and L1 are)"
+        )
+    kind = LossKind.L1 if beta < L1_BELOW_BETA else LossKind.SMOOTH_L1
+    return dataclasses.replace(spec, loss=kind, beta=float(beta), weight=float(weight))
+
+
+def profile(model) -> str | dict:
+    """The loss normalization the model trains with: ``detectron2``, or a profile table where
+    its smooth-L1 betas or loss weights differ from the defaults."""
+    rpn, pred = model.proposal_generator, model.roi_heads.box_predictor
+    if pred.use_sigmoid_ce or pred.use_fed_loss:
+        raise InputError("sigmoid or federated classification losses are not supported")
+    base = builtin_profile()
+    rw, pw = rpn.loss_weight, pred.loss_weight
+    rpn_box = _box_spec(
+        base.rpn_box, rpn.box_reg_loss_type, rpn.smooth_l1_beta, rw.get("loss_rpn_loc", 1.0)
+    )
+    roi_box = _box_spec(
+        base.roi_box, pred.box_reg_loss_type, pred.smooth_l1_beta, pw.get("loss_box_reg", 1.0)
+    )
+    specs = {
+        Term.RPN_CLS.value: dataclasses.replace(
+            base.rpn_cls, weight=float(rw.get("loss_rpn_cls", 1.0))
+        ),
+        Term.RPN_BOX.value: rpn_box,
+        Term.ROI_CLS.value: dataclasses.replace(
+            base.roi_cls, weight=float(pw.get("loss_cls", 1.0))
+        ),
+        Term.ROI_BOX.value: roi_box,
+    }
+    live = dataclasses.replace(base, **specs)
+    return "detectron2" if live == base else to_dict(live)
+
+
+def batch_fields(images, features: dict, gt_instances, proposals=None) -> dict:
+    """``dump_batch`` arguments from Detectron2's objects: the ImageList, the feature dict
+    (p2..p6), the GT Instances and the proposal Instances."""
+    feats = [v.detach() for v in features.values()]
+    pad = tuple(images.tensor.shape[-2:])
+    names, strides = level_names(feats, pad)
+    out = {
+        "features": dict(zip(names, feats)), "pad_size": list(pad), "strides": strides,
+        "image_sizes": [list(s) for s in images.image_sizes],
+        "gt_boxes": [g.gt_boxes.tensor.detach().float().cpu() for g in gt_instances],
+        "gt_labels": [g.gt_classes.detach().cpu().long() for g in gt_instances],
+    }  # fmt: skip
+    if proposals is not None:
+        out["proposals"] = [p.proposal_boxes.tensor.detach().float().cpu() for p in proposals]
+    return out
+
+
+def _rpn_proposals(rpn, images, features) -> list:
+    """The RPN's proposals, as its training forward makes them, without its loss (no sampling:
+    the global RNG is left alone)."""
+    feats = [features[f] for f in rpn.in_features]
+    anchors = rpn.anchor_generator(feats)
+    logits, deltas = rpn.rpn_head(feats)
+    logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
+    dim = rpn.anchor_generator.box_dim
+    deltas = [
+        x.view(x.shape[0], -1, dim, *x.shape[-2:]).permute(0, 3, 4, 1, 2).flatten(1, -2)
+        for x in deltas
+    ]
+    return rpn.predict_proposals(anchors, logits, deltas, images.image_sizes)
+
+
+def _meta(model, meta):
+    return run_meta(Framework.DETECTRON2, profile(model), detector_config(model), meta)
+
+
+def dump(
+    out_dir: str | Path, model, batched_inputs: list[dict], *, meta: dict | None = None
+) -> Path:
+    """Write a capture directory for one batch as the data loader yields it (dicts with
+    ``image`` and ``instances``): runs ``model.preprocess_image``, the backbone and the RPN's
+    proposal step under ``no_grad``."""
+    model = getattr(model, "module", model)
+    with torch.no_grad():
+        images = model.preprocess_image(batched_inputs)
+        features = model.backbone(images.tensor)
+        proposals = _rpn_proposals(model.proposal_generator, images, features)
+    gt = [x["instances"] for x in batched_inputs]
+    return write_dump(
+        out_dir,
+        model.state_dict(),
+        batch_fields(images, features, gt, proposals),
+        _meta(model, meta),
+    )
+
+
+def _rpn_call(args, kwargs, output):
+    images, features = args[0], args[1]
+    gt = args[2] if len(args) > 2 else kwargs.get("gt_instances")
+    return (images, features, gt, output[0]) if gt is not None else None
+
+
+class Capture(HookedCapture):
+    """Capture from the model's own training forward: ``check(step, loss_dict)`` after
+    ``backward()``, before the optimizer steps."""
+
+    framework = Framework.DETECTRON2
+
+    def __init__(self, directory, model, **kw):
+        model = getattr(model, "module", model)
+        super().__init__(directory, model, **kw)
+        self.hook(model.proposal_generator, "proposal_generator", _rpn_call)
+        self.hook(model, "losses", lambda args, kwargs, out: out if isinstance(out, dict) else None)
+        self.run_info = _meta(model, None)
+
+    def batch_from_forward(self) -> tuple[dict, dict]:
+        if "proposal_generator" not in self.seen:
+            raise RuntimeError("no training forward of the model was recorded before check()")
+        images, features, gt, proposals = self.seen["proposal_generator"]
+        return batch_fields(images, features, gt, proposals), self.run_info
+
+
+def _hook_class():
+    from detectron2.engine import HookBase
+
+    class LossDoctorHook(HookBase):
+        """Captures in ``after_backward``: the loss of the step's forward, its gradients, and the
+        weights before the optimizer steps."""
+
+        def __init__(self, out_dir="lossdoctor-dumps", every=None, grad_norm_above=None, once=True):
+            self.out_dir, self.options = (
+                out_dir,
+                dict(every=every, grad_norm_above=grad_norm_above, once=once),
+            )
+            self.capture = None
+
+        def before_train(self):
+            t = self.trainer
+            self.capture = Capture(self.out_dir, t.model, optimizer=t.optimizer, **self.options)
+
+        def after_backward(self):
+            losses = self.capture.seen.get("losses")
+            if losses is not None:
+                self.capture.check(self.trainer.iter, losses)
+
+    return LossDoctorHook
+
+
+try:
+    LossDoctorHook = _hook_class()
+except ImportError:  # detectron2 absent
+    LossDoctorHook = None
+
+
+def config_from_file(path: str | Path) -> tuple[DetectorConfig, str | dict]:
+    """The detector config and profile of a Detectron2 config file, through ``get_cfg()`` and
+    ``build_model`` (on the CPU, without weights)."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    cfg = get_cfg()
+    cfg.merge_from_file(str(path))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    return detector_config(model), profile(model)

@@ -1,0 +1,149 @@
+"""The Detectron2 adapter against Detectron2's real Faster R-CNN R50-FPN (skipped without
+detectron2): training steps in a SimpleTrainer with the README's hook and in a loop of our own,
+captures, and `lossdoctor inspect DIR` reproducing the loss dict Detectron2 computed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip("detectron2")
+from detectron2 import model_zoo  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.engine import SimpleTrainer  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+from lossdoctor.adapters import detectron2 as ld  # noqa: E402
+from lossdoctor.cli import app  # noqa: E402
+from lossdoctor.inputs.batch import load_batch  # noqa: E402
+from lossdoctor.inputs.config import load_config, preset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml")
+EVERY = 10**6  # a sampler budget no batch reaches: every candidate is sampled
+TERMS = {"rpn_cls": "loss_rpn_cls", "rpn_box": "loss_rpn_loc", "roi_cls": "loss_cls",
+         "roi_box": "loss_box_reg"}  # fmt: skip
+REL = 1e-5
+
+
+def build():
+    cfg = get_cfg()
+    cfg.merge_from_file(CONFIG)
+    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = "cpu", ""
+    cfg.MODEL.PIXEL_STD = [57.375, 57.12, 58.395]  # inputs of unit scale for an untrained model
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+    cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = EVERY
+    torch.manual_seed(0)
+    return build_model(cfg).train()
+
+
+def batches(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        out = []
+        for h, w in ((120, 160), (128, 144)):
+            xy = torch.rand(3, 2, generator=g) * torch.tensor([w - 40, h - 40])
+            boxes = Boxes(torch.cat([xy, xy + torch.rand(3, 2, generator=g) * 30 + 10], 1))
+            inst = Instances(
+                (h, w), gt_boxes=boxes, gt_classes=torch.randint(0, 3, (3,), generator=g)
+            )
+            out.append({"image": torch.rand(3, h, w, generator=g) * 255, "instances": inst,
+                        "height": h, "width": w})  # fmt: skip
+        yield out
+
+
+def assert_reproduces(folder, losses: dict) -> None:
+    r = CliRunner().invoke(app, ["inspect", str(folder), "--sample-all", "--json", "-", "-q"])
+    assert r.exit_code in (0, 1), r.output
+    rep = json.loads(r.stdout)
+    assert rep["meta"]["run"] == {
+        "profile": "detectron2",
+        "source": "dump",
+        "framework": "detectron2",
+    }
+    row = next(x for x in rep["tables"]["profiles"] if x["profile"] == "detectron2")
+    for term, key in TERMS.items():
+        want = float(losses[key])
+        assert row[term] == pytest.approx(want, rel=REL), (term, row[term], want)
+
+
+def test_readme_hook_in_a_simple_trainer(tmp_path, monkeypatch):
+    """The README's two lines, executed as written, with a SimpleTrainer."""
+    text = (ROOT / "README.md").read_text()
+    recipe = re.search(r"<!-- recipe: detectron2 -->\n```python\n(.*?)```", text, re.S).group(1)
+    model = build()
+    data = batches()
+    trainer = SimpleTrainer(
+        model, iter([next(data) for _ in range(2)]), torch.optim.SGD(model.parameters(), lr=0.01)
+    )
+    monkeypatch.chdir(tmp_path)
+    exec(
+        recipe.replace("grad_norm_above=1000", "grad_norm_above=1000, every=1"),
+        {"trainer": trainer},
+    )  # noqa: S102
+    trainer.train(0, 2)
+    dumps = tmp_path / "lossdoctor-dumps"
+    assert sorted(p.name for p in dumps.iterdir()) == ["step_000000", "step_000001"]
+    folder = dumps / "step_000001"
+    assert_reproduces(folder, load_batch(folder / "batch.pt").meta["losses"])
+
+
+def test_capture_in_a_loop_of_our_own(tmp_path):
+    model = build()
+    capture = ld.Capture(tmp_path, model, every=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    data = batches()
+    with EventStorage(0):
+        for step in range(2):
+            loss_dict = model(next(data))
+            opt.zero_grad()
+            sum(loss_dict.values()).backward()
+            folder = capture.check(step, loss_dict)
+            opt.step()
+    assert_reproduces(folder, loss_dict)
+
+
+def test_dump_writes_what_the_hooked_forward_saw(tmp_path):
+    model = build()
+    capture = ld.Capture(tmp_path / "hooked", model, every=1)
+    inputs = next(batches())
+    with EventStorage(0):
+        loss_dict = model(inputs)
+        sum(loss_dict.values()).backward()
+        hooked = load_batch(capture.check(0, loss_dict) / "batch.pt")
+        direct = load_batch(ld.dump(tmp_path / "direct", model, inputs) / "batch.pt")
+    for name in hooked.features:
+        assert torch.allclose(hooked.features[name], direct.features[name], atol=1e-5)
+    assert all(torch.allclose(a, b) for a, b in zip(hooked.proposals, direct.proposals))
+    assert [lab.tolist() for lab in hooked.gt_labels] == [
+        x["instances"].gt_classes.tolist() for x in inputs
+    ]
+    assert hooked.levels == ["p2", "p3", "p4", "p5", "p6"] and hooked.strides == [4, 8, 16, 32, 64]
+
+
+def test_detectron2s_own_config_is_the_preset(tmp_path):
+    config, profile = ld.config_from_file(CONFIG)
+    assert dataclasses.replace(config, name="detectron2") == preset("detectron2")
+    assert profile == "detectron2"
+    r = CliRunner().invoke(app, ["config-from", "detectron2", CONFIG])
+    assert r.exit_code == 0, r.output
+    (tmp_path / "det.toml").write_text(r.stdout)
+    assert dataclasses.replace(load_config(tmp_path / "det.toml"), name="detectron2") == preset(
+        "detectron2"
+    )
+
+
+def test_a_smooth_l1_beta_becomes_a_profile_table():
+    model = build()
+    model.roi_heads.box_predictor.smooth_l1_beta = 0.5
+    table = ld.profile(model)
+    assert table["roi_box"]["loss"] == "smooth_l1" and table["roi_box"]["beta"] == 0.5
+    assert table["rpn_box"]["loss"] == "l1" and table["rpn_cls"]["normalizer"] == "budget"
