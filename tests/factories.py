@@ -83,3 +83,20 @@ def batch_dict(
 
 def batch(**kw):
     return validate_batch(batch_dict(**kw))
+
+
+def assert_own_proposals_are_dumped(folder, atol: float = 1e-3) -> None:
+    """lossdoctor's own RPN proposals from a capture directory's features are the proposals the
+    framework made and the adapter dumped: same count, same order, same boxes (decoding may differ
+    by rounding)."""
+    from lossdoctor.inputs.batch import load_batch
+    from lossdoctor.inputs.checkpoint import load_checkpoint
+    from lossdoctor.inputs.config import config_from_meta
+    from lossdoctor.replay.proposals import rpn_proposals
+
+    batch = load_batch(folder / "batch.pt")
+    heads = load_checkpoint(folder / "checkpoint.pt")
+    ours = rpn_proposals(heads, batch, config_from_meta(batch.meta["config"]))
+    for i, (a, b) in enumerate(zip(ours, batch.proposals, strict=True)):
+        assert a.shape == b.shape, (i, a.shape, b.shape)
+        assert torch.allclose(a, b, rtol=0, atol=atol), (i, (a - b).abs().max())

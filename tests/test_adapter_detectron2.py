@@ -21,6 +21,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
+import factories as F  # noqa: E402
 from lossdoctor.adapters import detectron2 as ld  # noqa: E402
 from lossdoctor.cli import app  # noqa: E402
 from lossdoctor.inputs.batch import load_batch  # noqa: E402
@@ -147,3 +148,19 @@ def test_a_smooth_l1_beta_becomes_a_profile_table():
     table = ld.profile(model)
     assert table["roi_box"]["loss"] == "smooth_l1" and table["roi_box"]["beta"] == 0.5
     assert table["rpn_box"]["loss"] == "l1" and table["rpn_cls"]["normalizer"] == "budget"
+
+
+@pytest.mark.parametrize("kind", ["initialized", "uniform images", "saturated"])
+def test_own_proposals_are_detectron2s_ties_included(tmp_path, kind):
+    """Uniform images make every interior location of a level score alike; saturated logits
+    (about 40) differ while their probabilities would all be 1.0 (Detectron2 ranks logits)."""
+    model = build()
+    inputs = next(batches())
+    if kind == "uniform images":
+        inputs = [dict(x, image=torch.full_like(x["image"], 128.0)) for x in inputs]
+    if kind == "saturated":
+        head = model.proposal_generator.rpn_head.objectness_logits
+        with torch.no_grad():
+            head.weight.mul_(50)
+            head.bias.add_(40)
+    F.assert_own_proposals_are_dumped(ld.dump(tmp_path, model, inputs))

@@ -28,6 +28,7 @@ from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
+import factories as F  # noqa: E402
 from lossdoctor.adapters import mmdet as ld  # noqa: E402
 from lossdoctor.cli import app  # noqa: E402
 from lossdoctor.inputs.batch import load_batch  # noqa: E402
@@ -206,3 +207,18 @@ def test_a_loss_setting_of_the_model_becomes_a_profile_table():
     table = ld.profile(model)
     assert table["rpn_box"]["loss"] == "smooth_l1" and table["rpn_box"]["weight"] == 2.0
     assert table["rpn_box"]["beta"] == pytest.approx(1 / 9) and table["roi_box"]["loss"] == "l1"
+
+
+@pytest.mark.parametrize("kind", ["initialized", "uniform images", "saturated"])
+def test_own_proposals_are_mmdets_ties_included(tmp_path, kind):
+    """Uniform images make every interior location of a level score alike; saturated logits
+    (about 40) differ while their probabilities, which mmdet sorts, are all 1.0."""
+    model = build()
+    batch = data_batch(0)
+    if kind == "uniform images":
+        batch["inputs"] = [torch.full_like(x, 128) for x in batch["inputs"]]
+    if kind == "saturated":
+        with torch.no_grad():
+            model.rpn_head.rpn_cls.weight.mul_(50)
+            model.rpn_head.rpn_cls.bias.add_(40)
+    F.assert_own_proposals_are_dumped(ld.dump(tmp_path, model, batch))

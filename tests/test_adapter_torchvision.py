@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 tv = pytest.importorskip("torchvision")
 from torchvision.models.detection import fasterrcnn_resnet50_fpn  # noqa: E402
 
+import factories as F  # noqa: E402
 from lossdoctor.adapters import torchvision as ld  # noqa: E402
 from lossdoctor.cli import app  # noqa: E402
 from lossdoctor.inputs.batch import load_batch  # noqa: E402
@@ -133,3 +134,18 @@ def test_readme_recipe_runs(tmp_path, monkeypatch):
     rep, _ = replayed_terms(tmp_path / "lossdoctor-dumps" / written[0])
     reason = rep["meta"]["batch"]["meta"]["reason"]
     assert "gradient norm" in reason or "non-finite" in reason
+
+
+@pytest.mark.parametrize("kind", ["initialized", "uniform images", "saturated"])
+def test_own_proposals_are_torchvisions_ties_included(tmp_path, kind):
+    """Uniform images make every interior location of a level score alike; saturated logits
+    (about 40) differ while their probabilities, which torchvision's NMS sorts, are all 1.0."""
+    model = small_model()
+    images, targets = next(batches())
+    if kind == "uniform images":
+        images = [torch.full_like(x, 0.5) for x in images]
+    if kind == "saturated":
+        with torch.no_grad():
+            model.rpn.head.cls_logits.weight.mul_(50)
+            model.rpn.head.cls_logits.bias.add_(40)
+    F.assert_own_proposals_are_dumped(ld.dump(tmp_path, model, images, targets))

@@ -5,16 +5,24 @@ and a README catalogue that is the rule table's."""
 from __future__ import annotations
 
 import ast
+from enum import StrEnum
 from pathlib import Path
 
 import pytest
 
 import lossdoctor
+from lossdoctor import vocab
 from lossdoctor.vocab import Head, Normalizer, Severity, Term
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src" / "lossdoctor"
 VOCAB = {m.value for enum in (Head, Term, Normalizer, Severity) for m in enum}
+ANY_MEMBER = {
+    m.value
+    for enum in vars(vocab).values()
+    if isinstance(enum, type) and issubclass(enum, StrEnum)
+    for m in enum
+}
 # levels-table columns and evidence fields (an interface) spelled like two normalizers: allowed as
 # names, never compared against (which is what stringly-typed dispatch on a normalizer would do)
 COLUMN_NAMES = {"pos", "sampled"}
@@ -32,27 +40,37 @@ def _docstrings(tree: ast.AST) -> set[int]:
     return out
 
 
+def _operands(node: ast.Compare):
+    """The compared expressions, and the items of a tuple, list or set compared against."""
+    for x in (node.left, *node.comparators):
+        yield x
+        if isinstance(x, (ast.Tuple, ast.List, ast.Set)):
+            yield from x.elts
+
+
 def _compared(tree: ast.AST) -> set[int]:
-    """ids of the string constants that take part in a comparison."""
+    """ids of the string constants that are compared against (``x == "a"``, ``x in ("a",)``)."""
     return {
         id(c)
         for node in ast.walk(tree)
         if isinstance(node, ast.Compare)
-        for c in ast.walk(node)
+        for c in _operands(node)
         if isinstance(c, ast.Constant)
     }
 
 
 def vocabulary_literals(path: Path) -> list[str]:
-    """Where a file spells a head, term, normalizer or severity as a string literal."""
+    """Where a file spells a head, term, normalizer or severity as a string literal, or compares
+    against the value of any vocabulary member (stringly-typed dispatch)."""
     tree = ast.parse(path.read_text())
     skip, compared = _docstrings(tree), _compared(tree)
     return [
         f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}"
         for node in ast.walk(tree)
         if isinstance(node, ast.Constant) and isinstance(node.value, str)
-        and node.value in VOCAB and id(node) not in skip
-        and (node.value not in COLUMN_NAMES or id(node) in compared)
+        and id(node) not in skip
+        and (node.value in VOCAB and node.value not in COLUMN_NAMES
+             or node.value in ANY_MEMBER and id(node) in compared)
     ]  # fmt: skip
 
 
@@ -79,11 +97,12 @@ def test_the_literal_check_catches_a_literal(tmp_path):
     p = ROOT / "tests" / "_probe_literal.py"
     try:
         p.write_text(
-            '"""doc mentions rpn"""\nx = {"rpn": 1, "pos": 2}\n'
-            'if head == "error" or n in ("sampled",):\n    pass\n'
+            '"""doc mentions rpn"""\nx = {"rpn": 1, "pos": 2, "mmdet": 3}\n'
+            'if head == "error" or n in ("sampled",) or mapper == "mmdet":\n    pass\n'
+            'if d.get("pos") is None and d.get("mmdet") is None:\n    pass\n'
         )
         found = sorted(h.split(": ")[1] for h in vocabulary_literals(p))
-        assert found == ["'error'", "'rpn'", "'sampled'"]
+        assert found == ["'error'", "'mmdet'", "'rpn'", "'sampled'"]
     finally:
         p.unlink()
 

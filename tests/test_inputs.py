@@ -15,6 +15,7 @@ from lossdoctor.inputs.checkpoint import LAYOUTS, heads_from_state_dict
 from lossdoctor.inputs.config import load_config
 from lossdoctor.inputs.errors import InputError
 from lossdoctor.inputs.profiles import BUILTIN, load_profile, profile_toml
+from lossdoctor.vocab import Ranking
 
 
 def codes(batch):
@@ -125,6 +126,45 @@ def test_dump_batch_roundtrip_is_atomic_and_validates(tmp_path):
             gt_labels=d["gt_labels"][:1],
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.pt"]  # nothing half-written
+
+
+def _dump(path, **kw):
+    d = F.batch_dict()
+    args = dict(features=d["features"], image_sizes=d["image_sizes"], gt_boxes=d["gt_boxes"],
+                gt_labels=d["gt_labels"], strides=d["strides"])  # fmt: skip
+    return dump_batch(path, **{**args, **kw})
+
+
+@pytest.mark.parametrize("container", [tuple, list])
+def test_dump_batch_takes_a_tuple_or_list_of_features(tmp_path, container):
+    feats = list(F.batch_dict()["features"].values())
+    b = _dump(tmp_path / "b.pt", features=container(feats))
+    assert b.levels == ["p2", "p3", "p4", "p5", "p6"]
+    assert torch.equal(load_batch(tmp_path / "b.pt").features["p4"], feats[2])
+    # named from the first stride (2^K -> pK)
+    b = _dump(tmp_path / "c.pt", features=container(feats[1:]), strides=[8, 16, 32, 64])
+    assert b.levels == ["p3", "p4", "p5", "p6"]
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(features={1, 2}), "batch key 'features': expected a dict level -> Tensor[N, C, H, W],"
+         " or a list/tuple of them finest first, found set {1, 2}"),
+        (dict(features=torch.zeros(2, 8, 16, 24)), "batch key 'features': expected a dict level ->"
+         " Tensor[N, C, H, W], or a list/tuple of them finest first, found Tensor[2, 8, 16, 24]"),
+        (dict(gt_boxes=torch.zeros(2, 4)), "batch key 'gt_boxes': expected a list with one Tensor"
+         " per image, found Tensor[2, 4] float32"),
+        (dict(image_sizes=[64, 96]), "batch key 'image_sizes': expected a list of [h, w] pairs"),
+        (dict(strides=["four"]), "batch key 'strides': expected a list of integer strides"),
+        (dict(pad_size=None, strides=None, gt_labels=5), "batch key 'gt_labels': expected a list"),
+    ],
+)  # fmt: skip
+def test_dump_batch_refuses_other_containers(tmp_path, kw, message):
+    with pytest.raises(InputError) as e:
+        _dump(tmp_path / "b.pt", **kw)
+    assert str(e.value).startswith(message)
+    assert not any(tmp_path.iterdir())
 
 
 def test_default_strides_from_level_names_and_pad_size():
@@ -279,6 +319,15 @@ def test_config_toml_overrides_preset(tmp_path):
     cfg = load_config(p)
     assert cfg.rpn_sampler.batch_size == 128 and cfg.rpn_sampler.pos_fraction == 0.5
     assert cfg.anchors.sizes == ((16.0,), (32.0,)) and cfg.anchors.valid_pad_divisor == 32
+
+
+def test_config_ranking_is_a_named_framework(tmp_path):
+    p = tmp_path / "det.toml"
+    p.write_text('base = "torchvision"\nranking = "mmdet"\n')
+    assert load_config(p).ranking == Ranking.MMDET
+    p.write_text('ranking = "yolo"\n')
+    with pytest.raises(InputError, match="ranking 'yolo' is unknown; use one of torchvision"):
+        load_config(p)
 
 
 @pytest.mark.parametrize("name", ["torchvision", "mmdet", "detectron2"])

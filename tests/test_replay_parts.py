@@ -9,16 +9,21 @@ import torch
 
 from lossdoctor.inputs.config import (
     AnchorConfig,
+    CoderConfig,
     MatcherConfig,
+    ProposalConfig,
     RoIPoolConfig,
     SamplerConfig,
     preset,
 )
 from lossdoctor.replay import boxes as B
+from lossdoctor.replay import nms as N
 from lossdoctor.replay.anchors import cell_anchors, level_anchors, level_strides
 from lossdoctor.replay.matcher import IGNORED, NEGATIVE, POSITIVE, match
+from lossdoctor.replay.proposals import image_proposals
 from lossdoctor.replay.roi_align import map_levels, roi_align_torch
 from lossdoctor.replay.sampler import sample
+from lossdoctor.vocab import Ranking
 
 
 def test_torchvision_cell_anchors_are_rounded_like_the_reference():
@@ -167,9 +172,77 @@ def test_nms_keeps_highest_and_suppresses_overlaps():
         [[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10.5]], dtype=torch.float32
     )
     scores = torch.tensor([0.9, 0.8, 0.7, 0.95])
-    assert B.nms_torch(boxes, scores, 0.5).tolist() == [3, 2]
+    # IoU(3, 0) = 100 / 105, IoU(3, 1) = 81 / 124 (> 0.5): 3 suppresses both
+    assert N.nms(boxes, scores, 0.5).tolist() == [3, 2]
+    assert N.nms(boxes, scores, 0.5, stable=False).tolist() == [3, 2]
     groups = torch.tensor([0, 1, 0, 0])
-    assert B.batched_nms(boxes, scores, groups, 0.5).tolist() == [3, 1, 2]
+    for rule in N.RANKINGS.values():
+        assert rule.batched_nms(boxes, scores, groups, 0.5).tolist() == [3, 1, 2]
+
+
+def test_stable_nms_keeps_the_first_of_tied_duplicates():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 3 + [[50.0, 50.0, 60.0, 60.0]])
+    scores = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    assert N.nms(boxes, scores, 0.7).tolist() == [0, 3]
+
+
+def test_saturated_probabilities_tie_where_logits_do_not():
+    # sigmoid(18) and sigmoid(20) are both 1.0 in float32: ranked by probability (torchvision,
+    # mmdet) the two levels' best boxes tie and the first level's survives the top-1 cut; ranked
+    # by logit (Detectron2) the higher logit does
+    assert torch.sigmoid(torch.tensor([18.0, 20.0])).tolist() == [1.0, 1.0]
+    anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([[50.0, 50.0, 60.0, 60.0]])]
+    logits, deltas = [torch.tensor([18.0]), torch.tensor([20.0])], [torch.zeros(1, 4)] * 2
+    cfg, coder = ProposalConfig(pre_nms_top_n=1, post_nms_top_n=1), CoderConfig()
+    kept = {
+        r: image_proposals(logits, deltas, anchors, (100, 100), cfg, coder, r)[1].tolist()
+        for r in Ranking
+    }
+    assert kept == {Ranking.DETECTRON2: [20.0], Ranking.TORCHVISION: [18.0], Ranking.MMDET: [18.0]}
+
+
+def test_mmdet_sorts_only_levels_it_truncates():
+    logits = torch.tensor([0.1, 0.9, 0.5])
+    mm, tv = N.RANKINGS[Ranking.MMDET], N.RANKINGS[Ranking.TORCHVISION]
+    assert mm.preselect(logits, 3).tolist() == [0, 1, 2]  # kept in anchor order
+    assert mm.preselect(logits, 2).tolist() == [1, 2]
+    assert tv.preselect(logits, 3).tolist() == [1, 2, 0]
+
+
+def test_rankings_agree_without_ties():
+    g = torch.Generator().manual_seed(3)
+    for n in (300, 2000):  # below and above both frameworks' shift/split sizes for torchvision
+        xy = torch.rand(n, 2, generator=g) * 200
+        boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 60 + 4], 1)
+        scores, groups = torch.rand(n, generator=g), torch.randint(0, 5, (n,), generator=g)
+        kept = [r.batched_nms(boxes, scores, groups, 0.6) for r in N.RANKINGS.values()]
+        by_group = torch.cat(
+            [
+                idx[N.nms(boxes[idx], scores[idx], 0.6)]
+                for g_ in range(5)
+                for idx in [(groups == g_).nonzero().flatten()]
+            ]
+        )
+        expect = by_group[scores[by_group].argsort(descending=True)]
+        for k in kept:
+            assert torch.equal(k, expect)
+
+
+def test_tied_scores_follow_each_frameworks_path():
+    # 1200 disjoint boxes (4800 coordinates), scores with many ties: torchvision re-sorts its
+    # per-group results with torch's default sort; mmcv runs one NMS of shifted boxes in the
+    # same unstable order; below 1000 boxes torchvision's one shifted NMS keeps index order on ties
+    n = 1200
+    boxes = torch.arange(n)[:, None] * 20.0 + torch.tensor([0.0, 0.0, 10.0, 10.0])
+    scores = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(0)).float()
+    groups = torch.arange(n) % 5
+    unstable = scores.sort(descending=True).indices
+    stable = scores.sort(descending=True, stable=True).indices
+    assert not torch.equal(unstable, stable)  # the case is only telling if the sorts differ
+    assert torch.equal(N.torchvision_batched_nms(boxes, scores, groups, 0.5), unstable)
+    assert torch.equal(N.mmcv_batched_nms(boxes, scores, groups, 0.5), unstable)
+    few = N.torchvision_batched_nms(boxes[:900], scores[:900], groups[:900], 0.5)
+    assert torch.equal(few, scores[:900].sort(descending=True, stable=True).indices)
 
 
 def test_level_mappers_follow_their_formulas():

@@ -25,8 +25,8 @@ import factories as F  # noqa: E402
 from lossdoctor.inputs.config import preset  # noqa: E402
 from lossdoctor.inputs.profiles import builtin  # noqa: E402
 from lossdoctor.replay.anchors import level_anchors  # noqa: E402
-from lossdoctor.replay.boxes import nms_torch  # noqa: E402
 from lossdoctor.replay.engine import replay  # noqa: E402
+from lossdoctor.replay.nms import nms as nms_torch  # noqa: E402
 from lossdoctor.replay.roi_align import roi_align_torch  # noqa: E402
 
 ALL = 10**6  # a sampler budget no batch reaches: torchvision then keeps every candidate
@@ -135,6 +135,43 @@ def test_torchvision_losses_match(seed):
         sample_all=True,
     )
     assert [im.proposals for im in r2.images] == [p.shape[0] for p in proposals]
+
+
+def tie_case(kind: str, size: tuple[int, int]):
+    """A batch and heads whose objectness scores tie: ``constant`` features make every interior
+    location of a level score alike; ``saturated`` logits (about 40) differ while their
+    probabilities are all 1.0."""
+    d = make_case(0, size)
+    sd = F.state_dict(channels=16, classes=3, seed=0, std=0.05)
+    if kind == "constant":
+        for name, f in d["features"].items():
+            d["features"][name] = f.mean((2, 3), keepdim=True).expand_as(f).contiguous()
+    if kind == "saturated":
+        sd["rpn.head.cls_logits.weight"] = sd["rpn.head.cls_logits.weight"] * 50
+        sd["rpn.head.cls_logits.bias"] = sd["rpn.head.cls_logits.bias"] + 40
+    return d, sd
+
+
+# 32x48 images give < 1000 candidates (one shifted NMS), 200x320 give more (one NMS per level)
+@pytest.mark.parametrize("size", [(32, 48), (200, 320)])
+@pytest.mark.parametrize("kind", ["random", "constant", "saturated"])
+def test_own_proposals_are_torchvisions_ties_included(kind, size):
+    from lossdoctor.inputs.batch import validate_batch
+    from lossdoctor.inputs.checkpoint import heads_from_state_dict
+    from lossdoctor.replay.proposals import rpn_proposals
+
+    d, sd = tie_case(kind, size)
+    rpn, _ = tv_modules(sd, 16, 3)
+    n = len(d["image_sizes"])
+    pad = (d["features"]["p2"].shape[2] * 4, d["features"]["p2"].shape[3] * 4)
+    images = ImageList(torch.zeros(n, 3, *pad), [tuple(s) for s in d["image_sizes"]])
+    feats = OrderedDict(zip(["0", "1", "2", "3", "pool"], d["features"].values()))
+    targets = [{"boxes": b, "labels": lab + 1} for b, lab in zip(d["gt_boxes"], d["gt_labels"])]
+    with torch.no_grad():
+        theirs, _ = rpn(images, feats, targets)
+    ours = rpn_proposals(heads_from_state_dict(sd), validate_batch(d), preset("torchvision"))
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
 
 
 def test_anchors_match_torchvision_including_p6_stride():

@@ -187,6 +187,18 @@ class Mapper(StrEnum):
     MMDET = "mmdet"
 
 
+class Ranking(StrEnum):
+    """Whose top-k, sort and batched NMS rank the RPN's candidates and the test-time detections.
+
+    The three frameworks keep the same boxes unless scores tie; on ties, their sorts (stable or
+    not, on logits or on probabilities) decide which box survives and where the top-n cut falls.
+    """
+
+    TORCHVISION = "torchvision"
+    DETECTRON2 = "detectron2"
+    MMDET = "mmdet"
+
+
 # the origins table names a gradient that is not finite (while its loss is) as this term
 GRADIENT_TERM = "grad"
 

@@ -35,13 +35,15 @@ from ..inputs.config import (
 from ..inputs.dataclass_toml import to_dict
 from ..inputs.errors import InputError
 from ..inputs.profiles import detectron2 as builtin_profile
-from ..vocab import Framework, LossKind, Mapper, Term
+from ..vocab import Framework, LossKind, Mapper, Ranking, Term
 from .common import HookedCapture, level_names, run_meta, write_dump
 
 # the Matcher's labels for (below, between, above) its thresholds
 RPN_LABELS, ROI_LABELS = [0, -1, 1], [0, 1]
 # fvcore's smooth-L1 is exact L1 below this beta
 L1_BELOW_BETA = 1e-5
+# Detectron2's BBOX_REG_LOSS_TYPE of its smooth-L1/L1 box loss (giou, diou, ciou are others)
+D2_SMOOTH_L1 = "smooth_l1"
 
 
 def _cell(cell: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -96,6 +98,7 @@ def detector_config(model) -> DetectorConfig:
     layer = pooler.level_poolers[0]
     return DetectorConfig(
         name="detectron2 model",
+        ranking=Ranking.DETECTRON2,
         anchors=_anchors(rpn.anchor_generator),
         rpn_matcher=_matcher(rpn.anchor_matcher, RPN_LABELS),
         rpn_sampler=SamplerConfig(
@@ -129,7 +132,7 @@ def detector_config(model) -> DetectorConfig:
 
 
 def _box_spec(spec, loss_type: str, beta: float, weight: float):
-    if loss_type != "smooth_l1":
+    if loss_type != D2_SMOOTH_L1:
         raise InputError(
             f"box regression loss {loss_type!r} is not supported (smooth_l1 and L1 are)"
         )

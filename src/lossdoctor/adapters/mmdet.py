@@ -40,7 +40,7 @@ from ..inputs.config import (
 from ..inputs.dataclass_toml import to_dict
 from ..inputs.errors import InputError
 from ..inputs.profiles import mmdet
-from ..vocab import Framework, LossKind, Mapper, Part, Term
+from ..vocab import Framework, LossKind, Mapper, Part, Ranking, Term
 from .common import HookedCapture, level_names, run_meta, write_dump
 
 # MMDetection's delta2bbox clamps dw, dh to |log(wh_ratio_clip)| with wh_ratio_clip = 16 / 1000
@@ -124,6 +124,7 @@ def detector_config(model) -> DetectorConfig:
     layer = ext.roi_layers[0]
     return DetectorConfig(
         name="mmdet model",
+        ranking=Ranking.MMDET,
         anchors=_anchors(rpn.prior_generator, _get(model.data_preprocessor, "pad_size_divisor", 1)),
         rpn_matcher=_matcher(train.rpn.assigner),
         rpn_sampler=_sampler(train.rpn.sampler, False),
@@ -256,16 +257,16 @@ class Capture(HookedCapture):
     def __init__(self, directory, model, **kw):
         model = getattr(model, "module", model)
         super().__init__(directory, model, **kw)
-        self.hook(model, "input", _model_input)
+        self.hook(model, "model_input", _model_input)
         self.hook(model, "losses", lambda args, kwargs, out: out if isinstance(out, dict) else None)
         self.hook(model.neck, "features")
         self.hook(model.rpn_head, "rpn_outs")
         self.run_info = _meta(model, None)
 
     def batch_from_forward(self) -> tuple[dict, dict]:
-        if "input" not in self.seen:
+        if "model_input" not in self.seen:
             raise RuntimeError("no training forward of the model (mode='loss') was recorded")
-        inputs, samples = self.seen["input"]
+        inputs, samples = self.seen["model_input"]
         proposals = rpn_proposals(self.model, self.seen["rpn_outs"], samples)
         return batch_fields(inputs, samples, self.seen["features"], proposals), self.run_info
 

@@ -36,7 +36,7 @@ from ..inputs.config import (
     TestConfig,
 )  # fmt: skip
 from ..inputs.errors import InputError
-from ..vocab import Framework, Mapper
+from ..vocab import Framework, Mapper, Ranking
 from .common import HookedCapture, level_names, run_meta, write_dump
 
 PROFILE = "torchvision"
@@ -72,6 +72,7 @@ def _proposals(rpn, mode: str) -> ProposalConfig:
         nms_iou=float(rpn.nms_thresh),
         min_size=float(rpn.min_size),
         min_size_inclusive=True,
+        min_score=float(rpn.score_thresh),
     )
 
 
@@ -82,6 +83,7 @@ def detector_config(model) -> DetectorConfig:
     pool = roi.box_roi_pool
     return DetectorConfig(
         name="torchvision model",
+        ranking=Ranking.TORCHVISION,
         anchors=_anchors(rpn.anchor_generator),
         rpn_matcher=_matcher(rpn.proposal_matcher),
         rpn_sampler=_sampler(rpn.fg_bg_sampler),

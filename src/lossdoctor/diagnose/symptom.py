@@ -9,9 +9,10 @@ from torch import Tensor
 
 from ..inputs.checkpoint import BOX_COORDS, HeadWeights
 from ..inputs.config import DetectorConfig
-from ..replay.boxes import batched_nms, clip_to_image, decode, keep_min_size
+from ..replay.boxes import clip_to_image, decode, keep_min_size
 from ..replay.engine import Replay
 from ..replay.heads import box_hidden, box_predict
+from ..replay.nms import RANKINGS
 from ..replay.proposals import image_proposals
 from ..replay.roi_align import map_levels, multiscale_roi_align
 from ..vocab import Background
@@ -50,8 +51,9 @@ def _test_rois(r: Replay) -> tuple[Tensor, Tensor]:
     for i, size in enumerate(r.batch.image_sizes):
         logits = [lv.out.logits.detach()[i] for lv in levels]
         deltas = [lv.out.deltas.detach()[i] for lv in levels]
+        cfg = r.config
         p, _, _ = image_proposals(
-            logits, deltas, anchors, size, r.config.test_proposals, r.config.rpn_coder
+            logits, deltas, anchors, size, cfg.test_proposals, cfg.rpn_coder, cfg.ranking
         )
         props.append(p)
         img.append(torch.full((p.shape[0],), i, dtype=torch.long))
@@ -84,7 +86,8 @@ def _image_detections(s: _Scored, i: int, size, heads: HeadWeights, cfg: Detecto
     keep = (scores > cfg.test.score_thr).nonzero().flatten()
     keep = keep[keep_min_size(boxes[keep], cfg.test.min_box_size, True)]
     keep = keep[torch.isfinite(boxes[keep]).all(1)]
-    keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], cfg.test.nms_iou)]
+    nms = RANKINGS[cfg.ranking].batched_nms
+    keep = keep[nms(boxes[keep], scores[keep], labels[keep], cfg.test.nms_iou)]
     keep = keep[: cfg.test.detections_per_img]
     best = float(scores_all.max()) if scores_all.numel() else 0.0
     return boxes[keep], scores[keep], labels[keep], best

@@ -452,7 +452,7 @@ def _cpu(t):
     return t.detach().cpu() if isinstance(t, Tensor) else t
 
 
-def _feature_dict(features, strides) -> dict[str, Tensor]:
+def _feature_dict(features, strides: list[int] | None) -> dict[str, Tensor]:
     """Features as a dict level -> tensor: a dict as it is, a list or tuple (finest first, as
     ``extract_feat`` returns them) named pK from its strides (2^K), else p2, p3, ..."""
     if isinstance(features, dict):
@@ -460,7 +460,9 @@ def _feature_dict(features, strides) -> dict[str, Tensor]:
     if not isinstance(features, (list, tuple)):
         expected = "a dict level -> Tensor[N, C, H, W], or a list/tuple of them finest first"
         raise _refuse("features", expected, features)
-    first = 2 if strides is None else int(math.log2(int(strides[0])))
+    first = 2
+    if strides and strides[0] > 0:  # other strides are refused by validation, named or not
+        first = int(math.log2(strides[0]))
     return {f"p{first + k}": _cpu(v) for k, v in enumerate(features)}
 
 
@@ -483,9 +485,24 @@ def _plain(v):
 
 def _int_sizes(image_sizes) -> list[list[int]]:
     sizes = image_sizes.tolist() if isinstance(image_sizes, Tensor) else image_sizes
-    if not isinstance(sizes, (list, tuple)):
-        raise _refuse("image_sizes", "a list of [h, w] pairs", sizes)
-    return [[int(h), int(w)] for h, w in sizes]
+    try:
+        return [[int(h), int(w)] for h, w in sizes]
+    except (TypeError, ValueError):
+        raise _refuse("image_sizes", "a list of [h, w] pairs", sizes) from None
+
+
+def _ints(values, key: str, expected: str) -> list[int]:
+    try:
+        return [int(v) for v in values]
+    except (TypeError, ValueError):
+        raise _refuse(key, expected, values) from None
+
+
+def _tensor_list(values, key: str) -> list:
+    """A per-image list (one Tensor each), moved to the CPU."""
+    if not isinstance(values, (list, tuple)):
+        raise _refuse(key, "a list with one Tensor per image", values)
+    return [_cpu(v) for v in values]
 
 
 def dump_batch(
@@ -507,19 +524,21 @@ def dump_batch(
     list/tuple of them. gt_boxes / gt_labels: per image Tensor[K, 4] (x1, y1, x2, y2) and
     Tensor[K] foreground class 0..C-1. Returns the validated :class:`Batch`.
     """
+    if strides is not None:
+        strides = _ints(strides, "strides", "a list of integer strides, finest first")
     data = {
         "format": BATCH_FORMAT,
         "features": _feature_dict(features, strides),
         "image_sizes": _int_sizes(image_sizes),
-        "gt_boxes": [_cpu(b) for b in gt_boxes],
-        "gt_labels": [_cpu(b) for b in gt_labels],
+        "gt_boxes": _tensor_list(gt_boxes, "gt_boxes"),
+        "gt_labels": _tensor_list(gt_labels, "gt_labels"),
     }
     optional = {"gt_ignore": gt_ignore, "proposals": proposals}
-    data.update({k: [_cpu(b) for b in v] for k, v in optional.items() if v is not None})
+    data.update({k: _tensor_list(v, k) for k, v in optional.items() if v is not None})
     if pad_size is not None:
-        data["pad_size"] = [int(v) for v in pad_size]
+        data["pad_size"] = _ints(pad_size, "pad_size", "[h, w]")
     if strides is not None:
-        data["strides"] = [int(s) for s in strides]
+        data["strides"] = strides
     if meta:
         data["meta"] = _plain(meta)
     batch = validate_batch(data)

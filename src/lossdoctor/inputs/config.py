@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..vocab import Mapper
+from ..vocab import Mapper, Ranking
 from .checks import as_member, check_count, check_fraction, check_range, check_unit
 from .dataclass_toml import from_table, load_named
 from .errors import InputError
@@ -136,12 +136,16 @@ class ProposalConfig:
     nms_iou: float = 0.7
     min_size: float = 1e-3
     min_size_inclusive: bool = True  # torchvision keeps w >= 1e-3; mmdet/Detectron2 keep w > 0
+    min_score: float = (
+        0.0  # probability a candidate needs to enter NMS (torchvision's score_thresh)
+    )
 
     def __post_init__(self):
         check_count(self.pre_nms_top_n, "proposals pre_nms_top_n")
         check_count(self.post_nms_top_n, "proposals post_nms_top_n")
         check_unit(self.nms_iou, "proposals nms_iou")
         check_range(self.min_size, "proposals min_size", 0.0)
+        check_range(self.min_score, "proposals min_score", 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,7 @@ class DetectorConfig:
     (:func:`preset`) and change fields with :func:`replace`."""
 
     name: str = "torchvision"
+    ranking: Ranking = Ranking.TORCHVISION  # whose sorts break score ties (see replay/nms.py)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     rpn_matcher: MatcherConfig = field(default_factory=MatcherConfig)
     rpn_sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -198,6 +203,9 @@ class DetectorConfig:
     roi_pool: RoIPoolConfig = field(default_factory=RoIPoolConfig)
     test: TestConfig = field(default_factory=TestConfig)
 
+    def __post_init__(self):
+        object.__setattr__(self, "ranking", as_member(Ranking, self.ranking, "ranking"))
+
 
 # Box coder weights of the RoI head in all three frameworks (stds 0.1, 0.1, 0.2, 0.2).
 ROI_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
@@ -207,6 +215,7 @@ def torchvision_preset() -> DetectorConfig:
     """torchvision ``fasterrcnn_resnet50_fpn`` defaults."""
     return DetectorConfig(
         name="torchvision",
+        ranking=Ranking.TORCHVISION,
         anchors=AnchorConfig(round=True, stride_from_size=True),
         rpn_matcher=MatcherConfig(fg_iou=0.7, bg_iou=0.3, low_quality=True),
         rpn_sampler=SamplerConfig(batch_size=256, pos_fraction=0.5),
@@ -226,6 +235,7 @@ def mmdet_preset() -> DetectorConfig:
     proposals = dict(nms_iou=0.7, min_size=0.0, min_size_inclusive=False)
     return DetectorConfig(
         name="mmdet",
+        ranking=Ranking.MMDET,
         anchors=AnchorConfig(valid_pad_divisor=32),
         rpn_matcher=MatcherConfig(fg_iou=0.7, bg_iou=0.3, low_quality_min_iou=0.3, **mmdet),
         rpn_sampler=SamplerConfig(batch_size=256, pos_fraction=0.5),
@@ -249,6 +259,7 @@ def detectron2_preset() -> DetectorConfig:
     proposals = dict(nms_iou=0.7, min_size=0.0, min_size_inclusive=False)
     return DetectorConfig(
         name="detectron2",
+        ranking=Ranking.DETECTRON2,
         anchors=AnchorConfig(size_major=True),
         rpn_matcher=MatcherConfig(fg_iou=0.7, bg_iou=0.3, low_quality=True),
         rpn_sampler=SamplerConfig(batch_size=256, pos_fraction=0.5),

@@ -1,4 +1,4 @@
-"""Box operations: area, IoU (chunked), encode/decode, clip, NMS. Boxes are (x1, y1, x2, y2)."""
+"""Box operations: area, IoU (chunked), encode/decode, clip. Boxes are (x1, y1, x2, y2)."""
 
 from __future__ import annotations
 
@@ -100,45 +100,3 @@ def keep_min_size(boxes: Tensor, min_size: float, inclusive: bool) -> Tensor:
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     keep = (w >= min_size) & (h >= min_size) if inclusive else (w > min_size) & (h > min_size)
     return keep.nonzero().flatten()
-
-
-def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Greedy NMS → indices of kept boxes, by decreasing score (torchvision's semantics)."""
-    if boxes.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long)
-    try:  # the compiled op, where torchvision happens to be installed
-        from torchvision.ops import nms as tv_nms
-    except Exception:
-        return nms_torch(boxes, scores, iou_threshold)
-    return tv_nms(boxes, scores, iou_threshold)
-
-
-def nms_torch(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Pure-torch greedy NMS: suppress any box whose IoU with a kept, higher-scored box exceeds
-    the threshold."""
-    if boxes.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long)
-    order = scores.argsort(descending=True, stable=True)
-    b = boxes[order]
-    over = (box_iou(b, b) > iou_threshold).numpy()
-    suppressed = over[0] & False
-    keep = []
-    for i in range(b.shape[0]):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= over[i]
-    return order[torch.as_tensor(keep, dtype=torch.long)]
-
-
-def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
-    """NMS within each group (level or class) → kept indices sorted by decreasing score."""
-    keep = [
-        idx[nms(boxes[idx], scores[idx], iou_threshold)]
-        for g in groups.unique()
-        for idx in [(groups == g).nonzero().flatten()]
-    ]
-    if not keep:
-        return torch.zeros(0, dtype=torch.long)
-    keep = torch.cat(keep)
-    return keep[scores[keep].argsort(descending=True, stable=True)]

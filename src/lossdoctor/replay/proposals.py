@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
 from ..inputs.config import CoderConfig, ProposalConfig
-from .boxes import batched_nms, clip_to_image, decode, keep_min_size
+from ..vocab import Ranking
+from .anchors import level_anchors
+from .boxes import clip_to_image, decode, keep_min_size
+from .heads import rpn_head
+from .nms import RANKINGS
 
 
 def image_proposals(
@@ -16,30 +22,35 @@ def image_proposals(
     size: tuple[int, int],
     cfg: ProposalConfig,
     coder: CoderConfig,
+    ranking: Ranking,
 ) -> tuple[Tensor, Tensor, int]:
-    """Proposals of one image, from detached head outputs.
+    """Proposals of one image, from detached head outputs, ranked as ``ranking``'s framework does.
 
     logits[l]: Tensor[A_l]; deltas[l]: Tensor[A_l, 4]; anchors[l]: Tensor[A_l, 4].
     Returns (boxes Tensor[M, 4], objectness logits Tensor[M], non-finite boxes dropped).
-    Non-finite boxes are dropped (Detectron2 would raise "Training has diverged" here).
+    Non-finite boxes are dropped (Detectron2 would raise "Training has diverged" here), and NaN
+    logits rank last.
     """
+    rule = RANKINGS[ranking]
     boxes, scores, groups = [], [], []
     for lvl, (lo, de, an) in enumerate(zip(logits, deltas, anchors)):
-        k = min(cfg.pre_nms_top_n, lo.shape[0])
-        top = lo.nan_to_num(-float("inf")).topk(k, sorted=True).indices
+        top = rule.preselect(lo.nan_to_num(-float("inf")), min(cfg.pre_nms_top_n, lo.shape[0]))
         b = clip_to_image(
             decode(de[top], an[top], coder.weights, coder.clip, coder.clip_both), size
         )
         boxes.append(b)
         scores.append(lo[top])
-        groups.append(torch.full((k,), lvl, dtype=torch.long))
+        groups.append(torch.full((top.numel(),), lvl, dtype=torch.long))
     boxes, scores, groups = torch.cat(boxes), torch.cat(scores), torch.cat(groups)
     finite = torch.isfinite(boxes).all(1) & torch.isfinite(scores)
     dropped = int((~finite).sum())
     idx = finite.nonzero().flatten()
     idx = idx[keep_min_size(boxes[idx], cfg.min_size, cfg.min_size_inclusive)]
+    if cfg.min_score > 0:
+        idx = idx[scores[idx].sigmoid() >= cfg.min_score]
     boxes, scores, groups = boxes[idx], scores[idx], groups[idx]
-    keep = batched_nms(boxes, scores, groups, cfg.nms_iou)[: cfg.post_nms_top_n]
+    keep = rule.batched_nms(boxes, rule.nms_score(scores), groups, cfg.nms_iou)
+    keep = keep[: cfg.post_nms_top_n]
     return boxes[keep], scores[keep], dropped
 
 
@@ -56,8 +67,26 @@ def training_proposals(
         for i, size in enumerate(batch.image_sizes):
             logits, deltas = [o.logits[i] for o in outs], [o.deltas[i] for o in outs]
             boxes, _, bad = image_proposals(
-                logits, deltas, anchors, size, config.train_proposals, config.rpn_coder
+                logits,
+                deltas,
+                anchors,
+                size,
+                config.train_proposals,
+                config.rpn_coder,
+                config.ranking,
             )
             proposals.append(boxes)
             nonfinite.append(bad)
     return proposals, nonfinite
+
+
+def rpn_proposals(heads, batch, config) -> list[Tensor]:
+    """Per image, the training proposals (Tensor[M_i, 4]) lossdoctor's RPN generates from the
+    batch's features, whether or not the batch carries the run's own."""
+    feats = list(batch.features.values())
+    shapes = [tuple(f.shape[2:]) for f in feats]
+    with torch.no_grad():
+        anchors = level_anchors(config.anchors, batch.strides, shapes, batch.pad_size)
+        outs = [rpn_head(f, heads) for f in feats]
+        own = dataclasses.replace(batch, proposals=None)
+        return training_proposals(outs, anchors, own, config)[0]

@@ -14,16 +14,37 @@ import torch
 from torch import Tensor
 
 from ..inputs.config import RoIPoolConfig
+from ..vocab import Mapper
 from .boxes import box_area
 
 # RoIs pooled per gather: bounds the gathered tensor (RoIs x rows x cols x channels); small blocks
 # stay in cache and are reused by the allocator (large ones page-fault on every chunk).
 ROI_CHUNK_ELEMENTS = 1 << 20
-MAPPER_EPS = {"torchvision": 1e-6, "detectron2": 1e-8, "mmdet": 1e-6}
 # Adaptive sampling (sampling_ratio 0) takes ceil(bin / 1 px) points per bin side; beyond this
 # many (a RoI over 7 x 32 = 224 feature pixels wide, only from broken boxes) it takes this many, so
 # memory stays bounded. The frameworks' kernels would loop over every point.
 MAX_ADAPTIVE_GRID = 32
+
+
+def _torchvision_level(scale: Tensor, cfg: RoIPoolConfig) -> Tensor:
+    return torch.floor(cfg.canonical_level + torch.log2(scale / cfg.canonical_scale) + 1e-6)
+
+
+def _detectron2_level(scale: Tensor, cfg: RoIPoolConfig) -> Tensor:
+    return torch.floor(cfg.canonical_level + torch.log2(scale / cfg.canonical_scale + 1e-8))
+
+
+def _mmdet_level(scale: Tensor, cfg: RoIPoolConfig) -> Tensor:
+    return torch.floor(torch.log2(scale / cfg.finest_scale + 1e-6))
+
+
+# mapper → (level of each RoI from sqrt(area), whether level 0 is the finest RoI level itself
+# rather than log2 of its stride)
+MAPPERS = {
+    Mapper.TORCHVISION: (_torchvision_level, False),
+    Mapper.DETECTRON2: (_detectron2_level, False),
+    Mapper.MMDET: (_mmdet_level, True),
+}
 
 
 def map_levels(rois: Tensor, strides: list[int], cfg: RoIPoolConfig) -> Tensor:
@@ -34,17 +55,9 @@ def map_levels(rois: Tensor, strides: list[int], cfg: RoIPoolConfig) -> Tensor:
     Non-finite results (inverted boxes give sqrt of a negative area) go to the finest level.
     """
     n = len(strides)
-    scale = torch.sqrt(box_area(rois))
-    eps = MAPPER_EPS[cfg.mapper]
-    if cfg.mapper == "mmdet":
-        lvl = torch.floor(torch.log2(scale / cfg.finest_scale + eps))
-        k_min = 0
-    else:
-        k_min = int(round(math.log2(strides[0])))
-        if cfg.mapper == "torchvision":
-            lvl = torch.floor(cfg.canonical_level + torch.log2(scale / cfg.canonical_scale) + eps)
-        else:
-            lvl = torch.floor(cfg.canonical_level + torch.log2(scale / cfg.canonical_scale + eps))
+    level, zero_based = MAPPERS[cfg.mapper]
+    lvl = level(torch.sqrt(box_area(rois)), cfg)
+    k_min = 0 if zero_based else int(round(math.log2(strides[0])))
     lvl = torch.nan_to_num(lvl, nan=float(k_min), posinf=float(k_min + n - 1), neginf=float(k_min))
     return (lvl.clamp(k_min, k_min + n - 1) - k_min).long()
 

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..inputs.checkpoint import heads_from_state_dict
 from ..inputs.config import DetectorConfig, ProposalConfig, SamplerConfig, preset, replace
-from ..vocab import BIAS, WEIGHT, param
+from ..vocab import BIAS, WEIGHT, Ranking, param
 
 CHANNELS = 32
 STRIDES = (4, 8, 16, 32, 64)
@@ -19,11 +19,13 @@ ANCHOR_SIZES = ((8.0,), (16.0,), (32.0,), (64.0,), (128.0,))
 
 
 def toy_config() -> DetectorConfig:
-    """torchvision's rules, scaled to 128-192 px images: anchors 8-128 px, smaller budgets."""
+    """torchvision's rules, scaled to 128-192 px images: anchors 8-128 px, smaller budgets.
+    Proposals are ranked by logit (as Detectron2 does), which is how the reproduction ran."""
     base = preset("torchvision")
     return replace(
         base,
         name="toy",
+        ranking=Ranking.DETECTRON2,
         anchors=replace(base.anchors, sizes=ANCHOR_SIZES),
         train_proposals=ProposalConfig(600, 300),
         test_proposals=ProposalConfig(300, 100),
