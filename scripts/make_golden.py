@@ -1,9 +1,9 @@
 """Write the golden reports of the fixtures: python scripts/make_golden.py
 
-Each case is ``lossdoctor.inspect`` on one fixture, run single-threaded; the tables, the symptom
-and the findings are written to tests/golden/<case>.json. tests/test_golden.py replays every case
-and requires the same numbers (to float32 rounding), so a refactor or a speed-up cannot change
-what a report says without this file changing in the same commit.
+Each case is ``lossdoctor.inspect`` on one fixture, run single-threaded; the tables, the symptom,
+the finding rows and their groups are written to tests/golden/<case>.json. tests/test_golden.py
+replays every case and requires the same numbers (to float32 rounding), so a refactor or a
+speed-up cannot change what a report says without this file changing in the same commit.
 """
 
 from __future__ import annotations
@@ -55,7 +55,12 @@ def snapshot(kwargs: dict) -> dict:
     finally:
         torch.set_num_threads(threads)
     d = json.loads(report.to_json())
-    return {"tables": d["tables"], "symptom": d["meta"]["symptom"], "findings": d["findings"]}
+    return {
+        "tables": d["tables"],
+        "symptom": d["meta"]["symptom"],
+        "findings": d["findings"],
+        "groups": d["groups"],
+    }
 
 
 def main() -> None:

@@ -1,12 +1,15 @@
 """Rewrite the README's generated parts: python scripts/update_readme.py
 
 The finding catalogue is generated from the rule table (src/lossdoctor/diagnose/findings.py);
-tests/test_architecture.py fails when the README's copy differs.
+tests/test_architecture.py fails when the README's copy differs. "What it says" is an excerpt of
+the real output of `lossdoctor inspect` on fixtures/collapse, 120 columns wide.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -14,13 +17,64 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from lossdoctor.report.explain import CATALOGUE_BEGIN, CATALOGUE_END, catalogue_markdown  # noqa: E402
 
+EXCERPT_BEGIN, EXCERPT_END = "<!-- what-it-says -->", "<!-- /what-it-says -->"
+EXCERPT_ARGS = ["inspect", "fixtures/collapse", "--config", "fixtures/toy.toml"]
+# the excerpt shows this many findings, and leaves out the RPN table
+SHOWN_FINDINGS = 3
+SEVERITIES = ("error ", "warning ", "info ")
+
+
+def _output() -> str:
+    from typer.testing import CliRunner
+
+    from lossdoctor.cli import app
+
+    os.chdir(ROOT)
+    r = CliRunner().invoke(app, EXCERPT_ARGS, env={"NO_COLOR": "1", "COLUMNS": "120"})
+    assert r.exit_code == 0, r.output
+    return "\n".join(line.rstrip() for line in r.stdout.splitlines())
+
+
+def _cut_findings(section: str) -> tuple[str, int]:
+    """The findings table up to its SHOWN_FINDINGS-th finding, and how many there are."""
+    lines, starts = section.splitlines(), []
+    for k, line in enumerate(lines):
+        if line.startswith(SEVERITIES):
+            starts.append(k)
+    if len(starts) <= SHOWN_FINDINGS:
+        return section, len(starts)
+    return "\n".join(lines[: starts[SHOWN_FINDINGS]] + ["…"]), len(starts)
+
+
+def excerpt() -> str:
+    sections = _output().split("\n\n")
+    header, symptom = sections[0], sections[1]
+    findings = next(s for s in sections if s.startswith("Findings"))
+    roi = next(s for s in sections if s.startswith("ROI head"))
+    totals = next(s for s in sections if s.startswith("Totals"))
+    shown, n = _cut_findings(findings)
+    body = "\n\n".join([header, symptom, shown, roi, totals])
+    intro = textwrap.fill(
+        f"`lossdoctor {' '.join(EXCERPT_ARGS)}`, a step of the reproduction's `legacy` run "
+        f"captured by the hook just before its weights turned NaN (excerpt: {SHOWN_FINDINGS} of "
+        f"{n} findings, the RPN table left out):",
+        width=100,
+    )
+    return f"{EXCERPT_BEGIN}\n{intro}\n\n```\n{body}\n```\n{EXCERPT_END}"
+
+
+def _replace(text: str, begin: str, end: str, new: str) -> str:
+    start, stop = text.index(begin), text.index(end) + len(end)
+    return text[:start] + new + text[stop:]
+
 
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text(encoding="utf-8")
-    start, end = text.index(CATALOGUE_BEGIN), text.index(CATALOGUE_END) + len(CATALOGUE_END)
-    readme.write_text(text[:start] + catalogue_markdown() + text[end:], encoding="utf-8")
-    print("README.md: finding catalogue regenerated")
+    text = _replace(text, CATALOGUE_BEGIN, CATALOGUE_END, catalogue_markdown())
+    text = _replace(text, EXCERPT_BEGIN, EXCERPT_END, excerpt())
+    readme.write_text(text, encoding="utf-8")
+    print("README.md: finding catalogue and the 'What it says' excerpt regenerated")
 
 
 if __name__ == "__main__":

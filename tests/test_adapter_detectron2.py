@@ -68,6 +68,7 @@ def assert_reproduces(folder, losses: dict) -> None:
     assert rep["meta"]["run"] == {
         "profile": "detectron2",
         "source": "dump",
+        "own": "detectron2",
         "framework": "detectron2",
     }
     row = next(x for x in rep["tables"]["profiles"] if x["profile"] == "detectron2")

@@ -81,6 +81,7 @@ def test_capture_reproduces_torchvisions_losses(tmp_path):
     assert rep["meta"]["run"] == {
         "profile": "torchvision",
         "source": "dump",
+        "own": "torchvision",
         "framework": "torchvision",
     }
     assert rep["meta"]["batch"]["levels"] == ["p2", "p3", "p4", "p5", "p6"]

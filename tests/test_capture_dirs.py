@@ -59,7 +59,12 @@ def test_the_run_profile_and_config_come_from_the_dump(tmp_path):
     meta = {"framework": "mmdet", "profile": "mmdet", "config": to_dict(cfg), "step": 7}
     rep = inspect(write_capture(tmp_path / "a", meta=meta))
     assert rep.profiles == ["mmdet", "fixed"]
-    assert rep.meta["run"] == {"profile": "mmdet", "source": "dump", "framework": "mmdet"}
+    assert rep.meta["run"] == {
+        "profile": "mmdet",
+        "source": "dump",
+        "framework": "mmdet",
+        "own": "mmdet",
+    }
     assert (
         rep.meta["config"]["name"] == "live"
         and rep.meta["config"]["rpn_matcher"]["low_quality_reassign"]

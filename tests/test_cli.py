@@ -121,6 +121,7 @@ def test_exports_json_csv_csvdir_plot(files, tmp_path):
         assert int(row["pos"]) == want["pos"] and row["nan_origin"] == want["nan_origin"]
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [
         "findings.csv",
+        "groups.csv",
         "images.csv",
         "levels.csv",
         "origins.csv",

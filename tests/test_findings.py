@@ -355,10 +355,15 @@ def _nan_weight():
     return run(sd=sd, profiles=("mmdet",), cfg="mmdet")
 
 
-def _background_collapse():
+def _background_bias(bias: float, d=None):
+    """The classifier's background bias raised: every foreground score drops (chance is 1/4)."""
     sd = F.state_dict()
-    sd["roi_heads.box_predictor.cls_score.bias"][0] = 20.0
-    return run(sd=sd)
+    sd["roi_heads.box_predictor.cls_score.bias"][0] = bias
+    return run(d, sd=sd)
+
+
+def _background_collapse():
+    return _background_bias(20.0)
 
 
 def _box(i, j, box):
@@ -396,6 +401,8 @@ def _rpn_only():
 
 
 NAN, INF = float("nan"), float("inf")
+# proposals in a corner, far from every GT box
+FAR = torch.tensor([[0.0, 0.0, 4.0, 4.0], [500.0, 0.0, 508.0, 6.0]])
 ALL_IGNORED = [torch.zeros(5, dtype=torch.bool), torch.ones(5, dtype=torch.bool)]
 FAULTS = {
     "unsafe-pickle-global": _unsafe,
@@ -423,6 +430,9 @@ FAULTS = {
     "no-gradient": _rpn_only,
     "empty-gt-image": lambda: run(_with(lambda d: d.update(gt_ignore=ALL_IGNORED))),
     "no-positive-level": lambda: run(_drop_p6(healthy_dict())),
+    "untrained-or-collapsed": lambda: _background_bias(5.0),
+    "no-proposals": lambda: run(_with(lambda d: [f[1].fill_(NAN) for f in d["features"].values()])),
+    "rpn-positives-starved": lambda: run(_with(lambda d: d.update(proposals=[FAR, FAR]))),
 }
 
 

@@ -26,6 +26,7 @@ KEYS = {
     "origins": ("profile", "head", "level", "term"),
 }
 FINDING_KEY = ("severity", "code", "head", "level", "profile", "image", "message")
+GROUP_KEY = ("severity", "code", "scope", "message")
 
 
 def keyed(rows: list[dict], key: tuple[str, ...]) -> dict:
@@ -46,6 +47,7 @@ def normalized(snapshot: dict) -> dict:
         "tables": tables,
         "symptom": snapshot["symptom"],
         "findings": keyed(snapshot["findings"], FINDING_KEY),
+        "groups": keyed(snapshot.get("groups", []), GROUP_KEY),
     }
 
 
@@ -78,8 +80,9 @@ def test_report_matches_golden(name):
     golden = normalized(json.loads((GOLDEN / f"{name}.json").read_text()))
     got = normalized(json.loads(json.dumps(snapshot(cases()[name]), allow_nan=True)))
     diffs = same(golden, got, name)
-    extra = [k for k in got["findings"] if k not in golden["findings"]]
-    diffs += [f"{name}: a new finding {k}" for k in extra]
+    for kind in ("findings", "groups"):
+        extra = [k for k in got[kind] if k not in golden[kind]]
+        diffs += [f"{name}: a new {kind} entry {k}" for k in extra]
     assert not diffs, "\n".join(diffs[:20])
 
 

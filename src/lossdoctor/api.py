@@ -10,6 +10,7 @@ from .inputs.checkpoint import HeadWeights, check_fit, load_checkpoint
 from .inputs.config import DetectorConfig, config_from_meta, load_config, preset, replace
 from .inputs.errors import InputError
 from .inputs.profiles import LossProfile, load_profile, profile_from_meta
+from .vocab import Phase
 
 REPORT_SUFFIX = ".json"
 # a capture directory holds these two files
@@ -110,6 +111,10 @@ def _profiles(b: Batch, profiles, old, new) -> tuple[list[LossProfile], str]:
     return [own, whatif], source
 
 
+def _quiet(phase) -> None:
+    pass
+
+
 def inspect(
     checkpoint,
     batch=None,
@@ -122,31 +127,53 @@ def inspect(
     sample_all: bool = False,
     score_thr: float | None = None,
     unsafe_load: bool = False,
+    on_phase=_quiet,
 ):
-    """Replay and diagnose ``batch`` under the run's own profile and a what-if →
-    :class:`~lossdoctor.report.model.Report`.
+    """Replay and diagnose ``batch`` under the run's own profile and a what-if → a Report.
 
     ``checkpoint`` may be a capture directory (``batch`` then None). ``old`` is the run's profile
-    (default: what the dump records, else legacy), ``new`` the what-if (default: fixed); entries
-    are names, TOML paths or LossProfile objects, and ``profiles`` (a list) replaces both. ``seed``
-    None takes the dump's ``meta["sample_seed"]`` (what the capture hook records), else 0.
+    (default: the dump's, else legacy; findings are then framed as the run's or the what-if's),
+    ``new`` the what-if (default: fixed): names, TOML paths or LossProfiles; ``profiles`` (a list)
+    replaces both. ``seed`` None takes the dump's ``meta["sample_seed"]``, else 0.
+    ``on_phase(Phase)`` is called as each phase starts.
     """
     from .diagnose import diagnose
     from .replay.engine import replay
     from .report.build import build_report
 
-    ckpt_path, batch_path = capture_files(checkpoint, batch)
-    heads, b, cfg = resolve_inputs(ckpt_path, batch_path, config, unsafe_load)
+    on_phase(Phase.LOAD)
+    paths = capture_files(checkpoint, batch)
+    heads, b, cfg = resolve_inputs(*paths, config, unsafe_load)
     if score_thr is not None:
         cfg = replace(cfg, test=replace(cfg.test, score_thr=score_thr))
     profs, source = _profiles(b, profiles, old, new)
+    on_phase(Phase.REPLAY)
     seed = int(b.meta.get("sample_seed", 0)) if seed is None else seed
     r = replay(heads, b, cfg, profs, seed=seed, sample_all=sample_all)
-    paths = [p if isinstance(p, (str, Path)) else None for p in (ckpt_path, batch_path)]
-    report = build_report(diagnose(r), *paths)
-    report.meta["run"] = {"profile": profs[0].name, "source": source,
+    own = _own_profile(b, profs, source, old)
+    report = build_report(diagnose(r, run_profile=own, on_phase=on_phase), *_named(paths))
+    report.meta["run"] = {"profile": profs[0].name, "source": source, "own": own,
                           "framework": b.meta.get("framework")}  # fmt: skip
     return report
+
+
+def _named(paths) -> list:
+    """The paths of files (None for objects passed in memory)."""
+    return [p if isinstance(p, (str, Path)) else None for p in paths]
+
+
+def _own_profile(b: Batch, profs: list[LossProfile], source: str, old) -> str | None:
+    """The replayed profile the run trained with, when it is known: ``old`` as given, or the
+    dump's (also among an explicit ``profiles`` list)."""
+    if source == "given" and old is not None:
+        return profs[0].name
+    if source == "dump":
+        return profs[0].name
+    recorded = b.meta.get("profile")
+    if source == "given" and recorded is not None:
+        name = profile_from_meta(recorded).name
+        return name if name in [p.name for p in profs] else None
+    return None
 
 
 @dataclass(frozen=True)

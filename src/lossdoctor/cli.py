@@ -282,6 +282,14 @@ def inspect(
     _guard(lambda: _inspect(**args))
 
 
+def _progress(quiet: bool):
+    """The progress line on stderr (a terminal only; never with --quiet)."""
+    from .report.progress import PhaseStatus
+    from .report.render import console
+
+    return PhaseStatus(console(stderr=True), enabled=not quiet)
+
+
 def _inspect(*, ckpt, batch, old, new, config, seed, sample_all, device, score_thr, csv, csv_dir,
              json_out, plot, fail_on, unsafe_load, quiet):  # fmt: skip
     _check_device(device)
@@ -300,17 +308,19 @@ def _inspect(*, ckpt, batch, old, new, config, seed, sample_all, device, score_t
         old_profile=old,
         new_profile=new,
     )
-    report = run_inspect(
-        ckpt,
-        batch,
-        config=config,
-        old=old,
-        new=new,
-        seed=seed,
-        sample_all=sample_all,
-        score_thr=score_thr,
-        unsafe_load=unsafe_load,
-    )
+    with _progress(quiet) as on_phase:
+        report = run_inspect(
+            ckpt,
+            batch,
+            config=config,
+            old=old,
+            new=new,
+            seed=seed,
+            sample_all=sample_all,
+            score_thr=score_thr,
+            unsafe_load=unsafe_load,
+            on_phase=on_phase,
+        )
     export(report, outputs, inputs)
     _stdout_json(json_out, report.to_json())
     render(report, console(stderr=json_out == "-"), quiet=quiet)

@@ -215,3 +215,31 @@ class Stage(StrEnum):
     NORMALIZER = "normalizer"
     LEVEL_LOSS = "level loss"
     GRADIENTS = "gradients"
+
+
+class Scope(StrEnum):
+    """Whose problem a finding is, once the report knows the run's own loss profile: the run's
+    (its own profile, or the batch and checkpoint), or only the what-if profile's."""
+
+    RUN = "run"
+    WHAT_IF = "what-if"
+
+
+class Funnel(StrEnum):
+    """The stages a GT object passes on its way to a RoI positive, where it can be lost."""
+
+    ANCHORS = "with a positive anchor"
+    SAMPLED = "with a sampled positive anchor"
+    PROPOSALS = "covered by a proposal"
+    ROI = "with a RoI positive from a proposal"
+
+
+class Phase(StrEnum):
+    """A phase of ``inspect``, as its progress line names it."""
+
+    LOAD = "reading the checkpoint (every tensor scanned for NaN/Inf) and the batch"
+    REPLAY = "replaying the RPN and RoI losses"
+    GRADIENTS = "computing gradients"
+    TRACE = "tracing NaN/Inf to their first stage"
+    SYMPTOM = "running the heads in test mode"
+    FINDINGS = "checking the findings"

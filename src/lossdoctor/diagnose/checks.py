@@ -6,8 +6,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+from torch import Tensor
+
+from ..replay.boxes import box_iou
 from ..replay.engine import Replay
-from ..vocab import BOX_TERMS, Background, Framework, Head, Part, Stage, Term
+from ..replay.proposals import ProposalCounts, image_proposals
+from ..vocab import (
+    BOX_TERMS,
+    GRADIENT_TERM,
+    Background,
+    Framework,
+    Funnel,
+    Head,
+    Part,
+    Stage,
+    Term,
+    term_of,
+)
 from .gradients import ProfileGrads
 from .nan_trace import CAUSES, UNITS, Origin
 from .symptom import Symptom
@@ -23,9 +39,56 @@ BACKGROUND_COUNT_SLACK = 0.5
 # 10x the max_norm=35 MMDetection suggests for clipping
 EXPLODING_NORM = 350.0
 VANISHING_NORM = 1e-6
+# a best foreground score below this fraction of chance is a collapse at any step: an untrained
+# head scores at chance, and its first steps (the background bias growing) lower that by about one
+# order of magnitude, not three
+COLLAPSED_FRACTION = 1e-3
+# steps before which detecting nothing is expected: a detector does not detect during its LR
+# warmup (500 iterations in MMDetection, 1000 in torchvision's references)
+EARLY_STEPS = 1000
+# the RPN starves the RoI head when fewer than this share of GT objects reach a RoI positive
+# through one of its proposals
+STARVED_SHARE = 0.5
+# the evidence field of each funnel stage: GT objects that reach it
+FUNNEL_KEYS = {
+    Funnel.ANCHORS: "with_positive_anchor",
+    Funnel.SAMPLED: "with_sampled_positive",
+    Funnel.PROPOSALS: "covered_by_proposal",
+    Funnel.ROI: "with_roi_positive",
+}
+LOST_AT = {
+    Funnel.ANCHORS: "at the anchors",
+    Funnel.SAMPLED: "at RPN sampling",
+    Funnel.PROPOSALS: "at the proposals",
+    Funnel.ROI: "at RoI sampling",
+}
+STARVED_FIX = {
+    Funnel.ANCHORS: "add anchor sizes or ratios that fit these objects, or lower the RPN "
+    "matcher's positive IoU threshold",
+    Funnel.SAMPLED: "raise the RPN sampler's batch size or positive fraction: positives exist but "
+    "are not sampled",
+    Funnel.PROPOSALS: "the proposals miss the objects: expected while the RPN does not localize "
+    "yet (early steps); later, check the RPN's box loss weight and normalization, and the "
+    "pre/post-NMS top-n",
+    Funnel.ROI: "proposals cover the objects but no RoI positive is sampled from them: raise the "
+    "RoI sampler's positive fraction or batch size",
+}
+EMPTY_GT_CAUSE = "images without a usable GT box train as images without objects"
 # evidence lists are cut to this many entries
 EVIDENCE_ITEMS = 20
 LOSS_COLUMN = {Part.CLS: "loss_cls", Part.BOX: "loss_bbox", None: "gradient"}
+# Each stage's cause without where it happened, shared by the grouped finding of its levels
+STAGE_CAUSES = {
+    Stage.INPUT: "already in the features, and every loss term on those levels inherits it",
+    Stage.WEIGHTS: "non-finite head weights in the checkpoint",
+    Stage.OUTPUTS: "the head produced Inf/NaN from finite features and weights",
+    Stage.PROPOSALS: "non-finite RoI boxes",
+    Stage.TARGETS: "non-finite regression targets from GT boxes",
+    Stage.PER_SAMPLE: "the per-sample classification loss overflowed",
+    Stage.NORMALIZER: "a mean over an empty set",
+    Stage.LEVEL_LOSS: "the per-level sum of finite losses overflowed",
+    Stage.GRADIENTS: "the loss is finite but its gradient at the head outputs is not",
+}
 
 
 @dataclass(kw_only=True)
@@ -48,17 +111,21 @@ class Hit:
     level: str | None = None
     profile: str | None = None
     image: int | None = None
+    term: Term | str | None = None
     evidence: dict = field(default_factory=dict)
     minor: bool = False
     fix: str | None = None
     fix_prefix: str = ""  # said before the rule's fix, where this case has a sharper first step
+    # what the hit has in common with the others of its cause, without where it is (its level,
+    # term, profile, image): hits of one code and cause make one grouped finding
+    cause: str | None = None
 
 
 # ---- the batch ---------------------------------------------------------------------------------
 
 
-def suspicions(code: str):
-    """A check that turns the batch's suspicions of ``code`` into hits."""
+def suspicions(code: str, cause: str):
+    """A check that turns the batch's suspicions of ``code`` into hits, of one ``cause``."""
 
     def check(f: Facts) -> list[Hit]:
         out = []
@@ -66,7 +133,8 @@ def suspicions(code: str):
             if s.code == code:
                 extra = {"box": s.box} if s.box is not None and "box" not in s.evidence else {}
                 ev = {**s.evidence, **extra}
-                out.append(Hit(message=s.message, image=s.image, level=s.level, evidence=ev))
+                hit = Hit(message=s.message, image=s.image, level=s.level, evidence=ev, cause=cause)
+                out.append(hit)
         return out
 
     return check
@@ -75,7 +143,7 @@ def suspicions(code: str):
 def empty_gt(f: Facts) -> list[Hit]:
     """Images without usable GT: none in the dump, all ignored, or all left out."""
     r = f.replay
-    out = suspicions("empty-gt-image")(f)
+    out = suspicions("empty-gt-image", EMPTY_GT_CAUSE)(f)
     named = {h.image for h in out}
     for im in r.images:
         if im.gt > 0 or im.image in named:
@@ -91,7 +159,7 @@ def empty_gt(f: Facts) -> list[Hit]:
             "objects"
         )
         ev = {"ignored": im.gt_ignored, "bad_label": im.gt_bad_label, "nonfinite": im.gt_nonfinite}
-        out.append(Hit(message=msg, image=im.image, evidence=ev))
+        out.append(Hit(message=msg, image=im.image, evidence=ev, cause=EMPTY_GT_CAUSE))
     return out
 
 
@@ -168,16 +236,36 @@ def unsafe_globals(f: Facts) -> list[Hit]:
     return out
 
 
+def _module(key: str) -> str:
+    return key.rsplit(".", 1)[0]
+
+
 def nonfinite_weights(f: Facts) -> list[Hit]:
-    heads = f.replay.heads
+    """Non-finite head weights, and non-finite tensors anywhere else in the checkpoint (the
+    backbone and neck are not replayed, but a NaN there is a NaN in every feature)."""
+    heads, out = f.replay.heads, []
     bad = [
         heads.file_key(n) for n, t in heads.params.items() if not bool(t.detach().isfinite().all())
     ]
-    if not bad:
-        return []
-    return [
-        Hit(message=f"non-finite checkpoint weights: {', '.join(bad)}", evidence={"params": bad})
-    ]
+    if bad:
+        msg = f"non-finite head weights: {', '.join(bad)}"
+        out.append(Hit(message=msg, evidence={"params": bad, "modules": {}, "values": 0}))
+    modules: dict[str, int] = {}
+    for key, n in heads.nonfinite_elsewhere.items():
+        modules[_module(key)] = modules.get(_module(key), 0) + n
+    if modules:
+        shown = ", ".join(f"{m} ({n})" for m, n in list(modules.items())[:3])
+        more = f" and {len(modules) - 3} more" if len(modules) > 3 else ""
+        total = sum(modules.values())
+        msg = (
+            f"non-finite weights outside the heads: {shown}{more}; {total} NaN/Inf values in "
+            f"{len(heads.nonfinite_elsewhere)} tensors of {len(modules)} modules, so every "
+            "feature computed from them is suspect"
+        )
+        ev = {"params": [], "modules": dict(list(modules.items())[:EVIDENCE_ITEMS]),
+              "values": total}  # fmt: skip
+        out.append(Hit(message=msg, evidence=ev))
+    return out
 
 
 # ---- NaN/Inf origins ---------------------------------------------------------------------------
@@ -202,8 +290,10 @@ def _origin_hit(o: Origin, fix: str | None) -> Hit:
         level=o.level,
         profile=o.profile,
         image=o.image,
+        term=term_of(o.head, o.part) if o.part else GRADIENT_TERM,
         evidence=ev,
         fix=fix,
+        cause=f"{o.kind}, first broken at {o.stage}: {o.reason or STAGE_CAUSES[o.stage]}",
     )
 
 
@@ -244,7 +334,8 @@ def no_positive_level(f: Facts) -> list[Hit]:
                 f"no anchor of {level.name} (sizes {size} px) is positive for any GT in this batch"
             )
             ev = {"anchor_sizes": size, "gt_sizes": _gt_size_range(r)}
-            out.append(Hit(message=msg, head=Head.RPN, level=level.name, evidence=ev))
+            cause = "no anchor of the level is positive for any GT in this batch"
+            out.append(Hit(message=msg, head=Head.RPN, level=level.name, evidence=ev, cause=cause))
     return out
 
 
@@ -261,7 +352,10 @@ def matches_no_anchor(f: Facts) -> list[Hit]:
             if every:
                 msg += f": low-quality matching makes all {n} candidate anchors positive"
             ev = {"box": r.gt.dump_index(i, g), "rpn_pos_candidates": n}
-            out.append(Hit(message=msg, head=Head.RPN, image=i, evidence=ev, minor=not every))
+            cause = "GT boxes overlap no anchor (best IoU 0)"
+            out.append(
+                Hit(message=msg, head=Head.RPN, image=i, evidence=ev, minor=not every, cause=cause)
+            )
     return out
 
 
@@ -272,10 +366,129 @@ def without_positive(f: Facts) -> list[Hit]:
         for g in ((~im.gt_has_pos) & (im.gt_best > 0)).nonzero().flatten().tolist():
             best, j = float(im.gt_best[g]), r.gt.dump_index(i, g)
             msg = f"image {i} box {j} gets no positive anchor (best IoU {best:.2f} < min_pos_iou)"
-            out.append(
-                Hit(message=msg, head=Head.RPN, image=i, evidence={"box": j, "best_iou": best})
-            )
+            ev, cause = {"box": j, "best_iou": best}, "GT boxes get no positive anchor"
+            out.append(Hit(message=msg, head=Head.RPN, image=i, evidence=ev, cause=cause))
     return out
+
+
+# ---- proposals ---------------------------------------------------------------------------------
+
+
+def own_proposal_counts(r: Replay, i: int) -> ProposalCounts:
+    """What each step of lossdoctor's own training-proposal generation kept for image ``i``."""
+    cfg, levels = r.config, r.rpn.levels
+    with torch.no_grad():
+        _, _, counts = image_proposals(
+            [lv.out.logits.detach()[i] for lv in levels],
+            [lv.out.deltas.detach()[i] for lv in levels],
+            [lv.anchors for lv in levels],
+            r.batch.image_sizes[i],
+            cfg.train_proposals,
+            cfg.rpn_coder,
+            cfg.ranking,
+        )
+    return counts
+
+
+def _why_no_proposals(r: Replay, i: int, n: ProposalCounts) -> str:
+    """The first step that left image ``i`` without a proposal."""
+    cfg = r.config.train_proposals
+    if r.batch.proposals is not None:
+        if r.images[i].proposals_nonfinite:
+            return "every proposal of the run's dump has NaN/Inf coordinates"
+        if n.kept:
+            return (
+                f"the run's dump has none, while lossdoctor's RPN keeps {n.kept} from the same "
+                "outputs: the run's proposal settings differ from the config's"
+            )
+    if n.preselected == 0:
+        return "the image has no anchors"
+    if n.finite == 0:
+        return "every candidate box or objectness logit is NaN/Inf: the RPN's outputs diverged"
+    if n.large_enough == 0:
+        return (
+            f"every decoded box has a side under min_size {cfg.min_size:g}: the deltas shrink them"
+        )
+    return f"no candidate reaches the objectness min_score {cfg.min_score:g}"
+
+
+def no_proposals(f: Facts) -> list[Hit]:
+    r, out = f.replay, []
+    for im in r.images:
+        if im.gt == 0 or im.proposals > 0:
+            continue
+        n = own_proposal_counts(r, im.image)
+        why = _why_no_proposals(r, im.image, n)
+        fed = "on its GT boxes alone" if r.config.roi_sampler.add_gt else "on nothing"
+        msg = (
+            f"image {im.image} has {im.gt} GT boxes and 0 proposals ({why}); its RoI head "
+            f"trains {fed}"
+        )
+        ev = {
+            "gt": im.gt,
+            **vars(n),
+            "dumped": r.batch.proposals is not None,
+        }
+        out.append(
+            Hit(
+                message=msg, head=Head.RPN, image=im.image, evidence=ev, cause=f"0 proposals: {why}"
+            )
+        )
+    return out
+
+
+def _gt_funnel(r: Replay, i: int) -> dict[Funnel, Tensor]:
+    """Per usable GT box of image ``i``, whether it reaches each stage of the funnel."""
+    g = r.gt.boxes[i].shape[0]
+    on = {stage: torch.zeros(g, dtype=torch.bool) for stage in Funnel}
+    for lv in r.rpn.levels:
+        on[Funnel.ANCHORS][lv.matched[i][lv.labels[i] == 1]] = True
+        on[Funnel.SAMPLED][lv.matched[i][lv.positive[i]]] = True
+    props = r.proposals[i]
+    if props.shape[0] and g:
+        on[Funnel.PROPOSALS] = box_iou(r.gt.boxes[i], props).max(1).values >= (
+            r.config.roi_matcher.fg_iou
+        )
+    roi = r.roi
+    from_props = (roi.img == i) & (roi.fg_class >= 0) & ~roi.is_gt
+    on[Funnel.ROI][roi.gt_index[from_props]] = True
+    return on
+
+
+def _funnel_counts(r: Replay) -> dict[Funnel, int]:
+    """GT boxes of the batch that reach each stage, each stage counting only those that reached
+    the ones before it."""
+    counts = dict.fromkeys(Funnel, 0)
+    for i in range(r.batch.num_images):
+        reached = torch.ones(r.gt.boxes[i].shape[0], dtype=torch.bool)
+        for stage, on in _gt_funnel(r, i).items():
+            reached &= on
+            counts[stage] += int(reached.sum())
+    return counts
+
+
+def positives_starved(f: Facts) -> list[Hit]:
+    """Fewer than half the GT objects reach a RoI positive through an RPN proposal: where along
+    the funnel they are lost."""
+    r = f.replay
+    total = sum(b.shape[0] for b in r.gt.boxes)
+    counts = _funnel_counts(r)
+    if not total or counts[Funnel.ROI] >= STARVED_SHARE * total:
+        return []
+    before = [total, *counts.values()]
+    lost = {stage: before[k] - before[k + 1] for k, stage in enumerate(Funnel)}
+    worst = max(lost, key=lost.get)
+    per_level = {lv.name: int((lv.labels == 1).sum()) for lv in r.rpn.levels}
+    chain = " -> ".join(f"{n} {stage}" for stage, n in counts.items())
+    msg = (
+        f"{counts[Funnel.ROI]} of {total} GT objects reach a RoI positive through a proposal "
+        f"({total} GT -> {chain}); most ({lost[worst]}) are lost {LOST_AT[worst]}"
+    )
+    step = _step(r)
+    ev = {"gt": total, **{FUNNEL_KEYS[s]: n for s, n in counts.items()},
+          "lost_at": LOST_AT[worst], "positive_anchors_per_level": per_level}  # fmt: skip
+    early = step is not None and step < EARLY_STEPS
+    return [Hit(message=msg, head=Head.RPN, evidence=ev, fix=STARVED_FIX[worst], minor=early)]
 
 
 # ---- gradients ---------------------------------------------------------------------------------
@@ -411,15 +624,65 @@ def vanishing(f: Facts) -> list[Hit]:
 # ---- the symptom -------------------------------------------------------------------------------
 
 
-def collapse(f: Facts) -> list[Hit]:
+def chance(r: Replay) -> float:
+    """A foreground class's score from an uninformed classifier: a uniform softmax over the K
+    classes and background, 1 / (K + 1)."""
+    return 1.0 / (r.heads.num_classes + 1)
+
+
+def _nothing_detected(f: Facts) -> float | None:
+    """The best foreground score when no image with objects has a detection, else None."""
     r, s = f.replay, f.symptom
     with_gt = [i for i, im in enumerate(r.images) if im.gt > 0]
     if not with_gt or any(s.detections[i] for i in with_gt):
+        return None
+    return max(s.max_fg_score) if s.max_fg_score else 0.0
+
+
+def _step(r: Replay) -> int | None:
+    step = r.batch.meta.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _collapsed(f: Facts) -> tuple[float, float, int | None] | None:
+    """(best score, chance, step) when nothing is detected and the scores say collapse: far
+    below chance, or below it after the steps a detector needs to start detecting."""
+    top = _nothing_detected(f)
+    if top is None:
+        return None
+    ch, step = chance(f.replay), _step(f.replay)
+    far_below = top < COLLAPSED_FRACTION * ch
+    trained_below = step is not None and step >= EARLY_STEPS and top < ch
+    return (top, ch, step) if far_below or trained_below else None
+
+
+def collapse(f: Facts) -> list[Hit]:
+    found = _collapsed(f)
+    if found is None:
         return []
-    top = max(s.max_fg_score) if s.max_fg_score else 0.0
+    top, ch, step = found
+    s = f.symptom
+    at = f" at step {step}" if step is not None else ""
     msg = (
-        f"0 detections above score {s.score_thr} in every image with objects; the best "
-        f"foreground score is {top:.3g}"
+        f"0 detections above score {s.score_thr} in every image with objects{at}; the best "
+        f"foreground score is {top:.3g}, chance is {ch:.3g} (1/{f.replay.heads.num_classes + 1})"
     )
-    ev = {"max_fg_score": top, "objectness_above_half": s.objectness_above_half}
+    ev = {"max_fg_score": top, "chance": ch, "step": step,
+          "objectness_above_half": s.objectness_above_half}  # fmt: skip
+    return [Hit(message=msg, head=Head.ROI, evidence=ev)]
+
+
+def untrained_or_collapsed(f: Facts) -> list[Hit]:
+    """Nothing detected with scores below chance, and no step to say whether the head has
+    trained: an untrained head and a collapsed one look alike here."""
+    top = _nothing_detected(f)
+    r = f.replay
+    if top is None or _step(r) is not None or _collapsed(f) or top >= chance(r):
+        return []
+    msg = (
+        f"0 detections above score {f.symptom.score_thr} in every image with objects and "
+        f"foreground scores below chance (best {top:.3g}, chance {chance(r):.3g}): an untrained "
+        "head (its background bias grows first) or a collapsed one"
+    )
+    ev = {"max_fg_score": top, "chance": chance(r), "step": None}
     return [Hit(message=msg, head=Head.ROI, evidence=ev)]

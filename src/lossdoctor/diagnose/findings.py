@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..vocab import Head, Severity
+from ..vocab import Head, Scope, Severity
 from . import checks as c
 
 
@@ -37,7 +37,12 @@ class Finding:
     level: str | None = None
     profile: str | None = None
     image: int | None = None
+    term: str | None = None
     evidence: dict = field(default_factory=dict)
+    # what its rows share (see checks.Hit.cause); the grouped finding is told by it
+    cause: str | None = None
+    scope: Scope | None = None  # set once the run's own profile is known (groups.frame)
+    note: str = ""  # said after the message: what switching profile would do to it
 
 
 E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFO  # noqa: E741
@@ -57,7 +62,9 @@ RULES: tuple[Rule, ...] = (
     Rule(
         code="nonfinite-gt",
         severity=E,
-        check=c.suspicions("nonfinite-gt"),
+        check=c.suspicions(
+            "nonfinite-gt", "GT boxes with NaN/Inf coordinates, left out of the replay"
+        ),
         summary="GT boxes with NaN/Inf coordinates (left out of the replay)",
         evidence=("boxes", "coordinates", "torchvision_asserts", "box"),
         fix="find the augmentation (or annotation conversion) that produces NaN/Inf coordinates "
@@ -67,7 +74,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         code="degenerate-gt",
         severity=E,
-        check=c.suspicions("degenerate-gt"),
+        check=c.suspicions("degenerate-gt", "GT boxes with zero or negative width or height"),
         summary="a GT box with zero or negative width or height",
         evidence=("box", "width", "height"),
         fix="drop boxes with x2 <= x1 or y2 <= y1 after the augmentation pipeline (torchvision "
@@ -76,7 +83,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         code="gt-xywh-suspected",
         severity=E,
-        check=c.suspicions("gt-xywh-suspected"),
+        check=c.suspicions("gt-xywh-suspected", "GT boxes that look like (x, y, w, h)"),
         summary="GT boxes that look like (x, y, w, h) read as (x1, y1, x2, y2)",
         evidence=("inverted", "boxes", "box"),
         fix="convert (x, y, w, h) to (x1, y1, x2, y2): x2 = x + w, y2 = y + h",
@@ -84,7 +91,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         code="nonfinite-features",
         severity=E,
-        check=c.suspicions("nonfinite-features"),
+        check=c.suspicions("nonfinite-features", "NaN/Inf values in the dumped FPN features"),
         summary="NaN/Inf values in the dumped FPN features",
         evidence=("nan", "inf", "images"),
         fix="the NaN/Inf comes from upstream of the heads: check the backbone/FPN (BatchNorm with "
@@ -114,8 +121,9 @@ RULES: tuple[Rule, ...] = (
         code="nonfinite-weights",
         severity=E,
         check=c.nonfinite_weights,
-        summary="non-finite head weights in the checkpoint",
-        evidence=("params",),
+        summary="non-finite weights in the checkpoint: the heads', or any other tensor's (the "
+        "backbone and neck, scanned without running them)",
+        evidence=("params", "modules", "values"),
         fix="training diverged before this checkpoint: take an earlier checkpoint and lower the "
         "LR or enable clipping",
     ),
@@ -152,15 +160,47 @@ RULES: tuple[Rule, ...] = (
         code="collapse-to-background",
         severity=E,
         check=c.collapse,
-        summary="0 detections in every image with objects",
-        evidence=("max_fg_score", "objectness_above_half"),
+        summary="0 detections in every image with objects, with foreground scores far below "
+        f"chance 1/(K+1) (under {c.COLLAPSED_FRACTION:g} of it), or below it after "
+        f"{c.EARLY_STEPS} steps",
+        evidence=("max_fg_score", "chance", "step", "objectness_above_half"),
         fix="the classifier predicts background everywhere: compare profiles (a per-level mean "
         "over-weights negatives), check labels against the background column, lower the LR",
     ),
     Rule(
+        code="untrained-or-collapsed",
+        severity=W,
+        check=c.untrained_or_collapsed,
+        summary="0 detections and foreground scores below chance, and the dump does not say "
+        "which step it is: an untrained head and a collapsed one look alike",
+        evidence=("max_fg_score", "chance", "step"),
+        fix=f"tell them apart by the step: a head in its first {c.EARLY_STEPS} or so steps (the "
+        "LR warmup) does not detect yet; record meta['step'] (the adapters and Capture do), or "
+        "inspect an earlier checkpoint: if that one detected, this one collapsed (compare "
+        "profiles, check labels against the background column, lower the LR)",
+    ),
+    Rule(
+        code="no-proposals",
+        severity=E,
+        check=c.no_proposals,
+        summary="an image with GT got 0 proposals, and the step that removed them",
+        evidence=(
+            "gt",
+            "anchors",
+            "preselected",
+            "finite",
+            "large_enough",
+            "scored",
+            "kept",
+            "dumped",
+        ),  # fmt: skip
+        fix="the RPN's outputs must give finite boxes of some size: lower the learning rate or "
+        "enable gradient clipping (max_norm=35); clip dw/dh at log(1000/16) when decoding",
+    ),
+    Rule(
         code="gt-outside-image",
         severity=W,
-        check=c.suspicions("gt-outside-image"),
+        check=c.suspicions("gt-outside-image", "GT boxes reach outside their image"),
         summary="a GT box reaches outside its image",
         evidence=("box", "image_size"),
         fix="clip boxes to the image after resizing, and check they are rescaled with the image",
@@ -172,6 +212,23 @@ RULES: tuple[Rule, ...] = (
         summary="a GT box gets no positive anchor (its best IoU is below min_pos_iou)",
         evidence=("box", "best_iou"),
         fix="add anchor sizes or ratios that fit this box, or lower the RPN assigner's min_pos_iou",
+    ),
+    Rule(
+        code="rpn-positives-starved",
+        severity=W,
+        minor=I,
+        check=c.positives_starved,
+        summary=f"fewer than {c.STARVED_SHARE:.0%} of the GT objects reach a RoI positive "
+        "through an RPN proposal, and where they are lost: positive anchors, sampled positives, "
+        "proposals covering them, RoI positives (info in the first "
+        f"{c.EARLY_STEPS} steps, where the RPN does not localize yet)",
+        evidence=(
+            "gt",
+            *c.FUNNEL_KEYS.values(),
+            "lost_at",
+            "positive_anchors_per_level",
+        ),  # fmt: skip
+        fix="see where the objects are lost (the fix names the stage)",
     ),
     Rule(
         code="background-dominance",
@@ -269,8 +326,17 @@ def _finding(r: Rule, h: c.Hit) -> Finding:
         level=h.level,
         profile=h.profile,
         image=h.image,
+        term=h.term,
         evidence=h.evidence,
+        cause=h.cause or _profile_free(h),
     )
+
+
+def _profile_free(h: c.Hit) -> str | None:
+    """A profile's hit says ``"<profile>: ..."``: what follows is the same problem under every
+    profile that says it word for word."""
+    prefix = f"{h.profile}: "
+    return h.message[len(prefix) :] if h.profile and h.message.startswith(prefix) else None
 
 
 def findings(facts: c.Facts) -> list[Finding]:

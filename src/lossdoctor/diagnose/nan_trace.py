@@ -81,6 +81,7 @@ class Origin:
     index: int | None = None  # anchor index in the level (RPN) or RoI row (RoI)
     gt: int | None = None  # box index in the dump's gt_boxes[image]
     cause: str = ""
+    reason: str = ""  # the cause without where it happened, where it says more than the stage
 
     @property
     def kind(self) -> str:
@@ -202,8 +203,12 @@ class _Tracer:
             return self.origin(Stage.PER_SAMPLE, v.per_sample, cause=cause)
         if denominator == 0:
             spec = self.p.term(term_of(self.head, self.part))
-            what = EMPTY_WHAT[spec.normalizer].format(unit=UNITS[self.head], level=v.name)
-            return self.origin(Stage.NORMALIZER, value, cause=f"empty set: mean over 0 {what}")
+            what = EMPTY_WHAT[spec.normalizer].format(unit=UNITS[self.head], level="{level}")
+            o = self.origin(
+                Stage.NORMALIZER, value, cause=f"empty set: mean over 0 {what}".format(level=v.name)
+            )
+            o.reason = f"a mean over 0 {what}".format(level="its level")
+            return o
         cause = "level loss: the sum of finite per-sample losses overflowed"
         return self.origin(Stage.LEVEL_LOSS, value, cause=cause)
 

@@ -59,6 +59,8 @@ BACKGROUND = {
 # 3 x 3 RPN conv, 1 x 1 predictors
 RPN_CONV_KERNEL, PREDICTOR_KERNEL = 3, 1
 BOX_COORDS = 4
+# values per step of the whole-checkpoint NaN/Inf scan
+SCAN_CHUNK = 1 << 22
 
 
 @dataclass(kw_only=True)
@@ -75,6 +77,9 @@ class HeadWeights:
     keys: dict[Layer, str]  # layer -> its key prefix in the file
     background: Background
     replaced: list[Replaced] = field(default_factory=list)  # globals the file named, not rebuilt
+    # file key -> its NaN/Inf values, for every tensor of the file outside the heads (backbone,
+    # neck, other heads) that has any
+    nonfinite_elsewhere: dict[str, int] = field(default_factory=dict)
 
     def weight(self, layer: Layer) -> Tensor:
         return self.params[param(layer, WEIGHT)]
@@ -207,6 +212,21 @@ def _state_dict(obj) -> dict[str, Tensor]:
     )
 
 
+def nonfinite_values(t: Tensor) -> int:
+    """NaN/Inf values of ``t`` (0 for integer tensors), counted a chunk at a time so a large
+    mapped tensor is read once, without a mask of its size."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return 0
+    flat = t.detach().reshape(-1)
+    return sum(int((~torch.isfinite(c)).sum()) for c in flat.split(SCAN_CHUNK))
+
+
+def scan_nonfinite(sd: dict[str, Tensor], skip: set[str]) -> dict[str, int]:
+    """Every tensor of ``sd`` but ``skip`` that holds NaN/Inf → how many values."""
+    counts = {k: nonfinite_values(t) for k, t in sd.items() if k not in skip}
+    return {k: n for k, n in counts.items() if n}
+
+
 def _find(sd: dict[str, Tensor], layout: Layout) -> dict[Layer, str] | None:
     """Each layer's key prefix in ``sd`` under ``layout``, or None if one is missing."""
     keys = {}
@@ -226,12 +246,14 @@ def heads_from_state_dict(
     for name in layouts:
         keys = _find(sd, name)
         if keys is not None:
+            own = {f"{p}.{kind}" for p in keys.values() for kind in (WEIGHT, BIAS)}
             heads = HeadWeights(
                 params=_params(sd, keys, name),
                 layout=name,
                 keys=keys,
                 background=BACKGROUND[name],
                 replaced=list(replaced),
+                nonfinite_elsewhere=scan_nonfinite(sd, own),
             )
             check_heads(heads)
             return heads

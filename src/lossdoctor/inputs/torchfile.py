@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import io
+import mmap
 import pickle
 import sys
 import tarfile
@@ -31,6 +32,8 @@ MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 # int64 element count that precedes each raw storage in the legacy format
 LEGACY_SIZE_BYTES = 8
+# size of a zip local file header before its name and extra field
+ZIP_LOCAL_HEADER = 30
 # storage pickled inside a pickle (torch.storage._load_from_bytes), nested at most this deep
 MAX_NESTING = 2
 # an expanded tensor (stride 0) may view this many times more elements than its storage holds
@@ -302,16 +305,50 @@ def _read_zip(f, size: int) -> Loaded:
             else False
         )
         reader = _Reader(size)
+        mapped = _mapped(f)
 
         def fetch(key: str, dtype: torch.dtype, numel: int):
-            data = _zip_record(z, f"{prefix}data/{key}", numel * dtype.itemsize)
-            return _from_bytes(data, dtype, big)
+            name, nbytes = f"{prefix}data/{key}", numel * dtype.itemsize
+            view = _mapped_record(mapped, z, name, nbytes) if mapped is not None else None
+            if view is not None and not (big and dtype.itemsize > 1):
+                return _typed(view.untyped_storage(), dtype)
+            return _from_bytes(_zip_record(z, name, nbytes), dtype, big)
 
         reader.fetch = fetch
         _check_inflation(z.getinfo(pkl[0]))
         with z.open(pkl[0]) as data:
             obj = reader.load(data)
     return Loaded(obj, list(reader.replaced.values()), "zip")
+
+
+def _mapped(f) -> mmap.mmap | None:
+    """The file mapped copy-on-write (storages then page in as they are read, and stay private
+    to this process), or None where it cannot be (an in-memory or special file)."""
+    try:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def _mapped_record(mapped: mmap.mmap, z: zipfile.ZipFile, name: str, nbytes: int):
+    """A stored (uncompressed) storage record as a uint8 tensor over the mapped file, without
+    reading it; None for a compressed record. A record that does not fit is refused."""
+    try:
+        info = z.getinfo(name)
+    except KeyError:
+        raise InputError(f"the archive has no storage record {name}") from None
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    header = mapped[info.header_offset : info.header_offset + ZIP_LOCAL_HEADER]
+    if len(header) < ZIP_LOCAL_HEADER or header[:4] != b"PK\x03\x04":
+        raise InputError(f"storage record {name} has no local zip header")
+    start = info.header_offset + ZIP_LOCAL_HEADER + int.from_bytes(header[26:28], "little")
+    start += int.from_bytes(header[28:30], "little")
+    if info.file_size < nbytes or start + nbytes > len(mapped):
+        raise InputError(f"storage record {name} holds fewer bytes than it claims")
+    if nbytes == 0:
+        return torch.zeros(0, dtype=torch.uint8)
+    return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=start)
 
 
 def _check_inflation(info: zipfile.ZipInfo) -> None:

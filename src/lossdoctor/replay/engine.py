@@ -63,6 +63,7 @@ class Replay:
     rpn: RpnStage
     roi: RoiStage
     images: list[ImageStats]
+    proposals: list[Tensor]  # per image, the RoI stage's candidates before sampling (Tensor[M, 4])
     losses: dict[str, ProfileLosses] = field(default_factory=dict)
 
     @property
@@ -140,6 +141,7 @@ def replay(
         rpn=rpn,
         roi=roi,
         images=images,
+        proposals=props,
     )
     r.losses = {p.name: profile_losses(r.samples, r.counts, p) for p in profiles}
     return r

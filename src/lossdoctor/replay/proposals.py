@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -15,23 +16,25 @@ from .heads import rpn_head
 from .nms import RANKINGS
 
 
-def image_proposals(
-    logits: list[Tensor],
-    deltas: list[Tensor],
-    anchors: list[Tensor],
-    size: tuple[int, int],
-    cfg: ProposalConfig,
-    coder: CoderConfig,
-    ranking: Ranking,
-) -> tuple[Tensor, Tensor, int]:
-    """Proposals of one image, from detached head outputs, ranked as ``ranking``'s framework does.
+@dataclass(kw_only=True)
+class ProposalCounts:
+    """How many candidates each step of one image's proposal generation kept."""
 
-    logits[l]: Tensor[A_l]; deltas[l]: Tensor[A_l, 4]; anchors[l]: Tensor[A_l, 4].
-    Returns (boxes Tensor[M, 4], objectness logits Tensor[M], non-finite boxes dropped).
-    Non-finite boxes are dropped (Detectron2 would raise "Training has diverged" here), and NaN
-    logits rank last.
-    """
-    rule = RANKINGS[ranking]
+    anchors: int  # all levels
+    preselected: int  # the per-level top-k
+    finite: int  # with finite box coordinates and logit
+    large_enough: int  # sides above min_size
+    scored: int  # probability at least min_score
+    kept: int  # after NMS and the per-image top-n
+
+    @property
+    def nonfinite(self) -> int:
+        return self.preselected - self.finite
+
+
+def _candidates(rule, logits, deltas, anchors, size, cfg, coder) -> tuple[Tensor, Tensor, Tensor]:
+    """Each level's top-k, decoded and clipped → (boxes Tensor[M, 4], logits Tensor[M], level
+    Tensor[M])."""
     boxes, scores, groups = [], [], []
     for lvl, (lo, de, an) in enumerate(zip(logits, deltas, anchors)):
         top = rule.preselect(lo.nan_to_num(-float("inf")), min(cfg.pre_nms_top_n, lo.shape[0]))
@@ -41,17 +44,46 @@ def image_proposals(
         boxes.append(b)
         scores.append(lo[top])
         groups.append(torch.full((top.numel(),), lvl, dtype=torch.long))
-    boxes, scores, groups = torch.cat(boxes), torch.cat(scores), torch.cat(groups)
-    finite = torch.isfinite(boxes).all(1) & torch.isfinite(scores)
-    dropped = int((~finite).sum())
-    idx = finite.nonzero().flatten()
+    return torch.cat(boxes), torch.cat(scores), torch.cat(groups)
+
+
+def image_proposals(
+    logits: list[Tensor],
+    deltas: list[Tensor],
+    anchors: list[Tensor],
+    size: tuple[int, int],
+    cfg: ProposalConfig,
+    coder: CoderConfig,
+    ranking: Ranking,
+) -> tuple[Tensor, Tensor, ProposalCounts]:
+    """Proposals of one image, from detached head outputs, ranked as ``ranking``'s framework does.
+
+    logits[l]: Tensor[A_l]; deltas[l]: Tensor[A_l, 4]; anchors[l]: Tensor[A_l, 4].
+    Returns (boxes Tensor[M, 4], objectness logits Tensor[M], what each step kept).
+    Non-finite boxes are dropped (Detectron2 would raise "Training has diverged" here), and NaN
+    logits rank last.
+    """
+    rule = RANKINGS[ranking]
+    boxes, scores, groups = _candidates(rule, logits, deltas, anchors, size, cfg, coder)
+    preselected = boxes.shape[0]
+    idx = (torch.isfinite(boxes).all(1) & torch.isfinite(scores)).nonzero().flatten()
+    finite = idx.numel()
     idx = idx[keep_min_size(boxes[idx], cfg.min_size, cfg.min_size_inclusive)]
+    large_enough = idx.numel()
     if cfg.min_score > 0:
         idx = idx[scores[idx].sigmoid() >= cfg.min_score]
     boxes, scores, groups = boxes[idx], scores[idx], groups[idx]
     keep = rule.batched_nms(boxes, rule.nms_score(scores), groups, cfg.nms_iou)
     keep = keep[: cfg.post_nms_top_n]
-    return boxes[keep], scores[keep], dropped
+    n = ProposalCounts(
+        anchors=sum(a.shape[0] for a in anchors),
+        preselected=preselected,
+        finite=finite,
+        large_enough=large_enough,
+        scored=idx.numel(),
+        kept=keep.numel(),
+    )
+    return boxes[keep], scores[keep], n
 
 
 def training_proposals(
@@ -66,7 +98,7 @@ def training_proposals(
     with torch.no_grad():
         for i, size in enumerate(batch.image_sizes):
             logits, deltas = [o.logits[i] for o in outs], [o.deltas[i] for o in outs]
-            boxes, _, bad = image_proposals(
+            boxes, _, counts = image_proposals(
                 logits,
                 deltas,
                 anchors,
@@ -76,7 +108,7 @@ def training_proposals(
                 config.ranking,
             )
             proposals.append(boxes)
-            nonfinite.append(bad)
+            nonfinite.append(counts.nonfinite)
     return proposals, nonfinite
 
 

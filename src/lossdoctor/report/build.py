@@ -13,13 +13,14 @@ import torch
 
 from .. import __version__
 from ..diagnose import Diagnosis
+from ..diagnose.checks import chance
 from ..diagnose.gradients import LevelGrads, ProfileGrads
 from ..inputs.dataclass_toml import to_dict
 from ..replay.normalize import LevelLoss, ProfileLosses
 from ..replay.samples import LevelSamples
 from ..vocab import BOX_TERMS, GRADIENT_TERM, Head, Part, term_of
 from .model import Report
-from .rows import FindingRow, ImageRow, LevelRow, OriginRow, ParamRow, ProfileRow
+from .rows import FindingRow, GroupRow, ImageRow, LevelRow, OriginRow, ParamRow, ProfileRow
 
 ALL_LEVELS = "all"
 
@@ -240,6 +241,8 @@ def origin_rows(d: Diagnosis) -> list[dict]:
 
 
 def finding_rows(d: Diagnosis) -> list[dict]:
+    """Every finding row, with the index of its group."""
+    group_of = {k: g for g, grp in enumerate(d.groups) for k in grp.rows}
     return [
         FindingRow(
             severity=f.severity,
@@ -251,8 +254,30 @@ def finding_rows(d: Diagnosis) -> list[dict]:
             message=f.message,
             evidence=f.evidence,
             fix=f.fix,
+            term=f.term,
+            scope=f.scope,
+            note=f.note,
+            group=group_of[k],
         ).to_dict()
-        for f in d.findings
+        for k, f in enumerate(d.findings)
+    ]
+
+
+def group_rows(d: Diagnosis) -> list[dict]:
+    """One finding per cause, most severe first."""
+    return [
+        GroupRow(
+            severity=g.severity,
+            code=g.code,
+            scope=g.scope,
+            message=g.message,
+            fix=g.fix,
+            count=len(g.rows),
+            rows=g.rows,
+            where=g.where,
+            evidence=[d.findings[k].evidence for k in g.rows],
+        ).to_dict()
+        for g in d.groups
     ]
 
 
@@ -284,12 +309,15 @@ def _heads_meta(h) -> dict:
     }
 
 
-def _symptom_meta(s) -> dict:
+def _symptom_meta(d: Diagnosis) -> dict:
+    s = d.symptom
     return {
         "score_thr": s.score_thr,
         "detections": s.detections,
         "max_fg_score": s.max_fg_score,
         "objectness_above_half": s.objectness_above_half,
+        "chance": chance(d.replay),
+        "step": d.replay.batch.meta.get("step"),
     }
 
 
@@ -308,7 +336,7 @@ def _meta(d: Diagnosis, checkpoint_path, batch_path) -> dict:
         "profiles": {name: to_dict(pl.profile) for name, pl in r.losses.items()},
         "seed": r.seed,
         "sample_all": r.sample_all,
-        "symptom": _symptom_meta(d.symptom),
+        "symptom": _symptom_meta(d),
     }
 
 
@@ -321,5 +349,8 @@ def build_report(d: Diagnosis, checkpoint_path=None, batch_path=None) -> Report:
         "origins": origin_rows(d),
     }
     return Report(
-        meta=_meta(d, checkpoint_path, batch_path), tables=tables, findings=finding_rows(d)
+        meta=_meta(d, checkpoint_path, batch_path),
+        tables=tables,
+        findings=finding_rows(d),
+        groups=group_rows(d),
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..inputs.errors import InputError
 from ..inputs.files import atomic_write, read_text
 from ..vocab import FailOn, Severity
-from .rows import FINDING_KEYS, LevelRow
+from .rows import FINDING_KEYS, GROUP_KEYS, LevelRow
 
 REPORT_FORMAT = "lossdoctor.report/1"
 LEVELS, IMAGES = "levels", "images"
@@ -29,7 +29,12 @@ class Report:
 
     meta: dict
     tables: dict[str, list[dict]]
-    findings: list[dict] = field(default_factory=list)
+    findings: list[dict] = field(default_factory=list)  # every finding row
+    groups: list[dict] = field(default_factory=list)  # one finding per cause (see GroupRow)
+
+    def __post_init__(self):
+        if not self.groups:  # a report of rows only: each row its own group
+            self.groups = [_single(k, f) for k, f in enumerate(self.findings)]
 
     # ---- access ------------------------------------------------------------------------
     def table(self, name: str):
@@ -61,6 +66,7 @@ class Report:
             "meta": self.meta,
             "tables": self.tables,
             "findings": self.findings,
+            "groups": self.groups,
         }
 
     def to_json(self) -> str:
@@ -92,7 +98,10 @@ class Report:
             raise InputError(
                 "a finding of the report has no known severity; write the report with --json"
             )
-        return cls(data["meta"], data["tables"], data["findings"])
+        groups = data.get("groups") or []
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise InputError("report key 'groups' is not a list of findings; write it with --json")
+        return cls(data["meta"], data["tables"], data["findings"], groups)
 
     @classmethod
     def load(cls, path: str | Path) -> Report:
@@ -125,13 +134,26 @@ class Report:
         for name in self.tables:
             self.save_csv(d / f"{name}.csv", name)
             written.append(d / f"{name}.csv")
-        flat = [
-            {**f, "evidence": json.dumps(f.get("evidence"), default=_jsonable)}
-            for f in self.findings
-        ]
-        text = csv_text(flat) if flat else ",".join(FINDING_KEYS) + "\n"
-        atomic_write(d / "findings.csv", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        return written + [d / "findings.csv"]
+        for name, rows, empty in (("findings", self.findings, FINDING_KEYS),
+                                  ("groups", self.groups, GROUP_KEYS)):  # fmt: skip
+            text = csv_text(rows) if rows else ",".join(empty) + "\n"
+            atomic_write(d / f"{name}.csv", lambda tmp, t=text: Path(tmp).write_text(t, "utf-8"))
+            written.append(d / f"{name}.csv")
+        return written
+
+
+def _single(k: int, f: dict) -> dict:
+    """The group of one finding row."""
+    where = {
+        "profiles": [f["profile"]] if f.get("profile") else [],
+        "heads": [f["head"]] if f.get("head") else [],
+        "levels": [f["level"]] if f.get("level") else [],
+        "terms": [f["term"]] if f.get("term") else [],
+        "images": [f["image"]] if f.get("image") is not None else [],
+    }
+    return {"severity": f.get("severity"), "code": f.get("code"), "scope": f.get("scope"),
+            "message": f.get("message", ""), "fix": f.get("fix", ""), "count": 1, "rows": [k],
+            "where": where, "evidence": [f.get("evidence", {})]}  # fmt: skip
 
 
 def csv_text(rows: list[dict]) -> str:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..diagnose.groups import span
 from ..vocab import BOX_TERMS, Head, Severity
 from .build import ALL_LEVELS
 from .compare import SAME, Comparison
@@ -20,6 +21,8 @@ from .model import Report
 from .rows import LevelRow, ProfileRow
 
 WIDTH = 120
+WHERE_WIDTH = 28
+RUN_SOURCE = {"dump": "recorded in the dump", "given": "--old"}
 SEVERITY_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 UNITS = {Head.RPN: "anchors", Head.ROI: "RoIs", Head.MASK: "RoIs"}
 LEVEL_METRICS = (
@@ -89,15 +92,14 @@ def header(report: Report) -> Text:
         f"batch       {bt['path'] or '<object>'}  [{bt['images']} images, levels {levels} "
         f"(strides {strides}), padded {pad}]\n"
     )
-    it = bt.get("meta", {}).get("iteration")
+    dump = bt.get("meta", {})
+    it = next((f"; {k} {dump[k]}" for k in ("step", "iteration") if dump.get(k) is not None), "")
     t.append(
         f"detector    {m['config']['name']} config; {h['classes']} classes (background "
-        f"{h['background']}), {h['anchors']} anchors/location, {h['channels']} channels"
-        + (f"; iteration {it}" if it is not None else "")
-        + "\n"
+        f"{h['background']}), {h['anchors']} anchors/location, {h['channels']} channels" + it + "\n"
     )
     sampling = "every candidate (--sample-all)" if m["sample_all"] else f"seed {m['seed']}"
-    t.append(f"profiles    {' vs '.join(report.profiles)}; sampling {sampling}")
+    t.append(f"profiles    {_profiles(report)}; sampling {sampling}")
     if ck.get("replaced"):
         shown = ", ".join(ck["replaced"][:3])
         note = (
@@ -105,6 +107,17 @@ def header(report: Report) -> Text:
         )
         t.append(note, style="dim")
     return t
+
+
+def _profiles(report: Report) -> str:
+    """The run's own profile and the what-ifs, where the report knows which is which."""
+    run = report.meta.get("run") or {}
+    own = run.get("own")
+    if own is None:
+        return " vs ".join(report.profiles)
+    source = RUN_SOURCE.get(run.get("source"), "given")
+    others = [p for p in report.profiles if p != own]
+    return f"{own} (the run's, {source}) vs {', '.join(others)} (what-if)"
 
 
 def symptom(report: Report) -> Text:
@@ -119,31 +132,44 @@ def symptom(report: Report) -> Text:
         + ", ".join(num(v).plain for v in s["max_fg_score"])
         + "]"
     )
-    t.append(f"; anchors with objectness > 0.5: {s['objectness_above_half']:.1%}")
+    if s.get("chance") is not None:
+        t.append(f"; chance {num(s['chance']).plain}")
+    t.append(f"\n         anchors with objectness > 0.5: {s['objectness_above_half']:.1%}")
     return t
 
 
-def _where(f: dict) -> str:
-    image = f"img {f['image']}" if f.get("image") is not None else None
-    return " ".join(x for x in (f.get("profile"), f.get("head"), f.get("level"), image) if x)
+def _where(g: dict, levels: list[str]) -> str:
+    """What a group covers, short: profiles, heads, levels (a range where they run), images."""
+    w = g.get("where") or {}
+    images = w.get("images") or []
+    parts = [
+        ",".join(w.get("profiles") or []),
+        ",".join(w.get("heads") or []),
+        span(w.get("levels") or [], levels),
+        ("img " + ",".join(map(str, images))) if images else "",
+    ]
+    return " ".join(p for p in parts if p)
 
 
 def findings(report: Report) -> Table:
-    t = _table(f"Findings ({len(report.findings)}, most severe first)", expand=False)
+    groups, rows = report.groups, len(report.findings)
+    repeats = f"; {rows} rows in the JSON" if rows != len(groups) else ""
+    t = _table(f"Findings ({len(groups)}, most severe first{repeats})", expand=False)
     t.add_column("severity", no_wrap=True)
     t.add_column("code", no_wrap=True)
-    t.add_column("where", no_wrap=True)
+    t.add_column("where", no_wrap=True, max_width=WHERE_WIDTH, overflow="ellipsis")
     t.add_column("finding and fix", ratio=1)
-    for k, f in enumerate(report.findings):
-        body = Text(f["message"])
+    levels = report.meta.get("batch", {}).get("levels", [])
+    for k, g in enumerate(groups):
+        body = Text(g["message"])
         # a run of findings with the same code and fix shows the fix once, after its last member
-        nxt = report.findings[k + 1] if k + 1 < len(report.findings) else None
-        if nxt is None or (nxt["code"], nxt["fix"]) != (f["code"], f["fix"]):
+        nxt = groups[k + 1] if k + 1 < len(groups) else None
+        if nxt is None or (nxt["code"], nxt["fix"]) != (g["code"], g["fix"]):
             body.append("\nfix: ", style="bold")
-            body.append(f["fix"], style="dim")
-        severity = Text(f["severity"], style=SEVERITY_STYLE[Severity(f["severity"])])
-        t.add_row(severity, f["code"], _where(f), body)
-    if not report.findings:
+            body.append(g["fix"], style="dim")
+        severity = Text(g["severity"], style=SEVERITY_STYLE[Severity(g["severity"])])
+        t.add_row(severity, g["code"], _where(g, levels), body)
+    if not groups:
         t.add_row("", "", "", "no finding")
     return t
 

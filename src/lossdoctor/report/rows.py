@@ -147,8 +147,28 @@ class FindingRow(Row):
     message: str
     evidence: dict
     fix: str
+    term: str | None = _extra()
+    scope: str | None = _extra()  # run / what-if, once the run's own profile is known
+    note: str = _extra("")  # what switching profile would do to it
+    group: int = _extra(0)  # its index in the report's groups
+
+
+@dataclass(kw_only=True)
+class GroupRow(Row):
+    """One finding per cause: the finding rows of one code, scope and cause."""
+
+    severity: str
+    code: str
+    scope: str | None
+    message: str
+    fix: str
+    count: int
+    rows: list[int]
+    where: dict
+    evidence: list
 
 
 LEVEL_COLUMNS = LevelRow.columns()
 IMAGE_COLUMNS = ImageRow.columns()
 FINDING_KEYS = FindingRow.columns()
+GROUP_KEYS = GroupRow.columns()
