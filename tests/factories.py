@@ -100,3 +100,46 @@ def assert_own_proposals_are_dumped(folder, atol: float = 1e-3) -> None:
     for i, (a, b) in enumerate(zip(ours, batch.proposals, strict=True)):
         assert a.shape == b.shape, (i, a.shape, b.shape)
         assert torch.allclose(a, b, rtol=0, atol=atol), (i, (a - b).abs().max())
+
+
+def toy_step_dumps(root, steps=(3, 7), world=2) -> list:
+    """Capture directories of the toy detector for ``steps`` x ``world`` ranks, as a multi-rank
+    run's hook writes them (``root/step_K/rank_R``, one checkpoint per step). At the first step
+    the last rank's whole batch has no GT; at the others that rank keeps one GT box only, so its
+    few positives weigh far more than the other ranks' many. Between steps the model trains."""
+    import io
+
+    from lossdoctor import Capture
+    from lossdoctor.inputs.dataclass_toml import to_dict
+    from lossdoctor.inputs.profiles import legacy
+    from lossdoctor.replay.engine import replay
+    from lossdoctor.toy.data import batches
+    from lossdoctor.toy.model import STRIDES, TinyDetector, live_heads, toy_config
+    from lossdoctor.toy.train import make_batch
+
+    torch.manual_seed(0)
+    model = TinyDetector()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    meta = {"profile": "legacy", "config": {"base": "torchvision", **to_dict(toy_config())}}
+    capture = Capture(root, model, every=1, stream=io.StringIO(), meta=meta)
+    streams = [batches(100 + r, 4) for r in range(world)]
+    for k, step in enumerate(steps):
+        for rank in range(world):
+            images, sizes, boxes, labels = next(streams[rank])
+            if rank == world - 1:
+                keep = 0 if k == 0 else 1
+                boxes = [b[:keep] if i == 0 else b[:0] for i, b in enumerate(boxes)]
+                labels = [x[:keep] if i == 0 else x[:0] for i, x in enumerate(labels)]
+            b = make_batch(model, images, sizes, boxes, labels)
+            batch = dict(features=b.features, image_sizes=sizes, gt_boxes=boxes,
+                         gt_labels=labels, strides=list(STRIDES))  # fmt: skip
+            info = {"rank": rank, "world_size": world, "sample_seed": step}
+            capture.write(step, "every 1 steps", torch.tensor(1.0), batch, info)
+            if rank == 0:
+                r = replay(live_heads(model), b, toy_config(), [legacy()], seed=step)
+                loss = r.losses["legacy"].total
+                opt.zero_grad()
+                if torch.isfinite(loss):
+                    loss.backward()
+                    opt.step()
+    return capture.written

@@ -288,7 +288,8 @@ def test_help_does_not_import_torch():
 
 
 def test_explain_a_code_its_list_and_an_unknown_code():
-    from lossdoctor.diagnose.findings import RULES, rule
+    from lossdoctor.diagnose.findings import rule
+    from lossdoctor.diagnose.ranks import ALL_RULES
 
     r = run("explain", "nan-empty-mean")
     assert r.exit_code == 0, r.output
@@ -298,7 +299,8 @@ def test_explain_a_code_its_list_and_an_unknown_code():
     )
     assert "evidence: stage, nan, posinf, neginf, index, gt" in r.stdout
     listing = run("explain", "--list").stdout.strip().splitlines()
-    assert [line.split()[0] for line in listing] == [x.code for x in RULES]
+    assert [line.split()[0] for line in listing] == [x.code for x in ALL_RULES]
+    assert run("explain", "rank-graph-differs").stdout.startswith("rank-graph-differs  [warning]")
     assert run("explain", "gt-matches-no-anchor").stdout.startswith(
         "gt-matches-no-anchor  [error (some cases warning)]"
     )

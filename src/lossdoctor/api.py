@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,10 @@ def _quiet(phase) -> None:
     pass
 
 
+# the folder of one rank's capture inside a step folder
+RANK_FOLDER = re.compile(r"rank_(\d+)")
+
+
 def inspect(
     checkpoint,
     batch=None,
@@ -137,6 +142,15 @@ def inspect(
     replaces both. ``seed`` None takes the dump's ``meta["sample_seed"]``, else 0.
     ``on_phase(Phase)`` is called as each phase starts.
     """
+    options = dict(config=config, old=old, new=new, profiles=profiles, seed=seed,
+                   sample_all=sample_all, score_thr=score_thr, unsafe_load=unsafe_load)  # fmt: skip
+    if batch is None and step_ranks(checkpoint):
+        return inspect_step(checkpoint, on_phase=on_phase, **options)
+    return _inspect_dump(checkpoint, batch, on_phase, **options)
+
+
+def _inspect_dump(checkpoint, batch, on_phase, *, config, old, new, profiles, seed, sample_all,
+                  score_thr, unsafe_load):  # fmt: skip
     from .diagnose import diagnose
     from .replay.engine import replay
     from .report.build import build_report
@@ -160,6 +174,33 @@ def inspect(
 def _named(paths) -> list:
     """The paths of files (None for objects passed in memory)."""
     return [p if isinstance(p, (str, Path)) else None for p in paths]
+
+
+def step_ranks(folder) -> dict[int, Path]:
+    """The ``rank_K`` capture directories of a step folder (rank → folder); empty for anything
+    else."""
+    p = Path(folder) if isinstance(folder, (str, Path)) else None
+    if p is None or not p.is_dir():
+        return {}
+    matches = ((RANK_FOLDER.fullmatch(d.name), d) for d in p.iterdir() if d.is_dir())
+    return {int(m.group(1)): d for m, d in matches if m}
+
+
+def inspect_step(step_dir, *, on_phase=_quiet, **options):
+    """Every rank of one step (a folder of ``rank_K`` capture directories) in one report: each
+    rank's tables with a ``rank`` column, the ``ranks`` table (each rank's normalizer next to an
+    all-reduced one) and the findings across ranks. ``options`` are :func:`inspect`'s."""
+    from .report.ranks import combine_ranks
+
+    reports = {}
+    for rank, folder in sorted(step_ranks(step_dir).items()):
+        try:
+            reports[rank] = _inspect_dump(folder, None, on_phase, **options)
+        except InputError as e:
+            raise InputError(f"rank {rank} ({folder}): {e}") from None
+    if not reports:
+        raise InputError(f"{step_dir} holds no rank_K capture directories")
+    return combine_ranks(reports)
 
 
 def _own_profile(b: Batch, profs: list[LossProfile], source: str, old) -> str | None:

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from .vocab import FailOn
+from .vocab import LOCAL_RAY, FailOn
 
 EXIT_FINDING = 1
 EXIT_BAD_INPUT = 2
@@ -40,10 +40,11 @@ _CLICK_EXCEPTION = _click_class("ClickException")
 class OneLineErrors(TyperGroup):
     """Usage and input errors become one line on stderr and exit code 2, never a traceback."""
 
-    def main(self, *args, **kwargs):
+    def main(self, args=None, *rest, **kwargs):
         kwargs["standalone_mode"] = False
+        args = _bare_ray(list(sys.argv[1:] if args is None else args))
         try:
-            code = super().main(*args, **kwargs)
+            code = super().main(args, *rest, **kwargs)
         except _USAGE_ERROR as e:
             if type(e).__name__ == "NoArgsIsHelpError":
                 typer.echo(e.ctx.get_help())
@@ -58,6 +59,17 @@ class OneLineErrors(TyperGroup):
             typer.echo(f"lossdoctor: error: {e.format_message()}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         sys.exit(code or 0)
+
+
+def _bare_ray(args: list[str]) -> list[str]:
+    """``--ray`` with no address after it (the last argument, or an option next) means a local
+    cluster."""
+    return [
+        f"--ray={LOCAL_RAY}"
+        if a == "--ray" and (k + 1 == len(args) or args[k + 1].startswith("-"))
+        else a
+        for k, a in enumerate(args)
+    ]
 
 
 app = typer.Typer(
@@ -394,6 +406,125 @@ def _compare(*, ckpt, batch, old, new, config, seed, sample_all, device, score_t
     )
     if result.fails(fail_on):
         raise typer.Exit(EXIT_FINDING)
+
+
+ScanPaths = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="DIR",
+        help="capture directories, step folders of rank_K captures, folders of them (as the hook "
+        "writes lossdoctor-dumps/), or checkpoint files with --batch",
+    ),
+]
+ScanBatchOpt = Annotated[
+    str | None,
+    typer.Option("--batch", help="replay every checkpoint given on this one batch dump"),
+]
+ResultsOpt = Annotated[
+    str,
+    typer.Option(
+        "--results",
+        help="folder for each dump's result, written as it arrives; a rerun reuses them",
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option("--workers", min=1, help="local worker processes (default: the CPU count)"),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, help="torch threads per worker (default: CPUs / workers, "
+                 "1 to 2)"),
+]  # fmt: skip
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="[ADDRESS]",
+        help="run one Ray task per dump instead: alone, a local cluster; 'auto' joins the running "
+        "one, or give its address (pip install 'lossdoctor[ray]'; dumps on a path every node "
+        "sees)",
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="recompute dumps already done")]
+
+
+@app.command()
+def scan(
+    paths: ScanPaths,
+    batch: ScanBatchOpt = None,
+    results: ResultsOpt = "lossdoctor-scan",
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    ray: RayOpt = None,
+    force: ForceOpt = False,
+    old: OwnProfileOpt = None,
+    new: WhatIfOpt = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    sample_all: SampleAllOpt = False,
+    score_thr: ScoreThrOpt = None,
+    csv_dir: CsvDirOpt = None,
+    json_out: ReportJsonOpt = None,
+    plot: PlotOpt = None,
+    fail_on: FailOnOpt = FailOn.NEVER,
+    unsafe_load: UnsafeOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Replay many dumps (steps x ranks) in parallel into one timeline: the first step of each
+    finding, per-dump tables over steps and ranks, the findings across the ranks of each step.
+
+    \b
+    Examples:
+      lossdoctor scan lossdoctor-dumps --plot timeline.png --json scan.json
+      lossdoctor scan ckpt_1000.pt ckpt_2000.pt ckpt_3000.pt --batch batch.pt
+      lossdoctor scan /shared/dumps --ray auto
+    """
+    args = dict(locals())
+    _guard(lambda: _scan(**args))
+
+
+def _scan(*, paths, batch, results, workers, threads, ray, force, old, new, config, seed,
+          sample_all, score_thr, csv_dir, json_out, plot, fail_on, unsafe_load, quiet):  # fmt: skip
+    from .report.export import Outputs
+    from .report.render import console
+    from .scan import scan as run_scan
+    from .scan.timeline import failed
+    from .scan.view import plot_timeline, progress_bar, render_scan
+
+    outputs = Outputs(json=json_out, csv_dir=csv_dir, plot=plot)
+    outputs.check(_file_inputs(batch=batch, config=config, old_profile=old, new_profile=new))
+    options = dict(config=config, old=old, new=new, seed=seed, sample_all=sample_all,
+                   score_thr=score_thr, unsafe_load=unsafe_load)  # fmt: skip
+    with progress_bar(console(stderr=True), not quiet) as bar:
+        task = bar.add_task("scan", total=None)
+        report = run_scan(
+            paths, batch=batch, results=results, workers=workers or os.cpu_count() or 1,
+            threads=threads, ray=ray, force=force,
+            on_progress=lambda done, total, _: bar.update(task, completed=done, total=total),
+            **options,
+        )  # fmt: skip
+    _export_scan(report, outputs, plot_timeline)
+    _stdout_json(json_out, report.to_json())
+    render_scan(report, console(stderr=json_out == "-"))
+    if failed(report) or _scan_fails(report, fail_on):
+        raise typer.Exit(EXIT_FINDING)
+
+
+def _export_scan(report, outputs, plot_timeline) -> None:
+    if outputs.json is not None and str(outputs.json) != "-":
+        report.save_json(outputs.json)
+    if outputs.csv_dir is not None:
+        report.save_csv_dir(outputs.csv_dir)
+    if outputs.plot is not None:
+        plot_timeline(report, outputs.plot)
+
+
+def _scan_fails(report, fail_on: FailOn) -> bool:
+    from .vocab import Severity
+
+    found = {Severity(r["severity"]) for r in report.tables.get("first_seen", [])}
+    return FailOn(fail_on).fails(min(found, key=lambda s: s.rank) if found else None)
 
 
 @app.command()

@@ -243,3 +243,14 @@ class Phase(StrEnum):
     TRACE = "tracing NaN/Inf to their first stage"
     SYMPTOM = "running the heads in test mode"
     FINDINGS = "checking the findings"
+
+
+# ``--ray`` given without an address: start a local Ray cluster for the scan
+LOCAL_RAY = "local"
+
+
+class DumpStatus(StrEnum):
+    """How a scan's replay of one dump ended."""
+
+    OK = "ok"
+    FAILED = "failed"

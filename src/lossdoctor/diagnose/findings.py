@@ -43,6 +43,7 @@ class Finding:
     cause: str | None = None
     scope: Scope | None = None  # set once the run's own profile is known (groups.frame)
     note: str = ""  # said after the message: what switching profile would do to it
+    rank: int | None = None  # the rank whose dump it was found in, in a multi-rank step
 
 
 E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFO  # noqa: E741
@@ -314,7 +315,7 @@ def rule(code: str) -> Rule:
         raise KeyError(f"unknown finding code {code!r}; known: {', '.join(BY_CODE)}") from None
 
 
-def _finding(r: Rule, h: c.Hit) -> Finding:
+def to_finding(r: Rule, h: c.Hit) -> Finding:
     severity = r.minor if h.minor and r.minor else r.severity
     fix = h.fix or (r.minor_fix if h.minor and r.minor_fix else r.fix)
     return Finding(
@@ -341,5 +342,5 @@ def _profile_free(h: c.Hit) -> str | None:
 
 def findings(facts: c.Facts) -> list[Finding]:
     """Every rule's findings, most severe first (in table order within a severity)."""
-    out = [_finding(r, h) for r in RULES for h in r.check(facts)]
+    out = [to_finding(r, h) for r in RULES for h in r.check(facts)]
     return sorted(out, key=lambda f: f.severity.rank)

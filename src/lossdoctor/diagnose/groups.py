@@ -86,21 +86,27 @@ def _where(rows: list[Finding]) -> dict[str, list]:
         "levels": _distinct(f.level for f in rows),
         "terms": _distinct(f.term for f in rows),
         "images": sorted(_distinct(f.image for f in rows)),
+        "ranks": sorted(_distinct(f.rank for f in rows)),
     }
 
 
 def where_text(where: dict[str, list], order: list[str]) -> str:
     """``p3-p6; rpn_cls, roi_box; images 0, 1; legacy, fixed`` (what a group covers)."""
-    images = where["images"]
     parts = [
         span(where["levels"], order) if where["levels"] else "",
         ", ".join(map(str, where["terms"] or where["heads"])),
-        (f"image {images[0]}" if len(images) == 1 else f"images {', '.join(map(str, images))}")
-        if images
-        else "",
+        _numbered("image", where["images"]),
+        _numbered("rank", where.get("ranks") or []),
         ", ".join(where["profiles"]),
     ]
     return "; ".join(p for p in parts if p)
+
+
+def _numbered(what: str, values: list) -> str:
+    """``image 1`` / ``images 0, 1`` / nothing."""
+    if not values:
+        return ""
+    return f"{what} {values[0]}" if len(values) == 1 else f"{what}s {', '.join(map(str, values))}"
 
 
 def _message(rows: list[Finding], where: dict, order: list[str]) -> str:

@@ -14,7 +14,9 @@ import torch
 from .. import __version__
 from ..diagnose import Diagnosis
 from ..diagnose.checks import chance
+from ..diagnose.findings import Finding
 from ..diagnose.gradients import LevelGrads, ProfileGrads
+from ..diagnose.groups import FindingGroup
 from ..inputs.dataclass_toml import to_dict
 from ..replay.normalize import LevelLoss, ProfileLosses
 from ..replay.samples import LevelSamples
@@ -240,9 +242,9 @@ def origin_rows(d: Diagnosis) -> list[dict]:
     ]
 
 
-def finding_rows(d: Diagnosis) -> list[dict]:
+def finding_rows(findings: list[Finding], groups: list[FindingGroup]) -> list[dict]:
     """Every finding row, with the index of its group."""
-    group_of = {k: g for g, grp in enumerate(d.groups) for k in grp.rows}
+    group_of = {k: g for g, grp in enumerate(groups) for k in grp.rows}
     return [
         FindingRow(
             severity=f.severity,
@@ -258,12 +260,14 @@ def finding_rows(d: Diagnosis) -> list[dict]:
             scope=f.scope,
             note=f.note,
             group=group_of[k],
+            cause=f.cause,
+            rank=f.rank,
         ).to_dict()
-        for k, f in enumerate(d.findings)
+        for k, f in enumerate(findings)
     ]
 
 
-def group_rows(d: Diagnosis) -> list[dict]:
+def group_rows(findings: list[Finding], groups: list[FindingGroup]) -> list[dict]:
     """One finding per cause, most severe first."""
     return [
         GroupRow(
@@ -275,9 +279,9 @@ def group_rows(d: Diagnosis) -> list[dict]:
             count=len(g.rows),
             rows=g.rows,
             where=g.where,
-            evidence=[d.findings[k].evidence for k in g.rows],
+            evidence=[findings[k].evidence for k in g.rows],
         ).to_dict()
-        for g in d.groups
+        for g in groups
     ]
 
 
@@ -351,6 +355,6 @@ def build_report(d: Diagnosis, checkpoint_path=None, batch_path=None) -> Report:
     return Report(
         meta=_meta(d, checkpoint_path, batch_path),
         tables=tables,
-        findings=finding_rows(d),
-        groups=group_rows(d),
+        findings=finding_rows(d.findings, d.groups),
+        groups=group_rows(d.findings, d.groups),
     )

@@ -3,12 +3,22 @@ README's catalogue."""
 
 from __future__ import annotations
 
-from ..diagnose.findings import RULES, Rule, rule
+from ..diagnose.findings import Rule
 from ..diagnose.nan_trace import CAUSES
+from ..diagnose.ranks import ALL_RULES
 
 # the README's finding catalogue sits between these lines
 CATALOGUE_BEGIN = "<!-- finding catalogue: generated from diagnose/findings.py RULES -->"
 CATALOGUE_END = "<!-- end of finding catalogue -->"
+
+
+def rule(code: str) -> Rule:
+    """The rule of a finding code (one replay's or across ranks); KeyError names the known."""
+    for r in ALL_RULES:
+        if r.code == code:
+            return r
+    known = ", ".join(r.code for r in ALL_RULES)
+    raise KeyError(f"unknown finding code {code!r}; known: {known}")
 
 
 def _severity(r: Rule) -> str:
@@ -34,13 +44,13 @@ def explain(code: str) -> str:
 
 def listing() -> list[str]:
     """One line per code: code, severity, summary."""
-    width = max(len(r.code) for r in RULES)
-    return [f"{r.code:<{width}}  {r.severity:<7}  {r.summary}" for r in RULES]
+    width = max(len(r.code) for r in ALL_RULES)
+    return [f"{r.code:<{width}}  {r.severity:<7}  {r.summary}" for r in ALL_RULES]
 
 
 def catalogue_markdown() -> str:
     """The README's catalogue: a table of every code, its severity, what it means and its fix."""
     rows = ["| code | severity | what it means | evidence |", "|---|---|---|---|"]
-    for r in RULES:
+    for r in ALL_RULES:
         rows.append(f"| `{r.code}` | {_severity(r)} | {r.summary} | {', '.join(r.evidence)} |")
     return "\n".join([CATALOGUE_BEGIN, *rows, CATALOGUE_END])

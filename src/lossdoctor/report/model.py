@@ -150,6 +150,7 @@ def _single(k: int, f: dict) -> dict:
         "levels": [f["level"]] if f.get("level") else [],
         "terms": [f["term"]] if f.get("term") else [],
         "images": [f["image"]] if f.get("image") is not None else [],
+        "ranks": [f["rank"]] if f.get("rank") is not None else [],
     }
     return {"severity": f.get("severity"), "code": f.get("code"), "scope": f.get("scope"),
             "message": f.get("message", ""), "fix": f.get("fix", ""), "count": 1, "rows": [k],

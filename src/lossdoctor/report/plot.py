@@ -107,7 +107,12 @@ def plot(report: Report, path: str | Path, profiles: list[str] | None = None) ->
     import matplotlib.pyplot as plt
 
     profiles = profiles or report.profiles[:2]
-    rows = [r for r in report.levels() if r.level != ALL_LEVELS]
+    first = min((r.get("rank") or 0 for r in report.tables.get("levels", [])), default=0)
+    rows = [  # one rank of a multi-rank step: the first
+        LevelRow.from_dict(r)
+        for r in report.tables.get("levels", [])
+        if r["level"] != ALL_LEVELS and (r.get("rank") or 0) == first
+    ]
     heads = list(dict.fromkeys(r.head for r in rows))
     fig, axes = plt.subplots(
         len(heads),

@@ -18,10 +18,12 @@ from ..vocab import BOX_TERMS, Head, Severity
 from .build import ALL_LEVELS
 from .compare import SAME, Comparison
 from .model import Report
-from .rows import LevelRow, ProfileRow
+from .rows import LevelRow, ProfileRow, RankRow
 
 WIDTH = 120
 WHERE_WIDTH = 28
+RANK_COLUMNS_SHOWN = ("rank", "head", "level", "pos", "neg", "avg_f", "mean", "w/smp", "mean",
+                      "box avg_f", "mean", "box w/smp", "mean")  # fmt: skip
 RUN_SOURCE = {"dump": "recorded in the dump", "given": "--old"}
 SEVERITY_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 UNITS = {Head.RPN: "anchors", Head.ROI: "RoIs", Head.MASK: "RoIs"}
@@ -141,8 +143,9 @@ def symptom(report: Report) -> Text:
 def _where(g: dict, levels: list[str]) -> str:
     """What a group covers, short: profiles, heads, levels (a range where they run), images."""
     w = g.get("where") or {}
-    images = w.get("images") or []
+    images, ranks = w.get("images") or [], w.get("ranks") or []
     parts = [
+        ("rank " + ",".join(map(str, ranks))) if ranks else "",
         ",".join(w.get("profiles") or []),
         ",".join(w.get("heads") or []),
         span(w.get("levels") or [], levels),
@@ -232,8 +235,82 @@ def totals(report: Report) -> Table:
     return t
 
 
+def _ranks_line(report: Report) -> Text:
+    ranks = [r["rank"] for r in report.meta["ranks"]]
+    return Text(
+        f"ranks       {', '.join(map(str, ranks))} of world size {report.meta['world_size']}"
+    )
+
+
+def _rank_symptoms(report: Report) -> Text:
+    t = Text()
+    t.append("Symptom  ", style="bold")
+    for k, r in enumerate(report.meta["ranks"]):
+        s = r["symptom"]
+        best = ", ".join(num(v).plain for v in s["max_fg_score"])
+        t.append(
+            ("" if k == 0 else "\n         ") + f"rank {r['rank']}: detections {s['detections']}"
+        )
+        t.append(f"; max foreground score [{best}]")
+    return t
+
+
+def rank_table(report: Report, profile: str) -> Table:
+    """Per rank and level under one profile: the rank's normalizer next to the all-reduced one,
+    and what a sample weighs in the step's averaged gradient under each."""
+    rows = [RankRow.from_dict(r) for r in report.tables["ranks"] if r["profile"] == profile]
+    t = _table(
+        f"Ranks under {profile}, per level (avg_f: the rank's normalizer, mean: all-reduced across "
+        "ranks; w/smp: a sample's weight in the step's gradient)",
+        padding=(0, 1, 0, 0),
+    )
+    for name in RANK_COLUMNS_SHOWN:
+        t.add_column(name, justify="left" if name in ("head", "level") else "right", no_wrap=True)
+    for r in rows:
+        t.add_row(
+            num(r.rank), str(r.head), r.level, num(r.pos), num(r.neg),
+            num(r.avg_factor), num(r.global_avg_factor), num(r.sample_weight),
+            num(r.global_sample_weight), num(r.avg_factor_bbox), num(r.global_avg_factor_bbox),
+            num(r.sample_weight_bbox), num(r.global_sample_weight_bbox),
+        )  # fmt: skip
+    return t
+
+
+def _rank_totals(report: Report) -> Table:
+    t = _table("Totals per rank and profile")
+    names = ("rank", "profile", "loss", *(x.value for x in BOX_TERMS), "|grad| pre-clip")
+    for n in names:
+        t.add_column(n, justify="left" if n == "profile" else "right")
+    for r in report.tables.get("profiles", []):
+        row = ProfileRow.from_dict(r)
+        cells = [getattr(row, x.value) for x in BOX_TERMS]
+        t.add_row(num(r["rank"]), row.profile, num(row.loss_total), *map(num, cells),
+                  num(row.grad_total_norm))  # fmt: skip
+    return t
+
+
+def render_step(report: Report, out: Console, quiet: bool = False) -> None:
+    """The view of one step across ranks: header, each rank's symptom, the findings, then
+    (unless quiet) the ranks table under the run's profile and the totals per rank."""
+    if not quiet:
+        out.print(header(report))
+        out.print(_ranks_line(report))
+        out.print()
+    out.print(_rank_symptoms(report))
+    out.print()
+    out.print(findings(report))
+    if quiet:
+        return
+    out.print()
+    out.print(rank_table(report, report.profiles[0]))
+    out.print()
+    out.print(_rank_totals(report))
+
+
 def render(report: Report, out: Console, quiet: bool = False) -> None:
     """The inspect view: header, symptom, findings, then (unless quiet) the per-level evidence."""
+    if "ranks" in report.tables:
+        return render_step(report, out, quiet)
     if not quiet:
         out.print(header(report))
         out.print()

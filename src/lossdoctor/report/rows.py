@@ -151,6 +151,37 @@ class FindingRow(Row):
     scope: str | None = _extra()  # run / what-if, once the run's own profile is known
     note: str = _extra("")  # what switching profile would do to it
     group: int = _extra(0)  # its index in the report's groups
+    cause: str | None = _extra()  # what the rows of its group share
+    rank: int | None = _extra()  # the rank whose dump it was found in (multi-rank steps)
+
+
+@dataclass(kw_only=True)
+class RankRow(Row):
+    """One (rank, profile, head, level) of a multi-rank step: the rank's own normalizer and
+    loss, and what an avg_factor all-reduced across ranks (reduce_mean) would make of them.
+    ``sample_weight`` is a classification sample's weight in the step's gradient, which DDP
+    averages over the ranks: term weight / (avg_factor * world_size); ``*_bbox`` the same for the
+    box term, over the positives."""
+
+    rank: int
+    profile: str
+    head: Head
+    level: str
+    pos: int
+    neg: int
+    sampled: int
+    avg_factor: float
+    global_avg_factor: float
+    loss_cls: float
+    loss_bbox: float
+    global_loss_cls: float
+    global_loss_bbox: float
+    sample_weight: float
+    global_sample_weight: float
+    avg_factor_bbox: float
+    global_avg_factor_bbox: float
+    sample_weight_bbox: float
+    global_sample_weight_bbox: float
 
 
 @dataclass(kw_only=True)
@@ -172,3 +203,4 @@ LEVEL_COLUMNS = LevelRow.columns()
 IMAGE_COLUMNS = ImageRow.columns()
 FINDING_KEYS = FindingRow.columns()
 GROUP_KEYS = GroupRow.columns()
+RANK_COLUMNS = RankRow.columns()

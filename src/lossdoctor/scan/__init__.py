@@ -1,0 +1,81 @@
+"""``lossdoctor scan``: many dumps (steps x ranks, or checkpoints on one batch), replayed in
+parallel, into one timeline. Built on the library: each dump is one ``inspect``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ..report.model import Report
+from .dumps import Dump, find_dumps
+from .run import Job, load_result, result_path, run_jobs, save_result, threads_per_worker
+from .timeline import failed, scan_report
+
+__all__ = ["Dump", "find_dumps", "scan", "failed"]
+
+# where results go when no folder is given
+DEFAULT_RESULTS = "lossdoctor-scan"
+
+
+def _quiet(done: int, total: int, dump: Dump) -> None:
+    pass
+
+
+def _options(options: dict) -> dict:
+    """inspect's options as plain values (paths as strings), the same in every worker."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+
+
+def _jobs(dumps, options, threads, results, force) -> tuple[list[Job], dict[Dump, dict]]:
+    """The jobs still to run, and the results an earlier scan left (unless ``force``)."""
+    jobs, cached = [], {}
+    for d in dumps:
+        job = Job(dump=d, options=options, threads=threads)
+        old = None if force else load_result(result_path(results, job))
+        if old is None:
+            jobs.append(job)
+        else:
+            cached[d] = {**old, "cached": True}
+    return jobs, cached
+
+
+def scan(
+    paths: list[str | Path],
+    *,
+    batch: str | Path | None = None,
+    results: str | Path = DEFAULT_RESULTS,
+    workers: int = 1,
+    threads: int | None = None,
+    ray: str | None = None,
+    force: bool = False,
+    on_progress: Callable[[int, int, Dump], None] = _quiet,
+    **options,
+) -> Report:
+    """Replay every dump under ``paths`` (see :func:`find_dumps`) → the scan's Report.
+
+    ``options`` are :func:`lossdoctor.inspect`'s (config, old, new, seed, sample_all, ...).
+    Each dump's result is written under ``results/dumps/`` as it arrives; a later scan reuses
+    them unless ``force``. ``workers`` > 1 runs a local process pool with ``threads`` torch
+    threads each (default: the CPUs shared out, 1 to 2); ``ray`` (``local``, ``auto`` or an
+    address) runs one Ray task per dump instead. ``on_progress(done, total, dump)`` follows.
+    """
+    dumps = find_dumps(paths, batch)
+    opts = _options(options)
+    threads = threads_per_worker(1 if ray else workers, threads)
+    results = Path(results)
+    jobs, got = _jobs(dumps, opts, threads, results, force)
+    done = len(got)
+
+    def arrived(job: Job, result: dict) -> None:
+        nonlocal done
+        save_result(result_path(results, job), result)
+        got[job.dump] = result
+        done += 1
+        on_progress(done, len(dumps), job.dump)
+
+    run_jobs(jobs, workers=workers, ray=ray, on_result=arrived)
+    meta = {"inputs": [str(p) for p in paths], "batch": str(batch) if batch else None,
+            "options": opts, "workers": workers, "threads": threads, "ray": ray,
+            "dumps": len(dumps), "cached": len(dumps) - len(jobs),
+            "results": str(results)}  # fmt: skip
+    return scan_report([got[d] for d in dumps], meta)

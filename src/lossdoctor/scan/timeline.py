@@ -1,0 +1,133 @@
+"""The scan's report: every dump's levels over steps and ranks (the timeline), the findings of
+every dump and across the ranks of each step, the first step each finding appears at, and the
+dumps that failed."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import __version__
+from ..inputs.errors import InputError
+from ..report.model import Report
+from ..report.ranks import combine_ranks
+from ..vocab import DumpStatus, Severity
+
+# what a finding row keeps in the scan's dump_findings table
+FINDING_COLUMNS = ("severity", "code", "scope", "profile", "head", "level", "image", "term",
+                   "message")  # fmt: skip
+SCAN_FORMAT = "lossdoctor.scan/1"
+
+
+@dataclass(kw_only=True)
+class _Done:
+    """One replayed dump: where it sits, and its report."""
+
+    step: int | None
+    rank: int
+    report: Report
+
+
+@dataclass(kw_only=True)
+class _Tables:
+    dumps: list[dict] = field(default_factory=list)
+    timeline: list[dict] = field(default_factory=list)
+    totals: list[dict] = field(default_factory=list)
+    dump_findings: list[dict] = field(default_factory=list)
+    ranks: list[dict] = field(default_factory=list)
+
+
+def _placed(result: dict) -> _Done:
+    """A result's report, at the step and rank its dump records (else its folder names)."""
+    report = Report.from_dict(result["report"])
+    meta = report.meta["batch"].get("meta") or {}
+    step = meta.get("step", result["dump"]["step"])
+    rank = meta.get("rank", result["dump"]["rank"]) or 0
+    return _Done(step=step, rank=rank, report=report)
+
+
+def _matches(f: dict, row: dict) -> bool:
+    """A finding is raised at a levels row when it names no other profile, head or level."""
+    return all(
+        f.get(k) is None or f.get(k) == row.get(k) or (k == "level" and row[k] == "all")
+        for k in ("profile", "head", "level")
+    )
+
+
+def _findings_rows(step, rank, findings: list[dict]) -> list[dict]:
+    return [
+        {"step": step, "rank": rank, **{k: f.get(k) for k in FINDING_COLUMNS}} for f in findings
+    ]
+
+
+def _add_dump(t: _Tables, d: _Done) -> None:
+    rep = d.report
+    for row in rep.tables.get("levels", []):
+        codes = sorted({f["code"] for f in rep.findings if _matches(f, row)})
+        t.timeline.append({"step": d.step, "rank": d.rank, **row, "findings": codes})
+    t.totals += [{"step": d.step, "rank": d.rank, **row} for row in rep.tables.get("profiles", [])]
+    t.dump_findings += _findings_rows(d.step, d.rank, rep.findings)
+
+
+def _add_step(t: _Tables, step, done: list[_Done]) -> None:
+    """The findings across the ranks of one step, and its ranks table."""
+    try:
+        joined = combine_ranks({d.rank: d.report for d in done})
+    except InputError as e:
+        t.dumps.append({"step": step, "rank": None, "status": DumpStatus.FAILED, "message": str(e)})
+        return
+    t.ranks += [{"step": step, **row} for row in joined.tables["ranks"]]
+    across = [f for f in joined.findings if f.get("rank") is None and f["code"].startswith("rank-")]
+    t.dump_findings += _findings_rows(step, None, across)
+
+
+def first_seen(rows: list[dict]) -> list[dict]:
+    """Per finding code: the first step (and rank) it appears at, its worst severity there and
+    how many dumps (or steps, for the findings across ranks) raise it."""
+    seen: dict[str, dict] = {}
+    where: dict[str, set] = {}
+    key = lambda r: (r["step"] is None, r["step"] or 0, r["rank"] or 0,  # noqa: E731
+                     Severity(r["severity"]).rank)  # fmt: skip
+    for r in sorted(rows, key=key):
+        where.setdefault(r["code"], set()).add((r["step"], r["rank"]))
+        if r["code"] not in seen:
+            seen[r["code"]] = {"code": r["code"], "severity": r["severity"], "step": r["step"],
+                               "rank": r["rank"], "message": r["message"]}  # fmt: skip
+    for code, v in seen.items():
+        v["dumps"] = len(where[code])
+    return sorted(seen.values(), key=lambda v: (Severity(v["severity"]).rank, v["step"] or 0))
+
+
+def _dump_row(result: dict) -> dict:
+    d = result["dump"]
+    return {"step": d["step"], "rank": d["rank"], "checkpoint": d["checkpoint"],
+            "batch": d["batch"], "status": result["status"], "message": result.get("message"),
+            "seconds": result.get("seconds"), "peak_rss_mib": result.get("peak_rss_mib"),
+            "cached": result.get("cached", False)}  # fmt: skip
+
+
+def scan_report(results: list[dict], meta: dict) -> Report:
+    """The report of a scan from its dumps' results (in dump order)."""
+    t = _Tables(dumps=[_dump_row(r) for r in results])
+    done = [_placed(r) for r in results if r["status"] == DumpStatus.OK]
+    for d in done:
+        _add_dump(t, d)
+    steps: dict = {}
+    for d in done:
+        steps.setdefault(d.step, []).append(d)
+    for step, at in steps.items():
+        if len(at) > 1:
+            _add_step(t, step, at)
+    tables = {"dumps": t.dumps, "timeline": t.timeline, "totals": t.totals,
+              "dump_findings": t.dump_findings, "first_seen": first_seen(t.dump_findings),
+              "ranks": t.ranks}  # fmt: skip
+    info = {"lossdoctor": __version__, "torch": torch.__version__, "format": SCAN_FORMAT,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "scan": meta, "profiles": {}}  # fmt: skip
+    return Report(meta=info, tables=tables)
+
+
+def failed(report: Report) -> list[dict]:
+    return [r for r in report.tables.get("dumps", []) if r["status"] != DumpStatus.OK]
