@@ -143,3 +143,61 @@ def toy_step_dumps(root, steps=(3, 7), world=2) -> list:
                     loss.backward()
                     opt.step()
     return capture.written
+
+
+def mask_state_dict(channels=8, classes=3, mask_channels=8, convs=4, seed=0, std=0.05, **kw):
+    """A torchvision-layout Mask R-CNN state_dict: the Faster R-CNN heads and a mask head of
+    ``convs`` 3x3 convs, a 2x2 deconv and K+1 mask logits (background first)."""
+    sd = state_dict(channels=channels, classes=classes, seed=seed, **kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    cin = channels
+    for k in range(convs):
+        sd[f"roi_heads.mask_head.{k}.0.weight"] = (
+            torch.randn(mask_channels, cin, 3, 3, generator=g) * std
+        )
+        sd[f"roi_heads.mask_head.{k}.0.bias"] = torch.randn(mask_channels, generator=g) * std
+        cin = mask_channels
+    sd["roi_heads.mask_predictor.conv5_mask.weight"] = (
+        torch.randn(cin, mask_channels, 2, 2, generator=g) * std
+    )
+    sd["roi_heads.mask_predictor.conv5_mask.bias"] = torch.randn(mask_channels, generator=g) * std
+    sd["roi_heads.mask_predictor.mask_fcn_logits.weight"] = (
+        torch.randn(classes + 1, mask_channels, 1, 1, generator=g) * std
+    )
+    sd["roi_heads.mask_predictor.mask_fcn_logits.bias"] = (
+        torch.randn(classes + 1, generator=g) * std
+    )
+    return sd
+
+
+def box_masks(boxes: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
+    """Per image, each box filled as its mask (bool Tensor[K, H, W] at the image size)."""
+    h, w = size
+    out = []
+    for b in boxes:
+        m = torch.zeros(b.shape[0], h, w, dtype=torch.bool)
+        for j, (x1, y1, x2, y2) in enumerate(b.round().long().tolist()):
+            m[j, max(y1, 0) : max(y2, 0), max(x1, 0) : max(x2, 0)] = True
+        out.append(m)
+    return out
+
+
+def cascade_state_dict(layout="mmdet", stages=3, channels=8, classes=3, seed=0, **kw):
+    """A Cascade R-CNN state_dict in ``layout`` (mmdet or detectron2): the RPN, and ``stages``
+    box heads with class-agnostic regression, each its own random weights."""
+    from lossdoctor.inputs.layouts import CASCADE_LAYOUTS, LAYOUTS
+    from lossdoctor.vocab import BOX_LAYERS, RPN_LAYERS
+
+    out = {}
+    tv_keys = LAYOUTS["torchvision"]
+    for k in range(stages):
+        tv = state_dict(channels=channels, classes=classes, seed=seed + k, reg_slots=1, **kw)
+        layers = RPN_LAYERS if k == 0 else ()
+        for layer in layers:
+            for kind in ("weight", "bias"):
+                out[f"{LAYOUTS[layout][layer][0]}.{kind}"] = tv[f"{tv_keys[layer][0]}.{kind}"]
+        for layer in BOX_LAYERS:
+            prefix = CASCADE_LAYOUTS[layout][layer].format(k=k)
+            for kind in ("weight", "bias"):
+                out[f"{prefix}.{kind}"] = tv[f"{tv_keys[layer][0]}.{kind}"]
+    return out

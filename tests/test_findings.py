@@ -355,6 +355,26 @@ def _nan_weight():
     return run(sd=sd, profiles=("mmdet",), cfg="mmdet")
 
 
+def _masked(change, ignore=None):
+    """A Mask R-CNN replay of the healthy batch, its GT masks (the boxes, filled) changed."""
+    d = healthy_dict()
+    d["gt_masks"] = [change(m) for m in F.box_masks(d["gt_boxes"], SIZE)]
+    if ignore is not None:
+        d["gt_ignore"] = ignore
+    return run(d, sd=F.mask_state_dict())
+
+
+def _starved_cascade():
+    """Detectron2's cascade with later stages at IoU 0.95, and a first stage whose regression
+    moves every box by a tenth of its size: no refined box reaches IoU 0.95."""
+    cfg = preset("detectron2-cascade")
+    cfg = dataclasses.replace(cfg, cascade=dataclasses.replace(cfg.cascade, ious=(0.95, 0.95)))
+    sd = F.cascade_state_dict("detectron2")
+    sd["roi_heads.box_predictor.0.bbox_pred.bias"] = torch.tensor([1.0, 1.0, 0.5, 0.5])
+    heads = heads_from_state_dict(sd)
+    return diagnose(replay(heads, validate_batch(healthy_dict()), cfg, [fixed()]))
+
+
 def _background_bias(bias: float, d=None):
     """The classifier's background bias raised: every foreground score drops (chance is 1/4)."""
     sd = F.state_dict()
@@ -404,6 +424,7 @@ NAN, INF = float("nan"), float("inf")
 # proposals in a corner, far from every GT box
 FAR = torch.tensor([[0.0, 0.0, 4.0, 4.0], [500.0, 0.0, 508.0, 6.0]])
 ALL_IGNORED = [torch.zeros(5, dtype=torch.bool), torch.ones(5, dtype=torch.bool)]
+ALL_IGNORED_BOTH = [torch.ones(5, dtype=torch.bool), torch.ones(5, dtype=torch.bool)]
 FAULTS = {
     "unsafe-pickle-global": _unsafe,
     "nonfinite-gt": lambda: run(_with(_box(0, 1, [NAN, 1.0, 30.0, 40.0]))),
@@ -431,6 +452,10 @@ FAULTS = {
     "empty-gt-image": lambda: run(_with(lambda d: d.update(gt_ignore=ALL_IGNORED))),
     "no-positive-level": lambda: run(_drop_p6(healthy_dict())),
     "untrained-or-collapsed": lambda: _background_bias(5.0),
+    "mask-box-mismatch": lambda: _masked(lambda m: m.flip(-1)),
+    "empty-mask": lambda: _masked(lambda m: torch.cat([m[:1] & False, m[1:]])),
+    "mask-branch-skipped": lambda: _masked(lambda m: m, ignore=ALL_IGNORED_BOTH),
+    "cascade-stage-starved": _starved_cascade,
     "no-proposals": lambda: run(_with(lambda d: [f[1].fill_(NAN) for f in d["features"].values()])),
     "rpn-positives-starved": lambda: run(_with(lambda d: d.update(proposals=[FAR, FAR]))),
 }

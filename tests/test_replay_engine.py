@@ -155,7 +155,9 @@ def test_every_normalizer_has_a_count():
     from lossdoctor.vocab import Normalizer
 
     assert set(COUNTS) == set(Normalizer)
-    c = HeadCounts(sampled=[10, 6], pos=[3, 0], budget=512, img_pos=[3, 0], img_neg=[7, 6])
+    c = HeadCounts(
+        sampled=[10, 6], pos=[3, 0], budget=512, img_pos=[3, 0], img_neg=[7, 6], pixels=28 * 28
+    )
     want = {
         Normalizer.LEVEL_SAMPLED: 6,
         Normalizer.LEVEL_POS: 0,
@@ -164,5 +166,6 @@ def test_every_normalizer_has_a_count():
         Normalizer.BUDGET: 512,
         Normalizer.MMDET_SAMPLER: (3 + 7) + (1 + 6),
         Normalizer.MMDET_PSEUDO: 3 + 1,
+        Normalizer.MASK_PIXELS: 3 * 28 * 28,  # the positive RoIs' mask pixels
     }
     assert {n: c.count(n, 1) for n in Normalizer} == want

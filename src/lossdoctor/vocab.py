@@ -80,21 +80,32 @@ class Layer(StrEnum):
     BOX_FC2 = "box_fc2"
     BOX_LOGITS = "box_logits"
     BOX_DELTAS = "box_deltas"
+    MASK_CONV1 = "mask_conv1"
+    MASK_CONV2 = "mask_conv2"
+    MASK_CONV3 = "mask_conv3"
+    MASK_CONV4 = "mask_conv4"
+    MASK_DECONV = "mask_deconv"
+    MASK_LOGITS = "mask_logits"
 
     @property
     def head(self) -> Head:
-        return Head.RPN if self in RPN_LAYERS else Head.ROI
+        if self in RPN_LAYERS:
+            return Head.RPN
+        return Head.MASK if self in MASK_LAYERS else Head.ROI
 
 
 RPN_LAYERS = (Layer.RPN_CONV, Layer.RPN_LOGITS, Layer.RPN_DELTAS)
 BOX_LAYERS = (Layer.BOX_FC1, Layer.BOX_FC2, Layer.BOX_LOGITS, Layer.BOX_DELTAS)
+MASK_CONVS = (Layer.MASK_CONV1, Layer.MASK_CONV2, Layer.MASK_CONV3, Layer.MASK_CONV4)
+MASK_LAYERS = (*MASK_CONVS, Layer.MASK_DECONV, Layer.MASK_LOGITS)
 # the parameters of a layer
 WEIGHT, BIAS = "weight", "bias"
 
 
-def param(layer: Layer, kind: str) -> str:
-    """The canonical name of a head parameter, e.g. ``rpn_logits.weight``."""
-    return f"{layer}.{kind}"
+def param(layer: Layer, kind: str, stage: int = 0) -> str:
+    """The canonical name of a head parameter, e.g. ``rpn_logits.weight``; a later cascade
+    stage's box layers are ``stage1.box_fc1.weight``."""
+    return f"{layer}.{kind}" if stage == 0 else f"stage{stage}.{layer}.{kind}"
 
 
 class Normalizer(StrEnum):
@@ -107,6 +118,7 @@ class Normalizer(StrEnum):
     BUDGET = "budget"
     MMDET_SAMPLER = "mmdet_sampler"
     MMDET_PSEUDO = "mmdet_pseudo"
+    MASK_PIXELS = "mask_pixels"
 
 
 class LossKind(StrEnum):
@@ -254,3 +266,11 @@ class DumpStatus(StrEnum):
 
     OK = "ok"
     FAILED = "failed"
+
+
+class MaskTarget(StrEnum):
+    """How a framework cuts a positive RoI's mask target out of its GT mask."""
+
+    TORCHVISION = "torchvision"  # RoIAlign (not aligned, adaptive sampling), fractional values
+    MMDET = "mmdet"  # the RoI clipped to the mask; aligned RoIAlign, then >= 0.5
+    DETECTRON2 = "detectron2"  # aligned RoIAlign, then >= 0.5

@@ -74,9 +74,12 @@ STARVED_FIX = {
     "RoI sampler's positive fraction or batch size",
 }
 EMPTY_GT_CAUSE = "images without a usable GT box train as images without objects"
+# a later cascade stage with at most this many positive RoIs in an image with GT is starved
+STAGE_MIN_POS = 1
 # evidence lists are cut to this many entries
 EVIDENCE_ITEMS = 20
-LOSS_COLUMN = {Part.CLS: "loss_cls", Part.BOX: "loss_bbox", None: "gradient"}
+LOSS_COLUMN = {Part.CLS: "loss_cls", Part.BOX: "loss_bbox", Part.MASK: "loss_mask",
+               None: "gradient"}  # fmt: skip
 # Each stage's cause without where it happened, shared by the grouped finding of its levels
 STAGE_CAUSES = {
     Stage.INPUT: "already in the features, and every loss term on those levels inherits it",
@@ -272,8 +275,9 @@ def nonfinite_weights(f: Facts) -> list[Hit]:
 
 
 def _origin_hit(o: Origin, fix: str | None) -> Hit:
+    where = f"{o.head} stage {o.box_stage}" if o.box_stage else f"{o.head}"
     msg = (
-        f"{o.profile}: {o.head} {LOSS_COLUMN[o.part]} at {o.level} is {o.kind}; first broken "
+        f"{o.profile}: {where} {LOSS_COLUMN[o.part]} at {o.level} is {o.kind}; first broken "
         f"stage: {o.cause}"
     )
     ev = {
@@ -489,6 +493,66 @@ def positives_starved(f: Facts) -> list[Hit]:
           "lost_at": LOST_AT[worst], "positive_anchors_per_level": per_level}  # fmt: skip
     early = step is not None and step < EARLY_STEPS
     return [Hit(message=msg, head=Head.RPN, evidence=ev, fix=STARVED_FIX[worst], minor=early)]
+
+
+# ---- mask and cascade --------------------------------------------------------------------------
+
+
+def empty_mask(f: Facts) -> list[Hit]:
+    """Positive RoIs whose mask target is all background: their mask loss teaches 'no object'
+    inside a box that holds one."""
+    r, m = f.replay, f.replay.mask
+    if m is None or m.rows.numel() == 0:
+        return []
+    empty = m.targets.flatten(1).sum(1) == 0
+    out = []
+    for i in range(r.batch.num_images):
+        at = empty & (r.roi.img[m.rows] == i)
+        n = int(at.sum())
+        if n:
+            gts = sorted({r.gt.dump_index(i, g) for g in r.roi.gt_index[m.rows[at]].tolist()})
+            msg = (
+                f"image {i}: {n} positive RoIs have an all-zero mask target (GT boxes {gts[:10]}): "
+                "their mask is empty inside the RoI"
+            )
+            ev = {"rois": n, "boxes": gts[:EVIDENCE_ITEMS]}
+            cause = "positive RoIs whose mask target is all zeros"
+            out.append(Hit(message=msg, head=Head.MASK, image=i, evidence=ev, cause=cause))
+    return out
+
+
+def mask_branch_skipped(f: Facts) -> list[Hit]:
+    """A mask head with no positive RoI in the batch: no mask term, a different graph."""
+    r = f.replay
+    if r.mask is None or r.mask.rows.numel() > 0:
+        return []
+    msg = (
+        "the batch has no positive RoI, so the mask head gets no sample: its term is empty (0 or "
+        "NaN by profile) and, where the loss code skips the branch, its parameters leave the "
+        "graph on this rank"
+    )
+    return [Hit(message=msg, head=Head.MASK, evidence={"positive_rois": 0})]
+
+
+def stage_starved(f: Facts) -> list[Hit]:
+    """A later cascade stage with at most STAGE_MIN_POS positives in an image that has GT."""
+    r, out = f.replay, []
+    with_gt = [im.image for im in r.images if im.gt > 0]
+    for k, stage in enumerate(r.stages, start=1):
+        pos = [stage.img_pos[i] for i in with_gt]
+        starved = [i for i, p in zip(with_gt, pos) if p <= STAGE_MIN_POS]
+        if not starved:
+            continue
+        iou = r.config.cascade.ious[k - 1]
+        before = [r.roi_stages[k - 1].img_pos[i] for i in starved]
+        msg = (
+            f"cascade stage {k} (IoU {iou:g}): images {starved} have at most {STAGE_MIN_POS} "
+            f"positive RoIs ({[stage.img_pos[i] for i in starved]}; stage {k - 1} had {before})"
+        )
+        ev = {"stage": k, "iou": iou, "images": starved,
+              "positives": [stage.img_pos[i] for i in starved], "previous": before}  # fmt: skip
+        out.append(Hit(message=msg, head=Head.ROI, evidence=ev))
+    return out
 
 
 # ---- gradients ---------------------------------------------------------------------------------

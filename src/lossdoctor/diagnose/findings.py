@@ -199,6 +199,46 @@ RULES: tuple[Rule, ...] = (
         "enable gradient clipping (max_norm=35); clip dw/dh at log(1000/16) when decoding",
     ),
     Rule(
+        code="mask-box-mismatch",
+        severity=E,
+        check=c.suspicions("mask-box-mismatch", "GT masks that do not sit in their boxes"),
+        summary="a GT mask whose extent overlaps its box by less than IoU 0.5: boxes and masks "
+        "out of step",
+        evidence=("box", "mask_extent", "iou"),
+        fix="apply every geometric augmentation (flip, crop, resize, rotate) to the masks and the "
+        "boxes alike, and keep their order the same",
+    ),
+    Rule(
+        code="empty-mask",
+        severity=W,
+        check=c.empty_mask,
+        summary="positive RoIs whose mask target is all zeros",
+        evidence=("rois", "boxes"),
+        fix="check the masks of those GT boxes (empty after a crop, or a polygon that was not "
+        "rasterized); drop instances whose mask is empty",
+    ),
+    Rule(
+        code="mask-branch-skipped",
+        severity=W,
+        check=c.mask_branch_skipped,
+        summary="a mask head and no positive RoI in the batch: the mask term is empty, and the "
+        "branch may leave the graph (the DDP hang)",
+        evidence=("positive_rois",),
+        fix="keep the mask head in the graph on every rank with a zero-weighted term "
+        "(mask_logits.sum() * 0, as torchvision and Detectron2 do), or set "
+        "find_unused_parameters=True",
+    ),
+    Rule(
+        code="cascade-stage-starved",
+        severity=W,
+        check=c.stage_starved,
+        summary=f"a later cascade stage with at most {c.STAGE_MIN_POS} positive RoI in an image "
+        "with objects",
+        evidence=("stage", "iou", "images", "positives", "previous"),
+        fix="the earlier stages' boxes do not reach the stage's IoU: check their box loss "
+        "weights (stage_loss_weights) and regression normalization, or lower the stage's IoU",
+    ),
+    Rule(
         code="gt-outside-image",
         severity=W,
         check=c.suspicions("gt-outside-image", "GT boxes reach outside their image"),

@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..inputs.checkpoint import BOX_COORDS
+from ..inputs.checkpoint import BOX_COORDS, HeadWeights
 from ..inputs.profiles import LossProfile, TermSpec
 from ..replay.engine import Replay
-from ..replay.normalize import LevelLoss
+from ..replay.mask import mask_params
+from ..replay.normalize import LevelLoss, staged
+from ..replay.roi import RoiStage
 from ..replay.rpn import RpnLevel
-from ..vocab import BIAS, BOX_TERMS, WEIGHT, Empty, Head, Layer, Term, param
+from ..vocab import BIAS, BOX_LAYERS, TERMS, WEIGHT, Empty, Head, Layer, Term, param
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing
 CLIP_EPS = 1e-6
@@ -40,6 +42,7 @@ class LevelGrads:
     deltas: float
     neg_share: float  # share of ||dL_cls / d logits||^2 from negative (and unsampled) samples
     nonfinite: int  # non-finite gradient entries at this level's head outputs
+    stage: int = 0  # the cascade stage of a RoI level
 
 
 @dataclass(kw_only=True)
@@ -83,14 +86,48 @@ def _nonfinite(*ts: Tensor) -> int:
     return int(sum((~torch.isfinite(t)).sum() for t in ts))
 
 
+class _StageShared:
+    """One box-head stage's per-sample derivatives and fc1 Gram matrix, computed once for all
+    profiles."""
+
+    def __init__(self, roi: RoiStage):
+        self.roi = roi
+        self._box, self._ce = {}, None
+        x = roi.pooled.detach().flatten(1)
+        self.gram = x @ x.T if x.shape[0] else x.new_zeros(0, 0)  # [R, R], shared by fc1 norms
+
+    def box(self, lvl: int, spec: TermSpec) -> Tensor:
+        key = (lvl, spec.loss, spec.beta)
+        if key not in self._box:
+            self._box[key] = _box_grad(self.roi.samples[lvl], spec)
+        return self._box[key]
+
+    def ce(self) -> Tensor:
+        if self._ce is None:
+            roi = self.roi
+            self._ce = (
+                torch.autograd.grad(roi.ce.sum(), roi.cls_logits, retain_graph=True)[0]
+                if roi.ce.numel()
+                else roi.cls_logits.detach().clone()
+            )
+        return self._ce
+
+
+def _box_grad(s, spec: TermSpec) -> Tensor:
+    """∂(sum of per-sample box losses)/∂ predictions, Tensor[P, 4]."""
+    loss = s.box_loss(spec)
+    if not loss.numel():
+        return s.box_pred.detach().new_zeros(0, BOX_COORDS)
+    return torch.autograd.grad(loss.sum(), s.box_pred, retain_graph=True)[0]
+
+
 class _Shared:
     """Per-sample derivatives at the head outputs, computed once for all profiles."""
 
     def __init__(self, r: Replay):
         self.r = r
-        self._bce, self._box, self._ce = {}, {}, None
-        x = r.roi.pooled.detach().flatten(1)
-        self.gram = x @ x.T if x.shape[0] else x.new_zeros(0, 0)  # [R, R], shared by fc1 norms
+        self._bce, self._box = {}, {}
+        self.stages = [_StageShared(roi) for roi in r.roi_stages]
 
     def bce(self, lvl: int) -> Tensor:
         if lvl not in self._bce:
@@ -101,26 +138,11 @@ class _Shared:
         return self._bce[lvl]
 
     def box(self, head: Head, lvl: int, spec: TermSpec) -> Tensor:
-        key = (head, lvl, spec.loss, spec.beta)
+        """The RPN's box-loss derivatives at one level (the RoI stages keep their own)."""
+        key = (lvl, spec.loss, spec.beta)
         if key not in self._box:
-            s = self.r.samples[head][lvl]
-            loss = s.box_loss(spec)
-            self._box[key] = (
-                torch.autograd.grad(loss.sum(), s.box_pred, retain_graph=True)[0]
-                if loss.numel()
-                else s.box_pred.detach().new_zeros(0, BOX_COORDS)
-            )
+            self._box[key] = _box_grad(self.r.samples[head][lvl], spec)
         return self._box[key]
-
-    def ce(self) -> Tensor:
-        if self._ce is None:
-            roi = self.r.roi
-            self._ce = (
-                torch.autograd.grad(roi.ce.sum(), roi.cls_logits, retain_graph=True)[0]
-                if roi.ce.numel()
-                else roi.cls_logits.detach().clone()
-            )
-        return self._ce
 
 
 @dataclass(kw_only=True)
@@ -141,6 +163,7 @@ class _HeadGrads:
     params: dict[str, _ParamGrad]
     neg_share: float
     no_grad_levels: list[str] = field(default_factory=list)
+    sq: tuple[float, float] = (0.0, 0.0)  # squared classification gradient of (pos, neg)
 
 
 def _coef(spec: TermSpec, d: float) -> float:
@@ -225,54 +248,78 @@ def _rpn(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
     )
 
 
-def _roi_outputs(r: Replay, p: LossProfile, sh: _Shared) -> tuple[Tensor, Tensor]:
+@dataclass(kw_only=True)
+class _StageView:
+    """One box-head stage under one profile: its RoIs and weights, its level losses, the profile
+    as the stage weighs its terms, and its shared derivatives."""
+
+    k: int
+    roi: RoiStage
+    heads: HeadWeights
+    losses: list[LevelLoss]
+    p: LossProfile
+    sh: _StageShared
+
+
+def _stage_view(r: Replay, p: LossProfile, sh: _Shared, k: int) -> _StageView:
+    pl, cascade = r.losses[p.name], r.config.cascade
+    weight = (
+        (cascade.stage0_loss_weight if r.stages else 1.0)
+        if k == 0
+        else (cascade.loss_weights[k - 1])
+    )
+    return _StageView(k=k, roi=r.roi_stages[k], heads=r.heads.stage(k),
+                      losses=pl.levels[Head.ROI] if k == 0 else pl.stages[k - 1],
+                      p=staged(p, weight), sh=sh.stages[k])  # fmt: skip
+
+
+def _roi_outputs(v: _StageView) -> tuple[Tensor, Tensor]:
     """∂L/∂class logits Tensor[R, K+1] and ∂L/∂deltas Tensor[R, reg_classes, 4]."""
-    roi, heads = r.roi, r.heads
+    roi, p = v.roi, v.p
     fg = roi.fg_class >= 0
-    losses = r.losses[p.name].levels[Head.ROI]
-    c_cls = torch.tensor([_coef(p.roi_cls, lv.avg_factor) for lv in losses])
+    c_cls = torch.tensor([_coef(p.roi_cls, lv.avg_factor) for lv in v.losses])
     c_cls = c_cls[roi.level] if roi.level.numel() else torch.zeros(0)
-    g_cls = sh.ce() * (torch.where(fg, p.pos_weight, 1.0) * c_cls)[:, None]
+    g_cls = v.sh.ce() * (torch.where(fg, p.pos_weight, 1.0) * c_cls)[:, None]
     g_reg = torch.zeros_like(roi.deltas.detach())
     pos_rows = fg.nonzero().flatten()
-    for lvl, loss in enumerate(losses):
+    for lvl, loss in enumerate(v.losses):
         rows = pos_rows[roi.level[pos_rows] == lvl]
         if rows.numel():
-            g = sh.box(Head.ROI, lvl, p.roi_box) * _coef(p.roi_box, loss.avg_factor_bbox)
-            g_reg[rows, heads.reg_slot(roi.fg_class[rows])] = g
+            g = v.sh.box(lvl, p.roi_box) * _coef(p.roi_box, loss.avg_factor_bbox)
+            g_reg[rows, v.heads.reg_slot(roi.fg_class[rows])] = g
     return g_cls, g_reg
 
 
-def _box_head(r: Replay, sh: _Shared, g_cls: Tensor, g_reg: Tensor, params: dict) -> Tensor:
+def _box_head(v: _StageView, g_cls: Tensor, g_reg: Tensor, params: dict) -> Tensor:
     """The box head's parameter gradients by term, by hand → ∂L/∂(fc1 input) summed over terms."""
-    heads, h1, h2 = r.heads, r.roi.hidden1.detach(), r.roi.hidden.detach()
+    heads, h1, h2, k = v.heads, v.roi.hidden1.detach(), v.roi.hidden.detach(), v.k
     gp1_total = None
     outputs = (
         (Term.ROI_CLS, g_cls, Layer.BOX_LOGITS),
         (Term.ROI_BOX, g_reg.flatten(1), Layer.BOX_DELTAS),
     )
     for term, g_out, layer in outputs:
-        params[param(layer, WEIGHT)].add(term, g_out.T @ h2)
-        params[param(layer, BIAS)].add(term, g_out.sum(0))
+        params[param(layer, WEIGHT, k)].add(term, g_out.T @ h2)
+        params[param(layer, BIAS, k)].add(term, g_out.sum(0))
         gp2 = (g_out @ heads.weight(layer).detach()) * (h2 > 0)
-        params[param(Layer.BOX_FC2, WEIGHT)].add(term, gp2.T @ h1)
-        params[param(Layer.BOX_FC2, BIAS)].add(term, gp2.sum(0))
+        params[param(Layer.BOX_FC2, WEIGHT, k)].add(term, gp2.T @ h1)
+        params[param(Layer.BOX_FC2, BIAS, k)].add(term, gp2.sum(0))
         gp1 = (gp2 @ heads.weight(Layer.BOX_FC2).detach()) * (h1 > 0)
-        params[param(Layer.BOX_FC1, BIAS)].add(term, gp1.sum(0))
-        params[param(Layer.BOX_FC1, WEIGHT)].by_term[term] = _gram_norm_sq(gp1, sh.gram)
+        params[param(Layer.BOX_FC1, BIAS, k)].add(term, gp1.sum(0))
+        params[param(Layer.BOX_FC1, WEIGHT, k)].by_term[term] = _gram_norm_sq(gp1, v.sh.gram)
         gp1_total = gp1 if gp1_total is None else gp1_total + gp1
-    params[param(Layer.BOX_FC1, WEIGHT)].total = _gram_norm_sq(gp1_total, sh.gram)
+    params[param(Layer.BOX_FC1, WEIGHT, k)].total = _gram_norm_sq(gp1_total, v.sh.gram)
     return gp1_total @ heads.weight(Layer.BOX_FC1).detach()
 
 
-def _roi(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
-    """RoI norms: outputs and box head by hand, then one backward through RoIAlign."""
-    roi = r.roi
-    layers = (Layer.BOX_FC1, Layer.BOX_FC2, Layer.BOX_LOGITS, Layer.BOX_DELTAS)
-    params = {param(x, k): _ParamGrad() for x in layers for k in (WEIGHT, BIAS)}
-    g_cls, g_reg = _roi_outputs(r, p, sh)
-    g_pooled = _box_head(r, sh, g_cls, g_reg, params).view_as(roi.pooled)
-    feats = list(r.features[: roi.num_levels])
+def _roi(v: _StageView, features: list[Tensor]) -> _HeadGrads:
+    """One stage's RoI norms: outputs and box head by hand, then one backward through RoIAlign
+    (and any gradient scale of the stage's pooled features)."""
+    roi = v.roi
+    params = {param(x, kind, v.k): _ParamGrad() for x in BOX_LAYERS for kind in (WEIGHT, BIAS)}
+    g_cls, g_reg = _roi_outputs(v)
+    g_pooled = _box_head(v, g_cls, g_reg, params).view_as(roi.pooled)
+    feats = list(features[: roi.num_levels])
     g_feat = torch.autograd.grad(
         roi.pooled, feats, grad_outputs=g_pooled, retain_graph=True, allow_unused=True
     )
@@ -291,9 +338,33 @@ def _roi(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
                 deltas=_norm(g_reg[at]),
                 neg_share=_share(neg, pos),
                 nonfinite=_nonfinite(g_cls[at], g_reg[at]),
+                stage=v.k,
             )
         )
-    return _HeadGrads(levels=rows, params=params, neg_share=_share(neg_sq, pos_sq))
+    return _HeadGrads(levels=rows, params=params, neg_share=_share(neg_sq, pos_sq),
+                      sq=(pos_sq, neg_sq))  # fmt: skip
+
+
+def _mask(r: Replay, p: LossProfile) -> _HeadGrads:
+    """The mask head's norms by autograd: one backward of the mask term to its parameters, its
+    selected logits and the features (a level's RoIs read only their own level)."""
+    m = r.mask
+    loss = r.losses[p.name].term(Term.ROI_MASK)
+    names = mask_params(r.heads)
+    feats = list(r.features[: r.roi.num_levels])
+    inputs = [r.heads.params[n] for n in names] + [m.logits] + feats
+    grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    params = {n: _ParamGrad(by_term={Term.ROI_MASK: g}) for n, g in zip(names, grads)}
+    g_logits, g_feats = grads[len(names)], grads[len(names) + 1 :]
+    level = r.roi.level[m.rows]
+    rows = [
+        LevelGrads(head=Head.MASK, level=s.name, feature=_norm(gf),
+                   logits_pos=_norm(g_logits[level == lvl]), logits_neg=0.0, deltas=0.0,
+                   neg_share=math.nan, nonfinite=_nonfinite(g_logits[level == lvl]))
+        for lvl, (s, gf) in enumerate(zip(m.samples, g_feats))
+    ]  # fmt: skip
+    return _HeadGrads(levels=rows, params=params, neg_share=math.nan)
 
 
 def _gram_norm_sq(g: Tensor, gram: Tensor) -> Tensor:
@@ -312,7 +383,7 @@ def _term_norm(g: Tensor | None, split: bool) -> float:
 def _param_norms(acc: _ParamGrad) -> tuple[ParamNorms, float]:
     """Final norms of one parameter, and its squared total."""
     split = acc.total is None or acc.total.dim() == 0  # the 3x3 conv is not split by term
-    by_term = {t: _term_norm(acc.by_term.get(t), split) for t in BOX_TERMS}
+    by_term = {t: _term_norm(acc.by_term.get(t), split) for t in TERMS}
     if acc.total is not None:
         total_sq = float(acc.total) if acc.total.dim() == 0 else _sq(acc.total)
     else:
@@ -328,10 +399,23 @@ def _clip(total: float, max_norm: float | None) -> float:
     return 1.0 if max_norm is None else min(1.0, max_norm / (total + CLIP_EPS))
 
 
+def _roi_stages(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
+    """Every box-head stage's norms, as one head: levels of each stage, parameters of each."""
+    stages = [_roi(_stage_view(r, p, sh, k), r.features) for k in range(len(r.roi_stages))]
+    pos_sq, neg_sq = (sum(g.sq[i] for g in stages) for i in (0, 1))
+    return _HeadGrads(
+        levels=[row for g in stages for row in g.levels],
+        params={name: acc for g in stages for name, acc in g.params.items()},
+        neg_share=_share(neg_sq, pos_sq),
+    )
+
+
 def profile_gradients(r: Replay, p: LossProfile, shared: _Shared | None = None) -> ProfileGrads:
     """All gradient norms of one replayed profile."""
     sh = shared or _Shared(r)
-    heads = {Head.RPN: _rpn(r, p, sh), Head.ROI: _roi(r, p, sh)}
+    heads = {Head.RPN: _rpn(r, p, sh), Head.ROI: _roi_stages(r, p, sh)}
+    if r.mask is not None:
+        heads[Head.MASK] = _mask(r, p)
     norms, total_sq = {}, 0.0
     for hg in heads.values():
         for name, acc in hg.params.items():

@@ -40,8 +40,9 @@ EMPTY_WHAT = {
     Normalizer.BUDGET: "images",
     Normalizer.MMDET_SAMPLER: "images",
     Normalizer.MMDET_PSEUDO: "images",
+    Normalizer.MASK_PIXELS: "mask pixels of positive RoIs in the batch",
 }
-UNITS = {Head.RPN: "anchors", Head.ROI: "RoIs"}
+UNITS = {Head.RPN: "anchors", Head.ROI: "RoIs", Head.MASK: "RoIs"}
 # What to change when a loss first breaks at each stage (the nan-empty-mean finding has its own).
 CAUSES = {
     Stage.INPUT: "the features are already non-finite: look upstream of the heads (backbone/FPN "
@@ -61,7 +62,13 @@ CAUSES = {
     Stage.GRADIENTS: "a loss with an undefined gradient at 0 (smooth-L1 with beta 0 written as "
     "0.5 d^2 / beta): use an exact L1",
 }
-LAYERS = {Head.RPN: RPN_LAYERS, Head.ROI: BOX_LAYERS}
+
+
+def _layers(heads, head: Head) -> tuple[Layer, ...]:
+    """A head's layers (the mask head's convs as the checkpoint has them)."""
+    if head is Head.MASK:
+        return (*heads.mask_convs, Layer.MASK_DECONV, Layer.MASK_LOGITS)
+    return RPN_LAYERS if head is Head.RPN else BOX_LAYERS
 
 
 @dataclass(kw_only=True)
@@ -81,6 +88,7 @@ class Origin:
     index: int | None = None  # anchor index in the level (RPN) or RoI row (RoI)
     gt: int | None = None  # box index in the dump's gt_boxes[image]
     cause: str = ""
+    box_stage: int = 0  # the cascade stage of a RoI level
     reason: str = ""  # the cause without where it happened, where it says more than the stage
 
     @property
@@ -137,8 +145,9 @@ def _rpn_view(r: Replay, lvl: int, part: Part, leak: bool) -> _View:
     )
 
 
-def _roi_view(r: Replay, lvl: int, part: Part) -> _View:
-    roi, s = r.roi, r.roi.samples[lvl]
+def _roi_view(r: Replay, lvl: int, part: Part, k: int = 0) -> _View:
+    roi = r.roi_stages[k]
+    s = roi.samples[lvl]
     at = (roi.level == lvl).nonzero().flatten()
     fg_at = at[roi.fg_class[at] >= 0]
     box = part is Part.BOX
@@ -167,13 +176,39 @@ def _example(where: Tensor, bad: Tensor) -> tuple[int | None, int | None]:
     return int(where[row, 0]), int(where[row, 1])
 
 
-class _Tracer:
-    """Builds the origin of one (profile, head, level, part)."""
+def _mask_view(r: Replay, lvl: int) -> _View:
+    m = r.mask
+    at = (r.roi.level[m.rows] == lvl).nonzero().flatten()
+    rows = m.rows[at]
+    where = torch.stack([r.roi.img[rows], rows], 1)
+    return _View(
+        name=m.samples[lvl].name,
+        feature=r.features[lvl].detach(),
+        outputs=m.logits.detach()[at],
+        where=where,
+        unsampled_only=False,
+        pos_where=where,
+        pos_gt=r.roi.gt_index[rows],
+        targets=m.targets[at],
+        per_sample=m.bce.detach()[at],
+        refs=r.roi.boxes[rows],
+        ref_where=where,
+    )
 
-    def __init__(self, r: Replay, p: LossProfile, head: Head, lvl: int, part: Part):
-        self.r, self.p, self.head, self.part = r, p, head, part
+
+class _Tracer:
+    """Builds the origin of one (profile, head, level, part) of one box-head stage."""
+
+    def __init__(self, r: Replay, p: LossProfile, head: Head, lvl: int, part: Part, k: int = 0):
+        self.r, self.p, self.head, self.part, self.k = r, p, head, part, k
+        self.heads = r.heads.stage(k)
         leak = p.unsampled_leak and head is Head.RPN
-        self.v = _rpn_view(r, lvl, part, leak) if head is Head.RPN else _roi_view(r, lvl, part)
+        views = {
+            Head.RPN: lambda: _rpn_view(r, lvl, part, leak),
+            Head.ROI: lambda: _roi_view(r, lvl, part, k),
+            Head.MASK: lambda: _mask_view(r, lvl),
+        }
+        self.v = views[head]()
 
     def origin(self, stage: Stage, t: Tensor, image=None, index=None, gt=None, cause="") -> Origin:
         nan, pos, neg = counts(t)
@@ -190,6 +225,7 @@ class _Tracer:
             index=index,
             gt=gt,
             cause=cause,
+            box_stage=self.k,
         )
 
     def first_stage(self, value: Tensor, denominator: float) -> Origin:
@@ -214,13 +250,13 @@ class _Tracer:
 
     def before_outputs(self) -> Origin | None:
         """Broken outputs whose cause is upstream: the features, the weights, the RoI boxes."""
-        v, heads = self.v, self.r.heads
+        v, heads = self.v, self.heads
         if _bad(v.feature).any():
             imgs = _bad(v.feature).flatten(1).any(1).nonzero().flatten().tolist()
             kind = "NaN" if counts(v.feature)[0] else "Inf"
             cause = f"input: {kind} already in the {v.name} features (images {imgs})"
             return self.origin(Stage.INPUT, v.feature, image=imgs[0], cause=cause)
-        names = [param(x, k) for x in LAYERS[self.head] for k in (WEIGHT, BIAS)]
+        names = [param(x, kind) for x in _layers(heads, self.head) for kind in (WEIGHT, BIAS)]
         broken = [n for n in names if _bad(heads.params[n]).any()]
         if broken:
             layers = list(dict.fromkeys(heads.keys[Layer(n.split(".")[0])] for n in broken))
@@ -298,22 +334,32 @@ def _gradient_origin(profile: str, head: Head, level: str, nonfinite: int) -> Or
     )
 
 
+def _parts(head: Head, ll) -> tuple:
+    """(part, value, normalizer) of each term a level has."""
+    if head is Head.MASK:
+        return ((Part.MASK, ll.loss_mask, ll.avg_factor),)
+    return ((Part.CLS, ll.loss_cls, ll.avg_factor), (Part.BOX, ll.loss_bbox, ll.avg_factor_bbox))
+
+
+def _levels(pl) -> list[tuple[Head, int, list]]:
+    """(head, box stage, level losses) of every head and cascade stage."""
+    first = [(head, 0, levels) for head, levels in pl.levels.items()]
+    return first + [(Head.ROI, k, levels) for k, levels in enumerate(pl.stages, start=1)]
+
+
 def trace(r: Replay, grads: dict[str, ProfileGrads] | None = None) -> list[Origin]:
-    """The first broken stage of every non-finite (profile, head, level, part)."""
+    """The first broken stage of every non-finite (profile, head, box stage, level, part)."""
     out: list[Origin] = []
     for name, pl in r.losses.items():
-        for head, levels in pl.levels.items():
+        for head, k, levels in _levels(pl):
             for lvl, ll in enumerate(levels):
-                parts = (
-                    (Part.CLS, ll.loss_cls, ll.avg_factor),
-                    (Part.BOX, ll.loss_bbox, ll.avg_factor_bbox),
-                )
-                broken = [(p, v, d) for p, v, d in parts if not bool(torch.isfinite(v.detach()))]
+                broken = [x for x in _parts(head, ll) if not bool(torch.isfinite(x[1].detach()))]
                 for part, value, d in broken:
-                    out.append(_Tracer(r, pl.profile, head, lvl, part).first_stage(value, d))
+                    out.append(_Tracer(r, pl.profile, head, lvl, part, k).first_stage(value, d))
                 if broken or grads is None:
                     continue
-                row = next(g for g in grads[name].levels if g.head == head and g.level == ll.level)
+                row = next(g for g in grads[name].levels
+                           if (g.head, g.level, g.stage) == (head, ll.level, k))  # fmt: skip
                 if row.nonfinite:
                     out.append(_gradient_origin(name, head, ll.level, row.nonfinite))
     return out

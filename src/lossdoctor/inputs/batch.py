@@ -24,9 +24,11 @@ from .torchfile import Replaced, noting_payloads, read_file
 
 BATCH_FORMAT = "lossdoctor.batch/1"
 REQUIRED = ("format", "features", "image_sizes", "gt_boxes", "gt_labels")
-OPTIONAL = ("pad_size", "strides", "gt_ignore", "proposals", "meta")
+OPTIONAL = ("pad_size", "strides", "gt_ignore", "gt_masks", "proposals", "meta")
 # A box may stick out of the image by this many pixels before it counts as "outside".
 OUTSIDE_TOLERANCE = 1.0
+# a GT mask whose extent overlaps its box by less than this is out of step with it
+MASK_BOX_IOU = 0.5
 LEVEL_NAME = re.compile(r"^[pP](\d+)$")
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
@@ -60,6 +62,7 @@ class Batch:
     gt_labels: list[Tensor]
     gt_ignore: list[Tensor]
     proposals: list[Tensor] | None = None
+    gt_masks: list[Tensor] | None = None  # per image Tensor[K_i, H_i, W_i] bool, image size
     meta: dict = field(default_factory=dict)
     suspicions: list[Suspicion] = field(default_factory=list)
     replaced: list[Replaced] = field(default_factory=list)  # globals the file named, not rebuilt
@@ -220,6 +223,22 @@ def _check_labels(raw, boxes: list[Tensor]) -> list[Tensor]:
     return out
 
 
+def _check_masks(raw, boxes: list[Tensor], sizes) -> list[Tensor] | None:
+    """Per image a bool or uint8 Tensor[K, H, W]: one mask per GT box, at the image's size (not
+    padded), nonzero = object."""
+    if raw is None:
+        return None
+    out = []
+    for i, t in enumerate(_per_image(raw, "gt_masks", len(boxes))):
+        want = [boxes[i].shape[0], *sizes[i]]
+        ok = isinstance(t, Tensor) and t.dtype in (torch.bool, torch.uint8) and t.dim() == 3
+        if not ok or list(t.shape) != want:
+            raise _refuse(f"gt_masks[{i}]", f"a bool or uint8 Tensor{want} (one mask per box, "
+                          "at the image size)", t)  # fmt: skip
+        out.append(t.detach().bool())
+    return out
+
+
 def _check_ignore(raw, boxes: list[Tensor]) -> list[Tensor]:
     if raw is None:
         return [torch.zeros(b.shape[0], dtype=torch.bool) for b in boxes]
@@ -290,6 +309,7 @@ def validate_batch(data) -> Batch:
         gt_boxes=boxes,
         gt_labels=_check_labels(data["gt_labels"], boxes),
         gt_ignore=_check_ignore(data.get("gt_ignore"), boxes),
+        gt_masks=_check_masks(data.get("gt_masks"), boxes, sizes),
         proposals=proposals,
         meta=dict(meta),
     )
@@ -312,7 +332,44 @@ def find_suspicions(batch: Batch) -> list[Suspicion]:
             evidence = {"ignored": boxes.shape[0]}
             out.append(Suspicion("empty-gt-image", message, image=i, evidence=evidence))
         out += _nonfinite_boxes(i, boxes) + _box_suspicions(i, boxes, batch.image_sizes[i])
+        if batch.gt_masks is not None:
+            out += _mask_suspicions(i, boxes, batch.gt_masks[i])
     return out
+
+
+def _mask_extent(mask: Tensor) -> list[float] | None:
+    """The box [x1, y1, x2, y2] around a mask's pixels (pixel edges), or None if it is empty."""
+    ys, xs = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+    if ys.numel() == 0:
+        return None
+    return [float(xs[0]), float(ys[0]), float(xs[-1]) + 1, float(ys[-1]) + 1]
+
+
+def _mask_suspicions(i: int, boxes: Tensor, masks: Tensor) -> list[Suspicion]:
+    """GT masks that do not sit in their boxes: the box around the mask overlaps the GT box by
+    less than MASK_BOX_IOU (a flip, crop or resize applied to one and not the other)."""
+    out = []
+    for j in torch.isfinite(boxes).all(1).nonzero().flatten().tolist():
+        extent = _mask_extent(masks[j])
+        if extent is None:
+            continue
+        iou = _iou(extent, boxes[j].tolist())
+        if iou < MASK_BOX_IOU:
+            out.append(Suspicion(
+                "mask-box-mismatch",
+                f"image {i} box {j} {[round(v, 1) for v in boxes[j].tolist()]}: its mask covers "
+                f"{extent} (IoU {iou:.2f} with the box)",
+                image=i, box=j,
+                evidence={"box": boxes[j].tolist(), "mask_extent": extent, "iou": iou},
+            ))  # fmt: skip
+    return out
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+    return iw * ih / (union - iw * ih) if union - iw * ih > 0 else 0.0
 
 
 def _feature_suspicions(batch: Batch) -> list[Suspicion]:
@@ -513,6 +570,7 @@ def dump_batch(
     gt_boxes,
     gt_labels,
     gt_ignore=None,
+    gt_masks=None,
     proposals=None,
     pad_size=None,
     strides=None,
@@ -522,7 +580,8 @@ def dump_batch(
 
     features: level name → Tensor[N, C, H, W], finest first (e.g. the FPN outputs p2..p6), or a
     list/tuple of them. gt_boxes / gt_labels: per image Tensor[K, 4] (x1, y1, x2, y2) and
-    Tensor[K] foreground class 0..C-1. Returns the validated :class:`Batch`.
+    Tensor[K] foreground class 0..C-1. gt_masks (Mask R-CNN): per image a bool or uint8
+    Tensor[K, H, W] at the image size. Returns the validated :class:`Batch`.
     """
     if strides is not None:
         strides = _ints(strides, "strides", "a list of integer strides, finest first")
@@ -533,14 +592,11 @@ def dump_batch(
         "gt_boxes": _tensor_list(gt_boxes, "gt_boxes"),
         "gt_labels": _tensor_list(gt_labels, "gt_labels"),
     }
-    optional = {"gt_ignore": gt_ignore, "proposals": proposals}
+    optional = {"gt_ignore": gt_ignore, "gt_masks": gt_masks, "proposals": proposals}
     data.update({k: _tensor_list(v, k) for k, v in optional.items() if v is not None})
-    if pad_size is not None:
-        data["pad_size"] = _ints(pad_size, "pad_size", "[h, w]")
-    if strides is not None:
-        data["strides"] = strides
-    if meta:
-        data["meta"] = _plain(meta)
+    pad = None if pad_size is None else _ints(pad_size, "pad_size", "[h, w]")
+    extra = {"pad_size": pad, "strides": strides, "meta": _plain(meta) if meta else None}
+    data.update({k: v for k, v in extra.items() if v is not None})
     batch = validate_batch(data)
     save_torch(data, path)
     return batch

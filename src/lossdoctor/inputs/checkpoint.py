@@ -14,51 +14,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..vocab import BIAS, WEIGHT, Background, Layer, Layout, param
+from ..vocab import BIAS, BOX_LAYERS, MASK_CONVS, WEIGHT, Background, Layer, Layout, param
 from .batch import BATCH_FORMAT
 from .checks import as_member
 from .errors import InputError
+from .layouts import BACKGROUND, LAYOUTS, FoundKeys, find_keys
 from .torchfile import Loaded, Placeholder, Replaced, noting_payloads, read_file
 
-# Key prefix of each layer, per layout. The torchvision RPN conv has two spellings (pre-v2, v2).
-LAYOUTS: dict[Layout, dict[Layer, tuple[str, ...]]] = {
-    Layout.TORCHVISION: {
-        Layer.RPN_CONV: ("rpn.head.conv.0.0", "rpn.head.conv"),
-        Layer.RPN_LOGITS: ("rpn.head.cls_logits",),
-        Layer.RPN_DELTAS: ("rpn.head.bbox_pred",),
-        Layer.BOX_FC1: ("roi_heads.box_head.fc6",),
-        Layer.BOX_FC2: ("roi_heads.box_head.fc7",),
-        Layer.BOX_LOGITS: ("roi_heads.box_predictor.cls_score",),
-        Layer.BOX_DELTAS: ("roi_heads.box_predictor.bbox_pred",),
-    },
-    Layout.MMDET: {
-        Layer.RPN_CONV: ("rpn_head.rpn_conv",),
-        Layer.RPN_LOGITS: ("rpn_head.rpn_cls",),
-        Layer.RPN_DELTAS: ("rpn_head.rpn_reg",),
-        Layer.BOX_FC1: ("roi_head.bbox_head.shared_fcs.0",),
-        Layer.BOX_FC2: ("roi_head.bbox_head.shared_fcs.1",),
-        Layer.BOX_LOGITS: ("roi_head.bbox_head.fc_cls",),
-        Layer.BOX_DELTAS: ("roi_head.bbox_head.fc_reg",),
-    },
-    Layout.DETECTRON2: {
-        Layer.RPN_CONV: ("proposal_generator.rpn_head.conv",),
-        Layer.RPN_LOGITS: ("proposal_generator.rpn_head.objectness_logits",),
-        Layer.RPN_DELTAS: ("proposal_generator.rpn_head.anchor_deltas",),
-        Layer.BOX_FC1: ("roi_heads.box_head.fc1",),
-        Layer.BOX_FC2: ("roi_heads.box_head.fc2",),
-        Layer.BOX_LOGITS: ("roi_heads.box_predictor.cls_score",),
-        Layer.BOX_DELTAS: ("roi_heads.box_predictor.bbox_pred",),
-    },
-}
-# Where each layout keeps the background logit.
-BACKGROUND = {
-    Layout.TORCHVISION: Background.FIRST,
-    Layout.MMDET: Background.LAST,
-    Layout.DETECTRON2: Background.LAST,
-}
 # 3 x 3 RPN conv, 1 x 1 predictors
 RPN_CONV_KERNEL, PREDICTOR_KERNEL = 3, 1
 BOX_COORDS = 4
+# the mask head's deconvolution doubles the RoI side
+MASK_UPSAMPLE = 2
+# the prefix of a later cascade stage's canonical parameter names (vocab.param)
+STAGE = "stage"
 # values per step of the whole-checkpoint NaN/Inf scan
 SCAN_CHUNK = 1 << 22
 
@@ -76,6 +45,8 @@ class HeadWeights:
     layout: Layout
     keys: dict[Layer, str]  # layer -> its key prefix in the file
     background: Background
+    # a cascade's later stages: box layer -> its key prefix in the file, per stage from 1
+    stage_keys: list[dict[Layer, str]] = field(default_factory=list)
     replaced: list[Replaced] = field(default_factory=list)  # globals the file named, not rebuilt
     # file key -> its NaN/Inf values, for every tensor of the file outside the heads (backbone,
     # neck, other heads) that has any
@@ -88,9 +59,46 @@ class HeadWeights:
         return self.params[param(layer, BIAS)]
 
     def file_key(self, name: str) -> str:
-        """The key of a canonical parameter name (``rpn_logits.weight``) in the file."""
-        layer, kind = name.split(".")
-        return f"{self.keys[Layer(layer)]}.{kind}"
+        """The key of a canonical parameter name (``rpn_logits.weight``, or a later cascade
+        stage's ``stage1.box_fc1.weight``) in the file."""
+        *stage, layer, kind = name.split(".")
+        keys = self.stage_keys[int(stage[0][len(STAGE) :]) - 1] if stage else self.keys
+        return f"{keys[Layer(layer)]}.{kind}"
+
+    @property
+    def num_stages(self) -> int:
+        """Box-head stages: 1, or a cascade's."""
+        return 1 + len(self.stage_keys)
+
+    def stage(self, k: int) -> HeadWeights:
+        """The heads as cascade stage ``k`` sees them: its own box layers under the canonical
+        names, the RPN (and mask head) shared."""
+        if k == 0:
+            return self
+        names = [(layer, kind) for layer in BOX_LAYERS for kind in (WEIGHT, BIAS)]
+        params = {**self.params, **{param(x, kind): self.params[param(x, kind, k)]
+                                    for x, kind in names}}  # fmt: skip
+        keys = {**self.keys, **self.stage_keys[k - 1]}
+        return dataclasses.replace(self, params=params, keys=keys, stage_keys=[])
+
+    @property
+    def mask_convs(self) -> list[Layer]:
+        return [x for x in MASK_CONVS if x in self.keys]
+
+    @property
+    def has_mask(self) -> bool:
+        return Layer.MASK_LOGITS in self.keys
+
+    @property
+    def mask_channels(self) -> int:
+        """Mask logits per RoI: 1 (class-agnostic), K, or K+1 (torchvision, background first)."""
+        return self.weight(Layer.MASK_LOGITS).shape[0]
+
+    def mask_slot(self, labels: Tensor) -> Tensor:
+        """Foreground class 0..K-1 → its channel in the mask logits."""
+        if self.mask_channels == 1:
+            return torch.zeros_like(labels)
+        return self.fg_logit(labels) if self.mask_channels == self.num_logits else labels
 
     @property
     def channels(self) -> int:
@@ -227,36 +235,15 @@ def scan_nonfinite(sd: dict[str, Tensor], skip: set[str]) -> dict[str, int]:
     return {k: n for k, n in counts.items() if n}
 
 
-def _find(sd: dict[str, Tensor], layout: Layout) -> dict[Layer, str] | None:
-    """Each layer's key prefix in ``sd`` under ``layout``, or None if one is missing."""
-    keys = {}
-    for layer, prefixes in LAYOUTS[layout].items():
-        found = next((p for p in prefixes if f"{p}.{WEIGHT}" in sd), None)
-        if found is None:
-            return None
-        keys[layer] = found
-    return keys
-
-
 def heads_from_state_dict(
     sd: dict[str, Tensor], layout: Layout | str | None = None, replaced=()
 ) -> HeadWeights:
     """Pick the head weights out of a state_dict; ``layout`` None = detect from key names."""
     layouts = [as_member(Layout, layout, "layout")] if layout else list(Layout)
     for name in layouts:
-        keys = _find(sd, name)
-        if keys is not None:
-            own = {f"{p}.{kind}" for p in keys.values() for kind in (WEIGHT, BIAS)}
-            heads = HeadWeights(
-                params=_params(sd, keys, name),
-                layout=name,
-                keys=keys,
-                background=BACKGROUND[name],
-                replaced=list(replaced),
-                nonfinite_elsewhere=scan_nonfinite(sd, own),
-            )
-            check_heads(heads)
-            return heads
+        found = find_keys(sd, name)
+        if found is not None:
+            return _heads(sd, found, name, replaced)
     want = ", ".join(f"{n}: '{LAYOUTS[n][Layer.RPN_LOGITS][0]}.{WEIGHT}'" for n in layouts)
     raise InputError(
         f"no RPN/box head found in the checkpoint (looked for {want}); "
@@ -264,7 +251,28 @@ def heads_from_state_dict(
     )
 
 
-def _params(sd: dict[str, Tensor], keys: dict[Layer, str], layout: Layout) -> dict[str, Tensor]:
+def _heads(sd: dict[str, Tensor], found: FoundKeys, layout: Layout, replaced) -> HeadWeights:
+    params = _params(sd, found.keys, layout)
+    for k, keys in enumerate(found.stages, start=1):
+        params.update(_params(sd, keys, layout, stage=k))
+    own = {f"{p}.{kind}" for keys in (found.keys, *found.stages) for p in keys.values()
+           for kind in (WEIGHT, BIAS)}  # fmt: skip
+    heads = HeadWeights(
+        params=params,
+        layout=layout,
+        keys=found.keys,
+        background=BACKGROUND[layout],
+        stage_keys=found.stages,
+        replaced=list(replaced),
+        nonfinite_elsewhere=scan_nonfinite(sd, own),
+    )
+    check_heads(heads)
+    return heads
+
+
+def _params(
+    sd: dict[str, Tensor], keys: dict[Layer, str], layout: Layout, stage: int = 0
+) -> dict[str, Tensor]:
     params = {}
     for layer, prefix in keys.items():
         for kind in (WEIGHT, BIAS):
@@ -273,34 +281,64 @@ def _params(sd: dict[str, Tensor], keys: dict[Layer, str], layout: Layout) -> di
                 raise InputError(
                     f"checkpoint key '{prefix}.{kind}' is missing; the {layout} head needs it"
                 )
-            params[param(layer, kind)] = t.detach().float()
+            params[param(layer, kind, stage)] = t.detach().float()
     return params
 
 
-def check_heads(h: HeadWeights) -> None:
-    """Shapes must form one consistent Faster R-CNN head."""
-    c, a = h.channels, h.num_anchors
-    expect = {
-        Layer.RPN_CONV: (c, c, RPN_CONV_KERNEL, RPN_CONV_KERNEL),
-        Layer.RPN_LOGITS: (a, c, PREDICTOR_KERNEL, PREDICTOR_KERNEL),
-        Layer.RPN_DELTAS: (BOX_COORDS * a, c, PREDICTOR_KERNEL, PREDICTOR_KERNEL),
-    }
-    for layer, shape in expect.items():
-        found = list(h.weight(layer).shape)
-        if tuple(found) != shape:
-            key = h.file_key(param(layer, WEIGHT))
-            raise InputError(f"checkpoint '{key}' has shape {found}, expected {list(shape)}")
-    fc_in = h.weight(Layer.BOX_FC1).shape[1]
-    if h.pool_size**2 * c != fc_in:
+def _shape(h: HeadWeights, layer: Layer, want: tuple, stage: int = 0) -> None:
+    found = tuple(h.weight(layer).shape)
+    if found != want:
+        key = h.file_key(param(layer, WEIGHT, stage))
+        raise InputError(f"checkpoint '{key}' has shape {list(found)}, expected {list(want)}")
+
+
+def _check_mask(h: HeadWeights) -> None:
+    """3x3 convs from the feature channels, a 2x2 stride-2 deconv, 1x1 logits per class."""
+    cin = h.channels
+    for conv in h.mask_convs:
+        cout = h.weight(conv).shape[0]
+        _shape(h, conv, (cout, cin, RPN_CONV_KERNEL, RPN_CONV_KERNEL))
+        cin = cout
+    cout = h.weight(Layer.MASK_DECONV).shape[1]
+    _shape(h, Layer.MASK_DECONV, (cin, cout, MASK_UPSAMPLE, MASK_UPSAMPLE))
+    q = h.mask_channels
+    if q not in (1, h.num_classes, h.num_logits):
         raise InputError(
-            f"box head input {fc_in} is not channels ({c}) x P x P for any P; check the checkpoint"
+            f"mask head predicts {q} masks per RoI, expected 1, K or K+1 with K = {h.num_classes}"
         )
-    outputs = h.weight(Layer.BOX_DELTAS).shape[0]
-    if h.reg_classes not in (1, h.num_classes, h.num_logits) or outputs % BOX_COORDS:
+    _shape(h, Layer.MASK_LOGITS, (q, cout, PREDICTOR_KERNEL, PREDICTOR_KERNEL))
+
+
+def _check_box(h: HeadWeights, stage: int) -> None:
+    """One box head: fc1 over C x P x P pooled inputs, K+1 logits, 4, 4K or 4(K+1) deltas."""
+    s = h.stage(stage)
+    fc_in = s.weight(Layer.BOX_FC1).shape[1]
+    if s.pool_size**2 * s.channels != fc_in:
+        raise InputError(
+            f"box head input {fc_in} is not channels ({s.channels}) x P x P for any P; check "
+            "the checkpoint"
+        )
+    if stage and s.num_logits != h.num_logits:
+        key = h.file_key(param(Layer.BOX_LOGITS, WEIGHT, stage))
+        raise InputError(f"checkpoint '{key}' has {s.num_logits} classes, stage 0 {h.num_logits}")
+    outputs = s.weight(Layer.BOX_DELTAS).shape[0]
+    if s.reg_classes not in (1, s.num_classes, s.num_logits) or outputs % BOX_COORDS:
         raise InputError(
             f"box regressor has {outputs} outputs, expected 4, 4K or 4(K+1) "
-            f"with K+1 = {h.num_logits}"
+            f"with K+1 = {s.num_logits}"
         )
+
+
+def check_heads(h: HeadWeights) -> None:
+    """Shapes must form one consistent head: the RPN, each box stage, the mask head."""
+    c, a = h.channels, h.num_anchors
+    _shape(h, Layer.RPN_CONV, (c, c, RPN_CONV_KERNEL, RPN_CONV_KERNEL))
+    _shape(h, Layer.RPN_LOGITS, (a, c, PREDICTOR_KERNEL, PREDICTOR_KERNEL))
+    _shape(h, Layer.RPN_DELTAS, (BOX_COORDS * a, c, PREDICTOR_KERNEL, PREDICTOR_KERNEL))
+    for k in range(h.num_stages):
+        _check_box(h, k)
+    if h.has_mask:
+        _check_mask(h)
 
 
 def load_checkpoint(

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..vocab import Mapper, Ranking
+from ..vocab import Mapper, MaskTarget, Ranking
 from .checks import as_member, check_count, check_fraction, check_range, check_unit
 from .dataclass_toml import from_table, load_named
 from .errors import InputError
@@ -185,6 +185,62 @@ class TestConfig:
 
 
 @dataclass(frozen=True)
+class MaskConfig:
+    """The mask head (Mask R-CNN), when the checkpoint has one: RoIAlign of the positive RoIs to
+    ``pool_size`` (with the box head's sampling, alignment and level mapping), a mask of
+    ``mask_size`` per RoI, and each framework's rule for the mask target."""
+
+    pool_size: int = 14
+    mask_size: int = 28
+    target: MaskTarget = MaskTarget.TORCHVISION
+
+    def __post_init__(self):
+        object.__setattr__(self, "target", as_member(MaskTarget, self.target, "mask.target"))
+        check_count(self.pool_size, "mask.pool_size")
+        check_count(self.mask_size, "mask.mask_size")
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """Cascade R-CNN's stages after the first (the first is ``roi_matcher``, ``roi_sampler``
+    and ``roi_coder``): per stage its IoU threshold, box coder weights and loss weight.
+
+    - ``resample``: every stage assigns and samples its candidates again, GT added (MMDetection);
+      otherwise a later stage takes every refined box as it is, matched but not sampled, and no GT
+      is added (Detectron2).
+    - ``drop_gt``: the RoIs that were added GT boxes are not refined into the next stage's
+      candidates (MMDetection); Detectron2 refines every RoI.
+    - ``feature_grad_scale``: each stage's gradient into the pooled features is scaled by this
+      (Detectron2: 1 / stages, which averages the stages' feature gradients).
+    - ``stage0_loss_weight``: the first stage's loss weight (MMDetection 1).
+    """
+
+    ious: tuple[float, ...] = ()
+    coder_weights: tuple[tuple[float, float, float, float], ...] = ()
+    loss_weights: tuple[float, ...] = ()
+    stage0_loss_weight: float = 1.0
+    resample: bool = True
+    drop_gt: bool = True
+    feature_grad_scale: float = 1.0
+
+    def __post_init__(self):
+        if not len(self.ious) == len(self.coder_weights) == len(self.loss_weights):
+            raise InputError(
+                "cascade ious, coder_weights and loss_weights need one entry per later stage"
+            )
+        for iou in self.ious:
+            check_unit(iou, "cascade ious")
+        for w in (*self.loss_weights, self.stage0_loss_weight, self.feature_grad_scale):
+            check_range(w, "cascade weights", 0.0)
+        for weights in self.coder_weights:
+            CoderConfig(weights=tuple(weights))
+
+    @property
+    def later_stages(self) -> int:
+        return len(self.ious)
+
+
+@dataclass(frozen=True)
 class DetectorConfig:
     """Everything about the detector that is not the loss normalization. Start from a preset
     (:func:`preset`) and change fields with :func:`replace`."""
@@ -202,6 +258,8 @@ class DetectorConfig:
     roi_coder: CoderConfig = field(default_factory=CoderConfig)
     roi_pool: RoIPoolConfig = field(default_factory=RoIPoolConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
     def __post_init__(self):
         object.__setattr__(self, "ranking", as_member(Ranking, self.ranking, "ranking"))
@@ -251,6 +309,7 @@ def mmdet_preset() -> DetectorConfig:
         roi_coder=CoderConfig(weights=ROI_CODER_WEIGHTS, clip_both=True),
         roi_pool=RoIPoolConfig(sampling_ratio=0, aligned=True, mapper=Mapper.MMDET),
         test=TestConfig(score_thr=0.05, nms_iou=0.5, detections_per_img=100, min_box_size=0.0),
+        mask=MaskConfig(target=MaskTarget.MMDET),
     )
 
 
@@ -270,6 +329,53 @@ def detectron2_preset() -> DetectorConfig:
         roi_coder=CoderConfig(weights=ROI_CODER_WEIGHTS),
         roi_pool=RoIPoolConfig(sampling_ratio=0, aligned=True, mapper=Mapper.DETECTRON2),
         test=TestConfig(score_thr=0.05, nms_iou=0.5, detections_per_img=100, min_box_size=0.0),
+        mask=MaskConfig(target=MaskTarget.DETECTRON2),
+    )
+
+
+def _named(base, name: str):
+    """A preset of the same detector under another name (its Mask R-CNN: the same config,
+    whose mask section takes effect when the checkpoint has a mask head)."""
+    return lambda: dataclasses.replace(base(), name=name)
+
+
+# MMDetection's DeltaXYWHBBoxCoder divides by its stds; these are their inverses.
+MMDET_CASCADE_STDS = ((0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
+
+
+def mmdet_cascade_preset() -> DetectorConfig:
+    """MMDetection 3.x ``cascade-rcnn_r50_fpn_1x``: 3 stages at IoU 0.5/0.6/0.7, stage loss
+    weights 1/0.5/0.25, each stage resampled with the GT added; 2000 training proposals."""
+    base = mmdet_preset()
+    return dataclasses.replace(
+        base,
+        name="mmdet-cascade",
+        train_proposals=dataclasses.replace(base.train_proposals, post_nms_top_n=2000),
+        cascade=CascadeConfig(
+            ious=(0.6, 0.7),
+            coder_weights=tuple(tuple(1.0 / x for x in stds) for stds in MMDET_CASCADE_STDS),
+            loss_weights=(0.5, 0.25),
+        ),
+    )
+
+
+def detectron2_cascade_preset() -> DetectorConfig:
+    """Detectron2 ``cascade_mask_rcnn_R_50_FPN`` (CascadeROIHeads): 3 stages at IoU 0.5/0.6/0.7,
+    box weights (10,10,5,5)/(20,20,10,10)/(30,30,15,15); later stages refine every RoI and take
+    all of them, unsampled; each stage's feature gradient scaled by 1/3; 2000 proposals."""
+    base = detectron2_preset()
+    return dataclasses.replace(
+        base,
+        name="detectron2-cascade",
+        train_proposals=dataclasses.replace(base.train_proposals, post_nms_top_n=2000),
+        cascade=CascadeConfig(
+            ious=(0.6, 0.7),
+            coder_weights=((20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0)),
+            loss_weights=(1.0, 1.0),
+            resample=False,
+            drop_gt=False,
+            feature_grad_scale=1.0 / 3,
+        ),
     )
 
 
@@ -277,6 +383,11 @@ PRESETS = {
     "torchvision": torchvision_preset,
     "mmdet": mmdet_preset,
     "detectron2": detectron2_preset,
+    "torchvision-mask": _named(torchvision_preset, "torchvision-mask"),
+    "mmdet-mask": _named(mmdet_preset, "mmdet-mask"),
+    "detectron2-mask": _named(detectron2_preset, "detectron2-mask"),
+    "mmdet-cascade": mmdet_cascade_preset,
+    "detectron2-cascade": detectron2_cascade_preset,
 }
 
 

@@ -1,6 +1,7 @@
 """Loss profiles: how per-sample losses are reduced and normalized.
 
-A profile has four terms (``rpn_cls``, ``rpn_box``, ``roi_cls``, ``roi_box``). Each term is::
+A profile has four terms (``rpn_cls``, ``rpn_box``, ``roi_cls``, ``roi_box``), and a fifth for a
+mask head (``roi_mask``). Each term is::
 
     loss[level] = weight * sum_{i in S(level)} w_i * l_i / D        (D: the term's normalizer)
 
@@ -22,6 +23,7 @@ and ``count`` is chosen by ``normalizer``:
 ``budget``         sampler batch size per image x images (Detectron2's RPN: 256 N)
 ``mmdet_sampler``  sum over images of max(#pos, 1) + max(#neg, 1) (MMDetection's RandomSampler)
 ``mmdet_pseudo``   sum over images of max(#pos, 1) (MMDetection's PseudoSampler)
+``mask_pixels``    the positive RoIs' mask pixels: #pos x M x M (the mask term's mean)
 =================  ===========================================================================
 
 ``unsampled_leak`` reproduces MMDetection's weight-multiply semantics: the RPN loss is summed
@@ -78,6 +80,11 @@ class LossProfile:
     roi_box: TermSpec = field(
         default_factory=lambda: TermSpec(LossKind.SMOOTH_L1, beta=SMOOTH_L1_TV_BETA)
     )
+    # Mask R-CNN: per-pixel BCE of each positive RoI's mask; all three frameworks take the mean
+    # over the positive RoIs' pixels and give a zero with a graph when there is none
+    roi_mask: TermSpec = field(
+        default_factory=lambda: TermSpec(LossKind.BCE, Normalizer.MASK_PIXELS)
+    )
     pos_weight: float = 1.0
     unsampled_leak: bool = False
     max_norm: float | None = None  # gradient clipping to simulate (total L2 norm), None = off
@@ -97,6 +104,8 @@ class LossProfile:
                 )
         if self.rpn_cls.loss is not LossKind.BCE or self.roi_cls.loss is not LossKind.CE:
             raise InputError(f"profile {self.name!r}: rpn_cls must be 'bce' and roi_cls 'ce'")
+        if not isinstance(self.roi_mask, TermSpec) or self.roi_mask.loss is not LossKind.BCE:
+            raise InputError(f"profile {self.name!r}: roi_mask must be a 'bce' term")
         check_range(self.pos_weight, f"profile {self.name!r}: pos_weight", 0.0, open_low=True)
         if self.max_norm is not None:
             check_range(self.max_norm, f"profile {self.name!r}: max_norm", 0.0, open_low=True)
@@ -112,6 +121,7 @@ def legacy() -> LossProfile:
     - rpn_box[l] = mean over level l's sampled positives of sum_k SL1_{1/9}; NaN if it has none.
     - roi_cls    = plain mean CE over all sampled RoIs; NaN if there is none.
     - roi_box    = mean over positive RoIs of sum_k SL1_{1/9}; NaN if there is none.
+    - roi_mask   = mean per-pixel BCE over the positive RoIs' masks; NaN if there is none.
     No floor, all weights 1.
     """
     sl1 = SMOOTH_L1_TV_BETA
@@ -122,6 +132,7 @@ def legacy() -> LossProfile:
         rpn_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.LEVEL_POS, beta=sl1, empty=Empty.NAN),
         roi_cls=TermSpec(LossKind.CE, Normalizer.SAMPLED, empty=Empty.NAN),
         roi_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.POS, beta=sl1, empty=Empty.NAN),
+        roi_mask=TermSpec(LossKind.BCE, Normalizer.MASK_PIXELS, empty=Empty.NAN),
     )
 
 
@@ -142,6 +153,7 @@ def fixed() -> LossProfile:
         rpn_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.SAMPLED, beta=sl1, floor=1.0),
         roi_cls=TermSpec(LossKind.CE, Normalizer.SAMPLED, floor=1.0),
         roi_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.SAMPLED, beta=sl1, floor=1.0),
+        roi_mask=TermSpec(LossKind.BCE, Normalizer.MASK_PIXELS, floor=1.0),
     )
 
 

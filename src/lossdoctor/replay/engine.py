@@ -20,7 +20,9 @@ from ..inputs.checkpoint import HeadWeights
 from ..inputs.config import DetectorConfig
 from ..inputs.profiles import LossProfile
 from ..vocab import Head
+from .cascade import check_stages, later_stages
 from .gt import UsableGt, usable_gt
+from .mask import MaskStage, mask_stage
 from .normalize import ProfileLosses, profile_losses
 from .proposals import training_proposals
 from .roi import RoiStage, roi_stage, sample_rois
@@ -62,17 +64,27 @@ class Replay:
     gt: UsableGt
     rpn: RpnStage
     roi: RoiStage
-    images: list[ImageStats]
     proposals: list[Tensor]  # per image, the RoI stage's candidates before sampling (Tensor[M, 4])
+    stages: list[RoiStage] = field(default_factory=list)  # a cascade's later stages
+    mask: MaskStage | None = None  # the mask head, where the checkpoint and the batch have one
+    images: list[ImageStats] = field(default_factory=list)
     losses: dict[str, ProfileLosses] = field(default_factory=dict)
 
     @property
     def samples(self) -> dict[Head, list[LevelSamples]]:
-        return {Head.RPN: self.rpn.samples, Head.ROI: self.roi.samples}
+        """Per head the samples of each level (the RoI head's first stage)."""
+        out = {Head.RPN: self.rpn.samples, Head.ROI: self.roi.samples}
+        return out | ({Head.MASK: self.mask.samples} if self.mask else {})
 
     @property
     def counts(self) -> dict[Head, HeadCounts]:
-        return {Head.RPN: self.rpn.counts, Head.ROI: self.roi.counts}
+        out = {Head.RPN: self.rpn.counts, Head.ROI: self.roi.counts}
+        return out | ({Head.MASK: self.mask.counts} if self.mask else {})
+
+    @property
+    def roi_stages(self) -> list[RoiStage]:
+        """Every box-head stage: the first, then a cascade's later ones."""
+        return [self.roi, *self.stages]
 
     @property
     def roi_level_names(self) -> list[str]:
@@ -105,6 +117,26 @@ def _live(t: Tensor) -> Tensor:
     return t if t.requires_grad else t.detach().requires_grad_(True)
 
 
+def _roi_heads(heads, features, batch, props, gt, config, gen, sample_all) -> dict:
+    """The box head's stages on the proposals (one, or a cascade's), and the mask head."""
+    k = min(config.roi_pool.num_levels, len(features))
+    check_stages(heads, config)
+    names, strides, feats = batch.levels[:k], batch.strides[:k], features[:k]
+    roi = roi_stage(
+        heads,
+        feats,
+        strides,
+        names,
+        sample_rois(props, gt, strides, config, gen, sample_all),
+        config,
+    )
+    stages = later_stages(heads, feats, strides, names, roi, batch, gt, config, gen, sample_all)
+    mask = None
+    if heads.has_mask and batch.gt_masks is not None:
+        mask = mask_stage(heads, feats, strides, names, roi, batch.gt_masks, gt, config)
+    return dict(roi=roi, stages=stages, mask=mask)
+
+
 def replay(
     heads: HeadWeights,
     batch: Batch,
@@ -126,22 +158,11 @@ def replay(
     rpn = rpn_stage(heads, features, batch, config, gt, gen, sample_all)
     anchors = [lv.anchors for lv in rpn.levels]
     props, bad = training_proposals([lv.out for lv in rpn.levels], anchors, batch, config)
-    k = min(config.roi_pool.num_levels, len(features))
-    sampled = sample_rois(props, gt, batch.strides[:k], config, gen, sample_all)
-    roi = roi_stage(heads, features[:k], batch.strides[:k], batch.levels[:k], sampled, config)
-    images = [_stats(i, batch, gt, rpn, roi, props, bad) for i in range(batch.num_images)]
-    r = Replay(
-        heads=heads,
-        batch=batch,
-        config=config,
-        seed=seed,
-        sample_all=sample_all,
-        features=features,
-        gt=gt,
-        rpn=rpn,
-        roi=roi,
-        images=images,
-        proposals=props,
-    )
-    r.losses = {p.name: profile_losses(r.samples, r.counts, p) for p in profiles}
+    roi = _roi_heads(heads, features, batch, props, gt, config, gen, sample_all)
+    r = Replay(heads=heads, batch=batch, config=config, seed=seed, sample_all=sample_all,
+               features=features, gt=gt, rpn=rpn, proposals=props, **roi)  # fmt: skip
+    r.images = [_stats(i, batch, gt, rpn, r.roi, props, bad) for i in range(batch.num_images)]
+    later = [(st.samples, st.counts, w) for st, w in zip(r.stages, config.cascade.loss_weights)]
+    first = config.cascade.stage0_loss_weight if r.stages else 1.0
+    r.losses = {p.name: profile_losses(r.samples, r.counts, p, later, first) for p in profiles}
     return r

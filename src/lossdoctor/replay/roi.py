@@ -60,6 +60,20 @@ class RoiStage(SampledRois):
         return len(self.candidates_per_level)
 
 
+class ScaleGrad(torch.autograd.Function):
+    """The identity forward; the gradient scaled on the way back (Detectron2's cascade scales
+    each stage's gradient into the pooled features by 1 / stages)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
+
+
 def _candidates(props: Tensor, gt: Tensor, config: DetectorConfig) -> tuple[Tensor, Tensor]:
     """One image's candidates (proposals, then the GT if the sampler adds it) and is_gt flags."""
     cands = torch.cat([props, gt]) if config.roi_sampler.add_gt else props
@@ -173,6 +187,9 @@ def roi_stage(
     pooled = multiscale_roi_align(
         features, strides, s.boxes, s.img, s.level, heads.pool_size, config.roi_pool
     )
+    scale = config.cascade.feature_grad_scale
+    if config.cascade.later_stages and scale != 1.0:
+        pooled = ScaleGrad.apply(pooled, scale)
     hidden1, hidden = box_hidden(pooled, heads)
     cls_logits, deltas = box_predict(hidden, heads)
     fg = s.fg_class >= 0

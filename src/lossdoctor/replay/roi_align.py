@@ -159,9 +159,11 @@ def roi_align_level(
     pooled: int,
     sampling_ratio: int,
     aligned: bool,
+    max_grid: int = MAX_ADAPTIVE_GRID,
 ) -> Tensor:
     """RoIAlign on one level. feat: Tensor[N, C, H, W]; rois: Tensor[R, 4] in input pixels;
-    img: Tensor[R] image index → Tensor[R, C, P, P]."""
+    img: Tensor[R] image index → Tensor[R, C, P, P]. ``max_grid`` caps the adaptive sampling
+    grid of the pure-torch kernel (the compiled one has no cap)."""
     if rois.shape[0] == 0:
         return (
             feat.new_zeros(0, feat.shape[1], pooled, pooled) + 0 * feat.sum()
@@ -169,12 +171,14 @@ def roi_align_level(
     try:  # the compiled op, where torchvision happens to be installed
         from torchvision.ops import roi_align as tv_roi_align
     except Exception:
-        return roi_align_torch(feat, rois, img, scale, pooled, sampling_ratio, aligned)
+        return roi_align_torch(feat, rois, img, scale, pooled, sampling_ratio, aligned, max_grid)
     boxes = torch.cat([img[:, None].to(rois.dtype), rois], 1)
     return tv_roi_align(feat, boxes, pooled, scale, sampling_ratio, aligned)
 
 
-def _geometry(rois: Tensor, scale: float, pooled: int, sampling_ratio: int, aligned: bool):
+def _geometry(
+    rois: Tensor, scale: float, pooled: int, sampling_ratio: int, aligned: bool, max_grid: int
+):
     """Each RoI's top-left corner and bin size in feature pixels, and its sampling grid:
     (x1, y1, bin_w, bin_h, grid_h, grid_w), each Tensor[R]."""
     offset = 0.5 if aligned else 0.0
@@ -186,8 +190,8 @@ def _geometry(rois: Tensor, scale: float, pooled: int, sampling_ratio: int, alig
     if sampling_ratio > 0:
         gh = gw = torch.full((rois.shape[0],), sampling_ratio, dtype=torch.long)
     else:
-        gh = torch.ceil(rh / pooled).nan_to_num(0).clamp(0, MAX_ADAPTIVE_GRID).long()
-        gw = torch.ceil(rw / pooled).nan_to_num(0).clamp(0, MAX_ADAPTIVE_GRID).long()
+        gh = torch.ceil(rh / pooled).nan_to_num(0).clamp(0, max_grid).long()
+        gw = torch.ceil(rw / pooled).nan_to_num(0).clamp(0, max_grid).long()
     return x1, y1, rw / pooled, rh / pooled, gh, gw
 
 
@@ -199,13 +203,14 @@ def roi_align_torch(
     pooled: int,
     sampling_ratio: int,
     aligned: bool,
+    max_grid: int = MAX_ADAPTIVE_GRID,
 ) -> Tensor:
     """The pure-torch RoIAlign behind :func:`roi_align_level` (same arguments and result)."""
     _, c, h, _ = feat.shape
     out = feat.new_zeros(rois.shape[0], c, pooled, pooled)
-    x1, y1, bw, bh, gh, gw = _geometry(rois, scale, pooled, sampling_ratio, aligned)
+    x1, y1, bw, bh, gh, gw = _geometry(rois, scale, pooled, sampling_ratio, aligned, max_grid)
     feat_hwc = feat.permute(0, 2, 3, 1).contiguous()  # gathers read whole channel vectors
-    keys = gh * (MAX_ADAPTIVE_GRID + 1) + gw
+    keys = gh * (max_grid + 1) + gw
     pieces = []
     # visit RoIs in (image, top edge) order so each chunk gathers from one band of the map
     band = img.double() * (h * 2 + 4) + y1.detach().double().nan_to_num(0).clamp(-h - 2, h + 2)

@@ -57,6 +57,7 @@ class HeadCounts:
     img_pos: list[int]
     img_neg: list[int]
     with_neg: bool = True  # mmdet's avg_factor counts max(#neg, 1) per image too
+    pixels: int = 1  # target pixels per sample (the mask head's M x M)
 
     def count(self, normalizer: Normalizer, level: int) -> float:
         """The count ``normalizer`` divides by at ``level``."""
@@ -78,6 +79,7 @@ COUNTS = {
     Normalizer.BUDGET: lambda c, level: c.budget,
     Normalizer.MMDET_SAMPLER: lambda c, level: _mmdet_sampler(c),
     Normalizer.MMDET_PSEUDO: lambda c, level: sum(max(p, 1) for p in c.img_pos),
+    Normalizer.MASK_PIXELS: lambda c, level: sum(c.pos) * c.pixels,
 }
 
 

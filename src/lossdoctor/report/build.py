@@ -20,7 +20,7 @@ from ..diagnose.groups import FindingGroup
 from ..inputs.dataclass_toml import to_dict
 from ..replay.normalize import LevelLoss, ProfileLosses
 from ..replay.samples import LevelSamples
-from ..vocab import BOX_TERMS, GRADIENT_TERM, Head, Part, term_of
+from ..vocab import BOX_TERMS, GRADIENT_TERM, Head, Part, Term, term_of
 from .model import Report
 from .rows import FindingRow, GroupRow, ImageRow, LevelRow, OriginRow, ParamRow, ProfileRow
 
@@ -73,15 +73,22 @@ class _LevelCtx:
     pl: ProfileLosses
     grads: dict[str, LevelGrads]
     origins: dict[str, str]
+    stage: int = 0
+
+
+def _losses(s: LevelSamples, ll: LevelLoss, c: _LevelCtx) -> list:
+    """The per-sample and level losses whose non-finite values a row counts."""
+    if c.head is Head.MASK:
+        return [s.cls_loss, ll.loss_mask]
+    box_spec = c.pl.profile.term(term_of(c.head, Part.BOX))
+    return [s.cls_loss, s.box_loss(box_spec), ll.loss_cls, ll.loss_bbox]
 
 
 def _level_row(c: _LevelCtx, s: LevelSamples, ll: LevelLoss, total: float) -> LevelRow:
     g = c.grads[s.name]
-    box_spec = c.pl.profile.term(term_of(c.head, Part.BOX))
-    nonfinite = sum(
-        _nonfinite(t) for t in (s.cls_loss, s.box_loss(box_spec), ll.loss_cls, ll.loss_bbox)
-    )
+    nonfinite = sum(_nonfinite(t) for t in _losses(s, ll, c))
     cls, box = float(ll.loss_cls.detach()), float(ll.loss_bbox.detach())
+    mask = float(ll.loss_mask.detach())
     return LevelRow(
         profile=c.profile,
         head=c.head,
@@ -95,7 +102,7 @@ def _level_row(c: _LevelCtx, s: LevelSamples, ll: LevelLoss, total: float) -> Le
         sample_weight=ll.sample_weight,
         loss_cls=cls,
         loss_bbox=box,
-        loss_share=_share(cls + box, total),
+        loss_share=_share(cls + box + mask, total),
         grad_feature=g.feature,
         grad_logits_pos=g.logits_pos,
         grad_logits_neg=g.logits_neg,
@@ -105,6 +112,8 @@ def _level_row(c: _LevelCtx, s: LevelSamples, ll: LevelLoss, total: float) -> Le
         avg_factor_bbox=ll.avg_factor_bbox,
         sample_weight_bbox=ll.sample_weight_bbox,
         neg_share=g.neg_share,
+        stage=c.stage,
+        loss_mask=mask,
     )
 
 
@@ -112,10 +121,16 @@ def _root_sum_sq(rows: list[LevelRow], attr: str) -> float:
     return math.sqrt(sum(getattr(r, attr) ** 2 for r in rows))
 
 
-def _all_row(c: _LevelCtx, rows: list[LevelRow], total: float, neg_share: float) -> LevelRow:
-    """The head's totals: counts summed, a normalizer only where every level shares one."""
-    cls = float(c.pl.term(term_of(c.head, Part.CLS)).detach())
-    box = float(c.pl.term(term_of(c.head, Part.BOX)).detach())
+def _summed(losses: list[LevelLoss], attr: str) -> float:
+    return float(sum((getattr(lv, attr) for lv in losses), torch.zeros(())).detach())
+
+
+def _all_row(c: _LevelCtx, rows: list[LevelRow], losses: list[LevelLoss], total: float,
+             neg_share: float) -> LevelRow:  # fmt: skip
+    """The head's (or stage's) totals: counts summed, a normalizer only where every level
+    shares one."""
+    cls, box = _summed(losses, "loss_cls"), _summed(losses, "loss_bbox")
+    mask = _summed(losses, "loss_mask")
     used = [r for r in rows if r.sampled > 0]
     return LevelRow(
         profile=c.profile,
@@ -130,7 +145,7 @@ def _all_row(c: _LevelCtx, rows: list[LevelRow], total: float, neg_share: float)
         sample_weight=_common(r.sample_weight for r in used),
         loss_cls=cls,
         loss_bbox=box,
-        loss_share=_share(cls + box, total),
+        loss_share=_share(cls + box + mask, total),
         grad_feature=_root_sum_sq(rows, "grad_feature"),
         grad_logits_pos=_root_sum_sq(rows, "grad_logits_pos"),
         grad_logits_neg=_root_sum_sq(rows, "grad_logits_neg"),
@@ -140,26 +155,30 @@ def _all_row(c: _LevelCtx, rows: list[LevelRow], total: float, neg_share: float)
         avg_factor_bbox=_common(r.avg_factor_bbox for r in rows),
         sample_weight_bbox=_common(r.sample_weight_bbox for r in used),
         neg_share=neg_share,
+        stage=c.stage,
+        loss_mask=mask,
     )
+
+
+def _stage_rows(d: Diagnosis, name: str, head: Head, stage: int, pg: ProfileGrads):
+    """The level rows and the ``all`` row of one head (or one cascade stage of the RoI head)."""
+    r, pl = d.replay, d.replay.losses[name]
+    samples = r.roi_stages[stage].samples if head is Head.ROI else r.samples[head]
+    losses = pl.stages[stage - 1] if stage else pl.levels[head]
+    origins: dict[str, str] = {}
+    for o in d.origins:
+        if (o.profile, o.head, o.box_stage) == (name, head, stage):
+            origins.setdefault(o.level, o.stage)
+    grads = {g.level: g for g in pg.levels if (g.head, g.stage) == (head, stage)}
+    c = _LevelCtx(profile=name, head=head, pl=pl, origins=origins, grads=grads, stage=stage)
+    total = float(pl.total.detach())
+    rows = [_level_row(c, s, ll, total) for s, ll in zip(samples, losses)]
+    return rows + [_all_row(c, rows, losses, total, pg.neg_share.get(head, math.nan))]
 
 
 def _head_rows(d: Diagnosis, name: str, head: Head, pg: ProfileGrads) -> list[LevelRow]:
-    pl = d.replay.losses[name]
-    origins: dict[str, str] = {}
-    for o in d.origins:
-        if o.profile == name and o.head == head:
-            origins.setdefault(o.level, o.stage)
-    c = _LevelCtx(
-        profile=name,
-        head=head,
-        pl=pl,
-        origins=origins,
-        grads={g.level: g for g in pg.levels if g.head == head},
-    )
-    total = float(pl.total.detach())
-    samples = d.replay.samples[head]
-    rows = [_level_row(c, s, ll, total) for s, ll in zip(samples, pl.levels[head])]
-    return rows + [_all_row(c, rows, total, pg.neg_share.get(head, math.nan))]
+    stages = range(len(d.replay.roi_stages)) if head is Head.ROI else (0,)
+    return [row for k in stages for row in _stage_rows(d, name, head, k, pg)]
 
 
 def level_rows(d: Diagnosis) -> list[dict]:
@@ -180,6 +199,11 @@ def image_rows(d: Diagnosis) -> list[dict]:
     ]
 
 
+def _terms(d: Diagnosis) -> tuple:
+    """The loss terms of this replay: the four, and the mask term with a mask head."""
+    return (*BOX_TERMS, Term.ROI_MASK) if d.replay.mask is not None else BOX_TERMS
+
+
 def param_rows(d: Diagnosis) -> list[dict]:
     heads = d.replay.heads
     out = []
@@ -191,7 +215,7 @@ def param_rows(d: Diagnosis) -> list[dict]:
                 param=heads.file_key(key),
                 shape=shape,
                 total=norms.total,
-                **{t.value: norms.by_term[t] for t in BOX_TERMS},
+                **{t.value: norms.by_term[t] for t in _terms(d)},
             )
             out.append(row.to_dict())
     return out
@@ -237,6 +261,7 @@ def origin_rows(d: Diagnosis) -> list[dict]:
             index=o.index,
             gt=o.gt,
             cause=o.cause,
+            box_stage=o.box_stage,
         ).to_dict()
         for o in d.origins
     ]

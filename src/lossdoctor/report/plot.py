@@ -108,10 +108,10 @@ def plot(report: Report, path: str | Path, profiles: list[str] | None = None) ->
 
     profiles = profiles or report.profiles[:2]
     first = min((r.get("rank") or 0 for r in report.tables.get("levels", [])), default=0)
-    rows = [  # one rank of a multi-rank step: the first
+    rows = [  # one rank of a multi-rank step (the first), a cascade's first stage
         LevelRow.from_dict(r)
         for r in report.tables.get("levels", [])
-        if r["level"] != ALL_LEVELS and (r.get("rank") or 0) == first
+        if r["level"] != ALL_LEVELS and (r.get("rank") or 0) == first and not r.get("stage")
     ]
     heads = list(dict.fromkeys(r.head for r in rows))
     fig, axes = plt.subplots(

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..diagnose.groups import span
-from ..vocab import BOX_TERMS, Head, Severity
+from ..vocab import BOX_TERMS, TERMS, Head, Severity
 from .build import ALL_LEVELS
 from .compare import SAME, Comparison
 from .model import Report
@@ -32,6 +32,13 @@ LEVEL_METRICS = (
     ("sample_weight", "w/smp"),
     ("loss_cls", "cls"),
     ("loss_bbox", "bbox"),
+    ("grad_feature", "|dL/dF|"),
+)
+# the mask head has one term
+MASK_METRICS = (
+    ("avg_factor", "avg_f"),
+    ("sample_weight", "w/smp"),
+    ("loss_mask", "loss"),
     ("grad_feature", "|dL/dF|"),
 )
 
@@ -177,32 +184,34 @@ def findings(report: Report) -> Table:
     return t
 
 
-def _level_cells(r: LevelRow) -> list[Text]:
+def _level_cells(r: LevelRow, metrics) -> list[Text]:
     """The metrics of one profile at one level (a head-wide normalizer only where levels share
     one)."""
     cells = []
-    for key, _ in LEVEL_METRICS:
+    for key, _ in metrics:
         v = getattr(r, key)
         per_level = r.level == ALL_LEVELS and key in ("avg_factor", "sample_weight") and v != v
         cell = Text("-", style="dim") if per_level else num(v)
-        if key == "loss_bbox" and r.nan_origin and not cell.style:
+        if key in ("loss_bbox", "loss_mask") and r.nan_origin and not cell.style:
             cell.stylize("bold red")
         cells.append(cell)
     return cells
 
 
-def level_table(report: Report, head: Head, profiles: list[str]) -> Table:
-    rows = [r for r in report.levels() if r.head == head]
+def level_table(report: Report, head: Head, profiles: list[str], stage: int = 0) -> Table:
+    rows = [r for r in report.levels() if r.head == head and r.stage == stage]
     unit = UNITS[Head(head)]
+    metrics = MASK_METRICS if head == Head.MASK else LEVEL_METRICS
+    name = f"{head.upper()} head" + (f", cascade stage {stage}" if stage else "")
     t = _table(
-        f"{head.upper()} head, per level ({unit}; counts are shared by all profiles; "
+        f"{name}, per level ({unit}; counts are shared by all profiles; "
         "avg_f: normalizer, w/smp: per-sample weight, |dL/dF|: feature gradient)",
         padding=(0, 1, 0, 0),
     )
-    for name in ("level", unit, "pos", "neg"):
-        t.add_column(name, justify="right" if name != "level" else "left", no_wrap=True)
+    for col in ("level", unit, "pos", "neg"):
+        t.add_column(col, justify="right" if col != "level" else "left", no_wrap=True)
     for p in profiles:
-        for _, short in LEVEL_METRICS:
+        for _, short in metrics:
             t.add_column(f"{p[:7]}\n{short}", justify="right", no_wrap=True)
     levels = list(dict.fromkeys(r.level for r in rows))
     for lvl in levels:
@@ -211,21 +220,17 @@ def level_table(report: Report, head: Head, profiles: list[str]) -> Table:
         cells = [Text(lvl, style="bold" if lvl == ALL_LEVELS else "")]
         cells += [num(first.anchors), num(first.pos), num(first.neg)]
         for p in profiles:
-            cells += _level_cells(by_p[p])
+            cells += _level_cells(by_p[p], metrics)
         t.add_row(*cells, end_section=len(levels) > 1 and lvl == levels[-2])
     return t
 
 
 def totals(report: Report) -> Table:
     t = _table("Totals per profile (gradient norms over all head parameters)")
-    cols = (
-        "loss_total",
-        *(x.value for x in BOX_TERMS),
-        "grad_total_norm",
-        "grad_clipped_norm",
-        "rpn_neg_share",
-    )
-    names = ("loss", *(x.value for x in BOX_TERMS), "|grad| pre-clip", "post-clip", "rpn neg share")
+    rows = report.tables.get("profiles", [])
+    terms = [x.value for x in TERMS if any(r.get(x.value) is not None for r in rows)]
+    cols = ("loss_total", *terms, "grad_total_norm", "grad_clipped_norm", "rpn_neg_share")
+    names = ("loss", *terms, "|grad| pre-clip", "post-clip", "rpn neg share")
     t.add_column("profile")
     for n in names:
         t.add_column(n, justify="right")
@@ -319,10 +324,9 @@ def render(report: Report, out: Console, quiet: bool = False) -> None:
     out.print(findings(report))
     if quiet:
         return
-    heads = list(dict.fromkeys(r.head for r in report.levels()))
-    for head in heads:
+    for head, stage in dict.fromkeys((r.head, r.stage) for r in report.levels()):
         out.print()
-        out.print(level_table(report, head, report.profiles[:2]))
+        out.print(level_table(report, head, report.profiles[:2], stage))
     out.print()
     out.print(totals(report))
     if len(report.profiles) > 2:

@@ -66,6 +66,8 @@ class LevelRow(Row):
     avg_factor_bbox: float = _extra(float("nan"))
     sample_weight_bbox: float = _extra(float("nan"))
     neg_share: float = _extra(float("nan"))
+    stage: int = _extra(0)  # the cascade stage of a RoI level
+    loss_mask: float = _extra(0.0)  # the mask head's rows: the mask term at this level
 
 
 @dataclass(kw_only=True)
@@ -101,6 +103,7 @@ class ParamRow(Row):
     roi_cls: float
     roi_box: float
     total: float
+    roi_mask: float = _extra(float("nan"))
 
 
 @dataclass(kw_only=True)
@@ -118,6 +121,7 @@ class ProfileRow(Row):
     rpn_neg_share: float
     roi_neg_share: float
     no_grad: str
+    roi_mask: float | None = _extra()
 
 
 @dataclass(kw_only=True)
@@ -134,6 +138,7 @@ class OriginRow(Row):
     index: int | None
     gt: int | None
     cause: str
+    box_stage: int = _extra(0)
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,163 @@
+"""Mask R-CNN's mask term and Cascade R-CNN's stages, worked out by hand: mask targets by each
+framework's rule, the mask normalization (zero positive RoIs included), how a cascade refines and
+resamples its RoIs, stage loss weights and Detectron2's feature-gradient scale."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import factories as F
+from lossdoctor.diagnose import diagnose
+from lossdoctor.inputs.batch import validate_batch
+from lossdoctor.inputs.checkpoint import heads_from_state_dict
+from lossdoctor.inputs.config import MaskConfig, preset
+from lossdoctor.inputs.profiles import BUILTIN, EPS32, TermSpec
+from lossdoctor.replay.boxes import decode
+from lossdoctor.replay.engine import replay
+from lossdoctor.replay.mask import mask_targets
+from lossdoctor.vocab import Head, LossKind, MaskTarget, Normalizer, Term
+
+LEFT_HALF = torch.zeros(1, 10, 10, dtype=torch.bool)
+LEFT_HALF[0, :, :5] = True
+
+
+@pytest.mark.parametrize(
+    "rule,want",
+    [
+        # aligned RoIAlign: bin 0 averages columns 0-4 (1), bin 1 columns 5-9 (0); >= 0.5
+        (MaskTarget.DETECTRON2, [[1.0, 0.0], [1.0, 0.0]]),
+        (MaskTarget.MMDET, [[1.0, 0.0], [1.0, 0.0]]),
+        # not aligned: samples at x = 0.5 .. 4.5, the last halfway into column 5: (4 + 0.5) / 5
+        (MaskTarget.TORCHVISION, [[0.9, 0.0], [0.9, 0.0]]),
+    ],
+)
+def test_mask_targets_by_rule(rule, want):
+    box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    got = mask_targets(LEFT_HALF, box, torch.tensor([0]), MaskConfig(mask_size=2, target=rule))
+    assert torch.allclose(got[0], torch.tensor(want), atol=1e-6)
+
+
+def test_mmdet_clips_the_roi_to_the_mask_and_detectron2_does_not():
+    box = torch.tensor([[-10.0, 0.0, 10.0, 10.0]])  # half outside, on the left
+    which = torch.tensor([0])
+    mm = mask_targets(LEFT_HALF, box, which, MaskConfig(mask_size=2, target=MaskTarget.MMDET))
+    d2 = mask_targets(LEFT_HALF, box, which, MaskConfig(mask_size=2, target=MaskTarget.DETECTRON2))
+    assert mm[0].tolist() == [[1.0, 0.0], [1.0, 0.0]]  # as if the box were [0, 0, 10, 10]
+    assert d2[0].tolist() == [[0.0, 1.0], [0.0, 1.0]]  # bin 0 is outside, bin 1 the left half
+
+
+def _mask_batch(ignore=None):
+    """Two images; the proposals are exactly the GT boxes, whose masks fill them: every positive
+    RoI's target is all ones under the aligned rule."""
+    d = F.batch_dict()
+    d["gt_masks"] = F.box_masks(d["gt_boxes"], tuple(d["image_sizes"][0]))
+    d["proposals"] = [b.clone() for b in d["gt_boxes"]]
+    if ignore is not None:
+        d["gt_ignore"] = ignore
+    return validate_batch(d)
+
+
+def _constant_mask_head(logit: float) -> dict:
+    """Zero mask weights and a logits bias: every mask pixel's logit is ``logit``."""
+    sd = F.mask_state_dict()
+    for k, v in sd.items():
+        if ".mask_head." in k or ".mask_predictor." in k:
+            sd[k] = torch.zeros_like(v)
+    sd["roi_heads.mask_predictor.mask_fcn_logits.bias"] = torch.full((4,), logit)
+    return sd
+
+
+def test_the_mask_term_is_the_mean_pixel_bce_under_every_framework():
+    b = 0.7
+    per_pixel = math.log1p(math.exp(-b))  # BCE(b, 1) = softplus(-b)
+    per_roi = TermSpec(LossKind.BCE, Normalizer.POS)  # a mean over RoIs instead of pixels
+    profiles = [BUILTIN[p]() for p in ("torchvision", "mmdet", "detectron2", "legacy", "fixed")]
+    profiles.append(dataclasses.replace(BUILTIN["fixed"](), name="per-roi", roi_mask=per_roi))
+    heads = heads_from_state_dict(_constant_mask_head(b))
+    r = replay(heads, _mask_batch(), preset("detectron2-mask"), profiles, sample_all=True)
+    assert r.mask.targets.eq(1).all() and r.mask.rows.numel() == 8  # 4 GT x 2 (proposal + GT)
+    for p in profiles[:-1]:
+        assert float(r.losses[p.name].term(Term.ROI_MASK).detach()) == pytest.approx(per_pixel, rel=1e-6)
+    assert float(r.losses["per-roi"].term(Term.ROI_MASK).detach()) == pytest.approx(
+        28 * 28 * per_pixel, rel=1e-6
+    )
+    rows = r.losses["torchvision"].levels[Head.MASK]
+    assert sum(lv.avg_factor for lv in rows[:1]) == 8 * 28 * 28
+
+
+def test_no_positive_roi_gives_zero_or_nan_by_profile_and_a_finding():
+    ignored = [torch.ones(2, dtype=torch.bool)] * 2  # no usable GT: no positive RoI
+    heads = heads_from_state_dict(F.mask_state_dict())
+    profiles = [BUILTIN["torchvision"](), BUILTIN["legacy"]()]
+    r = replay(heads, _mask_batch(ignored), preset("detectron2-mask"), profiles)
+    assert r.mask.rows.numel() == 0
+    assert float(r.losses["torchvision"].term(Term.ROI_MASK).detach()) == 0.0
+    assert math.isnan(float(r.losses["legacy"].term(Term.ROI_MASK).detach()))
+    d = diagnose(r)
+    assert [f.code for f in d.findings if f.code == "mask-branch-skipped"] == [
+        "mask-branch-skipped"
+    ]
+
+
+def _cascade(layout: str, config, **replay_kw):
+    heads = heads_from_state_dict(F.cascade_state_dict(layout))
+    batch = validate_batch(F.batch_dict())
+    return replay(heads, batch, config, [BUILTIN["mmdet"](), BUILTIN["fixed"]()], **replay_kw)
+
+
+def test_mmdet_cascade_drops_the_added_gt_then_adds_it_again():
+    r = _cascade("mmdet", preset("mmdet-cascade"), sample_all=True)
+    first, second = r.roi_stages[0], r.roi_stages[1]
+    gt = sum(b.shape[0] for b in r.gt.boxes)
+    assert int(first.is_gt.sum()) == int(second.is_gt.sum()) == gt
+    assert second.boxes.shape[0] == first.boxes.shape[0]  # R - G refined, G added back
+    # stage 1's candidates are stage 0's non-GT RoIs moved by its regression (weights 10,10,5,5)
+    keep = ~first.is_gt
+    moved = decode(first.deltas.detach()[keep, 0], first.boxes[keep], (10.0, 10.0, 5.0, 5.0),
+                   math.log(1000 / 16), True)  # fmt: skip
+    h, w = r.batch.image_sizes[0]
+    moved = torch.stack([moved[:, 0].clamp(0, w), moved[:, 1].clamp(0, h),
+                         moved[:, 2].clamp(0, w), moved[:, 3].clamp(0, h)], 1)  # fmt: skip
+    got = second.boxes[~second.is_gt]
+    assert sorted(map(tuple, got.tolist())) == pytest.approx(sorted(map(tuple, moved.tolist())))
+
+
+def test_detectron2_cascade_refines_every_roi_and_samples_no_more():
+    r = _cascade("detectron2", preset("detectron2-cascade"))
+    first, second = r.roi_stages[0], r.roi_stages[1]
+    assert int(second.is_gt.sum()) == 0  # no GT added after the first stage
+    assert second.boxes.shape[0] == first.boxes.shape[0]  # every RoI, none sampled away
+    assert second.img_pos[0] + second.img_neg[0] == int((first.img == 0).sum())
+
+
+def test_stage_loss_weights_by_hand():
+    r = _cascade("mmdet", preset("mmdet-cascade"))
+    for k, weight in ((1, 0.5), (2, 0.25)):
+        stage = r.roi_stages[k]
+        want = float(stage.ce.sum()) / (stage.ce.numel() + EPS32) * weight
+        assert float(sum(lv.loss_cls for lv in r.losses["mmdet"].stages[k - 1])) == pytest.approx(
+            want, rel=1e-6
+        )
+    total = sum(float(sum(lv.loss_cls for lv in rows)) for rows in
+                [r.losses["mmdet"].levels[Head.ROI], *r.losses["mmdet"].stages])  # fmt: skip
+    assert float(r.losses["mmdet"].term(Term.ROI_CLS)) == pytest.approx(total, rel=1e-6)
+
+
+def test_detectron2_scales_each_stages_feature_gradient():
+    cfg = preset("detectron2-cascade")
+    plain = dataclasses.replace(
+        cfg, cascade=dataclasses.replace(cfg.cascade, feature_grad_scale=1.0)
+    )
+    scaled, unscaled = (diagnose(_cascade("detectron2", c)) for c in (cfg, plain))
+
+    def feature(d, stage):
+        return [row.feature for row in d.grads["fixed"].levels
+                if row.head == Head.ROI and row.stage == stage]  # fmt: skip
+
+    for k in range(3):
+        for a, b in zip(feature(scaled, k), feature(unscaled, k)):
+            assert a == pytest.approx(b / 3, rel=1e-5)
