@@ -150,3 +150,42 @@ def test_own_proposals_are_torchvisions_ties_included(tmp_path, kind):
             model.rpn.head.cls_logits.weight.mul_(50)
             model.rpn.head.cls_logits.bias.add_(40)
     F.assert_own_proposals_are_dumped(ld.dump(tmp_path, model, images, targets))
+
+
+def masked_batches(seed=2):
+    """Images with GT boxes and masks (each mask an ellipse inside its box, so targets vary)."""
+    for images, targets in batches(seed):
+        for im, t in zip(images, targets):
+            h, w = im.shape[1:]
+            ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+            masks = []
+            for x1, y1, x2, y2 in t["boxes"].tolist():
+                cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+                masks.append(((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1)
+            t["masks"] = torch.stack(masks).to(torch.uint8)
+        yield images, targets
+
+
+def test_mask_rcnn_capture_reproduces_torchvisions_five_losses(tmp_path):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4, min_size=128,
+                                  max_size=192, rpn_batch_size_per_image=EVERY,
+                                  box_batch_size_per_image=EVERY).train()  # fmt: skip
+    capture = ld.Capture(tmp_path, model, every=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    data = masked_batches()
+    for step in range(2):
+        images, targets = next(data)
+        loss_dict = model(images, targets)
+        opt.zero_grad()
+        sum(loss_dict.values()).backward()
+        folder = capture.check(step, loss_dict)
+        opt.step()
+    rep, got = replayed_terms(folder)
+    row = next(x for x in rep["tables"]["profiles"] if x["profile"] == "torchvision")
+    assert row["roi_mask"] == pytest.approx(float(loss_dict["loss_mask"]), rel=REL)
+    for term, key in TERMS.items():
+        assert got[term] == pytest.approx(float(loss_dict[key].detach()), rel=REL), term
+    assert {r["head"] for r in rep["tables"]["levels"]} == {"rpn", "roi", "mask"}

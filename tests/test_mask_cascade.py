@@ -81,7 +81,9 @@ def test_the_mask_term_is_the_mean_pixel_bce_under_every_framework():
     r = replay(heads, _mask_batch(), preset("detectron2-mask"), profiles, sample_all=True)
     assert r.mask.targets.eq(1).all() and r.mask.rows.numel() == 8  # 4 GT x 2 (proposal + GT)
     for p in profiles[:-1]:
-        assert float(r.losses[p.name].term(Term.ROI_MASK).detach()) == pytest.approx(per_pixel, rel=1e-6)
+        assert float(r.losses[p.name].term(Term.ROI_MASK).detach()) == pytest.approx(
+            per_pixel, rel=1e-6
+        )
     assert float(r.losses["per-roi"].term(Term.ROI_MASK).detach()) == pytest.approx(
         28 * 28 * per_pixel, rel=1e-6
     )

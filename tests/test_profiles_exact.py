@@ -159,26 +159,39 @@ def ce(z, t):
     return m + math.log(sum(math.exp(v - m) for v in z)) - z[t]
 
 
-def rpn_samples(outs, gts):
+def inside(a, border):
+    """mmdet's anchor_inside_flags for one anchor of the IMAGE x IMAGE image."""
+    return border < 0 or (
+        a[0] >= -border and a[1] >= -border and a[2] < IMAGE + border and a[3] < IMAGE + border
+    )
+
+
+def rpn_samples(outs, gts, border=-1.0, min_pos=0.0):
     """Per level: list of (image, logit, is_pos, box_loss_fn) for every sampled anchor (sample_all).
 
-    Labels: IoU >= 0.7 or a GT's best anchor → positive; < 0.3 → negative; else ignored.
+    Labels: IoU >= 0.7 or a GT's best anchor → positive; < 0.3 → negative; else ignored. Anchors
+    outside the image by more than ``border`` (when >= 0) take no part at all; a GT's best anchor
+    needs an IoU of ``min_pos`` (mmdet's min_pos_iou).
     """
     anchors = anchors_py()
-    flat = [a for lvl in anchors for a in lvl]
+    flat = [a for lvl in anchors for a in lvl if inside(a, border)]
     per_level = [[] for _ in anchors]
     for i, gt in enumerate(gts):
         best = [max(iou(g, a) for a in flat) for g in gt]
         for lvl, level_anchors in enumerate(anchors):
             for k, a in enumerate(level_anchors):
                 logit, d = outs[i][lvl][k]
+                if not inside(a, border):
+                    continue
                 if not gt:
                     per_level[lvl].append((i, logit, False, None))
                     continue
                 ious = [iou(g, a) for g in gt]
                 m = max(ious)
                 j = ious.index(m)
-                pos = m >= 0.7 or any(abs(v - b) < 1e-12 for v, b in zip(ious, best))
+                pos = m >= 0.7 or any(
+                    abs(v - b) < 1e-12 and b >= min_pos for v, b in zip(ious, best)
+                )
                 if pos:
                     t = encode(gt[j], a, (1, 1, 1, 1))
                     per_level[lvl].append((i, logit, True, (d, t)))
@@ -187,17 +200,20 @@ def rpn_samples(outs, gts):
     return per_level
 
 
-def expected(profile, outs, gts, labels, proposals):
+def expected(profile, outs, gts, labels, proposals, border=-1.0):
     """Per-level rpn (cls, box) and total roi (cls, box) under one profile, from the formulas."""
     n = len(outs)
-    lv = rpn_samples(outs, gts)
+    lv = rpn_samples(outs, gts, border, 0.3 if profile.startswith("mmdet") else 0.0)
     rpn_beta = {
         "legacy": 1 / 9,
         "fixed": 1 / 9,
         "torchvision": 1 / 9,
         "mmdet": 0.0,
+        "mmdet-cascade": 1 / 9,
         "detectron2": 0.0,
     }[profile]
+    roi_beta = 1.0 if profile == "mmdet-cascade" else rpn_beta
+    mm = profile.startswith("mmdet")
     S = sum(len(s) for s in lv)
     pos_img = [sum(1 for s in lv for (i, _, p, _) in s if i == img and p) for img in range(n)]
     neg_img = [sum(1 for s in lv for (i, _, p, _) in s if i == img and not p) for img in range(n)]
@@ -213,7 +229,7 @@ def expected(profile, outs, gts, labels, proposals):
             )
         elif profile in ("fixed", "torchvision"):
             rpn.append((cls_sum / S, box_sum / S))
-        elif profile == "mmdet":
+        elif mm:
             rpn.append((cls_sum / a_mm, box_sum / a_mm))
         else:  # detectron2: 256 N
             rpn.append((cls_sum / (256 * n), box_sum / (256 * n)))
@@ -228,7 +244,7 @@ def expected(profile, outs, gts, labels, proposals):
                 ces.append(ce(Z, c + 1))
                 t = encode(gts[i][j], r, (10, 10, 5, 5))
                 pred = B[4 * (c + 1) : 4 * (c + 2)]
-                boxes.append(sum(sl1(p - q, rpn_beta) for p, q in zip(pred, t)))
+                boxes.append(sum(sl1(p - q, roi_beta) for p, q in zip(pred, t)))
             else:
                 ces.append(ce(Z, 0))
     R, P = len(ces), len(boxes)
@@ -238,6 +254,7 @@ def expected(profile, outs, gts, labels, proposals):
         "fixed": (cs / max(R, 1), bs / max(R, 1)),
         "torchvision": (cs / R if R else math.nan, bs / R if R else math.nan),
         "mmdet": (cs / (max(R, 1) + EPS32), bs / (R + EPS32) if P else 0.0),
+        "mmdet-cascade": (cs / (max(R, 1) + EPS32), bs / (R + EPS32) if P else 0.0),
         "detectron2": (cs / R if R else 0.0, bs / max(R, 1)),
     }[profile]
     return rpn, roi
@@ -273,7 +290,7 @@ def test_profile_matches_reference_formula(case, profile):
     gts, labels, props = CASES[case]
     outs = outputs_py(len(gts))
     batch = make_batch(outs, gts, labels, props)
-    cfg = config("mmdet" if profile == "mmdet" else "torchvision")
+    cfg = config("mmdet" if profile.startswith("mmdet") else "torchvision")
     r = replay(make_heads(), batch, cfg, [BUILTIN[profile]()], sample_all=True)
     rpn, roi = expected(profile, outs, gts, labels, props)
     got = r.losses[profile]
@@ -306,3 +323,24 @@ def test_reference_cases_exercise_the_edge_cases():
         sample_all=True,
     )
     assert sum(s.pos for s in r.samples["roi"]) == 0
+
+
+@pytest.mark.parametrize("border", [0.0, 2.0])
+@pytest.mark.parametrize("case", list(CASES))
+def test_allowed_border_leaves_crossing_anchors_out(case, border):
+    """mmdet's allowed_border (Cascade R-CNN's RPN: 0): anchors crossing the image take part in
+    neither assignment nor the losses; the avg_factor counts only the rest."""
+    gts, labels, props = CASES[case]
+    outs = outputs_py(len(gts))
+    cfg = config("mmdet")
+    cfg = replace(cfg, anchors=replace(cfg.anchors, allowed_border=border))
+    r = replay(make_heads(), make_batch(outs, gts, labels, props), cfg, [BUILTIN["mmdet"]()],
+               sample_all=True)  # fmt: skip
+    rpn, _ = expected("mmdet", outs, gts, labels, props, border)
+    full, _ = expected("mmdet", outs, gts, labels, props)
+    assert rpn != full  # the border changes this case's numbers
+    got = r.losses["mmdet"].levels["rpn"]
+    for lvl, (c, b) in enumerate(rpn):
+        assert close(got[lvl].loss_cls.item(), c) and close(got[lvl].loss_bbox.item(), b), lvl
+    counted = sum(len(s) for s in rpn_samples(outs, gts, border, 0.3))
+    assert sum(s.cls_loss.numel() for s in r.samples["rpn"]) == counted

@@ -29,8 +29,10 @@ import torch
 
 from ..inputs.config import (
     AnchorConfig,
+    CascadeConfig,
     CoderConfig,
     DetectorConfig,
+    MaskConfig,
     MatcherConfig,
     ProposalConfig,
     RoIPoolConfig,
@@ -39,8 +41,8 @@ from ..inputs.config import (
 )  # fmt: skip
 from ..inputs.dataclass_toml import to_dict
 from ..inputs.errors import InputError
-from ..inputs.profiles import mmdet
-from ..vocab import Framework, LossKind, Mapper, Part, Ranking, Term
+from ..inputs.profiles import mmdet, mmdet_cascade
+from ..vocab import Framework, LossKind, Mapper, MaskTarget, Part, Ranking, Term
 from .common import HookedCapture, level_names, run_meta, write_dump
 
 # MMDetection's delta2bbox clamps dw, dh to |log(wh_ratio_clip)| with wh_ratio_clip = 16 / 1000
@@ -52,16 +54,21 @@ def _get(cfg, key, default=None):
     return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
 
 
-def _anchors(gen, pad_divisor: int) -> AnchorConfig:
+def _anchors(gen, pad_divisor: int, border: float) -> AnchorConfig:
     if any(tuple(s) != (b, b) for s, b in zip(gen.strides, gen.base_sizes)):
         raise InputError(
             "an anchor generator whose base sizes differ from its strides is not supported"
         )
     scales = [float(s) for s in gen.scales]
     sizes = tuple(tuple(b * s for s in scales) for b in gen.base_sizes)
-    return AnchorConfig(sizes=sizes, ratios=tuple(float(r) for r in gen.ratios),
-                        offset=float(gen.center_offset), size_major=not gen.scale_major,
-                        valid_pad_divisor=int(pad_divisor))  # fmt: skip
+    return AnchorConfig(
+        sizes=sizes,
+        ratios=tuple(float(r) for r in gen.ratios),
+        offset=float(gen.center_offset),
+        size_major=not gen.scale_major,
+        valid_pad_divisor=int(pad_divisor),
+        allowed_border=float(border),
+    )
 
 
 def _matcher(assigner, min_iou_default: float = 0.0) -> MatcherConfig:
@@ -116,23 +123,62 @@ def _proposals(cfg) -> ProposalConfig:
     )
 
 
+def _first(x):
+    """A cascade's first stage of a per-stage list or ModuleList, else the thing itself."""
+    return x[0] if isinstance(x, (list, tuple, torch.nn.ModuleList)) else x
+
+
+def _cascade(model) -> CascadeConfig:
+    """CascadeRoIHead's later stages: IoU thresholds, coder weights, stage loss weights."""
+    heads = model.roi_head.bbox_head
+    if not isinstance(heads, torch.nn.ModuleList):
+        return CascadeConfig()
+    if not all(h.reg_class_agnostic for h in heads):
+        raise InputError("cascade stages with class-specific regression are not supported")
+    rcnn, weights = model.train_cfg.rcnn, [float(w) for w in model.roi_head.stage_loss_weights]
+    return CascadeConfig(
+        ious=tuple(float(_get(c.assigner, "pos_iou_thr")) for c in rcnn[1:]),
+        coder_weights=tuple(_coder(h.bbox_coder).weights for h in heads[1:]),
+        loss_weights=tuple(weights[1:]),
+        stage0_loss_weight=weights[0],
+    )
+
+
+def _mask(model) -> MaskConfig:
+    """FCNMaskHead's pooling (as the box head's, which lossdoctor uses for both) and mask size."""
+    roi = model.roi_head
+    if not getattr(roi, "with_mask", False):
+        return MaskConfig(target=MaskTarget.MMDET)
+    box, mask = _first(roi.bbox_roi_extractor).roi_layers[0], roi.mask_roi_extractor.roi_layers[0]
+    if (box.sampling_ratio, box.aligned) != (mask.sampling_ratio, mask.aligned):
+        raise InputError("a mask RoIAlign that samples unlike the box RoIAlign is not supported")
+    size = mask.output_size[0] if isinstance(mask.output_size, tuple) else mask.output_size
+    mask_size = _get(_first(model.train_cfg.rcnn), "mask_size", 2 * int(size))
+    return MaskConfig(pool_size=int(size), mask_size=int(mask_size), target=MaskTarget.MMDET)
+
+
 def detector_config(model) -> DetectorConfig:
-    """The live model's detector config, read off its heads and ``train_cfg`` / ``test_cfg``."""
+    """The live model's detector config, read off its heads and ``train_cfg`` / ``test_cfg``
+    (a cascade's first stage as the RoI head, its later stages in ``cascade``)."""
     train, test = model.train_cfg, model.test_cfg
-    rpn, box = model.rpn_head, model.roi_head.bbox_head
-    ext = model.roi_head.bbox_roi_extractor
-    layer = ext.roi_layers[0]
+    rpn, box = model.rpn_head, _first(model.roi_head.bbox_head)
+    ext = _first(model.roi_head.bbox_roi_extractor)
+    layer, rcnn = ext.roi_layers[0], _first(train.rcnn)
     return DetectorConfig(
         name="mmdet model",
         ranking=Ranking.MMDET,
-        anchors=_anchors(rpn.prior_generator, _get(model.data_preprocessor, "pad_size_divisor", 1)),
+        anchors=_anchors(
+            rpn.prior_generator,
+            _get(model.data_preprocessor, "pad_size_divisor", 1),
+            _get(train.rpn, "allowed_border", -1),
+        ),
         rpn_matcher=_matcher(train.rpn.assigner),
         rpn_sampler=_sampler(train.rpn.sampler, False),
         rpn_coder=_coder(rpn.bbox_coder),
         train_proposals=_proposals(_get(train, "rpn_proposal", test.rpn)),
         test_proposals=_proposals(test.rpn),
-        roi_matcher=_matcher(train.rcnn.assigner),
-        roi_sampler=_sampler(train.rcnn.sampler, True),
+        roi_matcher=_matcher(rcnn.assigner),
+        roi_sampler=_sampler(rcnn.sampler, True),
         roi_coder=_coder(box.bbox_coder),
         roi_pool=RoIPoolConfig(
             num_levels=len(ext.featmap_strides),
@@ -147,6 +193,8 @@ def detector_config(model) -> DetectorConfig:
             detections_per_img=int(test.rcnn.max_per_img),
             min_box_size=0.0,
         ),  # fmt: skip
+        mask=_mask(model),
+        cascade=_cascade(model),
     )
 
 
@@ -164,8 +212,13 @@ def _loss(module, cls: bool) -> tuple[LossKind, float, float]:
 
 def profile(model) -> str | dict:
     """The loss normalization the model trains with: ``mmdet`` (whose RPN avg_factor follows the
-    sampler), or a profile table where the model's losses or weights differ from its defaults."""
-    rpn, box = model.rpn_head, model.roi_head.bbox_head
+    sampler) or ``mmdet-cascade`` where the model's losses are theirs, else a profile table. A
+    cascade's stages share one box loss (its weights are the stage loss weights)."""
+    rpn, box = model.rpn_head, _first(model.roi_head.bbox_head)
+    heads = model.roi_head.bbox_head
+    stages = heads if isinstance(heads, torch.nn.ModuleList) else [heads]
+    if len({(_loss(h.loss_cls, True), _loss(h.loss_bbox, False)) for h in stages}) > 1:
+        raise InputError("cascade stages with different losses are not supported")
     modules = {
         Term.RPN_CLS: rpn.loss_cls, Term.RPN_BOX: rpn.loss_bbox,
         Term.ROI_CLS: box.loss_cls, Term.ROI_BOX: box.loss_bbox,
@@ -179,7 +232,10 @@ def profile(model) -> str | dict:
         )
     pos = float(_get(model.train_cfg.rpn, "pos_weight", -1))
     live = dataclasses.replace(base, pos_weight=pos if pos > 0 else 1.0, **specs)
-    return "mmdet" if live == base else to_dict(live)
+    for known in (base, mmdet_cascade()):
+        if dataclasses.replace(known, name=base.name, summary=base.summary) == live:
+            return known.name
+    return to_dict(live)
 
 
 def _boxes(instances) -> torch.Tensor:
@@ -212,7 +268,21 @@ def batch_fields(inputs, data_samples, features, proposals=None) -> dict:
            "gt_boxes": boxes, "gt_labels": labels, "gt_ignore": ignore}  # fmt: skip
     if proposals is not None:
         out["proposals"] = [p.detach().float().cpu() for p in proposals]
+    if all(ds.gt_instances.get("masks", None) is not None for ds in data_samples):
+        out["gt_masks"] = [_masks(ds) for ds in data_samples]
     return out
+
+
+def _masks(ds) -> torch.Tensor:
+    """An image's GT masks (then its ignored instances'), cut to its own size: mmdet pads masks
+    to the batch when the data preprocessor pads them."""
+    h, w = ds.metainfo["img_shape"][:2]
+    parts = [ds.gt_instances.masks]
+    ign = ds.get("ignored_instances", None)
+    if ign is not None and len(ign):
+        parts.append(ign.masks)
+    arrays = [torch.as_tensor(m.to_ndarray())[:, :h, :w].bool() for m in parts]
+    return torch.cat(arrays) if arrays else torch.zeros(0, h, w, dtype=torch.bool)
 
 
 def rpn_proposals(model, rpn_outs, data_samples) -> list[torch.Tensor]:

@@ -29,6 +29,7 @@ from ..inputs.config import (
     AnchorConfig,
     CoderConfig,
     DetectorConfig,
+    MaskConfig,
     MatcherConfig,
     ProposalConfig,
     RoIPoolConfig,
@@ -36,7 +37,7 @@ from ..inputs.config import (
     TestConfig,
 )  # fmt: skip
 from ..inputs.errors import InputError
-from ..vocab import Framework, Mapper, Ranking
+from ..vocab import Framework, Mapper, MaskTarget, Ranking
 from .common import HookedCapture, level_names, run_meta, write_dump
 
 PROFILE = "torchvision"
@@ -111,7 +112,17 @@ def detector_config(model) -> DetectorConfig:
             detections_per_img=int(roi.detections_per_img),
             min_box_size=MIN_DETECTION_SIZE,
         ),  # fmt: skip
+        mask=_mask(roi),
     )
+
+
+def _mask(roi) -> MaskConfig:
+    """The mask head's pooling size and mask size (twice it, after the deconvolution)."""
+    pool = getattr(roi, "mask_roi_pool", None)
+    if pool is None:
+        return MaskConfig(target=MaskTarget.TORCHVISION)
+    size = pool.output_size[0] if isinstance(pool.output_size, (list, tuple)) else pool.output_size
+    return MaskConfig(pool_size=int(size), mask_size=2 * int(size), target=MaskTarget.TORCHVISION)
 
 
 def batch_fields(image_list, targets, features, proposals=None) -> dict:
@@ -130,6 +141,8 @@ def batch_fields(image_list, targets, features, proposals=None) -> dict:
     }
     if proposals is not None:
         out["proposals"] = [p.detach() for p in proposals]
+    if targets and all("masks" in t for t in targets):  # Mask R-CNN: masks at the image size
+        out["gt_masks"] = [t["masks"].detach().bool() for t in targets]
     return out
 
 

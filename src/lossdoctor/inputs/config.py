@@ -36,6 +36,9 @@ class AnchorConfig:
     # mmdet marks anchors outside each image's own pad_shape (sides rounded up to this) invalid;
     # 0 = all valid
     valid_pad_divisor: int = 0
+    # mmdet's train_cfg.rpn.allowed_border: at >= 0 an anchor reaching further than this past its
+    # image (img_shape, not the padding) is left out of the RPN's assignment and losses; < 0 = off
+    allowed_border: float = -1.0
 
     def __post_init__(self):
         if not self.sizes or not all(self.sizes):
@@ -51,6 +54,7 @@ class AnchorConfig:
             raise InputError("anchors.sizes must give every level the same number of sizes")
         check_range(self.offset, "anchors.offset", 0.0, 1.0)
         check_range(self.valid_pad_divisor, "anchors.valid_pad_divisor", 0)
+        check_range(self.allowed_border, "anchors.allowed_border", -math.inf)
 
 
 @dataclass(frozen=True)
@@ -345,11 +349,13 @@ MMDET_CASCADE_STDS = ((0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
 
 def mmdet_cascade_preset() -> DetectorConfig:
     """MMDetection 3.x ``cascade-rcnn_r50_fpn_1x``: 3 stages at IoU 0.5/0.6/0.7, stage loss
-    weights 1/0.5/0.25, each stage resampled with the GT added; 2000 training proposals."""
+    weights 1/0.5/0.25, each stage resampled with the GT added; 2000 training proposals; RPN
+    anchors crossing the image border left out (``allowed_border=0``)."""
     base = mmdet_preset()
     return dataclasses.replace(
         base,
         name="mmdet-cascade",
+        anchors=dataclasses.replace(base.anchors, allowed_border=0.0),
         train_proposals=dataclasses.replace(base.train_proposals, post_nms_top_n=2000),
         cascade=CascadeConfig(
             ious=(0.6, 0.7),

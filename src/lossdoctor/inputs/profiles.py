@@ -33,7 +33,7 @@ makes that level's loss NaN (0 * inf). The others index the sampled anchors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..vocab import BOX_LOSSES, BOX_TERMS, CLS_LOSSES, Empty, LossKind, Normalizer, Part, Term
@@ -178,6 +178,19 @@ def mmdet() -> LossProfile:
     )
 
 
+def mmdet_cascade() -> LossProfile:
+    """MMDetection 3.x Cascade R-CNN (``cascade-rcnn_r50_fpn``): :func:`mmdet`'s normalizers with
+    SmoothL1 boxes, beta 1/9 for the RPN and 1 for every stage's box head."""
+    base = mmdet()
+    return replace(
+        base,
+        name="mmdet-cascade",
+        summary="MMDetection 3.x Cascade R-CNN: mmdet's avg_factors; SL1(1/9) RPN, SL1(1) boxes",
+        rpn_box=replace(base.rpn_box, loss=LossKind.SMOOTH_L1, beta=SMOOTH_L1_TV_BETA),
+        roi_box=replace(base.roi_box, loss=LossKind.SMOOTH_L1, beta=1.0),
+    )
+
+
 def torchvision() -> LossProfile:
     """torchvision ``RegionProposalNetwork.compute_loss`` and ``fastrcnn_loss``.
 
@@ -220,6 +233,7 @@ BUILTIN = {
     "legacy": legacy,
     "fixed": fixed,
     "mmdet": mmdet,
+    "mmdet-cascade": mmdet_cascade,
     "torchvision": torchvision,
     "detectron2": detectron2,
 }

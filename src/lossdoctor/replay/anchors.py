@@ -68,6 +68,20 @@ def level_anchors(
     return out
 
 
+def inside_flags(anchors: Tensor, image_size, border: float) -> Tensor | None:
+    """mmdet's ``anchor_inside_flags``: anchors (Tensor[M, 4]) within the image (h, w) widened by
+    ``border`` → Tensor[M] bool; None when the border is off (< 0)."""
+    if border < 0:
+        return None
+    h, w = image_size
+    return (
+        (anchors[:, 0] >= -border)
+        & (anchors[:, 1] >= -border)
+        & (anchors[:, 2] < w + border)
+        & (anchors[:, 3] < h + border)
+    )
+
+
 def valid_flags(
     cfg: AnchorConfig, strides: list[int], shapes, image_size, num_anchors: int
 ) -> list[Tensor] | None:

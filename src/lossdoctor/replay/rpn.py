@@ -11,7 +11,7 @@ from torch import Tensor
 from ..inputs.batch import Batch
 from ..inputs.checkpoint import BOX_COORDS, HeadWeights
 from ..inputs.config import DetectorConfig
-from .anchors import level_anchors, valid_flags
+from .anchors import inside_flags, level_anchors, valid_flags
 from .boxes import encode
 from .gt import UsableGt
 from .heads import RpnLevelOutput, rpn_head
@@ -67,6 +67,18 @@ class _Assignment:
     images: list[RpnImage]
 
 
+def _usable(config, batch: Batch, shapes, flat: Tensor, num_anchors: int, i: int):
+    """Image ``i``'s anchors (of all levels) that take part in assignment → Tensor[M] bool, or
+    None for all: mmdet's valid flags, and its inside flags with an allowed border."""
+    size = batch.image_sizes[i]
+    flags = valid_flags(config.anchors, batch.strides, shapes, size, num_anchors)
+    valid = None if flags is None else torch.cat(flags)
+    inside = inside_flags(flat, size, config.anchors.allowed_border)
+    if inside is None or valid is None:
+        return valid if inside is None else inside
+    return valid & inside
+
+
 def _assign(
     anchors: list[Tensor], batch: Batch, heads: HeadWeights, config, gt: UsableGt, gen, all_
 ):
@@ -81,10 +93,11 @@ def _assign(
         images=[],
     )
     for i in range(n):
-        size = batch.image_sizes[i]
-        flags = valid_flags(config.anchors, batch.strides, shapes, size, heads.num_anchors)
         m = match(
-            gt.boxes[i], flat, config.rpn_matcher, None if flags is None else torch.cat(flags)
+            gt.boxes[i],
+            flat,
+            config.rpn_matcher,
+            _usable(config, batch, shapes, flat, heads.num_anchors, i),
         )
         a.labels[i], a.matched[i] = m.labels, m.gt
         pos, neg = sample(m.labels, config.rpn_sampler, gen, all_)
