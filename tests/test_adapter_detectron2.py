@@ -35,9 +35,9 @@ TERMS = {"rpn_cls": "loss_rpn_cls", "rpn_box": "loss_rpn_loc", "roi_cls": "loss_
 REL = 1e-5
 
 
-def build():
+def build(config=CONFIG):
     cfg = get_cfg()
-    cfg.merge_from_file(CONFIG)
+    cfg.merge_from_file(config)
     cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = "cpu", ""
     cfg.MODEL.PIXEL_STD = [57.375, 57.12, 58.395]  # inputs of unit scale for an untrained model
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
@@ -165,3 +165,92 @@ def test_own_proposals_are_detectron2s_ties_included(tmp_path, kind):
             head.weight.mul_(50)
             head.bias.add_(40)
     F.assert_own_proposals_are_dumped(ld.dump(tmp_path, model, inputs))
+
+
+MASK_CONFIG = model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml")
+CASCADE_CONFIG = model_zoo.get_config_file("Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml")
+
+
+def masked(batch: list[dict]) -> list[dict]:
+    """GT masks (ellipses in the boxes) on every image, as BitMasks."""
+    from detectron2.structures import BitMasks
+
+    for x in batch:
+        inst = x["instances"]
+        h, w = inst.image_size
+        ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        ms = []
+        for x1, y1, x2, y2 in inst.gt_boxes.tensor.tolist():
+            cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+            ms.append(((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1)
+        inst.gt_masks = BitMasks(torch.stack(ms))
+    return batch
+
+
+@pytest.mark.parametrize("config", [MASK_CONFIG, CASCADE_CONFIG], ids=["mask", "cascade-mask"])
+def test_mask_and_cascade_reproduce_detectron2s_losses(tmp_path, config):
+    """Mask R-CNN's loss_mask, and Cascade Mask R-CNN's three stages (loss_cls_stageK,
+    loss_box_reg_stageK) and its mask head on the first stage's RoIs."""
+    model = build(config)
+    capture = ld.Capture(tmp_path, model, every=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    data = batches()
+    with EventStorage(0):
+        for step in range(2):
+            loss_dict = model(masked(next(data)))
+            opt.zero_grad()
+            sum(loss_dict.values()).backward()
+            folder = capture.check(step, loss_dict)
+            opt.step()
+    r = CliRunner().invoke(app, ["inspect", str(folder), "--sample-all", "--json", "-", "-q"])
+    assert r.exit_code in (0, 1), r.output
+    rep = json.loads(r.stdout)
+    assert rep["meta"]["run"]["profile"] == "detectron2"
+    row = next(x for x in rep["tables"]["profiles"] if x["profile"] == "detectron2")
+    assert row["roi_mask"] == pytest.approx(float(loss_dict["loss_mask"]), rel=REL)
+    for term in ("rpn_cls", "rpn_box"):
+        assert row[term] == pytest.approx(float(loss_dict[TERMS[term]]), rel=REL)
+    stages = model.roi_heads.num_cascade_stages if config == CASCADE_CONFIG else 1
+    suffix = [f"_stage{k}" for k in range(stages)] if stages > 1 else [""]
+    levels = rep["tables"]["levels"]
+    for k, end in enumerate(suffix):
+        want = ("detectron2", "roi", k, "all")
+        (stage,) = [x for x in levels if (x["profile"], x["head"], x["stage"], x["level"]) == want]
+        assert stage["loss_cls"] == pytest.approx(float(loss_dict["loss_cls" + end]), rel=REL)
+        assert stage["loss_bbox"] == pytest.approx(float(loss_dict["loss_box_reg" + end]), rel=REL)
+
+
+def test_cascade_config_file_is_the_preset():
+    config, profile = ld.config_from_file(CASCADE_CONFIG)
+    assert dataclasses.replace(config, name="detectron2-cascade") == preset("detectron2-cascade")
+    assert profile == "detectron2"
+
+
+def test_polygon_masks_are_rasterized_over_the_image(tmp_path):
+    """PolygonMasks (Detectron2's default mask format) are dumped as whole-image bitmaps; the
+    replayed loss_mask then differs from Detectron2's per-RoI rasterization by a little."""
+    from detectron2.structures import PolygonMasks
+
+    model = build(MASK_CONFIG)
+    inputs = next(batches())
+    for x in inputs:
+        polys = [[[x1, y1, x2, y1, x2, y2, x1, y2]]
+                 for x1, y1, x2, y2 in x["instances"].gt_boxes.tensor.tolist()]  # fmt: skip
+        x["instances"].gt_masks = PolygonMasks(polys)
+    capture = ld.Capture(tmp_path, model, every=1)
+    with EventStorage(0):
+        loss_dict = model(inputs)
+        sum(loss_dict.values()).backward()
+        folder = capture.check(0, loss_dict)
+    batch = load_batch(folder / "batch.pt")
+    for masks, x in zip(batch.gt_masks, inputs):
+        inst = x["instances"]
+        assert masks.dtype == torch.bool and masks.shape == (len(inst), *inst.image_size)
+        for mask, (x1, y1, x2, y2) in zip(masks, inst.gt_boxes.tensor.tolist()):
+            w, h = x2 - x1, y2 - y1  # a rectangle fills its box, up to the pixels on its edge
+            assert abs(int(mask.sum()) - w * h) <= 2 * (w + h) + 4
+    r = CliRunner().invoke(app, ["inspect", str(folder), "--sample-all", "--json", "-", "-q"])
+    row = next(
+        x for x in json.loads(r.stdout)["tables"]["profiles"] if x["profile"] == "detectron2"
+    )
+    assert row["roi_mask"] == pytest.approx(float(loss_dict["loss_mask"]), rel=0.05)

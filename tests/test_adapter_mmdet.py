@@ -316,3 +316,12 @@ def test_cascade_rcnn_reproduces_mmdets_stage_losses(tmp_path):
         (stage,) = [r for r in rows if (r["profile"], r["head"], r["stage"], r["level"]) == want]
         assert stage["loss_cls"] == pytest.approx(float(log_vars[f"s{k}.loss_cls"]), rel=REL)
         assert stage["loss_bbox"] == pytest.approx(float(log_vars[f"s{k}.loss_bbox"]), rel=REL)
+
+
+@pytest.mark.parametrize(
+    ("path", "name"), [(CASCADE_BASE, "mmdet-cascade"), (MASK_BASE, "mmdet-mask")]
+)
+def test_cascade_and_mask_config_files_are_the_presets(path, name):
+    config, profile = ld.config_from_file(path)
+    assert dataclasses.replace(config, name=name) == preset(name)
+    assert profile == name.replace("-mask", "")

@@ -1,5 +1,5 @@
-"""Detectron2: a ``GeneralizedRCNN`` with an RPN and ``StandardROIHeads`` and its batched inputs
-→ a capture directory.
+"""Detectron2: a ``GeneralizedRCNN`` with an RPN and ``StandardROIHeads`` (Mask R-CNN's too) or
+``CascadeROIHeads`` and its batched inputs → a capture directory.
 
 Two lines with ``DefaultTrainer`` or ``SimpleTrainer`` (the hook runs after ``backward()`` and
 before the optimizer steps, so the checkpoint holds the weights that made the loss)::
@@ -12,7 +12,10 @@ loss_dict)`` after ``backward()``; or ``dump(DIR, model, batched_inputs)`` for o
 
 One forward hook on ``model.proposal_generator`` sees what the model computed: the ImageList
 (image sizes, padded size), the FPN features (p2..p6), the GT ``Instances`` (``gt_boxes``,
-``gt_classes`` 0..K-1) and the RPN's proposals.
+``gt_classes`` 0..K-1, ``gt_masks``) and the RPN's proposals. ``BitMasks`` are dumped as they
+are; ``PolygonMasks`` are rasterized over the whole image, which is not how Detectron2 makes its
+mask targets (it rasterizes each polygon inside each RoI), so the replayed ``loss_mask`` differs
+from Detectron2's by a little: train with ``INPUT.MASK_FORMAT: bitmask`` for exact agreement.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import torch
 
 from ..inputs.config import (
     AnchorConfig,
+    CascadeConfig,
     CoderConfig,
     DetectorConfig,
+    MaskConfig,
     MatcherConfig,
     ProposalConfig,
     RoIPoolConfig,
@@ -35,7 +40,7 @@ from ..inputs.config import (
 from ..inputs.dataclass_toml import to_dict
 from ..inputs.errors import InputError
 from ..inputs.profiles import detectron2 as builtin_profile
-from ..vocab import Framework, LossKind, Mapper, Ranking, Term
+from ..vocab import Framework, LossKind, Mapper, MaskTarget, Ranking, Term
 from .common import HookedCapture, level_names, run_meta, write_dump
 
 # the Matcher's labels for (below, between, above) its thresholds
@@ -90,11 +95,52 @@ def _proposals(rpn, training: bool) -> ProposalConfig:
     )
 
 
+def _stages(modules) -> list:
+    """A cascade's per-stage box heads or predictors (a ModuleList), else the one."""
+    return list(modules) if isinstance(modules, torch.nn.ModuleList) else [modules]
+
+
+def _cascade(roi) -> CascadeConfig:
+    """CascadeROIHeads' later stages: each stage's matcher IoU and box weights; every refined
+    box taken unsampled, no GT added, the feature gradient averaged over the stages."""
+    preds = _stages(roi.box_predictor)
+    if len(preds) == 1:
+        return CascadeConfig()
+    later = len(preds) - 1
+    return CascadeConfig(
+        ious=tuple(float(m.thresholds[1]) for m in roi.proposal_matchers[1:]),
+        coder_weights=tuple(_coder(p.box2box_transform).weights for p in preds[1:]),
+        loss_weights=(1.0,) * later,
+        resample=False,
+        drop_gt=False,
+        feature_grad_scale=1.0 / len(preds),
+    )
+
+
+def _mask(roi) -> MaskConfig:
+    """The mask head's pooling (as the box head's, which lossdoctor uses for both) and mask size
+    (the pooled size doubled by the deconvolution)."""
+    if not getattr(roi, "mask_on", False):
+        return MaskConfig(target=MaskTarget.DETECTRON2)
+    if roi.mask_pooler is None:
+        raise InputError("a mask head without a mask pooler is not supported")
+    box, mask = roi.box_pooler.level_poolers[0], roi.mask_pooler.level_poolers[0]
+    if (type(box), box.sampling_ratio, box.aligned) != (
+        type(mask),
+        mask.sampling_ratio,
+        mask.aligned,
+    ):
+        raise InputError("a mask pooler that samples unlike the box pooler is not supported")
+    size = int(roi.mask_pooler.output_size[0])
+    return MaskConfig(pool_size=size, mask_size=2 * size, target=MaskTarget.DETECTRON2)
+
+
 def detector_config(model) -> DetectorConfig:
     """The live model's detector config, read off ``model.proposal_generator`` and
-    ``model.roi_heads``."""
+    ``model.roi_heads`` (a cascade's first stage as the RoI head, its later stages in
+    ``cascade``)."""
     rpn, roi = model.proposal_generator, model.roi_heads
-    pooler, pred = roi.box_pooler, roi.box_predictor
+    pooler, pred = roi.box_pooler, _stages(roi.box_predictor)[0]
     layer = pooler.level_poolers[0]
     return DetectorConfig(
         name="detectron2 model",
@@ -128,6 +174,8 @@ def detector_config(model) -> DetectorConfig:
             detections_per_img=int(pred.test_topk_per_image),
             min_box_size=0.0,
         ),  # fmt: skip
+        mask=_mask(roi),
+        cascade=_cascade(roi),
     )
 
 
@@ -140,10 +188,21 @@ def _box_spec(spec, loss_type: str, beta: float, weight: float):
     return dataclasses.replace(spec, loss=kind, beta=float(beta), weight=float(weight))
 
 
+def _box_loss(pred) -> tuple:
+    """What decides a box predictor's losses."""
+    return (pred.use_sigmoid_ce, pred.use_fed_loss, pred.box_reg_loss_type, pred.smooth_l1_beta,
+            tuple(sorted(pred.loss_weight.items())))  # fmt: skip
+
+
 def profile(model) -> str | dict:
     """The loss normalization the model trains with: ``detectron2``, or a profile table where
-    its smooth-L1 betas or loss weights differ from the defaults."""
-    rpn, pred = model.proposal_generator, model.roi_heads.box_predictor
+    its smooth-L1 betas or loss weights differ from the defaults (a cascade's stages share
+    one)."""
+    roi = model.roi_heads
+    rpn, preds = model.proposal_generator, _stages(roi.box_predictor)
+    pred = preds[0]
+    if len({_box_loss(p) for p in preds}) > 1:
+        raise InputError("cascade stages with different losses are not supported")
     if pred.use_sigmoid_ce or pred.use_fed_loss:
         raise InputError("sigmoid or federated classification losses are not supported")
     base = builtin_profile()
@@ -164,6 +223,9 @@ def profile(model) -> str | dict:
         ),
         Term.ROI_BOX.value: roi_box,
     }
+    if getattr(roi, "mask_on", False):
+        weight = float(getattr(roi.mask_head, "loss_weight", 1.0))
+        specs[Term.ROI_MASK.value] = dataclasses.replace(base.roi_mask, weight=weight)
     live = dataclasses.replace(base, **specs)
     return "detectron2" if live == base else to_dict(live)
 
@@ -182,7 +244,22 @@ def batch_fields(images, features: dict, gt_instances, proposals=None) -> dict:
     }  # fmt: skip
     if proposals is not None:
         out["proposals"] = [p.proposal_boxes.tensor.detach().float().cpu() for p in proposals]
+    if all(g.has("gt_masks") for g in gt_instances) and gt_instances:
+        out["gt_masks"] = [_masks(g) for g in gt_instances]
     return out
+
+
+def _masks(g) -> torch.Tensor:
+    """One image's GT masks → Tensor[K, H, W] bool: BitMasks as they are, PolygonMasks
+    rasterized over the image."""
+    masks = g.gt_masks
+    if hasattr(masks, "tensor"):
+        return masks.tensor.detach().cpu().bool()
+    from detectron2.structures.masks import polygons_to_bitmask
+
+    h, w = g.image_size
+    out = [torch.from_numpy(polygons_to_bitmask(p, h, w)) for p in masks.polygons]
+    return torch.stack(out) if out else torch.zeros(0, h, w, dtype=torch.bool)
 
 
 def _rpn_proposals(rpn, images, features) -> list:

@@ -343,6 +343,14 @@ def _named(base, name: str):
     return lambda: dataclasses.replace(base(), name=name)
 
 
+def mmdet_mask_preset() -> DetectorConfig:
+    """MMDetection 3.x ``mask-rcnn_r50_fpn_1x``: Faster R-CNN's, but the RoI assigner's
+    low-quality pass is on (``match_low_quality=True``, ``min_pos_iou=0.5``)."""
+    base = mmdet_preset()
+    matcher = dataclasses.replace(base.roi_matcher, low_quality=True)
+    return dataclasses.replace(base, name="mmdet-mask", roi_matcher=matcher)
+
+
 # MMDetection's DeltaXYWHBBoxCoder divides by its stds; these are their inverses.
 MMDET_CASCADE_STDS = ((0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
 
@@ -390,7 +398,7 @@ PRESETS = {
     "mmdet": mmdet_preset,
     "detectron2": detectron2_preset,
     "torchvision-mask": _named(torchvision_preset, "torchvision-mask"),
-    "mmdet-mask": _named(mmdet_preset, "mmdet-mask"),
+    "mmdet-mask": mmdet_mask_preset,
     "detectron2-mask": _named(detectron2_preset, "detectron2-mask"),
     "mmdet-cascade": mmdet_cascade_preset,
     "detectron2-cascade": detectron2_cascade_preset,
