@@ -95,6 +95,18 @@ def _proposals(rpn, training: bool) -> ProposalConfig:
     )
 
 
+def _pool(pooler) -> RoIPoolConfig:
+    layer = pooler.level_poolers[0]
+    return RoIPoolConfig(
+        num_levels=pooler.max_level - pooler.min_level + 1,
+        sampling_ratio=int(layer.sampling_ratio),
+        aligned=bool(layer.aligned),
+        mapper=Mapper.DETECTRON2,
+        canonical_scale=float(pooler.canonical_box_size),
+        canonical_level=int(pooler.canonical_level),
+    )
+
+
 def _stages(modules) -> list:
     """A cascade's per-stage box heads or predictors (a ModuleList), else the one."""
     return list(modules) if isinstance(modules, torch.nn.ModuleList) else [modules]
@@ -140,8 +152,7 @@ def detector_config(model) -> DetectorConfig:
     ``model.roi_heads`` (a cascade's first stage as the RoI head, its later stages in
     ``cascade``)."""
     rpn, roi = model.proposal_generator, model.roi_heads
-    pooler, pred = roi.box_pooler, _stages(roi.box_predictor)[0]
-    layer = pooler.level_poolers[0]
+    pred = _stages(roi.box_predictor)[0]
     return DetectorConfig(
         name="detectron2 model",
         ranking=Ranking.DETECTRON2,
@@ -160,14 +171,7 @@ def detector_config(model) -> DetectorConfig:
             add_gt=bool(roi.proposal_append_gt),
         ),  # fmt: skip
         roi_coder=_coder(pred.box2box_transform),
-        roi_pool=RoIPoolConfig(
-            num_levels=pooler.max_level - pooler.min_level + 1,
-            sampling_ratio=int(layer.sampling_ratio),
-            aligned=bool(layer.aligned),
-            mapper=Mapper.DETECTRON2,
-            canonical_scale=float(pooler.canonical_box_size),
-            canonical_level=int(pooler.canonical_level),
-        ),  # fmt: skip
+        roi_pool=_pool(roi.box_pooler),
         test=TestConfig(
             score_thr=float(pred.test_score_thresh),
             nms_iou=float(pred.test_nms_thresh),
