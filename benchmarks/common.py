@@ -15,6 +15,11 @@ CLASSES = 80
 
 
 def coco_heads(seed: int = 0):
+    return heads_from_state_dict(coco_state_dict(seed))
+
+
+def coco_state_dict(seed: int = 0) -> dict:
+    """Faster R-CNN heads in torchvision's layout, small random weights."""
     g = torch.Generator().manual_seed(seed)
     c, a, k, f = CHANNELS, 3, CLASSES, 1024
 
@@ -37,7 +42,7 @@ def coco_heads(seed: int = 0):
         "roi_heads.box_predictor.bbox_pred.weight": rnd(4 * (k + 1), f, std=0.001),
         "roi_heads.box_predictor.bbox_pred.bias": rnd(4 * (k + 1)),
     }
-    return heads_from_state_dict(sd)
+    return sd
 
 
 def coco_batch(gt_per_image: int = 100, seed: int = 0):

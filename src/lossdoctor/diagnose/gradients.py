@@ -25,6 +25,7 @@ from ..replay.normalize import LevelLoss, staged
 from ..replay.roi import RoiStage
 from ..replay.rpn import RpnLevel
 from ..vocab import BIAS, BOX_LAYERS, TERMS, WEIGHT, Empty, Head, Layer, Term, param
+from .sparse_conv import ConvGrads, live_locations, pre_relu_grad, sparse_conv_grads, worth_it
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing
 CLIP_EPS = 1e-6
@@ -224,23 +225,49 @@ def _rpn_level(lvl: int, r: Replay, p: LossProfile, sh: _Shared, params: dict):
     return row, grad_hidden, (pos, neg)
 
 
+def _sparse_levels(r: Replay, grad_hidden: list[Tensor]) -> dict[int, ConvGrads]:
+    """The levels whose conv backward is cheaper visiting only their live locations, done so."""
+    w = r.heads.weight(Layer.RPN_CONV)
+    out = {}
+    for lvl, (level, gh) in enumerate(zip(r.rpn.levels, grad_hidden)):
+        grad_pre = pre_relu_grad(gh, level.out.hidden.detach())
+        loc = live_locations(grad_pre)
+        if worth_it(loc, r.features[lvl], w):
+            out[lvl] = sparse_conv_grads(r.features[lvl], grad_pre, w, loc)
+    return out
+
+
+def _rpn_conv(r: Replay, grad_hidden: list[Tensor]) -> tuple[list[float], Tensor, Tensor]:
+    """The 3x3 conv's backward for every level → (feature gradient norm per level, weight and
+    bias gradients): sparse where that is cheaper, one autograd backward for the rest."""
+    sparse = _sparse_levels(r, grad_hidden)
+    dense = [lvl for lvl in range(len(grad_hidden)) if lvl not in sparse]
+    conv = [r.heads.weight(Layer.RPN_CONV), r.heads.bias(Layer.RPN_CONV)]
+    dw, db = sum(s.weight for s in sparse.values()), sum(s.bias for s in sparse.values())
+    norms = {lvl: s.feature for lvl, s in sparse.items()}
+    if dense:
+        grads = torch.autograd.grad(
+            [r.rpn.levels[lvl].out.hidden for lvl in dense],
+            [r.features[lvl] for lvl in dense] + conv,
+            grad_outputs=[grad_hidden[lvl] for lvl in dense],
+            retain_graph=True,
+        )
+        norms |= {lvl: _norm(gf) for lvl, gf in zip(dense, grads)}
+        dw, db = grads[-2] + dw, grads[-1] + db
+    return [norms[lvl] for lvl in range(len(grad_hidden))], dw, db
+
+
 def _rpn(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
-    """RPN norms: per level by hand, then one backward through the 3x3 conv for every level."""
+    """RPN norms: per level by hand, then the backward through the 3x3 conv for every level."""
     layers = (Layer.RPN_CONV, Layer.RPN_LOGITS, Layer.RPN_DELTAS)
     params = {param(x, k): _ParamGrad() for x in layers for k in (WEIGHT, BIAS)}
     done = [_rpn_level(lvl, r, p, sh, params) for lvl in range(len(r.rpn.levels))]
-    conv = [r.heads.weight(Layer.RPN_CONV), r.heads.bias(Layer.RPN_CONV)]
-    grads = torch.autograd.grad(
-        [lv.out.hidden for lv in r.rpn.levels],
-        list(r.features) + conv,
-        grad_outputs=[g for _, g, _ in done],
-        retain_graph=True,
-    )
+    features, dw, db = _rpn_conv(r, [g for _, g, _ in done])
     rows = [row for row, _, _ in done]
-    for row, gf in zip(rows, grads):
-        row.feature = _norm(gf)
-    params[param(Layer.RPN_CONV, WEIGHT)].total = grads[-2]
-    params[param(Layer.RPN_CONV, BIAS)].total = grads[-1]
+    for row, norm in zip(rows, features):
+        row.feature = norm
+    params[param(Layer.RPN_CONV, WEIGHT)].total = dw
+    params[param(Layer.RPN_CONV, BIAS)].total = db
     pos_sq, neg_sq = sum(x for _, _, (x, _) in done), sum(y for _, _, (_, y) in done)
     idle = [row.level for row in rows if row.feature == 0]
     return _HeadGrads(

@@ -1,0 +1,93 @@
+"""The backward of the RPN's 3x3 conv + ReLU where its output gradient is sparse.
+
+The RPN losses see only sampled anchors (256 per image by default), so the gradient at the conv's
+output is non-zero at a few hundred of a level's locations. Autograd's dense backward spends the
+same work on every location; here only the locations with a non-zero (or non-finite) gradient are
+visited: ``dW = G^T P`` and ``dX = fold(G W)`` over their input patches ``P``. Where most
+locations are live (``--sample-all``) or the inputs are not finite (a 0 x NaN must poison the
+gradient as autograd's would), the caller falls back to autograd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# the RPN conv's kernel and padding ("same" 3x3)
+KERNEL = 3
+PADDING = 1
+# above this share of live locations autograd's dense backward is the cheaper one
+DENSE_SHARE = 0.05
+
+
+@dataclass(kw_only=True)
+class ConvGrads:
+    """One level's conv gradients: the input gradient's norm (accumulated in float64), the weight
+    gradient Tensor[C_out, C_in, 3, 3] and the bias gradient Tensor[C_out]."""
+
+    feature: float
+    weight: Tensor
+    bias: Tensor
+
+
+def live_locations(grad_pre: Tensor) -> Tensor:
+    """(n, y, x) of every location whose pre-ReLU gradient Tensor[N, C, H, W] is not all zero →
+    Tensor[K, 3] (NaN counts as live)."""
+    return (grad_pre != 0).any(1).nonzero()
+
+
+def pre_relu_grad(grad_hidden: Tensor, hidden: Tensor) -> Tensor:
+    """Through the ReLU as autograd's threshold_backward: zero where the output is <= 0 (a NaN
+    output passes its gradient on)."""
+    return torch.where(hidden <= 0, torch.zeros(()), grad_hidden)
+
+
+def _patch_index(loc: Tensor, height: int, width: int) -> Tensor:
+    """Flat indices into the padded map Tensor[N, H+2, W+2] of each location's 3x3 window →
+    Tensor[K, 9]."""
+    n, y, x = loc.unbind(1)
+    d = torch.arange(KERNEL)
+    ys = y[:, None, None] + d[None, :, None]
+    xs = x[:, None, None] + d[None, None, :]
+    wp = width + 2 * PADDING
+    return ((n[:, None, None] * (height + 2 * PADDING) + ys) * wp + xs).reshape(-1, KERNEL**2)
+
+
+def sparse_conv_grads(x: Tensor, grad_pre: Tensor, weight: Tensor, loc: Tensor) -> ConvGrads:
+    """The conv's gradients from its pre-ReLU output gradient ``grad_pre`` Tensor[N, C_out, H, W],
+    non-zero only at ``loc`` Tensor[K, 3], for input ``x`` Tensor[N, C_in, H, W]."""
+    n, c_in, h, w = x.shape
+    c_out = weight.shape[0]
+    if loc.shape[0] == 0:
+        return ConvGrads(feature=0.0, weight=torch.zeros_like(weight), bias=weight.new_zeros(c_out))
+    g = grad_pre[loc[:, 0], :, loc[:, 1], loc[:, 2]]  # [K, C_out]
+    index = _patch_index(loc, h, w)  # [K, 9]
+    padded = F.pad(x.detach(), (PADDING,) * 4).permute(0, 2, 3, 1).reshape(-1, c_in)
+    patches = padded[index]  # [K, 9, C_in]
+    dw = torch.matmul(g.T, patches.reshape(g.shape[0], -1))  # [C_out, 9 * C_in]
+    dw = dw.view(c_out, KERNEL, KERNEL, c_in).permute(0, 3, 1, 2)
+    w_t = weight.detach().permute(0, 2, 3, 1).reshape(c_out, -1)  # [C_out, 9 * C_in]
+    contrib = torch.matmul(g, w_t).view(-1, c_in)  # [K * 9, C_in]
+    where, slot = torch.unique(index.flatten(), return_inverse=True)
+    dx = contrib.new_zeros(where.numel(), c_in).index_add_(0, slot, contrib)
+    inside = dx[_inside(where, h, w)]
+    norm = float(torch.linalg.vector_norm(inside, dtype=torch.float64)) if inside.numel() else 0.0
+    return ConvGrads(feature=norm, weight=dw, bias=g.sum(0))
+
+
+def _inside(flat: Tensor, height: int, width: int) -> Tensor:
+    """Which flat indices of the padded map are real input pixels, not padding."""
+    wp, hp = width + 2 * PADDING, height + 2 * PADDING
+    y, x = (flat // wp) % hp, flat % wp
+    return (y >= PADDING) & (y < height + PADDING) & (x >= PADDING) & (x < width + PADDING)
+
+
+def worth_it(loc: Tensor, x: Tensor, weight: Tensor) -> bool:
+    """The sparse path is the faster one and gives autograd's numbers."""
+    n, _, h, w = x.shape
+    if loc.shape[0] > DENSE_SHARE * n * h * w:
+        return False
+    return bool(torch.isfinite(x).all()) and bool(torch.isfinite(weight).all())

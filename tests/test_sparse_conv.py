@@ -1,0 +1,89 @@
+"""The sparse backward of the RPN's 3x3 conv + ReLU gives autograd's gradients: the input
+gradient's norm, the weight and bias gradients, at live locations on the border and inside, over
+several images; and the diagnosis gives the same norms whichever path it takes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lossdoctor.diagnose import sparse_conv as sc
+
+
+def autograd_conv(x, w, b, grad_hidden):
+    x = x.detach().requires_grad_(True)
+    w = w.detach().requires_grad_(True)
+    b = b.detach().requires_grad_(True)
+    hidden = F.relu(F.conv2d(x, w, b, padding=1))
+    gx, gw, gb = torch.autograd.grad(hidden, [x, w, b], grad_hidden)
+    return hidden.detach(), gx, gw, gb
+
+
+def case(seed: int, live: list[tuple[int, int, int]], n=2, c=6, h=7, w=9):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g)
+    weight, bias = torch.randn(c, c, 3, 3, generator=g), torch.randn(c, generator=g)
+    grad_hidden = torch.zeros(n, c, h, w)
+    for i, y, xx in live:
+        grad_hidden[i, :, y, xx] = torch.randn(c, generator=g)
+    return x, weight, bias, grad_hidden
+
+
+LIVE = {
+    "corners": [(0, 0, 0), (0, 6, 8), (1, 0, 8), (1, 6, 0)],
+    "overlapping": [(0, 3, 4), (0, 3, 5), (0, 4, 4), (1, 2, 2)],
+    "one": [(1, 5, 1)],
+    "none": [],
+}
+
+
+@pytest.mark.parametrize("name", list(LIVE))
+def test_sparse_backward_is_autograds(name):
+    x, weight, bias, grad_hidden = case(len(name), LIVE[name])
+    hidden, gx, gw, gb = autograd_conv(x, weight, bias, grad_hidden)
+    grad_pre = sc.pre_relu_grad(grad_hidden, hidden)
+    loc = sc.live_locations(grad_pre)
+    assert loc.shape[0] <= len(LIVE[name])  # a location whose channels all hit ReLU's 0 drops
+    got = sc.sparse_conv_grads(x, grad_pre, weight, loc)
+    assert got.feature == pytest.approx(float(gx.double().norm()), rel=1e-6, abs=1e-12)
+    assert torch.allclose(got.weight, gw, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got.bias, gb, rtol=1e-5, atol=1e-6)
+
+
+def test_relu_passes_a_nan_output_on_as_autograd_does():
+    hidden = torch.tensor([[[[float("nan"), 0.0, -1.0, 2.0]]]])
+    grad = torch.ones_like(hidden)
+    assert sc.pre_relu_grad(grad, hidden).flatten().tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_dense_inputs_or_non_finite_ones_go_to_autograd():
+    x, weight, _, grad_hidden = case(0, LIVE["one"])
+    loc = sc.live_locations(grad_hidden)
+    assert sc.worth_it(loc, x, weight)
+    x_nan = x.clone()
+    x_nan[0, 0, 0, 0] = float("nan")  # 0 x NaN poisons autograd's weight gradient
+    assert not sc.worth_it(loc, x_nan, weight)
+    full = sc.live_locations(torch.ones_like(grad_hidden))
+    assert not sc.worth_it(full, x, weight)
+
+
+def test_diagnosis_is_the_same_either_way(monkeypatch):
+    """The toy healthy fixture's gradient norms with every level sparse and with none."""
+    from lossdoctor.api import resolve_inputs
+    from lossdoctor.diagnose.gradients import gradients
+    from lossdoctor.inputs.profiles import builtin
+    from lossdoctor.replay.engine import replay
+
+    files = ("fixtures/healthy/checkpoint.pt", "fixtures/healthy/batch.pt")
+    heads, batch, cfg = resolve_inputs(*files, "fixtures/toy.toml", False)
+    r = replay(heads, batch, cfg, [builtin("legacy"), builtin("fixed")])
+    monkeypatch.setattr(sc, "DENSE_SHARE", 1.0)
+    sparse = gradients(r)
+    monkeypatch.setattr(sc, "DENSE_SHARE", -1.0)
+    dense = gradients(r)
+    for name in dense:
+        for a, b in zip(sparse[name].levels, dense[name].levels):
+            assert a.feature == pytest.approx(b.feature, rel=1e-5, abs=1e-12)
+        for key, b in dense[name].params.items():
+            assert sparse[name].params[key].total == pytest.approx(b.total, rel=1e-5, abs=1e-12)
