@@ -163,17 +163,13 @@ def roi_align_level(
 ) -> Tensor:
     """RoIAlign on one level. feat: Tensor[N, C, H, W]; rois: Tensor[R, 4] in input pixels;
     img: Tensor[R] image index → Tensor[R, C, P, P]. ``max_grid`` caps the adaptive sampling
-    grid of the pure-torch kernel (the compiled one has no cap)."""
+    grid. Always this kernel, even where torchvision is installed: on a few CPU cores it is
+    several times faster than torchvision's compiled one, forward and backward."""
     if rois.shape[0] == 0:
         return (
             feat.new_zeros(0, feat.shape[1], pooled, pooled) + 0 * feat.sum()
         )  # keeps the level in the graph
-    try:  # the compiled op, where torchvision happens to be installed
-        from torchvision.ops import roi_align as tv_roi_align
-    except Exception:
-        return roi_align_torch(feat, rois, img, scale, pooled, sampling_ratio, aligned, max_grid)
-    boxes = torch.cat([img[:, None].to(rois.dtype), rois], 1)
-    return tv_roi_align(feat, boxes, pooled, scale, sampling_ratio, aligned)
+    return roi_align_torch(feat, rois, img, scale, pooled, sampling_ratio, aligned, max_grid)
 
 
 def _geometry(
