@@ -163,3 +163,31 @@ def test_detectron2_scales_each_stages_feature_gradient():
     for k in range(3):
         for a, b in zip(feature(scaled, k), feature(unscaled, k)):
             assert a == pytest.approx(b / 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("ignored", [False, True], ids=["positives", "no-positive"])
+def test_mask_gradients_shared_by_profiles_are_each_profiles_own(monkeypatch, ignored):
+    """A mask term that is the summed pixel BCE times one factor scales one shared backward;
+    it equals each profile's own backward, a per-level normalizer and empty sets included."""
+    import importlib
+
+    G = importlib.import_module("lossdoctor.diagnose.gradients")  # the module, not the function
+
+    per_level = TermSpec(LossKind.BCE, Normalizer.LEVEL_POS)
+    profiles = [BUILTIN[p]() for p in ("torchvision", "mmdet", "legacy", "fixed")]
+    profiles.append(dataclasses.replace(BUILTIN["fixed"](), name="per-level", roi_mask=per_level))
+    ignore = [torch.ones(2, dtype=torch.bool)] * 2 if ignored else None
+    heads = heads_from_state_dict(F.mask_state_dict())
+    r = replay(heads, _mask_batch(ignore), preset("detectron2-mask"), profiles, sample_all=True)
+    shared = G.gradients(r)
+    if not ignored:  # both paths are taken
+        assert G._mask_coef(r, profiles[0]) > 0 and G._mask_coef(r, profiles[-1]) is None
+    monkeypatch.setattr(G, "_mask_coef", lambda r, p: None)
+    own = G.gradients(r)
+    for p in profiles:
+        a, b = shared[p.name], own[p.name]
+        for x, y in zip(a.levels, b.levels):
+            for field in ("feature", "logits_pos"):
+                assert getattr(x, field) == pytest.approx(getattr(y, field), rel=1e-5, nan_ok=True)
+        for key, y in b.params.items():
+            assert a.params[key].total == pytest.approx(y.total, rel=1e-5, nan_ok=True), key

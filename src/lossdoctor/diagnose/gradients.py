@@ -135,8 +135,14 @@ class _Shared:
 
     def __init__(self, r: Replay):
         self.r = r
-        self._bce, self._box = {}, {}
+        self._bce, self._box, self._mask = {}, {}, None
         self.stages = [_StageShared(roi) for roi in r.roi_stages]
+
+    def mask_sum_grads(self) -> list[Tensor]:
+        """:func:`mask_backward` of the mask head's summed pixel BCE, once for all profiles."""
+        if self._mask is None:
+            self._mask = mask_backward(self.r, sum(s.cls_loss.sum() for s in self.r.mask.samples))
+        return self._mask
 
     def bce(self, lvl: int) -> Tensor:
         if lvl not in self._bce:
@@ -377,16 +383,34 @@ def _roi(v: _StageView, features: list[Tensor]) -> _HeadGrads:
                       sq=(pos_sq, neg_sq))  # fmt: skip
 
 
-def _mask(r: Replay, p: LossProfile) -> _HeadGrads:
-    """The mask head's norms by autograd: one backward of the mask term to its parameters, its
-    selected logits and the features (a level's RoIs read only their own level)."""
-    m = r.mask
-    loss = r.losses[p.name].term(Term.ROI_MASK)
+def mask_backward(r: Replay, loss: Tensor) -> list[Tensor]:
+    """d loss / d (the mask head's parameters, its selected logits, the features)."""
     names = mask_params(r.heads)
     feats = list(r.features[: r.roi.num_levels])
-    inputs = [r.heads.params[n] for n in names] + [m.logits] + feats
+    inputs = [r.heads.params[n] for n in names] + [r.mask.logits] + feats
     grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+
+
+def _mask_coef(r: Replay, p: LossProfile) -> float | None:
+    """The factor weight / D that every mask level shares under ``p`` (a normalizer over the
+    whole batch, as every built-in profile's), or None."""
+    coefs = {_coef(p.roi_mask, row.avg_factor) for row in r.losses[p.name].levels[Head.MASK]}
+    c = coefs.pop() if len(coefs) == 1 else math.nan
+    return c if math.isfinite(c) and c > 0 else None
+
+
+def _mask(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
+    """The mask head's norms by autograd: the backward of the mask term to its parameters, its
+    selected logits and the features (a level's RoIs read only their own level). A term that is
+    the summed pixel BCE times one factor scales the backward shared by every profile."""
+    m = r.mask
+    names = mask_params(r.heads)
+    c = _mask_coef(r, p)
+    if c is None:
+        grads = mask_backward(r, r.losses[p.name].term(Term.ROI_MASK))
+    else:
+        grads = [g * c for g in sh.mask_sum_grads()]
     params = {n: _ParamGrad(by_term={Term.ROI_MASK: g}) for n, g in zip(names, grads)}
     g_logits, g_feats = grads[len(names)], grads[len(names) + 1 :]
     level = r.roi.level[m.rows]
@@ -447,7 +471,7 @@ def profile_gradients(r: Replay, p: LossProfile, shared: _Shared | None = None) 
     sh = shared or _Shared(r)
     heads = {Head.RPN: _rpn(r, p, sh), Head.ROI: _roi_stages(r, p, sh)}
     if r.mask is not None:
-        heads[Head.MASK] = _mask(r, p)
+        heads[Head.MASK] = _mask(r, p, sh)
     norms, total_sq = {}, 0.0
     for hg in heads.values():
         for name, acc in hg.params.items():
