@@ -68,20 +68,33 @@ def test_dense_inputs_or_non_finite_ones_go_to_autograd():
     assert not sc.worth_it(full, x, weight)
 
 
-def test_diagnosis_is_the_same_either_way(monkeypatch):
-    """The toy healthy fixture's gradient norms with every level sparse and with none."""
+@pytest.mark.parametrize("sample_all", [False, True])
+def test_diagnosis_is_the_same_either_way(monkeypatch, sample_all):
+    """The toy healthy fixture's gradient norms three ways: every level sparse; every level split
+    into the negatives' dense backward (shared by the profiles, scaled by each) and the
+    positives' sparse one; every level by autograd."""
+    import importlib
+
     from lossdoctor.api import resolve_inputs
-    from lossdoctor.diagnose.gradients import gradients
     from lossdoctor.inputs.profiles import builtin
     from lossdoctor.replay.engine import replay
 
+    G = importlib.import_module("lossdoctor.diagnose.gradients")  # the module, not the function
     files = ("fixtures/healthy/checkpoint.pt", "fixtures/healthy/batch.pt")
     heads, batch, cfg = resolve_inputs(*files, "fixtures/toy.toml", False)
-    r = replay(heads, batch, cfg, [builtin("legacy"), builtin("fixed")])
+    profiles = [builtin(p) for p in ("legacy", "fixed", "mmdet", "detectron2")]
+    r = replay(heads, batch, cfg, profiles, sample_all=sample_all)
     monkeypatch.setattr(sc, "DENSE_SHARE", 1.0)
-    sparse = gradients(r)
+    sparse = G.gradients(r)
     monkeypatch.setattr(sc, "DENSE_SHARE", -1.0)
-    dense = gradients(r)
+    split = G.gradients(r)
+    monkeypatch.setattr(G, "_split_level", lambda *a: None)
+    dense = G.gradients(r)
+    for other in (sparse, split):
+        _same(other, dense)
+
+
+def _same(sparse, dense):
     for name in dense:
         for a, b in zip(sparse[name].levels, dense[name].levels):
             assert a.feature == pytest.approx(b.feature, rel=1e-5, abs=1e-12)

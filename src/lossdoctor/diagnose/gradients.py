@@ -130,13 +130,35 @@ def _box_grad(s, spec: TermSpec) -> Tensor:
     return torch.autograd.grad(loss.sum(), s.box_pred, retain_graph=True)[0]
 
 
+@dataclass(kw_only=True)
+class _NegConv:
+    """One level's conv backward from its negatives alone: ∂/∂feature Tensor[N, C, H, W], its
+    squared norm, ∂/∂weight and ∂/∂bias."""
+
+    dx: Tensor
+    sq: float
+    weight: Tensor
+    bias: Tensor
+
+
 class _Shared:
     """Per-sample derivatives at the head outputs, computed once for all profiles."""
 
     def __init__(self, r: Replay):
         self.r = r
-        self._bce, self._box, self._mask = {}, {}, None
+        self._bce, self._box, self._neg, self._mask = {}, {}, {}, None
         self.stages = [_StageShared(roi) for roi in r.roi_stages]
+
+    def neg_conv(self, lvl: int) -> _NegConv:
+        """The 3x3 conv's backward of level ``lvl``'s sampled negatives' BCE derivatives."""
+        if lvl not in self._neg:
+            level, r = self.r.rpn.levels[lvl], self.r
+            neg = torch.where(level.sampled & ~level.positive, self.bce(lvl), torch.zeros(()))
+            gh = _hidden_grad(r, lvl, neg, torch.zeros_like(level.out.deltas.detach()))
+            conv = [r.heads.weight(Layer.RPN_CONV), r.heads.bias(Layer.RPN_CONV)]
+            dx, dw, db = _vjp([level.out.hidden], [r.features[lvl], *conv], [gh])
+            self._neg[lvl] = _NegConv(dx=dx, sq=_sq(dx), weight=dw, bias=db)
+        return self._neg[lvl]
 
     def mask_sum_grads(self) -> list[Tensor]:
         """:func:`mask_backward` of the mask head's summed pixel BCE, once for all profiles."""
@@ -221,10 +243,7 @@ def _rpn_level(lvl: int, r: Replay, p: LossProfile, sh: _Shared, params: dict):
     ):
         params[param(layer, WEIGHT)].add(term, torch.matmul(g, hid_t).sum(0)[:, :, None, None])
         params[param(layer, BIAS)].add(term, g.sum((0, 2)))
-    w_all = torch.cat(
-        [r.heads.weight(x).detach().flatten(1) for x in (Layer.RPN_LOGITS, Layer.RPN_DELTAS)]
-    )
-    grad_hidden = torch.matmul(w_all.T, torch.cat([gl, gd], 1)).view(n, c, h, w)
+    grad_hidden = _to_hidden(r, gl, gd).view(n, c, h, w)
     pos, neg = _sq(g_logits[level.positive]), _sq(g_logits[~level.positive])
     row = LevelGrads(
         head=Head.RPN,
@@ -236,7 +255,48 @@ def _rpn_level(lvl: int, r: Replay, p: LossProfile, sh: _Shared, params: dict):
         neg_share=_share(neg, pos),
         nonfinite=_nonfinite(g_logits, g_deltas),
     )
-    return row, grad_hidden, (pos, neg)
+    return row, grad_hidden, (pos, neg), (g_logits, g_deltas)
+
+
+def _to_hidden(r: Replay, gl: Tensor, gd: Tensor) -> Tensor:
+    """Through the 1x1 convs: ∂L/∂logits Tensor[N, A, HW] and ∂L/∂deltas Tensor[N, 4A, HW] →
+    ∂L/∂hidden Tensor[N, C, HW]."""
+    w_all = torch.cat(
+        [r.heads.weight(x).detach().flatten(1) for x in (Layer.RPN_LOGITS, Layer.RPN_DELTAS)]
+    )
+    return torch.matmul(w_all.T, torch.cat([gl, gd], 1))
+
+
+def _hidden_grad(r: Replay, lvl: int, g_logits: Tensor, g_deltas: Tensor) -> Tensor:
+    """∂L/∂hidden Tensor[N, C, H, W] of level ``lvl`` from its output gradients."""
+    n, c, h, w = r.rpn.levels[lvl].out.hidden.shape
+    gl = g_logits.view(n, h * w, -1).transpose(1, 2)
+    gd = g_deltas.reshape(n, h * w, -1).transpose(1, 2)
+    return _to_hidden(r, gl, gd).view(n, c, h, w)
+
+
+def _finite(*ts: Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in ts)
+
+
+def _split_level(r: Replay, p: LossProfile, sh: _Shared, lvl: int, outs) -> ConvGrads | None:
+    """A dense level's conv backward as ``alpha`` times the negatives' backward, shared by every
+    profile (alpha: this profile's d loss / d BCE sum), plus a sparse backward of the positives'
+    classification and box gradients; None where a value is not finite."""
+    level, x, w = r.rpn.levels[lvl], r.features[lvl], r.heads.weight(Layer.RPN_CONV)
+    g_logits, g_deltas = outs
+    alpha = _coef(p.rpn_cls, r.losses[p.name].levels[Head.RPN][lvl].avg_factor)
+    if not (math.isfinite(alpha) and _finite(g_logits, g_deltas, x, w)):
+        return None
+    pos = torch.where(level.positive, g_logits, torch.zeros(()))
+    grad_pre = pre_relu_grad(_hidden_grad(r, lvl, pos, g_deltas), level.out.hidden.detach())
+    s = sparse_conv_grads(x, grad_pre, w, live_locations(grad_pre))
+    base = sh.neg_conv(lvl)
+    n, y, xx = s.at.unbind(1)
+    cross = float((base.dx[n, :, y, xx].double() * s.dx.double()).sum())
+    sq = alpha**2 * base.sq + 2 * alpha * cross + s.feature**2
+    return ConvGrads(feature=math.sqrt(max(sq, 0.0)), weight=alpha * base.weight + s.weight,
+                     bias=alpha * base.bias + s.bias)  # fmt: skip
 
 
 def _sparse_levels(r: Replay, grad_hidden: list[Tensor]) -> dict[int, ConvGrads]:
@@ -251,10 +311,16 @@ def _sparse_levels(r: Replay, grad_hidden: list[Tensor]) -> dict[int, ConvGrads]
     return out
 
 
-def _rpn_conv(r: Replay, grad_hidden: list[Tensor]) -> tuple[list[float], Tensor, Tensor]:
+def _rpn_conv(r: Replay, p: LossProfile, sh: _Shared, done) -> tuple[list[float], Tensor, Tensor]:
     """The 3x3 conv's backward for every level → (feature gradient norm per level, weight and
-    bias gradients): sparse where that is cheaper, one autograd backward for the rest."""
+    bias gradients): sparse where that is cheaper, else split into the negatives' backward shared
+    by the profiles and the positives' sparse one, one autograd backward for the rest."""
+    grad_hidden = [g for _, g, _, _ in done]
     sparse = _sparse_levels(r, grad_hidden)
+    for lvl in range(len(done)):
+        split = None if lvl in sparse else _split_level(r, p, sh, lvl, done[lvl][3])
+        if split is not None:
+            sparse[lvl] = split
     dense = [lvl for lvl in range(len(grad_hidden)) if lvl not in sparse]
     conv = [r.heads.weight(Layer.RPN_CONV), r.heads.bias(Layer.RPN_CONV)]
     dw, db = sum(s.weight for s in sparse.values()), sum(s.bias for s in sparse.values())
@@ -275,13 +341,13 @@ def _rpn(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
     layers = (Layer.RPN_CONV, Layer.RPN_LOGITS, Layer.RPN_DELTAS)
     params = {param(x, k): _ParamGrad() for x in layers for k in (WEIGHT, BIAS)}
     done = [_rpn_level(lvl, r, p, sh, params) for lvl in range(len(r.rpn.levels))]
-    features, dw, db = _rpn_conv(r, [g for _, g, _ in done])
-    rows = [row for row, _, _ in done]
+    features, dw, db = _rpn_conv(r, p, sh, done)
+    rows = [row for row, *_ in done]
     for row, norm in zip(rows, features):
         row.feature = norm
     params[param(Layer.RPN_CONV, WEIGHT)].total = dw
     params[param(Layer.RPN_CONV, BIAS)].total = db
-    pos_sq, neg_sq = sum(x for _, _, (x, _) in done), sum(y for _, _, (_, y) in done)
+    pos_sq, neg_sq = sum(x for _, _, (x, _), _ in done), sum(y for _, _, (_, y), _ in done)
     idle = [row.level for row in rows if row.feature == 0]
     return _HeadGrads(
         levels=rows, params=params, neg_share=_share(neg_sq, pos_sq), no_grad_levels=idle

@@ -26,11 +26,15 @@ DENSE_SHARE = 0.05
 @dataclass(kw_only=True)
 class ConvGrads:
     """One level's conv gradients: the input gradient's norm (accumulated in float64), the weight
-    gradient Tensor[C_out, C_in, 3, 3] and the bias gradient Tensor[C_out]."""
+    gradient Tensor[C_out, C_in, 3, 3] and the bias gradient Tensor[C_out]; from the sparse path
+    also the input gradient's non-zero rows ``dx`` Tensor[U, C_in] at ``at`` Tensor[U, 3] (n, y,
+    x)."""
 
     feature: float
     weight: Tensor
     bias: Tensor
+    dx: Tensor | None = None
+    at: Tensor | None = None
 
 
 def live_locations(grad_pre: Tensor) -> Tensor:
@@ -62,7 +66,8 @@ def sparse_conv_grads(x: Tensor, grad_pre: Tensor, weight: Tensor, loc: Tensor) 
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     if loc.shape[0] == 0:
-        return ConvGrads(feature=0.0, weight=torch.zeros_like(weight), bias=weight.new_zeros(c_out))
+        return ConvGrads(feature=0.0, weight=torch.zeros_like(weight), bias=weight.new_zeros(c_out),
+                         dx=x.new_zeros(0, c_in), at=loc)  # fmt: skip
     g = grad_pre[loc[:, 0], :, loc[:, 1], loc[:, 2]]  # [K, C_out]
     index = _patch_index(loc, h, w)  # [K, 9]
     padded = F.pad(x.detach(), (PADDING,) * 4).permute(0, 2, 3, 1).reshape(-1, c_in)
@@ -73,16 +78,18 @@ def sparse_conv_grads(x: Tensor, grad_pre: Tensor, weight: Tensor, loc: Tensor) 
     contrib = torch.matmul(g, w_t).view(-1, c_in)  # [K * 9, C_in]
     where, slot = torch.unique(index.flatten(), return_inverse=True)
     dx = contrib.new_zeros(where.numel(), c_in).index_add_(0, slot, contrib)
-    inside = dx[_inside(where, h, w)]
-    norm = float(torch.linalg.vector_norm(inside, dtype=torch.float64)) if inside.numel() else 0.0
-    return ConvGrads(feature=norm, weight=dw, bias=g.sum(0))
+    at = _pixels(where, h, w)
+    inside = (at[:, 1:] >= 0).all(1) & (at[:, 1] < h) & (at[:, 2] < w)
+    dx, at = dx[inside], at[inside]
+    norm = float(torch.linalg.vector_norm(dx, dtype=torch.float64)) if dx.numel() else 0.0
+    return ConvGrads(feature=norm, weight=dw, bias=g.sum(0), dx=dx, at=at)
 
 
-def _inside(flat: Tensor, height: int, width: int) -> Tensor:
-    """Which flat indices of the padded map are real input pixels, not padding."""
+def _pixels(flat: Tensor, height: int, width: int) -> Tensor:
+    """Flat indices of the padded map → (n, y, x) in the unpadded one, Tensor[U, 3] (padding
+    falls outside 0..H-1, 0..W-1)."""
     wp, hp = width + 2 * PADDING, height + 2 * PADDING
-    y, x = (flat // wp) % hp, flat % wp
-    return (y >= PADDING) & (y < height + PADDING) & (x >= PADDING) & (x < width + PADDING)
+    return torch.stack([flat // (wp * hp), (flat // wp) % hp - PADDING, flat % wp - PADDING], 1)
 
 
 def worth_it(loc: Tensor, x: Tensor, weight: Tensor) -> bool:
