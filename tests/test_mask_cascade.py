@@ -191,3 +191,43 @@ def test_mask_gradients_shared_by_profiles_are_each_profiles_own(monkeypatch, ig
                 assert getattr(x, field) == pytest.approx(getattr(y, field), rel=1e-5, nan_ok=True)
         for key, y in b.params.items():
             assert a.params[key].total == pytest.approx(y.total, rel=1e-5, nan_ok=True), key
+
+
+@pytest.mark.parametrize("case", ["healthy", "mmdet-cascade", "detectron2-cascade"])
+def test_roi_split_gives_each_profiles_own_gradients(monkeypatch, case):
+    """The box head split into the background RoIs' backward (shared, scaled by each profile)
+    and the positive RoIs' sparse one gives each profile's own norms: every level, output and
+    parameter, by term and in total; cascade stage weights and Detectron2's gradient scale too."""
+    import importlib
+
+    from lossdoctor.api import resolve_inputs
+
+    G = importlib.import_module("lossdoctor.diagnose.gradients")  # the module, not the function
+    weighted = dataclasses.replace(BUILTIN["fixed"](), name="pos-weighted", pos_weight=2.0)
+    profiles = [BUILTIN["legacy"](), BUILTIN["mmdet"](), weighted]
+    if case == "healthy":
+        files = ("fixtures/healthy/checkpoint.pt", "fixtures/healthy/batch.pt")
+        heads, batch, cfg = resolve_inputs(*files, "fixtures/toy.toml", False)
+    else:
+        heads = heads_from_state_dict(F.cascade_state_dict(case.split("-")[0]))
+        batch, cfg = validate_batch(F.batch_dict()), preset(case)
+    r = replay(heads, batch, cfg, profiles, sample_all=True)
+    monkeypatch.setattr(G, "ROI_SPLIT_SHARE", 1.0)
+    calls = []
+    split = G._roi_split
+    monkeypatch.setattr(G, "_roi_split", lambda *a: calls.append(split(*a)) or calls[-1])
+    shared = G.gradients(r)
+    assert any(c is not None for c in calls)  # the split was taken
+    monkeypatch.setattr(G, "_roi_split", lambda *a: None)
+    own = G.gradients(r)
+    for p in profiles:
+        a, b = shared[p.name], own[p.name]
+        for x, y in zip(a.levels, b.levels):
+            for field in ("feature", "logits_pos", "logits_neg", "deltas"):
+                want = getattr(y, field)
+                assert getattr(x, field) == pytest.approx(want, rel=2e-5, abs=1e-9, nan_ok=True)
+        for key, y in b.params.items():
+            for term, v in y.by_term.items():
+                got = a.params[key].by_term[term]
+                assert got == pytest.approx(v, rel=2e-5, abs=1e-9, nan_ok=True), (key, term)
+            assert a.params[key].total == pytest.approx(y.total, rel=2e-5, nan_ok=True), key

@@ -23,12 +23,16 @@ from ..replay.engine import Replay
 from ..replay.mask import mask_params
 from ..replay.normalize import LevelLoss, staged
 from ..replay.roi import RoiStage
+from ..replay.roi_align import multiscale_roi_align
 from ..replay.rpn import RpnLevel
 from ..vocab import BIAS, BOX_LAYERS, TERMS, WEIGHT, Empty, Head, Layer, Term, param
 from .sparse_conv import ConvGrads, live_locations, pre_relu_grad, sparse_conv_grads, worth_it
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing
 CLIP_EPS = 1e-6
+# a box-head stage is split into a shared backward and sparse ones per profile where at most this
+# share of its RoIs is positive (--sample-all: about 5%; sampled: up to 25%)
+ROI_SPLIT_SHARE = 0.125
 
 
 @dataclass(kw_only=True)
@@ -101,9 +105,15 @@ class _StageShared:
 
     def __init__(self, roi: RoiStage):
         self.roi = roi
-        self._box, self._ce = {}, None
-        x = roi.pooled.detach().flatten(1)
-        self.gram = x @ x.T if x.shape[0] else x.new_zeros(0, 0)  # [R, R], shared by fc1 norms
+        self._box, self._ce, self._gram, self.neg = {}, None, None, None
+
+    @property
+    def gram(self) -> Tensor:
+        """X X^T of the fc1 inputs, Tensor[R, R], shared by fc1's norms."""
+        if self._gram is None:
+            x = self.roi.pooled.detach().flatten(1)
+            self._gram = x @ x.T if x.shape[0] else x.new_zeros(0, 0)
+        return self._gram
 
     def box(self, lvl: int, spec: TermSpec) -> Tensor:
         key = (lvl, spec.loss, spec.beta)
@@ -396,39 +406,152 @@ def _roi_outputs(v: _StageView) -> tuple[Tensor, Tensor]:
     return g_cls, g_reg
 
 
+def _backprop(heads: HeadWeights, layer: Layer, g_out: Tensor, h1: Tensor, h2: Tensor, k: int):
+    """One predictor's output gradient Tensor[R, O] back through the box head (hidden
+    activations h1, h2 Tensor[R, F] of the same rows) → (the gradients of the predictor, fc2 and
+    fc1's bias by canonical name, ∂L/∂(fc1 output) Tensor[R, F])."""
+    gp2 = (g_out @ heads.weight(layer).detach()) * (h2 > 0)
+    gp1 = (gp2 @ heads.weight(Layer.BOX_FC2).detach()) * (h1 > 0)
+    grads = {
+        param(layer, WEIGHT, k): g_out.T @ h2, param(layer, BIAS, k): g_out.sum(0),
+        param(Layer.BOX_FC2, WEIGHT, k): gp2.T @ h1, param(Layer.BOX_FC2, BIAS, k): gp2.sum(0),
+        param(Layer.BOX_FC1, BIAS, k): gp1.sum(0),
+    }  # fmt: skip
+    return grads, gp1
+
+
+# each term of the box head and the predictor its gradient enters by
+ROI_OUTPUTS = ((Term.ROI_CLS, Layer.BOX_LOGITS), (Term.ROI_BOX, Layer.BOX_DELTAS))
+
+
 def _box_head(v: _StageView, g_cls: Tensor, g_reg: Tensor, params: dict) -> Tensor:
     """The box head's parameter gradients by term, by hand → ∂L/∂(fc1 input) summed over terms."""
     heads, h1, h2, k = v.heads, v.roi.hidden1.detach(), v.roi.hidden.detach(), v.k
     gp1_total = None
-    outputs = (
-        (Term.ROI_CLS, g_cls, Layer.BOX_LOGITS),
-        (Term.ROI_BOX, g_reg.flatten(1), Layer.BOX_DELTAS),
-    )
-    for term, g_out, layer in outputs:
-        params[param(layer, WEIGHT, k)].add(term, g_out.T @ h2)
-        params[param(layer, BIAS, k)].add(term, g_out.sum(0))
-        gp2 = (g_out @ heads.weight(layer).detach()) * (h2 > 0)
-        params[param(Layer.BOX_FC2, WEIGHT, k)].add(term, gp2.T @ h1)
-        params[param(Layer.BOX_FC2, BIAS, k)].add(term, gp2.sum(0))
-        gp1 = (gp2 @ heads.weight(Layer.BOX_FC2).detach()) * (h1 > 0)
-        params[param(Layer.BOX_FC1, BIAS, k)].add(term, gp1.sum(0))
+    for (term, layer), g_out in zip(ROI_OUTPUTS, (g_cls, g_reg.flatten(1))):
+        grads, gp1 = _backprop(heads, layer, g_out, h1, h2, k)
+        for name, g in grads.items():
+            params[name].add(term, g)
         params[param(Layer.BOX_FC1, WEIGHT, k)].by_term[term] = _gram_norm_sq(gp1, v.sh.gram)
         gp1_total = gp1 if gp1_total is None else gp1_total + gp1
     params[param(Layer.BOX_FC1, WEIGHT, k)].total = _gram_norm_sq(gp1_total, v.sh.gram)
     return gp1_total @ heads.weight(Layer.BOX_FC1).detach()
 
 
-def _roi(v: _StageView, features: list[Tensor]) -> _HeadGrads:
-    """One stage's RoI norms: outputs and box head by hand, then one backward through RoIAlign
-    (and any gradient scale of the stage's pooled features)."""
-    roi = v.roi
-    params = {param(x, kind, v.k): _ParamGrad() for x in BOX_LAYERS for kind in (WEIGHT, BIAS)}
+def _stage_params(k: int) -> dict[str, _ParamGrad]:
+    return {param(x, kind, k): _ParamGrad() for x in BOX_LAYERS for kind in (WEIGHT, BIAS)}
+
+
+def _roi_dense(v: _StageView, features: list[Tensor]):
+    """One stage by its own backward: (parameter gradients, ∂L/∂class logits, ∂L/∂deltas, the
+    feature gradient norm per level)."""
+    params = _stage_params(v.k)
     g_cls, g_reg = _roi_outputs(v)
-    g_pooled = _box_head(v, g_cls, g_reg, params).view_as(roi.pooled)
+    g_pooled = _box_head(v, g_cls, g_reg, params).view_as(v.roi.pooled)
+    feats = list(features[: v.roi.num_levels])
+    g_feat = _vjp([v.roi.pooled], feats, [g_pooled], allow_unused=True)
+    return params, g_cls, g_reg, [_norm(gf) if gf is not None else 0.0 for gf in g_feat]
+
+
+@dataclass(kw_only=True)
+class _NegRoi:
+    """One stage's box head and RoIAlign backward from its background RoIs' CE derivatives
+    alone (unscaled): gradients of the classifier, fc2 and fc1's bias by name; fc1's weight
+    gradient Tensor[F, D] and its squared norm; per level ∂/∂feature and its squared norm."""
+
+    params: dict[str, Tensor]
+    fc1: Tensor
+    fc1_sq: float
+    feats: list[Tensor]
+    feats_sq: list[float]
+
+
+def _neg_roi(v: _StageView, feats: list[Tensor]) -> _NegRoi:
+    roi = v.roi
+    g = torch.where((roi.fg_class < 0)[:, None], v.sh.ce(), torch.zeros(()))
+    h1, h2 = roi.hidden1.detach(), roi.hidden.detach()
+    grads, gp1 = _backprop(v.heads, Layer.BOX_LOGITS, g, h1, h2, v.k)
+    fc1 = gp1.T @ roi.pooled.detach().flatten(1)
+    g_pooled = (gp1 @ v.heads.weight(Layer.BOX_FC1).detach()).view_as(roi.pooled)
+    g_feat = _zeros_for_none(_vjp([roi.pooled], feats, [g_pooled], allow_unused=True), feats)
+    return _NegRoi(params=grads, fc1=fc1, fc1_sq=_sq(fc1), feats=g_feat,
+                   feats_sq=[_sq(x) for x in g_feat])  # fmt: skip
+
+
+def _zeros_for_none(grads, like: list[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
+
+
+def _dot(a: Tensor, b: Tensor) -> float:
+    """<a, b> summed in float64."""
+    return float((a * b).sum(dtype=torch.float64))
+
+
+def _cls_factor(v: _StageView) -> float | None:
+    """d loss / d CE sum where every level shares it (a normalizer over the whole stage)."""
+    coefs = {_coef(v.p.roi_cls, lv.avg_factor) for lv in v.losses}
+    a = coefs.pop() if len(coefs) == 1 else math.nan
+    return a if math.isfinite(a) else None
+
+
+def _sparse_pool_grads(r: Replay, v: _StageView, rows: Tensor, g: Tensor, feats: list[Tensor]):
+    """∂/∂feature per level of ``g`` Tensor[P, D] at the pooled features of the RoIs ``rows``
+    alone: those RoIs pooled again and differentiated, so the cost follows P, not R."""
+    roi, cfg = v.roi, r.config
+    boxes, strides = roi.boxes[rows].detach(), r.batch.strides[: len(feats)]
+    pooled = multiscale_roi_align(
+        feats, strides, boxes, roi.img[rows], roi.level[rows], v.heads.pool_size, cfg.roi_pool
+    )
+    scale = cfg.cascade.feature_grad_scale if cfg.cascade.later_stages else 1.0
+    out = _zeros_for_none(_vjp([pooled], feats, [g.view_as(pooled)], allow_unused=True), feats)
+    return [x * scale for x in out]
+
+
+def _roi_split(r: Replay, v: _StageView, features: list[Tensor]):
+    """One stage as ``a`` times the background RoIs' backward, shared by every profile (``a``:
+    this profile's d loss / d CE sum), plus the positive RoIs' classification and box gradients
+    on those rows alone; cross terms join the norms. None where a value is not finite or the
+    levels are normalized apart. Returns what :func:`_roi_dense` does."""
+    roi, k = v.roi, v.k
+    if len(r.losses) < 2 or int((roi.fg_class >= 0).sum()) > ROI_SPLIT_SHARE * roi.img.numel():
+        return None  # one profile, or many positive RoIs: each profile's own backward is cheaper
     feats = list(features[: roi.num_levels])
-    g_feat = _vjp([roi.pooled], feats, [g_pooled], allow_unused=True)
+    a = _cls_factor(v)
+    g_cls, g_reg = _roi_outputs(v)
+    if a is None or not _finite(g_cls, g_reg, roi.pooled.detach(), *feats):
+        return None
+    v.sh.neg = v.sh.neg or _neg_roi(v, feats)
+    base, fg = v.sh.neg, (roi.fg_class >= 0).nonzero().flatten()
+    h1, h2, x = roi.hidden1.detach()[fg], roi.hidden.detach()[fg], roi.pooled.detach()[fg]
+    params, gp1_sum, m_sum = _stage_params(k), 0, 0
+    for (term, layer), g_out in zip(ROI_OUTPUTS, (g_cls[fg], g_reg[fg].flatten(1))):
+        grads, gp1 = _backprop(v.heads, layer, g_out, h1, h2, k)
+        shared = a if term is Term.ROI_CLS else 0.0
+        for name, g in grads.items():
+            params[name].add(term, g + shared * base.params[name] if shared else g)
+        m = gp1.T @ x.flatten(1)
+        sq = shared**2 * base.fc1_sq + 2 * shared * _dot(base.fc1, m) + _sq(m) if shared else _sq(m)
+        params[param(Layer.BOX_FC1, WEIGHT, k)].by_term[term] = torch.tensor(sq)
+        gp1_sum, m_sum = gp1_sum + gp1, m_sum + m
+    total = a * a * base.fc1_sq + 2 * a * _dot(base.fc1, m_sum) + _sq(m_sum)
+    params[param(Layer.BOX_FC1, WEIGHT, k)].total = torch.tensor(total)
+    g_pooled = gp1_sum @ v.heads.weight(Layer.BOX_FC1).detach()
+    fp = _sparse_pool_grads(r, v, fg, g_pooled, feats)
+    norms = [
+        math.sqrt(max(a * a * nsq + 2 * a * _dot(n, f) + _sq(f), 0.0))
+        for nsq, n, f in zip(base.feats_sq, base.feats, fp)
+    ]
+    return params, g_cls, g_reg, norms
+
+
+def _roi(r: Replay, v: _StageView, features: list[Tensor]) -> _HeadGrads:
+    """One stage's RoI norms: outputs and box head by hand, then the backward through RoIAlign
+    (and any gradient scale of the stage's pooled features), split where it can be."""
+    roi = v.roi
+    split = _roi_split(r, v, features)
+    params, g_cls, g_reg, norms = split if split is not None else _roi_dense(v, features)
     fg, rows, neg_sq, pos_sq = roi.fg_class >= 0, [], 0.0, 0.0
-    for lvl, (s, gf) in enumerate(zip(roi.samples, g_feat)):
+    for lvl, (s, norm) in enumerate(zip(roi.samples, norms)):
         at = roi.level == lvl
         pos, neg = _sq(g_cls[at & fg]), _sq(g_cls[at & ~fg])
         pos_sq, neg_sq = pos_sq + pos, neg_sq + neg
@@ -436,7 +559,7 @@ def _roi(v: _StageView, features: list[Tensor]) -> _HeadGrads:
             LevelGrads(
                 head=Head.ROI,
                 level=s.name,
-                feature=_norm(gf) if gf is not None else 0.0,
+                feature=norm,
                 logits_pos=math.sqrt(pos),
                 logits_neg=math.sqrt(neg),
                 deltas=_norm(g_reg[at]),
@@ -523,7 +646,7 @@ def _clip(total: float, max_norm: float | None) -> float:
 
 def _roi_stages(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
     """Every box-head stage's norms, as one head: levels of each stage, parameters of each."""
-    stages = [_roi(_stage_view(r, p, sh, k), r.features) for k in range(len(r.roi_stages))]
+    stages = [_roi(r, _stage_view(r, p, sh, k), r.features) for k in range(len(r.roi_stages))]
     pos_sq, neg_sq = (sum(g.sq[i] for g in stages) for i in (0, 1))
     return _HeadGrads(
         levels=[row for g in stages for row in g.levels],
