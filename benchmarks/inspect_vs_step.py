@@ -161,7 +161,7 @@ def _stand_in_step(ckpt: str, batch: str) -> str:
 # ---- the per-stage breakdown ------------------------------------------------------------------
 
 
-def stages(ckpt: str, batch: str, mask: bool) -> dict:
+def stages(ckpt: str, batch: str, mask: bool, sample_all: bool = False) -> dict:
     """One in-process inspect, timed by phase; gradients timed per profile."""
     t0 = time.perf_counter()
     import torch  # noqa: F401
@@ -189,7 +189,7 @@ def stages(ckpt: str, batch: str, mask: bool) -> dict:
             marks.append((phase.name.lower(), time.perf_counter()))
 
     config = "torchvision-mask" if mask else "torchvision"
-    report = api.inspect(ckpt, batch, config=config, on_phase=on_phase)
+    report = api.inspect(ckpt, batch, config=config, sample_all=sample_all, on_phase=on_phase)
     marks.append(("render", time.perf_counter()))
     from rich.console import Console
 
@@ -221,14 +221,14 @@ def main():
     ap.add_argument("--mask", action="store_true", help="Mask R-CNN heads and GT masks")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--gt", type=int, default=100, help="GT boxes per image")
-    ap.add_argument("--child", choices=["step", "stages"])
+    ap.add_argument("--child", choices=["step", "stages", "stages-all"])
     ap.add_argument("paths", nargs="*")
     args = ap.parse_args()
     if args.child == "step":
         print(step(*args.paths, args.mask))
         return
-    if args.child == "stages":
-        print(json.dumps(stages(*args.paths, args.mask)))
+    if args.child in ("stages", "stages-all"):
+        print(json.dumps(stages(*args.paths, args.mask, args.child == "stages-all")))
         return
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, batch = write_inputs(Path(tmp), args.mask, args.gt)
@@ -260,13 +260,14 @@ def report(args, ckpt: Path, batch: Path, tmp: Path) -> None:
         t, m = statistics.median(times[name]), statistics.median(rss[name])
         ratios = f"{t / base_t:4.2f}x   peak RSS {m:6.0f} MB  {m / base_m:4.2f}x"
         print(f"  {name:22s} {t:6.1f} s  {ratios}")
-    _, _, out = run(me + ["--child", "stages", str(ckpt), str(batch)])
-    print("one inspect, by stage (s):")
-    for name, v in json.loads(out.strip().splitlines()[-1]).items():
-        if isinstance(v, dict):
-            print(f"  {name}: " + ", ".join(f"{p} {s:.2f}" for p, s in v.items()))
-        else:
-            print(f"  {name:10s} {v:6.2f}")
+    for child, what in (("stages", "inspect"), ("stages-all", "inspect --sample-all")):
+        _, _, out = run(me + ["--child", child, str(ckpt), str(batch)])
+        print(f"one {what}, in process, by stage (s):")
+        for name, v in json.loads(out.strip().splitlines()[-1]).items():
+            if isinstance(v, dict):
+                print(f"  {name}: " + ", ".join(f"{p} {s:.2f}" for p, s in v.items()))
+            else:
+                print(f"  {name:10s} {v:6.2f}")
 
 
 if __name__ == "__main__":

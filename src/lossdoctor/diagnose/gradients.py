@@ -5,8 +5,18 @@ each per-sample loss at the head outputs is computed once (autograd through the 
 each profile only rescales it. The 1x1 RPN convs and the box head are then differentiated by hand,
 term by term, which is cheap (fc1's weight-gradient norm uses ``||G^T X||^2 = <G G^T, X X^T>``
 with ``X X^T`` shared by every term and profile). The expensive parts, the 3x3 RPN conv and
-RoIAlign, get one backward per profile and head, not one per term: the 3x3 conv's parameters are
-therefore reported as a total, not split by term.
+RoIAlign, get one backward per profile and head, not one per term (the 3x3 conv's parameters are
+therefore reported as a total, not split by term), and less where the gradient is sparse:
+
+- the RPN conv's backward visits only the locations with a sampled anchor (``sparse_conv``);
+  where most are sampled (``--sample-all``), the sampled negatives' dense backward is computed
+  once and scaled by each profile, and the positives' stays sparse;
+- a box-head stage with few positive RoIs among many is split the same way: the background
+  RoIs' backward once, the positive RoIs' per profile, cross terms joining the norms;
+- a mask term that is a multiple of the summed pixel BCE scales one shared backward.
+
+Each shortcut is taken only where every value is finite (a NaN must spread as autograd spreads
+it) and is tested equal to the plain backward.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ CLIP_EPS = 1e-6
 # a box-head stage is split into a shared backward and sparse ones per profile where at most this
 # share of its RoIs is positive (--sample-all: about 5%; sampled: up to 25%)
 ROI_SPLIT_SHARE = 0.125
+# below this many elements a dot product is summed over float64 copies
+DOT_COPY = 1 << 22
 
 
 @dataclass(kw_only=True)
@@ -106,6 +118,12 @@ class _StageShared:
     def __init__(self, roi: RoiStage):
         self.roi = roi
         self._box, self._ce, self._gram, self.neg = {}, None, None, None
+        self._pooled_finite: bool | None = None
+
+    def pooled_finite(self) -> bool:
+        if self._pooled_finite is None:
+            self._pooled_finite = _finite(self.roi.pooled.detach())
+        return self._pooled_finite
 
     @property
     def gram(self) -> Tensor:
@@ -157,7 +175,14 @@ class _Shared:
     def __init__(self, r: Replay):
         self.r = r
         self._bce, self._box, self._neg, self._mask = {}, {}, {}, None
+        self._finite: list[bool] | None = None
         self.stages = [_StageShared(roi) for roi in r.roi_stages]
+
+    def features_finite(self) -> list[bool]:
+        """Per level: every feature value is finite."""
+        if self._finite is None:
+            self._finite = [_finite(f) for f in self.r.features]
+        return self._finite
 
     def neg_conv(self, lvl: int) -> _NegConv:
         """The 3x3 conv's backward of level ``lvl``'s sampled negatives' BCE derivatives."""
@@ -296,7 +321,7 @@ def _split_level(r: Replay, p: LossProfile, sh: _Shared, lvl: int, outs) -> Conv
     level, x, w = r.rpn.levels[lvl], r.features[lvl], r.heads.weight(Layer.RPN_CONV)
     g_logits, g_deltas = outs
     alpha = _coef(p.rpn_cls, r.losses[p.name].levels[Head.RPN][lvl].avg_factor)
-    if not (math.isfinite(alpha) and _finite(g_logits, g_deltas, x, w)):
+    if not (math.isfinite(alpha) and sh.features_finite()[lvl] and _finite(g_logits, g_deltas, w)):
         return None
     pos = torch.where(level.positive, g_logits, torch.zeros(()))
     grad_pre = pre_relu_grad(_hidden_grad(r, lvl, pos, g_deltas), level.out.hidden.detach())
@@ -375,6 +400,7 @@ class _StageView:
     losses: list[LevelLoss]
     p: LossProfile
     sh: _StageShared
+    features_finite: list[bool]
 
 
 def _stage_view(r: Replay, p: LossProfile, sh: _Shared, k: int) -> _StageView:
@@ -386,7 +412,8 @@ def _stage_view(r: Replay, p: LossProfile, sh: _Shared, k: int) -> _StageView:
     )
     return _StageView(k=k, roi=r.roi_stages[k], heads=r.heads.stage(k),
                       losses=pl.levels[Head.ROI] if k == 0 else pl.stages[k - 1],
-                      p=staged(p, weight), sh=sh.stages[k])  # fmt: skip
+                      p=staged(p, weight), sh=sh.stages[k],
+                      features_finite=sh.features_finite())  # fmt: skip
 
 
 def _roi_outputs(v: _StageView) -> tuple[Tensor, Tensor]:
@@ -484,6 +511,10 @@ def _zeros_for_none(grads, like: list[Tensor]) -> list[Tensor]:
 
 def _dot(a: Tensor, b: Tensor) -> float:
     """<a, b> summed in float64."""
+    return float((a.double() * b.double()).sum()) if a.numel() < DOT_COPY else _dot_big(a, b)
+
+
+def _dot_big(a: Tensor, b: Tensor) -> float:
     return float((a * b).sum(dtype=torch.float64))
 
 
@@ -504,7 +535,7 @@ def _sparse_pool_grads(r: Replay, v: _StageView, rows: Tensor, g: Tensor, feats:
     )
     scale = cfg.cascade.feature_grad_scale if cfg.cascade.later_stages else 1.0
     out = _zeros_for_none(_vjp([pooled], feats, [g.view_as(pooled)], allow_unused=True), feats)
-    return [x * scale for x in out]
+    return out if scale == 1.0 else [x * scale for x in out]
 
 
 def _roi_split(r: Replay, v: _StageView, features: list[Tensor]):
@@ -518,7 +549,8 @@ def _roi_split(r: Replay, v: _StageView, features: list[Tensor]):
     feats = list(features[: roi.num_levels])
     a = _cls_factor(v)
     g_cls, g_reg = _roi_outputs(v)
-    if a is None or not _finite(g_cls, g_reg, roi.pooled.detach(), *feats):
+    finite = all(v.features_finite[: roi.num_levels])
+    if a is None or not (finite and v.sh.pooled_finite() and _finite(g_cls, g_reg)):
         return None
     v.sh.neg = v.sh.neg or _neg_roi(v, feats)
     base, fg = v.sh.neg, (roi.fg_class >= 0).nonzero().flatten()
@@ -537,10 +569,13 @@ def _roi_split(r: Replay, v: _StageView, features: list[Tensor]):
     params[param(Layer.BOX_FC1, WEIGHT, k)].total = torch.tensor(total)
     g_pooled = gp1_sum @ v.heads.weight(Layer.BOX_FC1).detach()
     fp = _sparse_pool_grads(r, v, fg, g_pooled, feats)
-    norms = [
-        math.sqrt(max(a * a * nsq + 2 * a * _dot(n, f) + _sq(f), 0.0))
-        for nsq, n, f in zip(base.feats_sq, base.feats, fp)
-    ]
+    norms = []
+    for nsq, n, f in zip(base.feats_sq, base.feats, fp):
+        # only the locations inside the positive RoIs' windows: float64 sums over those alone
+        i, y, x = (f != 0).any(1).nonzero().unbind(1)
+        fv = f[i, :, y, x]
+        dot, sq = _dot(n[i, :, y, x], fv), _sq(fv)
+        norms.append(math.sqrt(max(a * a * nsq + 2 * a * dot + sq, 0.0)))
     return params, g_cls, g_reg, norms
 
 
