@@ -122,19 +122,25 @@ def assert_reproduces(folder, losses: dict) -> None:
         assert row[term] == pytest.approx(want, rel=REL), (term, row[term], want)
 
 
-@pytest.mark.parametrize("rpn_sampler", ["RandomSampler", "PseudoSampler"])
-def test_capture_reproduces_mmdets_losses(tmp_path, rpn_sampler):
-    model = build(rpn_sampler)
+def _train(model, tmp_path, batch_of):
+    """Two training steps of ``model`` on ``batch_of(step)``, captured at each → (the last
+    capture directory, the last step's log_vars)."""
     capture = ld.Capture(tmp_path, model, every=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     for step in range(2):
-        data = model.data_preprocessor(data_batch(step), True)
+        data = model.data_preprocessor(batch_of(step), True)
         losses = model(**data, mode="loss")
         loss, log_vars = model.parse_losses(losses)
         opt.zero_grad()
         loss.backward()
         folder = capture.check(step, losses)
         opt.step()
+    return folder, log_vars
+
+
+@pytest.mark.parametrize("rpn_sampler", ["RandomSampler", "PseudoSampler"])
+def test_capture_reproduces_mmdets_losses(tmp_path, rpn_sampler):
+    folder, log_vars = _train(build(rpn_sampler), tmp_path, data_batch)
     assert_reproduces(folder, log_vars)
     meta = load_batch(folder / "batch.pt").meta
     assert meta["profile"] == "mmdet"
@@ -280,20 +286,6 @@ def masked(batch: dict) -> dict:
             ms.append((((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1).astype(np.uint8))
         ds.gt_instances.masks = BitmapMasks(np.stack(ms), h, w)
     return batch
-
-
-def _train(model, tmp_path, batch_of):
-    capture = ld.Capture(tmp_path, model, every=1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    for step in range(2):
-        data = model.data_preprocessor(batch_of(step), True)
-        losses = model(**data, mode="loss")
-        loss, log_vars = model.parse_losses(losses)
-        opt.zero_grad()
-        loss.backward()
-        folder = capture.check(step, losses)
-        opt.step()
-    return folder, log_vars
 
 
 def test_mask_rcnn_reproduces_mmdets_mask_loss(tmp_path):
