@@ -65,10 +65,9 @@ def map_levels(rois: Tensor, strides: list[int], cfg: RoIPoolConfig) -> Tensor:
 def _axis_weights(
     start: Tensor, bin_size: Tensor, grid: int, pooled: int, size: int
 ) -> tuple[Tensor, Tensor]:
-    """Sample rows (or cols) of one axis → (idx Tensor[R, P*2g] int64, W Tensor[R, P, 2g]).
+    """Sample rows (or cols) of one axis → (idx Tensor[R, P*2g] int64, W Tensor[R, P, P*2g]).
 
-    Output bin p reads only its own 2g gathered rows p*2g .. p*2g+2g-1; W[r, p, j] is the weight
-    of the j-th of them (bilinear weight / grid).
+    W[r, p, j] is the weight of gathered row j in output bin p (bilinear weight / grid).
     """
     r = start.shape[0]
     p = torch.arange(pooled, dtype=start.dtype)
@@ -88,26 +87,27 @@ def _axis_weights(
     pos = torch.where(edge, low.to(pos.dtype), pos)
     frac = pos - low.to(pos.dtype)
     w = torch.cat([1 - frac, frac], -1) * inside.repeat(1, 1, 2).to(pos.dtype) / grid  # [R, P, 2g]
-    return torch.cat([low, high], -1).reshape(r, -1), w
+    idx = torch.cat([low, high], -1).reshape(r, -1)
+    dense = (torch.eye(pooled, dtype=w.dtype)[None, :, :, None] * w[:, :, None, :]).reshape(
+        r, pooled, -1
+    )
+    return idx, dense
 
 
 class _Gather(torch.autograd.Function):
-    """out[r, :, p, q] = sum over bin (p, q)'s own gathered rows j and cols l of
-    Wy[r, p, j] Wx[r, q, l] F[flat[r]][p, j, q, l], in chunks, with a backward that accumulates
-    every chunk into one feature gradient (autograd's index_select backward would allocate a
-    zeroed copy of the whole map per chunk)."""
+    """out[r] = Wy[r] @ F[flat[r]] @ Wx[r]^T, in chunks, with a backward that accumulates every
+    chunk into one feature gradient (autograd's index_select backward would allocate a zeroed
+    copy of the whole map per chunk)."""
 
     @staticmethod
     def forward(ctx, flat_feat, flat, wy, wx, rows, cols):
-        c, p = flat_feat.shape[1], wy.shape[1]
+        c = flat_feat.shape[1]
         step = max(1, ROI_CHUNK_ELEMENTS // (rows * cols * c))
         out = []
         for s in range(0, flat.shape[0], step):
-            g = flat_feat.index_select(0, flat[s : s + step].reshape(-1))
-            g = g.view(-1, p, rows // p, cols, c)
-            t = torch.einsum("rpj,rpjbc->rpbc", wy[s : s + step], g)
-            t = t.view(-1, p, p, cols // p, c)
-            out.append(torch.einsum("rpqlc,rql->rcpq", t, wx[s : s + step]))
+            g = flat_feat.index_select(0, flat[s : s + step].reshape(-1)).view(-1, rows, cols, c)
+            t = torch.einsum("rpa,rabc->rpbc", wy[s : s + step], g)
+            out.append(torch.einsum("rpbc,rqb->rcpq", t, wx[s : s + step]))
         ctx.save_for_backward(flat, wy, wx)
         ctx.shape, ctx.rows, ctx.cols = flat_feat.shape, rows, cols
         return torch.cat(out) if out else flat_feat.new_zeros(0, c, wy.shape[1], wx.shape[1])
@@ -119,11 +119,9 @@ class _Gather(torch.autograd.Function):
         grad = grad_out.new_zeros(ctx.shape)
         c = ctx.shape[1]
         step = max(1, ROI_CHUNK_ELEMENTS // (rows * cols * c))
-        p = wy.shape[1]
         for s in range(0, flat.shape[0], step):
-            t = torch.einsum("rcpq,rql->rpqlc", grad_out[s : s + step], wx[s : s + step])
-            t = t.reshape(-1, p, cols, c)
-            g = torch.einsum("rpj,rpbc->rpjbc", wy[s : s + step], t)
+            t = torch.einsum("rcpq,rqb->rpbc", grad_out[s : s + step], wx[s : s + step])
+            g = torch.einsum("rpa,rpbc->rabc", wy[s : s + step], t)
             grad.index_add_(0, flat[s : s + step].reshape(-1), g.reshape(-1, c))
         return grad, None, None, None, None, None
 
