@@ -135,7 +135,8 @@ ConfigOpt = Annotated[
     str | None,
     typer.Option(
         "--config",
-        help="detector preset (torchvision, mmdet, detectron2) or .toml; "
+        help="detector preset (torchvision, mmdet, detectron2, each with -mask; mmdet-cascade, "
+        "detectron2-cascade) or .toml; "
         "default: from the checkpoint layout",
     ),
 ]

@@ -43,8 +43,6 @@ CLIP_EPS = 1e-6
 # a box-head stage is split into a shared backward and sparse ones per profile where at most this
 # share of its RoIs is positive (--sample-all: about 5%; sampled: up to 25%)
 ROI_SPLIT_SHARE = 0.125
-# below this many elements a dot product is summed over float64 copies
-DOT_COPY = 1 << 22
 
 
 @dataclass(kw_only=True)
@@ -328,7 +326,7 @@ def _split_level(r: Replay, p: LossProfile, sh: _Shared, lvl: int, outs) -> Conv
     s = sparse_conv_grads(x, grad_pre, w, live_locations(grad_pre))
     base = sh.neg_conv(lvl)
     n, y, xx = s.at.unbind(1)
-    cross = float((base.dx[n, :, y, xx].double() * s.dx.double()).sum())
+    cross = _dot(base.dx[n, :, y, xx], s.dx)
     sq = alpha**2 * base.sq + 2 * alpha * cross + s.feature**2
     return ConvGrads(feature=math.sqrt(max(sq, 0.0)), weight=alpha * base.weight + s.weight,
                      bias=alpha * base.bias + s.bias)  # fmt: skip
@@ -510,19 +508,16 @@ def _zeros_for_none(grads, like: list[Tensor]) -> list[Tensor]:
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
-    """<a, b> summed in float64."""
-    return float((a.double() * b.double()).sum()) if a.numel() < DOT_COPY else _dot_big(a, b)
-
-
-def _dot_big(a: Tensor, b: Tensor) -> float:
+    """<a, b> summed in float64 (no float64 copy of either)."""
     return float((a * b).sum(dtype=torch.float64))
 
 
-def _cls_factor(v: _StageView) -> float | None:
-    """d loss / d CE sum where every level shares it (a normalizer over the whole stage)."""
-    coefs = {_coef(v.p.roi_cls, lv.avg_factor) for lv in v.losses}
-    a = coefs.pop() if len(coefs) == 1 else math.nan
-    return a if math.isfinite(a) else None
+def _shared_factor(spec: TermSpec, rows: list[LevelLoss]) -> float | None:
+    """d term / d (its per-sample losses' sum) where every level shares it (a normalizer over
+    the whole batch or stage, as every built-in profile's) and it is finite, else None."""
+    coefs = {_coef(spec, row.avg_factor) for row in rows}
+    c = coefs.pop() if len(coefs) == 1 else math.nan
+    return c if math.isfinite(c) else None
 
 
 def _sparse_pool_grads(r: Replay, v: _StageView, rows: Tensor, g: Tensor, feats: list[Tensor]):
@@ -547,7 +542,7 @@ def _roi_split(r: Replay, v: _StageView, features: list[Tensor]):
     if len(r.losses) < 2 or int((roi.fg_class >= 0).sum()) > ROI_SPLIT_SHARE * roi.img.numel():
         return None  # one profile, or many positive RoIs: each profile's own backward is cheaper
     feats = list(features[: roi.num_levels])
-    a = _cls_factor(v)
+    a = _shared_factor(v.p.roi_cls, v.losses)
     g_cls, g_reg = _roi_outputs(v)
     finite = all(v.features_finite[: roi.num_levels])
     if a is None or not (finite and v.sh.pooled_finite() and _finite(g_cls, g_reg)):
@@ -572,9 +567,9 @@ def _roi_split(r: Replay, v: _StageView, features: list[Tensor]):
     norms = []
     for nsq, n, f in zip(base.feats_sq, base.feats, fp):
         # only the locations inside the positive RoIs' windows: float64 sums over those alone
-        i, y, x = (f != 0).any(1).nonzero().unbind(1)
-        fv = f[i, :, y, x]
-        dot, sq = _dot(n[i, :, y, x], fv), _sq(fv)
+        i, y, xx = (f != 0).any(1).nonzero().unbind(1)
+        fv = f[i, :, y, xx]
+        dot, sq = _dot(n[i, :, y, xx], fv), _sq(fv)
         norms.append(math.sqrt(max(a * a * nsq + 2 * a * dot + sq, 0.0)))
     return params, g_cls, g_reg, norms
 
@@ -613,15 +608,13 @@ def mask_backward(r: Replay, loss: Tensor) -> list[Tensor]:
     feats = list(r.features[: r.roi.num_levels])
     inputs = [r.heads.params[n] for n in names] + [r.mask.logits] + feats
     grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    return _zeros_for_none(grads, inputs)
 
 
 def _mask_coef(r: Replay, p: LossProfile) -> float | None:
-    """The factor weight / D that every mask level shares under ``p`` (a normalizer over the
-    whole batch, as every built-in profile's), or None."""
-    coefs = {_coef(p.roi_mask, row.avg_factor) for row in r.losses[p.name].levels[Head.MASK]}
-    c = coefs.pop() if len(coefs) == 1 else math.nan
-    return c if math.isfinite(c) and c > 0 else None
+    """The positive factor every mask level shares under ``p``, or None."""
+    c = _shared_factor(p.roi_mask, r.losses[p.name].levels[Head.MASK])
+    return c if c is not None and c > 0 else None
 
 
 def _mask(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
