@@ -502,3 +502,31 @@ def test_raw_torchvision_labels_are_caught_when_the_framework_is_known(meta, fir
     assert bool(hits) == fires
     if fires:
         assert hits[0].severity == "warning" and "torchvision" in hits[0].message
+
+
+@pytest.mark.parametrize("sample_all", [False, True])
+@pytest.mark.parametrize("cfg", ["torchvision", "mmdet", "detectron2"])
+def test_symptom_reusing_training_rois_is_the_fresh_symptom(monkeypatch, cfg, sample_all):
+    """The test-mode RoIs the training replay already pooled (under --sample-all, nearly all)
+    take its box-head outputs; the detections are those of pooling every RoI afresh."""
+    import importlib
+
+    S = importlib.import_module("lossdoctor.diagnose.symptom")
+    r = replay(heads_from_state_dict(F.state_dict()), validate_batch(healthy_dict()),
+               preset(cfg), [fixed()], sample_all=sample_all)  # fmt: skip
+    rois, img = S._test_rois(r)
+    levels = S.map_levels(rois, r.batch.strides[: r.roi.num_levels], r.config.roi_pool)
+    row = S._training_rows(r.roi, rois, img, levels)
+    hit = row >= 0
+    assert torch.equal(r.roi.boxes.detach()[row[hit]], rois[hit])
+    assert torch.equal(r.roi.level[row[hit]], levels[hit])
+    if sample_all:
+        assert hit.float().mean() > 0.5
+    reused = S.symptom(r)
+    monkeypatch.setattr(S, "_training_rows", lambda roi, rois, *_: torch.full((len(rois),), -1))
+    fresh = S.symptom(r)
+    assert reused.detections == fresh.detections and sum(fresh.detections) > 0
+    assert reused.max_fg_score == pytest.approx(fresh.max_fg_score, rel=1e-6)
+    for a, b in zip(reused.scores, fresh.scores):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(a, b) for a, b in zip(reused.labels, fresh.labels))

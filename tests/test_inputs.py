@@ -338,3 +338,24 @@ def test_config_toml_roundtrip(tmp_path, name):
     p = tmp_path / "c.toml"
     p.write_text(dumps_toml({"base": name, **to_dict(preset(name))}))
     assert load_config(p) == preset(name)
+
+
+@pytest.mark.parametrize(
+    "values, dtype, expected",
+    [
+        ([1.0, -2.0, 3.0], torch.float32, True),
+        ([3e38] * 10, torch.float32, True),  # finite values whose sum overflows
+        ([6e4] * 4, torch.float16, True),
+        ([1.0, float("nan")], torch.float32, False),
+        ([float("inf"), -float("inf")], torch.float32, False),
+        ([3e38, 3e38, float("nan")], torch.float32, False),
+        ([], torch.float32, True),
+        ([1, 2], torch.int64, True),
+    ],
+)
+def test_all_finite(values, dtype, expected):
+    from lossdoctor.inputs.finite import all_finite
+
+    t = torch.tensor(values, dtype=dtype)
+    assert all_finite(t) is expected
+    assert all_finite(t) == bool(torch.isfinite(t).all())

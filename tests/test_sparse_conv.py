@@ -42,10 +42,10 @@ LIVE = {
 def test_sparse_backward_is_autograds(name):
     x, weight, bias, grad_hidden = case(len(name), LIVE[name])
     hidden, gx, gw, gb = autograd_conv(x, weight, bias, grad_hidden)
-    grad_pre = sc.pre_relu_grad(grad_hidden, hidden)
-    loc = sc.live_locations(grad_pre)
-    assert loc.shape[0] <= len(LIVE[name])  # a location whose channels all hit ReLU's 0 drops
-    got = sc.sparse_conv_grads(x, grad_pre, weight, loc)
+    loc = torch.tensor(LIVE[name], dtype=torch.long).reshape(-1, 3)
+    n, y, xx = loc.unbind(1)
+    rows = sc.relu_backward(grad_hidden[n, :, y, xx], hidden[n, :, y, xx])
+    got = sc.sparse_conv_grads(x, rows, weight, loc)
     assert got.feature == pytest.approx(float(gx.double().norm()), rel=1e-6, abs=1e-12)
     assert torch.allclose(got.weight, gw, rtol=1e-5, atol=1e-6)
     assert torch.allclose(got.bias, gb, rtol=1e-5, atol=1e-6)
@@ -54,18 +54,13 @@ def test_sparse_backward_is_autograds(name):
 def test_relu_passes_a_nan_output_on_as_autograd_does():
     hidden = torch.tensor([[[[float("nan"), 0.0, -1.0, 2.0]]]])
     grad = torch.ones_like(hidden)
-    assert sc.pre_relu_grad(grad, hidden).flatten().tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert sc.relu_backward(grad, hidden).flatten().tolist() == [1.0, 0.0, 0.0, 1.0]
 
 
-def test_dense_inputs_or_non_finite_ones_go_to_autograd():
-    x, weight, _, grad_hidden = case(0, LIVE["one"])
-    loc = sc.live_locations(grad_hidden)
-    assert sc.worth_it(loc, x, weight)
-    x_nan = x.clone()
-    x_nan[0, 0, 0, 0] = float("nan")  # 0 x NaN poisons autograd's weight gradient
-    assert not sc.worth_it(loc, x_nan, weight)
-    full = sc.live_locations(torch.ones_like(grad_hidden))
-    assert not sc.worth_it(full, x, weight)
+def test_dense_inputs_go_to_autograd():
+    x = torch.zeros(2, 3, 10, 10)  # 200 locations: sparse up to DENSE_SHARE of them
+    assert sc.worth_it(int(200 * sc.DENSE_SHARE), x)
+    assert not sc.worth_it(int(200 * sc.DENSE_SHARE) + 1, x)
 
 
 @pytest.mark.parametrize("sample_all", [False, True])

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..inputs.finite import all_finite
 from ..replay.boxes import box_iou
 from ..replay.engine import Replay
 from ..replay.proposals import ProposalCounts, image_proposals
@@ -247,9 +248,7 @@ def nonfinite_weights(f: Facts) -> list[Hit]:
     """Non-finite head weights, and non-finite tensors anywhere else in the checkpoint (the
     backbone and neck are not replayed, but a NaN there is a NaN in every feature)."""
     heads, out = f.replay.heads, []
-    bad = [
-        heads.file_key(n) for n, t in heads.params.items() if not bool(t.detach().isfinite().all())
-    ]
+    bad = [heads.file_key(n) for n, t in heads.params.items() if not all_finite(t)]
     if bad:
         msg = f"non-finite head weights: {', '.join(bad)}"
         out.append(Hit(message=msg, evidence={"params": bad, "modules": {}, "values": 0}))

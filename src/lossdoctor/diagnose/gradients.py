@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..inputs.checkpoint import BOX_COORDS, HeadWeights
+from ..inputs.finite import all_finite
 from ..inputs.profiles import LossProfile, TermSpec
 from ..replay.engine import Replay
 from ..replay.mask import mask_params
@@ -36,7 +37,7 @@ from ..replay.roi import RoiStage
 from ..replay.roi_align import multiscale_roi_align
 from ..replay.rpn import RpnLevel
 from ..vocab import BIAS, BOX_LAYERS, TERMS, WEIGHT, Empty, Head, Layer, Term, param
-from .sparse_conv import ConvGrads, live_locations, pre_relu_grad, sparse_conv_grads, worth_it
+from .sparse_conv import ConvGrads, relu_backward, sparse_conv_grads, worth_it
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing
 CLIP_EPS = 1e-6
@@ -120,7 +121,7 @@ class _StageShared:
 
     def pooled_finite(self) -> bool:
         if self._pooled_finite is None:
-            self._pooled_finite = _finite(self.roi.pooled.detach())
+            self._pooled_finite = all_finite(self.roi.pooled)
         return self._pooled_finite
 
     @property
@@ -179,8 +180,14 @@ class _Shared:
     def features_finite(self) -> list[bool]:
         """Per level: every feature value is finite."""
         if self._finite is None:
-            self._finite = [_finite(f) for f in self.r.features]
+            self._finite = [all_finite(f) for f in self.r.features]
         return self._finite
+
+    def conv_finite(self, lvl: int) -> bool:
+        """Level ``lvl``'s 3x3 conv has finite inputs and weights (a sparse backward then gives
+        autograd's numbers)."""
+        w = self.r.heads.weight(Layer.RPN_CONV)
+        return self.features_finite()[lvl] and all_finite(w)
 
     def neg_conv(self, lvl: int) -> _NegConv:
         """The 3x3 conv's backward of level ``lvl``'s sampled negatives' BCE derivatives."""
@@ -261,10 +268,11 @@ def _rpn_outputs(lvl: int, level: RpnLevel, loss: LevelLoss, p: LossProfile, sh:
 
 
 def _rpn_level(lvl: int, r: Replay, p: LossProfile, sh: _Shared, params: dict):
-    """One level's output norms and 1x1-conv gradients → (row, ∂L/∂hidden Tensor[N, C, H, W])."""
+    """One level's output norms and 1x1-conv gradients → (row, squared classification gradient
+    of (pos, neg), ∂L/∂logits Tensor[N, A_l] and ∂L/∂deltas Tensor[N, A_l, 4])."""
     level = r.rpn.levels[lvl]
     g_logits, g_deltas = _rpn_outputs(lvl, level, r.losses[p.name].levels[Head.RPN][lvl], p, sh)
-    n, c, h, w = level.out.hidden.shape
+    n, _, h, w = level.out.hidden.shape
     a = r.heads.num_anchors
     # channel-first [N, outputs, H*W], so the 1x1 convs' gradients are batched matmuls
     gl = g_logits.view(n, h * w, a).transpose(1, 2)
@@ -276,7 +284,6 @@ def _rpn_level(lvl: int, r: Replay, p: LossProfile, sh: _Shared, params: dict):
     ):
         params[param(layer, WEIGHT)].add(term, torch.matmul(g, hid_t).sum(0)[:, :, None, None])
         params[param(layer, BIAS)].add(term, g.sum((0, 2)))
-    grad_hidden = _to_hidden(r, gl, gd).view(n, c, h, w)
     pos, neg = _sq(g_logits[level.positive]), _sq(g_logits[~level.positive])
     row = LevelGrads(
         head=Head.RPN,
@@ -288,16 +295,45 @@ def _rpn_level(lvl: int, r: Replay, p: LossProfile, sh: _Shared, params: dict):
         neg_share=_share(neg, pos),
         nonfinite=_nonfinite(g_logits, g_deltas),
     )
-    return row, grad_hidden, (pos, neg), (g_logits, g_deltas)
+    return row, (pos, neg), (g_logits, g_deltas)
+
+
+def _out_weights(r: Replay) -> Tensor:
+    """The 1x1 convs' weights stacked, Tensor[5A, C]: (objectness, deltas) by input channel."""
+    return torch.cat(
+        [r.heads.weight(x).detach().flatten(1) for x in (Layer.RPN_LOGITS, Layer.RPN_DELTAS)]
+    )
 
 
 def _to_hidden(r: Replay, gl: Tensor, gd: Tensor) -> Tensor:
     """Through the 1x1 convs: ∂L/∂logits Tensor[N, A, HW] and ∂L/∂deltas Tensor[N, 4A, HW] →
     ∂L/∂hidden Tensor[N, C, HW]."""
-    w_all = torch.cat(
-        [r.heads.weight(x).detach().flatten(1) for x in (Layer.RPN_LOGITS, Layer.RPN_DELTAS)]
+    return torch.matmul(_out_weights(r).T, torch.cat([gl, gd], 1))
+
+
+def _live(r: Replay, lvl: int, g_logits: Tensor, g_deltas: Tensor) -> tuple[Tensor, Tensor]:
+    """(image, location) of level ``lvl``'s locations with a non-zero (or NaN) output gradient,
+    each Tensor[K], in (n, y, x) order; from ∂L/∂logits Tensor[N, A_l], ∂L/∂deltas Tensor[N,
+    A_l, 4]."""
+    n, _, h, w = r.rpn.levels[lvl].out.hidden.shape
+    live = (g_logits.reshape(n, h * w, -1) != 0).any(2) | (g_deltas.reshape(n, h * w, -1) != 0).any(
+        2
     )
-    return torch.matmul(w_all.T, torch.cat([gl, gd], 1))
+    return live.nonzero(as_tuple=True)
+
+
+def _live_rows(r: Replay, lvl: int, g_logits: Tensor, g_deltas: Tensor, live):
+    """The 3x3 conv's pre-ReLU output gradient at the ``live`` locations of :func:`_live` alone
+    (the dense map is never formed) → (at Tensor[K', 3] (n, y, x), rows Tensor[K', C]); rows the
+    ReLU zeroes whole are left out."""
+    hidden = r.rpn.levels[lvl].out.hidden.detach()
+    n, _, h, w = hidden.shape
+    img, s = live
+    gl, gd = g_logits.reshape(n, h * w, -1)[img, s], g_deltas.reshape(n, h * w, -1)[img, s]
+    y, x = s // w, s % w
+    rows = relu_backward(torch.cat([gl, gd], 1) @ _out_weights(r), hidden[img, :, y, x])
+    keep = (rows != 0).any(1)
+    return torch.stack([img, y, x], 1)[keep], rows[keep]
 
 
 def _hidden_grad(r: Replay, lvl: int, g_logits: Tensor, g_deltas: Tensor) -> Tensor:
@@ -309,7 +345,7 @@ def _hidden_grad(r: Replay, lvl: int, g_logits: Tensor, g_deltas: Tensor) -> Ten
 
 
 def _finite(*ts: Tensor) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in ts)
+    return all(all_finite(t) for t in ts)
 
 
 def _split_level(r: Replay, p: LossProfile, sh: _Shared, lvl: int, outs) -> ConvGrads | None:
@@ -319,11 +355,11 @@ def _split_level(r: Replay, p: LossProfile, sh: _Shared, lvl: int, outs) -> Conv
     level, x, w = r.rpn.levels[lvl], r.features[lvl], r.heads.weight(Layer.RPN_CONV)
     g_logits, g_deltas = outs
     alpha = _coef(p.rpn_cls, r.losses[p.name].levels[Head.RPN][lvl].avg_factor)
-    if not (math.isfinite(alpha) and sh.features_finite()[lvl] and _finite(g_logits, g_deltas, w)):
+    if not (math.isfinite(alpha) and sh.conv_finite(lvl) and _finite(g_logits, g_deltas)):
         return None
     pos = torch.where(level.positive, g_logits, torch.zeros(()))
-    grad_pre = pre_relu_grad(_hidden_grad(r, lvl, pos, g_deltas), level.out.hidden.detach())
-    s = sparse_conv_grads(x, grad_pre, w, live_locations(grad_pre))
+    at, rows = _live_rows(r, lvl, pos, g_deltas, _live(r, lvl, pos, g_deltas))
+    s = sparse_conv_grads(x, rows, w, at)
     base = sh.neg_conv(lvl)
     n, y, xx = s.at.unbind(1)
     cross = _dot(base.dx[n, :, y, xx], s.dx)
@@ -332,15 +368,16 @@ def _split_level(r: Replay, p: LossProfile, sh: _Shared, lvl: int, outs) -> Conv
                      bias=alpha * base.bias + s.bias)  # fmt: skip
 
 
-def _sparse_levels(r: Replay, grad_hidden: list[Tensor]) -> dict[int, ConvGrads]:
-    """The levels whose conv backward is cheaper visiting only their live locations, done so."""
+def _sparse_levels(r: Replay, sh: _Shared, outs: list) -> dict[int, ConvGrads]:
+    """The levels whose conv backward is cheaper visiting only their live locations, done so
+    (``outs``: each level's ∂L/∂logits and ∂L/∂deltas)."""
     w = r.heads.weight(Layer.RPN_CONV)
     out = {}
-    for lvl, (level, gh) in enumerate(zip(r.rpn.levels, grad_hidden)):
-        grad_pre = pre_relu_grad(gh, level.out.hidden.detach())
-        loc = live_locations(grad_pre)
-        if worth_it(loc, r.features[lvl], w):
-            out[lvl] = sparse_conv_grads(r.features[lvl], grad_pre, w, loc)
+    for lvl, (g_logits, g_deltas) in enumerate(outs):
+        live = _live(r, lvl, g_logits, g_deltas)
+        if worth_it(live[0].numel(), r.features[lvl]) and sh.conv_finite(lvl):
+            at, rows = _live_rows(r, lvl, g_logits, g_deltas, live)
+            out[lvl] = sparse_conv_grads(r.features[lvl], rows, w, at)
     return out
 
 
@@ -348,13 +385,13 @@ def _rpn_conv(r: Replay, p: LossProfile, sh: _Shared, done) -> tuple[list[float]
     """The 3x3 conv's backward for every level → (feature gradient norm per level, weight and
     bias gradients): sparse where that is cheaper, else split into the negatives' backward shared
     by the profiles and the positives' sparse one, one autograd backward for the rest."""
-    grad_hidden = [g for _, g, _, _ in done]
-    sparse = _sparse_levels(r, grad_hidden)
+    outs = [o for _, _, o in done]
+    sparse = _sparse_levels(r, sh, outs)
     for lvl in range(len(done)):
-        split = None if lvl in sparse else _split_level(r, p, sh, lvl, done[lvl][3])
+        split = None if lvl in sparse else _split_level(r, p, sh, lvl, outs[lvl])
         if split is not None:
             sparse[lvl] = split
-    dense = [lvl for lvl in range(len(grad_hidden)) if lvl not in sparse]
+    dense = [lvl for lvl in range(len(outs)) if lvl not in sparse]
     conv = [r.heads.weight(Layer.RPN_CONV), r.heads.bias(Layer.RPN_CONV)]
     dw, db = sum(s.weight for s in sparse.values()), sum(s.bias for s in sparse.values())
     norms = {lvl: s.feature for lvl, s in sparse.items()}
@@ -362,11 +399,11 @@ def _rpn_conv(r: Replay, p: LossProfile, sh: _Shared, done) -> tuple[list[float]
         grads = _vjp(
             [r.rpn.levels[lvl].out.hidden for lvl in dense],
             [r.features[lvl] for lvl in dense] + conv,
-            [grad_hidden[lvl] for lvl in dense],
+            [_hidden_grad(r, lvl, *outs[lvl]) for lvl in dense],
         )
         norms |= {lvl: _norm(gf) for lvl, gf in zip(dense, grads)}
         dw, db = grads[-2] + dw, grads[-1] + db
-    return [norms[lvl] for lvl in range(len(grad_hidden))], dw, db
+    return [norms[lvl] for lvl in range(len(outs))], dw, db
 
 
 def _rpn(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
@@ -380,7 +417,7 @@ def _rpn(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
         row.feature = norm
     params[param(Layer.RPN_CONV, WEIGHT)].total = dw
     params[param(Layer.RPN_CONV, BIAS)].total = db
-    pos_sq, neg_sq = sum(x for _, _, (x, _), _ in done), sum(y for _, _, (_, y), _ in done)
+    pos_sq, neg_sq = sum(x for _, (x, _), _ in done), sum(y for _, (_, y), _ in done)
     idle = [row.level for row in rows if row.feature == 0]
     return _HeadGrads(
         levels=rows, params=params, neg_share=_share(neg_sq, pos_sq), no_grad_levels=idle

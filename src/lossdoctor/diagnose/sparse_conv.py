@@ -5,7 +5,8 @@ output is non-zero at a few hundred of a level's locations. Autograd's dense bac
 same work on every location; here only the locations with a non-zero (or non-finite) gradient are
 visited: ``dW = G^T P`` and ``dX = fold(G W)`` over their input patches ``P``. Where most
 locations are live (``--sample-all``) or the inputs are not finite (a 0 x NaN must poison the
-gradient as autograd's would), the caller falls back to autograd.
+gradient as autograd's would), the caller falls back to autograd. The caller finds the live
+locations and their gradients from the head outputs' gradients, never forming the dense map.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # the RPN conv's kernel and padding ("same" 3x3)
@@ -37,16 +37,10 @@ class ConvGrads:
     at: Tensor | None = None
 
 
-def live_locations(grad_pre: Tensor) -> Tensor:
-    """(n, y, x) of every location whose pre-ReLU gradient Tensor[N, C, H, W] is not all zero →
-    Tensor[K, 3] (NaN counts as live)."""
-    return (grad_pre != 0).any(1).nonzero()
-
-
-def pre_relu_grad(grad_hidden: Tensor, hidden: Tensor) -> Tensor:
+def relu_backward(grad: Tensor, out: Tensor) -> Tensor:
     """Through the ReLU as autograd's threshold_backward: zero where the output is <= 0 (a NaN
-    output passes its gradient on)."""
-    return torch.where(hidden <= 0, torch.zeros(()), grad_hidden)
+    output passes its gradient on). Any shape, the two alike."""
+    return torch.where(out <= 0, torch.zeros(()), grad)
 
 
 def _patch_index(loc: Tensor, height: int, width: int) -> Tensor:
@@ -60,19 +54,17 @@ def _patch_index(loc: Tensor, height: int, width: int) -> Tensor:
     return ((n[:, None, None] * (height + 2 * PADDING) + ys) * wp + xs).reshape(-1, KERNEL**2)
 
 
-def sparse_conv_grads(x: Tensor, grad_pre: Tensor, weight: Tensor, loc: Tensor) -> ConvGrads:
-    """The conv's gradients from its pre-ReLU output gradient ``grad_pre`` Tensor[N, C_out, H, W],
-    non-zero only at ``loc`` Tensor[K, 3], for input ``x`` Tensor[N, C_in, H, W]."""
+def sparse_conv_grads(x: Tensor, g: Tensor, weight: Tensor, loc: Tensor) -> ConvGrads:
+    """The conv's gradients from its pre-ReLU output gradient, non-zero only at ``loc``
+    Tensor[K, 3] (n, y, x) where it is ``g`` Tensor[K, C_out], for input ``x`` Tensor[N, C_in, H,
+    W]."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     if loc.shape[0] == 0:
         return ConvGrads(feature=0.0, weight=torch.zeros_like(weight), bias=weight.new_zeros(c_out),
                          dx=x.new_zeros(0, c_in), at=loc)  # fmt: skip
-    g = grad_pre[loc[:, 0], :, loc[:, 1], loc[:, 2]]  # [K, C_out]
     index = _patch_index(loc, h, w)  # [K, 9]
-    padded = F.pad(x.detach(), (PADDING,) * 4).permute(0, 2, 3, 1).reshape(-1, c_in)
-    patches = padded[index]  # [K, 9, C_in]
-    dw = torch.matmul(g.T, patches.reshape(g.shape[0], -1))  # [C_out, 9 * C_in]
+    dw = torch.matmul(g.T, _patches(x, index, h, w).reshape(g.shape[0], -1))  # [C_out, 9 * C_in]
     dw = dw.view(c_out, KERNEL, KERNEL, c_in).permute(0, 3, 1, 2)
     w_t = weight.detach().permute(0, 2, 3, 1).reshape(c_out, -1)  # [C_out, 9 * C_in]
     contrib = torch.matmul(g, w_t).view(-1, c_in)  # [K * 9, C_in]
@@ -85,6 +77,16 @@ def sparse_conv_grads(x: Tensor, grad_pre: Tensor, weight: Tensor, loc: Tensor) 
     return ConvGrads(feature=norm, weight=dw, bias=g.sum(0), dx=dx, at=at)
 
 
+def _patches(x: Tensor, index: Tensor, height: int, width: int) -> Tensor:
+    """The input windows at ``index`` Tensor[K, 9] of :func:`_patch_index` → Tensor[K * 9, C_in],
+    zeros in the padding; gathered from ``x`` Tensor[N, C_in, H, W] as it is (no padded copy of
+    the map)."""
+    n, y, xx = _pixels(index.flatten(), height, width).unbind(1)
+    inside = (y >= 0) & (y < height) & (xx >= 0) & (xx < width)
+    rows = x.detach()[n, :, y.clamp(0, height - 1), xx.clamp(0, width - 1)]
+    return torch.where(inside[:, None], rows, torch.zeros(()))
+
+
 def _pixels(flat: Tensor, height: int, width: int) -> Tensor:
     """Flat indices of the padded map → (n, y, x) in the unpadded one, Tensor[U, 3] (padding
     falls outside 0..H-1, 0..W-1)."""
@@ -92,9 +94,8 @@ def _pixels(flat: Tensor, height: int, width: int) -> Tensor:
     return torch.stack([flat // (wp * hp), (flat // wp) % hp - PADDING, flat % wp - PADDING], 1)
 
 
-def worth_it(loc: Tensor, x: Tensor, weight: Tensor) -> bool:
-    """The sparse path is the faster one and gives autograd's numbers."""
+def worth_it(live: int, x: Tensor) -> bool:
+    """Visiting ``live`` locations of ``x`` Tensor[N, C, H, W] is cheaper than the dense
+    backward (the caller also makes sure every input is finite)."""
     n, _, h, w = x.shape
-    if loc.shape[0] > DENSE_SHARE * n * h * w:
-        return False
-    return bool(torch.isfinite(x).all()) and bool(torch.isfinite(weight).all())
+    return live <= DENSE_SHARE * n * h * w

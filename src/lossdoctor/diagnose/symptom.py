@@ -14,6 +14,7 @@ from ..replay.engine import Replay
 from ..replay.heads import box_hidden, box_predict
 from ..replay.nms import RANKINGS
 from ..replay.proposals import image_proposals
+from ..replay.roi import RoiStage
 from ..replay.roi_align import map_levels, multiscale_roi_align
 from ..vocab import Background
 
@@ -60,14 +61,33 @@ def _test_rois(r: Replay) -> tuple[Tensor, Tensor]:
     return torch.cat(props), torch.cat(img)
 
 
+def _training_rows(roi: RoiStage, rois: Tensor, img: Tensor, levels: Tensor) -> Tensor:
+    """For each test-mode RoI, the training RoI with the same image, box and pooling level, whose
+    box-head outputs are the same function of the same values (row index, -1 where none) →
+    Tensor[M]. Under --sample-all most test RoIs are training ones."""
+    boxes = map(tuple, roi.boxes.detach().tolist())
+    seen = {key: i for i, key in enumerate(zip(roi.img.tolist(), roi.level.tolist(), boxes))}
+    keys = zip(img.tolist(), levels.tolist(), map(tuple, rois.tolist()))
+    return torch.tensor([seen.get(key, -1) for key in keys], dtype=torch.long)
+
+
 def _score(r: Replay, rois: Tensor, img: Tensor) -> _Scored:
-    """The box head on test-mode RoIs, with detached weights and features."""
+    """The box head on test-mode RoIs, with detached weights and features; the outputs of the
+    RoIs the training replay already pooled are taken from it."""
     cfg, heads = r.config, r.heads.detached()
     k = r.roi.num_levels
     strides, feats = r.batch.strides[:k], [f.detach() for f in r.features[:k]]
     levels = map_levels(rois, strides, cfg.roi_pool)
-    pooled = multiscale_roi_align(feats, strides, rois, img, levels, heads.pool_size, cfg.roi_pool)
-    cls, reg = box_predict(box_hidden(pooled, heads)[1], heads)
+    row = _training_rows(r.roi, rois, img, levels)
+    cls = r.roi.cls_logits.detach().new_empty(rois.shape[0], r.roi.cls_logits.shape[1])
+    reg = r.roi.deltas.detach().new_empty(rois.shape[0], *r.roi.deltas.shape[1:])
+    hit, fresh = (row >= 0).nonzero().flatten(), (row < 0).nonzero().flatten()
+    cls[hit], reg[hit] = r.roi.cls_logits.detach()[row[hit]], r.roi.deltas.detach()[row[hit]]
+    if fresh.numel():
+        pooled = multiscale_roi_align(
+            feats, strides, rois[fresh], img[fresh], levels[fresh], heads.pool_size, cfg.roi_pool
+        )
+        cls[fresh], reg[fresh] = box_predict(box_hidden(pooled, heads)[1], heads)
     first_fg = 1 if heads.background is Background.FIRST else 0
     fg_cols = torch.arange(heads.num_classes) + first_fg
     return _Scored(rois=rois, img=img, fg_prob=torch.softmax(cls, -1)[:, fg_cols], deltas=reg)

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..vocab import Framework
 from .errors import InputError
 from .files import save_torch
+from .finite import all_finite
 from .torchfile import Replaced, noting_payloads, read_file
 
 BATCH_FORMAT = "lossdoctor.batch/1"
@@ -375,6 +376,8 @@ def _iou(a: list[float], b: list[float]) -> float:
 def _feature_suspicions(batch: Batch) -> list[Suspicion]:
     out = []
     for name, t in batch.features.items():
+        if all_finite(t):
+            continue
         nan = int(torch.isnan(t).sum())
         inf = int(torch.isinf(t).sum())
         if nan or inf:
