@@ -280,7 +280,7 @@ def test_every_help_has_an_example(cmd):
 
 def test_help_does_not_import_torch():
     code = (
-        "import sys\nimport lossdoctor.cli as c\ntry:\n    c.main()\nexcept SystemExit:\n    pass\n"
+        "import sys\nimport lossdoctor.cli as c\ntry:\n    c.app()\nexcept SystemExit:\n    pass\n"
         "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
     )
     out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True)
@@ -310,3 +310,24 @@ def test_explain_a_code_its_list_and_an_unknown_code():
         and "targets: drop GT boxes" in causes
     )
     one_line_error(run("explain", "nan-emtpy-mean"), "unknown finding code 'nan-emtpy-mean'")
+
+
+def test_console_script_exits_with_the_commands_code_and_its_output_in_place(files, tmp_path):
+    """The entry point leaves without the interpreter's teardown: what the command printed (to a
+    pipe) and wrote is all there, and its exit code is the command's."""
+
+    def script(*args):
+        code = "from lossdoctor.cli import main; main()"
+        cmd = [sys.executable, "-c", code, *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "r.json"
+    r = script(
+        "inspect", files / "ckpt.pt", files / "batch.pt", "--json", out, "--fail-on", "never"
+    )
+    assert r.returncode == 0, r.stderr
+    assert "findings" in r.stdout.lower() and json.loads(out.read_text())["findings"] is not None
+    bad = script("inspect", files / "ckpt.pt", tmp_path / "missing.pt")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("lossdoctor: error: ")
+    assert "Traceback" not in bad.stderr
+    assert script("profiles").returncode == 0
