@@ -359,3 +359,19 @@ def test_all_finite(values, dtype, expected):
     t = torch.tensor(values, dtype=dtype)
     assert all_finite(t) is expected
     assert all_finite(t) == bool(torch.isfinite(t).all())
+
+
+def test_mask_extents_by_hand():
+    from lossdoctor.inputs.batch import _mask_extents
+
+    m = torch.zeros(4, 6, 8, dtype=torch.bool)
+    m[0, 1:3, 2:5] = True  # rows 1-2, cols 2-4
+    m[1, 5, 7] = True  # the bottom-right pixel
+    m[3, 0, 0] = m[3, 4, 6] = True  # two pixels: their box spans both
+    assert _mask_extents(m) == [
+        [2.0, 1.0, 5.0, 3.0],
+        [7.0, 5.0, 8.0, 6.0],
+        None,
+        [0.0, 0.0, 7.0, 5.0],
+    ]
+    assert _mask_extents(torch.zeros(0, 6, 8, dtype=torch.bool)) == []

@@ -231,3 +231,20 @@ def test_roi_split_gives_each_profiles_own_gradients(monkeypatch, case):
                 got = a.params[key].by_term[term]
                 assert got == pytest.approx(v, rel=2e-5, abs=1e-9, nan_ok=True), (key, term)
             assert a.params[key].total == pytest.approx(y.total, rel=2e-5, nan_ok=True), key
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_roi_align_of_a_bool_map_is_that_of_its_float_copy_bitwise(aligned):
+    """GT masks are pooled as they are (bool), never copied whole to float: the same values."""
+    from lossdoctor.replay.roi_align import roi_align_level
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(3, 1, 50, 70, generator=g) > 0.5
+    boxes = torch.tensor(
+        [[3.2, 4.1, 40.5, 30.7], [0.0, 0.0, 70.0, 50.0], [10.0, 10.0, 11.0, 12.0],
+         [-5.0, -3.0, 20.0, 60.0]]
+    )  # fmt: skip
+    which = torch.tensor([0, 1, 2, 1])
+    got = roi_align_level(masks, boxes, which, 1.0, 28, 0, aligned, 72)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, roi_align_level(masks.float(), boxes, which, 1.0, 28, 0, aligned, 72))

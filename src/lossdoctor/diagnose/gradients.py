@@ -200,10 +200,15 @@ class _Shared:
             self._neg[lvl] = _NegConv(dx=dx, sq=_sq(dx), weight=dw, bias=db)
         return self._neg[lvl]
 
-    def mask_sum_grads(self) -> list[Tensor]:
-        """:func:`mask_backward` of the mask head's summed pixel BCE, once for all profiles."""
+    def mask_sum_grads(self) -> tuple[list[Tensor], list[float]]:
+        """:func:`mask_backward` of the mask head's summed pixel BCE, once for all profiles: the
+        gradients of the parameters and the selected logits, and each level's feature gradient
+        norm."""
         if self._mask is None:
-            self._mask = mask_backward(self.r, sum(s.cls_loss.sum() for s in self.r.mask.samples))
+            grads = mask_backward(self.r, sum(s.cls_loss.sum() for s in self.r.mask.samples))
+            k = len(grads) - self.r.roi.num_levels
+            # the feature gradients (dense maps) are kept as their norms only
+            self._mask = grads[:k], [_norm(g) for g in grads[k:]]
         return self._mask
 
     def bce(self, lvl: int) -> Tensor:
@@ -663,16 +668,18 @@ def _mask(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
     c = _mask_coef(r, p)
     if c is None:
         grads = mask_backward(r, r.losses[p.name].term(Term.ROI_MASK))
+        feats = [_norm(g) for g in grads[len(names) + 1 :]]
     else:
-        grads = [g * c for g in sh.mask_sum_grads()]
+        shared, norms = sh.mask_sum_grads()
+        grads, feats = [g * c for g in shared], [c * x for x in norms]
     params = {n: _ParamGrad(by_term={Term.ROI_MASK: g}) for n, g in zip(names, grads)}
-    g_logits, g_feats = grads[len(names)], grads[len(names) + 1 :]
+    g_logits = grads[len(names)]
     level = r.roi.level[m.rows]
     rows = [
-        LevelGrads(head=Head.MASK, level=s.name, feature=_norm(gf),
+        LevelGrads(head=Head.MASK, level=s.name, feature=norm,
                    logits_pos=_norm(g_logits[level == lvl]), logits_neg=0.0, deltas=0.0,
                    neg_share=math.nan, nonfinite=_nonfinite(g_logits[level == lvl]))
-        for lvl, (s, gf) in enumerate(zip(m.samples, g_feats))
+        for lvl, (s, norm) in enumerate(zip(m.samples, feats))
     ]  # fmt: skip
     return _HeadGrads(levels=rows, params=params, neg_share=math.nan)
 

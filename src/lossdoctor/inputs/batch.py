@@ -338,20 +338,25 @@ def find_suspicions(batch: Batch) -> list[Suspicion]:
     return out
 
 
-def _mask_extent(mask: Tensor) -> list[float] | None:
-    """The box [x1, y1, x2, y2] around a mask's pixels (pixel edges), or None if it is empty."""
-    ys, xs = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
-    if ys.numel() == 0:
-        return None
-    return [float(xs[0]), float(ys[0]), float(xs[-1]) + 1, float(ys[-1]) + 1]
+def _mask_extents(masks: Tensor) -> list[list[float] | None]:
+    """Per mask of Tensor[K, H, W] the box [x1, y1, x2, y2] around its pixels (pixel edges), or
+    None where it is empty; two reductions over all the masks, not two per mask."""
+    rows, cols = masks.any(2), masks.any(1)  # [K, H], [K, W]
+    h, w = rows.shape[1], cols.shape[1]
+    # argmax gives the first True (ties go to the first index); flipped, the last
+    y1, x1 = rows.byte().argmax(1), cols.byte().argmax(1)
+    y2, x2 = h - rows.flip(1).byte().argmax(1), w - cols.flip(1).byte().argmax(1)
+    boxes = torch.stack([x1, y1, x2, y2], 1).tolist()
+    return [[float(v) for v in b] if any_ else None for b, any_ in zip(boxes, rows.any(1).tolist())]
 
 
 def _mask_suspicions(i: int, boxes: Tensor, masks: Tensor) -> list[Suspicion]:
     """GT masks that do not sit in their boxes: the box around the mask overlaps the GT box by
     less than MASK_BOX_IOU (a flip, crop or resize applied to one and not the other)."""
     out = []
+    extents = _mask_extents(masks)
     for j in torch.isfinite(boxes).all(1).nonzero().flatten().tolist():
-        extent = _mask_extent(masks[j])
+        extent = extents[j]
         if extent is None:
             continue
         iou = _iou(extent, boxes[j].tolist())

@@ -69,7 +69,7 @@ def mask_targets(masks: Tensor, boxes: Tensor, which: Tensor, cfg: MaskConfig) -
         return boxes.new_zeros(0, m, m)
     h, w = masks.shape[1:]
     grid = math.ceil(max(h, w) / m) + 1  # a RoI is at most the image: no cap below that
-    feat = masks[:, None].float()
+    feat = masks[:, None]  # bool: RoIAlign converts only what it gathers
     if cfg.target is MaskTarget.TORCHVISION:
         return roi_align_level(feat, boxes, which, 1.0, m, 0, False, grid)[:, 0]
     if cfg.target is MaskTarget.MMDET:

@@ -106,6 +106,7 @@ class _Gather(torch.autograd.Function):
         out = []
         for s in range(0, flat.shape[0], step):
             g = flat_feat.index_select(0, flat[s : s + step].reshape(-1)).view(-1, rows, cols, c)
+            g = g.to(wy.dtype)  # a no-op for float maps; masks are gathered as bool
             t = torch.einsum("rpa,rabc->rpbc", wy[s : s + step], g)
             out.append(torch.einsum("rpbc,rqb->rcpq", t, wx[s : s + step]))
         ctx.save_for_backward(flat, wy, wx)
@@ -146,9 +147,14 @@ def _pool_group(
     flat = ((img[:, None, None] * h + iy[:, :, None]) * w + ix[:, None, :]).reshape(
         img.shape[0], -1
     )
-    return _Gather.apply(
-        feat.reshape(-1, c), flat, wy.to(feat.dtype), wx.to(feat.dtype), rows, cols
-    )
+    dtype = _pooled_dtype(feat)
+    return _Gather.apply(feat.reshape(-1, c), flat, wy.to(dtype), wx.to(dtype), rows, cols)
+
+
+def _pooled_dtype(feat: Tensor) -> torch.dtype:
+    """A float map pools in its own type; a bool or uint8 one (GT masks, never converted whole)
+    in the default float type."""
+    return feat.dtype if feat.is_floating_point() else torch.get_default_dtype()
 
 
 def roi_align_level(
@@ -162,7 +168,8 @@ def roi_align_level(
     max_grid: int = MAX_ADAPTIVE_GRID,
 ) -> Tensor:
     """RoIAlign on one level. feat: Tensor[N, C, H, W]; rois: Tensor[R, 4] in input pixels;
-    img: Tensor[R] image index → Tensor[R, C, P, P]. ``max_grid`` caps the adaptive sampling
+    img: Tensor[R] image index → Tensor[R, C, P, P] (a bool or uint8 map pools as floats, without
+    a float copy of the map). ``max_grid`` caps the adaptive sampling
     grid. Always this kernel, even where torchvision is installed: on a few CPU cores it is
     several times faster than torchvision's compiled one, forward and backward."""
     if rois.shape[0] == 0:
@@ -203,7 +210,7 @@ def roi_align_torch(
 ) -> Tensor:
     """The pure-torch RoIAlign behind :func:`roi_align_level` (same arguments and result)."""
     _, c, h, _ = feat.shape
-    out = feat.new_zeros(rois.shape[0], c, pooled, pooled)
+    out = feat.new_zeros(rois.shape[0], c, pooled, pooled, dtype=_pooled_dtype(feat))
     x1, y1, bw, bh, gh, gw = _geometry(rois, scale, pooled, sampling_ratio, aligned, max_grid)
     feat_hwc = feat.permute(0, 2, 3, 1).contiguous()  # gathers read whole channel vectors
     keys = gh * (max_grid + 1) + gw
