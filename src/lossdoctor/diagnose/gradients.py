@@ -321,10 +321,8 @@ def _live(r: Replay, lvl: int, g_logits: Tensor, g_deltas: Tensor) -> tuple[Tens
     each Tensor[K], in (n, y, x) order; from ∂L/∂logits Tensor[N, A_l], ∂L/∂deltas Tensor[N,
     A_l, 4]."""
     n, _, h, w = r.rpn.levels[lvl].out.hidden.shape
-    live = (g_logits.reshape(n, h * w, -1) != 0).any(2) | (g_deltas.reshape(n, h * w, -1) != 0).any(
-        2
-    )
-    return live.nonzero(as_tuple=True)
+    logits, deltas = ((g.reshape(n, h * w, -1) != 0).any(2) for g in (g_logits, g_deltas))
+    return (logits | deltas).nonzero(as_tuple=True)
 
 
 def _live_rows(r: Replay, lvl: int, g_logits: Tensor, g_deltas: Tensor, live):
