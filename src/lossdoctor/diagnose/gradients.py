@@ -118,6 +118,7 @@ class _StageShared:
         self.roi = roi
         self._box, self._ce, self._gram, self.neg = {}, None, None, None
         self._pooled_finite: bool | None = None
+        self.pos_pooled: Tensor | None = None  # the positive RoIs pooled again (the split)
 
     def pooled_finite(self) -> bool:
         if self._pooled_finite is None:
@@ -562,12 +563,15 @@ def _shared_factor(spec: TermSpec, rows: list[LevelLoss]) -> float | None:
 
 def _sparse_pool_grads(r: Replay, v: _StageView, rows: Tensor, g: Tensor, feats: list[Tensor]):
     """∂/∂feature per level of ``g`` Tensor[P, D] at the pooled features of the RoIs ``rows``
-    alone: those RoIs pooled again and differentiated, so the cost follows P, not R."""
+    alone: those RoIs pooled again (once for every profile) and differentiated, so the cost
+    follows P, not R."""
     roi, cfg = v.roi, r.config
-    boxes, strides = roi.boxes[rows].detach(), r.batch.strides[: len(feats)]
-    pooled = multiscale_roi_align(
-        feats, strides, boxes, roi.img[rows], roi.level[rows], v.heads.pool_size, cfg.roi_pool
-    )
+    if v.sh.pos_pooled is None:
+        boxes, strides = roi.boxes[rows].detach(), r.batch.strides[: len(feats)]
+        v.sh.pos_pooled = multiscale_roi_align(
+            feats, strides, boxes, roi.img[rows], roi.level[rows], v.heads.pool_size, cfg.roi_pool
+        )
+    pooled = v.sh.pos_pooled
     scale = cfg.cascade.feature_grad_scale if cfg.cascade.later_stages else 1.0
     out = _zeros_for_none(_vjp([pooled], feats, [g.view_as(pooled)], allow_unused=True), feats)
     return out if scale == 1.0 else [x * scale for x in out]
