@@ -248,3 +248,68 @@ def test_roi_align_of_a_bool_map_is_that_of_its_float_copy_bitwise(aligned):
     got = roi_align_level(masks, boxes, which, 1.0, 28, 0, aligned, 72)
     assert got.dtype == torch.float32
     assert torch.equal(got, roi_align_level(masks.float(), boxes, which, 1.0, 28, 0, aligned, 72))
+
+
+# each framework's per-stage box coder weights (MMDetection: 1 / its target stds)
+CASCADE_CODERS = {
+    "mmdet": [(10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0),
+              (1 / 0.033, 1 / 0.033, 1 / 0.067, 1 / 0.067)],
+    "detectron2": [(10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0)],
+}  # fmt: skip
+
+
+def _cascade_by_hand(sd, layout: str, r, rois, img):
+    """Every stage's class logits and the last stage's RoIs and deltas, straight from the state
+    dict: each stage pools the RoIs the stage before moved (decoded with that stage's coder,
+    clipped to the image)."""
+    import torch.nn.functional as tf
+
+    from lossdoctor.inputs.layouts import CASCADE_LAYOUTS
+    from lossdoctor.replay.boxes import clip_to_image
+    from lossdoctor.replay.roi_align import map_levels, multiscale_roi_align
+    from lossdoctor.vocab import BOX_LAYERS, Layer
+
+    strides, pool = r.batch.strides[:4], r.config.roi_pool
+    feats = [f.detach() for f in r.features[:4]]
+    clip, deltas, logits = r.config.roi_coder, None, []
+    for k in range(len(CASCADE_CODERS[layout])):
+        keys = {x: CASCADE_LAYOUTS[layout][x].format(k=k) for x in BOX_LAYERS}
+        w = {x: (sd[f"{key}.weight"], sd[f"{key}.bias"]) for x, key in keys.items()}
+        if deltas is not None:
+            moved = decode(deltas, rois, CASCADE_CODERS[layout][k - 1], clip.clip, clip.clip_both)
+            rois = torch.cat([clip_to_image(moved[img == i], s)
+                              for i, s in enumerate(r.batch.image_sizes)])  # fmt: skip
+        pooled = multiscale_roi_align(feats, strides, rois, img, map_levels(rois, strides, pool),
+                                      7, pool).flatten(1)  # fmt: skip
+        h = tf.relu(tf.linear(tf.relu(tf.linear(pooled, *w[Layer.BOX_FC1])), *w[Layer.BOX_FC2]))
+        logits.append(tf.linear(h, *w[Layer.BOX_LOGITS]))
+        deltas = tf.linear(h, *w[Layer.BOX_DELTAS])
+    return logits, rois, deltas
+
+
+@pytest.mark.parametrize("layout", ["mmdet", "detectron2"])
+def test_cascade_symptom_joins_the_stages_as_its_framework_does(layout):
+    """In test mode MMDetection averages the stages' class logits and then takes the softmax;
+    Detectron2 averages each stage's softmax. Both score the last stage's regression of the
+    RoIs each stage refined for the next, with each stage's own weights and box coder."""
+    import importlib
+
+    S = importlib.import_module("lossdoctor.diagnose.symptom")
+    sd = F.cascade_state_dict(layout)
+    r = _cascade(layout, preset(f"{layout}-cascade"))
+    rois, img = S._test_rois(r)
+    assert torch.equal(img, img.sort().values)  # image by image, as the hand pass concatenates
+    logits, last_rois, last_deltas = _cascade_by_hand(sd, layout, r, rois, img)
+    stacked = torch.stack(logits)
+    want = {
+        "mmdet": stacked.mean(0).softmax(-1),
+        "detectron2": stacked.softmax(-1).mean(0),
+    }
+    got = S._score(r, rois, img)
+    assert torch.allclose(got.fg_prob, want[layout][:, :-1], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(got.rois, last_rois, rtol=1e-6, atol=1e-4)
+    assert torch.allclose(got.deltas[:, 0], last_deltas, rtol=1e-5, atol=1e-6)
+    assert got.coder.weights == pytest.approx(CASCADE_CODERS[layout][-1])
+    other = {"mmdet": "detectron2", "detectron2": "mmdet"}[layout]
+    assert not torch.allclose(want[layout], want[other], rtol=1e-3)  # the rules differ here
+    assert S.symptom(r).detections  # the whole symptom runs on the cascade

@@ -268,6 +268,13 @@ class DumpStatus(StrEnum):
     FAILED = "failed"
 
 
+class CascadeScores(StrEnum):
+    """How a cascade's test-mode class scores join its stages'."""
+
+    MEAN_LOGITS = "mean-logits"  # MMDetection: the stages' logits averaged, then the softmax
+    MEAN_PROBABILITIES = "mean-probabilities"  # Detectron2: each stage's softmax, averaged
+
+
 class MaskTarget(StrEnum):
     """How a framework cuts a positive RoI's mask target out of its GT mask."""
 

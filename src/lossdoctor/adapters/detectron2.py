@@ -40,7 +40,7 @@ from ..inputs.config import (
 from ..inputs.dataclass_toml import to_dict
 from ..inputs.errors import InputError
 from ..inputs.profiles import detectron2 as builtin_profile
-from ..vocab import Framework, LossKind, Mapper, MaskTarget, Ranking, Term
+from ..vocab import CascadeScores, Framework, LossKind, Mapper, MaskTarget, Ranking, Term
 from .common import HookedCapture, level_names, run_meta, write_dump
 
 # the Matcher's labels for (below, between, above) its thresholds
@@ -126,6 +126,7 @@ def _cascade(roi) -> CascadeConfig:
         resample=False,
         drop_gt=False,
         feature_grad_scale=1.0 / len(preds),
+        scores=CascadeScores.MEAN_PROBABILITIES,
     )
 
 

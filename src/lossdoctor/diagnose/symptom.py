@@ -8,15 +8,16 @@ import torch
 from torch import Tensor
 
 from ..inputs.checkpoint import BOX_COORDS, HeadWeights
-from ..inputs.config import DetectorConfig
+from ..inputs.config import CoderConfig, DetectorConfig
 from ..replay.boxes import clip_to_image, decode, keep_min_size
+from ..replay.cascade import stage_config
 from ..replay.engine import Replay
 from ..replay.heads import box_hidden, box_predict
 from ..replay.nms import RANKINGS
 from ..replay.proposals import image_proposals
 from ..replay.roi import RoiStage
 from ..replay.roi_align import map_levels, multiscale_roi_align
-from ..vocab import Background
+from ..vocab import Background, CascadeScores
 
 # an anchor counts as "objectness > 0.5" when its logit is above this
 HALF_PROBABILITY_LOGIT = 0.0
@@ -35,13 +36,15 @@ class Symptom:
 
 @dataclass(kw_only=True)
 class _Scored:
-    """Test-mode RoIs of the batch: rois Tensor[M, 4], img Tensor[M], per-class foreground
-    probabilities Tensor[M, K] and deltas Tensor[M, reg_classes, 4]."""
+    """Test-mode RoIs of the batch (a cascade's as its last stage sees them): rois Tensor[M, 4],
+    img Tensor[M], per-class foreground probabilities Tensor[M, K], deltas Tensor[M,
+    reg_classes, 4] and the box coder that decodes them."""
 
     rois: Tensor
     img: Tensor
     fg_prob: Tensor
     deltas: Tensor
+    coder: CoderConfig
 
 
 def _test_rois(r: Replay) -> tuple[Tensor, Tensor]:
@@ -71,26 +74,61 @@ def _training_rows(roi: RoiStage, rois: Tensor, img: Tensor, levels: Tensor) -> 
     return torch.tensor([seen.get(key, -1) for key in keys], dtype=torch.long)
 
 
-def _score(r: Replay, rois: Tensor, img: Tensor) -> _Scored:
-    """The box head on test-mode RoIs, with detached weights and features; the outputs of the
+def _stage_outputs(r: Replay, k: int, rois: Tensor, img: Tensor) -> tuple[Tensor, Tensor]:
+    """Box-head stage ``k`` on test-mode RoIs, with detached weights and features → (class
+    logits Tensor[M, K+1], deltas Tensor[M, reg_classes, 4]); the first stage's outputs for the
     RoIs the training replay already pooled are taken from it."""
-    cfg, heads = r.config, r.heads.detached()
-    k = r.roi.num_levels
-    strides, feats = r.batch.strides[:k], [f.detach() for f in r.features[:k]]
+    cfg, heads, first = r.config, r.heads.stage(k).detached(), r.roi
+    n = first.num_levels
+    strides, feats = r.batch.strides[:n], [f.detach() for f in r.features[:n]]
     levels = map_levels(rois, strides, cfg.roi_pool)
-    row = _training_rows(r.roi, rois, img, levels)
-    cls = r.roi.cls_logits.detach().new_empty(rois.shape[0], r.roi.cls_logits.shape[1])
-    reg = r.roi.deltas.detach().new_empty(rois.shape[0], *r.roi.deltas.shape[1:])
+    row = _training_rows(first, rois, img, levels) if k == 0 else torch.full_like(img, -1)
+    cls = first.cls_logits.detach().new_empty(rois.shape[0], first.cls_logits.shape[1])
+    reg = first.deltas.detach().new_empty(rois.shape[0], *first.deltas.shape[1:])
     hit, fresh = (row >= 0).nonzero().flatten(), (row < 0).nonzero().flatten()
-    cls[hit], reg[hit] = r.roi.cls_logits.detach()[row[hit]], r.roi.deltas.detach()[row[hit]]
+    cls[hit], reg[hit] = first.cls_logits.detach()[row[hit]], first.deltas.detach()[row[hit]]
     if fresh.numel():
         pooled = multiscale_roi_align(
             feats, strides, rois[fresh], img[fresh], levels[fresh], heads.pool_size, cfg.roi_pool
         )
         cls[fresh], reg[fresh] = box_predict(box_hidden(pooled, heads)[1], heads)
+    return cls, reg
+
+
+def _refine(r: Replay, rois: Tensor, img: Tensor, deltas: Tensor, coder: CoderConfig) -> Tensor:
+    """A cascade stage's test-mode RoIs moved by its class-agnostic regression and clipped to
+    their images: the next stage's RoIs (none dropped, as both frameworks do at test time)."""
+    boxes = decode(deltas[:, 0], rois, coder.weights, coder.clip, coder.clip_both)
+    out = boxes.clone()
+    for i, size in enumerate(r.batch.image_sizes):
+        at = img == i
+        out[at] = clip_to_image(boxes[at], size)
+    return out
+
+
+def _stage_coder(cfg: DetectorConfig, k: int) -> CoderConfig:
+    return stage_config(cfg, k).roi_coder if k else cfg.roi_coder
+
+
+def _score(r: Replay, rois: Tensor, img: Tensor) -> _Scored:
+    """The box head on test-mode RoIs. A cascade runs each stage on the RoIs the stage before it
+    refined and joins the stages' class scores as its framework does (``cascade.scores``); the
+    boxes are the last stage's regression of its own RoIs."""
+    cfg, heads = r.config, r.heads
+    mean_probs = cfg.cascade.scores is CascadeScores.MEAN_PROBABILITIES
+    cls, reg = _stage_outputs(r, 0, rois, img)
+    joined = torch.softmax(cls, -1) if mean_probs else cls
+    for k in range(1, heads.num_stages):
+        rois = _refine(r, rois, img, reg, _stage_coder(cfg, k - 1))
+        cls, reg = _stage_outputs(r, k, rois, img)
+        joined = joined + (torch.softmax(cls, -1) if mean_probs else cls)
+    # one stage: its own softmax either way (a mean of one is exact)
+    joined = joined / heads.num_stages
+    probs = joined if mean_probs else torch.softmax(joined, -1)
     first_fg = 1 if heads.background is Background.FIRST else 0
     fg_cols = torch.arange(heads.num_classes) + first_fg
-    return _Scored(rois=rois, img=img, fg_prob=torch.softmax(cls, -1)[:, fg_cols], deltas=reg)
+    coder = _stage_coder(cfg, heads.num_stages - 1)
+    return _Scored(rois=rois, img=img, fg_prob=probs[:, fg_cols], deltas=reg, coder=coder)
 
 
 def _image_detections(s: _Scored, i: int, size, heads: HeadWeights, cfg: DetectorConfig):
@@ -98,7 +136,7 @@ def _image_detections(s: _Scored, i: int, size, heads: HeadWeights, cfg: Detecto
     sel = s.img == i
     scores_all = s.fg_prob[sel]  # [M_i, K]
     k = heads.num_classes
-    coder = cfg.roi_coder
+    coder = s.coder
     d = s.deltas[sel][:, heads.reg_slot(torch.arange(k))].reshape(-1, BOX_COORDS)
     ref = s.rois[sel].repeat_interleave(k, 0)
     boxes = clip_to_image(decode(d, ref, coder.weights, coder.clip, coder.clip_both), size)
@@ -114,7 +152,8 @@ def _image_detections(s: _Scored, i: int, size, heads: HeadWeights, cfg: Detecto
 
 
 def symptom(r: Replay, score_thr: float | None = None) -> Symptom:
-    """Test-mode proposals → box head → softmax → score > thr → per-class NMS → top-k per image.
+    """Test-mode proposals → box head (a cascade's stages, scores joined) → softmax → score > thr
+    → per-class NMS → top-k per image.
 
     ``score_thr`` overrides the config's test threshold.
     """

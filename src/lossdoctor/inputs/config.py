@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..vocab import Mapper, MaskTarget, Ranking
+from ..vocab import CascadeScores, Mapper, MaskTarget, Ranking
 from .checks import as_member, check_count, check_fraction, check_range, check_unit
 from .dataclass_toml import from_table, load_named
 from .errors import InputError
@@ -217,6 +217,8 @@ class CascadeConfig:
     - ``feature_grad_scale``: each stage's gradient into the pooled features is scaled by this
       (Detectron2: 1 / stages, which averages the stages' feature gradients).
     - ``stage0_loss_weight``: the first stage's loss weight (MMDetection 1).
+    - ``scores``: in test mode (the symptom), how the stages' class scores are joined; the boxes
+      are the last stage's regression of the boxes each stage refined for the next.
     """
 
     ious: tuple[float, ...] = ()
@@ -226,8 +228,10 @@ class CascadeConfig:
     resample: bool = True
     drop_gt: bool = True
     feature_grad_scale: float = 1.0
+    scores: CascadeScores = CascadeScores.MEAN_LOGITS
 
     def __post_init__(self):
+        object.__setattr__(self, "scores", as_member(CascadeScores, self.scores, "cascade.scores"))
         if not len(self.ious) == len(self.coder_weights) == len(self.loss_weights):
             raise InputError(
                 "cascade ious, coder_weights and loss_weights need one entry per later stage"
@@ -389,6 +393,7 @@ def detectron2_cascade_preset() -> DetectorConfig:
             resample=False,
             drop_gt=False,
             feature_grad_scale=1.0 / 3,
+            scores=CascadeScores.MEAN_PROBABILITIES,
         ),
     )
 
