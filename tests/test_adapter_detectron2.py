@@ -254,3 +254,25 @@ def test_polygon_masks_are_rasterized_over_the_image(tmp_path):
         x for x in json.loads(r.stdout)["tables"]["profiles"] if x["profile"] == "detectron2"
     )
     assert row["roi_mask"] == pytest.approx(float(loss_dict["loss_mask"]), rel=0.05)
+
+
+def test_cascade_symptom_is_detectron2s_inference(tmp_path):
+    """The symptom of a captured Cascade Mask R-CNN step is what Detectron2's inference detects
+    with the same weights on the same images: per image the number of detections and the top
+    score (three stages on each other's refined boxes, probabilities averaged)."""
+    model = build(CASCADE_CONFIG)
+    capture = ld.Capture(tmp_path, model, every=1)
+    inputs = masked(next(batches()))
+    with EventStorage(0):
+        loss_dict = model(inputs)
+        sum(loss_dict.values()).backward()
+        folder = capture.check(0, loss_dict)
+    model.eval()
+    with torch.no_grad():
+        outs = model.inference(inputs, do_postprocess=False)
+    r = CliRunner().invoke(app, ["inspect", str(folder), "--json", "-", "-q"])
+    assert r.exit_code in (0, 1), r.output
+    symptom = json.loads(r.stdout)["meta"]["symptom"]
+    assert symptom["detections"] == [len(x) for x in outs] and min(symptom["detections"]) > 0
+    tops = [float(x.scores.max()) for x in outs]
+    assert symptom["max_fg_score"] == pytest.approx(tops, rel=1e-5)

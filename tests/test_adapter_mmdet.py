@@ -317,3 +317,25 @@ def test_cascade_and_mask_config_files_are_the_presets(path, name):
     config, profile = ld.config_from_file(path)
     assert dataclasses.replace(config, name=name) == preset(name)
     assert profile == name.replace("-mask", "")
+
+
+def test_cascade_symptom_is_mmdets_prediction(tmp_path):
+    """The symptom of a captured Cascade R-CNN step is what mmdet's predict detects with the
+    same weights on the same images: per image the number of detections and the top score
+    (three stages on each other's refined boxes, logits averaged before the softmax)."""
+    model = build_from(CASCADE_BASE)
+    capture = ld.Capture(tmp_path, model, every=1)
+    data = model.data_preprocessor(data_batch(0), True)
+    losses = model(**data, mode="loss")
+    model.parse_losses(losses)[0].backward()
+    folder = capture.check(0, losses)
+    model.eval()
+    with torch.no_grad():
+        data = model.data_preprocessor(data_batch(0), False)
+        outs = [x.pred_instances for x in model(**data, mode="predict")]
+    r = CliRunner().invoke(app, ["inspect", str(folder), "--json", "-", "-q"])
+    assert r.exit_code in (0, 1), r.output
+    symptom = json.loads(r.stdout)["meta"]["symptom"]
+    assert symptom["detections"] == [len(x) for x in outs] and min(symptom["detections"]) > 0
+    tops = [float(x.scores.max()) for x in outs]
+    assert symptom["max_fg_score"] == pytest.approx(tops, rel=1e-5)
