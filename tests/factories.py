@@ -102,6 +102,24 @@ def assert_own_proposals_are_dumped(folder, atol: float = 1e-3) -> None:
         assert torch.allclose(a, b, rtol=0, atol=atol), (i, (a - b).abs().max())
 
 
+def assert_symptom_is(folder, scores: list) -> None:
+    """``lossdoctor inspect`` of a capture directory reports the framework's own test-mode
+    detections: per image as many (some) as ``scores`` (each image's detection scores) has, and
+    the same top score."""
+    import json
+
+    import pytest
+    from typer.testing import CliRunner
+
+    from lossdoctor.cli import app
+
+    r = CliRunner().invoke(app, ["inspect", str(folder), "--json", "-", "-q"])
+    assert r.exit_code in (0, 1), r.output
+    symptom = json.loads(r.stdout)["meta"]["symptom"]
+    assert symptom["detections"] == [len(x) for x in scores] and min(symptom["detections"]) > 0
+    assert symptom["max_fg_score"] == pytest.approx([float(x.max()) for x in scores], rel=1e-5)
+
+
 def toy_step_dumps(root, steps=(3, 7), world=2) -> list:
     """Capture directories of the toy detector for ``steps`` x ``world`` ranks, as a multi-rank
     run's hook writes them (``root/step_K/rank_R``, one checkpoint per step). At the first step
