@@ -313,3 +313,35 @@ def test_cascade_symptom_joins_the_stages_as_its_framework_does(layout):
     other = {"mmdet": "detectron2", "detectron2": "mmdet"}[layout]
     assert not torch.allclose(want[layout], want[other], rtol=1e-3)  # the rules differ here
     assert S.symptom(r).detections  # the whole symptom runs on the cascade
+
+
+def test_mmdets_per_stage_mask_heads_are_named_not_replayed(tmp_path):
+    """MMDetection's Cascade Mask R-CNN has one mask head per stage: the report says they are
+    there and not replayed, rather than leaving roi_mask empty without a word."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lossdoctor import dump_batch
+    from lossdoctor.cli import app
+
+    sd = F.cascade_state_dict("mmdet")
+    for k in range(3):
+        sd[f"roi_head.mask_head.{k}.conv_logits.weight"] = torch.zeros(3, 8, 1, 1)
+        sd[f"roi_head.mask_head.{k}.conv_logits.bias"] = torch.zeros(3)
+    heads = heads_from_state_dict(sd)
+    prefixes = [f"roi_head.mask_head.{k}" for k in range(3)]
+    assert heads.unreplayed == prefixes and not heads.has_mask
+    assert heads_from_state_dict(F.cascade_state_dict("mmdet")).unreplayed == []
+    torch.save(sd, tmp_path / "ckpt.pt")
+    b = F.batch_dict()
+    dump_batch(tmp_path / "batch.pt", **{k: b[k] for k in ("features", "image_sizes",
+               "gt_boxes", "gt_labels", "strides")})  # fmt: skip
+    files = [str(tmp_path / "ckpt.pt"), str(tmp_path / "batch.pt"), "--config", "mmdet-cascade"]
+    r = CliRunner().invoke(app, ["inspect", *files, "--json", str(tmp_path / "r.json")])
+    assert r.exit_code in (0, 1), r.output
+    assert "not replayed: roi_head.mask_head.0, roi_head.mask_head.1, roi_head.mask_head.2" in (
+        " ".join(r.stdout.split())
+    )
+    meta = json.loads((tmp_path / "r.json").read_text())["meta"]
+    assert meta["checkpoint"]["unreplayed"] == prefixes

@@ -51,6 +51,9 @@ class HeadWeights:
     # file key -> its NaN/Inf values, for every tensor of the file outside the heads (backbone,
     # neck, other heads) that has any
     nonfinite_elsewhere: dict[str, int] = field(default_factory=dict)
+    # module prefixes of heads the file has and the replay does not run (MMDetection's per-stage
+    # mask heads)
+    unreplayed: list[str] = field(default_factory=list)
 
     def weight(self, layer: Layer) -> Tensor:
         return self.params[param(layer, WEIGHT)]
@@ -265,6 +268,7 @@ def _heads(sd: dict[str, Tensor], found: FoundKeys, layout: Layout, replaced) ->
         stage_keys=found.stages,
         replaced=list(replaced),
         nonfinite_elsewhere=scan_nonfinite(sd, own),
+        unreplayed=found.unreplayed,
     )
     check_heads(heads)
     return heads

@@ -62,6 +62,9 @@ MASK_LAYOUTS: dict[Layout, dict[Layer, tuple[str, ...]]] = {
         Layer.MASK_LOGITS: ("roi_heads.mask_head.predictor",),
     },
 }  # fmt: skip
+# MMDetection's Cascade Mask R-CNN keeps one mask head per stage ({k}); they are found and named,
+# not replayed.
+STAGE_MASK_LAYOUTS: dict[Layout, str] = {Layout.MMDET: "roi_head.mask_head.{k}.conv_logits"}
 # The box head of cascade stage {k} (Cascade R-CNN), where a layout has stages.
 CASCADE_LAYOUTS: dict[Layout, dict[Layer, str]] = {
     Layout.MMDET: {
@@ -88,6 +91,7 @@ class FoundKeys:
 
     keys: dict[Layer, str]
     stages: list[dict[Layer, str]] = field(default_factory=list)
+    unreplayed: list[str] = field(default_factory=list)  # heads found and not replayed
 
 
 def _first(sd: dict, prefixes) -> str | None:
@@ -103,6 +107,15 @@ def _cascade(sd: dict, layout: Layout) -> list[dict[Layer, str]]:
             break
         out.append(stage)
     return out
+
+
+def _stage_masks(sd: dict, layout: Layout) -> list[str]:
+    """The module prefixes of per-stage mask heads (not replayed), in stage order."""
+    logits = STAGE_MASK_LAYOUTS.get(layout)
+    if logits is None:
+        return []
+    found = [logits.format(k=k) for k in range(MAX_STAGES)]
+    return [p.rsplit(".", 1)[0] for p in found if f"{p}.{WEIGHT}" in sd]
 
 
 def _mask(sd: dict, layout: Layout) -> dict[Layer, str]:
@@ -132,4 +145,5 @@ def find_keys(sd: dict, layout: Layout) -> FoundKeys | None:
         box, stages = stages[0], stages[1:]
     else:
         stages = []
-    return FoundKeys(keys={**rpn, **box, **_mask(sd, layout)}, stages=stages)
+    return FoundKeys(keys={**rpn, **box, **_mask(sd, layout)}, stages=stages,
+                     unreplayed=_stage_masks(sd, layout))  # fmt: skip

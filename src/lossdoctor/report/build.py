@@ -357,7 +357,10 @@ def _meta(d: Diagnosis, checkpoint_path, batch_path) -> dict:
         "torch": torch.__version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "checkpoint": _file_meta(
-            checkpoint_path, layout=h.layout, replaced=[x.name for x in h.replaced]
+            checkpoint_path,
+            layout=h.layout,
+            replaced=[x.name for x in h.replaced],
+            unreplayed=h.unreplayed,
         ),
         "batch": _batch_meta(r.batch, batch_path),
         "heads": _heads_meta(h),

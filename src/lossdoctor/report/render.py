@@ -115,6 +115,12 @@ def header(report: Report) -> Text:
             f"\nnote        replaced {len(ck['replaced'])} non-tensor checkpoint objects: {shown}"
         )
         t.append(note, style="dim")
+    if ck.get("unreplayed"):
+        note = (
+            f"\nnote        not replayed: {', '.join(ck['unreplayed'])} (one mask head per "
+            "cascade stage); roi_mask stays empty"
+        )
+        t.append(note, style="dim")
     return t
 
 
