@@ -176,6 +176,7 @@ class _Shared:
         self.r = r
         self._bce, self._box, self._neg, self._mask = {}, {}, {}, None
         self._finite: list[bool] | None = None
+        self._conv_weight_finite: bool | None = None
         self.stages = [_StageShared(roi) for roi in r.roi_stages]
 
     def features_finite(self) -> list[bool]:
@@ -187,8 +188,9 @@ class _Shared:
     def conv_finite(self, lvl: int) -> bool:
         """Level ``lvl``'s 3x3 conv has finite inputs and weights (a sparse backward then gives
         autograd's numbers)."""
-        w = self.r.heads.weight(Layer.RPN_CONV)
-        return self.features_finite()[lvl] and all_finite(w)
+        if self._conv_weight_finite is None:
+            self._conv_weight_finite = all_finite(self.r.heads.weight(Layer.RPN_CONV))
+        return self.features_finite()[lvl] and self._conv_weight_finite
 
     def neg_conv(self, lvl: int) -> _NegConv:
         """The 3x3 conv's backward of level ``lvl``'s sampled negatives' BCE derivatives."""
@@ -311,12 +313,6 @@ def _out_weights(r: Replay) -> Tensor:
     )
 
 
-def _to_hidden(r: Replay, gl: Tensor, gd: Tensor) -> Tensor:
-    """Through the 1x1 convs: ∂L/∂logits Tensor[N, A, HW] and ∂L/∂deltas Tensor[N, 4A, HW] →
-    ∂L/∂hidden Tensor[N, C, HW]."""
-    return torch.matmul(_out_weights(r).T, torch.cat([gl, gd], 1))
-
-
 def _live(r: Replay, lvl: int, g_logits: Tensor, g_deltas: Tensor) -> tuple[Tensor, Tensor]:
     """(image, location) of level ``lvl``'s locations with a non-zero (or NaN) output gradient,
     each Tensor[K], in (n, y, x) order; from ∂L/∂logits Tensor[N, A_l], ∂L/∂deltas Tensor[N,
@@ -341,11 +337,11 @@ def _live_rows(r: Replay, lvl: int, g_logits: Tensor, g_deltas: Tensor, live):
 
 
 def _hidden_grad(r: Replay, lvl: int, g_logits: Tensor, g_deltas: Tensor) -> Tensor:
-    """∂L/∂hidden Tensor[N, C, H, W] of level ``lvl`` from its output gradients."""
+    """∂L/∂hidden Tensor[N, C, H, W] of level ``lvl`` from its output gradients, through the
+    1x1 convs as a channel-first matmul ([N, 5A, HW] → [N, C, HW])."""
     n, c, h, w = r.rpn.levels[lvl].out.hidden.shape
-    gl = g_logits.view(n, h * w, -1).transpose(1, 2)
-    gd = g_deltas.reshape(n, h * w, -1).transpose(1, 2)
-    return _to_hidden(r, gl, gd).view(n, c, h, w)
+    g = torch.cat([x.reshape(n, h * w, -1).transpose(1, 2) for x in (g_logits, g_deltas)], 1)
+    return torch.matmul(_out_weights(r).T, g).view(n, c, h, w)
 
 
 def _finite(*ts: Tensor) -> bool:

@@ -62,9 +62,9 @@ MASK_LAYOUTS: dict[Layout, dict[Layer, tuple[str, ...]]] = {
         Layer.MASK_LOGITS: ("roi_heads.mask_head.predictor",),
     },
 }  # fmt: skip
-# MMDetection's Cascade Mask R-CNN keeps one mask head per stage ({k}); they are found and named,
-# not replayed.
-STAGE_MASK_LAYOUTS: dict[Layout, str] = {Layout.MMDET: "roi_head.mask_head.{k}.conv_logits"}
+# MMDetection's Cascade Mask R-CNN keeps one mask head per stage ({k}); they are found (by their
+# conv_logits) and named, not replayed.
+STAGE_MASK_LAYOUTS: dict[Layout, str] = {Layout.MMDET: "roi_head.mask_head.{k}"}
 # The box head of cascade stage {k} (Cascade R-CNN), where a layout has stages.
 CASCADE_LAYOUTS: dict[Layout, dict[Layer, str]] = {
     Layout.MMDET: {
@@ -111,11 +111,11 @@ def _cascade(sd: dict, layout: Layout) -> list[dict[Layer, str]]:
 
 def _stage_masks(sd: dict, layout: Layout) -> list[str]:
     """The module prefixes of per-stage mask heads (not replayed), in stage order."""
-    logits = STAGE_MASK_LAYOUTS.get(layout)
-    if logits is None:
+    head = STAGE_MASK_LAYOUTS.get(layout)
+    if head is None:
         return []
-    found = [logits.format(k=k) for k in range(MAX_STAGES)]
-    return [p.rsplit(".", 1)[0] for p in found if f"{p}.{WEIGHT}" in sd]
+    found = [head.format(k=k) for k in range(MAX_STAGES)]
+    return [p for p in found if f"{p}.conv_logits.{WEIGHT}" in sd]
 
 
 def _mask(sd: dict, layout: Layout) -> dict[Layer, str]:

@@ -169,9 +169,9 @@ def roi_align_level(
 ) -> Tensor:
     """RoIAlign on one level. feat: Tensor[N, C, H, W]; rois: Tensor[R, 4] in input pixels;
     img: Tensor[R] image index → Tensor[R, C, P, P] (a bool or uint8 map pools as floats, without
-    a float copy of the map). ``max_grid`` caps the adaptive sampling
-    grid. Always this kernel, even where torchvision is installed: on a few CPU cores it is
-    several times faster than torchvision's compiled one, forward and backward."""
+    a float copy of the map). ``max_grid`` caps the adaptive sampling grid. Always this kernel,
+    even where torchvision is installed: on a few CPU cores it is several times faster than
+    torchvision's compiled one, forward and backward."""
     if rois.shape[0] == 0:
         return (
             feat.new_zeros(0, feat.shape[1], pooled, pooled) + 0 * feat.sum()
