@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+
+import pytest
 import torch
 
 from lossdoctor.inputs.batch import BATCH_FORMAT, validate_batch
 from lossdoctor.inputs.checkpoint import heads_from_state_dict
+
+
+def framework(name: str):
+    """Import a framework (or an optional extra) for its tests: skipped where it is not installed,
+    a failure where ``LOSSDOCTOR_REQUIRE`` names it (scripts/test-frameworks.sh sets it, so the
+    framework environments cannot pass by skipping)."""
+    if name in os.environ.get("LOSSDOCTOR_REQUIRE", "").split(","):
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
+
 
 # The documented columns (README, "The report"), in order: an interface users' scripts read.
 LEVEL_COLUMNS = (

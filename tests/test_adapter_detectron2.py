@@ -13,7 +13,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-pytest.importorskip("detectron2")
+import factories as F
+
+F.framework("detectron2")
 from detectron2 import model_zoo  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import SimpleTrainer  # noqa: E402
@@ -21,7 +23,6 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-import factories as F  # noqa: E402
 from lossdoctor.adapters import detectron2 as ld  # noqa: E402
 from lossdoctor.cli import app  # noqa: E402
 from lossdoctor.inputs.batch import load_batch  # noqa: E402

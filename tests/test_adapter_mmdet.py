@@ -19,8 +19,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-mmdet = pytest.importorskip("mmdet")
-pytest.importorskip("mmengine")
+import factories as F
+
+mmdet = F.framework("mmdet")
+F.framework("mmengine")
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.structures import DetDataSample  # noqa: E402
 from mmdet.structures.bbox import HorizontalBoxes  # noqa: E402
@@ -28,7 +30,6 @@ from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
-import factories as F  # noqa: E402
 from lossdoctor.adapters import mmdet as ld  # noqa: E402
 from lossdoctor.cli import app  # noqa: E402
 from lossdoctor.inputs.batch import load_batch  # noqa: E402

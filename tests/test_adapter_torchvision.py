@@ -13,10 +13,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-tv = pytest.importorskip("torchvision")
+import factories as F
+
+tv = F.framework("torchvision")
 from torchvision.models.detection import fasterrcnn_resnet50_fpn  # noqa: E402
 
-import factories as F  # noqa: E402
 from lossdoctor.adapters import torchvision as ld  # noqa: E402
 from lossdoctor.cli import app  # noqa: E402
 from lossdoctor.inputs.batch import load_batch  # noqa: E402

@@ -133,14 +133,31 @@ def test_gt_far_outside_matches_no_anchor_and_makes_every_anchor_positive():
     )
 
 
-def test_xywh_boxes():
-    d = healthy_dict()
-    xyxy = d["gt_boxes"][0][:3]
-    d["gt_boxes"][0] = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1) + torch.tensor(
-        [100.0, 100.0, 0.0, 0.0]
-    )
-    d["gt_labels"][0] = d["gt_labels"][0][:3]
-    find(run(d), "gt-xywh-suspected", image=0)
+def _as_xywh(d):
+    """Every box of the batch written as (x, y, w, h), as a COCO annotation is."""
+    d["gt_boxes"] = [torch.cat([b[:, :2], b[:, 2:] - b[:, :2]], 1) for b in d["gt_boxes"]]
+
+
+def test_xywh_boxes_are_one_finding_per_image_not_a_degenerate_box_each():
+    diag = run(_with(_as_xywh))
+    inverted = [
+        int(((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])).sum()) for b in diag.replay.batch.gt_boxes
+    ]
+    for i, n in enumerate(inverted):
+        if n:
+            assert find(diag, "gt-xywh-suspected", image=i).evidence["inverted"] == n
+    assert sum(inverted) >= 2
+    assert not [f for f in diag.findings if f.code == "degenerate-gt"]
+
+
+def test_a_box_with_swapped_corners_is_degenerate_not_xywh():
+    diag = run(_with(_box(0, 2, [100.0, 100.0, 60.0, 80.0])))
+    f = find(diag, "degenerate-gt", image=0)
+    assert f.evidence["swapped"] == ["x1/x2", "y1/y2"] and f.evidence["width"] == -40.0
+    assert "swapped corners" in f.message
+    assert not [f for f in diag.findings if f.code == "gt-xywh-suspected"]
+    one = run(_with(_box(0, 2, [100.0, 100.0, 60.0, 180.0])))
+    assert find(one, "degenerate-gt", image=0).evidence["swapped"] == ["x1/x2"]
 
 
 def test_one_based_labels():
@@ -242,27 +259,82 @@ def test_collapse_to_background():
     assert diag.symptom.detections == [0, 0] and f.evidence["max_fg_score"] < 0.05
 
 
-def test_no_gradient_names_the_parameters_that_got_none():
-    """A profile that switches the RoI terms off leaves the whole box head without gradient."""
-    off = dataclasses.replace(
-        fixed(),
-        name="rpn-only",
-        roi_cls=TermSpec("ce", "sampled", weight=0.0, floor=1.0),
-        roi_box=TermSpec("smooth_l1", "sampled", beta=1 / 9, weight=0.0, floor=1.0),
+TORCHVISION_ADAPTER = {"framework": "torchvision", "adapter": "lossdoctor.adapters.torchvision"}
+
+
+def _torchvision_labels(labels):
+    """A torchvision capture: its labels (1..K, 0 the background) as the adapter dumps them."""
+
+    def change(d):
+        d["gt_labels"] = [torch.tensor(x) - 1 for x in labels]
+        d["meta"] = dict(TORCHVISION_ADAPTER)
+
+    return _with(change)
+
+
+def test_torchvision_label_0_trains_the_rpn_and_the_roi_background():
+    """torchvision's label 0 on a real box: an RPN object, a RoI background (no box loss)."""
+    diag = run(_torchvision_labels([[1, 2, 3, 1, 2], [0, 2, 3, 1, 2]]))
+    f = find(diag, "gt-labelled-background", image=1)
+    assert f.evidence == {"label": 0, "num_classes": 3, "boxes": [[1, 0]]}
+    assert "labelled 0" in f.message and "1..3" in f.message
+    r = diag.replay
+    assert r.gt.boxes[1].shape[0] == 5 and r.gt.dropped_labels == []
+    assert r.gt.labels[1].tolist() == [-1, 1, 2, 0, 1]
+    rpn_on_box0 = sum(int((lv.matched[1][lv.labels[1] == 1] == 0).sum()) for lv in r.rpn.levels)
+    assert rpn_on_box0 > 0  # anchors matched to the label-0 box are RPN positives
+    roi_img1 = r.roi.img == 1
+    assert not bool((roi_img1 & (r.roi.gt_index == 0)).any())  # never a RoI positive
+    # taking every candidate: the box added as its own proposal is there, as background
+    every = replay(r.heads, r.batch, preset("torchvision"), [fixed()], sample_all=True).roi
+    own = (every.img == 1) & every.is_gt & (every.boxes == r.gt.boxes[1][0]).all(1)
+    assert int(own.sum()) == 1 and int(every.fg_class[own]) == -1
+    codes = {x.code for x in diag.findings if x.severity != "info"}
+    assert "label-out-of-range" not in codes and "labels-one-based" not in codes
+
+
+def test_labels_are_named_as_the_run_names_them():
+    diag = run(_torchvision_labels([[1, 2, 3, 1, 2], [1, 9, 3, 1, 2]]))
+    f = find(diag, "label-out-of-range", image=1)
+    assert f.evidence["labels"] == [9] and "label 9 outside 1..3" in f.message
+    plain = find(run(_set("gt_labels", 1, torch.tensor([0, 9, 2, 0, 1]))), "label-out-of-range")
+    assert plain.evidence["labels"] == [9] and "1 GT box has label 9 outside 0..2" in plain.message
+
+
+def _no_gt(d):
+    d["gt_boxes"] = [torch.zeros(0, 4)] * 2
+    d["gt_labels"] = [torch.zeros(0, dtype=torch.long)] * 2
+
+
+def test_no_gradient_only_where_the_loss_code_leaves_an_empty_term_out():
+    """On an all-background batch the box terms are empty: a loss code that skips them leaves the
+    box regressors without gradient (named); every framework's keeps them in the graph, so they
+    get a zero gradient and nothing is said."""
+    base = fixed()
+    skip = dataclasses.replace(
+        base,
+        name="skips-empty",
+        rpn_box=dataclasses.replace(base.rpn_box, empty_in_graph=False),
+        roi_box=dataclasses.replace(base.roi_box, empty_in_graph=False),
     )
-    diag = run(profiles=(off, "fixed"))
-    f = find(diag, "no-gradient", profile="rpn-only")
+    diag = run(_with(_no_gt), profiles=(skip, "fixed", "torchvision", "mmdet", "detectron2"))
+    f = find(diag, "no-gradient", profile="skips-empty")
     assert f.severity == "warning"
-    assert sorted(f.evidence["params"]) == sorted(
-        f"roi_heads.{p}.{k}"
-        for p in (
-            "box_head.fc6",
-            "box_head.fc7",
-            "box_predictor.cls_score",
-            "box_predictor.bbox_pred",
-        )
-        for k in ("weight", "bias")
-    )
+    want = [f"{m}.{k}" for m in ("rpn.head.bbox_pred", "roi_heads.box_predictor.bbox_pred")
+            for k in ("weight", "bias")]  # fmt: skip
+    assert sorted(f.evidence["params"]) == sorted(want) and f.evidence["levels"] == []
+    assert [x.profile for x in diag.findings if x.code == "no-gradient"] == ["skips-empty"]
+    for name in ("fixed", "torchvision", "detectron2"):  # a zero gradient, in the graph
+        params = diag.grads[name].params
+        assert params["box_deltas.weight"].total == 0 == params["rpn_deltas.weight"].total
+
+
+def test_legacy_leaves_an_empty_level_and_an_empty_term_out_of_the_graph():
+    """legacy's per-level means skip a level without samples: its features get no gradient (an
+    info), and with no GT its box regressors none (a warning)."""
+    diag = run(_with(_no_gt), profiles=("legacy", "fixed"))
+    f = find(diag, "no-gradient", profile="legacy")
+    assert "roi_heads.box_predictor.bbox_pred.weight" in f.evidence["params"]
     assert not [x for x in diag.findings if x.code == "no-gradient" and x.profile == "fixed"]
 
 
@@ -409,17 +481,6 @@ def _one_gt_each():
     )
 
 
-def _rpn_only():
-    off = dict(weight=0.0, floor=1.0)
-    prof = dataclasses.replace(
-        fixed(),
-        name="rpn-only",
-        roi_cls=TermSpec(LossKind.CE, **off),
-        roi_box=TermSpec(LossKind.L1, **off),
-    )
-    return run(profiles=(prof,))
-
-
 NAN, INF = float("nan"), float("inf")
 # proposals in a corner, far from every GT box
 FAR = torch.tensor([[0.0, 0.0, 4.0, 4.0], [500.0, 0.0, 508.0, 6.0]])
@@ -429,10 +490,11 @@ FAULTS = {
     "unsafe-pickle-global": _unsafe,
     "nonfinite-gt": lambda: run(_with(_box(0, 1, [NAN, 1.0, 30.0, 40.0]))),
     "degenerate-gt": lambda: run(_with(_box(1, 2, [300.0, 256.0, 300.0, 384.0]))),
-    "gt-xywh-suspected": lambda: run(_with(_box(0, 2, [100.0, 100.0, 60.0, 80.0]))),
+    "gt-xywh-suspected": lambda: run(_with(_as_xywh)),
     "nonfinite-features": lambda: run(_with(lambda d: d["features"]["p3"][0, 0, 1, 1].fill_(INF))),
     "labels-one-based": lambda: run(_set_labels([1, 2, 3, 1, 2])),
     "label-out-of-range": lambda: run(_set("gt_labels", 1, torch.tensor([0, 9, 2, 0, 1]))),
+    "gt-labelled-background": lambda: run(_torchvision_labels([[1, 2, 3, 1, 2], [0, 2, 3, 1, 2]])),
     "nonfinite-weights": _nan_weight,
     "nan-empty-mean": lambda: run(_drop_p6(healthy_dict())),
     "nonfinite-loss": _nan_weight,
@@ -448,7 +510,7 @@ FAULTS = {
         _with(lambda d: [v.mul_(1e4) for v in d["features"].values()]), profiles=("fixed",)
     ),
     "vanishing-gradient": _tiny_weights,
-    "no-gradient": _rpn_only,
+    "no-gradient": lambda: run(_with(_no_gt), profiles=("legacy",)),
     "empty-gt-image": lambda: run(_with(lambda d: d.update(gt_ignore=ALL_IGNORED))),
     "no-positive-level": lambda: run(_drop_p6(healthy_dict())),
     "untrained-or-collapsed": lambda: _background_bias(5.0),

@@ -13,7 +13,9 @@ from collections import OrderedDict
 import pytest
 import torch
 
-tv = pytest.importorskip("torchvision")
+import factories as F
+
+tv = F.framework("torchvision")
 from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead  # noqa: E402
 from torchvision.models.detection.image_list import ImageList  # noqa: E402
@@ -21,7 +23,6 @@ from torchvision.models.detection.roi_heads import RoIHeads  # noqa: E402
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead  # noqa: E402
 from torchvision.ops import MultiScaleRoIAlign, nms, roi_align  # noqa: E402
 
-import factories as F  # noqa: E402
 from lossdoctor.inputs.config import preset  # noqa: E402
 from lossdoctor.inputs.profiles import builtin  # noqa: E402
 from lossdoctor.replay.anchors import level_anchors  # noqa: E402

@@ -591,16 +591,17 @@ def _print_fit(out, path: str, heads, b, cfg) -> None:
         f"config '{cfg.name}'"
     )
     _print_replaced(out, "checkpoint", heads.replaced)
+    space = b.label_space
     bad = [
-        (i, j, int(v))
+        (i, j, space.run(int(v)))
         for i, lab in enumerate(b.gt_labels)
         for j, v in enumerate(lab.tolist())
-        if not 0 <= v < k
+        if not 0 <= v < k and v != space.dump_background
     ]
     if bad:
         i, j, v = bad[0]
         out.print(
-            f"  {len(bad)} labels outside 0..{k - 1} (first: image {i} box {j} label {v}); "
+            f"  {len(bad)} labels outside {space.span(k)} (first: image {i} box {j} label {v}); "
             "the replay leaves them out"
         )
 

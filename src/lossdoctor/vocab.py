@@ -102,6 +102,20 @@ MASK_LAYERS = (*MASK_CONVS, Layer.MASK_DECONV, Layer.MASK_LOGITS)
 WEIGHT, BIAS = "weight", "bias"
 
 
+_BOX_HEAD_TERMS = (Term.ROI_CLS, Term.ROI_BOX)
+# the loss terms whose gradient reaches a layer's parameters
+LAYER_TERMS: dict[Layer, tuple[Term, ...]] = {
+    Layer.RPN_CONV: (Term.RPN_CLS, Term.RPN_BOX),
+    Layer.RPN_LOGITS: (Term.RPN_CLS,),
+    Layer.RPN_DELTAS: (Term.RPN_BOX,),
+    Layer.BOX_FC1: _BOX_HEAD_TERMS,
+    Layer.BOX_FC2: _BOX_HEAD_TERMS,
+    Layer.BOX_LOGITS: (Term.ROI_CLS,),
+    Layer.BOX_DELTAS: (Term.ROI_BOX,),
+    **dict.fromkeys(MASK_LAYERS, (Term.ROI_MASK,)),
+}
+
+
 def param(layer: Layer, kind: str, stage: int = 0) -> str:
     """The canonical name of a head parameter, e.g. ``rpn_logits.weight``; a later cascade
     stage's box layers are ``stage1.box_fc1.weight``."""
@@ -119,6 +133,10 @@ class Normalizer(StrEnum):
     MMDET_SAMPLER = "mmdet_sampler"
     MMDET_PSEUDO = "mmdet_pseudo"
     MASK_PIXELS = "mask_pixels"
+
+
+# normalizers that count one level's samples: the naive per-level loss of each level
+PER_LEVEL_NORMALIZERS = (Normalizer.LEVEL_SAMPLED, Normalizer.LEVEL_POS)
 
 
 class LossKind(StrEnum):

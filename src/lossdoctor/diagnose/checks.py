@@ -12,6 +12,7 @@ from torch import Tensor
 from ..inputs.finite import all_finite
 from ..replay.boxes import box_iou
 from ..replay.engine import Replay
+from ..replay.gt import DroppedLabel
 from ..replay.proposals import ProposalCounts, image_proposals
 from ..vocab import (
     BOX_TERMS,
@@ -154,7 +155,7 @@ def empty_gt(f: Facts) -> list[Hit]:
             continue
         parts = [
             (im.gt_ignored, "ignored"),
-            (im.gt_bad_label, f"labelled outside 0..{r.heads.num_classes - 1}"),
+            (im.gt_bad_label, f"labelled outside {r.batch.label_space.span(r.heads.num_classes)}"),
             (im.gt_nonfinite, "non-finite"),
         ]
         why = ", ".join(f"{n} {what}" for n, what in parts if n)
@@ -168,7 +169,8 @@ def empty_gt(f: Facts) -> list[Hit]:
 
 
 def _label_facts(r: Replay) -> tuple[list[int], list[int], bool]:
-    """All dump labels, the distinct dropped ones, and whether they look 1-based."""
+    """All dump labels, the distinct dropped ones, and whether they look 1-based (in the dump's
+    labels)."""
     labels = [lab for img in r.batch.gt_labels for lab in img.tolist()]
     bad = sorted({d.label for d in r.gt.dropped_labels})
     return labels, bad, bool(labels) and min(labels) >= 1 and bad == [r.heads.num_classes]
@@ -177,19 +179,20 @@ def _label_facts(r: Replay) -> tuple[list[int], list[int], bool]:
 def labels_one_based(f: Facts) -> list[Hit]:
     """Labels 1..K: an error where label K collides with the background (or falls beyond the
     classifier); minor where the run is torchvision's (whose own labels are 1-based) and the
-    labels never use class 0, the mark of its raw labels passed as they are."""
+    labels never use class 0, the mark of its raw labels passed as they are. Labels are named as
+    the run names them."""
     r = f.replay
     labels, _, one_based = _label_facts(r)
-    k = r.heads.num_classes
+    k, space = r.heads.num_classes, r.batch.label_space
     if r.gt.dropped_labels and one_based:
         where = (
             f"column {k}, the background of this {r.heads.layout} checkpoint"
             if r.heads.background is Background.LAST
-            else f"beyond the last class {k - 1}"
+            else f"no class (the last is {space.run(k - 1)})"
         )
         msg = (
-            f"labels run 1..{max(labels)}: they look 1-based; label {k} lands on {where}, and "
-            "every class is shifted by one"
+            f"labels run {space.run(1)}..{space.run(max(labels))}: they look one too high; label "
+            f"{space.run(k)} lands on {where}, and every class is shifted by one"
         )
     elif _raw_torchvision_labels(r, labels):
         msg = (
@@ -199,8 +202,8 @@ def labels_one_based(f: Facts) -> list[Hit]:
         )
     else:
         return []
-    ev = {"min_label": min(labels), "max_label": max(labels), "num_classes": k,
-          "dropped": len(r.gt.dropped_labels)}  # fmt: skip
+    ev = {"min_label": space.run(min(labels)), "max_label": space.run(max(labels)),
+          "num_classes": k, "dropped": len(r.gt.dropped_labels)}  # fmt: skip
     image = r.gt.dropped_labels[0].image if r.gt.dropped_labels else None
     return [Hit(message=msg, image=image, evidence=ev, minor=not one_based)]
 
@@ -211,20 +214,49 @@ def _raw_torchvision_labels(r: Replay, labels: list[int]) -> bool:
     return by_hand and bool(labels) and min(labels) >= 1
 
 
+def _plural(n: int, noun: str, show: bool = True) -> str:
+    """``1 GT box``, ``2 GT boxes``; ``show=False`` leaves the count out."""
+    word = noun if n == 1 else noun + ("es" if noun.endswith(("s", "x")) else "s")
+    return f"{n} {word}" if show else word
+
+
+def _boxes(dropped: list[DroppedLabel]) -> list[list[int]]:
+    return [[d.image, d.box] for d in dropped[:EVIDENCE_ITEMS]]
+
+
 def label_out_of_range(f: Facts) -> list[Hit]:
     r = f.replay
     dropped = r.gt.dropped_labels
-    _, bad, one_based = _label_facts(r)
+    _, _, one_based = _label_facts(r)
     if not dropped or one_based:
         return []
-    k = r.heads.num_classes
+    k, space = r.heads.num_classes, r.batch.label_space
+    bad = sorted({space.run(d.label) for d in dropped})
     msg = (
-        f"{len(dropped)} GT boxes have labels {bad} outside 0..{k - 1}: they were left out of "
-        "the replay"
+        f"{_plural(len(dropped), 'GT box')} {'has' if len(dropped) == 1 else 'have'} "
+        f"{_plural(len(bad), 'label', show=False)} {', '.join(map(str, bad))} outside "
+        f"{space.span(k)}: left out of the replay"
     )
-    boxes = [[d.image, d.box] for d in dropped[:EVIDENCE_ITEMS]]
-    ev = {"labels": bad, "num_classes": k, "boxes": boxes}
+    ev = {"labels": bad, "num_classes": k, "boxes": _boxes(dropped)}
     return [Hit(message=msg, image=dropped[0].image, evidence=ev)]
+
+
+def gt_labelled_background(f: Facts) -> list[Hit]:
+    """GT boxes labelled with the run's background class (torchvision's 0): trained as objects
+    by the RPN and as background by the RoI head, as the framework does."""
+    r = f.replay
+    marked = r.gt.background_labels
+    if not marked:
+        return []
+    bg, k = r.batch.label_space.background, r.heads.num_classes
+    n = len(marked)
+    msg = (
+        f"{_plural(n, 'GT box')} {'is' if n == 1 else 'are'} labelled {bg}, the background of "
+        f"labels {r.batch.label_space.span(k)}: the RPN trains {'it' if n == 1 else 'them'} as "
+        "an object, the RoI head as background (no class, no box loss), as the framework does"
+    )
+    ev = {"label": bg, "num_classes": k, "boxes": _boxes(marked)}
+    return [Hit(message=msg, image=marked[0].image, evidence=ev)]
 
 
 def unsafe_globals(f: Facts) -> list[Hit]:
@@ -463,7 +495,7 @@ def _funnel_counts(r: Replay) -> dict[Funnel, int]:
     the ones before it."""
     counts = dict.fromkeys(Funnel, 0)
     for i in range(r.batch.num_images):
-        reached = torch.ones(r.gt.boxes[i].shape[0], dtype=torch.bool)
+        reached = r.gt.labels[i] >= 0  # a GT labelled background never becomes a RoI positive
         for stage, on in _gt_funnel(r, i).items():
             reached &= on
             counts[stage] += int(reached.sum())
@@ -474,7 +506,7 @@ def positives_starved(f: Facts) -> list[Hit]:
     """Fewer than half the GT objects reach a RoI positive through an RPN proposal: where along
     the funnel they are lost."""
     r = f.replay
-    total = sum(b.shape[0] for b in r.gt.boxes)
+    total = sum(int((lab >= 0).sum()) for lab in r.gt.labels)
     counts = _funnel_counts(r)
     if not total or counts[Funnel.ROI] >= STARVED_SHARE * total:
         return []

@@ -76,16 +76,18 @@ RULES: tuple[Rule, ...] = (
         code="degenerate-gt",
         severity=E,
         check=c.suspicions("degenerate-gt", "GT boxes with zero or negative width or height"),
-        summary="a GT box with zero or negative width or height",
-        evidence=("box", "width", "height"),
-        fix="drop boxes with x2 <= x1 or y2 <= y1 after the augmentation pipeline (torchvision "
-        "asserts this; a zero-size box gives log(0) regression targets)",
+        summary="a GT box with zero width or height, or with swapped corners (x2 < x1, y2 < y1)",
+        evidence=("box", "width", "height", "swapped"),
+        fix="swap the corners named (x1 <-> x2, y1 <-> y2) where a transform flipped them, and "
+        "drop zero-size boxes after the augmentation pipeline (torchvision asserts x2 > x1, "
+        "y2 > y1; a zero-size box gives log(0) regression targets)",
     ),
     Rule(
         code="gt-xywh-suspected",
         severity=E,
         check=c.suspicions("gt-xywh-suspected", "GT boxes that look like (x, y, w, h)"),
-        summary="GT boxes that look like (x, y, w, h) read as (x1, y1, x2, y2)",
+        summary="GT boxes that look like (x, y, w, h) read as (x1, y1, x2, y2): many inverted, "
+        "all fitting as (x, y, w, h)",
         evidence=("inverted", "boxes", "box"),
         fix="convert (x, y, w, h) to (x1, y1, x2, y2): x2 = x + w, y2 = y + h",
     ),
@@ -113,10 +115,21 @@ RULES: tuple[Rule, ...] = (
         code="label-out-of-range",
         severity=E,
         check=c.label_out_of_range,
-        summary="labels outside 0..K-1 (left out of the replay)",
+        summary="labels outside the run's K classes, named as the run names them (0..K-1; "
+        "torchvision 1..K): left out of the replay",
         evidence=("labels", "num_classes", "boxes"),
-        fix="map dataset categories to 0..K-1 for the checkpoint's K classes (check the dataset's "
-        "classes and num_classes)",
+        fix="map dataset categories to the checkpoint's K classes: 0..K-1 (MMDetection, "
+        "Detectron2), 1..K with 0 the background (torchvision); check num_classes",
+    ),
+    Rule(
+        code="gt-labelled-background",
+        severity=E,
+        check=c.gt_labelled_background,
+        summary="GT boxes labelled with the run's background class (torchvision's 0): the RPN "
+        "trains them as objects, the RoI head as background",
+        evidence=("label", "num_classes", "boxes"),
+        fix="torchvision's labels are 1..K (0 is the background): add 1 to 0-based dataset "
+        "labels, or drop the boxes that should not be objects",
     ),
     Rule(
         code="nonfinite-weights",

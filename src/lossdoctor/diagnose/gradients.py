@@ -36,7 +36,22 @@ from ..replay.normalize import LevelLoss, staged
 from ..replay.roi import RoiStage
 from ..replay.roi_align import multiscale_roi_align
 from ..replay.rpn import RpnLevel
-from ..vocab import BIAS, BOX_LAYERS, TERMS, WEIGHT, Empty, Head, Layer, Term, param
+from ..replay.samples import LevelSamples
+from ..vocab import (
+    BIAS,
+    BOX_LAYERS,
+    LAYER_TERMS,
+    PER_LEVEL_NORMALIZERS,
+    RPN_LAYERS,
+    TERMS,
+    WEIGHT,
+    Empty,
+    Head,
+    Layer,
+    Part,
+    Term,
+    param,
+)
 from .sparse_conv import ConvGrads, relu_backward, sparse_conv_grads, worth_it
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing
@@ -418,7 +433,11 @@ def _rpn(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
     params[param(Layer.RPN_CONV, WEIGHT)].total = dw
     params[param(Layer.RPN_CONV, BIAS)].total = db
     pos_sq, neg_sq = sum(x for _, (x, _), _ in done), sum(y for _, (_, y), _ in done)
-    idle = [row.level for row in rows if row.feature == 0]
+    idle = [
+        row.level
+        for lvl, row in enumerate(rows)
+        if row.feature == 0 and _left_out(p, LAYER_TERMS[Layer.RPN_CONV], r.rpn.samples, lvl)
+    ]
     return _HeadGrads(
         levels=rows, params=params, neg_share=_share(neg_sq, pos_sq), no_grad_levels=idle
     )
@@ -725,6 +744,37 @@ def _roi_stages(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
     )
 
 
+def _left_out(p: LossProfile, terms, samples: list[LevelSamples], level: int | None = None):
+    """Whether every term of ``terms`` is empty and left out of the graph under ``p`` (its loss
+    code skips an empty term: no gradient, where the frameworks give a zero one). A term's scope
+    is ``level`` under a per-level normalizer, else all of ``samples``' levels."""
+    for t in terms:
+        spec = p.term(t)
+        per_level = level is not None and spec.normalizer in PER_LEVEL_NORMALIZERS
+        scope = [samples[level]] if per_level else samples
+        count = sum(s.pos if t.part is Part.BOX else s.sampled for s in scope)
+        if spec.empty_in_graph or count:
+            return False
+    return True
+
+
+def _left_out_params(r: Replay, p: LossProfile) -> list[str]:
+    """The head parameters outside the graph under ``p`` on this batch (canonical names)."""
+    groups = [(RPN_LAYERS, r.rpn.samples, 0)]
+    groups += [(BOX_LAYERS, st.samples, k) for k, st in enumerate(r.roi_stages)]
+    if r.mask is not None:
+        groups.append(
+            ((*r.heads.mask_convs, Layer.MASK_DECONV, Layer.MASK_LOGITS), r.mask.samples, 0)
+        )
+    return [
+        param(layer, kind, k)
+        for layers, samples, k in groups
+        for layer in layers
+        if _left_out(p, LAYER_TERMS[layer], samples)
+        for kind in (WEIGHT, BIAS)
+    ]
+
+
 def profile_gradients(r: Replay, p: LossProfile, shared: _Shared | None = None) -> ProfileGrads:
     """All gradient norms of one replayed profile."""
     sh = shared or _Shared(r)
@@ -747,7 +797,7 @@ def profile_gradients(r: Replay, p: LossProfile, shared: _Shared | None = None) 
         clip_coef=coef,
         clipped_norm=total * coef,
         neg_share={h: hg.neg_share for h, hg in heads.items()},
-        no_grad_params=[name for name, n in norms.items() if n.total == 0],
+        no_grad_params=[name for name in _left_out_params(r, p) if name in norms],
         no_grad_levels=heads[Head.RPN].no_grad_levels,
     )
 

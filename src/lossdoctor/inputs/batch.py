@@ -46,6 +46,32 @@ class Suspicion:
     evidence: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LabelSpace:
+    """How the run names its classes: its label = the dump's + ``offset``; ``background``: the
+    run's background label where its labels have one (torchvision's 0), else None."""
+
+    offset: int = 0
+    background: int | None = None
+
+    def run(self, label: int) -> int:
+        """The run's name of a dump label."""
+        return label + self.offset
+
+    def span(self, num_classes: int) -> str:
+        """The run's foreground labels, e.g. ``1..3`` for torchvision with 3 classes."""
+        return f"{self.offset}..{num_classes - 1 + self.offset}"
+
+    @property
+    def dump_background(self) -> int | None:
+        """The dump label of the run's background label (torchvision's 0 is -1), or None."""
+        return None if self.background is None else self.background - self.offset
+
+
+# torchvision's labels, as its adapter dumps them: 1..K foreground, 0 the background, minus 1
+TORCHVISION_LABELS = LabelSpace(offset=1, background=0)
+
+
 @dataclass(kw_only=True)
 class Batch:
     """A validated batch dump.
@@ -79,6 +105,14 @@ class Batch:
     @property
     def channels(self) -> int:
         return next(iter(self.features.values())).shape[1]
+
+    @property
+    def label_space(self) -> LabelSpace:
+        """The run's labels: torchvision's where its adapter converted them, else the dump's."""
+        adapted = self.meta.get("adapter") is not None
+        if adapted and self.meta.get("framework") == Framework.TORCHVISION:
+            return TORCHVISION_LABELS
+        return LabelSpace()
 
 
 def _refuse(key: str, expected: str, found) -> InputError:
@@ -321,6 +355,7 @@ def validate_batch(data) -> Batch:
 def find_suspicions(batch: Batch) -> list[Suspicion]:
     """Valid-but-suspicious content: the raw material of the data findings."""
     out = _feature_suspicions(batch)
+    xywh = looks_xywh(batch.gt_boxes, batch.image_sizes)
     for i, (boxes, ignore) in enumerate(zip(batch.gt_boxes, batch.gt_ignore)):
         if boxes.shape[0] == 0:
             out.append(Suspicion("empty-gt-image", f"image {i} has no GT box", image=i))
@@ -332,7 +367,7 @@ def find_suspicions(batch: Batch) -> list[Suspicion]:
             )
             evidence = {"ignored": boxes.shape[0]}
             out.append(Suspicion("empty-gt-image", message, image=i, evidence=evidence))
-        out += _nonfinite_boxes(i, boxes) + _box_suspicions(i, boxes, batch.image_sizes[i])
+        out += _nonfinite_boxes(i, boxes) + _box_suspicions(i, boxes, batch.image_sizes[i], xywh)
         if batch.gt_masks is not None:
             out += _mask_suspicions(i, boxes, batch.gt_masks[i])
     return out
@@ -423,23 +458,61 @@ def _nonfinite_boxes(i: int, boxes: Tensor) -> list[Suspicion]:
     return [Suspicion("nonfinite-gt", message, image=i, box=bad[0], evidence=evidence)]
 
 
-def _box_suspicions(i: int, boxes: Tensor, size: tuple[int, int]) -> list[Suspicion]:
-    """Degenerate, out-of-image and (x, y, w, h)-looking boxes among the finite ones."""
+def _inverted(boxes: Tensor) -> Tensor:
+    """Tensor[K] bool: finite boxes with x2 < x1 or y2 < y1."""
+    finite = torch.isfinite(boxes).all(1)
+    return finite & ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))
+
+
+def _fits_as_xywh(boxes: Tensor, size: tuple[int, int]) -> bool:
+    """Whether every finite box, read as (x, y, w, h), lies inside the image."""
+    h, w = size
+    b = boxes[torch.isfinite(boxes).all(1)]
+    tol = OUTSIDE_TOLERANCE
+    inside = (b[:, 2] >= 0) & (b[:, 3] >= 0) & (b[:, 0] + b[:, 2] <= w + tol)
+    return bool((inside & (b[:, 1] + b[:, 3] <= h + tol)).all())
+
+
+def looks_xywh(boxes: list[Tensor], sizes: list[tuple[int, int]]) -> bool:
+    """(x, y, w, h) boxes read as (x1, y1, x2, y2): a whole batch's convention, not one box's. At
+    least two and at least half of the finite boxes are inverted (w < x or h < y is common for
+    such boxes), and every box fits inside its image as (x, y, w, h); one inverted box among
+    ordinary ones is a box with swapped corners (``degenerate-gt``)."""
+    inverted = sum(int(_inverted(b).sum()) for b in boxes)
+    finite = sum(int(torch.isfinite(b).all(1).sum()) for b in boxes)
+    if inverted < 2 or 2 * inverted < finite:
+        return False
+    return all(_fits_as_xywh(b, size) for b, size in zip(boxes, sizes))
+
+
+def _degenerate(i: int, j: int, box: list[float]) -> Suspicion:
+    """A finite box of zero or negative width or height, saying which corners are swapped."""
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    swapped = [pair for pair, d in (("x1/x2", bw), ("y1/y2", bh)) if d < 0]
+    kind = (
+        f"swapped corners ({' and '.join(swapped)}: x2 < x1 or y2 < y1)"
+        if swapped
+        else "zero width or height"
+    )
+    return Suspicion(
+        "degenerate-gt",
+        f"image {i} box {j} {[round(v, 2) for v in box]} has {kind} ({bw:.4g} x {bh:.4g})",
+        image=i,
+        box=j,
+        evidence={"box": box, "width": bw, "height": bh, "swapped": swapped},
+    )
+
+
+def _box_suspicions(i: int, boxes: Tensor, size: tuple[int, int], xywh: bool) -> list[Suspicion]:
+    """Degenerate, out-of-image and (x, y, w, h)-looking boxes among the finite ones; ``xywh``:
+    the batch reads as (x, y, w, h), whose inverted boxes are that one finding, not each a
+    degenerate box."""
     h, w = size
     finite = torch.isfinite(boxes).all(1)
     bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    out = []
-    for j in (finite & ((bw <= 0) | (bh <= 0))).nonzero().flatten().tolist():
-        kind = "zero" if (bw[j] == 0 or bh[j] == 0) else "negative"
-        out.append(
-            Suspicion(
-                "degenerate-gt",
-                f"image {i} box {j} has {kind} width or height ({bw[j]:.4g} x {bh[j]:.4g})",
-                image=i,
-                box=j,
-                evidence={"box": boxes[j].tolist(), "width": float(bw[j]), "height": float(bh[j])},
-            )
-        )
+    inverted = _inverted(boxes)
+    flat = finite & ((bw <= 0) | (bh <= 0)) & ~(inverted if xywh else torch.zeros_like(finite))
+    out = [_degenerate(i, j, boxes[j].tolist()) for j in flat.nonzero().flatten().tolist()]
     tol = OUTSIDE_TOLERANCE
     outside = finite & (
         (boxes[:, 0] < -tol)
@@ -457,25 +530,17 @@ def _box_suspicions(i: int, boxes: Tensor, size: tuple[int, int]) -> list[Suspic
                 evidence={"box": boxes[j].tolist(), "image_size": [h, w]},
             )
         )
-    return out + _xywh_suspicion(i, boxes, finite & ((bw < 0) | (bh < 0)), size)
+    return out + (_xywh_suspicion(i, boxes, inverted) if xywh else [])
 
 
-def _xywh_suspicion(i: int, boxes: Tensor, inverted: Tensor, size) -> list[Suspicion]:
-    """xywh read as xyxy: "x2" below x1 for some boxes, while x1 + x2 stays inside the image."""
-    h, w = size
-    if int(inverted.sum()) == 0:
-        return []
-    as_xywh = boxes[inverted]
-    tol = OUTSIDE_TOLERANCE
-    fits = ((as_xywh[:, 0] + as_xywh[:, 2]) <= w + tol) & (
-        (as_xywh[:, 1] + as_xywh[:, 3]) <= h + tol
-    )
-    if not bool(fits.all()):
-        return []
+def _xywh_suspicion(i: int, boxes: Tensor, inverted: Tensor) -> list[Suspicion]:
+    """One image's share of a batch that reads as (x, y, w, h) (see :func:`looks_xywh`)."""
     count = int(inverted.sum())
+    if count == 0:
+        return []
     message = (
-        f"image {i}: {count} of {boxes.shape[0]} boxes have x2 < x1 or y2 < y1 but fit as "
-        "(x, y, w, h)"
+        f"image {i}: {count} of {boxes.shape[0]} boxes have x2 < x1 or y2 < y1, and every box "
+        "of the batch fits inside its image as (x, y, w, h)"
     )
     evidence = {"inverted": count, "boxes": boxes.shape[0]}
     first = int(inverted.nonzero()[0])

@@ -13,6 +13,12 @@ classification samples and 1 otherwise. The normalizer is::
     D = max(count, floor) + eps          if count > 0
     D = NaN-producing 0 or a live zero   if count == 0   (``empty`` = "nan" or "zero")
 
+``empty_in_graph`` says whether the loss code keeps an empty term in the autograd graph (its
+parameters then get a zero gradient, as every framework's loss does: a sum over an empty
+selection, ``pred.sum() * 0``) or leaves it out (no gradient at all: the naive
+``if n: loss += ...``, under DDP the empty-GT hang). An empty term's scope is its level for the
+``level_*`` normalizers and the whole head otherwise.
+
 and ``count`` is chosen by ``normalizer``:
 
 =================  ===========================================================================
@@ -57,6 +63,7 @@ class TermSpec:
     floor: float = 0.0
     eps: float = 0.0
     empty: Empty = Empty.ZERO
+    empty_in_graph: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "loss", as_member(LossKind, self.loss, "loss"))
@@ -64,6 +71,9 @@ class TermSpec:
         object.__setattr__(self, "empty", as_member(Empty, self.empty, "empty"))
         for name in ("beta", "weight", "floor", "eps"):
             check_range(getattr(self, name), name, 0.0)
+        if not isinstance(self.empty_in_graph, bool):
+            found = type(self.empty_in_graph).__name__
+            raise InputError(f"empty_in_graph must be true or false, found {found}")
 
 
 @dataclass(frozen=True)
@@ -122,17 +132,18 @@ def legacy() -> LossProfile:
     - roi_cls    = plain mean CE over all sampled RoIs; NaN if there is none.
     - roi_box    = mean over positive RoIs of sum_k SL1_{1/9}; NaN if there is none.
     - roi_mask   = mean per-pixel BCE over the positive RoIs' masks; NaN if there is none.
-    No floor, all weights 1.
+    No floor, all weights 1. An empty term is left out of the graph (no gradient).
     """
     sl1 = SMOOTH_L1_TV_BETA
+    naive = dict(empty=Empty.NAN, empty_in_graph=False)
     return LossProfile(
         name="legacy",
         summary="naive per-level mean; box loss over the level's positives; empty set -> NaN",
-        rpn_cls=TermSpec(LossKind.BCE, Normalizer.LEVEL_SAMPLED, empty=Empty.NAN),
-        rpn_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.LEVEL_POS, beta=sl1, empty=Empty.NAN),
-        roi_cls=TermSpec(LossKind.CE, Normalizer.SAMPLED, empty=Empty.NAN),
-        roi_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.POS, beta=sl1, empty=Empty.NAN),
-        roi_mask=TermSpec(LossKind.BCE, Normalizer.MASK_PIXELS, empty=Empty.NAN),
+        rpn_cls=TermSpec(LossKind.BCE, Normalizer.LEVEL_SAMPLED, **naive),
+        rpn_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.LEVEL_POS, beta=sl1, **naive),
+        roi_cls=TermSpec(LossKind.CE, Normalizer.SAMPLED, **naive),
+        roi_box=TermSpec(LossKind.SMOOTH_L1, Normalizer.POS, beta=sl1, **naive),
+        roi_mask=TermSpec(LossKind.BCE, Normalizer.MASK_PIXELS, **naive),
     )
 
 

@@ -11,10 +11,10 @@ from torch import Tensor
 from ..inputs.checkpoint import BOX_COORDS, HeadWeights
 from ..inputs.config import DetectorConfig
 from .boxes import encode
-from .gt import UsableGt
+from .gt import BACKGROUND_GT, UsableGt
 from .heads import box_hidden, box_predict
 from .losses import ce_loss
-from .matcher import POSITIVE, match
+from .matcher import NEGATIVE, POSITIVE, match
 from .roi_align import map_levels, multiscale_roi_align
 from .sampler import sample
 from .samples import HeadCounts, LevelSamples, head_counts
@@ -104,6 +104,10 @@ def _sample_image(props, gt, labels, config: DetectorConfig, gen, sample_all) ->
     if config.roi_sampler.gt_self_assigned and config.roi_sampler.add_gt and gt.shape[0]:
         m.labels[is_gt] = POSITIVE  # each added GT is its own match, whatever its IoU
         m.gt[is_gt] = torch.arange(gt.shape[0])
+    if gt.shape[0]:
+        # a GT labelled background (torchvision's label 0): what it matches trains as background
+        as_bg = (m.labels == POSITIVE) & (labels[m.gt.clamp(min=0)] == BACKGROUND_GT)
+        m.labels[as_bg] = NEGATIVE
     pos, neg = sample(m.labels, config.roi_sampler, gen, sample_all)
     idx = torch.cat([pos, neg])
     fg = torch.full((idx.numel(),), BACKGROUND_CLASS, dtype=torch.long)

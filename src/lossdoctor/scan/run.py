@@ -20,6 +20,9 @@ from ..inputs.files import atomic_write
 from ..vocab import LOCAL_RAY, DumpStatus
 from .dumps import Dump
 
+# Ray's switch for token authentication ("token" or "disabled")
+RAY_AUTH_MODE = "RAY_AUTH_MODE"
+
 RESULT_FORMAT = "lossdoctor.scan-result/1"
 KIB_PER_MIB = 1024
 # jobs queued on each pool process, so that it never idles between two
@@ -146,18 +149,37 @@ def in_pool(jobs: list[Job], workers: int, on_result: OnResult) -> None:
             _collected(running, on_result, block=True)
 
 
+def _token_auth_for_an_address() -> None:
+    """Ray joins a cluster found by ``auto`` with the machine's token (``ray start --head``
+    enables token authentication and saves ``~/.ray/auth_token``), but one given by its address
+    only when ``RAY_AUTH_MODE=token``: set it where a token is there and the user left it unset."""
+    if os.environ.get(RAY_AUTH_MODE) is not None:
+        return
+    token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if token or (Path.home() / ".ray" / "auth_token").is_file():
+        os.environ[RAY_AUTH_MODE] = "token"
+
+
 def on_ray(jobs: list[Job], address: str, on_result: OnResult) -> None:
     """One Ray task per dump; results come back to this process as they finish. ``address``:
-    ``local`` starts a local cluster for the scan, ``auto`` or ``ray://host:port`` joins one (the
+    ``local`` starts a local cluster for the scan, ``auto`` or ``host:port`` joins one (the
     dumps must then be at a path every node sees)."""
+    addr = None if address == LOCAL_RAY else address
+    if addr not in (None, "auto"):
+        _token_auth_for_an_address()  # before Ray is imported: it reads its config then
     try:
         import ray
     except ImportError:
         raise InputError("--ray needs Ray: pip install 'lossdoctor[ray]'") from None
     started = not ray.is_initialized()
     if started:
-        addr = None if address == LOCAL_RAY else address
-        ray.init(address=addr, include_dashboard=False, log_to_driver=False)
+        try:
+            ray.init(address=addr, include_dashboard=False, log_to_driver=False)
+        except ConnectionError as e:
+            raise InputError(
+                f"--ray {address}: no Ray cluster to join ({str(e).splitlines()[0]}); start one "
+                "with 'ray start --head', or give its address, or use a bare --ray for a local one"
+            ) from None
     try:
         task = ray.remote(num_cpus=1)(run_job)
         pending = {task.remote(job): job for job in jobs}
