@@ -233,3 +233,22 @@ def cascade_state_dict(layout="mmdet", stages=3, channels=8, classes=3, seed=0, 
             for kind in ("weight", "bias"):
                 out[f"{prefix}.{kind}"] = tv[f"{tv_keys[layer][0]}.{kind}"]
     return out
+
+
+def inspect_json(folder, *args: str) -> dict:
+    """``lossdoctor inspect FOLDER ARGS --json -`` → the report as a dict (exit 0 or 1)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lossdoctor.cli import app
+
+    r = CliRunner().invoke(app, ["inspect", str(folder), *args, "--json", "-", "-q"])
+    assert r.exit_code in (0, 1), r.output
+    return json.loads(r.stdout)
+
+
+def alarms(report: dict) -> list[tuple[str, str, str]]:
+    """A report's warning and error findings: (severity, code, message)."""
+    return [(f["severity"], f["code"], f["message"]) for f in report["findings"]
+            if f["severity"] in ("warning", "error")]  # fmt: skip

@@ -259,7 +259,7 @@ def _every(cfg):
     return cfg
 
 
-def build_from(path: str):
+def build_from(path: str, every: bool = True):
     cfg = Config.fromfile(path)
     cfg.model.backbone.init_cfg = None
     heads = cfg.model.roi_head.bbox_head
@@ -268,7 +268,7 @@ def build_from(path: str):
     if cfg.model.roi_head.get("mask_head") is not None:
         cfg.model.roi_head.mask_head.num_classes = 3
     torch.manual_seed(0)
-    model = MODELS.build(_every(cfg).model)
+    model = MODELS.build((_every(cfg) if every else cfg).model)
     model.init_weights()
     return model.train()
 
@@ -335,3 +335,48 @@ def test_cascade_symptom_is_mmdets_prediction(tmp_path):
         data = model.data_preprocessor(data_batch(0), False)
         outs = [x.pred_instances for x in model(**data, mode="predict")]
     F.assert_symptom_is(folder, [x.scores for x in outs])
+
+
+def _no_objects(step: int) -> dict:
+    """The step's images with no object at all (an all-background batch)."""
+    batch = data_batch(step)
+    for ds in batch["data_samples"]:
+        ds.gt_instances = ds.gt_instances[:0]
+        ds.ignored_instances = ds.ignored_instances[:0]
+    return batch
+
+
+@pytest.mark.parametrize("path", [BASE, CASCADE_BASE], ids=["faster", "cascade"])
+@pytest.mark.parametrize("batch", ["ordinary", "all-background"])
+def test_a_healthy_run_raises_no_alarm(tmp_path, path, batch):
+    """A healthy MMDetection run (its config's samplers), two steps captured in a loop: no
+    warning and no error, on an ordinary batch and on one with no object."""
+    model = build_from(path, every=False)
+    capture = ld.Capture(tmp_path, model, every=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    for step in range(2):
+        data = model.data_preprocessor((_no_objects if batch != "ordinary" else data_batch)(step),
+                                       True)  # fmt: skip
+        losses = model(**data, mode="loss")
+        loss, _ = model.parse_losses(losses)
+        opt.zero_grad()
+        loss.backward()
+        capture.check(step, losses)
+        opt.step()
+    for folder in capture.written:
+        assert F.alarms(F.inspect_json(folder)) == [], folder.name
+
+
+def test_a_box_with_swapped_corners_is_one_finding(tmp_path):
+    """MMDetection trains on a box with swapped corners; its capture names the corners."""
+    model = build()
+
+    def swapped(step):
+        batch = data_batch(step)
+        boxes = batch["data_samples"][0].gt_instances.bboxes.tensor
+        boxes[1] = boxes[1][[2, 3, 0, 1]]
+        return batch
+
+    folder, _ = _train(model, tmp_path, swapped)
+    (alarm,) = F.alarms(F.inspect_json(folder))
+    assert alarm[:2] == ("error", "degenerate-gt") and "x1/x2 and y1/y2" in alarm[2]

@@ -190,3 +190,74 @@ def test_mask_rcnn_capture_reproduces_torchvisions_five_losses(tmp_path):
     for term, key in TERMS.items():
         assert got[term] == pytest.approx(float(loss_dict[key].detach()), rel=REL), term
     assert {r["head"] for r in rep["tables"]["levels"]} == {"rpn", "roi", "mask"}
+
+
+def _background(batches_):
+    """The same images with no object at all (an all-background batch)."""
+    for images, targets in batches_:
+        for t in targets:
+            t["boxes"], t["labels"] = t["boxes"][:0], t["labels"][:0]
+            if "masks" in t:
+                t["masks"] = t["masks"][:0]
+        yield images, targets
+
+
+def _model(kind):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    build = maskrcnn_resnet50_fpn if kind == "mask" else fasterrcnn_resnet50_fpn
+    return build(weights=None, weights_backbone=None, num_classes=4, min_size=128,
+                 max_size=192).train()  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["faster", "mask"])
+@pytest.mark.parametrize("batch", ["ordinary", "all-background"])
+def test_a_healthy_run_raises_no_alarm(tmp_path, kind, batch):
+    """A healthy torchvision run (its default samplers; a learning rate a random-init Mask R-CNN
+    stays stable under, which 0.01 is not: its mask loss goes from 0.7 to 52 in one step),
+    captured in its own loop: no warning and no error, on an ordinary batch and on one with no
+    object."""
+    model = _model(kind)
+    data = masked_batches() if kind == "mask" else batches()
+    data = _background(data) if batch == "all-background" else data
+    capture = ld.Capture(tmp_path, model, every=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    for step in range(2):
+        images, targets = next(data)
+        loss_dict = model(images, targets)
+        opt.zero_grad()
+        sum(loss_dict.values()).backward()
+        capture.check(step, loss_dict)
+        opt.step()
+    for folder in capture.written:
+        assert F.alarms(F.inspect_json(folder)) == [], folder.name
+
+
+def test_label_0_is_one_finding_and_the_replay_matches_torchvisions_losses(tmp_path):
+    """torchvision's label 0 on a real box (0-based dataset labels passed as they are): its RPN
+    trains the box as an object, its RoI head as background; the replay does the same."""
+    model = small_model()
+    images, targets = next(batches())
+    targets[1]["labels"] = torch.tensor([0, 2, 3])
+    capture = ld.Capture(tmp_path, model, every=1)
+    loss_dict = model(images, targets)
+    sum(loss_dict.values()).backward()
+    rep, got = replayed_terms(capture.check(0, loss_dict))
+    for term, key in TERMS.items():
+        assert got[term] == pytest.approx(float(loss_dict[key].detach()), rel=REL), term
+    (alarm,) = F.alarms(rep)
+    assert alarm[:2] == ("error", "gt-labelled-background") and "labelled 0" in alarm[2]
+
+
+def test_a_box_with_swapped_corners_is_one_finding(tmp_path):
+    """torchvision refuses the box in its forward; a dump of the batch names the corners."""
+    model = small_model()
+    images, targets = next(batches())
+    x1, y1, x2, y2 = targets[0]["boxes"][1].tolist()
+    targets[0]["boxes"][1] = torch.tensor([x2, y2, x1, y1])
+    with pytest.raises(AssertionError, match="positive height and width"):
+        model(images, targets)
+    rep = F.inspect_json(ld.dump(tmp_path, model, images, targets, meta={"step": 0}))
+    (alarm,) = F.alarms(rep)
+    assert alarm[:2] == ("error", "degenerate-gt") and "x1/x2 and y1/y2" in alarm[2]

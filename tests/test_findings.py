@@ -95,8 +95,11 @@ def test_zero_width_gt_poisons_rpn_targets_with_inf_under_torchvision():
     d["gt_boxes"][1] = torch.tensor([[300.0, 256.0, 300.0, 384.0]])
     d["gt_labels"][1] = torch.tensor([0])
     diag = run(d)
-    find(diag, "degenerate-gt", image=1)
-    find(diag, "gt-matches-no-anchor", image=1)
+    # one finding for the box, with what matching made of it: every anchor positive
+    g = find(diag, "degenerate-gt", image=1)
+    anchors = sum(lv.anchors.shape[0] for lv in diag.replay.rpn.levels)
+    assert g.evidence["rpn_pos_candidates"] == anchors and f"all {anchors} candidate" in g.message
+    assert not [x for x in diag.findings if x.code == "gt-matches-no-anchor"]
     f = find(diag, "nonfinite-loss", profile="fixed", head="rpn")
     assert f.evidence["stage"] == "targets" and f.image == 1 and f.evidence["gt"] == 0
     assert f.evidence["neginf"] > 0 and f.evidence["nan"] == 0  # Inf, not NaN
@@ -113,7 +116,9 @@ def test_zero_width_gt_gives_nan_in_the_roi_head_under_mmdet():
     f = find(diag, "nonfinite-loss", profile="mmdet", head="roi")
     assert f.evidence["stage"] == "targets" and f.image == 1 and f.evidence["gt"] == 2
     assert f.evidence["nan"] > 0  # mmdet matches the added GT to itself: log(0 / 0) = NaN
-    find(diag, "gt-matches-no-anchor", image=1)
+    # mmdet's min_pos_iou leaves a box of IoU 0 without positive anchors: nothing more to say
+    assert "rpn_pos_candidates" not in find(diag, "degenerate-gt", image=1).evidence
+    assert not [x for x in diag.findings if x.code == "gt-matches-no-anchor"]
 
 
 def test_gt_outside_image():

@@ -15,8 +15,8 @@ from ..replay.engine import Replay
 from ..replay.gt import DroppedLabel
 from ..replay.proposals import ProposalCounts, image_proposals
 from ..vocab import (
-    BOX_TERMS,
     GRADIENT_TERM,
+    TERMS,
     Background,
     Framework,
     Funnel,
@@ -40,6 +40,8 @@ BACKGROUND_SHARE = 0.99
 BACKGROUND_COUNT_SLACK = 0.5
 # 10x the max_norm=35 MMDetection suggests for clipping
 EXPLODING_NORM = 350.0
+# GT boxes without a positive anchor are a warning above this share of the batch's boxes
+WITHOUT_POS_SHARE = 0.2
 VANISHING_NORM = 1e-6
 # a best foreground score below this fraction of chance is a collapse at any step: an untrained
 # head scores at chance, and its first steps (the background bias growing) lower that by about one
@@ -143,6 +145,35 @@ def suspicions(code: str, cause: str):
         return out
 
     return check
+
+
+DEGENERATE_CAUSE = "GT boxes with zero or negative width or height"
+
+
+def degenerate_gt(f: Facts) -> list[Hit]:
+    """Boxes without area, with what the RPN's matching made of them: a box that overlaps no
+    anchor under low-quality matching makes every candidate anchor positive (said here, once,
+    rather than as a second finding of the same box)."""
+    r = f.replay
+    every = r.config.rpn_matcher.every_candidate_positive_for_empty_overlap
+    out = []
+    for s, hit in zip(
+        _of_code(r, "degenerate-gt"), suspicions("degenerate-gt", DEGENERATE_CAUSE)(f)
+    ):
+        used = (r.gt.sources[s.image] == s.box).nonzero().flatten().tolist()
+        if every and used and float(r.rpn.images[s.image].gt_best[used[0]]) == 0:
+            n = r.images[s.image].rpn_pos_candidates
+            hit.message += (
+                f"; it overlaps no anchor, so low-quality matching makes all {n} candidate "
+                "anchors positive"
+            )
+            hit.evidence["rpn_pos_candidates"] = n
+        out.append(hit)
+    return out
+
+
+def _of_code(r: Replay, code: str) -> list:
+    return [s for s in r.batch.suspicions if s.code == code]
 
 
 def empty_gt(f: Facts) -> list[Hit]:
@@ -375,13 +406,15 @@ def no_positive_level(f: Facts) -> list[Hit]:
 
 
 def matches_no_anchor(f: Facts) -> list[Hit]:
-    """GTs whose best anchor IoU is 0; minor where the matcher does not then take every anchor."""
+    """GTs whose best anchor IoU is 0; minor where the matcher does not then take every anchor.
+    A box without area is left to ``degenerate-gt``, which names it (this is its consequence)."""
     r = f.replay
     every = r.config.rpn_matcher.every_candidate_positive_for_empty_overlap
     out = []
     for i, (im, gts) in enumerate(zip(r.rpn.images, r.gt.boxes)):
         n = r.images[i].rpn_pos_candidates
-        for g in (im.gt_best == 0).nonzero().flatten().tolist():
+        flat = (gts[:, 2] <= gts[:, 0]) | (gts[:, 3] <= gts[:, 1])
+        for g in ((im.gt_best == 0) & ~flat).nonzero().flatten().tolist():
             box = [round(v, 1) for v in gts[g].tolist()]
             msg = f"image {i} box {r.gt.dump_index(i, g)} {box} overlaps no anchor (best IoU 0)"
             if every:
@@ -395,14 +428,22 @@ def matches_no_anchor(f: Facts) -> list[Hit]:
 
 
 def without_positive(f: Facts) -> list[Hit]:
+    """GT boxes that overlap anchors but get no positive one; minor where they are a small share
+    of the batch's boxes (a few small objects under the smallest anchor are common)."""
     r = f.replay
+    missed = [
+        (i, g)
+        for i, im in enumerate(r.rpn.images)
+        for g in ((~im.gt_has_pos) & (im.gt_best > 0)).nonzero().flatten().tolist()
+    ]
+    total = sum(b.shape[0] for b in r.gt.boxes)
+    minor = len(missed) <= WITHOUT_POS_SHARE * total
     out = []
-    for i, im in enumerate(r.rpn.images):
-        for g in ((~im.gt_has_pos) & (im.gt_best > 0)).nonzero().flatten().tolist():
-            best, j = float(im.gt_best[g]), r.gt.dump_index(i, g)
-            msg = f"image {i} box {j} gets no positive anchor (best IoU {best:.2f} < min_pos_iou)"
-            ev, cause = {"box": j, "best_iou": best}, "GT boxes get no positive anchor"
-            out.append(Hit(message=msg, head=Head.RPN, image=i, evidence=ev, cause=cause))
+    for i, g in missed:
+        best, j = float(r.rpn.images[i].gt_best[g]), r.gt.dump_index(i, g)
+        msg = f"image {i} box {j} gets no positive anchor (best IoU {best:.2f} < min_pos_iou)"
+        ev, cause = {"box": j, "best_iou": best}, "GT boxes get no positive anchor"
+        out.append(Hit(message=msg, head=Head.RPN, image=i, evidence=ev, cause=cause, minor=minor))
     return out
 
 
@@ -553,16 +594,22 @@ def empty_mask(f: Facts) -> list[Hit]:
 
 
 def mask_branch_skipped(f: Facts) -> list[Hit]:
-    """A mask head with no positive RoI in the batch: no mask term, a different graph."""
+    """A mask head with no positive RoI in the batch, under a profile whose loss code leaves the
+    empty mask term out of the graph (the frameworks keep it: a zero gradient, nothing to say)."""
     r = f.replay
     if r.mask is None or r.mask.rows.numel() > 0:
         return []
     msg = (
-        "the batch has no positive RoI, so the mask head gets no sample: its term is empty (0 or "
-        "NaN by profile) and, where the loss code skips the branch, its parameters leave the "
-        "graph on this rank"
+        "{}: the batch has no positive RoI, so the mask head gets no sample, and this loss code "
+        "leaves the empty mask term out of the graph: the mask head gets no gradient on this rank"
     )
-    return [Hit(message=msg, head=Head.MASK, evidence={"positive_rois": 0})]
+    return [
+        Hit(
+            message=msg.format(name), head=Head.MASK, profile=name, evidence={"positive_rois": 0}
+        )  # fmt: skip
+        for name, pl in r.losses.items()
+        if not pl.profile.roi_mask.empty_in_graph
+    ]
 
 
 def stage_starved(f: Facts) -> list[Hit]:
@@ -648,10 +695,10 @@ def no_gradient(f: Facts) -> list[Hit]:
 
 def dominant_term(g: ProfileGrads) -> tuple[Term | None, float]:
     """The loss term with the largest share of the squared gradient norm (the 3x3 conv, not
-    split by term, left out)."""
+    split by term, left out; the mask term where the heads have a mask head)."""
     sq = {
         t: sum(v.by_term[t] ** 2 for v in g.params.values() if v.by_term[t] == v.by_term[t])
-        for t in BOX_TERMS
+        for t in TERMS
     }
     total = sum(sq.values())
     if not total > 0:

@@ -75,12 +75,13 @@ RULES: tuple[Rule, ...] = (
     Rule(
         code="degenerate-gt",
         severity=E,
-        check=c.suspicions("degenerate-gt", "GT boxes with zero or negative width or height"),
+        check=c.degenerate_gt,
         summary="a GT box with zero width or height, or with swapped corners (x2 < x1, y2 < y1)",
-        evidence=("box", "width", "height", "swapped"),
+        evidence=("box", "width", "height", "swapped", "rpn_pos_candidates"),
         fix="swap the corners named (x1 <-> x2, y1 <-> y2) where a transform flipped them, and "
         "drop zero-size boxes after the augmentation pipeline (torchvision asserts x2 > x1, "
-        "y2 > y1; a zero-size box gives log(0) regression targets)",
+        "y2 > y1; a zero-size box gives log(0) regression targets, and overlaps no anchor, so "
+        "low-quality matching makes every anchor positive for it)",
     ),
     Rule(
         code="gt-xywh-suspected",
@@ -234,8 +235,8 @@ RULES: tuple[Rule, ...] = (
         code="mask-branch-skipped",
         severity=W,
         check=c.mask_branch_skipped,
-        summary="a mask head and no positive RoI in the batch: the mask term is empty, and the "
-        "branch may leave the graph (the DDP hang)",
+        summary="a mask head, no positive RoI in the batch, and a loss code that leaves the empty "
+        "mask term out of the graph (the DDP hang; the frameworks keep it in)",
         evidence=("positive_rois",),
         fix="keep the mask head in the graph on every rank with a zero-weighted term "
         "(mask_logits.sum() * 0, as torchvision and Detectron2 do), or set "
@@ -262,8 +263,10 @@ RULES: tuple[Rule, ...] = (
     Rule(
         code="gt-without-positive",
         severity=W,
+        minor=I,
         check=c.without_positive,
-        summary="a GT box gets no positive anchor (its best IoU is below min_pos_iou)",
+        summary="a GT box gets no positive anchor (its best IoU is below min_pos_iou; info where "
+        f"at most {c.WITHOUT_POS_SHARE:.0%} of the batch's GT boxes do, as small objects do)",
         evidence=("box", "best_iou"),
         fix="add anchor sizes or ratios that fit this box, or lower the RPN assigner's min_pos_iou",
     ),
