@@ -54,9 +54,11 @@ for fw in "$@"; do
   venv="$ENVS/$fw"
   start=$SECONDS
   build "$fw" "$venv"
-  # lossdoctor and its test tools, keeping the environment's own torch
+  # lossdoctor and its test tools, keeping the environment's own torch (and a setuptools that
+  # still has pkg_resources, which mmengine and Detectron2 import)
   con=$(mktemp)
   "$venv/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$con"
+  echo "setuptools<81" >> "$con"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$con" -e ".[test]"
   rm -f "$con"
   built=$((SECONDS - start))

@@ -352,8 +352,8 @@ def test_a_healthy_run_raises_no_alarm(tmp_path, path, batch):
     """A healthy MMDetection run (its config's samplers), two steps captured in a loop: no
     warning and no error, on an ordinary batch and on one with no object."""
     model = build_from(path, every=False)
-    capture = ld.Capture(tmp_path, model, every=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    capture = ld.Capture(tmp_path, model, every=1, optimizer=opt)
     for step in range(2):
         data = model.data_preprocessor((_no_objects if batch != "ordinary" else data_batch)(step),
                                        True)  # fmt: skip

@@ -50,9 +50,10 @@ def batches(seed=1):
         yield images, targets
 
 
-def train(model, steps, capture):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    data = batches()
+def train(model, steps, capture, data=None, opt=None):
+    """``steps`` steps of a plain torchvision loop with ``capture.check`` → the last loss dict."""
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    data = batches() if data is None else data
     for step in range(steps):
         images, targets = next(data)
         loss_dict = model(images, targets)
@@ -221,15 +222,9 @@ def test_a_healthy_run_raises_no_alarm(tmp_path, kind, batch):
     model = _model(kind)
     data = masked_batches() if kind == "mask" else batches()
     data = _background(data) if batch == "all-background" else data
-    capture = ld.Capture(tmp_path, model, every=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    for step in range(2):
-        images, targets = next(data)
-        loss_dict = model(images, targets)
-        opt.zero_grad()
-        sum(loss_dict.values()).backward()
-        capture.check(step, loss_dict)
-        opt.step()
+    capture = ld.Capture(tmp_path, model, every=1, optimizer=opt)
+    train(model, 2, capture, data, opt=opt)
     for folder in capture.written:
         assert F.alarms(F.inspect_json(folder)) == [], folder.name
 

@@ -597,3 +597,21 @@ def test_symptom_reusing_training_rois_is_the_fresh_symptom(monkeypatch, cfg, sa
     for a, b in zip(reused.scores, fresh.scores):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     assert all(torch.equal(a, b) for a, b in zip(reused.labels, fresh.labels))
+
+
+@pytest.mark.parametrize("share", [0.05, 0.2])
+def test_exploding_with_a_recorded_lr_is_a_step_too_large_for_the_weights(share):
+    """With the run's lr recorded, a gradient explodes when one SGD step moves the heads by over
+    10% of their weights' norm (a norm alone scales with the features)."""
+    sd = F.state_dict()
+    weights = sum(float(t.double().square().sum()) for t in sd.values()) ** 0.5
+    norm = run(profiles=("fixed",)).grads["fixed"].clipped_norm
+    lr = share * weights / norm
+    diag = run(_with(lambda d: d.update(meta={"lr": lr})), profiles=("fixed",), sd=sd)
+    hits = [f for f in diag.findings if f.code == "exploding-gradient"]
+    if share < 0.1:
+        assert hits == []
+    else:
+        (f,) = hits
+        assert f.evidence["step_share"] == pytest.approx(share, rel=1e-6)
+        assert f"moves the heads by {share:.0%} of their norm" in f.message

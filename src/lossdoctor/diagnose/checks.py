@@ -40,6 +40,8 @@ BACKGROUND_SHARE = 0.99
 BACKGROUND_COUNT_SLACK = 0.5
 # 10x the max_norm=35 MMDetection suggests for clipping
 EXPLODING_NORM = 350.0
+# one SGD step moving the heads' weights by more than this share of their norm explodes
+EXPLODING_STEP = 0.1
 # GT boxes without a positive anchor are a warning above this share of the batch's boxes
 WITHOUT_POS_SHARE = 0.2
 VANISHING_NORM = 1e-6
@@ -629,7 +631,9 @@ def stage_starved(f: Facts) -> list[Hit]:
         )
         ev = {"stage": k, "iou": iou, "images": starved,
               "positives": [stage.img_pos[i] for i in starved], "previous": before}  # fmt: skip
-        out.append(Hit(message=msg, head=Head.ROI, evidence=ev))
+        step = _step(r)
+        early = step is not None and step < EARLY_STEPS
+        out.append(Hit(message=msg, head=Head.ROI, evidence=ev, minor=early))
     return out
 
 
@@ -726,10 +730,35 @@ def _divided_by(r: Replay, name: str, term: Term, share: float) -> tuple[str, st
     return what + f", its positive {UNITS[head]}, of {sampled} sampled", first_step
 
 
+def _step_share(r: Replay, g: ProfileGrads) -> float | None:
+    """How far one SGD step at the recorded learning rate moves the heads, as a share of their
+    weights' norm (the clipped gradient where the profile clips); None without a recorded lr."""
+    lr = r.batch.meta.get("lr")
+    weights = math.sqrt(
+        sum(float(t.detach().double().square().sum()) for t in r.heads.params.values())
+    )
+    if lr is None or not weights > 0:
+        return None
+    return lr * g.clipped_norm / weights
+
+
+def _exploding(r: Replay, g: ProfileGrads) -> tuple[bool, float | None]:
+    """Whether a profile's gradient explodes: a step moving the heads by over EXPLODING_STEP of
+    their norm where the lr is recorded (a norm alone says little: it scales with the features),
+    else a norm over EXPLODING_NORM."""
+    if not g.total_norm == g.total_norm:
+        return False, None
+    share = _step_share(r, g)
+    if share is None:
+        return g.total_norm > EXPLODING_NORM, None
+    return share > EXPLODING_STEP, share
+
+
 def exploding(f: Facts) -> list[Hit]:
     out = []
     for name, g in f.grads.items():
-        if not (g.total_norm == g.total_norm and g.total_norm > EXPLODING_NORM):
+        explodes, share_of_weights = _exploding(f.replay, g)
+        if not explodes:
             continue
         clip = ""
         if g.max_norm:
@@ -739,7 +768,13 @@ def exploding(f: Facts) -> list[Hit]:
         term, share = dominant_term(g)
         what, first_step = _divided_by(f.replay, name, term, share) if term else ("", "")
         msg = f"{name}: total head gradient norm {g.total_norm:.3g} (pre-clip){what}{clip}"
+        if share_of_weights is not None:
+            lr = f.replay.batch.meta["lr"]
+            msg += (
+                f"; one step at lr {lr:g} moves the heads by {share_of_weights:.0%} of their norm"
+            )
         ev = {
+            "step_share": share_of_weights,
             "total_norm": g.total_norm,
             "clip_coef": g.clip_coef,
             "clipped_norm": g.clipped_norm,

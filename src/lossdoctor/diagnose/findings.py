@@ -245,9 +245,11 @@ RULES: tuple[Rule, ...] = (
     Rule(
         code="cascade-stage-starved",
         severity=W,
+        minor=I,
         check=c.stage_starved,
         summary=f"a later cascade stage with at most {c.STAGE_MIN_POS} positive RoI in an image "
-        "with objects",
+        f"with objects (info in the first {c.EARLY_STEPS} steps, where the earlier stages do not "
+        "regress yet)",
         evidence=("stage", "iou", "images", "positives", "previous"),
         fix="the earlier stages' boxes do not reach the stage's IoU: check their box loss "
         "weights (stage_loss_weights) and regression normalization, or lower the stage's IoU",
@@ -314,9 +316,17 @@ RULES: tuple[Rule, ...] = (
         code="exploding-gradient",
         severity=W,
         check=c.exploding,
-        summary="total head gradient norm > 350 (10x the usual max_norm=35), with the term that "
-        "carries it",
-        evidence=("total_norm", "clip_coef", "clipped_norm", "dominant_term", "dominant_share"),
+        summary=f"one SGD step at the recorded lr moves the heads by over {c.EXPLODING_STEP:.0%} "
+        f"of their weights' norm; without a recorded lr, a total head gradient norm over "
+        f"{c.EXPLODING_NORM:g} (10x the usual max_norm=35); with the term that carries it",
+        evidence=(
+            "step_share",
+            "total_norm",
+            "clip_coef",
+            "clipped_norm",
+            "dominant_term",
+            "dominant_share",
+        ),  # fmt: skip
         fix="enable gradient clipping (max_norm=35, norm_type=2) and scale the learning rate to "
         "the batch (lr 0.02 is for 16 images)",
     ),
@@ -334,8 +344,10 @@ RULES: tuple[Rule, ...] = (
         severity=W,
         minor=I,
         check=c.no_gradient,
-        summary="a head parameter got no gradient from this batch, the DDP hang of empty-GT "
-        "batches (info when only a level's features got none)",
+        summary="a head parameter outside the graph on this batch: its terms are empty and the "
+        "profile's loss code leaves empty terms out (legacy; empty_in_graph = false), the DDP hang "
+        "of empty-GT batches; the frameworks keep them in, a zero gradient, not reported (info "
+        "when only a level's features got none)",
         evidence=("params", "levels"),
         fix="a parameter without gradient differs between ranks under DDP (the known hang with "
         "empty-GT images): keep every level and head in the graph with zero-weighted terms "
