@@ -605,13 +605,9 @@ def mask_branch_skipped(f: Facts) -> list[Hit]:
         "{}: the batch has no positive RoI, so the mask head gets no sample, and this loss code "
         "leaves the empty mask term out of the graph: the mask head gets no gradient on this rank"
     )
-    return [
-        Hit(
-            message=msg.format(name), head=Head.MASK, profile=name, evidence={"positive_rois": 0}
-        )  # fmt: skip
-        for name, pl in r.losses.items()
-        if not pl.profile.roi_mask.empty_in_graph
-    ]
+    skipping = [name for name, pl in r.losses.items() if not pl.profile.roi_mask.empty_in_graph]
+    ev = {"positive_rois": 0}
+    return [Hit(message=msg.format(n), head=Head.MASK, profile=n, evidence=ev) for n in skipping]
 
 
 def stage_starved(f: Facts) -> list[Hit]:
