@@ -45,6 +45,9 @@ def test_one_step_across_ranks_names_the_empty_rank_and_the_graph_gap(dumps):
     assert gaps and all(g["evidence"]["ranks_with"] == [0] for g in gaps)
     assert all(g["evidence"]["ranks_without"] == [1] for g in gaps)
     assert "roi_heads.box_predictor.bbox_pred.weight" in gaps[0]["evidence"]["params"]
+    # only legacy's naive code leaves the empty rank's box terms out of the graph; fixed keeps
+    # them in (a zero gradient on rank 1, no hang)
+    assert {g["profile"] for g in gaps} == {"legacy"}
     assert not _codes(rep, "rank-normalizer-skew")
     # every rank's own rows are there, with their rank
     assert {r["rank"] for r in rep.tables["levels"]} == {0, 1}
