@@ -256,3 +256,43 @@ def test_a_box_with_swapped_corners_is_one_finding(tmp_path):
     rep = F.inspect_json(ld.dump(tmp_path, model, images, targets, meta={"step": 0}))
     (alarm,) = F.alarms(rep)
     assert alarm[:2] == ("error", "degenerate-gt") and "x1/x2 and y1/y2" in alarm[2]
+
+
+def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of a DistributedDataParallel torchvision loop (gloo, CPU) with the recipe's
+    capture on the wrapped model."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)  # fmt: skip
+    try:
+        model = DistributedDataParallel(small_model())
+        capture = ld.Capture(out, model, every=1)
+        images, targets = next(batches(seed=rank + 1))
+        loss_dict = model(images, targets)
+        sum(loss_dict.values()).backward()
+        capture.check(0, loss_dict)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_ddp_wrapped_model_is_captured_on_each_rank(tmp_path, world):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(world, port, str(tmp_path)), nprocs=world, join=True)
+    step = tmp_path / "step_000000"
+    folders = [step / f"rank_{k}" for k in range(world)] if world > 1 else [step]
+    for folder in folders:
+        batch = load_batch(folder / "batch.pt")
+        assert batch.meta["framework"] == "torchvision" and batch.num_images == 2
+        weights = torch.load(folder / "checkpoint.pt", weights_only=True)
+        assert not any(k.startswith("module.") for k in weights)
+    rep = F.inspect_json(step)
+    assert rep["meta"]["run"]["framework"] == "torchvision"

@@ -38,13 +38,20 @@ def write_dump(out_dir: str | Path, state_dict: dict, batch: dict, meta: dict) -
     return folder
 
 
+def unwrap(model):
+    """The model inside a (Distributed)DataParallel wrapper (mmengine's and Detectron2's subclass
+    torch's), else the model: its hooks, weights and config are the inner model's."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
 class HookedCapture(Capture):
     """A :class:`~lossdoctor.Capture` that finds the batch in what forward hooks recorded during
     the step's own forward, so the training loop stays as it is: construct it once, call
     ``check(step, loss_dict)`` after ``backward()``."""
 
     def __init__(self, directory, model, **kw):
-        super().__init__(directory, model, **kw)
+        super().__init__(directory, unwrap(model), **kw)
         self.seen: dict = {}
         self.handles = []
 

@@ -38,7 +38,7 @@ from ..inputs.config import (
 )  # fmt: skip
 from ..inputs.errors import InputError
 from ..vocab import Framework, Mapper, MaskTarget, Ranking
-from .common import HookedCapture, level_names, run_meta, write_dump
+from .common import HookedCapture, level_names, run_meta, unwrap, write_dump
 
 PROFILE = "torchvision"
 # torchvision's postprocess drops boxes smaller than this (roi_heads.postprocess_detections)
@@ -167,6 +167,7 @@ def dump(out_dir: str | Path, model, images, targets, *, meta: dict | None = Non
 
     images: list of Tensor[3, H, W]; targets: list of {"boxes", "labels"} as for ``model(...)``.
     """
+    model = unwrap(model)
     with torch.no_grad():
         image_list, tgts = model.transform(images, targets)
         features = model.backbone(image_list.tensors)
@@ -183,6 +184,7 @@ class Capture(HookedCapture):
     framework = Framework.TORCHVISION
 
     def __init__(self, directory, model, **kw):
+        model = unwrap(model)  # a DistributedDataParallel model's hooks go on the inner model
         super().__init__(directory, model, **kw)
         self.hook(model.transform, "transformed")
         self.hook(model.backbone, "features")
