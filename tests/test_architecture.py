@@ -157,3 +157,17 @@ def test_readme_catalogue_is_the_rule_table():
     text = (ROOT / "README.md").read_text()
     start, end = text.index(CATALOGUE_BEGIN), text.index(CATALOGUE_END) + len(CATALOGUE_END)
     assert text[start:end] == catalogue_markdown(), "run: python scripts/update_readme.py"
+
+
+def test_ci_runs_the_readmes_test_commands():
+    """CI runs what the README tells a newcomer to run: the default suite, then the framework
+    tests of the frameworks that install from the package index (the script's default)."""
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    default = 'python3 -m pip install -e ".[test,ray]" && python3 -m pytest -q'
+    assert default in readme
+    assert "python3 -m pytest -q" in ci and 'python3 -m pip install -e ".[test,ray]"' in ci
+    assert "```\nbash scripts/test-frameworks.sh\n```" in readme
+    script = (ROOT / "scripts" / "test-frameworks.sh").read_text()
+    assert "[ $# -gt 0 ] || set -- torchvision mmdet" in script
+    assert "bash scripts/test-frameworks.sh torchvision mmdet" in ci
