@@ -174,6 +174,27 @@ def test_runner_hook_from_the_readme_lines(tmp_path):
     assert_reproduces(folder, load_batch(folder / "batch.pt").meta["losses"])
 
 
+def test_the_hook_never_stops_a_run_it_cannot_model(tmp_path):
+    """MMDetection's own GIoU config trains; the hook says once what it cannot replay and the
+    Runner goes on to the end."""
+    from mmengine.runner import Runner
+
+    cfg = Config.fromfile(os.path.join(CONFIGS, "faster_rcnn/faster-rcnn_r50_fpn_giou_1x_coco.py"))
+    cfg.model.backbone.init_cfg = None
+    cfg.model.roi_head.bbox_head.num_classes = 3
+    runner = Runner(
+        model=cfg.model, work_dir=str(tmp_path / "work"), default_scope="mmdet",
+        train_dataloader=dict(dataset=Shapes(), sampler=dict(type="DefaultSampler", shuffle=False),
+                              batch_size=2, collate_fn=dict(type="pseudo_collate")),
+        train_cfg=dict(by_epoch=False, max_iters=2, val_interval=100),
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.01, momentum=0.9)),
+        custom_hooks=[dict(type="LossDoctorHook", every=1)], default_hooks=dict(checkpoint=None),
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="lossdoctor: not capturing this run: .*GIoULoss"):
+        runner.train()
+    assert runner.iter == 2
+
+
 class Shapes(torch.utils.data.Dataset):
     def __len__(self):
         return 8

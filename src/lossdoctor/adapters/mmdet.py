@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -341,6 +342,10 @@ class Capture(HookedCapture):
         return batch_fields(inputs, samples, self.seen["features"], proposals), self.run_info
 
 
+def _warn(message: str) -> None:
+    warnings.warn(f"lossdoctor: {message}", RuntimeWarning, stacklevel=3)
+
+
 def _hook_class():
     """``LossDoctorHook``, an mmengine Hook, registered in mmengine's and mmdet's HOOKS."""
     from mmengine.hooks import Hook
@@ -358,19 +363,28 @@ def _hook_class():
                 out_dir,
                 dict(every=every, grad_norm_above=grad_norm_above, once=once),
             )
-            self.capture, self.runner = None, None
+            self.capture, self.runner, self.failed = None, None, False
 
         def before_train(self, runner):
             optimizer = runner.optim_wrapper.optimizer
             folder = Path(runner.work_dir) / self.out_dir
-            self.capture = Capture(folder, runner.model, optimizer=optimizer, **self.options)
+            try:
+                self.capture = Capture(folder, runner.model, optimizer=optimizer, **self.options)
+            except Exception as e:  # an observer never stops the run it observes
+                _warn(f"not capturing this run: {e}")
+                return
             self.runner = runner
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._check())
 
         def _check(self):
             losses = self.capture.seen.get("losses")
-            if losses is not None:
+            if losses is None or self.failed:
+                return
+            try:
                 self.capture.check(self.runner.iter, losses)
+            except Exception as e:  # said once; the run goes on
+                self.failed = True
+                _warn(f"capturing stopped at iteration {self.runner.iter}: {e}")
 
     HOOKS.register_module(module=LossDoctorHook, force=True)
     try:
