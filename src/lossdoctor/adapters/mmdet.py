@@ -342,8 +342,39 @@ class Capture(HookedCapture):
         return batch_fields(inputs, samples, self.seen["features"], proposals), self.run_info
 
 
-def _warn(message: str) -> None:
-    warnings.warn(f"lossdoctor: {message}", RuntimeWarning, stacklevel=3)
+def _observed(what: str, action):
+    """``action()``, or None with one RuntimeWarning where it raises: an observer never stops the
+    run it observes."""
+    try:
+        return action()
+    except Exception as e:
+        warnings.warn(f"lossdoctor: {what}: {e}", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _start(hook, runner) -> None:
+    """The hook's capture, checking every optimizer step before the weights change."""
+    optimizer = runner.optim_wrapper.optimizer
+    folder = Path(runner.work_dir) / hook.out_dir
+    hook.capture = _observed(
+        "not capturing this run",
+        lambda: Capture(folder, runner.model, optimizer=optimizer, **hook.options),
+    )
+    if hook.capture is not None:
+        hook.runner = runner
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: _check_step(hook))
+
+
+def _check_step(hook) -> None:
+    """Check the step's loss and gradients; a capture that fails stops capturing, not training."""
+    losses = hook.capture.seen.get("losses")
+    if losses is None or hook.failed:
+        return
+    step = hook.runner.iter
+    done = _observed(
+        f"capturing stopped at iteration {step}", lambda: hook.capture.check(step, losses) or True
+    )
+    hook.failed = done is None
 
 
 def _hook_class():
@@ -366,25 +397,7 @@ def _hook_class():
             self.capture, self.runner, self.failed = None, None, False
 
         def before_train(self, runner):
-            optimizer = runner.optim_wrapper.optimizer
-            folder = Path(runner.work_dir) / self.out_dir
-            try:
-                self.capture = Capture(folder, runner.model, optimizer=optimizer, **self.options)
-            except Exception as e:  # an observer never stops the run it observes
-                _warn(f"not capturing this run: {e}")
-                return
-            self.runner = runner
-            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._check())
-
-        def _check(self):
-            losses = self.capture.seen.get("losses")
-            if losses is None or self.failed:
-                return
-            try:
-                self.capture.check(self.runner.iter, losses)
-            except Exception as e:  # said once; the run goes on
-                self.failed = True
-                _warn(f"capturing stopped at iteration {self.runner.iter}: {e}")
+            _start(self, runner)
 
     HOOKS.register_module(module=LossDoctorHook, force=True)
     try:
