@@ -355,7 +355,7 @@ def validate_batch(data) -> Batch:
 def find_suspicions(batch: Batch) -> list[Suspicion]:
     """Valid-but-suspicious content: the raw material of the data findings."""
     out = _feature_suspicions(batch)
-    xywh = looks_xywh(batch.gt_boxes, batch.image_sizes)
+    xywh = _looks_xywh(batch.gt_boxes, batch.image_sizes)
     for i, (boxes, ignore) in enumerate(zip(batch.gt_boxes, batch.gt_ignore)):
         if boxes.shape[0] == 0:
             out.append(Suspicion("empty-gt-image", f"image {i} has no GT box", image=i))
@@ -473,7 +473,7 @@ def _fits_as_xywh(boxes: Tensor, size: tuple[int, int]) -> bool:
     return bool((inside & (b[:, 1] + b[:, 3] <= h + tol)).all())
 
 
-def looks_xywh(boxes: list[Tensor], sizes: list[tuple[int, int]]) -> bool:
+def _looks_xywh(boxes: list[Tensor], sizes: list[tuple[int, int]]) -> bool:
     """(x, y, w, h) boxes read as (x1, y1, x2, y2): a whole batch's convention, not one box's. At
     least two and at least half of the finite boxes are inverted (w < x or h < y is common for
     such boxes), and every box fits inside its image as (x, y, w, h); one inverted box among
@@ -534,7 +534,7 @@ def _box_suspicions(i: int, boxes: Tensor, size: tuple[int, int], xywh: bool) ->
 
 
 def _xywh_suspicion(i: int, boxes: Tensor, inverted: Tensor) -> list[Suspicion]:
-    """One image's share of a batch that reads as (x, y, w, h) (see :func:`looks_xywh`)."""
+    """One image's share of a batch that reads as (x, y, w, h) (see :func:`_looks_xywh`)."""
     count = int(inverted.sum())
     if count == 0:
         return []
