@@ -242,8 +242,10 @@ def labels_one_based(f: Facts) -> list[Hit]:
 
 
 def _raw_torchvision_labels(r: Replay, labels: list[int]) -> bool:
-    meta = r.batch.meta
-    by_hand = meta.get("framework") == Framework.TORCHVISION and meta.get("adapter") is None
+    """A torchvision run whose dump kept the labels as given (no adapter shifted them to the
+    dump's 0..K-1), and they never use class 0."""
+    torchvision = r.batch.meta.get("framework") == Framework.TORCHVISION
+    by_hand = torchvision and r.batch.label_space.offset == 0
     return by_hand and bool(labels) and min(labels) >= 1
 
 
