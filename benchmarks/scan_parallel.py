@@ -25,6 +25,7 @@ import torch
 def write_dumps(root: Path, dumps: int, images: int) -> Path:
     """``dumps`` capture directories of the toy detector: steps x 2 ranks."""
     from lossdoctor import Capture
+    from lossdoctor.capture import periodic
     from lossdoctor.toy.data import batches
     from lossdoctor.toy.model import STRIDES, TinyDetector
 
@@ -39,7 +40,9 @@ def write_dumps(root: Path, dumps: int, images: int) -> Path:
             feats = model.features(images_)
         batch = dict(features=feats, image_sizes=sizes, gt_boxes=boxes, gt_labels=labels,
                      strides=list(STRIDES))  # fmt: skip
-        capture.write(step, "benchmark", torch.tensor(1.0), batch, {"rank": rank, "world_size": 2})
+        capture.write(
+            step, [periodic(step, 1)], torch.tensor(1.0), batch, {"rank": rank, "world_size": 2}
+        )
     return root
 
 

@@ -142,6 +142,7 @@ def toy_step_dumps(root, steps=(3, 7), world=2) -> list:
     import io
 
     from lossdoctor import Capture
+    from lossdoctor.capture import periodic
     from lossdoctor.inputs.dataclass_toml import to_dict
     from lossdoctor.inputs.profiles import legacy
     from lossdoctor.replay.engine import replay
@@ -166,7 +167,7 @@ def toy_step_dumps(root, steps=(3, 7), world=2) -> list:
             batch = dict(features=b.features, image_sizes=sizes, gt_boxes=boxes,
                          gt_labels=labels, strides=list(STRIDES))  # fmt: skip
             info = {"rank": rank, "world_size": world, "sample_seed": step}
-            capture.write(step, "every 1 steps", torch.tensor(1.0), batch, info)
+            capture.write(step, [periodic(step, 1)], torch.tensor(1.0), batch, info)
             if rank == 0:
                 r = replay(live_heads(model), b, toy_config(), [legacy()], seed=step)
                 loss = r.losses["legacy"].total

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -296,3 +297,168 @@ def test_a_ddp_wrapped_model_is_captured_on_each_rank(tmp_path, world):
         assert not any(k.startswith("module.") for k in weights)
     rep = F.inspect_json(step)
     assert rep["meta"]["run"]["framework"] == "torchvision"
+
+
+# ---- capture in the field ----------------------------------------------------------------------
+
+
+def _norm(model) -> float:
+    """The whole model's gradient norm, as a clip_grad_norm_ over every parameter sees it."""
+    sq = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None)
+    return math.sqrt(sq)
+
+
+def _meta(folder) -> dict:
+    return load_batch(Path(folder) / "batch.pt").meta
+
+
+def test_a_blow_up_is_captured_over_the_norm_and_at_the_first_nonfinite_step(tmp_path):
+    """An absurd LR: every step over ``grad_norm_above`` or non-finite is written while the
+    budget lasts, each with the trigger and the norms it saw."""
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=50.0)
+    capture = ld.Capture(tmp_path, model, grad_norm_above=1000, optimizer=opt, max_captures=3)
+    data, seen = batches(), []
+    for step in range(6):
+        images, targets = next(data)
+        loss_dict = model(images, targets)
+        opt.zero_grad()
+        sum(loss_dict.values()).backward()
+        finite = all(math.isfinite(float(v.detach())) for v in loss_dict.values())
+        seen.append((_norm(model), finite))
+        capture.check(step, loss_dict)
+        opt.step()
+    over = [k for k, (n, ok) in enumerate(seen) if ok and n > 1000]
+    bad = [k for k, (_, ok) in enumerate(seen) if not ok]
+    assert over and bad and over[0] < bad[0], seen
+    trouble = sorted(set(over) | set(bad))[:3]
+    assert over[0] in trouble and bad[0] in trouble
+    assert [p.name for p in capture.written] == [f"step_{k:06d}" for k in trouble]
+    first = _meta(tmp_path / f"step_{over[0]:06d}")
+    assert first["trigger"]["kind"] == "grad-norm" and first["trigger"]["threshold"] == 1000
+    assert first["trigger"]["value"] == pytest.approx(seen[over[0]][0], rel=1e-6)
+    norms = first["grad_norm"]
+    assert norms["model"] == pytest.approx(seen[over[0]][0], rel=1e-6)
+    assert 0 < norms["heads"] < norms["model"]
+    assert first["lr"] == 50.0 and first["optimizer"] == "SGD"
+    assert first["framework_version"] == tv.__version__
+    nan = _meta(tmp_path / f"step_{bad[0]:06d}")
+    assert nan["trigger"]["kind"] == "loss-not-finite" and nan["reason"].startswith("non-finite")
+    # the report says why the dump exists, with the norms the capture saw
+    out = CliRunner().invoke(app, ["inspect", str(tmp_path / f"step_{over[0]:06d}")]).output
+    assert "captured    because gradient norm" in out and "heads" in out
+
+
+def test_a_degenerate_box_is_captured_when_torchvisions_assertion_fires(tmp_path):
+    """The recipe unchanged: torchvision's assertion inside the forward writes the batch, and the
+    error reaches the loop as it was."""
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    capture = ld.Capture(tmp_path, model, optimizer=opt)
+    data = batches()
+    with pytest.raises(AssertionError, match="positive height and width"):
+        for step in range(3):
+            images, targets = next(data)
+            if step == 2:
+                x1, y1, x2, y2 = targets[0]["boxes"][1].tolist()
+                targets[0]["boxes"][1] = torch.tensor([x2, y2, x1, y1])
+            loss_dict = model(images, targets)
+            opt.zero_grad()
+            sum(loss_dict.values()).backward()
+            capture.check(step, loss_dict)
+            opt.step()
+    (folder,) = capture.written
+    assert folder.name == "step_000002"
+    trigger = _meta(folder)["trigger"]
+    assert trigger["kind"] == "exception" and trigger["value"].startswith("AssertionError: All")
+    (alarm,) = F.alarms(F.inspect_json(folder))
+    assert alarm[:2] == ("error", "degenerate-gt")
+
+
+def test_an_amp_loop_records_the_unscaled_norm_and_the_scale(tmp_path):
+    """CPU autocast in float16 with torch.amp.GradScaler: the gradients carry the loss scale,
+    the capture divides it out and records it."""
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    capture = ld.Capture(tmp_path, model, every=1, optimizer=opt, scaler=scaler)
+    images, targets = next(batches())
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss_dict = model(images, targets)
+    opt.zero_grad()
+    scaler.scale(sum(loss_dict.values())).backward()
+    scaled = _norm(model)
+    meta = _meta(capture.check(0, loss_dict))
+    scaler.step(opt)
+    scaler.update()
+    assert meta["grad_norm"]["loss_scale"] == 2.0**10 and meta["loss_scale"] == 2.0**10
+    assert meta["grad_norm"]["model"] == pytest.approx(scaled / 2.0**10, rel=1e-6)
+    assert meta["autocast"] == "float16"
+    # after scaler.unscale_ the gradients are plain: nothing more is divided
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss_dict = model(*next(batches(seed=3)))
+    opt.zero_grad()
+    scaler.scale(sum(loss_dict.values())).backward()
+    scaler.unscale_(opt)
+    meta = _meta(capture.check(1, loss_dict))
+    assert "loss_scale" not in meta["grad_norm"]
+    assert meta["grad_norm"]["model"] == pytest.approx(_norm(model), rel=1e-6)
+
+
+def test_a_model_it_cannot_replay_trains_on_and_inspect_refuses_its_captures(tmp_path):
+    """Anchors with other aspect ratios per level: said once at construction, the loop runs to
+    its end, captures are written, and inspect refuses them with the same message."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    ratios = ((0.5, 1.0, 2.0),) * 4 + ((1.0, 2.0, 0.5),)
+    gen = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ratios)
+    model = small_model(rpn_anchor_generator=gen)
+    with pytest.warns(RuntimeWarning, match="cannot be replayed.*aspect ratios"):
+        capture = ld.Capture(tmp_path, model, every=1)
+    train(model, 2, capture)
+    assert [p.name for p in capture.written] == ["step_000000", "step_000001"]
+    r = CliRunner().invoke(app, ["inspect", str(capture.written[0])])
+    assert r.exit_code == 2 and "cannot be replayed" in r.output and "aspect ratios" in r.output
+
+
+def test_keep_previous_writes_the_step_before_a_nonfinite_one(tmp_path):
+    """The step before the first NaN, held in memory with a copy of the heads' weights, is
+    written when the NaN comes; its checkpoint holds the heads only."""
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=50.0)
+    capture = ld.Capture(tmp_path, model, keep_previous=True, optimizer=opt)
+    data, finite = batches(), []
+    for step in range(4):
+        loss_dict = model(*next(data))
+        opt.zero_grad()
+        sum(loss_dict.values()).backward()
+        finite.append(all(math.isfinite(float(v.detach())) for v in loss_dict.values()))
+        capture.check(step, loss_dict)
+        opt.step()
+    first_bad = finite.index(False)
+    before = tmp_path / f"step_{first_bad - 1:06d}"
+    assert capture.written[0] == before
+    meta = _meta(before)
+    assert (
+        meta["trigger"]["kind"] == "step-before-not-finite" and meta["weights"]["saved"] == "heads"
+    )
+    weights = torch.load(before / "checkpoint.pt", weights_only=True)
+    assert weights and all(k.startswith(("rpn.", "roi_heads.")) for k in weights)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert F.inspect_json(before)["meta"]["batch"]["meta"]["step"] == first_bad - 1
+
+
+def test_a_heads_only_capture_still_finds_nonfinite_weights_elsewhere(tmp_path):
+    """weights="heads": the checkpoint holds the heads; a NaN in the backbone is still named,
+    from the summary the capture wrote."""
+    model = small_model()
+    capture = ld.Capture(tmp_path, model, every=1, weights="heads")
+    loss_dict = model(*next(batches()))
+    sum(loss_dict.values()).backward()
+    with torch.no_grad():
+        model.backbone.fpn.layer_blocks[0][0].weight[0, 0, 0, 0] = float("nan")
+    folder = capture.check(0, loss_dict)
+    weights = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert not any(k.startswith("backbone.") for k in weights)
+    codes = {f["code"]: f for f in F.inspect_json(folder)["findings"]}
+    assert "backbone.fpn.layer_blocks.0.0" in codes["nonfinite-weights"]["message"]

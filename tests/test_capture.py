@@ -18,12 +18,12 @@ from lossdoctor.toy.train import make_batch
 POISON_STEP = 3
 
 
-def test_capture_writes_one_dump_at_the_first_nonfinite_step_and_it_replays(tmp_path):
+def test_capture_writes_each_nonfinite_step_within_its_budget_and_it_replays(tmp_path):
     torch.manual_seed(0)
     model = TinyDetector()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     log = io.StringIO()
-    capture = Capture(tmp_path / "dumps", model, stream=log)
+    capture = Capture(tmp_path / "dumps", model, stream=log, max_captures=2, optimizer=opt)
     stream = batches(0, 2)
     losses = []
     for step in range(POISON_STEP + 3):
@@ -51,14 +51,20 @@ def test_capture_writes_one_dump_at_the_first_nonfinite_step_and_it_replays(tmp_
         opt.step()  # NaN weights from here on: every later step is non-finite too
     bad_steps = [i for i, t in enumerate(losses) if not all(math.isfinite(v) for v in t.values())]
     assert bad_steps[0] == POISON_STEP and len(bad_steps) > 1
-    assert [p.name for p in capture.written] == [f"step_{POISON_STEP:06d}"]
-    assert sorted(p.name for p in (tmp_path / "dumps").iterdir()) == [f"step_{POISON_STEP:06d}"]
+    # every non-finite step is written until the budget of 2 is spent
+    want = [f"step_{POISON_STEP:06d}", f"step_{POISON_STEP + 1:06d}"]
+    assert [p.name for p in capture.written] == want
+    assert sorted(p.name for p in (tmp_path / "dumps").iterdir()) == want
     folder = capture.written[0]
     assert f"lossdoctor inspect {folder}\n" in log.getvalue()
     dumped = load_batch(folder / "batch.pt")
     assert dumped.meta["step"] == POISON_STEP and dumped.meta["reason"].startswith(
         "non-finite loss"
     )
+    trigger = dumped.meta["trigger"]
+    assert trigger["kind"] == "loss-not-finite" and trigger["value"] == "nan"
+    # the run's facts, from the optimizer given once
+    assert dumped.meta["lr"] == 0.01 and dumped.meta["optimizer"] == "SGD"
     # the dump replays to the same losses: the same terms non-finite, the finite ones equal
     again = run_replay(
         folder / "checkpoint.pt",

@@ -50,6 +50,13 @@ def resolve_inputs(
     if not isinstance(checkpoint, HeadWeights):
         heads = load_checkpoint(checkpoint, unsafe=unsafe_load)
     batch = batch if isinstance(batch, Batch) else load_batch(batch)
+    unsupported = batch.meta.get("unsupported")
+    if unsupported is not None:
+        raise InputError(f"this capture's model cannot be replayed: {unsupported}")
+    if not isinstance(checkpoint, HeadWeights):
+        # a heads-only capture: what the rest of the model held, as the capture summarized it
+        summary = batch.meta.get("weights") or {}
+        heads.nonfinite_elsewhere.update(summary.get("nonfinite_elsewhere") or {})
     if config is None:
         recorded = batch.meta.get("config")
         config = preset(heads.layout) if recorded is None else config_from_meta(recorded)

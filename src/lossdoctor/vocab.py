@@ -299,3 +299,26 @@ class MaskTarget(StrEnum):
     TORCHVISION = "torchvision"  # RoIAlign (not aligned, adaptive sampling), fractional values
     MMDET = "mmdet"  # the RoI clipped to the mask; aligned RoIAlign, then >= 0.5
     DETECTRON2 = "detectron2"  # aligned RoIAlign, then >= 0.5
+
+
+class Trigger(StrEnum):
+    """Why a capture was written, as its ``meta["trigger"]["kind"]`` records it."""
+
+    NONFINITE_LOSS = "loss-not-finite"
+    NONFINITE_GRAD = "grad-not-finite"
+    GRAD_NORM = "grad-norm"
+    EXCEPTION = "exception"  # raised inside the model's forward or loss
+    BEFORE_NONFINITE = "step-before-not-finite"  # the step before a non-finite one, kept in memory
+    PERIODIC = "periodic"  # every N steps, asked for
+
+    @property
+    def trouble(self) -> bool:
+        """Whether it counts against the capture budget (everything but the period)."""
+        return self is not Trigger.PERIODIC
+
+
+class Weights(StrEnum):
+    """What a capture's checkpoint holds."""
+
+    ALL = "whole-model"  # the whole model's state_dict
+    HEADS = "heads"  # the heads' tensors; the rest summarized (finiteness, norm) in the meta

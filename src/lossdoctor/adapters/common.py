@@ -4,15 +4,19 @@ directory from a framework's forward."""
 from __future__ import annotations
 
 import math
+import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..capture import BATCH_FILE, CHECKPOINT_FILE, Capture
+from ..capture import BATCH_FILE, CHECKPOINT_FILE, Capture, autocast_dtype
 from ..inputs.batch import dump_batch
 from ..inputs.config import DetectorConfig
 from ..inputs.dataclass_toml import to_dict
+from ..inputs.errors import InputError
 from ..inputs.files import save_torch
 
 
@@ -38,33 +42,107 @@ def write_dump(out_dir: str | Path, state_dict: dict, batch: dict, meta: dict) -
     return folder
 
 
-def unwrap(model):
-    """The model inside a (Distributed)DataParallel wrapper (mmengine's and Detectron2's subclass
-    torch's), else the model: its hooks, weights and config are the inner model's."""
-    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
+def observed(what: str, action):
+    """``action()``, or None with one RuntimeWarning where it raises: an observer never stops the
+    run it observes."""
+    try:
+        return action()
+    except Exception as e:
+        warnings.warn(f"lossdoctor: {what}: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=3)
+        return None
+
+
+@contextmanager
+def untouched(module: torch.nn.Module):
+    """Run ``module`` without a trace: no gradient, its buffers (BatchNorm statistics) restored
+    and the global RNG as it was (a transform draws its resize size from it)."""
+    saved = {k: b.clone() for k, b in module.named_buffers()}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        try:
+            yield
+        finally:
+            for k, b in module.named_buffers():
+                b.copy_(saved[k])
+
+
+def describe(framework, package: str, model_meta) -> dict:
+    """The run meta a framework's captures carry: ``model_meta()`` (config and profile) and the
+    framework's version. A model lossdoctor cannot replay is said once, here, as a warning; its
+    captures are still written and ``inspect`` refuses them with the same message."""
+    try:
+        version = str(__import__(package).__version__)
+    except (ImportError, AttributeError):
+        version = None
+    facts = {"framework": framework, "framework_version": version}
+    try:
+        return {**model_meta(), **facts}
+    except Exception as e:  # a head, loss or coder lossdoctor has no replay for
+        message = str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}"
+        warnings.warn(
+            f"lossdoctor: this model cannot be replayed ({message}); its captures are still "
+            "written, and inspect will refuse them",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return {**facts, "unsupported": message}
 
 
 class HookedCapture(Capture):
     """A :class:`~lossdoctor.Capture` that finds the batch in what forward hooks recorded during
     the step's own forward, so the training loop stays as it is: construct it once, call
-    ``check(step, loss_dict)`` after ``backward()``."""
+    ``check(step, loss_dict)`` after ``backward()``. A training forward that raises is captured
+    from what its hooks had seen, and the error goes on unchanged."""
 
     def __init__(self, directory, model, **kw):
-        super().__init__(directory, unwrap(model), **kw)
+        super().__init__(directory, model, **kw)
         self.seen: dict = {}
         self.handles = []
+        self.run_info: dict = {"framework": self.framework}
+        self.observe("construction (not capturing this run)", self._start)
 
-    def hook(self, module: torch.nn.Module, name: str, pick=lambda args, kwargs, out: out) -> None:
+    def _start(self) -> None:
+        self.install(self.model)
+        m = self.model
+        self.handles.append(m.register_forward_pre_hook(self._forward_starts))
+        self.handles.append(
+            m.register_forward_hook(self._forward_ends, with_kwargs=True, always_call=True)
+        )
+        self.run_info = self.describe()
+
+    def install(self, model) -> None:
+        """Register the framework's forward hooks (per framework)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """The run meta of every capture (per framework, through :func:`describe`)."""
+        raise NotImplementedError
+
+    def hook(self, module, name: str, pick=lambda args, kwargs, out: out, always=False) -> None:
         """Record ``pick(args, kwargs, output)`` of ``module``'s forward as ``seen[name]``; a
-        ``pick`` that returns None records nothing."""
+        ``pick`` that returns None records nothing. ``always``: also when the forward raises
+        (the output is then None)."""
 
         def record(_module, args, kwargs, output):
             value = pick(args, kwargs, output)
             if value is not None:
                 self.seen[name] = value
 
-        self.handles.append(module.register_forward_hook(record, with_kwargs=True))
+        handle = module.register_forward_hook(record, with_kwargs=True, always_call=always)
+        self.handles.append(handle)
+
+    def _forward_starts(self, module, args) -> None:
+        if module.training:
+            self.seen.clear()  # one training forward at a time (the last micro-batch's)
+            self.seen["autocast"] = autocast_dtype()
+
+    def _forward_ends(self, module, args, kwargs, output) -> None:
+        error = sys.exc_info()[1]
+        if output is not None or error is None or not module.training:
+            return
+        try:
+            self.exception(error, lambda: self._batch(self.batch_after_exception(args, kwargs)))
+        finally:
+            self.seen.clear()
 
     def remove(self) -> None:
         """Stop recording (the hooks are removed from the model)."""
@@ -76,14 +154,23 @@ class HookedCapture(Capture):
         """The dump_batch arguments and extra meta for the recorded forward (per framework)."""
         raise NotImplementedError
 
+    def batch_after_exception(self, args, kwargs) -> tuple[dict, dict]:
+        """The same for a forward that raised: what its hooks had seen, the rest (features, at
+        least) computed from its inputs without a trace (per framework)."""
+        raise NotImplementedError
+
+    def _batch(self, found: tuple[dict, dict]) -> tuple[dict, dict]:
+        batch, extra = found
+        amp = {"autocast": self.seen.get("autocast")} if self.seen.get("autocast") else {}
+        return batch, {**self.run_info, **amp, **extra}
+
     def check(self, step: int, loss, *, meta: dict | None = None) -> Path | None:
         """Call once per step after ``backward()`` and before ``optimizer.step()``, with the
-        framework's loss dict. Returns the folder written, if any."""
-        why = self.reason(step, loss)
+        framework's loss dict. Returns the folder written, if any; never raises."""
         try:
-            if why is None:
-                return None
-            batch, extra = self.batch_from_forward()
-            return self.write(step, why, loss, batch, {**extra, **(meta or {})})
+            return self.observe(
+                f"step {step}",
+                lambda: self.step(step, loss, lambda: self._batch(self.batch_from_forward()), meta),
+            )
         finally:
             self.seen.clear()  # hold no tensor of this step past its backward

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..capture import unwrap
 from ..inputs.config import (
     AnchorConfig,
     CascadeConfig,
@@ -41,7 +42,7 @@ from ..inputs.dataclass_toml import to_dict
 from ..inputs.errors import InputError
 from ..inputs.profiles import detectron2 as builtin_profile
 from ..vocab import CascadeScores, Framework, LossKind, Mapper, MaskTarget, Ranking, Term
-from .common import HookedCapture, level_names, run_meta, write_dump
+from .common import HookedCapture, describe, level_names, observed, run_meta, untouched, write_dump
 
 # the Matcher's labels for (below, between, above) its thresholds
 RPN_LABELS, ROI_LABELS = [0, -1, 1], [0, 1]
@@ -292,7 +293,7 @@ def dump(
     """Write a capture directory for one batch as the data loader yields it (dicts with
     ``image`` and ``instances``): runs ``model.preprocess_image``, the backbone and the RPN's
     proposal step under ``no_grad``."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     with torch.no_grad():
         images = model.preprocess_image(batched_inputs)
         features = model.backbone(images.tensor)
@@ -307,9 +308,12 @@ def dump(
 
 
 def _rpn_call(args, kwargs, output):
+    """What the RPN saw (images, features, GT) and made; also when it raised (no proposals)."""
     images, features = args[0], args[1]
     gt = args[2] if len(args) > 2 else kwargs.get("gt_instances")
-    return (images, features, gt, output[0]) if gt is not None else None
+    if gt is None:
+        return None
+    return images, features, gt, output[0] if output is not None else None
 
 
 class Capture(HookedCapture):
@@ -318,42 +322,76 @@ class Capture(HookedCapture):
 
     framework = Framework.DETECTRON2
 
-    def __init__(self, directory, model, **kw):
-        model = getattr(model, "module", model)
-        super().__init__(directory, model, **kw)
-        self.hook(model.proposal_generator, "proposal_generator", _rpn_call)
+    def install(self, model) -> None:
+        self.hook(model.proposal_generator, "proposal_generator", _rpn_call, always=True)
         self.hook(model, "losses", lambda args, kwargs, out: out if isinstance(out, dict) else None)
-        self.run_info = _meta(model, None)
+
+    def describe(self) -> dict:
+        return describe(Framework.DETECTRON2, "detectron2", lambda: _meta(self.model, None))
 
     def batch_from_forward(self) -> tuple[dict, dict]:
         if "proposal_generator" not in self.seen:
             raise RuntimeError("no training forward of the model was recorded before check()")
         images, features, gt, proposals = self.seen["proposal_generator"]
-        return batch_fields(images, features, gt, proposals), self.run_info
+        return batch_fields(images, features, gt, proposals), {}
+
+    def batch_after_exception(self, args, kwargs) -> tuple[dict, dict]:
+        """The RPN's inputs where it ran (it raises on non-finite proposals), else the
+        preprocessed images and the backbone's features, computed here."""
+        if "proposal_generator" not in self.seen:
+            model, batched = self.model, args[0] if args else kwargs["batched_inputs"]
+            with untouched(model):
+                images = model.preprocess_image(batched)
+                features = model.backbone(images.tensor)
+            gt = [x["instances"].to(model.device) for x in batched]
+            self.seen["proposal_generator"] = (images, features, gt, None)
+        return self.batch_from_forward()
+
+
+def _start(hook) -> None:
+    """The hook's capture on the trainer's model. ``DefaultTrainer`` runs its steps in an inner
+    ``SimpleTrainer`` or ``AMPTrainer`` (``_trainer``) whose own hooks get ``after_backward``:
+    the hook joins them."""
+    outer = hook.trainer
+    inner = getattr(outer, "_trainer", outer)
+    if inner is not outer and hook not in inner._hooks:
+        inner._hooks.append(hook)
+    options = {**hook.options, "optimizer": inner.optimizer}
+    options["scaler"] = getattr(inner, "grad_scaler", None)
+    hook.capture = Capture(hook.out_dir, inner.model, **options)
+    hook.capture.next_step = outer.iter
+
+
+def _check(hook) -> None:
+    """Check the step: its loss dict (from the model's forward) and its gradients."""
+    if hook.capture is None:  # registered on a trainer whose before_train did not run
+        observed("not capturing this run", lambda: _start(hook))
+    capture = hook.capture
+    if capture is not None and capture.seen.get("losses") is not None:
+        capture.check(hook.trainer.iter, capture.seen["losses"])
 
 
 def _hook_class():
     from detectron2.engine import HookBase
 
     class LossDoctorHook(HookBase):
-        """Captures in ``after_backward``: the loss of the step's forward, its gradients, and the
-        weights before the optimizer steps."""
+        """Captures in ``after_backward`` (after the loss scaler's backward under AMP): the loss
+        of the step's forward, its gradients, and the weights before the optimizer steps.
+        Registered on ``DefaultTrainer``, ``SimpleTrainer`` or ``AMPTrainer`` (or the inner
+        trainer of a ``DefaultTrainer``); takes :class:`Capture`'s options."""
 
-        def __init__(self, out_dir="lossdoctor-dumps", every=None, grad_norm_above=None, once=True):
-            self.out_dir, self.options = (
-                out_dir,
-                dict(every=every, grad_norm_above=grad_norm_above, once=once),
-            )
-            self.capture = None
+        def __init__(self, out_dir="lossdoctor-dumps", **options):
+            self.out_dir, self.options, self.capture = out_dir, options, None
 
         def before_train(self):
-            t = self.trainer
-            self.capture = Capture(self.out_dir, t.model, optimizer=t.optimizer, **self.options)
+            observed("not capturing this run", lambda: _start(self))
+
+        def before_step(self):
+            if self.capture is not None:
+                self.capture.next_step = self.trainer.iter
 
         def after_backward(self):
-            losses = self.capture.seen.get("losses")
-            if losses is not None:
-                self.capture.check(self.trainer.iter, losses)
+            _check(self)
 
     return LossDoctorHook
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from pathlib import Path
 
 import torch
 
+from ..capture import unwrap
 from ..inputs.config import (
     AnchorConfig,
     CascadeConfig,
@@ -44,7 +44,7 @@ from ..inputs.dataclass_toml import to_dict
 from ..inputs.errors import InputError
 from ..inputs.profiles import mmdet, mmdet_cascade
 from ..vocab import Framework, LossKind, Mapper, MaskTarget, Part, Ranking, Term
-from .common import HookedCapture, level_names, run_meta, write_dump
+from .common import HookedCapture, describe, level_names, observed, run_meta, untouched, write_dump
 
 # MMDetection's delta2bbox clamps dw, dh to |log(wh_ratio_clip)| with wh_ratio_clip = 16 / 1000
 WH_RATIO_CLIP = 16 / 1000
@@ -302,7 +302,7 @@ def _meta(model, meta):
 def dump(out_dir: str | Path, model, data_batch: dict, *, meta: dict | None = None) -> Path:
     """Write a capture directory for one batch as the dataloader yields it: runs the model's
     ``data_preprocessor``, ``extract_feat`` and its RPN under ``no_grad``."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     with torch.no_grad():
         data = model.data_preprocessor(data_batch, True)
         feats = model.extract_feat(data["inputs"])
@@ -313,6 +313,7 @@ def dump(out_dir: str | Path, model, data_batch: dict, *, meta: dict | None = No
 
 
 def _model_input(args, kwargs, output):
+    """The inputs and data samples of a ``mode="loss"`` forward (also when it raised)."""
     if kwargs.get("mode", args[2] if len(args) > 2 else None) != "loss":
         return None
     inputs = kwargs.get("inputs", args[0] if args else None)
@@ -325,56 +326,65 @@ class Capture(HookedCapture):
 
     framework = Framework.MMDET
 
-    def __init__(self, directory, model, **kw):
-        model = getattr(model, "module", model)
-        super().__init__(directory, model, **kw)
-        self.hook(model, "model_input", _model_input)
+    def install(self, model) -> None:
+        self.hook(model, "model_input", _model_input, always=True)
         self.hook(model, "losses", lambda args, kwargs, out: out if isinstance(out, dict) else None)
         self.hook(model.neck, "features")
         self.hook(model.rpn_head, "rpn_outs")
-        self.run_info = _meta(model, None)
+
+    def describe(self) -> dict:
+        return describe(Framework.MMDET, "mmdet", lambda: _meta(self.model, None))
 
     def batch_from_forward(self) -> tuple[dict, dict]:
         if "model_input" not in self.seen:
             raise RuntimeError("no training forward of the model (mode='loss') was recorded")
         inputs, samples = self.seen["model_input"]
-        proposals = rpn_proposals(self.model, self.seen["rpn_outs"], samples)
-        return batch_fields(inputs, samples, self.seen["features"], proposals), self.run_info
+        rpn_outs = self.seen.get("rpn_outs")
+        proposals = rpn_proposals(self.model, rpn_outs, samples) if rpn_outs else None
+        return batch_fields(inputs, samples, self.seen["features"], proposals), {}
+
+    def batch_after_exception(self, args, kwargs) -> tuple[dict, dict]:
+        """What the forward had seen; the FPN features computed here where it had not."""
+        if "features" not in self.seen and "model_input" in self.seen:
+            with untouched(self.model):
+                self.seen["features"] = self.model.extract_feat(self.seen["model_input"][0])
+        return self.batch_from_forward()
 
 
-def _observed(what: str, action):
-    """``action()``, or None with one RuntimeWarning where it raises: an observer never stops the
-    run it observes."""
-    try:
-        return action()
-    except Exception as e:
-        warnings.warn(f"lossdoctor: {what}: {e}", RuntimeWarning, stacklevel=3)
-        return None
+def _accumulation(wrapper) -> dict:
+    """Which micro-batch of an accumulated step the capture holds (the last forward's)."""
+    counts = int(getattr(wrapper, "_accumulative_counts", 1))
+    if counts == 1:
+        return {}
+    k = (int(wrapper._inner_count) - 1) % counts + 1
+    note = "the batch is this micro-batch; the gradients sum all of them"
+    return {"accumulation": {"micro_batches": counts, "captured": k, "note": note}}
 
 
 def _start(hook, runner) -> None:
-    """The hook's capture, checking every optimizer step before the weights change."""
-    optimizer = runner.optim_wrapper.optimizer
+    """The hook's capture, checking each optimizer step before the wrapper steps (before the
+    loss scaler unscales, clips, or skips a non-finite step)."""
+    wrapper = runner.optim_wrapper
+    options = {**hook.options, "optimizer": wrapper.optimizer}
+    options["scaler"] = getattr(wrapper, "loss_scaler", None)
     folder = Path(runner.work_dir) / hook.out_dir
-    hook.capture = _observed(
-        "not capturing this run",
-        lambda: Capture(folder, runner.model, optimizer=optimizer, **hook.options),
-    )
-    if hook.capture is not None:
-        hook.runner = runner
-        optimizer.register_step_pre_hook(lambda opt, args, kwargs: _check_step(hook))
+    hook.capture = Capture(folder, runner.model, **options)
+    hook.runner = runner
+    steps = wrapper.step
+
+    def step(*args, **kwargs):
+        _check_step(hook)
+        return steps(*args, **kwargs)
+
+    wrapper.step = step
 
 
 def _check_step(hook) -> None:
-    """Check the step's loss and gradients; a capture that fails stops capturing, not training."""
-    losses = hook.capture.seen.get("losses")
-    if losses is None or hook.failed:
-        return
-    step = hook.runner.iter
-    done = _observed(
-        f"capturing stopped at iteration {step}", lambda: hook.capture.check(step, losses) or True
-    )
-    hook.failed = done is None
+    capture = hook.capture
+    losses = capture.seen.get("losses")
+    if losses is not None:
+        meta = observed("the accumulation count", lambda: _accumulation(hook.runner.optim_wrapper))
+        capture.check(hook.runner.iter, losses, meta=meta)
 
 
 def _hook_class():
@@ -385,19 +395,20 @@ def _hook_class():
     class LossDoctorHook(Hook):
         """Captures from inside the Runner: each optimizer step checks the loss of the forward
         and the gradients before the weights change (the checkpoint holds the weights that made
-        that loss). ``out_dir`` is relative to the work dir."""
+        that loss). ``out_dir`` is relative to the work dir; takes :class:`Capture`'s options."""
 
         priority = "LOW"
 
-        def __init__(self, out_dir="lossdoctor-dumps", every=None, grad_norm_above=None, once=True):
-            self.out_dir, self.options = (
-                out_dir,
-                dict(every=every, grad_norm_above=grad_norm_above, once=once),
-            )
-            self.capture, self.runner, self.failed = None, None, False
+        def __init__(self, out_dir="lossdoctor-dumps", **options):
+            self.out_dir, self.options = out_dir, options
+            self.capture, self.runner = None, None
 
         def before_train(self, runner):
-            _start(self, runner)
+            observed("not capturing this run", lambda: _start(self, runner))
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            if self.capture is not None:
+                self.capture.next_step = runner.iter
 
     HOOKS.register_module(module=LossDoctorHook, force=True)
     try:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..capture import unwrap
 from ..inputs.config import (
     AnchorConfig,
     CoderConfig,
@@ -38,7 +39,7 @@ from ..inputs.config import (
 )  # fmt: skip
 from ..inputs.errors import InputError
 from ..vocab import Framework, Mapper, MaskTarget, Ranking
-from .common import HookedCapture, level_names, run_meta, unwrap, write_dump
+from .common import HookedCapture, describe, level_names, run_meta, untouched, write_dump
 
 PROFILE = "torchvision"
 # torchvision's postprocess drops boxes smaller than this (roi_heads.postprocess_detections)
@@ -172,10 +173,18 @@ def dump(out_dir: str | Path, model, images, targets, *, meta: dict | None = Non
         image_list, tgts = model.transform(images, targets)
         features = model.backbone(image_list.tensors)
         proposals = _rpn_proposals(model.rpn, image_list, features)
-    info = run_meta(Framework.TORCHVISION, PROFILE, detector_config(model), meta)
-    return write_dump(
-        out_dir, model.state_dict(), batch_fields(image_list, tgts, features, proposals), info
-    )
+    batch = batch_fields(image_list, tgts, features, proposals)
+    return write_dump(out_dir, model.state_dict(), batch, _meta(model, meta))
+
+
+def _meta(model, meta: dict | None) -> dict:
+    return run_meta(Framework.TORCHVISION, PROFILE, detector_config(model), meta)
+
+
+def _model_call(args, kwargs) -> tuple:
+    """(images, targets) of a ``model(images, targets)`` call."""
+    images = args[0] if args else kwargs.get("images")
+    return images, args[1] if len(args) > 1 else kwargs.get("targets")
 
 
 class Capture(HookedCapture):
@@ -183,13 +192,13 @@ class Capture(HookedCapture):
 
     framework = Framework.TORCHVISION
 
-    def __init__(self, directory, model, **kw):
-        model = unwrap(model)  # a DistributedDataParallel model's hooks go on the inner model
-        super().__init__(directory, model, **kw)
+    def install(self, model) -> None:
         self.hook(model.transform, "transformed")
         self.hook(model.backbone, "features")
         self.hook(model.rpn, "proposals", lambda args, kwargs, out: out[0])
-        self.config = detector_config(model)
+
+    def describe(self) -> dict:
+        return describe(Framework.TORCHVISION, "torchvision", lambda: _meta(self.model, None))
 
     def batch_from_forward(self) -> tuple[dict, dict]:
         if "transformed" not in self.seen:
@@ -198,4 +207,16 @@ class Capture(HookedCapture):
         if targets is None:
             raise RuntimeError("the recorded forward had no targets: call check() in training")
         batch = batch_fields(image_list, targets, self.seen["features"], self.seen.get("proposals"))
-        return batch, run_meta(Framework.TORCHVISION, PROFILE, self.config, None)
+        return batch, {}
+
+    def batch_after_exception(self, args, kwargs) -> tuple[dict, dict]:
+        """torchvision asserts on its targets (boxes without area, after the transform) before
+        the backbone runs: the transform and the backbone are run here where they did not."""
+        model = self.model
+        if "transformed" not in self.seen:
+            with untouched(model):
+                self.seen["transformed"] = model.transform(*_model_call(args, kwargs))
+        if "features" not in self.seen:
+            with untouched(model.backbone):
+                self.seen["features"] = model.backbone(self.seen["transformed"][0].tensors)
+        return self.batch_from_forward()

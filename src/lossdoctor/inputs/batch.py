@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..vocab import Framework
+from ..vocab import Framework, Trigger, Weights
 from .errors import InputError
 from .files import save_torch
 from .finite import all_finite
@@ -307,7 +307,25 @@ META_KEYS = {
         lambda v: isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()),
         "a dict loss name -> value (the framework's loss dict at that step)",
     ),
+    "unsupported": (lambda v: isinstance(v, str), "a message (what lossdoctor cannot replay)"),
+    "trigger": (
+        lambda v: isinstance(v, dict) and v.get("kind") in set(Trigger),
+        f"a dict whose kind is one of {', '.join(Trigger)}",
+    ),
+    "weights": (
+        lambda v: (
+            isinstance(v, dict)
+            and v.get("saved") in set(Weights)
+            and _counts(v.get("nonfinite_elsewhere", {}))
+        ),
+        f"a dict whose 'saved' is one of {', '.join(Weights)}, with 'nonfinite_elsewhere' a "
+        "dict tensor name -> count",
+    ),
 }
+
+
+def _counts(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and _is_int(n, 0) for k, n in v.items())
 
 
 def _check_meta(meta) -> dict:

@@ -107,6 +107,9 @@ def header(report: Report) -> Text:
         f"detector    {m['config']['name']} config; {h['classes']} classes (background "
         f"{h['background']}), {h['anchors']} anchors/location, {h['channels']} channels" + it + "\n"
     )
+    why = captured_because(report)
+    if why:
+        t.append(f"captured    because {why}\n", style="bold")
     sampling = "every candidate (--sample-all)" if m["sample_all"] else f"seed {m['seed']}"
     t.append(f"profiles    {_profiles(report)}; sampling {sampling}")
     if ck.get("replaced"):
@@ -122,6 +125,30 @@ def header(report: Report) -> Text:
         )
         t.append(note, style="dim")
     return t
+
+
+def captured_because(report: Report) -> str:
+    """Why the dump exists, as its capture recorded it, with the gradient norm it saw (the whole
+    model's and the heads', unscaled) beside the heads' norm the replay computes under the run's
+    own profile."""
+    dump = report.meta["batch"].get("meta", {})
+    if not dump.get("reason"):
+        return ""
+    out = dump["reason"]
+    seen = dump.get("grad_norm") or {}
+    if seen:
+        heads = f", heads {num(seen['heads']).plain}" if seen.get("heads") is not None else ""
+        scale = (
+            f" (unscaled: loss scale {num(seen['loss_scale']).plain})"
+            if "loss_scale" in seen
+            else ""
+        )
+        out += f"; norms at capture: whole model {num(seen['model']).plain}{heads}{scale}"
+    own = (report.meta.get("run") or {}).get("own")
+    row = next((r for r in report.tables.get("profiles", []) if r["profile"] == own), None)
+    if row is not None and seen:
+        out += f"; replayed heads ({own}) {num(row['grad_total_norm']).plain}"
+    return out
 
 
 def _profiles(report: Report) -> str:
