@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -15,10 +16,10 @@ from typer.testing import CliRunner
 
 import factories as F
 
-F.framework("detectron2")
+detectron2 = F.framework("detectron2")
 from detectron2 import model_zoo  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.engine import SimpleTrainer  # noqa: E402
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
@@ -37,6 +38,12 @@ REL = 1e-5
 
 
 def build(config=CONFIG, every=True, norm=None):
+    cfg = config_of(config, every, norm)
+    torch.manual_seed(0)
+    return build_model(cfg).train()
+
+
+def config_of(config=CONFIG, every=True, norm=None):
     cfg = get_cfg()
     cfg.merge_from_file(config)
     if norm is not None:
@@ -46,8 +53,7 @@ def build(config=CONFIG, every=True, norm=None):
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
     if every:
         cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = EVERY
-    torch.manual_seed(0)
-    return build_model(cfg).train()
+    return cfg
 
 
 def batches(seed=1):
@@ -319,3 +325,148 @@ def test_a_box_with_swapped_corners_is_one_finding(tmp_path):
     folder = _steps(build(), tmp_path, swapped)[0].written[0]  # the step the box first enters
     (alarm,) = F.alarms(F.inspect_json(folder))
     assert alarm[:2] == ("error", "degenerate-gt") and "x1/x2 and y1/y2" in alarm[2]
+
+
+# ---- capture in the field: every trainer -------------------------------------------------------
+
+
+class Trainer(DefaultTrainer):
+    """Detectron2's DefaultTrainer as users subclass it: its data loader and writers replaced
+    (the small batches above; no event files), the rest its own."""
+
+    data: list = []
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return cls.data
+
+    def build_writers(self):
+        return []
+
+
+def default_trainer(tmp_path, steps=2, lr=0.001, **solver):
+    cfg = config_of()
+    cfg.OUTPUT_DIR, cfg.SOLVER.IMS_PER_BATCH = str(tmp_path / "out"), 2
+    cfg.SOLVER.MAX_ITER, cfg.SOLVER.BASE_LR, cfg.SOLVER.WARMUP_ITERS = steps, lr, 0
+    cfg.SOLVER.CHECKPOINT_PERIOD, cfg.TEST.EVAL_PERIOD, cfg.DATASETS.TEST = 10**6, 0, ()
+    (tmp_path / "out").mkdir()
+    for key, value in solver.items():
+        setattr(cfg.SOLVER, key, value)
+    data = batches()
+    Trainer.data = [next(data) for _ in range(steps)]
+    torch.manual_seed(0)
+    return Trainer(cfg)
+
+
+def readme_hook(trainer, tmp_path, monkeypatch, extra: str = "") -> Path:
+    """The README's lines, executed as written (``extra`` options added to the hook's)."""
+    text = (ROOT / "README.md").read_text()
+    recipe = re.search(r"<!-- recipe: detectron2 -->\n```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(recipe.replace("grad_norm_above=1000", f"grad_norm_above=1000{extra}"),
+         {"trainer": trainer})  # noqa: S102  # fmt: skip
+    return tmp_path / "lossdoctor-dumps"
+
+
+@pytest.mark.parametrize("on", ["default", "inner"], ids=["DefaultTrainer", "its-inner-trainer"])
+def test_readme_hook_in_a_default_trainer(tmp_path, monkeypatch, on):
+    """DefaultTrainer runs its steps in an inner SimpleTrainer: the hook captures whether it is
+    registered on the DefaultTrainer (as the README says) or on that inner trainer."""
+    trainer = default_trainer(tmp_path)
+    target = trainer if on == "default" else trainer._trainer
+    dumps = readme_hook(target, tmp_path, monkeypatch, ", every=1")
+    trainer.train()
+    assert sorted(p.name for p in dumps.iterdir()) == ["step_000000", "step_000001"]
+    folder = dumps / "step_000001"
+    meta = load_batch(folder / "batch.pt").meta
+    assert meta["optimizer"] == "SGD" and meta["lr"] == pytest.approx(0.001)
+    assert meta["framework_version"] == detectron2.__version__
+    assert_reproduces(folder, meta["losses"])
+
+
+def _norms(trainer) -> dict:
+    """The test's own whole-model gradient norm at each optimizer step (by iteration)."""
+    seen, inner = {}, trainer._trainer
+
+    def record(*_):
+        grads = [p.grad for p in inner.model.parameters() if p.grad is not None]
+        seen[inner.iter] = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+
+    inner.optimizer.register_step_pre_hook(record)
+    return seen
+
+
+def test_a_blow_up_in_a_default_trainer_is_captured_before_detectron2_stops(tmp_path, monkeypatch):
+    """An absurd LR: each step over the norm is written, and so is the step Detectron2 stops
+    at (a non-finite loss after backward, or FloatingPointError inside the forward)."""
+    trainer = default_trainer(tmp_path, steps=8, lr=2.0)
+    norms = _norms(trainer)
+    dumps = readme_hook(trainer, tmp_path, monkeypatch, ", max_captures=8")
+    with pytest.raises(FloatingPointError):
+        trainer.train()
+    stop = trainer.iter
+    over = [k for k, n in norms.items() if n > 1000]
+    assert over and over[0] < stop
+    assert sorted(p.name for p in dumps.iterdir()) == [f"step_{k:06d}" for k in [*over, stop]]
+    first = load_batch(dumps / f"step_{over[0]:06d}" / "batch.pt").meta
+    assert first["trigger"]["kind"] == "grad-norm"
+    assert first["grad_norm"]["model"] == pytest.approx(norms[over[0]], rel=1e-6)
+    last = load_batch(dumps / f"step_{stop:06d}" / "batch.pt").meta
+    assert last["trigger"]["kind"] in ("loss-not-finite", "exception")
+
+
+def test_nonfinite_rpn_outputs_raise_in_the_forward_and_are_captured(tmp_path, monkeypatch):
+    """An Inf weight in the RPN's delta layer: Detectron2 raises FloatingPointError inside the
+    forward; the capture holds that batch, and its replay names the weight."""
+    trainer = default_trainer(tmp_path)
+    dumps = readme_hook(trainer, tmp_path, monkeypatch)
+    with torch.no_grad():
+        trainer.model.proposal_generator.rpn_head.anchor_deltas.weight[0, 0, 0, 0] = math.inf
+    with pytest.raises(FloatingPointError, match="Inf/NaN"):
+        trainer.train()
+    (folder,) = dumps.iterdir()
+    meta = load_batch(folder / "batch.pt").meta
+    assert folder.name == "step_000000" and meta["trigger"]["kind"] == "exception"
+    assert meta["trigger"]["value"].startswith("FloatingPointError: Predicted boxes or scores")
+    rep = F.inspect_json(folder)
+    assert "nonfinite-weights" in {f["code"] for f in rep["findings"]}
+
+
+def test_amp_trainer_captures_the_unscaled_norm(tmp_path, monkeypatch):
+    """AMPTrainer asserts CUDA: on the CPU only that check is patched; its GradScaler is the CPU
+    one (passed as AMPTrainer takes it). after_backward sees the scaled gradients: the capture
+    divides the scale out, as the optimizer sees them after the scaler unscales."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = build()
+    data = batches()
+    opt = torch.optim.SGD(model.parameters(), lr=0.001)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    trainer = AMPTrainer(model, [next(data) for _ in range(2)], opt, grad_scaler=scaler)
+    norms = {}
+
+    def record(*_):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norms[trainer.iter] = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+
+    opt.register_step_pre_hook(record)
+    dumps = readme_hook(trainer, tmp_path, monkeypatch, ", every=1")
+    trainer.train(0, 2)
+    for k in range(2):
+        meta = load_batch(dumps / f"step_{k:06d}" / "batch.pt").meta
+        assert meta["grad_norm"]["loss_scale"] == 2.0**10
+        assert meta["grad_norm"]["model"] == pytest.approx(norms[k], rel=1e-5)
+
+
+def test_a_model_it_cannot_replay_trains_on(tmp_path, monkeypatch):
+    """A GIoU box loss: said once when the hook is registered, the run goes to its end, captures are
+    written, and inspect refuses them with the same message."""
+    trainer = default_trainer(tmp_path)
+    trainer._trainer.model.roi_heads.box_predictor.box_reg_loss_type = "giou"
+    with pytest.warns(RuntimeWarning, match="cannot be replayed.*giou"):
+        dumps = readme_hook(trainer, tmp_path, monkeypatch, ", every=1")
+        trainer.train()
+    assert trainer.iter == 1 and sorted(p.name for p in dumps.iterdir()) == [
+        "step_000000", "step_000001"
+    ]  # fmt: skip
+    r = CliRunner().invoke(app, ["inspect", str(dumps / "step_000000")])
+    assert r.exit_code == 2 and "cannot be replayed" in r.output and "giou" in r.output

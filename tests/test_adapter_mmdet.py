@@ -9,8 +9,10 @@ lossdoctor's kernel, which is tested against torchvision's separately.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -150,8 +152,6 @@ def test_capture_reproduces_mmdets_losses(tmp_path, rpn_sampler):
 
 def test_runner_hook_from_the_readme_lines(tmp_path):
     """The README's two config lines, in a config file read by mmengine, in a real Runner."""
-    from mmengine.runner import Runner
-
     text = (ROOT / "README.md").read_text()
     lines = re.search(r"<!-- recipe: mmdet -->\n```python\n(.*?)```", text, re.S).group(1)
     cfg_file = tmp_path / "cfg.py"
@@ -159,40 +159,201 @@ def test_runner_hook_from_the_readme_lines(tmp_path):
     cfg = Config.fromfile(str(cfg_file))
     assert [h["type"] for h in cfg.custom_hooks] == ["LossDoctorHook"]
     cfg.custom_hooks[0]["every"] = 1  # the README's triggers, and a periodic dump to test with
-    runner = Runner(
-        model=model_config().model, work_dir=str(tmp_path / "work"), default_scope="mmdet",
-        train_dataloader=dict(dataset=Shapes(), sampler=dict(type="DefaultSampler", shuffle=False),
-                              batch_size=2, collate_fn=dict(type="pseudo_collate")),
-        train_cfg=dict(by_epoch=False, max_iters=2, val_interval=100),
-        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.01, momentum=0.9)),
-        custom_hooks=cfg.custom_hooks, default_hooks=dict(checkpoint=None),
-    )  # fmt: skip
-    runner.train()
+    run(tmp_path, model_config().model, cfg.custom_hooks)
     dumps = tmp_path / "work" / "lossdoctor-dumps"
     assert sorted(p.name for p in dumps.iterdir()) == ["step_000000", "step_000001"]
     folder = dumps / "step_000001"
     assert_reproduces(folder, load_batch(folder / "batch.pt").meta["losses"])
 
 
-def test_the_hook_never_stops_a_run_it_cannot_model(tmp_path):
-    """MMDetection's own GIoU config trains; the hook says once what it cannot replay and the
-    Runner goes on to the end."""
+def run(tmp_path, model, hooks, iters=2, optim_wrapper=None, **kw):
+    """A Runner training ``model`` (a config) for ``iters`` iterations on Shapes with ``hooks``."""
     from mmengine.runner import Runner
 
-    cfg = Config.fromfile(os.path.join(CONFIGS, "faster_rcnn/faster-rcnn_r50_fpn_giou_1x_coco.py"))
-    cfg.model.backbone.init_cfg = None
-    cfg.model.roi_head.bbox_head.num_classes = 3
+    wrapper = optim_wrapper or dict(optimizer=dict(type="SGD", lr=0.01, momentum=0.9))
     runner = Runner(
-        model=cfg.model, work_dir=str(tmp_path / "work"), default_scope="mmdet",
+        model=model, work_dir=str(tmp_path / "work"), default_scope="mmdet",
         train_dataloader=dict(dataset=Shapes(), sampler=dict(type="DefaultSampler", shuffle=False),
                               batch_size=2, collate_fn=dict(type="pseudo_collate")),
-        train_cfg=dict(by_epoch=False, max_iters=2, val_interval=100),
-        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.01, momentum=0.9)),
-        custom_hooks=[dict(type="LossDoctorHook", every=1)], default_hooks=dict(checkpoint=None),
+        train_cfg=dict(by_epoch=False, max_iters=iters, val_interval=100),
+        optim_wrapper=wrapper, custom_hooks=hooks, default_hooks=dict(checkpoint=None), **kw,
     )  # fmt: skip
-    with pytest.warns(RuntimeWarning, match="lossdoctor: not capturing this run: .*GIoULoss"):
-        runner.train()
+    runner.train()
+    return runner
+
+
+def _small(path):
+    cfg = Config.fromfile(path)
+    cfg.model.backbone.init_cfg = None
+    head = cfg.model.get("roi_head", {}).get("bbox_head") or cfg.model.bbox_head
+    head.num_classes = 3
+    return cfg.model
+
+
+@pytest.mark.parametrize(
+    "path, what",
+    [("faster_rcnn/faster-rcnn_r50_fpn_giou_1x_coco.py", "GIoULoss"),
+     ("retinanet/retinanet_r50_fpn_1x_coco.py", "rpn_head")],
+    ids=["giou", "retinanet"],
+)  # fmt: skip
+def test_the_hook_never_stops_a_run_it_cannot_model(tmp_path, path, what):
+    """MMDetection's own GIoU and RetinaNet configs train to the end with the hook: what it
+    cannot replay is said once; the GIoU captures are written and inspect refuses them with the
+    same message (a RetinaNet has no RPN to hook: nothing is captured)."""
+    hooks = [dict(type="LossDoctorHook", every=1)]
+    with pytest.warns(RuntimeWarning, match=f"lossdoctor: .*{what}") as said:
+        runner = run(tmp_path, _small(os.path.join(CONFIGS, path)), hooks)
     assert runner.iter == 2
+    assert len([w for w in said if "lossdoctor" in str(w.message)]) == 1
+    dumps = tmp_path / "work" / "lossdoctor-dumps"
+    if what == "GIoULoss":
+        assert sorted(p.name for p in dumps.iterdir()) == ["step_000000", "step_000001"]
+        r = CliRunner().invoke(app, ["inspect", str(dumps / "step_000000")])
+        assert r.exit_code == 2 and "cannot be replayed" in r.output and what in r.output
+    else:
+        assert not dumps.exists()
+
+
+class Norms:
+    """The test's own record of each iteration: the whole model's gradient norm as the optimizer
+    steps (after a loss scaler unscaled it; NaN where the scaler skipped the step) and whether
+    the loss was finite."""
+
+    def __init__(self):
+        from mmengine.hooks import Hook
+
+        norms, finite = {}, {}
+
+        class Record(Hook):
+            priority = "HIGHEST"
+
+            def before_train(self, runner):
+                def norm(*_):
+                    grads = [p.grad for p in runner.model.parameters() if p.grad is not None]
+                    sq = sum(float(g.double().pow(2).sum()) for g in grads)
+                    norms[runner.iter] = math.sqrt(sq)
+
+                runner.optim_wrapper.optimizer.register_step_pre_hook(norm)
+
+            def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+                finite[runner.iter] = all(math.isfinite(float(v)) for v in outputs.values())
+
+        self.hook, self.norms, self.finite = Record(), norms, finite
+
+    @property
+    def seen(self) -> list[tuple[float, bool]]:
+        return [(self.norms.get(k, math.nan), ok) for k, ok in sorted(self.finite.items())]
+
+
+def test_a_blow_up_in_the_runner_is_captured_over_the_norm_and_when_nonfinite(tmp_path):
+    norms = Norms()
+    hook = dict(type="LossDoctorHook", grad_norm_above=1000, max_captures=3)
+    wrapper = dict(optimizer=dict(type="SGD", lr=50.0))
+    run(tmp_path, model_config().model, [hook, norms.hook], iters=6, optim_wrapper=wrapper)
+    seen = norms.seen
+    over = [k for k, (n, ok) in enumerate(seen) if ok and n > 1000]
+    bad = [k for k, (_, ok) in enumerate(seen) if not ok]
+    assert over and bad and over[0] < bad[0], seen
+    trouble = sorted(set(over) | set(bad))[:3]
+    dumps = tmp_path / "work" / "lossdoctor-dumps"
+    assert sorted(p.name for p in dumps.iterdir()) == [f"step_{k:06d}" for k in trouble]
+    first = load_batch(dumps / f"step_{over[0]:06d}" / "batch.pt").meta
+    assert first["trigger"]["kind"] == "grad-norm"
+    assert first["grad_norm"]["model"] == pytest.approx(seen[over[0]][0], rel=1e-6)
+    assert first["lr"] == 50.0 and first["optimizer"] == "SGD"
+    assert first["framework_version"] == mmdet.__version__
+    nan = load_batch(dumps / f"step_{bad[0]:06d}" / "batch.pt").meta
+    assert nan["trigger"]["kind"] == "loss-not-finite"
+
+
+@pytest.fixture
+def amp_on_cpu(monkeypatch):
+    """AmpOptimWrapper asserts a GPU and builds CUDA's GradScaler: on the CPU only its device
+    check is patched, and its scaler is the CPU one (same class, torch.amp.GradScaler)."""
+    from mmengine.optim.optimizer import amp_optimizer_wrapper as amp
+
+    monkeypatch.setattr(amp, "is_cuda_available", lambda: True)
+    monkeypatch.setattr(amp, "GradScaler", functools.partial(torch.amp.GradScaler, "cpu"))
+
+
+class Overflow:
+    """An mmengine hook that makes one weight's gradient overflow at every step."""
+
+    def __new__(cls):
+        from mmengine.hooks import Hook
+
+        class Arm(Hook):
+            def before_train(self, runner):
+                weight = runner.model.rpn_head.rpn_cls.weight
+                weight.register_hook(lambda g: torch.full_like(g, math.inf))
+
+        return Arm()
+
+
+@pytest.mark.parametrize("overflow", [False, True], ids=["steps", "overflows"])
+def test_amp_optim_wrapper_steps_are_captured_unscaled(tmp_path, amp_on_cpu, overflow):
+    """AmpOptimWrapper (bfloat16 autocast, the one mmengine allows on the CPU): each step's
+    capture divides the loss scale out (its norm equals the one the optimizer sees after the
+    scaler unscales) and records the scale and the autocast dtype. An overflowing gradient (here
+    one weight's) makes the scaler skip every step: each is still checked before it is skipped."""
+    norms, scale = Norms(), 2.0**10
+    hooks = [dict(type="LossDoctorHook", every=1), norms.hook] + ([Overflow()] if overflow else [])
+    wrapper = dict(type="AmpOptimWrapper", dtype="bfloat16", loss_scale=dict(init_scale=scale),
+                   optimizer=dict(type="SGD", lr=0.01, momentum=0.9))  # fmt: skip
+    run(tmp_path, model_config().model, hooks, iters=2, optim_wrapper=wrapper)
+    dumps = tmp_path / "work" / "lossdoctor-dumps"
+    assert sorted(p.name for p in dumps.iterdir()) == ["step_000000", "step_000001"]
+    skipped = overflow
+    assert len(norms.norms) == (0 if skipped else 2)
+    for k, (norm, _) in enumerate(norms.seen):
+        meta = load_batch(dumps / f"step_{k:06d}" / "batch.pt").meta
+        assert meta["autocast"] == "bfloat16" and meta["grad_norm"]["loss_scale"] > 0
+        if skipped:  # inf gradients under a scaler are the scaler's business, not a trigger
+            assert meta["trigger"]["kind"] == "periodic"
+            assert not math.isfinite(float(meta["grad_norm"]["model"]))
+        else:
+            assert meta["grad_norm"]["loss_scale"] == scale
+            assert meta["grad_norm"]["model"] == pytest.approx(norm, rel=1e-5)
+
+
+def test_accumulated_steps_say_which_micro_batch_was_captured(tmp_path):
+    hook = dict(type="LossDoctorHook", every=1)
+    wrapper = dict(optimizer=dict(type="SGD", lr=0.01), accumulative_counts=2)
+    run(tmp_path, model_config().model, [hook], iters=4, optim_wrapper=wrapper)
+    dumps = tmp_path / "work" / "lossdoctor-dumps"
+    # the wrapper steps after iterations 1 and 3 (the second micro-batch of each pair)
+    assert sorted(p.name for p in dumps.iterdir()) == ["step_000001", "step_000003"]
+    meta = load_batch(dumps / "step_000001" / "batch.pt").meta
+    assert meta["accumulation"]["micro_batches"] == 2 and meta["accumulation"]["captured"] == 2
+
+
+def test_a_forward_that_raises_in_the_runner_is_captured_and_raised(tmp_path):
+    """A forward raising inside the model (the RPN head, made to raise at iteration 1) is
+    captured with what it had computed, and the error reaches the Runner unchanged."""
+    from mmengine.hooks import Hook
+
+    armed = {"now": False}
+
+    def boom(module, args, out):
+        if armed["now"]:
+            raise FloatingPointError("boom inside the forward")
+
+    class Arm(Hook):
+        def before_train(self, runner):
+            runner.model.rpn_head.rpn_conv.register_forward_hook(boom)
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            armed["now"] = runner.iter == 1
+
+    hooks = [dict(type="LossDoctorHook"), Arm()]
+    with pytest.raises(FloatingPointError, match="boom inside the forward"):
+        run(tmp_path, model_config().model, hooks, iters=3)
+    (folder,) = (tmp_path / "work" / "lossdoctor-dumps").iterdir()
+    assert folder.name == "step_000001"
+    meta = load_batch(folder / "batch.pt").meta
+    assert meta["trigger"]["kind"] == "exception"
+    assert meta["trigger"]["value"] == "FloatingPointError: boom inside the forward"
+    assert F.inspect_json(folder)["meta"]["batch"]["levels"] == ["p2", "p3", "p4", "p5", "p6"]
 
 
 class Shapes(torch.utils.data.Dataset):

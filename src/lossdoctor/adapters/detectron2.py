@@ -364,8 +364,6 @@ def _start(hook) -> None:
 
 def _check(hook) -> None:
     """Check the step: its loss dict (from the model's forward) and its gradients."""
-    if hook.capture is None:  # registered on a trainer whose before_train did not run
-        observed("not capturing this run", lambda: _start(hook))
     capture = hook.capture
     if capture is not None and capture.seen.get("losses") is not None:
         capture.check(hook.trainer.iter, capture.seen["losses"])
@@ -378,13 +376,22 @@ def _hook_class():
         """Captures in ``after_backward`` (after the loss scaler's backward under AMP): the loss
         of the step's forward, its gradients, and the weights before the optimizer steps.
         Registered on ``DefaultTrainer``, ``SimpleTrainer`` or ``AMPTrainer`` (or the inner
-        trainer of a ``DefaultTrainer``); takes :class:`Capture`'s options."""
+        trainer of a ``DefaultTrainer``, which calls no hook but ``after_backward``: the capture
+        starts when the hook is registered); takes :class:`Capture`'s options."""
 
         def __init__(self, out_dir="lossdoctor-dumps", **options):
             self.out_dir, self.options, self.capture = out_dir, options, None
+            self._trainer = None
 
-        def before_train(self):
-            observed("not capturing this run", lambda: _start(self))
+        @property
+        def trainer(self):
+            return self._trainer
+
+        @trainer.setter
+        def trainer(self, value):  # register_hooks sets it: the model and optimizer exist
+            self._trainer = value
+            if value is not None and self.capture is None:
+                observed("not capturing this run", lambda: _start(self))
 
         def before_step(self):
             if self.capture is not None:
