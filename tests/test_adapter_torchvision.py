@@ -122,22 +122,38 @@ def test_the_live_config_follows_the_model():
     assert cfg.train_proposals.pre_nms_top_n == 300 and cfg.rpn_sampler.batch_size == EVERY
 
 
-def test_readme_recipe_runs(tmp_path, monkeypatch):
-    """The README's torchvision recipe, executed as written, on a small model."""
+def recipe(name: str) -> str:
     text = (ROOT / "README.md").read_text()
-    recipe = re.search(r"<!-- recipe: torchvision -->\n```python\n(.*?)```", text, re.S).group(1)
+    return re.search(f"<!-- recipe: {name} -->\n```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_readme_recipe_runs(tmp_path, monkeypatch):
+    """The README's torchvision recipe, executed as written, on a small model at an absurd LR."""
     model = small_model()
     data = batches()
     loader = [next(data) for _ in range(3)]
     monkeypatch.chdir(tmp_path)
     scope = {"model": model, "loader": loader,
              "optimizer": torch.optim.SGD(model.parameters(), lr=1e9)}  # fmt: skip
-    exec(recipe, scope)  # noqa: S102
+    exec(recipe("torchvision"), scope)  # noqa: S102
     written = sorted(p.name for p in (tmp_path / "lossdoctor-dumps").iterdir())
     assert written, "the recipe captured nothing"
     rep, _ = replayed_terms(tmp_path / "lossdoctor-dumps" / written[0])
     reason = rep["meta"]["batch"]["meta"]["reason"]
     assert "gradient norm" in reason or "non-finite" in reason
+
+
+def test_readme_amp_recipe_runs(tmp_path, monkeypatch):
+    """The README's mixed-precision recipe on the CPU (``device = "cpu"``), as written but for a
+    periodic capture: its GradScaler's default scale is divided out and recorded."""
+    model = small_model()
+    data = batches()
+    monkeypatch.chdir(tmp_path)
+    scope = {"model": model, "loader": [next(data)], "torch": torch, "device": "cpu",
+             "optimizer": torch.optim.SGD(model.parameters(), lr=0.01)}  # fmt: skip
+    exec(recipe("torchvision-amp").replace("grad_norm_above=1000", "every=1"), scope)  # noqa: S102
+    meta = _meta(tmp_path / "lossdoctor-dumps" / "step_000000")
+    assert meta["autocast"] == "float16" and meta["grad_norm"]["loss_scale"] == 2.0**16
 
 
 @pytest.mark.parametrize("kind", ["initialized", "uniform images", "saturated"])
@@ -260,20 +276,21 @@ def test_a_box_with_swapped_corners_is_one_finding(tmp_path):
 
 
 def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
-    """One rank of a DistributedDataParallel torchvision loop (gloo, CPU) with the recipe's
-    capture on the wrapped model."""
+    """One rank of the README's DistributedDataParallel recipe (gloo, CPU), as written but for
+    a periodic capture added to its options."""
+    import os
+
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)  # fmt: skip
     try:
-        model = DistributedDataParallel(small_model())
-        capture = ld.Capture(out, model, every=1)
-        images, targets = next(batches(seed=rank + 1))
-        loss_dict = model(images, targets)
-        sum(loss_dict.values()).backward()
-        capture.check(0, loss_dict)
+        model = small_model()
+        data = batches(seed=rank + 1)
+        scope = {"model": model, "loader": [next(data)], "torch": torch,
+                 "optimizer": torch.optim.SGD(model.parameters(), lr=0.01)}  # fmt: skip
+        os.chdir(out)
+        exec(recipe("torchvision-ddp").replace("grad_norm_above=1000", "every=1"), scope)  # noqa: S102
     finally:
         dist.destroy_process_group()
 
@@ -288,11 +305,12 @@ def test_a_ddp_wrapped_model_is_captured_on_each_rank(tmp_path, world):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_rank, args=(world, port, str(tmp_path)), nprocs=world, join=True)
-    step = tmp_path / "step_000000"
+    step = tmp_path / "lossdoctor-dumps" / "step_000000"
     folders = [step / f"rank_{k}" for k in range(world)] if world > 1 else [step]
     for folder in folders:
         batch = load_batch(folder / "batch.pt")
         assert batch.meta["framework"] == "torchvision" and batch.num_images == 2
+        assert batch.meta["world_size"] == world and batch.meta["lr"] == 0.01
         weights = torch.load(folder / "checkpoint.pt", weights_only=True)
         assert not any(k.startswith("module.") for k in weights)
     rep = F.inspect_json(step)
