@@ -465,7 +465,7 @@ def test_a_model_it_cannot_replay_trains_on(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="cannot be replayed.*giou"):
         dumps = readme_hook(trainer, tmp_path, monkeypatch, ", every=1")
         trainer.train()
-    assert trainer.iter == 1 and sorted(p.name for p in dumps.iterdir()) == [
+    assert trainer.iter == 2 and sorted(p.name for p in dumps.iterdir()) == [
         "step_000000", "step_000001"
     ]  # fmt: skip
     r = CliRunner().invoke(app, ["inspect", str(dumps / "step_000000")])
