@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
+import pytest
 import torch
 
 from lossdoctor import Capture, run_replay
@@ -128,3 +130,64 @@ def test_capture_catches_a_gradient_explosion_before_it_is_nan(tmp_path):
     assert norms[2] > 1e3 > max(norms[:2] + norms[3:])
     assert [p.name for p in cap.written] == ["step_000002"]
     assert load_batch(cap.written[0] / "batch.pt").meta["reason"].startswith("gradient norm")
+
+
+def _one_step(model, seed=3):
+    images, sizes, boxes, labels = next(batches(seed, 2))
+    b = make_batch(model, images, sizes, boxes, labels)
+    loss = replay(live_heads(model), b, toy_config(), [fixed()], seed=0).losses["fixed"].total
+    model.zero_grad()
+    loss.backward()
+    batch = dict(features=b.features, image_sizes=sizes, gt_boxes=boxes, gt_labels=labels,
+                 strides=list(STRIDES))  # fmt: skip
+    return loss, batch
+
+
+def test_a_capture_that_fails_is_one_warning_and_the_loop_goes_on(tmp_path):
+    """A batch the capture cannot write (no features): one RuntimeWarning, no exception, and no
+    further capture is attempted."""
+    model = TinyDetector()
+    cap = Capture(tmp_path, model, every=1, stream=io.StringIO())
+    loss, batch = _one_step(model)
+    del batch["features"]
+    with pytest.warns(RuntimeWarning, match="lossdoctor: capturing stopped at step 0"):
+        assert cap.check(0, loss, **batch) is None
+    loss, batch = _one_step(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cap.check(1, loss, **batch) is None
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_heads_only_capture_replays_as_the_whole_one(tmp_path):
+    """weights="heads": the checkpoint holds the heads' tensors only, the rest is summarized in
+    the meta, and the replay is the whole checkpoint's to the bit."""
+    model = TinyDetector()
+    loss, batch = _one_step(model)
+    light = Capture(tmp_path / "heads", model, every=1, weights="heads", stream=io.StringIO())
+    whole = Capture(tmp_path / "whole", model, every=1, stream=io.StringIO())
+    folders = [c.check(0, loss, **batch) for c in (light, whole)]
+    saved = torch.load(folders[0] / "checkpoint.pt", weights_only=True)
+    heads = {k for k in model.state_dict() if k.startswith(light.heads)}
+    assert set(saved) == heads and heads != set(model.state_dict())
+    meta = load_batch(folders[0] / "batch.pt").meta
+    assert meta["weights"]["saved"] == "heads" and meta["weights"]["nonfinite_elsewhere"] == {}
+    assert set(meta["weights"]["norms"]) == {k.rsplit(".", 1)[0] for k in model.state_dict()
+                                             if k not in heads}  # fmt: skip
+    want = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+    assert meta["grad_norm"]["model"] == pytest.approx(want, rel=1e-9)
+    a, b = (run_replay(f, None, config=toy_config(), profiles=["fixed"]) for f in folders)
+    assert a.losses["fixed"].total.item() == b.losses["fixed"].total.item()
+
+
+def test_heads_only_without_a_known_layout_keeps_every_tensor(tmp_path):
+    """A model of no layout lossdoctor knows: nothing says which tensors are heads, so the
+    whole state_dict is written and no heads' norm is recorded."""
+    model = TinyDetector()
+    loss, batch = _one_step(model)
+    other = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    other(torch.ones(1, 2)).sum().backward()
+    cap = Capture(tmp_path, other, every=1, weights="heads", stream=io.StringIO())
+    folder = cap.check(0, loss, **batch)
+    assert load_batch(folder / "batch.pt").meta["grad_norm"]["heads"] is None
+    assert set(torch.load(folder / "checkpoint.pt", weights_only=True)) == {"0.weight", "0.bias"}

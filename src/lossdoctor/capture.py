@@ -381,7 +381,7 @@ class Capture:
         state = self.model.state_dict()
         if heads is not None:  # held from an earlier step: the rest of the model has moved on
             info["weights"], state = {"saved": Weights.HEADS}, heads
-        elif self.weights is Weights.HEADS:
+        elif self.weights is Weights.HEADS and self.heads:  # else no layout tells the heads
             info["weights"] = summarize_weights(state, self.heads)
             state = {k: v for k, v in state.items() if is_head(k, self.heads)}
         folder = step_folder(self.directory, step, info.get("rank"), info.get("world_size"))
