@@ -276,34 +276,32 @@ def amp_on_cpu(monkeypatch):
     monkeypatch.setattr(amp, "GradScaler", functools.partial(torch.amp.GradScaler, "cpu"))
 
 
-class Overflow:
+def overflow():
     """An mmengine hook that makes one weight's gradient overflow at every step."""
+    from mmengine.hooks import Hook
 
-    def __new__(cls):
-        from mmengine.hooks import Hook
+    class Overflow(Hook):
+        def before_train(self, runner):
+            weight = runner.model.rpn_head.rpn_cls.weight
+            weight.register_hook(lambda g: torch.full_like(g, math.inf))
 
-        class Arm(Hook):
-            def before_train(self, runner):
-                weight = runner.model.rpn_head.rpn_cls.weight
-                weight.register_hook(lambda g: torch.full_like(g, math.inf))
-
-        return Arm()
+    return Overflow()
 
 
-@pytest.mark.parametrize("overflow", [False, True], ids=["steps", "overflows"])
-def test_amp_optim_wrapper_steps_are_captured_unscaled(tmp_path, amp_on_cpu, overflow):
+@pytest.mark.parametrize("overflows", [False, True], ids=["steps", "overflows"])
+def test_amp_optim_wrapper_steps_are_captured_unscaled(tmp_path, amp_on_cpu, overflows):
     """AmpOptimWrapper (bfloat16 autocast, the one mmengine allows on the CPU): each step's
     capture divides the loss scale out (its norm equals the one the optimizer sees after the
     scaler unscales) and records the scale and the autocast dtype. An overflowing gradient (here
     one weight's) makes the scaler skip every step: each is still checked before it is skipped."""
     norms, scale = Norms(), 2.0**10
-    hooks = [dict(type="LossDoctorHook", every=1), norms.hook] + ([Overflow()] if overflow else [])
+    hooks = [dict(type="LossDoctorHook", every=1), norms.hook] + ([overflow()] if overflows else [])
     wrapper = dict(type="AmpOptimWrapper", dtype="bfloat16", loss_scale=dict(init_scale=scale),
                    optimizer=dict(type="SGD", lr=0.01, momentum=0.9))  # fmt: skip
     run(tmp_path, model_config().model, hooks, iters=2, optim_wrapper=wrapper)
     dumps = tmp_path / "work" / "lossdoctor-dumps"
     assert sorted(p.name for p in dumps.iterdir()) == ["step_000000", "step_000001"]
-    skipped = overflow
+    skipped = overflows
     assert len(norms.norms) == (0 if skipped else 2)
     for k, (norm, _) in enumerate(norms.seen):
         meta = load_batch(dumps / f"step_{k:06d}" / "batch.pt").meta

@@ -211,8 +211,10 @@ def summarize_weights(state: dict, heads: tuple[str, ...]) -> dict:
     return {"saved": Weights.HEADS, "nonfinite_elsewhere": bad, "norms": norms}
 
 
-def _warn(what: str, error: BaseException) -> None:
-    warnings.warn(f"lossdoctor: {what}: {type(error).__name__}: {error}", RuntimeWarning, 3)
+def warn(what: str, error: BaseException, stacklevel: int = 3) -> None:
+    """An observer's failure, said as one RuntimeWarning naming what it was doing."""
+    message = f"lossdoctor: {what}: {type(error).__name__}: {error}"
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
 @dataclass
@@ -281,7 +283,7 @@ class Capture:
             return action()
         except Exception as e:
             self.failed = True
-            _warn(f"capturing stopped at {where}", e)
+            warn(f"capturing stopped at {where}", e, stacklevel=4)
             return None
 
     def step(self, step: int, loss, batch_of, meta: dict | None = None) -> Path | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..capture import BATCH_FILE, CHECKPOINT_FILE, Capture, autocast_dtype
+from ..capture import BATCH_FILE, CHECKPOINT_FILE, Capture, autocast_dtype, warn
 from ..inputs.batch import dump_batch
 from ..inputs.config import DetectorConfig
 from ..inputs.dataclass_toml import to_dict
@@ -48,7 +48,7 @@ def observed(what: str, action):
     try:
         return action()
     except Exception as e:
-        warnings.warn(f"lossdoctor: {what}: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=3)
+        warn(what, e, stacklevel=4)
         return None
 
 
