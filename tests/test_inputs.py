@@ -11,9 +11,10 @@ import torch
 import factories as F
 from lossdoctor import dump_batch, load_batch, load_checkpoint
 from lossdoctor.inputs.batch import validate_batch
-from lossdoctor.inputs.checkpoint import LAYOUTS, heads_from_state_dict
+from lossdoctor.inputs.checkpoint import heads_from_state_dict
 from lossdoctor.inputs.config import load_config
 from lossdoctor.inputs.errors import InputError
+from lossdoctor.inputs.layouts import LAYOUTS
 from lossdoctor.inputs.profiles import BUILTIN, load_profile, profile_toml
 from lossdoctor.vocab import Ranking
 
@@ -247,8 +248,83 @@ def test_shape_mismatch_names_both_shapes():
 
 
 def test_no_heads_found():
-    with pytest.raises(InputError, match="no RPN/box head found"):
+    with pytest.raises(InputError, match="no RPN or RoI head found"):
         heads_from_state_dict({"backbone.conv1.weight": torch.zeros(1)})
+
+
+def _renamed(sd: dict, old: str, new: str) -> dict:
+    return {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in sd.items()}
+
+
+def _with(sd: dict, **tensors) -> dict:
+    return {**sd, **{k.replace("__", "."): v for k, v in tensors.items()}}
+
+
+# (a change to a replayable torchvision state_dict, the words its refusal must carry)
+REFUSED_DESIGNS = [
+    # torchvision v2: a second RPN conv
+    (lambda sd: {**sd, "rpn.head.conv.1.0.weight": torch.zeros(8, 8, 3, 3)}, "several convs"),
+    # torchvision v2: the box head is convs with BatchNorm then one fc (no fc6/fc7)
+    (
+        lambda sd: {
+            **{k: v for k, v in sd.items() if ".box_head." not in k},
+            "roi_heads.box_head.0.0.weight": torch.zeros(8, 8, 3, 3),
+            "roi_heads.box_head.0.1.running_mean": torch.zeros(8),
+            "roi_heads.box_head.5.weight": torch.zeros(32, 392),
+        },
+        "FastRCNNConvFCHead",
+    ),
+    # an unknown extra layer inside the box head: named by its module, never ignored
+    (lambda sd: {**sd, "roi_heads.box_head.fc6_norm.weight": torch.ones(32)}, "fc6_norm"),
+    # a BatchNorm's statistics inside a replayed layer's module are extra too
+    (lambda sd: {**sd, "roi_heads.box_head.fc7.bn.running_var": torch.ones(32)}, "fc7.bn"),
+]
+
+
+@pytest.mark.parametrize("change,words", REFUSED_DESIGNS)
+def test_a_head_design_not_replayed_is_refused_by_name(change, words):
+    with pytest.raises(InputError, match=f"{words}.*not replayed yet"):
+        heads_from_state_dict(change(F.state_dict()))
+
+
+def test_mmdet_and_detectron2_designs_are_named():
+    mm = F.cascade_state_dict("mmdet", stages=1)
+    shared = {**mm, "roi_head.bbox_head.shared_convs.0.conv.weight": torch.zeros(8, 8, 3, 3)}
+    with pytest.raises(InputError, match="box head with shared convs .*not replayed yet"):
+        heads_from_state_dict(shared)
+    double = {k: v for k, v in mm.items() if ".shared_fcs." not in k}
+    double["roi_head.bbox_head.fc_branch.0.weight"] = torch.zeros(32, 392)
+    with pytest.raises(InputError, match="DoubleConvFCBBoxHead"):
+        heads_from_state_dict(double)
+    d2 = F.cascade_state_dict("detectron2", stages=1)
+    c4 = {k: v for k, v in d2.items() if ".box_head." not in k}
+    c4["roi_heads.res5.0.conv1.weight"] = torch.zeros(8, 8, 1, 1)
+    with pytest.raises(InputError, match="Res5ROIHeads"):
+        heads_from_state_dict(c4)
+
+
+def test_one_stage_checkpoints_are_named():
+    for key, name in [
+        ("head.classification_head.cls_logits.weight", "torchvision RetinaNet/FCOS"),
+        ("bbox_head.retina_cls.weight", "MMDetection one-stage"),
+        ("head.cls_score.weight", "Detectron2 RetinaNet"),
+    ]:
+        sd = {"backbone.body.conv1.weight": torch.zeros(1), key: torch.zeros(9, 8, 3, 3)}
+        with pytest.raises(InputError, match=f"{name}.*one-stage detector: not replayed yet"):
+            heads_from_state_dict(sd)
+
+
+def test_a_keypoint_head_is_named_and_left_out():
+    """Keypoint R-CNN's box terms are replayed; its keypoint head is named as not replayed."""
+    sd = F.state_dict()
+    sd["roi_heads.keypoint_head.0.weight"] = torch.zeros(8, 8, 3, 3)
+    sd["roi_heads.keypoint_predictor.kps_score_lowres.weight"] = torch.zeros(8, 17, 4, 4)
+    h = heads_from_state_dict(sd)
+    assert h.unreplayed == [
+        "roi_heads.keypoint_head (the keypoint head)",
+        "roi_heads.keypoint_predictor (the keypoint predictor)",
+    ]
+    assert h.num_classes == 3
 
 
 class _Evil:

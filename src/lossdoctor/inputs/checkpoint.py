@@ -18,7 +18,15 @@ from ..vocab import BIAS, BOX_LAYERS, MASK_CONVS, WEIGHT, Background, Layer, Lay
 from .batch import BATCH_FORMAT
 from .checks import as_member
 from .errors import InputError
-from .layouts import BACKGROUND, LAYOUTS, FoundKeys, find_keys
+from .layouts import (
+    BACKGROUND,
+    HEAD_ROOTS,
+    FoundKeys,
+    find_keys,
+    headless_design,
+    one_stage,
+    unreplayed_design,
+)
 from .torchfile import Loaded, Placeholder, Replaced, noting_payloads, read_file
 
 # 3 x 3 RPN conv, 1 x 1 predictors
@@ -246,12 +254,26 @@ def heads_from_state_dict(
     for name in layouts:
         found = find_keys(sd, name)
         if found is not None:
+            refuse_design(unreplayed_design(sd, name, found))
             return _heads(sd, found, name, replaced)
-    want = ", ".join(f"{n}: '{LAYOUTS[n][Layer.RPN_LOGITS][0]}.{WEIGHT}'" for n in layouts)
+    stage = one_stage(sd)
+    if stage is not None:
+        raise InputError(
+            f"{stage} is a one-stage detector: not replayed yet (lossdoctor replays two-stage "
+            "detectors: an RPN and RoI heads)"
+        )
+    refuse_design(headless_design(sd, layouts))
+    roots = "; ".join(f"{n}: {', '.join(HEAD_ROOTS[n])}" for n in layouts)
     raise InputError(
-        f"no RPN/box head found in the checkpoint (looked for {want}); "
-        "is this a Faster R-CNN FPN checkpoint?"
+        f"no RPN or RoI head found in the checkpoint (looked for modules {roots}); "
+        "is this a two-stage detector's state_dict?"
     )
+
+
+def refuse_design(design: str | None) -> None:
+    """Refuse a head the replay does not run, by name (see ``layouts.unreplayed_design``)."""
+    if design is not None:
+        raise InputError(f"{design}: not replayed yet (see the README's coverage table)")
 
 
 def _heads(sd: dict[str, Tensor], found: FoundKeys, layout: Layout, replaced) -> HeadWeights:

@@ -83,6 +83,65 @@ CASCADE_LAYOUTS: dict[Layout, dict[Layer, str]] = {
 # more cascade stages than this are not looked for
 MAX_STAGES = 8
 
+# The modules of the two stages, per layout: every tensor under them must be one the replay runs,
+# or belong to a head it names as not replayed (PARTIAL); anything else refuses the checkpoint.
+HEAD_ROOTS: dict[Layout, tuple[str, ...]] = {
+    Layout.TORCHVISION: ("rpn.", "roi_heads."),
+    Layout.MMDET: ("rpn_head.", "roi_head."),
+    Layout.DETECTRON2: ("proposal_generator.", "roi_heads."),
+}
+# Heads beside the box head whose own losses are not replayed: their modules → what they are.
+# The box and RPN terms do not depend on them (they run on their own pooled features).
+PARTIAL: dict[Layout, dict[str, str]] = {
+    Layout.TORCHVISION: {
+        "roi_heads.keypoint_head": "the keypoint head",
+        "roi_heads.keypoint_predictor": "the keypoint predictor",
+    },
+    Layout.MMDET: {},
+    Layout.DETECTRON2: {"roi_heads.keypoint_head": "the keypoint head"},
+}
+# Head designs the replay does not run, named by a module they have (checked in this order).
+DESIGNS: dict[Layout, tuple[tuple[str, str], ...]] = {
+    Layout.TORCHVISION: (
+        ("rpn.head.conv.1", "an RPN head with several convs (torchvision's v2 models)"),
+        ("roi_heads.box_head.0", "box head FastRCNNConvFCHead (convs with BatchNorm, then an "
+         "fc: torchvision's v2 models)"),
+        ("roi_heads.mask_head.0.1", "a mask head with BatchNorm (torchvision's v2 models)"),
+    ),
+    Layout.MMDET: (
+        ("rpn_head.rpn_conv.0", "an RPN head with several convs (RPNHead num_convs > 1)"),
+        ("roi_head.bbox_head.shared_convs", "box head with shared convs "
+         "(Shared4Conv1FCBBoxHead or another ConvFCBBoxHead)"),
+        ("roi_head.bbox_head.fc_branch", "box head DoubleConvFCBBoxHead (double heads)"),
+        ("roi_head.bbox_head.cls_fcs", "box head with separate classification fcs "
+         "(a ConvFCBBoxHead variant)"),
+        ("roi_head.bbox_head.reg_fcs", "box head with separate regression fcs "
+         "(a ConvFCBBoxHead variant)"),
+        ("roi_head.bbox_head.cls_convs", "box head with separate classification convs"),
+        ("roi_head.bbox_head.reg_convs", "box head with separate regression convs"),
+        ("roi_head.semantic_head", "a semantic head (HTC, SCNet)"),
+        ("roi_head.mask_iou_head", "a MaskIoU head (Mask Scoring R-CNN)"),
+        ("roi_head.grid_head", "a grid head (Grid R-CNN)"),
+        ("roi_head.point_head", "a point head (PointRend)"),
+    ),
+    Layout.DETECTRON2: (
+        ("proposal_generator.rpn_head.conv.conv0", "an RPN head with several convs"),
+        ("roi_heads.res5", "Res5ROIHeads (a C4 model: the box head is ResNet's res5)"),
+        ("roi_heads.box_head.conv1", "box head FastRCNNConvFCHead with convs (NUM_CONV > 0)"),
+        ("roi_heads.box_head.fc3", "box head FastRCNNConvFCHead with more than 2 fcs"),
+        ("roi_heads.mask_head.mask_fcn1.norm", "a mask head with normalization (NORM)"),
+    ),
+}  # fmt: skip
+# One-stage detectors, named by a module of their dense head.
+ONE_STAGE: tuple[tuple[str, str], ...] = (
+    ("head.classification_head", "torchvision RetinaNet/FCOS"),
+    ("bbox_head.", "an MMDetection one-stage detector"),
+    ("head.cls_score", "Detectron2 RetinaNet"),
+    ("head.cls_subnet", "Detectron2 RetinaNet"),
+)
+# how many of a refused head's own layers the message lists
+SHOWN = 4
+
 
 @dataclass(kw_only=True)
 class FoundKeys:
@@ -91,7 +150,12 @@ class FoundKeys:
 
     keys: dict[Layer, str]
     stages: list[dict[Layer, str]] = field(default_factory=list)
-    unreplayed: list[str] = field(default_factory=list)  # heads found and not replayed
+    # heads found and not replayed: "module (what it is)"
+    unreplayed: list[str] = field(default_factory=list)
+
+    def prefixes(self) -> set[str]:
+        """Every replayed layer's key prefix, every stage."""
+        return {p for keys in (self.keys, *self.stages) for p in keys.values()}
 
 
 def _first(sd: dict, prefixes) -> str | None:
@@ -115,7 +179,8 @@ def _stage_masks(sd: dict, layout: Layout) -> list[str]:
     if head is None:
         return []
     found = [head.format(k=k) for k in range(MAX_STAGES)]
-    return [p for p in found if f"{p}.conv_logits.{WEIGHT}" in sd]
+    return [f"{p} (one mask head per cascade stage)" for p in found
+            if f"{p}.conv_logits.{WEIGHT}" in sd]  # fmt: skip
 
 
 def _mask(sd: dict, layout: Layout) -> dict[Layer, str]:
@@ -145,5 +210,58 @@ def find_keys(sd: dict, layout: Layout) -> FoundKeys | None:
         box, stages = stages[0], stages[1:]
     else:
         stages = []
+    partial = [f"{m} ({what})" for m, what in PARTIAL[layout].items() if _under(sd, m)]
     return FoundKeys(keys={**rpn, **box, **_mask(sd, layout)}, stages=stages,
-                     unreplayed=_stage_masks(sd, layout))  # fmt: skip
+                     unreplayed=_stage_masks(sd, layout) + partial)  # fmt: skip
+
+
+def _under(sd: dict, module: str) -> bool:
+    return any(k.startswith(f"{module}.") for k in sd)
+
+
+def _module(key: str) -> str:
+    return key.rsplit(".", 1)[0]
+
+
+def _extra(sd: dict, layout: Layout, found: FoundKeys | None) -> list[str]:
+    """The modules under the heads' roots with tensors the replay does not run."""
+    used = found.prefixes() if found is not None else set()
+    named = [*PARTIAL[layout], *(u.split(" ", 1)[0] for u in (found.unreplayed if found else ()))]
+    skip = tuple(f"{m}." for m in named)
+    return sorted({_module(k) for k in sd
+                   if k.startswith(HEAD_ROOTS[layout]) and _module(k) not in used
+                   and not k.startswith(skip)})  # fmt: skip
+
+
+def _named(extra: list[str], layout: Layout) -> str | None:
+    for module, name in DESIGNS[layout]:
+        if any(m == module or m.startswith(f"{module}.") for m in extra):
+            return name
+    return None
+
+
+def _listed(extra: list[str]) -> str:
+    more = len(extra) - SHOWN
+    shown = ", ".join(extra[:SHOWN]) + (f" and {more} more" if more > 0 else "")
+    return f"head layers lossdoctor does not replay ({shown})"
+
+
+def unreplayed_design(sd: dict, layout: Layout, found: FoundKeys) -> str | None:
+    """What in ``sd``'s heads the replay would not run, named (None: every head tensor is one
+    the replay runs, or one of a head named as not replayed)."""
+    extra = _extra(sd, layout, found)
+    return (_named(extra, layout) or _listed(extra)) if extra else None
+
+
+def headless_design(sd: dict, layouts) -> str | None:
+    """For a state_dict in which no layout finds an RPN and a box head: the head design it has
+    instead, named where a layout knows it, else its layers listed (None: no head modules)."""
+    extras = {layout: _extra(sd, layout, None) for layout in layouts}
+    named = [_named(extra, layout) for layout, extra in extras.items() if extra]
+    listed = [_listed(extra) for extra in extras.values() if extra]
+    return next((n for n in named if n), None) or next(iter(listed), None)
+
+
+def one_stage(sd: dict) -> str | None:
+    """The name of a one-stage detector ``sd`` is the checkpoint of, if it is one."""
+    return next((name for module, name in ONE_STAGE if any(k.startswith(module) for k in sd)), None)

@@ -120,8 +120,8 @@ def header(report: Report) -> Text:
         t.append(note, style="dim")
     if ck.get("unreplayed"):
         note = (
-            f"\nnote        not replayed: {', '.join(ck['unreplayed'])} (one mask head per "
-            "cascade stage); roi_mask stays empty"
+            f"\nnote        not replayed: {', '.join(ck['unreplayed'])}; their losses are not "
+            "in the tables"
         )
         t.append(note, style="dim")
     return t
