@@ -8,6 +8,9 @@
 #   LOSSDOCTOR_ENVS=DIR     where the environments live (default ~/.cache/lossdoctor-envs)
 #   FRESH=1                 rebuild them
 #   DETECTRON2_GIT_DIR=DIR  a git directory of Detectron2's source (its environment needs it)
+#   LOSSDOCTOR_COVERAGE=DIR the model-zoo tests write their outcomes there, one FRAMEWORK.jsonl
+#                           each (python scripts/update_readme.py makes the README's table of
+#                           docs/coverage)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENVS="${LOSSDOCTOR_ENVS:-$HOME/.cache/lossdoctor-envs}"
@@ -15,9 +18,11 @@ ENVS="${LOSSDOCTOR_ENVS:-$HOME/.cache/lossdoctor-envs}"
 
 tests_of() {
   case "$1" in
-    torchvision) echo tests/test_torchvision_parity.py tests/test_adapter_torchvision.py ;;
-    mmdet) echo tests/test_adapter_mmdet.py ;;
-    detectron2) echo tests/test_adapter_detectron2.py ;;
+    torchvision)
+      echo tests/test_torchvision_parity.py tests/test_adapter_torchvision.py \
+        tests/test_zoo_torchvision.py ;;
+    mmdet) echo tests/test_adapter_mmdet.py tests/test_zoo_mmdet.py ;;
+    detectron2) echo tests/test_adapter_detectron2.py tests/test_zoo_detectron2.py ;;
   esac
 }
 
@@ -63,6 +68,11 @@ for fw in "$@"; do
   rm -f "$con"
   built=$((SECONDS - start))
   log=$(mktemp)
+  if [ -n "${LOSSDOCTOR_COVERAGE:-}" ]; then
+    mkdir -p "$LOSSDOCTOR_COVERAGE"
+    rm -f "$LOSSDOCTOR_COVERAGE/$fw.jsonl"
+    export LOSSDOCTOR_COVERAGE
+  fi
   require="$fw"
   [ "$fw" = detectron2 ] && require="detectron2,torchvision"
   # shellcheck disable=SC2046

@@ -2,11 +2,13 @@
 
 The finding catalogue is generated from the rule table (src/lossdoctor/diagnose/findings.py);
 tests/test_architecture.py fails when the README's copy differs. "What it says" is an excerpt of
-the real output of `lossdoctor inspect` on fixtures/collapse, 120 columns wide.
+the real output of `lossdoctor inspect` on fixtures/collapse, 120 columns wide. The coverage
+table is what the model-zoo tests recorded in docs/coverage (see scripts/test-frameworks.sh).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import textwrap
@@ -63,6 +65,31 @@ def excerpt() -> str:
     return f"{EXCERPT_BEGIN}\n{intro}\n\n```\n{body}\n```\n{EXCERPT_END}"
 
 
+COVERAGE_BEGIN, COVERAGE_END = "<!-- coverage -->", "<!-- /coverage -->"
+COVERAGE_DIR = ROOT / "docs" / "coverage"
+FRAMEWORKS = ("torchvision", "mmdet", "detectron2")
+
+
+def coverage_markdown(folder: Path = COVERAGE_DIR) -> str:
+    """The coverage table of each framework the zoo tests recorded, in their order."""
+    parts = [COVERAGE_BEGIN]
+    for fw in FRAMEWORKS:
+        path = folder / f"{fw}.jsonl"
+        if not path.exists():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not rows:
+            continue
+        first = rows[0]
+        parts.append(
+            f"\n**{fw} {first['version']}** (torch {first['torch']}, tests run {first['date']}):\n"
+        )
+        parts.append("| model or config | replay | detail |\n|---|---|---|")
+        parts += [f"| `{r['model']}` | {r['outcome']} | {r['detail']} |" for r in rows]
+    parts.append(COVERAGE_END)
+    return "\n".join(parts)
+
+
 def _replace(text: str, begin: str, end: str, new: str) -> str:
     start, stop = text.index(begin), text.index(end) + len(end)
     return text[:start] + new + text[stop:]
@@ -73,8 +100,9 @@ def main() -> None:
     text = readme.read_text(encoding="utf-8")
     text = _replace(text, CATALOGUE_BEGIN, CATALOGUE_END, catalogue_markdown())
     text = _replace(text, EXCERPT_BEGIN, EXCERPT_END, excerpt())
+    text = _replace(text, COVERAGE_BEGIN, COVERAGE_END, coverage_markdown())
     readme.write_text(text, encoding="utf-8")
-    print("README.md: finding catalogue and the 'What it says' excerpt regenerated")
+    print("README.md: finding catalogue, 'What it says' excerpt and coverage table regenerated")
 
 
 if __name__ == "__main__":

@@ -253,3 +253,51 @@ def alarms(report: dict) -> list[tuple[str, str, str]]:
     """A report's warning and error findings: (severity, code, message)."""
     return [(f["severity"], f["code"], f["message"]) for f in report["findings"]
             if f["severity"] in ("warning", "error")]  # fmt: skip
+
+
+# The coverage table's rows: where LOSSDOCTOR_COVERAGE names a folder, each zoo test appends its
+# outcome to FRAMEWORK.jsonl there (scripts/coverage.py turns them into the README's table).
+COVERAGE_ENV = "LOSSDOCTOR_COVERAGE"
+
+
+def record_coverage(framework: str, version: str, model: str, outcome: str, detail: str) -> None:
+    """One row of the coverage table: ``outcome`` exact / partial / refused, ``detail`` the
+    largest relative difference of the terms, or the reason of the refusal."""
+    import datetime
+    import json
+    from pathlib import Path
+
+    folder = os.environ.get(COVERAGE_ENV)
+    if not folder:
+        return
+    row = {"framework": framework, "version": version, "model": model, "outcome": outcome,
+           "detail": detail, "date": datetime.date.today().isoformat(),
+           "torch": torch.__version__.split("+")[0]}  # fmt: skip
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / f"{framework}.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def relative_gaps(got: dict, want: dict) -> dict:
+    """Each term's |got - want| / |want| (absolute where want is 0)."""
+    return {k: abs(got[k] - w) / (abs(w) or 1.0) for k, w in want.items()}
+
+
+def replay_terms(folder) -> dict:
+    """``lossdoctor inspect FOLDER --sample-all``'s own-profile row of loss terms."""
+    rep = inspect_json(folder, "--sample-all")
+    own = rep["meta"]["run"]["profile"]
+    return next(x for x in rep["tables"]["profiles"] if x["profile"] == own)
+
+
+def assert_refused_by_name(folder, words: str) -> None:
+    """``check`` and ``inspect`` of a capture refuse it in one line naming ``words``, exit 2."""
+    from typer.testing import CliRunner
+
+    from lossdoctor.cli import app
+
+    for command in ("check", "inspect"):
+        r = CliRunner().invoke(app, [command, str(folder)])
+        assert r.exit_code == 2, (command, r.output)
+        said = " ".join(r.output.split())
+        assert words in said and "not replayed yet" in said, (command, said)

@@ -193,7 +193,7 @@ def _small(path):
 @pytest.mark.parametrize(
     "path, what",
     [("faster_rcnn/faster-rcnn_r50_fpn_giou_1x_coco.py", "GIoULoss"),
-     ("retinanet/retinanet_r50_fpn_1x_coco.py", "rpn_head")],
+     ("retinanet/retinanet_r50_fpn_1x_coco.py", "one-stage")],
     ids=["giou", "retinanet"],
 )  # fmt: skip
 def test_the_hook_never_stops_a_run_it_cannot_model(tmp_path, path, what):

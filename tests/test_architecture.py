@@ -159,6 +159,22 @@ def test_readme_catalogue_is_the_rule_table():
     assert text[start:end] == catalogue_markdown(), "run: python scripts/update_readme.py"
 
 
+def test_readme_coverage_table_is_what_the_zoo_tests_recorded():
+    """The README's coverage table is docs/coverage's record of a zoo test run, as written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "update_readme", ROOT / "scripts/update_readme.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = (ROOT / "README.md").read_text()
+    start = text.index(script.COVERAGE_BEGIN)
+    end = text.index(script.COVERAGE_END) + len(script.COVERAGE_END)
+    assert text[start:end] == script.coverage_markdown(), "run: python scripts/update_readme.py"
+    assert all((ROOT / "docs/coverage" / f"{fw}.jsonl").exists() for fw in script.FRAMEWORKS)
+
+
 def test_ci_runs_the_readmes_test_commands():
     """CI runs what the README tells a newcomer to run: the default suite, then the framework
     tests of the frameworks that install from the package index (the script's default)."""

@@ -337,3 +337,24 @@ def test_roi_align_backward_passes_gradcheck(sampling_ratio, aligned):
     assert torch.autograd.gradcheck(
         lambda f: roi_align_torch(f, rois, img, 0.25, 3, sampling_ratio, aligned), (feat,)
     )
+
+
+def test_mmdets_roi_low_quality_pass_ties_to_the_best_proposal_not_the_gt_itself():
+    """Mask R-CNN's RoI assigner (match_low_quality, min_pos_iou 0.5): MMDetection assigns the
+    proposals alone, then adds the GT. Proposal P overlaps A by 0.8 and B by 0.5, and is B's
+    best proposal: the low-quality pass hands P to B (the later GT wins). Had the GT boxes been
+    candidates, B's best IoU would be 1 (itself) and P would stay with A."""
+    from lossdoctor.inputs.config import preset
+    from lossdoctor.replay.roi import _sample_image
+
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 2.0, 10.0, 12.0]])  # A, B
+    props = torch.tensor([[0.0, 0.0, 10.0, 8.0]])  # P: IoU 80/100 with A, 60/120 with B
+    labels = torch.tensor([0, 2])
+    gen = torch.Generator().manual_seed(0)
+    mask = _sample_image(props, gt, labels, preset("mmdet-mask"), gen, True)
+    p = (mask.boxes == props[0]).all(1) & ~mask.is_gt
+    assert mask.fg_class[p].tolist() == [2] and mask.gt_index[p].tolist() == [1]
+    assert sorted(mask.gt_index[mask.is_gt].tolist()) == [0, 1]  # each GT its own match
+    faster = _sample_image(props, gt, labels, preset("mmdet"), gen, True)  # no low-quality pass
+    p = (faster.boxes == props[0]).all(1) & ~faster.is_gt
+    assert faster.fg_class[p].tolist() == [0]

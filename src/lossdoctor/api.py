@@ -46,13 +46,13 @@ def resolve_inputs(
     """Load what is given as paths (a capture directory too). The config: ``config``, else the
     one the dump records (``meta["config"]``), else the preset of the checkpoint's layout."""
     checkpoint, batch = capture_files(checkpoint, batch)
+    batch = batch if isinstance(batch, Batch) else load_batch(batch)
+    unsupported = batch.meta.get("unsupported")
+    if unsupported is not None:  # the live model's words first: they name its classes
+        raise InputError(f"this capture's model cannot be replayed: {unsupported}")
     heads = checkpoint
     if not isinstance(checkpoint, HeadWeights):
         heads = load_checkpoint(checkpoint, unsafe=unsafe_load)
-    batch = batch if isinstance(batch, Batch) else load_batch(batch)
-    unsupported = batch.meta.get("unsupported")
-    if unsupported is not None:
-        raise InputError(f"this capture's model cannot be replayed: {unsupported}")
     if not isinstance(checkpoint, HeadWeights):
         # a heads-only capture: what the rest of the model held, as the capture summarized it
         summary = batch.meta.get("weights") or {}

@@ -14,7 +14,6 @@ from torch import Tensor
 
 from ..capture import BATCH_FILE, CHECKPOINT_FILE, Capture, autocast_dtype, warn
 from ..inputs.batch import dump_batch
-from ..inputs.config import DetectorConfig
 from ..inputs.dataclass_toml import to_dict
 from ..inputs.errors import InputError
 from ..inputs.files import save_torch
@@ -22,15 +21,72 @@ from ..inputs.files import save_torch
 
 def level_names(features: list[Tensor], pad_size: tuple[int, int]) -> tuple[list[str], list[int]]:
     """FPN levels named pK by their nominal stride 2^K (padded size over feature size, rounded to
-    a power of 2), finest first → (names, strides)."""
+    a power of 2), finest first → (names, strides). Levels that share a stride (torchvision's
+    MobileNet FPN: two at stride 32) are told apart by a letter: p5, p5b."""
     strides = [2 ** round(math.log2(pad_size[0] / f.shape[-2])) for f in features]
-    return [f"p{int(math.log2(s))}" for s in strides], strides
+    again = [strides[:i].count(s) for i, s in enumerate(strides)]
+    names = [
+        f"p{int(math.log2(s))}" + (chr(ord("a") + k) if k else "") for s, k in zip(strides, again)
+    ]
+    return names, strides
 
 
-def run_meta(framework: str, profile, config: DetectorConfig, meta: dict | None) -> dict:
-    """What an adapter dump records about the run (a caller's ``meta`` has the last word);
-    ``adapter`` says the GT was converted to lossdoctor's conventions by the adapter."""
-    own = {"framework": framework, "adapter": f"{__package__}.{framework}", "profile": profile}
+def kind(obj) -> str:
+    """A module's class name (what a refusal names)."""
+    return type(obj).__name__
+
+
+def not_replayed(what: str) -> InputError:
+    """The refusal of a part of a model the replay does not run, by name."""
+    return InputError(f"{what}: not replayed yet (see the README's coverage table)")
+
+
+def require(what: str, obj, allowed: tuple[str, ...]) -> None:
+    """``obj``'s class must be one of ``allowed`` (exactly: a subclass may compute its loss
+    differently); otherwise it is refused by name."""
+    if kind(obj) not in allowed:
+        raise not_replayed(f"{what} {kind(obj)} (lossdoctor replays {', '.join(allowed)})")
+
+
+def is_a(obj, names: tuple[str, ...]) -> bool:
+    """Whether ``obj``'s class or one of its bases is named one of ``names`` (a user's detector
+    subclass keeps its heads', and so its losses')."""
+    return any(c.__name__ in names for c in type(obj).__mro__)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def built(framework: str, path, build):
+    """``build()`` of a framework's model from a config file, its failures in one line."""
+    try:
+        return build()
+    except Exception as e:
+        raise InputError(
+            f"{framework} could not build the model of {path} ({first_line(e)})"
+        ) from None
+
+
+def read_model(model, detector_config, profile):
+    """(detector config, profile) of a framework's model; anything lossdoctor cannot read in it
+    is refused as not replayed (a model unlike those it knows, never an internal error)."""
+    try:
+        return detector_config(model), profile(model)
+    except InputError:
+        raise
+    except Exception as e:
+        raise not_replayed(f"this model ({kind(model)}: {first_line(e)})") from None
+
+
+def run_meta(framework: str, model, detector_config, profile, meta: dict | None) -> dict:
+    """What an adapter dump records about the run: the model's detector config and profile (see
+    :func:`read_model`); a caller's ``meta`` has the last word. ``adapter`` says the GT was
+    converted to lossdoctor's conventions by the adapter."""
+    config, prof = read_model(model, detector_config, profile)
+    own = {"framework": framework, "adapter": f"{__package__}.{framework}", "profile": prof}
     return {**own, "config": to_dict(config), **(meta or {})}
 
 

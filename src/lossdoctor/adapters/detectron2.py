@@ -42,7 +42,21 @@ from ..inputs.dataclass_toml import to_dict
 from ..inputs.errors import InputError
 from ..inputs.profiles import detectron2 as builtin_profile
 from ..vocab import CascadeScores, Framework, LossKind, Mapper, MaskTarget, Ranking, Term
-from .common import HookedCapture, describe, level_names, observed, run_meta, untouched, write_dump
+from .common import (
+    HookedCapture,
+    built,
+    describe,
+    is_a,
+    kind,
+    level_names,
+    not_replayed,
+    observed,
+    read_model,
+    require,
+    run_meta,
+    untouched,
+    write_dump,
+)
 
 # the Matcher's labels for (below, between, above) its thresholds
 RPN_LABELS, ROI_LABELS = [0, -1, 1], [0, 1]
@@ -149,10 +163,62 @@ def _mask(roi) -> MaskConfig:
     return MaskConfig(pool_size=size, mask_size=2 * size, target=MaskTarget.DETECTRON2)
 
 
+# What the replay runs, by class name (exactly: another class computes its loss its own way)
+ROI_HEADS = ("StandardROIHeads", "CascadeROIHeads")
+ROI_ALIGN = ("ROIAlign",)
+# the box head's fcs (FastRCNNConvFCHead with NUM_CONV 0, NUM_FC 2)
+BOX_FCS = 2
+# the mask head's convs the replay has
+MASK_CONVS = 4
+
+
+def _box_heads(roi) -> None:
+    for head in _stages(roi.box_head):
+        require("box head", head, ("FastRCNNConvFCHead",))
+        convs, fcs = len(head.conv_norm_relus), len(head.fcs)
+        if convs or fcs != BOX_FCS:
+            raise not_replayed(f"box head FastRCNNConvFCHead with NUM_CONV {convs}, NUM_FC {fcs}")
+    for pred in _stages(roi.box_predictor):
+        require("box predictor", pred, ("FastRCNNOutputLayers",))
+
+
+def _mask_head(roi) -> None:
+    if not getattr(roi, "mask_on", False):
+        return
+    head = roi.mask_head
+    require("mask head", head, ("MaskRCNNConvUpsampleHead",))
+    convs = head.conv_norm_relus
+    if len(convs) > MASK_CONVS or any(getattr(c, "norm", None) is not None for c in convs):
+        raise not_replayed(f"a mask head with {len(convs)} convs or a norm (ROI_MASK_HEAD)")
+
+
+def two_stage(model) -> None:
+    """Refuse a detector that is not a two-stage GeneralizedRCNN, by name."""
+    if not is_a(model, ("GeneralizedRCNN",)):
+        one = is_a(model, ("RetinaNet", "FCOS", "DenseDetector"))
+        raise not_replayed(f"{kind(model)}" + (", a one-stage detector" if one else ""))
+
+
+def architecture(model) -> None:
+    """Refuse, by name, any part of the model whose losses the replay would not compute as
+    Detectron2 does."""
+    two_stage(model)
+    rpn, roi = model.proposal_generator, model.roi_heads
+    require("proposal generator", rpn, ("RPN",))
+    require("RPN head", rpn.rpn_head, ("StandardRPNHead",))
+    if isinstance(rpn.rpn_head.conv, torch.nn.Sequential):
+        raise not_replayed(f"an RPN head with {len(rpn.rpn_head.conv)} convs (RPN.CONV_DIMS)")
+    require("RoI heads", roi, ROI_HEADS)
+    _box_heads(roi)
+    require("RoI pooler", roi.box_pooler.level_poolers[0], ROI_ALIGN)
+    _mask_head(roi)
+
+
 def detector_config(model) -> DetectorConfig:
     """The live model's detector config, read off ``model.proposal_generator`` and
     ``model.roi_heads`` (a cascade's first stage as the RoI head, its later stages in
     ``cascade``)."""
+    architecture(model)
     rpn, roi = model.proposal_generator, model.roi_heads
     pred = _stages(roi.box_predictor)[0]
     return DetectorConfig(
@@ -187,9 +253,7 @@ def detector_config(model) -> DetectorConfig:
 
 def _box_spec(spec, loss_type: str, beta: float, weight: float):
     if loss_type != D2_SMOOTH_L1:
-        raise InputError(
-            f"box regression loss {loss_type!r} is not supported (smooth_l1 and L1 are)"
-        )
+        raise not_replayed(f"box regression loss {loss_type!r} (smooth_l1 and L1 are replayed)")
     kind = LossKind.L1 if beta < L1_BELOW_BETA else LossKind.SMOOTH_L1
     return dataclasses.replace(spec, loss=kind, beta=float(beta), weight=float(weight))
 
@@ -208,9 +272,9 @@ def profile(model) -> str | dict:
     rpn, preds = model.proposal_generator, _stages(roi.box_predictor)
     pred = preds[0]
     if len({_box_loss(p) for p in preds}) > 1:
-        raise InputError("cascade stages with different losses are not supported")
+        raise not_replayed("cascade stages with different losses")
     if pred.use_sigmoid_ce or pred.use_fed_loss:
-        raise InputError("sigmoid or federated classification losses are not supported")
+        raise not_replayed("a sigmoid or federated classification loss")
     base = builtin_profile()
     rw, pw = rpn.loss_weight, pred.loss_weight
     rpn_box = _box_spec(
@@ -284,7 +348,7 @@ def _rpn_proposals(rpn, images, features) -> list:
 
 
 def _meta(model, meta):
-    return run_meta(Framework.DETECTRON2, profile(model), detector_config(model), meta)
+    return run_meta(Framework.DETECTRON2, model, detector_config, profile, meta)
 
 
 def dump(
@@ -323,6 +387,7 @@ class Capture(HookedCapture):
     framework = Framework.DETECTRON2
 
     def install(self, model) -> None:
+        two_stage(model)
         self.hook(model.proposal_generator, "proposal_generator", _rpn_call, always=True)
         self.hook(model, "losses", lambda args, kwargs, out: out if isinstance(out, dict) else None)
 
@@ -415,8 +480,10 @@ def config_from_file(path: str | Path) -> tuple[DetectorConfig, str | dict]:
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    cfg = get_cfg()
-    cfg.merge_from_file(str(path))
-    cfg.MODEL.DEVICE = "cpu"
-    model = build_model(cfg)
-    return detector_config(model), profile(model)
+    def build():
+        cfg = get_cfg()
+        cfg.merge_from_file(str(path))
+        cfg.MODEL.DEVICE = "cpu"
+        return build_model(cfg)
+
+    return read_model(built("detectron2", path, build), detector_config, profile)

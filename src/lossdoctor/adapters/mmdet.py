@@ -44,11 +44,40 @@ from ..inputs.dataclass_toml import to_dict
 from ..inputs.errors import InputError
 from ..inputs.profiles import mmdet, mmdet_cascade
 from ..vocab import Framework, LossKind, Mapper, MaskTarget, Part, Ranking, Term
-from .common import HookedCapture, describe, level_names, observed, run_meta, untouched, write_dump
+from .common import (
+    HookedCapture,
+    built,
+    describe,
+    is_a,
+    kind,
+    level_names,
+    not_replayed,
+    observed,
+    read_model,
+    require,
+    run_meta,
+    untouched,
+    write_dump,
+)
 
 # MMDetection's delta2bbox clamps dw, dh to |log(wh_ratio_clip)| with wh_ratio_clip = 16 / 1000
 WH_RATIO_CLIP = 16 / 1000
 RANDOM, PSEUDO = "RandomSampler", "PseudoSampler"
+
+
+# What the replay runs, by class name (exactly: another class computes its loss its own way)
+TWO_STAGE = ("FasterRCNN", "MaskRCNN", "CascadeRCNN", "TwoStageDetector")
+ROI_HEADS = ("StandardRoIHead", "CascadeRoIHead")
+BOX_HEADS = ("Shared2FCBBoxHead",)
+CODERS = ("DeltaXYWHBBoxCoder",)
+ASSIGNERS = ("MaxIoUAssigner",)
+IOU_CALCULATORS = ("BboxOverlaps2D",)
+EXTRACTORS = ("SingleRoIExtractor",)
+ROI_LAYERS = ("RoIAlign",)
+MASK_HEADS = ("FCNMaskHead",)
+# (ConvFCBBoxHead's counts of shared convs, shared fcs, cls convs, cls fcs, reg convs, reg fcs):
+# the two shared fcs of Shared2FCBBoxHead
+TWO_FC = (0, 2, 0, 0, 0, 0)
 
 
 def _get(cfg, key, default=None):
@@ -94,10 +123,8 @@ def _sampler(sampler, add_gt_default: bool) -> SamplerConfig:
     if kind == PSEUDO:
         return SamplerConfig(take_all=True, avg_factor_with_neg=False)
     if kind != RANDOM or _get(sampler, "neg_pos_ub", -1) >= 0:
-        raise InputError(
-            f"sampler {kind} (or a neg_pos_ub) is not supported; "
-            "RandomSampler and PseudoSampler are"
-        )
+        raise not_replayed(f"sampler {_type(sampler)} with its options (RandomSampler without "
+                           "neg_pos_ub and PseudoSampler are replayed)")  # fmt: skip
     add_gt = bool(_get(sampler, "add_gt_as_proposals", add_gt_default))
     return SamplerConfig(
         batch_size=int(_get(sampler, "num")),
@@ -109,7 +136,13 @@ def _sampler(sampler, add_gt_default: bool) -> SamplerConfig:
 
 def _coder(coder) -> CoderConfig:
     if any(float(m) != 0.0 for m in coder.means):
-        raise InputError("a box coder with non-zero means is not supported")
+        raise not_replayed("a box coder with non-zero target_means")
+    if any(float(s) <= 0.0 for s in coder.stds):
+        raise InputError(
+            f"the box coder's target_stds {[float(s) for s in coder.stds]} have a value <= 0: "
+            "the box targets are divided by it, so the box loss is inf/NaN from the first step; "
+            "fix target_stds in the config"
+        )
     weights = tuple(1.0 / float(s) for s in coder.stds)
     return CoderConfig(weights=weights, clip=abs(math.log(WH_RATIO_CLIP)), clip_both=True)
 
@@ -150,7 +183,8 @@ def _mask(model) -> MaskConfig:
     roi = model.roi_head
     if not getattr(roi, "with_mask", False):
         return MaskConfig(target=MaskTarget.MMDET)
-    box, mask = _first(roi.bbox_roi_extractor).roi_layers[0], roi.mask_roi_extractor.roi_layers[0]
+    box = _first(roi.bbox_roi_extractor).roi_layers[0]
+    mask = _first(roi.mask_roi_extractor).roi_layers[0]
     if (box.sampling_ratio, box.aligned) != (mask.sampling_ratio, mask.aligned):
         raise InputError("a mask RoIAlign that samples unlike the box RoIAlign is not supported")
     size = mask.output_size[0] if isinstance(mask.output_size, tuple) else mask.output_size
@@ -158,9 +192,107 @@ def _mask(model) -> MaskConfig:
     return MaskConfig(pool_size=int(size), mask_size=int(mask_size), target=MaskTarget.MMDET)
 
 
+def _type(cfg) -> str:
+    t = _get(cfg, "type")
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _require_cfg(what: str, cfg, allowed: tuple[str, ...]) -> None:
+    if _type(cfg) not in allowed:
+        raise not_replayed(f"{what} {_type(cfg)} (lossdoctor replays {', '.join(allowed)})")
+
+
+def _box_head(head) -> None:
+    counts = tuple(int(getattr(head, f"num_{x}", -1)) for x in (
+        "shared_convs", "shared_fcs", "cls_convs", "cls_fcs", "reg_convs", "reg_fcs"))  # fmt: skip
+    if kind(head) not in BOX_HEADS and not (kind(head) == "ConvFCBBoxHead" and counts == TWO_FC):
+        layers = "" if -1 in counts else " ({} shared convs, {} shared fcs, {}+{} cls convs/fcs, "
+        layers = layers and layers.format(*counts[:4]) + "{}+{} reg convs/fcs)".format(*counts[4:])
+        raise not_replayed(f"box head {kind(head)}{layers}")
+    require("box coder", head.bbox_coder, CODERS)
+    if getattr(head.bbox_coder, "add_ctr_clamp", False):
+        raise not_replayed("a box coder with add_ctr_clamp=True")
+    if getattr(head, "reg_decoded_bbox", False):
+        raise not_replayed(f"a box loss on decoded boxes ({kind(head.loss_bbox)}, "
+                           "reg_decoded_bbox=True)")  # fmt: skip
+
+
+def _assignment(what: str, stage_cfg) -> None:
+    assigner, sampler = _get(stage_cfg, "assigner"), _get(stage_cfg, "sampler")
+    _require_cfg(f"{what} assigner", assigner, ASSIGNERS)
+    _require_cfg(f"{what} IoU calculator", _get(assigner, "iou_calculator",
+                 {"type": IOU_CALCULATORS[0]}), IOU_CALCULATORS)  # fmt: skip
+    if float(_get(assigner, "ignore_iof_thr", -1)) > 0:
+        raise not_replayed(f"{what} assigner ignore_iof_thr > 0")
+    _require_cfg(f"{what} sampler", sampler, (RANDOM, PSEUDO))
+
+
+def _roi_head(roi, train) -> None:
+    require("RoI head", roi, ROI_HEADS)
+    for head in _stages(roi.bbox_head):
+        _box_head(head)
+    for ext in _stages(roi.bbox_roi_extractor):
+        require("RoI extractor", ext, EXTRACTORS)
+        require("RoI layer", ext.roi_layers[0], ROI_LAYERS)
+    for rcnn in _stages(_get(train, "rcnn")) if train is not None else ():
+        _assignment("RoI", rcnn)
+        if float(_get(rcnn, "pos_weight", -1)) > 0:
+            raise not_replayed("a RoI pos_weight > 0 (train_cfg.rcnn.pos_weight)")
+    if getattr(roi, "with_mask", False):
+        for head in _stages(roi.mask_head):
+            require("mask head", head, MASK_HEADS)
+            if _get(head, "norm_cfg") is not None or head.conv_kernel_size != 3:
+                raise not_replayed("a mask head with a norm layer or non-3x3 convs")
+            loss = head.loss_mask
+            if kind(loss) != "CrossEntropyLoss" or float(loss.loss_weight) != 1.0:
+                raise not_replayed(f"mask loss {kind(loss)} with loss_weight {loss.loss_weight}")
+
+
+def two_stage(model) -> None:
+    """Refuse a detector that is not one of the two-stage detectors, by name."""
+    if getattr(model, "rpn_head", None) is None or getattr(model, "roi_head", None) is None:
+        # mmdet's RPN detector keeps its RPN head as bbox_head
+        rpn_only = is_a(model, ("RPN",)) or getattr(model, "rpn_head", None) is not None
+        stages = "proposal network without RoI heads" if rpn_only else "one-stage detector"
+        raise not_replayed(f"{kind(model)}, a {stages}")
+    if not is_a(model, TWO_STAGE):
+        raise not_replayed(f"detector {kind(model)} (lossdoctor replays {', '.join(TWO_STAGE)})")
+
+
+def architecture(model) -> None:
+    """Refuse, by name, any part of the model whose losses the replay would not compute as
+    MMDetection does."""
+    two_stage(model)
+    require("RPN head", model.rpn_head, ("RPNHead",))
+    if int(getattr(model.rpn_head, "num_convs", 1)) != 1:
+        raise not_replayed(f"an RPN head with {model.rpn_head.num_convs} convs (num_convs)")
+    require("RPN box coder", model.rpn_head.bbox_coder, CODERS)
+    train = getattr(model, "train_cfg", None)
+    if train is not None:
+        _assignment("RPN", _get(train, "rpn"))
+    _roi_head(model.roi_head, train)
+    _nms(train, getattr(model, "test_cfg", None))
+
+
+def _nms(train, test) -> None:
+    """Proposals and detections with plain NMS, as the replay makes them."""
+    stages = [(train, "rpn_proposal"), (test, "rpn"), (test, "rcnn")]
+    for cfg, stage in stages:
+        part = _get(cfg, stage) if cfg is not None else None
+        nms = _get(part, "nms") if part is not None else None
+        if nms is not None and _type(nms) != "nms":
+            raise not_replayed(f"{stage} NMS {_type(nms)} (plain nms is replayed)")
+
+
+def _stages(x) -> list:
+    """A cascade's per-stage list or ModuleList, else the one thing."""
+    return list(x) if isinstance(x, (list, tuple, torch.nn.ModuleList)) else [x]
+
+
 def detector_config(model) -> DetectorConfig:
     """The live model's detector config, read off its heads and ``train_cfg`` / ``test_cfg``
     (a cascade's first stage as the RoI head, its later stages in ``cascade``)."""
+    architecture(model)
     train, test = model.train_cfg, model.test_cfg
     rpn, box = model.rpn_head, _first(model.roi_head.bbox_head)
     ext = _first(model.roi_head.bbox_roi_extractor)
@@ -203,12 +335,27 @@ def _loss(module, cls: bool) -> tuple[LossKind, float, float]:
     """(kind, beta, weight) of one of mmdet's loss modules."""
     name, weight = type(module).__name__, float(getattr(module, "loss_weight", 1.0))
     if cls and name == "CrossEntropyLoss":
+        _plain_ce(module)
         return (LossKind.BCE if module.use_sigmoid else LossKind.CE), 0.0, weight
     if not cls and name == "L1Loss":
         return LossKind.L1, 0.0, weight
     if not cls and name == "SmoothL1Loss":
         return LossKind.SMOOTH_L1, float(module.beta), weight
-    raise InputError(f"loss {name} is not supported; CrossEntropyLoss, L1Loss and SmoothL1Loss are")
+    raise not_replayed(f"loss {name} (CrossEntropyLoss, L1Loss and SmoothL1Loss are replayed)")
+
+
+def _plain_ce(module) -> None:
+    """CrossEntropyLoss options the replay does not model."""
+    if getattr(module, "class_weight", None) is not None:
+        raise not_replayed("CrossEntropyLoss with class_weight")
+    if getattr(module, "avg_non_ignore", False) or getattr(module, "use_mask", False):
+        raise not_replayed("CrossEntropyLoss with avg_non_ignore or use_mask")
+
+
+def _sigmoid(module, want: bool, what: str) -> None:
+    """The RPN's objectness is a sigmoid, the RoI classifier a softmax, as the replay runs them."""
+    if bool(getattr(module, "use_sigmoid", want)) != want:
+        raise not_replayed(f"{what} with use_sigmoid={not want}")
 
 
 def profile(model) -> str | dict:
@@ -219,11 +366,13 @@ def profile(model) -> str | dict:
     heads = model.roi_head.bbox_head
     stages = heads if isinstance(heads, torch.nn.ModuleList) else [heads]
     if len({(_loss(h.loss_cls, True), _loss(h.loss_bbox, False)) for h in stages}) > 1:
-        raise InputError("cascade stages with different losses are not supported")
+        raise not_replayed("cascade stages with different losses")
     modules = {
         Term.RPN_CLS: rpn.loss_cls, Term.RPN_BOX: rpn.loss_bbox,
         Term.ROI_CLS: box.loss_cls, Term.ROI_BOX: box.loss_bbox,
     }  # fmt: skip
+    _sigmoid(rpn.loss_cls, True, "an RPN classification loss")
+    _sigmoid(box.loss_cls, False, "a RoI classification loss")
     base = mmdet()
     specs = {}
     for term, module in modules.items():
@@ -296,7 +445,7 @@ def rpn_proposals(model, rpn_outs, data_samples) -> list[torch.Tensor]:
 
 
 def _meta(model, meta):
-    return run_meta(Framework.MMDET, profile(model), detector_config(model), meta)
+    return run_meta(Framework.MMDET, model, detector_config, profile, meta)
 
 
 def dump(out_dir: str | Path, model, data_batch: dict, *, meta: dict | None = None) -> Path:
@@ -327,9 +476,11 @@ class Capture(HookedCapture):
     framework = Framework.MMDET
 
     def install(self, model) -> None:
+        two_stage(model)
         self.hook(model, "model_input", _model_input, always=True)
         self.hook(model, "losses", lambda args, kwargs, out: out if isinstance(out, dict) else None)
-        self.hook(model.neck, "features")
+        # the features the heads take: the neck's, or the backbone's where there is no neck (DC5)
+        self.hook(model.neck if model.with_neck else model.backbone, "features")
         self.hook(model.rpn_head, "rpn_outs")
 
     def describe(self) -> dict:
@@ -434,6 +585,5 @@ def config_from_file(path: str | Path) -> tuple[DetectorConfig, str | dict]:
     from mmengine.config import Config
 
     register_all_modules()
-    cfg = Config.fromfile(str(path))
-    model = MODELS.build(cfg.model)
-    return detector_config(model), profile(model)
+    model = built("mmdet", path, lambda: MODELS.build(Config.fromfile(str(path)).model))
+    return read_model(model, detector_config, profile)

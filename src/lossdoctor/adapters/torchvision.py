@@ -39,7 +39,18 @@ from ..inputs.config import (
 )  # fmt: skip
 from ..inputs.errors import InputError
 from ..vocab import Framework, Mapper, MaskTarget, Ranking
-from .common import HookedCapture, describe, level_names, run_meta, untouched, write_dump
+from .common import (
+    HookedCapture,
+    describe,
+    is_a,
+    kind,
+    level_names,
+    not_replayed,
+    require,
+    run_meta,
+    untouched,
+    write_dump,
+)
 
 PROFILE = "torchvision"
 # torchvision's postprocess drops boxes smaller than this (roi_heads.postprocess_detections)
@@ -78,9 +89,55 @@ def _proposals(rpn, mode: str) -> ProposalConfig:
     )
 
 
+# the two-stage detectors whose heads the replay runs (Keypoint R-CNN: its box terms)
+TWO_STAGE = ("FasterRCNN", "MaskRCNN", "KeypointRCNN")
+ONE_STAGE = ("RetinaNet", "FCOS", "SSD", "SSDLite")
+
+
+def _convs(module) -> int:
+    """The 3x3 convs of an RPN head (torchvision's v2 models have 2)."""
+    return len(module) if isinstance(module, torch.nn.Sequential) else 1
+
+
+def _has_norm(module) -> bool:
+    norms = (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+    return any(isinstance(m, norms) for m in module.modules())
+
+
+def two_stage(model) -> None:
+    """Refuse a detector that is not one of the two-stage detectors, by name."""
+    if is_a(model, ONE_STAGE):
+        raise not_replayed(f"{kind(model)}, a one-stage detector")
+    if not is_a(model, TWO_STAGE):
+        raise not_replayed(f"detector {kind(model)} (lossdoctor replays {', '.join(TWO_STAGE)})")
+
+
+def architecture(model) -> None:
+    """Refuse, by name, any part of the model whose losses the replay would not compute as the
+    model does."""
+    two_stage(model)
+    rpn, roi = model.rpn, model.roi_heads
+    require("RPN", rpn, ("RegionProposalNetwork",))
+    require("RPN head", rpn.head, ("RPNHead",))
+    if _convs(rpn.head.conv) != 1:
+        raise not_replayed(
+            f"an RPN head with {_convs(rpn.head.conv)} convs (torchvision's v2 models)"
+        )
+    require("RoI heads", roi, ("RoIHeads",))
+    require("box head", roi.box_head, ("TwoMLPHead",))
+    require("box predictor", roi.box_predictor, ("FastRCNNPredictor",))
+    require("RoI pooler", roi.box_roi_pool, ("MultiScaleRoIAlign",))
+    if roi.has_mask():
+        require("mask head", roi.mask_head, ("MaskRCNNHeads",))
+        require("mask predictor", roi.mask_predictor, ("MaskRCNNPredictor",))
+        if _has_norm(roi.mask_head):
+            raise not_replayed("a mask head with BatchNorm (v2 models)")
+
+
 def detector_config(model) -> DetectorConfig:
     """The live model's detector config: anchors, matchers, samplers, coders, proposals,
     RoIAlign and test settings, read off ``model.rpn`` and ``model.roi_heads``."""
+    architecture(model)
     rpn, roi = model.rpn, model.roi_heads
     pool = roi.box_roi_pool
     return DetectorConfig(
@@ -178,7 +235,7 @@ def dump(out_dir: str | Path, model, images, targets, *, meta: dict | None = Non
 
 
 def _meta(model, meta: dict | None) -> dict:
-    return run_meta(Framework.TORCHVISION, PROFILE, detector_config(model), meta)
+    return run_meta(Framework.TORCHVISION, model, detector_config, lambda _: PROFILE, meta)
 
 
 def _model_call(args, kwargs) -> tuple:
@@ -193,6 +250,7 @@ class Capture(HookedCapture):
     framework = Framework.TORCHVISION
 
     def install(self, model) -> None:
+        two_stage(model)
         self.hook(model.transform, "transformed")
         self.hook(model.backbone, "features")
         self.hook(model.rpn, "proposals", lambda args, kwargs, out: out[0])

@@ -100,10 +100,14 @@ class _ImageRois:
 def _sample_image(props, gt, labels, config: DetectorConfig, gen, sample_all) -> _ImageRois:
     """Assign one image's candidates to its GT and sample them → that image's RoI rows."""
     cands, is_gt = _candidates(props, gt, config)
-    m = match(gt, cands, config.roi_matcher)
-    if config.roi_sampler.gt_self_assigned and config.roi_sampler.add_gt and gt.shape[0]:
-        m.labels[is_gt] = POSITIVE  # each added GT is its own match, whatever its IoU
+    self_assigned = config.roi_sampler.gt_self_assigned and config.roi_sampler.add_gt
+    # MMDetection assigns the proposals alone (a GT's best IoU, which the low-quality pass
+    # ties to, is over proposals), then adds each GT as its own match, whatever its IoU
+    m = match(gt, cands, config.roi_matcher, valid=~is_gt if self_assigned else None)
+    if self_assigned and gt.shape[0]:
+        m.labels[is_gt] = POSITIVE
         m.gt[is_gt] = torch.arange(gt.shape[0])
+        m.max_iou[is_gt] = 1.0
     if gt.shape[0]:
         # a GT labelled background (torchvision's label 0): what it matches trains as background
         as_bg = (m.labels == POSITIVE) & (labels[m.gt.clamp(min=0)] == BACKGROUND_GT)

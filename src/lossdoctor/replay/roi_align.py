@@ -57,9 +57,12 @@ def map_levels(rois: Tensor, strides: list[int], cfg: RoIPoolConfig) -> Tensor:
     n = len(strides)
     level, zero_based = MAPPERS[cfg.mapper]
     lvl = level(torch.sqrt(box_area(rois)), cfg)
+    # levels by stride, as the frameworks map them: levels that share a stride (torchvision's
+    # MobileNet FPN) all map to the first of them
     k_min = 0 if zero_based else int(round(math.log2(strides[0])))
-    lvl = torch.nan_to_num(lvl, nan=float(k_min), posinf=float(k_min + n - 1), neginf=float(k_min))
-    return (lvl.clamp(k_min, k_min + n - 1) - k_min).long()
+    k_max = k_min + n - 1 if zero_based else int(round(math.log2(strides[n - 1])))
+    lvl = torch.nan_to_num(lvl, nan=float(k_min), posinf=float(k_max), neginf=float(k_min))
+    return (lvl.clamp(k_min, k_max) - k_min).long().clamp(max=n - 1)
 
 
 def _axis_weights(
