@@ -278,6 +278,13 @@ def record_coverage(framework: str, version: str, model: str, outcome: str, deta
         f.write(json.dumps(row) + "\n")
 
 
+def refusal(warned, words: str) -> str:
+    """What the warning that names ``words`` says is not replayed (its part before ": not
+    replayed yet"), for the coverage table."""
+    said = next(str(w.message) for w in warned if words in str(w.message))
+    return said.partition(": not replayed yet")[0].rsplit(": ", 1)[-1].strip()
+
+
 def relative_gaps(got: dict, want: dict) -> dict:
     """Each term's |got - want| / |want| (absolute where want is 0)."""
     return {k: abs(got[k] - w) / (abs(w) or 1.0) for k, w in want.items()}

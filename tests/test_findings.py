@@ -174,7 +174,7 @@ def test_one_based_labels():
 
 def test_one_based_labels_collide_with_background_in_a_background_last_layout():
     sd = F.state_dict(reg_slots=3)
-    from lossdoctor.inputs.checkpoint import LAYOUTS
+    from lossdoctor.inputs.layouts import LAYOUTS
 
     tv = {v[0]: k for k, v in LAYOUTS["torchvision"].items()}
     mm = {

@@ -118,7 +118,7 @@ def test_every_builder_is_replayed_exactly_or_refused_by_name(tmp_path, name):
             F.assert_refused_by_name(capture.written[0], words)
         with pytest.raises(InputError, match="not replayed yet"):
             heads_from_state_dict(model.state_dict())  # the checkpoint alone is refused too
-        F.record_coverage("torchvision", _version(), name, outcome, words)
+        F.record_coverage("torchvision", _version(), name, outcome, F.refusal(said, words))
         return
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a replayable model: no warning

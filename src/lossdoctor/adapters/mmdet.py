@@ -269,16 +269,19 @@ def architecture(model) -> None:
     require("RPN box coder", model.rpn_head.bbox_coder, CODERS)
     train = getattr(model, "train_cfg", None)
     if train is not None:
-        _assignment("RPN", _get(train, "rpn"))
+        _assignment("RPN", train.rpn)
     _roi_head(model.roi_head, train)
     _nms(train, getattr(model, "test_cfg", None))
 
 
 def _nms(train, test) -> None:
     """Proposals and detections with plain NMS, as the replay makes them."""
-    stages = [(train, "rpn_proposal"), (test, "rpn"), (test, "rcnn")]
-    for cfg, stage in stages:
-        part = _get(cfg, stage) if cfg is not None else None
+    stages = [
+        ("rpn_proposal", _get(train, "rpn_proposal") if train is not None else None),
+        ("test_cfg.rpn", test.rpn if test is not None else None),
+        ("rcnn", _get(test, "rcnn") if test is not None else None),
+    ]
+    for stage, part in stages:
         nms = _get(part, "nms") if part is not None else None
         if nms is not None and _type(nms) != "nms":
             raise not_replayed(f"{stage} NMS {_type(nms)} (plain nms is replayed)")

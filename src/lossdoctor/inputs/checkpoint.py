@@ -154,6 +154,17 @@ class HeadWeights:
             return self.fg_logit(labels)
         return labels
 
+    def replayed(self) -> str:
+        """What the replay runs of these heads, and what it names as not replayed."""
+        regression = "class-agnostic" if self.reg_classes == 1 else "per-class"
+        parts = ["RPN head (one 3x3 conv)", f"box head (2 fcs, {regression} regression)"]
+        if self.num_stages > 1:
+            parts[-1] = f"{self.num_stages} cascade box heads (2 fcs, {regression} regression)"
+        if self.has_mask:
+            parts.append(f"mask head ({len(self.mask_convs)} convs)")
+        said = f"replayed: {', '.join(parts)}"
+        return said + (f"; not replayed: {', '.join(self.unreplayed)}" if self.unreplayed else "")
+
     def detached(self) -> HeadWeights:
         """The same heads with every parameter detached (for test-mode passes)."""
         params = {k: v.detach() for k, v in self.params.items()}
