@@ -1,6 +1,7 @@
 """Regenerate fixtures/ bit for bit: python scripts/make_fixtures.py [--only-faults]
 
-- fixtures/toy.toml: the toy detector's config (pass it with --config)
+- fixtures/toy.toml: the toy detector's config (every dump records it too, as meta["config"],
+  with the profile its run trained with: each fixture replays as shipped, with no flag)
 - fixtures/healthy: the toy detector trained 300 steps under `fixed` (seed 0), and a held-out
   batch: the first held-out draw (seeds 777, 778, ...) in which every FPN level has a positive
   anchor
@@ -9,8 +10,8 @@
   collapse the first step whose gradient norm exceeded 1000, a few steps before its weights
   turned NaN and its held-out detections dropped to 0
 - fixtures/faults/*: the healthy batch with one fault each (image without GT, zero-width GT box,
-  1-based labels, NaN in one level's features), on its first two images; replay them with
-  fixtures/healthy/checkpoint.pt
+  1-based labels, NaN in one level's features), on its first two images, each a capture
+  directory whose checkpoint.pt links to fixtures/healthy/checkpoint.pt
 
 Runs single-threaded so the float reductions, and so the files, are the same on every machine.
 """
@@ -28,14 +29,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from lossdoctor.inputs.batch import Batch, dump_batch, load_batch  # noqa: E402
-from lossdoctor.inputs.dataclass_toml import dumps_toml, to_dict  # noqa: E402
+from lossdoctor.inputs.dataclass_toml import dumps_toml  # noqa: E402
 from lossdoctor.inputs.files import save_torch  # noqa: E402
 from lossdoctor.inputs.profiles import fixed, legacy  # noqa: E402
 from lossdoctor.replay.engine import replay  # noqa: E402
 from lossdoctor.toy.data import batches  # noqa: E402
-from lossdoctor.toy.model import toy_config  # noqa: E402
+from lossdoctor.toy.model import toy_config, toy_config_table  # noqa: E402
 from lossdoctor.toy.train import make_batch, train  # noqa: E402
 
+CHECKPOINT = "checkpoint.pt"
 HEALTHY_STEPS = 300
 COLLAPSE_STEPS = 400
 EXPLOSION_NORM = 1000.0
@@ -44,10 +46,9 @@ HELD_OUT_IMAGES = 4
 
 
 def write_config(out: Path) -> None:
-    data = {"base": "torchvision", **to_dict(toy_config())}
     out.write_text(
         "# The toy detector of scripts/make_fixtures.py: torchvision rules, anchors 8-128 px.\n"
-        + dumps_toml(data)
+        + dumps_toml(toy_config_table())
     )
 
 
@@ -85,20 +86,20 @@ def healthy(out: Path) -> None:
             "source": f"toy detector, fixed profile, {HEALTHY_STEPS} steps, seed 0",
             "held_out_seed": seed,
             "sample_seed": 0,
+            "profile": fixed().name,
+            "config": toy_config_table(),
         },
     )
     print(f"healthy: held-out seed {seed}; held-out recall {hist.detections[-1][2]:.2f}")
 
 
 def collapse(root: Path, scratch: Path) -> None:
-    args = "--config fixtures/toy.toml"
     _, hist = train(
         legacy(),
         COLLAPSE_STEPS,
         0,
         stop_on_nonfinite=False,
         capture_dir=scratch,
-        capture_args=args,
         capture_norm=EXPLOSION_NORM,
         log=print,
     )
@@ -133,6 +134,9 @@ def faults(healthy_batch: Path, out: Path) -> None:
         b.image_sizes, b.gt_boxes, b.gt_labels = b.image_sizes[:2], b.gt_boxes[:2], b.gt_labels[:2]
         edit(b)
         save_dump(out / name / "batch.pt", b, {**base.meta, "fault": name})
+        link = out / name / CHECKPOINT
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path("..", "..", "healthy", CHECKPOINT))
 
     def no_gt(b):
         b.gt_boxes[1] = torch.zeros(0, 4)

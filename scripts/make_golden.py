@@ -21,23 +21,15 @@ FAULTS = ("no-gt-image", "zero-width-box", "one-based-labels", "nan-features-p4"
 
 
 def cases() -> dict[str, dict]:
-    """Case name -> keyword arguments of lossdoctor.inspect."""
-    config = str(FIX / "toy.toml")
+    """Case name -> keyword arguments of lossdoctor.inspect: each fixture as shipped (a capture
+    directory whose dump records its config and profile)."""
     out = {}
     for name in ("healthy", "first-nan", "collapse"):
-        out[name] = dict(
-            checkpoint=str(FIX / name / "checkpoint.pt"),
-            batch=str(FIX / name / "batch.pt"),
-            config=config,
-            profiles=list(ALL_PROFILES),
-        )
+        out[name] = dict(checkpoint=str(FIX / name), batch=None, profiles=list(ALL_PROFILES))
     out["collapse-sample-all"] = {**out["collapse"], "sample_all": True}
     for fault in FAULTS:
         out[f"fault-{fault}"] = dict(
-            checkpoint=str(FIX / "healthy" / "checkpoint.pt"),
-            batch=str(FIX / "faults" / fault / "batch.pt"),
-            config=config,
-            profiles=["legacy", "fixed"],
+            checkpoint=str(FIX / "faults" / fault), batch=None, profiles=["legacy", "fixed"]
         )
     return out
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from lossdoctor.report.explain import CATALOGUE_BEGIN, CATALOGUE_END, catalogue_markdown  # noqa: E402
 
 EXCERPT_BEGIN, EXCERPT_END = "<!-- what-it-says -->", "<!-- /what-it-says -->"
-EXCERPT_ARGS = ["inspect", "fixtures/collapse", "--config", "fixtures/toy.toml"]
+EXCERPT_ARGS = ["inspect", "fixtures/collapse"]
 # the excerpt shows this many findings, and leaves out the RPN table
 SHOWN_FINDINGS = 3
 SEVERITIES = ("error ", "warning ", "info ")

@@ -282,7 +282,9 @@ def refusal(warned, words: str) -> str:
     """What the warning that names ``words`` says is not replayed (its part before ": not
     replayed yet"), for the coverage table."""
     said = next(str(w.message) for w in warned if words in str(w.message))
-    return said.partition(": not replayed yet")[0].rsplit(": ", 1)[-1].strip()
+    head = said.partition(": not replayed yet")[0]
+    marker = "cannot be replayed ("
+    return (head.partition(marker)[2] if marker in head else head.rsplit(": ", 1)[-1]).strip()
 
 
 def relative_gaps(got: dict, want: dict) -> dict:

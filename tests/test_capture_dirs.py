@@ -64,6 +64,8 @@ def test_the_run_profile_and_config_come_from_the_dump(tmp_path):
         "source": "dump",
         "framework": "mmdet",
         "own": "mmdet",
+        "step": 7,
+        "rank": None,
     }
     assert (
         rep.meta["config"]["name"] == "live"
@@ -91,7 +93,10 @@ def test_an_inline_profile_table(tmp_path):
     [
         ({"framework": "caffe"}, "batch key 'meta.framework': expected one of torchvision, mmdet"),
         ({"rank": 3, "world_size": 2}, "batch key 'meta.rank': expected a rank below world_size 2"),
-        ({"step": -1}, "batch key 'meta.step': expected an integer >= 0"),
+        (
+            {"step": -1},
+            "batch key 'meta.step': expected an integer in [0, 2147483647], found int -1",
+        ),
         ({"profile": "nope"}, "meta.profile 'nope' is not a built-in profile"),
         (
             {"profile": {"rpn_cls": {"normalizer": "per_level"}}},

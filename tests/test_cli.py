@@ -256,6 +256,8 @@ def test_check(files, tmp_path):
     r = run("check", files / "batch.pt", files / "ckpt.pt")
     assert r.exit_code == 0, r.output
     assert "valid lossdoctor.batch/1" in r.stdout and "fits the batch" in r.stdout
+    said = " ".join(r.stdout.split())
+    assert "model replayed: RPN head (one 3x3 conv), box head (2 fcs, per-class regression)" in said
     b = F.batch_dict(
         boxes=[torch.tensor([[5.0, 5.0, 5.0, 30.0]])] * 2, labels=[torch.tensor([3])] * 2
     )
@@ -270,6 +272,24 @@ def test_check(files, tmp_path):
     assert r.exit_code == 0 and "degenerate-gt" in r.stdout and "labels outside 0..2" in r.stdout
     torch.save({"format": "lossdoctor.batch/1"}, tmp_path / "broken.pt")
     one_line_error(run("check", tmp_path / "broken.pt"), "batch key 'features' is missing")
+
+
+def test_check_says_whether_the_model_is_replayed_before_any_replay(files, tmp_path):
+    """A checkpoint with a keypoint head: replayed, the keypoint head named as not replayed; a
+    second RPN conv (torchvision's v2 models): refused by name, exit 2."""
+    sd = F.state_dict()
+    keypoints = {**sd, "roi_heads.keypoint_head.0.weight": torch.zeros(8, 8, 3, 3)}
+    torch.save(keypoints, tmp_path / "kp.pt")
+    r = run("check", files / "batch.pt", tmp_path / "kp.pt")
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.stdout.split())
+    assert "not replayed: roi_heads.keypoint_head (the keypoint head)" in said
+    v2 = {**sd, "rpn.head.conv.1.0.weight": torch.zeros(8, 8, 3, 3)}
+    torch.save(v2, tmp_path / "v2.pt")
+    one_line_error(
+        run("check", files / "batch.pt", tmp_path / "v2.pt"),
+        "an RPN head with several convs (torchvision's v2 models): not replayed yet",
+    )
 
 
 @pytest.mark.parametrize("cmd", ["inspect", "compare", "profiles", "check", "explain"])

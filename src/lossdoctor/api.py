@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .inputs.batch import Batch, load_batch
 from .inputs.checkpoint import HeadWeights, check_fit, load_checkpoint
+from .inputs.checks import check_seed
 from .inputs.config import DetectorConfig, config_from_meta, load_config, preset, replace
 from .inputs.errors import InputError
 from .inputs.profiles import LossProfile, load_profile, profile_from_meta
@@ -30,14 +31,34 @@ def capture_files(checkpoint, batch):
         ckpt, dump = folder / CHECKPOINT_FILE, folder / BATCH_FILE
         if ckpt.is_file() and dump.is_file():
             return ckpt, dump
+        if dump.is_file():
+            raise InputError(
+                f"{folder} holds {BATCH_FILE} but no {CHECKPOINT_FILE}: pass a checkpoint with "
+                f"it (CKPT {dump}), or check the batch alone (lossdoctor check {dump})"
+            )
         raise InputError(
             f"{folder} is a folder without {CHECKPOINT_FILE} and {BATCH_FILE}; pass CKPT BATCH, "
             "or a capture directory as the capture hook and the framework adapters write it"
         )
+    if not folder.exists():
+        raise InputError(f"{folder}: no such file or folder; check the path")
     raise InputError(
         f"BATCH is missing: pass CKPT BATCH, or a capture directory holding {CHECKPOINT_FILE} and "
         f"{BATCH_FILE}"
     )
+
+
+def files_to_check(batch, checkpoint=None) -> tuple[Path | None, Path]:
+    """``check``'s inputs: (checkpoint or None, batch). A folder given as BATCH is a capture
+    directory, or a folder holding only a batch dump (checked alone)."""
+    folder = Path(batch)
+    if checkpoint is None and folder.is_dir():
+        if (folder / BATCH_FILE).is_file() and not (folder / CHECKPOINT_FILE).exists():
+            return None, folder / BATCH_FILE
+        return capture_files(folder, None)
+    if not folder.exists():
+        raise InputError(f"{folder}: no such file or folder; check the path")
+    return (None if checkpoint is None else Path(checkpoint)), folder
 
 
 def resolve_inputs(
@@ -46,7 +67,9 @@ def resolve_inputs(
     """Load what is given as paths (a capture directory too). The config: ``config``, else the
     one the dump records (``meta["config"]``), else the preset of the checkpoint's layout."""
     checkpoint, batch = capture_files(checkpoint, batch)
-    batch = batch if isinstance(batch, Batch) else load_batch(batch)
+    batch = (
+        batch if isinstance(batch, Batch) else _load_batch_second(checkpoint, batch, unsafe_load)
+    )
     unsupported = batch.meta.get("unsupported")
     if unsupported is not None:  # the live model's words first: they name its classes
         raise InputError(f"this capture's model cannot be replayed: {unsupported}")
@@ -64,6 +87,17 @@ def resolve_inputs(
         config = load_config(config)
     check_fit(heads, batch, config)
     return heads, batch, config
+
+
+def _load_batch_second(checkpoint, batch, unsafe_load: bool) -> Batch:
+    """The batch, read before the checkpoint (its meta may say why the model cannot be replayed);
+    when it is unreadable, the checkpoint's own complaint comes first: it names swapped files."""
+    try:
+        return load_batch(batch)
+    except InputError:
+        if not isinstance(checkpoint, HeadWeights):
+            load_checkpoint(checkpoint, unsafe=unsafe_load)
+        raise
 
 
 def resolve_profiles(specs) -> list[LossProfile]:
@@ -170,11 +204,13 @@ def _inspect_dump(checkpoint, batch, on_phase, *, config, old, new, profiles, se
     profs, source = _profiles(b, profiles, old, new)
     on_phase(Phase.REPLAY)
     seed = int(b.meta.get("sample_seed", 0)) if seed is None else seed
+    check_seed(seed, "--seed")
     r = replay(heads, b, cfg, profs, seed=seed, sample_all=sample_all)
     own = _own_profile(b, profs, source, old)
     report = build_report(diagnose(r, run_profile=own, on_phase=on_phase), *_named(paths))
     report.meta["run"] = {"profile": profs[0].name, "source": source, "own": own,
-                          "framework": b.meta.get("framework")}  # fmt: skip
+                          "framework": b.meta.get("framework"), "step": b.meta.get("step"),
+                          "rank": b.meta.get("rank")}  # fmt: skip
     return report
 
 
@@ -207,7 +243,26 @@ def inspect_step(step_dir, *, on_phase=_quiet, **options):
             raise InputError(f"rank {rank} ({folder}): {e}") from None
     if not reports:
         raise InputError(f"{step_dir} holds no rank_K capture directories")
+    _check_ranks(step_dir, reports)
     return combine_ranks(reports)
+
+
+def _check_ranks(step_dir, reports: dict) -> None:
+    """Each rank folder holds that rank's capture, all of one step (as the dumps record them)."""
+    for folder_rank, rep in reports.items():
+        rank = rep.meta["run"]["rank"]
+        if rank is not None and rank != folder_rank:
+            raise InputError(
+                f"{step_dir}: rank_{folder_rank} holds a dump of rank {rank}; each rank_K folder "
+                "must hold rank K's capture (two folders of one rank, or a renamed folder?)"
+            )
+    steps = {r: rep.meta["run"]["step"] for r, rep in reports.items()}
+    if len(set(steps.values()) - {None}) > 1:
+        found = ", ".join(f"rank {r}: step {s}" for r, s in sorted(steps.items()))
+        raise InputError(
+            f"{step_dir}: its rank folders hold dumps of different steps ({found}); a step "
+            "folder must hold one step's captures"
+        )
 
 
 def _own_profile(b: Batch, profs: list[LossProfile], source: str, old) -> str | None:
@@ -272,7 +327,7 @@ def _compare_profiles(a: Side, b: Side, checkpoint, batch, options: dict):
 
 
 def _compare_reports(a: Side, b: Side, checkpoint, batch):
-    from .report.compare import CompareResult, compare_reports
+    from .report.compare import CompareResult, compare_reports, run_differences
 
     if checkpoint is not None or batch is not None:
         raise InputError(
@@ -285,7 +340,12 @@ def _compare_reports(a: Side, b: Side, checkpoint, batch):
             f"the reports share no profile ({', '.join(a.report.profiles)} vs "
             f"{', '.join(b.report.profiles)}); pick one with REPORT.json:PROFILE"
         )
-    return CompareResult(comparisons=comps, new_report=b.report, new_profile=b.profile)
+    return CompareResult(
+        comparisons=comps,
+        new_report=b.report,
+        new_profile=b.profile,
+        warnings=run_differences(a.report, b.report),
+    )
 
 
 def compare(old, new, *, checkpoint=None, batch=None, **replay_options):

@@ -96,7 +96,7 @@ CkptArg = Annotated[
 OptionalBatchArg = Annotated[
     str | None,
     typer.Argument(
-        metavar="[BATCH]",
+        metavar="BATCH",
         help="batch dump written by lossdoctor.dump_batch (omit with a capture directory)",
     ),
 ]
@@ -178,12 +178,12 @@ SIDE_HELP = "profile name, profile .toml, or report .json (REPORT.json:PROFILE p
 OptionalCkpt = Annotated[
     str | None,
     typer.Argument(
-        metavar="[CKPT", help="checkpoint or capture directory (when both sides are profiles)"
+        metavar="CKPT", help="checkpoint or capture directory (when both sides are profiles)"
     ),
 ]
 OptionalBatch = Annotated[
     str | None,
-    typer.Argument(metavar="BATCH]", help="batch dump (when both sides are profiles)"),
+    typer.Argument(metavar="BATCH", help="batch dump (when both sides are profiles)"),
 ]
 OldSide = Annotated[str, typer.Option("--old", help=SIDE_HELP)]
 NewSide = Annotated[str, typer.Option("--new", help=SIDE_HELP)]
@@ -236,16 +236,12 @@ def _check_device(device: Device) -> None:
         )
 
 
-def _file_inputs(**roles) -> dict[str, str]:
-    """The files a command reads, by role, for the output guard (built-in names are no files)."""
-    out = {}
-    for role, value in roles.items():
-        path = None if value is None else str(value)
-        if path is not None and ".json:" in path:
-            path = path.partition(".json:")[0] + ".json"  # REPORT.json:PROFILE
-        if path is not None and (role in ("checkpoint", "batch") or Path(path).is_file()):
-            out[role.replace("_", " ")] = path
-    return out
+def _file_inputs(**roles):
+    """Every file a command reads, by role, for the output guard: a folder stands for the files
+    under it (capture directory, step folder, scan root); built-in names are no files."""
+    from .inputs.files import InputFiles
+
+    return InputFiles(roles)
 
 
 def _checked_outputs(json_out, csv, csv_dir, plot, **roles):
@@ -402,6 +398,8 @@ def _compare(*, ckpt, batch, old, new, config, seed, sample_all, device, score_t
     if csv:
         result.save_csv(csv)
     _stdout_json(json_out, result.to_json())
+    for warning in result.warnings:
+        typer.echo(f"lossdoctor: warning: {warning}", err=True)
     render_comparison(
         result.comparisons, console(stderr=json_out == "-"), changed_only=not all_rows
     )
@@ -494,7 +492,9 @@ def _scan(*, paths, batch, results, workers, threads, ray, force, old, new, conf
     from .scan.view import plot_timeline, progress_bar, render_scan
 
     outputs = Outputs(json=json_out, csv_dir=csv_dir, plot=plot)
-    outputs.check(_file_inputs(batch=batch, config=config, old_profile=old, new_profile=new))
+    outputs.check(
+        _file_inputs(scanned=paths, batch=batch, config=config, old_profile=old, new_profile=new)
+    )
     options = dict(config=config, old=old, new=new, seed=seed, sample_all=sample_all,
                    score_thr=score_thr, unsafe_load=unsafe_load)  # fmt: skip
     with progress_bar(console(stderr=True), not quiet) as bar:
@@ -579,7 +579,10 @@ def _print_batch(out, path: str, b) -> None:
         out.print(f"  {name}: {f.shape[2]}x{f.shape[3]}, stride {s}")
     for i, (size, boxes) in enumerate(zip(b.image_sizes, b.gt_boxes)):
         ignored = int(b.gt_ignore[i].sum())
-        out.print(f"  image {i}: {size[0]}x{size[1]}, {boxes.shape[0]} GT boxes, {ignored} ignored")
+        n = boxes.shape[0]
+        out.print(
+            f"  image {i}: {size[0]}x{size[1]}, {n} GT box{'es' * (n != 1)}, {ignored} ignored"
+        )
     _print_replaced(out, "batch", b.replaced)
 
 
@@ -590,6 +593,7 @@ def _print_fit(out, path: str, heads, b, cfg) -> None:
         f"anchors/location, {k} classes (background {heads.background}); fits the batch with "
         f"config '{cfg.name}'"
     )
+    out.print(f"  model {heads.replayed()}")
     _print_replaced(out, "checkpoint", heads.replaced)
     space = b.label_space
     bad = [
@@ -616,7 +620,7 @@ def check(
     ],
     ckpt: Annotated[
         str | None,
-        typer.Argument(metavar="[CKPT]", help="checkpoint to check the batch against"),
+        typer.Argument(metavar="CKPT", help="checkpoint to check the batch against"),
     ] = None,
     config: ConfigOpt = None,
     unsafe_load: UnsafeOpt = False,
@@ -633,12 +637,11 @@ def check(
 
 
 def _check(*, batch, ckpt, config, unsafe_load):
-    from .api import capture_files, resolve_inputs
+    from .api import files_to_check, resolve_inputs
     from .inputs.batch import load_batch
     from .report.render import console
 
-    if ckpt is None and Path(batch).is_dir():
-        ckpt, batch = capture_files(batch, None)
+    ckpt, batch = files_to_check(batch, ckpt)
     out = console()
     b = load_batch(batch)
     _print_batch(out, batch, b)

@@ -219,13 +219,13 @@ def labels_one_based(f: Facts) -> list[Hit]:
     k, space = r.heads.num_classes, r.batch.label_space
     if r.gt.dropped_labels and one_based:
         where = (
-            f"column {k}, the background of this {r.heads.layout} checkpoint"
+            f"lands on column {k}, the background of this {r.heads.layout} checkpoint"
             if r.heads.background is Background.LAST
-            else f"no class (the last is {space.run(k - 1)})"
+            else f"is past the last class ({space.run(k - 1)})"
         )
         msg = (
             f"labels run {space.run(1)}..{space.run(max(labels))}: they look one too high; label "
-            f"{space.run(k)} lands on {where}, and every class is shifted by one"
+            f"{space.run(k)} {where}, and every class is shifted by one"
         )
     elif _raw_torchvision_labels(r, labels):
         msg = (

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..vocab import Framework, Trigger, Weights
+from .checks import MAX_SEED
 from .errors import InputError
 from .files import save_torch
 from .finite import all_finite
@@ -285,12 +286,16 @@ def _check_ignore(raw, boxes: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _is_int(v, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+# recorded steps, ranks and world sizes: far below any bound a real run reaches
+MAX_COUNT = 2**31 - 1
+
+
+def _is_int(v, low: int, high: int = MAX_COUNT) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v >= 0
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
 
 
 # meta keys lossdoctor reads: what each must be (the rest of meta is free)
@@ -298,11 +303,11 @@ META_KEYS = {
     "framework": (lambda v: v in set(Framework), f"one of {', '.join(Framework)}"),
     "profile": (lambda v: isinstance(v, (str, dict)), "a built-in profile name or a profile table"),
     "config": (lambda v: isinstance(v, (str, dict)), "a preset name or a detector config table"),
-    "step": (lambda v: _is_int(v, 0), "an integer >= 0"),
-    "rank": (lambda v: _is_int(v, 0), "an integer >= 0"),
-    "world_size": (lambda v: _is_int(v, 1), "an integer >= 1"),
-    "sample_seed": (lambda v: _is_int(v, 0), "an integer >= 0"),
-    "lr": (_is_number, "a number >= 0"),
+    "step": (lambda v: _is_int(v, 0), f"an integer in [0, {MAX_COUNT}]"),
+    "rank": (lambda v: _is_int(v, 0), f"an integer in [0, {MAX_COUNT}]"),
+    "world_size": (lambda v: _is_int(v, 1), f"an integer in [1, {MAX_COUNT}]"),
+    "sample_seed": (lambda v: _is_int(v, 0, MAX_SEED), f"an integer in [0, {MAX_SEED}]"),
+    "lr": (_is_number, "a finite number >= 0"),
     "losses": (
         lambda v: isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()),
         "a dict loss name -> value (the framework's loss dict at that step)",

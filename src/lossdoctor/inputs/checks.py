@@ -6,6 +6,9 @@ import math
 
 from .errors import InputError
 
+# a sampling seed must fit the int64 a torch.Generator holds
+MAX_SEED = 2**63 - 1
+
 
 def as_member(enum, value, what: str):
     """``value`` as a member of ``enum``; an unknown name is an :class:`InputError` listing them."""
@@ -42,3 +45,9 @@ def check_count(value, what: str) -> None:
     """A positive integer."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"{what} must be a positive integer, found {value!r}")
+
+
+def check_seed(value, what: str) -> None:
+    """A sampling seed: an integer in [0, MAX_SEED]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise InputError(f"{what} must be an integer in [0, {MAX_SEED}], found {value!r}")

@@ -1,18 +1,19 @@
 """Compare two sides: two profiles of one report, or two reports (all profiles they share).
 
 Each metric is shown side by side with its change: a ratio ``new / old``, or the words
-"NaN → finite", "finite → NaN" (Inf likewise) where finiteness changes.
+"NaN → finite", "finite → NaN" (Inf likewise) where finiteness changes. A level-less value (the
+``all`` row's normalizer under a per-level profile) is "per level", not NaN.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..inputs.files import atomic_write
-from ..vocab import BOX_TERMS, FailOn
+from ..vocab import BOX_TERMS, PER_LEVEL_NORMALIZERS, TERM_PARTS, FailOn, Part
 from .model import Report, csv_text
 
 COMPARE_FORMAT = "lossdoctor.compare/1"
@@ -25,6 +26,16 @@ METRICS = (
 TOTALS = ("loss_total", *(t.value for t in BOX_TERMS), "grad_total_norm", "grad_clipped_norm")
 FINDING_KEY = ("severity", "code", "head", "level", "image")
 SAME = "="
+# values closer than this (relative) are the same number: float32 sums in another order
+SAME_REL = 1e-6
+# the all row's columns that a per-level normalizer leaves without one value, by the term part
+# whose normalizer they show
+PER_LEVEL_COLUMNS = {
+    Part.CLS: ("avg_factor", "sample_weight"),
+    Part.BOX: ("avg_factor_bbox", "sample_weight_bbox"),
+}
+PER_LEVEL = "per level"
+ALL_LEVELS = "all"
 
 
 @dataclass(kw_only=True)
@@ -65,9 +76,14 @@ class CompareResult:
     new_report: Report
     new_profile: str | None = None
     report: Report | None = None
+    warnings: list[str] = field(default_factory=list)  # why the two sides may not compare
 
     def to_dict(self) -> dict:
-        return {"format": COMPARE_FORMAT, "comparisons": [c.to_dict() for c in self.comparisons]}
+        return {
+            "format": COMPARE_FORMAT,
+            "warnings": self.warnings,
+            "comparisons": [c.to_dict() for c in self.comparisons],
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, allow_nan=True, default=str)
@@ -108,6 +124,8 @@ def _state(v) -> str:
 
 
 def _dash(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
     return "-" if v in (None, "") else str(v)
 
 
@@ -120,15 +138,33 @@ def change(old, new) -> str:
         return f"{_dash(old)} → {_dash(new)}"
     if so != sn:
         return f"{so} → {sn}"
-    if so == "Inf":
+    if so == "Inf" or abs(new - old) <= SAME_REL * max(abs(old), abs(new)):
         return SAME
     if old == 0:
-        return "0 → nonzero" if new != 0 else SAME
-    return f"x{new / old:.3g}"
+        return "0 → nonzero"
+    ratio = f"{new / old:.3g}"
+    return f"x{new / old:.6g}" if ratio == "1" else f"x{ratio}"
+
+
+def _level_less(report: Report, profile: str) -> set[tuple[str, str]]:
+    """(head, column) of the all row that have no single value under ``profile``: those of a
+    term whose normalizer counts each level on its own."""
+    specs = report.meta.get("profiles", {}).get(profile, {})
+    return {
+        (head.value, column)
+        for term, (head, part) in TERM_PARTS.items()
+        if (specs.get(term.value) or {}).get("normalizer") in PER_LEVEL_NORMALIZERS
+        for column in PER_LEVEL_COLUMNS.get(part, ())
+    }
 
 
 def _rows(report: Report, profile: str) -> dict:
-    return {(r.head, r.level): r.to_dict() for r in report.levels() if r.profile == profile}
+    rows = {(r.head, r.level): r.to_dict() for r in report.levels() if r.profile == profile}
+    for head, column in _level_less(report, profile):
+        row = rows.get((head, ALL_LEVELS))
+        if row is not None and column in row:
+            row[column] = PER_LEVEL
+    return rows
 
 
 def _totals(report: Report, profile: str) -> dict:
@@ -190,3 +226,31 @@ def compare_reports(
         ]
     shared = [p for p in old.profiles if p in new.profiles]
     return [compare_profiles(old, p, new, p, labels) for p in shared]
+
+
+def _sha(report: Report, what: str) -> str | None:
+    return (report.meta.get(what) or {}).get("sha256")
+
+
+def _config_name(report: Report) -> str | None:
+    return (report.meta.get("config") or {}).get("name")
+
+
+def run_differences(old: Report, new: Report) -> list[str]:
+    """Why two reports may not be two views of one run: a comparison of them mixes causes."""
+    out = []
+    ck, bt = (
+        (_sha(old, "checkpoint"), _sha(new, "checkpoint")),
+        (_sha(old, "batch"), _sha(new, "batch")),
+    )
+    if None not in ck + bt and ck[0] != ck[1] and bt[0] != bt[1]:
+        out.append(
+            f"the reports share neither checkpoint (sha256 {ck[0][:12]} vs {ck[1][:12]}) nor "
+            f"batch ({bt[0][:12]} vs {bt[1][:12]}): each change mixes the model's and the data's"
+        )
+    if old.meta.get("config") != new.meta.get("config"):
+        out.append(
+            f"the reports replay different detector configs ({_config_name(old)} vs "
+            f"{_config_name(new)}): a change may be the config's, not the normalization's"
+        )
+    return out

@@ -13,12 +13,16 @@ CATALOGUE_END = "<!-- end of finding catalogue -->"
 
 
 def rule(code: str) -> Rule:
-    """The rule of a finding code (one replay's or across ranks); KeyError names the known."""
+    """The rule of a finding code (one replay's or across ranks); KeyError names the closest
+    known codes."""
+    import difflib
+
     for r in ALL_RULES:
         if r.code == code:
             return r
-    known = ", ".join(r.code for r in ALL_RULES)
-    raise KeyError(f"unknown finding code {code!r}; known: {known}")
+    close = difflib.get_close_matches(code, [r.code for r in ALL_RULES], n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "no code is close to it"
+    raise KeyError(f"unknown finding code {code!r}: {hint}")
 
 
 def _severity(r: Rule) -> str:

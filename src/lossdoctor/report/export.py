@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..inputs.errors import InputError
-from ..inputs.files import check_output, same_file
+from ..inputs.files import InputFiles, check_output, same_file
 from .model import Report
 
 STDOUT = "-"
@@ -28,8 +28,11 @@ class Outputs:
         named = (("--json", self.json), ("--csv", self.csv), ("--plot", self.plot))
         return [(opt, Path(p)) for opt, p in named if p is not None and str(p) != STDOUT]
 
-    def check(self, inputs: dict[str, str | Path | None]) -> None:
-        """Refuse (InputError) outputs that are directories, inputs, or written twice."""
+    def check(self, inputs: InputFiles | dict[str, str | Path | None]) -> None:
+        """Refuse (InputError) outputs that are directories, inputs (a folder's files too), or
+        written twice."""
+        if not isinstance(inputs, InputFiles):
+            inputs = InputFiles(inputs)
         files = self.files()
         for option, path in files:
             check_output(option, path, inputs)
@@ -41,15 +44,14 @@ class Outputs:
             _check_csv_dir(Path(self.csv_dir), inputs, files)
 
 
-def _check_csv_dir(d: Path, inputs: dict, files: list[tuple[str, Path]]) -> None:
+def _check_csv_dir(d: Path, inputs: InputFiles, files: list[tuple[str, Path]]) -> None:
     if d.exists() and not d.is_dir():
         raise InputError(f"--csv-dir {d} is a file, not a folder; give a folder name")
-    taken = [(role, Path(p)) for role, p in inputs.items() if p is not None]
-    taken += [(opt, p) for opt, p in files]
-    for role, p in taken:
+    taken = inputs.files() + inputs.given + [(f"the {opt} output", p) for opt, p in files]
+    for what, p in taken:
         if p.suffix == ".csv" and os.path.realpath(p.parent) == os.path.realpath(d):
             raise InputError(
-                f"--csv-dir {d} holds {p} (the {role}); write the CSV files to another folder"
+                f"--csv-dir {d} holds {p} ({what}); write the CSV files to another folder"
             )
 
 
@@ -62,10 +64,13 @@ def inputs_of(report: Report) -> dict[str, str | None]:
     }
 
 
-def export(report: Report, outputs: Outputs, inputs: dict | None = None, profiles=None) -> None:
+def export(report: Report, outputs: Outputs, inputs=None, profiles=None) -> None:
     """Write every export of ``outputs`` (JSON to stdout is the caller's), after checking them
-    against ``inputs`` and the report's own input files."""
-    outputs.check({**inputs_of(report), **(inputs or {})})
+    against ``inputs`` (an :class:`InputFiles` or role -> path) and the report's own input
+    files."""
+    if not isinstance(inputs, InputFiles):
+        inputs = InputFiles(inputs or {})
+    outputs.check(inputs.add(inputs_of(report)))
     if outputs.json is not None and str(outputs.json) != STDOUT:
         report.save_json(outputs.json)
     if outputs.csv is not None:

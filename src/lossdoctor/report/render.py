@@ -1,15 +1,22 @@
-"""Render a report (or a comparison) on the terminal with rich, fitting 120 columns.
+"""Render a report (or a comparison) on the terminal with rich, in the terminal's width (or
+``COLUMNS``, piped output too; 120 when neither says).
 
-Numbers have 3 significant digits; NaN and Inf are highlighted. Colour follows rich's rules:
-none when the output is not a terminal or NO_COLOR is set.
+Numbers have 3 significant digits and are never cut: a table wider than the console is split
+into tables of whole column groups (a profile's columns stay together), each repeating the key
+columns. Colour follows rich's rules: none when the output is not a terminal or NO_COLOR is set.
+No line ends in spaces.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import sys
+from dataclasses import dataclass
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
@@ -21,9 +28,11 @@ from .model import Report
 from .rows import LevelRow, ProfileRow, RankRow
 
 WIDTH = 120
+# a console narrower than this is taken as this wide (nothing useful fits in less)
+MIN_WIDTH = 40
+# below this width findings are stacked (code and place, then the message) instead of a table
+STACKED_FINDINGS_BELOW = 100
 WHERE_WIDTH = 28
-RANK_COLUMNS_SHOWN = ("rank", "head", "level", "pos", "neg", "avg_f", "mean", "w/smp", "mean",
-                      "box avg_f", "mean", "box w/smp", "mean")  # fmt: skip
 RUN_SOURCE = {"dump": "recorded in the dump", "given": "--old"}
 SEVERITY_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 UNITS = {Head.RPN: "anchors", Head.ROI: "RoIs", Head.MASK: "RoIs"}
@@ -43,11 +52,46 @@ MASK_METRICS = (
 )
 
 
+class _StripTrailing(io.TextIOBase):
+    """A text stream that drops the spaces rich pads each line with."""
+
+    def __init__(self, stream):
+        self.stream, self.pending = stream, ""
+
+    def write(self, text: str) -> int:
+        lines = (self.pending + text).split("\n")
+        self.pending = lines.pop()
+        if lines:
+            self.stream.write("".join(line.rstrip(" ") + "\n" for line in lines))
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.stream.write(self.pending.rstrip(" "))
+            self.pending = ""
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
+def _columns() -> int | None:
+    try:
+        return max(MIN_WIDTH, int(os.environ.get("COLUMNS", "")))
+    except ValueError:
+        return None
+
+
 def console(file=None, stderr: bool = False) -> Console:
-    """A console of at most 120 columns; plain text off a terminal or under NO_COLOR."""
-    c = Console(file=file, stderr=stderr)
-    width = min(c.size.width, WIDTH) if c.is_terminal else WIDTH
-    return Console(file=file, stderr=stderr, width=width, highlight=False)
+    """A console as wide as ``COLUMNS`` says, else the terminal (at most 120 columns), else 120;
+    plain text off a terminal or under NO_COLOR."""
+    stream = file if file is not None else (sys.stderr if stderr else sys.stdout)
+    probe = Console(file=stream)
+    width = _columns() or (min(probe.size.width, WIDTH) if probe.is_terminal else WIDTH)
+    # a terminal keeps its padding: live progress lines overwrite with it
+    out = stream if probe.is_terminal else _StripTrailing(stream)
+    return Console(file=out, width=max(MIN_WIDTH, width), highlight=False,
+                   force_terminal=probe.is_terminal, no_color=probe.no_color)  # fmt: skip
 
 
 def num(v) -> Text:
@@ -84,6 +128,57 @@ def _table(title: str, **kw) -> Table:
         title=Text(title, style="bold"),
         **kw,
     )
+
+
+@dataclass
+class Column:
+    """One column of a table that is split to fit: its header and cells."""
+
+    header: str
+    cells: list[Text]
+    justify: str = "right"
+
+    def width(self) -> int:
+        texts = self.header.split("\n") + [c.plain for c in self.cells]
+        return max(len(t) for t in texts)
+
+
+# what a column takes beyond its text: its right padding and the space between columns
+COLUMN_GAP = 2
+
+
+def _span(columns: list[Column]) -> int:
+    return sum(c.width() + COLUMN_GAP for c in columns)
+
+
+def _chunks(keys: list[Column], groups: list[list[Column]], width: int) -> list[list[Column]]:
+    """The value columns in runs that fit ``width`` beside the key columns: whole groups where
+    they fit, a group's columns one by one where it alone does not."""
+    room = width - _span(keys)
+    pieces = []
+    for group in groups:
+        pieces += [group] if _span(group) <= room else [[c] for c in group]
+    chunks: list[list[Column]] = [[]]
+    for piece in pieces:
+        if chunks[-1] and _span(chunks[-1]) + _span(piece) > room:
+            chunks.append([])
+        chunks[-1] += piece
+    return chunks
+
+
+def fitted(title: str, keys: list[Column], groups: list[list[Column]], width: int,
+           section_after: int | None = None) -> list[Table]:  # fmt: skip
+    """Tables of ``keys`` and the ``groups`` of value columns, split so each fits ``width``;
+    every column as wide as its widest cell (nothing is cut)."""
+    tables = []
+    for k, chunk in enumerate(_chunks(keys, groups, width)):
+        t = _table(title if k == 0 else f"{title.split(' (')[0]} (continued)", padding=(0, 1, 0, 0))
+        for c in keys + chunk:
+            t.add_column(c.header, justify=c.justify, no_wrap=True, min_width=c.width())
+        for i in range(len(keys[0].cells)):
+            t.add_row(*[c.cells[i] for c in keys + chunk], end_section=i == section_after)
+        tables.append(t)
+    return tables
 
 
 def header(report: Report) -> Text:
@@ -194,27 +289,52 @@ def _where(g: dict, levels: list[str]) -> str:
     return " ".join(p for p in parts if p)
 
 
-def findings(report: Report) -> Table:
+def _finding_body(g: dict, groups: list[dict], k: int) -> Text:
+    """A group's message, and its fix after the last of a run with the same code and fix."""
+    body = Text(g["message"])
+    nxt = groups[k + 1] if k + 1 < len(groups) else None
+    if nxt is None or (nxt["code"], nxt["fix"]) != (g["code"], g["fix"]):
+        body.append("\nfix: ", style="bold")
+        body.append(g["fix"], style="dim")
+    return body
+
+
+def findings(report: Report, width: int = WIDTH):
+    """The findings, most severe first: a table, or (below STACKED_FINDINGS_BELOW columns) one
+    block each, its message indented under its code and place."""
     groups, rows = report.groups, len(report.findings)
     repeats = f"; {rows} rows in the JSON" if rows != len(groups) else ""
-    t = _table(f"Findings ({len(groups)}, most severe first{repeats})", expand=False)
+    title = f"Findings ({len(groups)}, most severe first{repeats})"
+    levels = report.meta.get("batch", {}).get("levels", [])
+    if width < STACKED_FINDINGS_BELOW:
+        return _stacked_findings(title, groups, levels)
+    t = _table(title, expand=False)
     t.add_column("severity", no_wrap=True)
     t.add_column("code", no_wrap=True)
     t.add_column("where", no_wrap=True, max_width=WHERE_WIDTH, overflow="ellipsis")
     t.add_column("finding and fix", ratio=1)
-    levels = report.meta.get("batch", {}).get("levels", [])
     for k, g in enumerate(groups):
-        body = Text(g["message"])
-        # a run of findings with the same code and fix shows the fix once, after its last member
-        nxt = groups[k + 1] if k + 1 < len(groups) else None
-        if nxt is None or (nxt["code"], nxt["fix"]) != (g["code"], g["fix"]):
-            body.append("\nfix: ", style="bold")
-            body.append(g["fix"], style="dim")
         severity = Text(g["severity"], style=SEVERITY_STYLE[Severity(g["severity"])])
-        t.add_row(severity, g["code"], _where(g, levels), body)
+        t.add_row(severity, g["code"], _where(g, levels), _finding_body(g, groups, k))
     if not groups:
         t.add_row("", "", "", "no finding")
     return t
+
+
+def _stacked_findings(title: str, groups: list[dict], levels: list[str]) -> Group:
+    parts = [Text(title, style="bold")]
+    for k, g in enumerate(groups):
+        line = Text(g["severity"], style=SEVERITY_STYLE[Severity(g["severity"])])
+        line.append(f"  {g['code']}", style="bold")
+        line.append(f"  {_where(g, levels)}")
+        body = Table.grid(padding=(0, 0))
+        body.add_column(width=2, no_wrap=True)
+        body.add_column(ratio=1)
+        body.add_row("", _finding_body(g, groups, k))
+        parts += [line, body]
+    if not groups:
+        parts.append(Text("  no finding"))
+    return Group(*parts)
 
 
 def _level_cells(r: LevelRow, metrics) -> list[Text]:
@@ -231,46 +351,45 @@ def _level_cells(r: LevelRow, metrics) -> list[Text]:
     return cells
 
 
-def level_table(report: Report, head: Head, profiles: list[str], stage: int = 0) -> Table:
+def level_table(
+    report: Report, head: Head, profiles: list[str], stage: int = 0, width: int = WIDTH
+) -> list[Table]:
+    """The per-level table of one head (and cascade stage): counts, then each profile's
+    metrics; split by profile where it is wider than ``width``."""
     rows = [r for r in report.levels() if r.head == head and r.stage == stage]
     unit = UNITS[Head(head)]
     metrics = MASK_METRICS if head == Head.MASK else LEVEL_METRICS
     name = f"{head.upper()} head" + (f", cascade stage {stage}" if stage else "")
-    t = _table(
-        f"{name}, per level ({unit}; counts are shared by all profiles; "
-        "avg_f: normalizer, w/smp: per-sample weight, |dL/dF|: feature gradient)",
-        padding=(0, 1, 0, 0),
-    )
-    for col in ("level", unit, "pos", "neg"):
-        t.add_column(col, justify="right" if col != "level" else "left", no_wrap=True)
-    for p in profiles:
-        for _, short in metrics:
-            t.add_column(f"{p[:7]}\n{short}", justify="right", no_wrap=True)
     levels = list(dict.fromkeys(r.level for r in rows))
-    for lvl in levels:
-        by_p = {r.profile: r for r in rows if r.level == lvl}
-        first = by_p[profiles[0]]
-        cells = [Text(lvl, style="bold" if lvl == ALL_LEVELS else "")]
-        cells += [num(first.anchors), num(first.pos), num(first.neg)]
-        for p in profiles:
-            cells += _level_cells(by_p[p], metrics)
-        t.add_row(*cells, end_section=len(levels) > 1 and lvl == levels[-2])
-    return t
+    by_level = [{r.profile: r for r in rows if r.level == lvl} for lvl in levels]
+    firsts = [b[profiles[0]] for b in by_level]
+    keys = [Column("level", [Text(lvl, style="bold" if lvl == ALL_LEVELS else "")
+                             for lvl in levels], "left")]  # fmt: skip
+    keys += [Column(col, [num(getattr(r, attr)) for r in firsts])
+             for col, attr in ((unit, "anchors"), ("pos", "pos"), ("neg", "neg"))]  # fmt: skip
+    groups = []
+    for p in profiles:
+        cells = [_level_cells(b[p], metrics) for b in by_level]
+        groups.append([Column(f"{p[:7]}\n{short}", [c[j] for c in cells])
+                       for j, (_, short) in enumerate(metrics)])  # fmt: skip
+    title = (
+        f"{name}, per level ({unit}; counts are shared by all profiles; avg_f: normalizer, "
+        "w/smp: per-sample weight, |dL/dF|: feature gradient)"
+    )
+    return fitted(title, keys, groups, width, len(levels) - 2 if len(levels) > 1 else None)
 
 
-def totals(report: Report) -> Table:
-    t = _table("Totals per profile (gradient norms over all head parameters)")
-    rows = report.tables.get("profiles", [])
-    terms = [x.value for x in TERMS if any(r.get(x.value) is not None for r in rows)]
+def totals(report: Report, width: int = WIDTH) -> list[Table]:
+    """Totals per profile, split where wider than ``width``."""
+    rows = [ProfileRow.from_dict(r) for r in report.tables.get("profiles", [])]
+    terms = [x.value for x in TERMS if any(getattr(r, x.value) is not None for r in rows)]
     cols = ("loss_total", *terms, "grad_total_norm", "grad_clipped_norm", "rpn_neg_share")
     names = ("loss", *terms, "|grad| pre-clip", "post-clip", "rpn neg share")
-    t.add_column("profile")
-    for n in names:
-        t.add_column(n, justify="right")
-    for r in report.tables.get("profiles", []):
-        row = ProfileRow.from_dict(r)
-        t.add_row(row.profile, *[num(getattr(row, c)) for c in cols])
-    return t
+    keys = [Column("profile", [Text(r.profile) for r in rows], "left")]
+    groups = [[Column(n, [num(getattr(r, c)) for r in rows])] for c, n in zip(cols, names)]
+    return fitted(
+        "Totals per profile (gradient norms over all head parameters)", keys, groups, width
+    )
 
 
 def _ranks_line(report: Report) -> Text:
@@ -293,25 +412,24 @@ def _rank_symptoms(report: Report) -> Text:
     return t
 
 
-def rank_table(report: Report, profile: str) -> Table:
+def rank_table(report: Report, profile: str, width: int = WIDTH) -> list[Table]:
     """Per rank and level under one profile: the rank's normalizer next to the all-reduced one,
     and what a sample weighs in the step's averaged gradient under each."""
     rows = [RankRow.from_dict(r) for r in report.tables["ranks"] if r["profile"] == profile]
-    t = _table(
-        f"Ranks under {profile}, per level (avg_f: the rank's normalizer, mean: all-reduced across "
-        "ranks; w/smp: a sample's weight in the step's gradient)",
-        padding=(0, 1, 0, 0),
+    keys = [Column(name, [cell(r) for r in rows], justify) for name, cell, justify in (
+        ("rank", lambda r: num(r.rank), "right"), ("head", lambda r: Text(str(r.head)), "left"),
+        ("level", lambda r: Text(r.level), "left"), ("pos", lambda r: num(r.pos), "right"),
+        ("neg", lambda r: num(r.neg), "right"))]  # fmt: skip
+    pairs = (("avg_f", "avg_factor"), ("w/smp", "sample_weight"),
+             ("box avg_f", "avg_factor_bbox"), ("box w/smp", "sample_weight_bbox"))  # fmt: skip
+    groups = [[Column(name, [num(getattr(r, attr)) for r in rows]),
+               Column("mean", [num(getattr(r, f"global_{attr}")) for r in rows])]
+              for name, attr in pairs]  # fmt: skip
+    title = (
+        f"Ranks under {profile}, per level (avg_f: the rank's normalizer, mean: all-reduced "
+        "across ranks; w/smp: a sample's weight in the step's gradient)"
     )
-    for name in RANK_COLUMNS_SHOWN:
-        t.add_column(name, justify="left" if name in ("head", "level") else "right", no_wrap=True)
-    for r in rows:
-        t.add_row(
-            num(r.rank), str(r.head), r.level, num(r.pos), num(r.neg),
-            num(r.avg_factor), num(r.global_avg_factor), num(r.sample_weight),
-            num(r.global_sample_weight), num(r.avg_factor_bbox), num(r.global_avg_factor_bbox),
-            num(r.sample_weight_bbox), num(r.global_sample_weight_bbox),
-        )  # fmt: skip
-    return t
+    return fitted(title, keys, groups, width)
 
 
 def _rank_totals(report: Report) -> Table:
@@ -336,11 +454,12 @@ def render_step(report: Report, out: Console, quiet: bool = False) -> None:
         out.print()
     out.print(_rank_symptoms(report))
     out.print()
-    out.print(findings(report))
+    out.print(findings(report, out.width))
     if quiet:
         return
-    out.print()
-    out.print(rank_table(report, report.profiles[0]))
+    for t in rank_table(report, report.profiles[0], out.width):
+        out.print()
+        out.print(t)
     out.print()
     out.print(_rank_totals(report))
 
@@ -354,14 +473,16 @@ def render(report: Report, out: Console, quiet: bool = False) -> None:
         out.print()
     out.print(symptom(report))
     out.print()
-    out.print(findings(report))
+    out.print(findings(report, out.width))
     if quiet:
         return
     for head, stage in dict.fromkeys((r.head, r.stage) for r in report.levels()):
+        for t in level_table(report, head, report.profiles[:2], stage, out.width):
+            out.print()
+            out.print(t)
+    for t in totals(report, out.width):
         out.print()
-        out.print(level_table(report, head, report.profiles[:2], stage))
-    out.print()
-    out.print(totals(report))
+        out.print(t)
     if len(report.profiles) > 2:
         note = (
             f"(tables show the first two profiles; all {len(report.profiles)} are in --json/--csv)"

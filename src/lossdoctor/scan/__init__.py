@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from ..inputs.batch import load_batch
+from ..inputs.errors import InputError
+from ..inputs.files import InputFiles, check_output
 from ..report.model import Report
 from .dumps import Dump, find_dumps
 from .run import Job, load_result, result_path, run_jobs, save_result, threads_per_worker
@@ -39,6 +42,28 @@ def _jobs(dumps, options, threads, results, force) -> tuple[list[Job], dict[Dump
     return jobs, cached
 
 
+def _check_results(dumps: list[Dump], options: dict, threads, results: Path, batch) -> None:
+    """Before any replay: ``--batch`` loads, and no result file lands on an input."""
+    _check_batch(batch)
+    files = [p for d in dumps for p in (d.checkpoint, d.batch)]
+    inputs = InputFiles({"dump": files, **{k: v for k, v in options.items() if _is_path(v)}})
+    for d in dumps:
+        check_output("--results", result_path(results, Job(d, options, threads)), inputs)
+
+
+def _check_batch(batch) -> None:
+    """The one batch of every checkpoint (``--batch``): refused once, up front."""
+    if batch is not None:
+        try:
+            load_batch(batch)
+        except InputError as e:
+            raise InputError(f"--batch {batch}: {e}") from None
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, (str, Path)) and Path(value).is_file()
+
+
 def scan(
     paths: list[str | Path],
     *,
@@ -62,7 +87,7 @@ def scan(
     dumps = find_dumps(paths, batch)
     opts = _options(options)
     threads = threads_per_worker(1 if ray else workers, threads)
-    results = Path(results)
+    _check_results(dumps, opts, threads, results := Path(results), batch)
     jobs, got = _jobs(dumps, opts, threads, results, force)
     done = len(got)
 

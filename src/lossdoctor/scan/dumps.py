@@ -72,6 +72,11 @@ def _in_folder(folder: Path) -> list[Dump]:
         return ranks
     inner = [d for d in sorted(folder.iterdir()) if d.is_dir()]
     found = [x for d in inner if _is_capture(d) or _ranks(d, None) for x in _in_folder(d)]
+    if not found and (folder / BATCH_FILE).is_file():
+        raise InputError(
+            f"{folder} holds {BATCH_FILE} but no {CHECKPOINT_FILE}: scan checkpoints on that "
+            f"batch with lossdoctor scan CKPT... --batch {folder / BATCH_FILE}"
+        )
     if not found:
         raise InputError(
             f"{folder} holds no capture directory ({CHECKPOINT_FILE} + {BATCH_FILE}), no rank_K "

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..inputs.checkpoint import heads_from_state_dict
 from ..inputs.config import DetectorConfig, ProposalConfig, SamplerConfig, preset, replace
+from ..inputs.dataclass_toml import to_dict
 from ..vocab import BIAS, WEIGHT, Ranking, param
 
 CHANNELS = 32
@@ -31,6 +32,11 @@ def toy_config() -> DetectorConfig:
         test_proposals=ProposalConfig(300, 100),
         roi_sampler=SamplerConfig(128, 0.25, True),
     )
+
+
+def toy_config_table() -> dict:
+    """:func:`toy_config` as a TOML table and a dump's ``meta["config"]`` record it."""
+    return {"base": "torchvision", **to_dict(toy_config())}
 
 
 def _conv(cin, cout, stride):

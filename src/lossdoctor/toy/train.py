@@ -11,7 +11,7 @@ from ..inputs.batch import Batch
 from ..inputs.profiles import LossProfile
 from ..replay.engine import replay
 from .data import batches
-from .model import STRIDES, TinyDetector, live_heads, toy_config
+from .model import STRIDES, TinyDetector, live_heads, toy_config, toy_config_table
 
 LR = 0.01
 MOMENTUM = 0.9
@@ -99,7 +99,8 @@ def _step(run: _Run, step: int, data) -> float:
     run.hist.steps.append(step)
     run.hist.loss.append(value)
     if run.capture is not None:
-        meta = {"sample_seed": step, "profile": run.profile.name, "train_seed": run.seed}
+        meta = {"sample_seed": step, "profile": run.profile.name, "train_seed": run.seed,
+                "config": toy_config_table()}  # fmt: skip
         run.capture.check(
             step,
             loss,
