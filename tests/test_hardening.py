@@ -367,3 +367,21 @@ def test_a_step_report_fits_80_columns(tmp_path, monkeypatch):
     assert r.exit_code in (0, 1), r.output
     lines = r.stdout.splitlines()
     assert max(len(x) for x in lines) <= 80 and "…" not in r.stdout
+
+
+# ---- scan --------------------------------------------------------------------------------------
+
+
+def test_scan_takes_the_step_from_the_dump_and_names_what_it_scanned(tmp_path):
+    import json
+
+    a = write_capture(tmp_path / "a", {"step": 12})  # folder names carry no step
+    b = write_capture(tmp_path / "b")
+    r = invoke("scan", a, b, "--results", tmp_path / "res", "--json", tmp_path / "s.json")
+    assert r.exit_code in (0, 1), r.output
+    rows = json.loads((tmp_path / "s.json").read_text())["tables"]["dumps"]
+    assert sorted((x["step"] is None, x["step"], x["rank"]) for x in rows) == [
+        (False, 12, None), (True, None, None)
+    ]  # fmt: skip
+    said = " ".join(r.output.split())
+    assert f"Scan {a}, {b}: 2 dumps (step 12)" in said and "()" not in said, said

@@ -100,9 +100,13 @@ def first_seen(rows: list[dict]) -> list[dict]:
     return sorted(seen.values(), key=lambda v: (Severity(v["severity"]).rank, v["step"] or 0))
 
 
-def _dump_row(result: dict) -> dict:
+def _dump_row(result: dict, placed: _Done | None) -> dict:
+    """A dump's row, at the step and rank its dump records where it was read."""
     d = result["dump"]
-    return {"step": d["step"], "rank": d["rank"], "checkpoint": d["checkpoint"],
+    step, rank = d["step"], d["rank"]
+    if placed is not None:  # an unranked dump stays unranked
+        step, rank = placed.step, placed.rank if rank is not None or placed.rank else None
+    return {"step": step, "rank": rank, "checkpoint": d["checkpoint"],
             "batch": d["batch"], "status": result["status"], "message": result.get("message"),
             "seconds": result.get("seconds"), "peak_rss_mib": result.get("peak_rss_mib"),
             "cached": result.get("cached", False)}  # fmt: skip
@@ -110,8 +114,9 @@ def _dump_row(result: dict) -> dict:
 
 def scan_report(results: list[dict], meta: dict) -> Report:
     """The report of a scan from its dumps' results (in dump order)."""
-    t = _Tables(dumps=[_dump_row(r) for r in results])
-    done = [_placed(r) for r in results if r["status"] == DumpStatus.OK]
+    placed = [_placed(r) if r["status"] == DumpStatus.OK else None for r in results]
+    t = _Tables(dumps=[_dump_row(r, d) for r, d in zip(results, placed)])
+    done = [d for d in placed if d is not None]
     for d in done:
         _add_dump(t, d)
     steps: dict = {}

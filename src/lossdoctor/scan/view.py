@@ -38,7 +38,10 @@ def summary(report: Report) -> Text:
     )
     t = Text()
     t.append("Scan  ", style="bold")
-    t.append(f"{m['dumps']} dumps ({_steps(report)}); {m['cached']} from earlier results in "
+    scanned = ", ".join(m["inputs"]) + (f" on --batch {m['batch']}" if m.get("batch") else "")
+    steps = _steps(report)
+    t.append(f"{scanned}: {m['dumps']} dump{'s' * (m['dumps'] != 1)}"
+             f"{f' ({steps})' if steps else ''}; {m['cached']} from earlier results in "
              f"{m['results']}; {backend}")  # fmt: skip
     if errors:
         t.append(f"; {errors} failed", style="bold red")
