@@ -9,7 +9,7 @@
 #   FRESH=1                 rebuild them
 #   DETECTRON2_GIT_DIR=DIR  a git directory of Detectron2's source (its environment needs it)
 #   LOSSDOCTOR_COVERAGE=DIR the model-zoo tests write their outcomes there, one FRAMEWORK.jsonl
-#                           each (python scripts/update_readme.py makes the README's table of
+#                           each (python scripts/update_readme.py makes docs/coverage.md's table of
 #                           docs/coverage)
 set -euo pipefail
 cd "$(dirname "$0")/.."

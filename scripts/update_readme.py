@@ -1,9 +1,10 @@
-"""Rewrite the README's generated parts: python scripts/update_readme.py
+"""Rewrite the documentation's generated parts: python scripts/update_readme.py
 
-The finding catalogue is generated from the rule table (src/lossdoctor/diagnose/findings.py);
-tests/test_architecture.py fails when the README's copy differs. "What it says" is an excerpt of
-the real output of `lossdoctor inspect` on fixtures/collapse, 120 columns wide. The coverage
-table is what the model-zoo tests recorded in docs/coverage (see scripts/test-frameworks.sh).
+The README's "What it says" is an excerpt of the real output of `lossdoctor inspect` on
+fixtures/collapse, 120 columns wide. docs/report.md's finding catalogue is generated from the
+rule table (src/lossdoctor/diagnose/findings.py), and docs/coverage.md's coverage table is what
+the model-zoo tests recorded in docs/coverage (see scripts/test-frameworks.sh);
+tests/test_architecture.py fails when a copy differs.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ def excerpt() -> str:
 
 COVERAGE_BEGIN, COVERAGE_END = "<!-- coverage -->", "<!-- /coverage -->"
 COVERAGE_DIR = ROOT / "docs" / "coverage"
+# where each generated part lives
+README, REPORT_DOC, COVERAGE_DOC = (
+    ROOT / "README.md",
+    ROOT / "docs/report.md",
+    ROOT / "docs/coverage.md",
+)
 FRAMEWORKS = ("torchvision", "mmdet", "detectron2")
 
 
@@ -95,14 +102,16 @@ def _replace(text: str, begin: str, end: str, new: str) -> str:
     return text[:start] + new + text[stop:]
 
 
+def _rewrite(path: Path, begin: str, end: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    path.write_text(_replace(text, begin, end, new), encoding="utf-8")
+
+
 def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text(encoding="utf-8")
-    text = _replace(text, CATALOGUE_BEGIN, CATALOGUE_END, catalogue_markdown())
-    text = _replace(text, EXCERPT_BEGIN, EXCERPT_END, excerpt())
-    text = _replace(text, COVERAGE_BEGIN, COVERAGE_END, coverage_markdown())
-    readme.write_text(text, encoding="utf-8")
-    print("README.md: finding catalogue, 'What it says' excerpt and coverage table regenerated")
+    _rewrite(README, EXCERPT_BEGIN, EXCERPT_END, excerpt())
+    _rewrite(REPORT_DOC, CATALOGUE_BEGIN, CATALOGUE_END, catalogue_markdown())
+    _rewrite(COVERAGE_DOC, COVERAGE_BEGIN, COVERAGE_END, coverage_markdown())
+    print("regenerated: README.md's excerpt, docs/report.md's catalogue, docs/coverage.md's table")
 
 
 if __name__ == "__main__":

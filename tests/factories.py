@@ -21,7 +21,7 @@ def framework(name: str):
     return pytest.importorskip(name)
 
 
-# The documented columns (README, "The report"), in order: an interface users' scripts read.
+# The documented columns (docs/report.md), in order: an interface users' scripts read.
 LEVEL_COLUMNS = (
     "profile", "head", "level", "anchors", "pos", "neg", "ignored", "sampled", "avg_factor",
     "sample_weight", "loss_cls", "loss_bbox", "loss_share", "grad_feature", "grad_logits_pos",
@@ -256,7 +256,7 @@ def alarms(report: dict) -> list[tuple[str, str, str]]:
 
 
 # The coverage table's rows: where LOSSDOCTOR_COVERAGE names a folder, each zoo test appends its
-# outcome to FRAMEWORK.jsonl there (scripts/coverage.py turns them into the README's table).
+# outcome to FRAMEWORK.jsonl there (scripts/update_readme.py turns them into docs/coverage.md).
 COVERAGE_ENV = "LOSSDOCTOR_COVERAGE"
 
 

@@ -75,12 +75,15 @@ def assert_reproduces(folder, losses: dict) -> None:
     r = CliRunner().invoke(app, ["inspect", str(folder), "--sample-all", "--json", "-", "-q"])
     assert r.exit_code in (0, 1), r.output
     rep = json.loads(r.stdout)
-    assert rep["meta"]["run"] == {
+    run = rep["meta"]["run"]
+    assert {k: run[k] for k in ("profile", "source", "own", "framework")} == {
         "profile": "detectron2",
         "source": "dump",
         "own": "detectron2",
         "framework": "detectron2",
     }
+    recorded = load_batch(Path(folder) / "batch.pt").meta
+    assert (run["step"], run["rank"]) == (recorded["step"], recorded.get("rank"))
     row = next(x for x in rep["tables"]["profiles"] if x["profile"] == "detectron2")
     for term, key in TERMS.items():
         want = float(losses[key])

@@ -86,6 +86,8 @@ def test_capture_reproduces_torchvisions_losses(tmp_path):
         "source": "dump",
         "own": "torchvision",
         "framework": "torchvision",
+        "step": 1,  # the step the hook recorded (the capture folder's name says it too)
+        "rank": None,
     }
     assert rep["meta"]["batch"]["levels"] == ["p2", "p3", "p4", "p5", "p6"]
     for term, key in TERMS.items():

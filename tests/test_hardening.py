@@ -385,3 +385,49 @@ def test_scan_takes_the_step_from_the_dump_and_names_what_it_scanned(tmp_path):
     ]  # fmt: skip
     said = " ".join(r.output.split())
     assert f"Scan {a}, {b}: 2 dumps (step 12)" in said and "()" not in said, said
+
+
+def test_scan_keeps_runs_apart(tmp_path):
+    """Two runs that share a step number are two timeline points, not one step of two ranks;
+    a ranked and an unranked run at one step are no conflict."""
+    from lossdoctor.scan import scan
+
+    write_capture(tmp_path / "runA" / "step_000003", {"step": 3, "profile": "legacy"})
+    write_capture(tmp_path / "runB" / "step_000003", {"step": 3, "profile": "mmdet"})
+    for rank in (0, 1):
+        write_capture(tmp_path / "runC" / "step_000003" / f"rank_{rank}",
+                      {"step": 3, "rank": rank, "world_size": 2})  # fmt: skip
+    rep = scan([tmp_path / "runA", tmp_path / "runB", tmp_path / "runC"],
+               results=tmp_path / "res")  # fmt: skip
+    rows = rep.tables["dumps"]
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert sorted((Path(r["run"]).name, r["step"], r["rank"]) for r in rows) == [
+        ("runA", 3, None), ("runB", 3, None), ("runC", 3, 0), ("runC", 3, 1)
+    ]  # fmt: skip
+    assert {Path(r["run"]).name for r in rep.tables["ranks"]} == {"runC"}
+    assert {Path(r["run"]).name for r in rep.tables["first_seen"]} <= {"runA", "runB", "runC"}
+    # every profile of every run is in the timeline the plot draws
+    assert {r["profile"] for r in rep.tables["totals"]} == {"legacy", "mmdet", "fixed"}
+    from lossdoctor.scan.view import plot_timeline
+
+    plot_timeline(rep, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_two_unranked_dumps_of_one_step_of_one_run_are_a_failed_step(tmp_path):
+    from lossdoctor.scan import scan
+
+    for name in ("a", "b"):
+        write_capture(tmp_path / "run" / "step_000004" / name, {"step": 4, "run": "same"})
+    rep = scan([tmp_path / "run" / "step_000004"], results=tmp_path / "res")
+    failed = [r for r in rep.tables["dumps"] if r["status"] == "failed"]
+    assert len(failed) == 1 and "one dump per rank" in failed[0]["message"], rep.tables["dumps"]
+
+
+def test_the_timeline_marks_nan_steps():
+    from lossdoctor.scan.view import _series
+
+    nan, inf = float("nan"), float("inf")
+    rows = [{"step": 1, "run": None, "v": 1.0}, {"step": 2, "run": None, "v": nan},
+            {"step": 3, "run": None, "v": inf}, {"step": 3, "run": "x", "v": 5.0}]  # fmt: skip
+    assert _series(rows, "step", "v", {"run": None}) == ([1], [1.0], [2, 3])

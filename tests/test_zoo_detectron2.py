@@ -2,7 +2,7 @@
 init, 3 classes, samplers taking every candidate, a synthetic batch of crowded GT): one training
 step captured and replayed term by term equal to Detectron2's own loss dict, or refused by name at
 capture, ``check``, ``inspect`` and ``config-from`` (never replayed wrong, never an internal
-error). Each outcome is a row of the README's coverage table (``LOSSDOCTOR_COVERAGE``)."""
+error). Each outcome is a row of docs/coverage.md's table (``LOSSDOCTOR_COVERAGE``)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 config file (random init, 3 classes, samplers taking every candidate, a synthetic batch of
 crowded GT): one training step captured and replayed term by term equal to mmdet's own loss
 dict, or refused by name at capture, ``check``, ``inspect`` and ``config-from`` (never replayed
-wrong, never an internal error). Each outcome is a row of the README's coverage table
+wrong, never an internal error). Each outcome is a row of docs/coverage.md's table
 (``LOSSDOCTOR_COVERAGE``)."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Every detection model torchvision ships, from its own builder (random init, a synthetic batch
 of crowded GT, samplers taking every candidate): captured from one training step and replayed
 term by term equal to torchvision's own loss dict, or refused by name at capture, ``check`` and
-``inspect`` (never replayed wrong, never an internal error). Each outcome is a row of the README's
-coverage table (``LOSSDOCTOR_COVERAGE``)."""
+``inspect`` (never replayed wrong, never an internal error). Each outcome is a row of
+docs/coverage.md's table (``LOSSDOCTOR_COVERAGE``)."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def kind(obj) -> str:
 
 def not_replayed(what: str) -> InputError:
     """The refusal of a part of a model the replay does not run, by name."""
-    return InputError(f"{what}: not replayed yet (see the README's coverage table)")
+    return InputError(f"{what}: not replayed yet (see docs/coverage.md)")
 
 
 def require(what: str, obj, allowed: tuple[str, ...]) -> None:

@@ -202,13 +202,19 @@ def _require_cfg(what: str, cfg, allowed: tuple[str, ...]) -> None:
         raise not_replayed(f"{what} {_type(cfg)} (lossdoctor replays {', '.join(allowed)})")
 
 
+def _norm(head) -> str:
+    """The suffix " with GN" (its norm type) where the head's convs and fcs are normalized."""
+    norm = getattr(head, "norm_cfg", None)
+    return "" if norm is None else f" with {_get(norm, 'type', 'a norm')}"
+
+
 def _box_head(head) -> None:
     counts = tuple(int(getattr(head, f"num_{x}", -1)) for x in (
         "shared_convs", "shared_fcs", "cls_convs", "cls_fcs", "reg_convs", "reg_fcs"))  # fmt: skip
     if kind(head) not in BOX_HEADS and not (kind(head) == "ConvFCBBoxHead" and counts == TWO_FC):
         layers = "" if -1 in counts else " ({} shared convs, {} shared fcs, {}+{} cls convs/fcs, "
         layers = layers and layers.format(*counts[:4]) + "{}+{} reg convs/fcs)".format(*counts[4:])
-        raise not_replayed(f"box head {kind(head)}{layers}")
+        raise not_replayed(f"box head {kind(head)}{_norm(head)}{layers}")
     require("box coder", head.bbox_coder, CODERS)
     if getattr(head.bbox_coder, "add_ctr_clamp", False):
         raise not_replayed("a box coder with add_ctr_clamp=True")

@@ -2,8 +2,8 @@
 
 Each :class:`Rule` names its code (an interface: users grep codes in CI), its severity (and the
 lesser one some cases take), a one-line summary, the evidence fields its findings carry, its fix
-and the check that finds it. ``lossdoctor explain`` and the README's catalogue are read from this
-table; the stage causes of non-finite losses are in ``nan_trace.CAUSES``.
+and the check that finds it. ``lossdoctor explain`` and docs/report.md's catalogue are read
+from this table; the stage causes of non-finite losses are in ``nan_trace.CAUSES``.
 """
 
 from __future__ import annotations

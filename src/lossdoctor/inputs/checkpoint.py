@@ -284,7 +284,7 @@ def heads_from_state_dict(
 def refuse_design(design: str | None) -> None:
     """Refuse a head the replay does not run, by name (see ``layouts.unreplayed_design``)."""
     if design is not None:
-        raise InputError(f"{design}: not replayed yet (see the README's coverage table)")
+        raise InputError(f"{design}: not replayed yet (see docs/coverage.md)")
 
 
 def _heads(sd: dict[str, Tensor], found: FoundKeys, layout: Layout, replaced) -> HeadWeights:

@@ -1,5 +1,5 @@
 """What a finding code means, read from the rule table: for ``lossdoctor explain`` and the
-README's catalogue."""
+catalogue in docs/report.md."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from ..diagnose.findings import Rule
 from ..diagnose.nan_trace import CAUSES
 from ..diagnose.ranks import ALL_RULES
 
-# the README's finding catalogue sits between these lines
+# docs/report.md's finding catalogue sits between these lines
 CATALOGUE_BEGIN = "<!-- finding catalogue: generated from diagnose/findings.py RULES -->"
 CATALOGUE_END = "<!-- end of finding catalogue -->"
 
@@ -53,7 +53,7 @@ def listing() -> list[str]:
 
 
 def catalogue_markdown() -> str:
-    """The README's catalogue: a table of every code, its severity, what it means and its fix."""
+    """docs/report.md's catalogue: a table of every code, its severity, meaning and fix."""
     rows = ["| code | severity | what it means | evidence |", "|---|---|---|---|"]
     for r in ALL_RULES:
         rows.append(f"| `{r.code}` | {_severity(r)} | {r.summary} | {', '.join(r.evidence)} |")

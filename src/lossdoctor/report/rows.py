@@ -1,7 +1,8 @@
 """The rows of the report's tables, as typed records.
 
-A table is a list of flat dicts in the JSON and CSV (the column names are an interface, see the
-README); in code, rows are built and read as these dataclasses, so a column is named once, here.
+A table is a list of flat dicts in the JSON and CSV (the column names are an interface, see
+docs/report.md); in code, rows are built and read as these dataclasses, so a column is named once,
+here.
 Fields marked ``extra`` follow the documented columns.
 """
 

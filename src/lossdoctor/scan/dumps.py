@@ -18,13 +18,15 @@ RANK_FOLDER = re.compile(r"rank_(\d+)")
 
 @dataclass(frozen=True)
 class Dump:
-    """One replay of a scan: a checkpoint and a batch, at a step and rank (from the folder
-    names; the dump's own meta overrides them once read)."""
+    """One replay of a scan: a checkpoint and a batch, at a step and rank of a run (from the
+    folder names: the run is the folder holding its step folders, or a capture directory of its
+    own; the dump's own meta overrides them once read)."""
 
     checkpoint: str
     batch: str
     step: int | None
     rank: int | None
+    run: str | None = None
 
     def fingerprint(self, options: dict) -> str:
         """Changes when the files or the replay options do: the key of its cached result."""
@@ -48,8 +50,14 @@ def _is_capture(folder: Path) -> bool:
     return (folder / CHECKPOINT_FILE).is_file() and (folder / BATCH_FILE).is_file()
 
 
-def _capture(folder: Path, step: int | None, rank: int | None) -> Dump:
-    return Dump(str(folder / CHECKPOINT_FILE), str(folder / BATCH_FILE), step, rank)
+def _run(step_folder: Path, step: int | None) -> str:
+    """The run a step folder belongs to: the folder holding it (a folder not named step_K is a
+    run of its own)."""
+    return str(step_folder.parent if step is not None else step_folder)
+
+
+def _capture(folder: Path, step: int | None, rank: int | None, run: str) -> Dump:
+    return Dump(str(folder / CHECKPOINT_FILE), str(folder / BATCH_FILE), step, rank, run)
 
 
 def _ranks(folder: Path, step: int | None) -> list[Dump]:
@@ -58,7 +66,7 @@ def _ranks(folder: Path, step: int | None) -> list[Dump]:
     for d in sorted(folder.iterdir()):
         rank = _number(RANK_FOLDER, d.name)
         if rank is not None and d.is_dir() and _is_capture(d):
-            found.append(_capture(d, step, rank))
+            found.append(_capture(d, step, rank, _run(folder, step)))
     return sorted(found, key=lambda x: x.rank)
 
 
@@ -66,7 +74,7 @@ def _in_folder(folder: Path) -> list[Dump]:
     """A capture directory, a step folder of ranks, or a folder of those."""
     step = _number(STEP_FOLDER, folder.name)
     if _is_capture(folder):
-        return [_capture(folder, step, None)]
+        return [_capture(folder, step, None, _run(folder, step))]
     ranks = _ranks(folder, step)
     if ranks:
         return ranks
@@ -86,7 +94,7 @@ def _in_folder(folder: Path) -> list[Dump]:
 
 
 def find_dumps(paths: list[str | Path], batch: str | Path | None = None) -> list[Dump]:
-    """Every dump under ``paths``, in step then rank order. With ``batch``, ``paths`` are
+    """Every dump under ``paths``, in run, step, then rank order. With ``batch``, ``paths`` are
     checkpoints, each replayed on that one batch (their order is the step order)."""
     if batch is not None:
         missing = [p for p in (*paths, batch) if not Path(p).is_file()]
@@ -101,4 +109,4 @@ def find_dumps(paths: list[str | Path], batch: str | Path | None = None) -> list
             )
         found += _in_folder(p)
     unique = list(dict.fromkeys(found))
-    return sorted(unique, key=lambda d: (d.step is None, d.step or 0, d.rank or 0))
+    return sorted(unique, key=lambda d: (d.run or "", d.step is None, d.step or 0, d.rank or 0))

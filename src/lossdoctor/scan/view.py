@@ -48,18 +48,28 @@ def summary(report: Report) -> Text:
     return t
 
 
+def _runs(report: Report) -> list:
+    return list(dict.fromkeys(r.get("run") for r in report.tables["dumps"]))
+
+
 def first_seen_table(report: Report):
+    """The first step of each finding, per run where the scan covers several."""
+    runs = len(_runs(report)) > 1
     t = _table("First step of each finding (most severe first)")
-    for name in ("severity", "code", "step", "rank", "dumps", "first message"):
+    names = ("severity", "code", *(("run",) if runs else ()), "step", "rank", "dumps",
+             "first message")  # fmt: skip
+    for name in names:
         t.add_column(
             name, no_wrap=name != "first message", ratio=1 if name == "first message" else None
         )
     for r in report.tables["first_seen"]:
         rank = "all" if r["rank"] is None else str(r["rank"])
+        where = (str(r.get("run")),) if runs else ()
         t.add_row(Text(str(r["severity"]), style=SEVERITY_STYLE[Severity(r["severity"])]),
-                  r["code"], num(r["step"]), rank, num(r["dumps"]), r["message"])  # fmt: skip
+                  r["code"], *where, num(r["step"]), rank, num(r["dumps"]),
+                  r["message"])  # fmt: skip
     if not report.tables["first_seen"]:
-        t.add_row("", "", "", "", "", "no finding")
+        t.add_row(*[""] * (len(names) - 1), "no finding")
     return t
 
 
@@ -90,41 +100,64 @@ def progress_bar(console: Console, enabled: bool) -> Progress:
     )  # fmt: skip
 
 
-def _series(rows: list[dict], x: str, y: str, where: dict) -> tuple[list, list]:
-    """(steps, mean over ranks of ``y``) for the rows matching ``where``."""
+def _series(rows: list[dict], x: str, y: str, where: dict) -> tuple[list, list, list]:
+    """(steps, mean over ranks of ``y``, the steps where ``y`` is NaN/Inf) for the rows
+    matching ``where``."""
     by_step: dict = {}
+    bad = set()
     for r in rows:
         if r.get(x) is not None and all(r.get(k) == v for k, v in where.items()):
             v = r.get(y)
             if isinstance(v, (int, float)) and math.isfinite(v):
                 by_step.setdefault(r[x], []).append(v)
+            elif isinstance(v, float):
+                bad.add(r[x])
     steps = sorted(by_step)
-    return steps, [sum(by_step[s]) / len(by_step[s]) for s in steps]
+    return steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], sorted(bad)
+
+
+def _line(ax, rows, y: str, where: dict, label: str) -> None:
+    """One series, its NaN/Inf steps as red crosses at the top of the axis."""
+    steps, values, bad = _series(rows, "step", y, where)
+    (line,) = ax.plot(steps, values, marker=".", label=label)
+    if bad:
+        ax.plot(bad, [1.0] * len(bad), "x", color=line.get_color(), markersize=9,
+                markeredgecolor="red", transform=ax.get_xaxis_transform(), clip_on=False,
+                label=f"{label}: NaN/Inf")  # fmt: skip
+
+
+def _draw_runs(axes, report: Report) -> str | None:
+    """Every run's series on the three axes; returns the profile of the positives' axis."""
+    totals, timeline = report.tables["totals"], report.tables["timeline"]
+    profiles = list(dict.fromkeys(r["profile"] for r in totals))
+    own = profiles[0] if profiles else None
+    levels = list(dict.fromkeys(r["level"] for r in timeline if r["level"] != "all"))
+    runs = _runs(report)
+    for run in runs:
+        name = f"{Path(run).name} " if run and len(runs) > 1 else ""
+        for p in profiles:
+            for term in BOX_TERMS:
+                _line(axes[0], totals, term.value, {"run": run, "profile": p},
+                      f"{name}{p} {term}")  # fmt: skip
+            _line(axes[1], totals, "grad_total_norm", {"run": run, "profile": p}, f"{name}{p}")
+        for lv in levels:
+            where = {"run": run, "profile": own, "head": Head.RPN, "level": lv}
+            _line(axes[2], timeline, "pos", where, f"{name}{lv}")
+    return own
 
 
 def plot_timeline(report: Report, path: str | Path) -> None:
-    """Loss terms, gradient norms and RPN positives per level over the steps (mean over ranks),
-    with the first step of each error finding marked."""
+    """Loss terms, gradient norms and RPN positives per level over the steps (mean over ranks)
+    for every run and profile, NaN/Inf steps as red crosses, and the first step of each error
+    finding marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    totals, timeline = report.tables["totals"], report.tables["timeline"]
-    profiles = list(dict.fromkeys(r["profile"] for r in totals))
     fig, axes = plt.subplots(3, 1, figsize=(12, 10), constrained_layout=True, sharex=True)
-    for p in profiles[:2]:
-        for term in BOX_TERMS:
-            axes[0].plot(*_series(totals, "step", term.value, {"profile": p}), marker=".",
-                         label=f"{p} {term}")  # fmt: skip
-        axes[1].plot(
-            *_series(totals, "step", "grad_total_norm", {"profile": p}), marker=".", label=p
-        )
-    levels = list(dict.fromkeys(r["level"] for r in timeline if r["level"] != "all"))
-    own = profiles[0] if profiles else None
-    for lv in levels:
-        where = {"profile": own, "head": Head.RPN, "level": lv}
-        axes[2].plot(*_series(timeline, "step", "pos", where), marker=".", label=lv)
+    own = _draw_runs(axes, report)
     for r in report.tables["first_seen"]:
         if r["severity"] == Severity.ERROR and r["step"] is not None:
             for ax in axes:
@@ -133,9 +166,11 @@ def plot_timeline(report: Report, path: str | Path) -> None:
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.legend(fontsize=7, ncol=4)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_yscale("log")
     axes[1].set_yscale("log")
-    axes[2].set_xlabel("step (red: first step of an error finding)")
-    fig.suptitle(f"lossdoctor scan: {report.meta['scan']['dumps']} dumps")
+    axes[2].set_xlabel("step (red line: first step of an error finding; x: NaN/Inf)")
+    m = report.meta["scan"]
+    fig.suptitle(f"lossdoctor scan of {', '.join(m['inputs'])}: {m['dumps']} dumps")
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     plt.close(fig)
