@@ -134,6 +134,19 @@ def test_scan_results_never_land_on_an_input(tmp_path, monkeypatch):
     assert sha(cap / "batch.pt") == before
 
 
+def test_a_results_folder_that_is_a_file_is_refused_before_any_replay(tmp_path):
+    cap = write_capture(tmp_path / "cap")
+    before = sha(cap / "batch.pt")
+    exit2(invoke("scan", cap, "--results", cap / "batch.pt"), "is a file, not a folder")
+    assert sha(cap / "batch.pt") == before
+
+
+def test_an_empty_output_name_is_refused(tmp_path):
+    cap = write_capture(tmp_path / "cap")
+    for option in ("--json", "--csv", "--plot"):
+        exit2(invoke("inspect", cap, option, ""), f"{option} needs a file name")
+
+
 def test_a_csv_folder_holding_a_csv_input_is_refused(tmp_path):
     cap = write_capture(tmp_path / "cap")
     (cap / "levels.csv").write_text("x\n")
@@ -169,6 +182,50 @@ def test_recorded_meta_out_of_range_is_one_line(tmp_path, key, value, needle):
     torch.save(raw, cap / "batch.pt")
     exit2(invoke("inspect", cap), needle)
     exit2(invoke("check", cap), needle)
+
+
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=8),
+    st.sampled_from(["legacy", "fixed", "mmdet", "torchvision", "bce", "level_pos", "nan"]),
+)  # fmt: skip
+_VALUES = st.recursive(
+    _SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["type", "sizes", "fg_iou", "loss", "normalizer", "beta", "x"]), inner,
+        max_size=3),
+    max_leaves=6,
+)  # fmt: skip
+_CONFIG_KEYS = st.sampled_from(
+    ["base", "name", "anchors", "rpn_matcher", "roi_sampler", "roi_pool", "test", "mask",
+     "cascade", "ranking", "rpn_coder", "bogus"]
+)  # fmt: skip
+_PROFILE_KEYS = st.sampled_from(["base", "name", "summary", "rpn_cls", "rpn_box", "roi_cls",
+                                 "roi_box", "roi_mask", "bogus"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_capture(tmp_path_factory):
+    return write_capture(tmp_path_factory.mktemp("meta") / "cap")
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    key=st.sampled_from(["config", "profile"]),
+    config=st.dictionaries(_CONFIG_KEYS, _VALUES, max_size=4),
+    profile=st.dictionaries(_PROFILE_KEYS, _VALUES, max_size=4),
+)
+def test_any_recorded_config_or_profile_table_replays_or_is_one_line(one_capture, key, config,
+                                                                      profile):  # fmt: skip
+    raw = torch.load(one_capture / "batch.pt", weights_only=True)
+    raw["meta"] = {key: config if key == "config" else profile}
+    torch.save(raw, one_capture / "batch.pt")
+    r = invoke("inspect", one_capture, "-q")
+    assert r.exit_code in (0, 1, 2) and "internal error" not in r.output, r.output
+    if r.exit_code == 2:
+        assert r.stderr.count("\n") == 1 and f"meta.{key}" in r.stderr or "base" in r.stderr, (
+            r.stderr
+        )
 
 
 def test_a_seed_beyond_int64_is_refused(tmp_path):

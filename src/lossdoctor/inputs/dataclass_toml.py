@@ -31,7 +31,7 @@ def from_table(cls, data: dict, makers: dict, default_base: str, where: str, nam
     merge key by key); ``name`` names it where the table does not."""
     data = dict(data)
     base = data.pop("base", default_base)
-    if base not in makers:
+    if not isinstance(base, str) or base not in makers:
         choices = ", ".join(makers)
         raise InputError(f"{where}: base {base!r} is not a built-in; use one of {choices}")
     merged = to_dict(makers[base]())

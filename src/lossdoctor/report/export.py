@@ -26,6 +26,9 @@ class Outputs:
     def files(self) -> list[tuple[str, Path]]:
         """(option, file) of every single-file output."""
         named = (("--json", self.json), ("--csv", self.csv), ("--plot", self.plot))
+        empty = next((opt for opt, p in named if p is not None and not str(p).strip()), None)
+        if empty is not None:
+            raise InputError(f"{empty} needs a file name, found an empty one")
         return [(opt, Path(p)) for opt, p in named if p is not None and str(p) != STDOUT]
 
     def check(self, inputs: InputFiles | dict[str, str | Path | None]) -> None:

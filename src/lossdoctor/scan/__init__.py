@@ -43,8 +43,11 @@ def _jobs(dumps, options, threads, results, force) -> tuple[list[Job], dict[Dump
 
 
 def _check_results(dumps: list[Dump], options: dict, threads, results: Path, batch) -> None:
-    """Before any replay: ``--batch`` loads, and no result file lands on an input."""
+    """Before any replay: ``--batch`` loads, ``--results`` is a folder, and no result file lands
+    on an input."""
     _check_batch(batch)
+    if results.exists() and not results.is_dir():
+        raise InputError(f"--results {results} is a file, not a folder; give a folder name")
     files = [p for d in dumps for p in (d.checkpoint, d.batch)]
     inputs = InputFiles({"dump": files, **{k: v for k, v in options.items() if _is_path(v)}})
     for d in dumps:
