@@ -374,11 +374,12 @@ def test_an_unknown_code_suggests_the_closest_not_every_code():
 
 
 def test_usage_lines_bracket_optional_arguments_once():
-    for command, usage in (("inspect", "[BATCH]"), ("compare", "[CKPT] [BATCH]"),
-                           ("check", "[CKPT]")):  # fmt: skip
+    for command, usage in (("inspect", "CKPT [BATCH]"), ("compare", "[CKPT] [BATCH]"),
+                           ("check", "BATCH [CKPT]"), ("scan", "DIR..."),
+                           ("config-from", "FRAMEWORK CFG")):  # fmt: skip
         line = invoke(command, "--help").stdout.splitlines()
         said = next(x for x in line if "Usage:" in x)
-        assert usage in said and "[[" not in said and "]]" not in said, said
+        assert said.endswith(f"[OPTIONS] {usage}"), said
 
 
 def test_counts_agree_with_their_nouns(tmp_path):
@@ -414,6 +415,21 @@ def test_the_report_fits_any_width_and_cuts_no_number(monkeypatch, width):
     tables = lambda t: t[t.index("RPN head") :]  # noqa: E731
     narrow, full = Counter(_numbers_of(tables(r.stdout))), Counter(_numbers_of(tables(wide)))
     assert not full - narrow
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_compare_and_scan_fit_any_width(tmp_path, monkeypatch, width):
+    monkeypatch.setenv("COLUMNS", str(width))
+    cap = write_capture(tmp_path / "cap", {"step": 3})
+    outputs = [
+        invoke("compare", FIX / "collapse", "--old", "legacy", "--new", "fixed").stdout,
+        invoke("scan", cap, FIX / "collapse", "--results", tmp_path / "res").output,
+    ]
+    for text in outputs:
+        lines = text.splitlines()
+        assert max(len(x) for x in lines) <= width and "…" not in text, text
+        assert not [x for x in lines if x != x.rstrip()]
+    assert "x0.117" in outputs[0] and "NaN → finite" in outputs[0]
 
 
 def test_a_step_report_fits_80_columns(tmp_path, monkeypatch):

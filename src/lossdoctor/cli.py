@@ -7,6 +7,7 @@ need them, so ``lossdoctor --help`` stays fast. The vocabulary module is plain P
 from __future__ import annotations
 
 import os
+import re
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -72,15 +73,24 @@ def _bare_ray(args: list[str]) -> list[str]:
     ]
 
 
+class PlainUsage(typer.core.TyperCommand):
+    """A command whose usage line names required arguments bare (``CKPT``), as click does,
+    not in braces."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [re.sub(r"^\{(.+)\}(\.\.\.)?$", r"\1\2", p) for p in pieces]
+
+
 app = typer.Typer(
     cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
-    help="Replay and diagnose the RPN and RoI losses of a Faster R-CNN FPN detector on one "
-    "dumped batch.\n\n\b\nExample:\n  lossdoctor inspect fixtures/collapse/checkpoint.pt "
-    "fixtures/collapse/batch.pt --config fixtures/toy.toml",
+    help="Replay and diagnose the RPN and RoI losses of a two-stage detector (Faster, Mask or "
+    "Cascade R-CNN with an FPN) on one dumped batch.\n\n\b\nExample:\n"
+    "  lossdoctor inspect fixtures/collapse",
 )
 
 # ---- options shared by the commands ------------------------------------------------------------
@@ -261,7 +271,7 @@ def _stdout_json(json_out: str | None, text: str) -> None:
 # ---- commands ----------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=PlainUsage)
 def inspect(
     ckpt: CkptArg,
     batch: OptionalBatchArg = None,
@@ -337,7 +347,7 @@ def _inspect(*, ckpt, batch, old, new, config, seed, sample_all, device, score_t
         raise typer.Exit(EXIT_FINDING)
 
 
-@app.command()
+@app.command(cls=PlainUsage)
 def compare(
     ckpt: OptionalCkpt = None,
     batch: OptionalBatch = None,
@@ -448,7 +458,7 @@ RayOpt = Annotated[
 ForceOpt = Annotated[bool, typer.Option("--force", help="recompute dumps already done")]
 
 
-@app.command()
+@app.command(cls=PlainUsage)
 def scan(
     paths: ScanPaths,
     batch: ScanBatchOpt = None,
@@ -528,7 +538,7 @@ def _scan_fails(report, fail_on: FailOn) -> bool:
     return FailOn(fail_on).fails(min(found, key=lambda s: s.rank) if found else None)
 
 
-@app.command()
+@app.command(cls=PlainUsage)
 def profiles(
     name: Annotated[
         str | None, typer.Argument(help="a built-in profile name or a profile .toml")
@@ -610,7 +620,7 @@ def _print_fit(out, path: str, heads, b, cfg) -> None:
         )
 
 
-@app.command()
+@app.command(cls=PlainUsage)
 def check(
     batch: Annotated[
         str,
@@ -661,9 +671,14 @@ class Source(StrEnum):
     detectron2 = "detectron2"
 
 
-@app.command(name="config-from")
+@app.command(name="config-from", cls=PlainUsage)
 def config_from(
-    framework: Annotated[Source, typer.Argument(help="the framework the config file is for")],
+    framework: Annotated[
+        Source,
+        typer.Argument(
+            metavar="FRAMEWORK", help="the framework the config file is for: mmdet or detectron2"
+        ),
+    ],
     path: Annotated[
         str, typer.Argument(metavar="CFG", help="mmdet .py config or Detectron2 .yaml config")
     ],
@@ -709,7 +724,7 @@ def _config_from(*, framework, path, profile):
         sys.stdout.write(dumps_toml({"base": framework.value, **to_dict(config)}))
 
 
-@app.command()
+@app.command(cls=PlainUsage)
 def explain(
     code: Annotated[str | None, typer.Argument(help="a finding code, as reports print it")] = None,
     list_all: Annotated[

@@ -490,25 +490,45 @@ def render(report: Report, out: Console, quiet: bool = False) -> None:
         out.print(Text(note, style="dim"))
 
 
-def _comparison_table(c: Comparison, changed_only: bool) -> Table:
+def _comparison_rows(c: Comparison, changed_only: bool) -> list[tuple[str, str, dict]]:
+    rows = [("total", "", r) for r in c.totals] + [(r["head"], r["level"], r) for r in c.rows]
+    return [x for x in rows if x[2]["change"] != SAME or not changed_only]
+
+
+def _comparison_table(c: Comparison, changed_only: bool, width: int = WIDTH):
+    """The changes side by side; where that is wider than ``width``, one line per change."""
+    rows = _comparison_rows(c, changed_only)
+    cells = [(head, level, r["metric"], num(r["old"]), num(r["new"]), _change(r["change"]))
+             for head, level, r in rows]  # fmt: skip
+    names = ("head", "level", "metric", "old", "new", "change")
+    widths = [max([len(n)] + [len(getattr(x[k], "plain", x[k])) for x in cells])
+              for k, n in enumerate(names)]  # fmt: skip
+    if sum(widths) + COLUMN_GAP * len(names) > width:
+        return _comparison_lines(c, cells)
     t = _table(f"{c.old}  →  {c.new}")
-    for name in ("head", "level", "metric", "old", "new", "change"):
+    for name in names:
         t.add_column(name, justify="right" if name in ("old", "new") else "left", no_wrap=True)
-    shown = 0
-    for head, level, r in [("total", "", r) for r in c.totals] + [
-        (r["head"], r["level"], r) for r in c.rows
-    ]:
-        if r["change"] != SAME or not changed_only:
-            t.add_row(head, level, r["metric"], num(r["old"]), num(r["new"]), _change(r["change"]))
-            shown += 1
-    if not shown:
+    for row in cells:
+        t.add_row(*row)
+    if not cells:
         t.add_row("", "", "no change", "", "", "")
     return t
 
 
+def _comparison_lines(c: Comparison, cells: list) -> Group:
+    lines = [Text(f"{c.old}  →  {c.new}", style="bold")]
+    for head, level, metric, old, new, change in cells:
+        line = Text(f"{head} {level} {metric}: ".replace("  ", " "))
+        line.append_text(old).append(" → ").append_text(new).append("  ").append_text(change)
+        lines.append(line)
+    if not cells:
+        lines.append(Text("no change"))
+    return Group(*lines)
+
+
 def render_comparison(comps: list[Comparison], out: Console, changed_only: bool = True) -> None:
     for c in comps:
-        out.print(_comparison_table(c, changed_only))
+        out.print(_comparison_table(c, changed_only, out.width))
         for title, items, style in (
             ("Findings that appear", c.appeared, "red"),
             ("Findings that disappear", c.disappeared, "green"),

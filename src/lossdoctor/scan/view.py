@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 from rich.text import Text
 
 from ..inputs.files import atomic_write
 from ..report.model import Report
-from ..report.render import SEVERITY_STYLE, _table, num
+from ..report.render import SEVERITY_STYLE, STACKED_FINDINGS_BELOW, WIDTH, _table, num
 from ..vocab import BOX_TERMS, Head, Severity
 from .timeline import failed
 
@@ -52,9 +53,40 @@ def _runs(report: Report) -> list:
     return list(dict.fromkeys(r.get("run") for r in report.tables["dumps"]))
 
 
-def first_seen_table(report: Report):
-    """The first step of each finding, per run where the scan covers several."""
+# the first message's column keeps at least this many characters, else the table is stacked
+MESSAGE_MIN = 30
+
+
+def _first_seen_lines(report: Report, runs: bool) -> Group:
+    lines = [Text("First step of each finding (most severe first)", style="bold")]
+    for r in report.tables["first_seen"]:
+        line = Text(str(r["severity"]), style=SEVERITY_STYLE[Severity(r["severity"])])
+        rank = "" if r["rank"] is None else f", rank {r['rank']}"
+        where = f" of {r.get('run')}" if runs else ""
+        line.append(f"  {r['code']}", style="bold")
+        line.append(f"  step {num(r['step']).plain}{where}{rank}; {r['dumps']} dump")
+        line.append("s" * (r["dumps"] != 1))
+        body = Table.grid()
+        body.add_column(width=2, no_wrap=True)
+        body.add_column(ratio=1)
+        body.add_row("", r["message"])
+        lines += [line, body]
+    if not report.tables["first_seen"]:
+        lines.append(Text("  no finding"))
+    return Group(*lines)
+
+
+def first_seen_table(report: Report, width: int = WIDTH):
+    """The first step of each finding, per run where the scan covers several (stacked below
+    STACKED_FINDINGS_BELOW columns)."""
     runs = len(_runs(report)) > 1
+    rows = report.tables["first_seen"]
+    fixed = [
+        max([len(name)] + [len(str(r.get(name))) for r in rows])
+        for name in ("severity", "code", *(("run",) if runs else ()), "step", "rank", "dumps")
+    ]
+    if width < STACKED_FINDINGS_BELOW or sum(fixed) + 2 * len(fixed) + MESSAGE_MIN > width:
+        return _first_seen_lines(report, runs)
     t = _table("First step of each finding (most severe first)")
     names = ("severity", "code", *(("run",) if runs else ()), "step", "rank", "dumps",
              "first message")  # fmt: skip
@@ -85,7 +117,7 @@ def errors_table(report: Report):
 def render_scan(report: Report, out: Console) -> None:
     out.print(summary(report))
     out.print()
-    out.print(first_seen_table(report))
+    out.print(first_seen_table(report, out.width))
     if failed(report):
         out.print()
         out.print(errors_table(report))
