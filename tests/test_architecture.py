@@ -175,6 +175,22 @@ def test_readme_coverage_table_is_what_the_zoo_tests_recorded():
     assert all((ROOT / "docs/coverage" / f"{fw}.jsonl").exists() for fw in script.FRAMEWORKS)
 
 
+def test_the_readmes_report_is_what_inspect_prints_with_no_flag():
+    """`lossdoctor inspect fixtures/collapse`, as the README shows it: regenerated, not typed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "update_readme", ROOT / "scripts/update_readme.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.EXCERPT_ARGS == ["inspect", "fixtures/collapse"]
+    text = (ROOT / "README.md").read_text()
+    start = text.index(script.EXCERPT_BEGIN)
+    end = text.index(script.EXCERPT_END) + len(script.EXCERPT_END)
+    assert text[start:end] == script.excerpt(), "run: python scripts/update_readme.py"
+
+
 def test_ci_runs_the_readmes_test_commands():
     """CI runs what the README tells a newcomer to run: the default suite, then the framework
     tests of the frameworks that install from the package index (the script's default)."""

@@ -307,6 +307,16 @@ def test_fixtures_replay_as_shipped(name):
     assert f"{own} (the run's, recorded in the dump)" in bare.stdout
 
 
+def test_scan_finds_every_fault_fixture(tmp_path):
+    faults = sorted((FIX / "faults").iterdir())
+    r = invoke("scan", *faults, "--results", tmp_path / "res", "--json", tmp_path / "s.json")
+    assert r.exit_code in (0, 1), r.output
+    import json
+
+    rows = json.loads((tmp_path / "s.json").read_text())["tables"]["dumps"]
+    assert len(rows) == len(faults) == 4 and all(x["status"] == "ok" for x in rows)
+
+
 def test_the_fixture_dumps_record_their_profile_and_config():
     b = torch.load(FIX / "healthy" / "batch.pt", weights_only=True)
     assert b["meta"]["profile"] == "fixed" and b["meta"]["config"]["base"] == "torchvision"
