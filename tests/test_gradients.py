@@ -12,6 +12,7 @@ import factories as F
 from lossdoctor.diagnose.gradients import gradients
 from lossdoctor.inputs.config import preset
 from lossdoctor.inputs.profiles import BUILTIN, TermSpec, fixed
+from lossdoctor.inputs.profiles import mmdet as mmdet_profile
 from lossdoctor.replay.engine import replay
 
 REL = 1e-5
@@ -36,6 +37,15 @@ PROFILES = [p() for p in BUILTIN.values()] + [
         roi_cls=TermSpec("ce", "level_sampled", floor=1.0),
         max_norm=0.5,
     ),
+    # box losses on decoded boxes (mmdet's reg_decoded_bbox): autograd through the decoder
+    *[
+        dataclasses.replace(
+            mmdet_profile(),
+            name=f"decoded-{kind}",
+            roi_box=TermSpec(kind, "sampled", weight=10.0),
+        )
+        for kind in ("giou", "iou", "diou", "ciou")
+    ],
 ]
 
 

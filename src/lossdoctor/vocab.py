@@ -146,10 +146,16 @@ class LossKind(StrEnum):
     CE = "ce"
     L1 = "l1"
     SMOOTH_L1 = "smooth_l1"
+    GIOU = "giou"  # 1 - GIoU of the decoded box and its GT (MMDetection's GIoULoss)
+    IOU = "iou"  # -log IoU of the decoded box and its GT (MMDetection's IoULoss, mode 'log')
+    DIOU = "diou"  # 1 - DIoU (MMDetection's DIoULoss)
+    CIOU = "ciou"  # 1 - CIoU (MMDetection's CIoULoss)
 
 
 CLS_LOSSES = (LossKind.BCE, LossKind.CE)
-BOX_LOSSES = (LossKind.L1, LossKind.SMOOTH_L1)
+# box losses on the boxes the deltas decode to, against the GT boxes (reg_decoded_bbox)
+DECODED_BOX_LOSSES = (LossKind.GIOU, LossKind.IOU, LossKind.DIOU, LossKind.CIOU)
+BOX_LOSSES = (LossKind.L1, LossKind.SMOOTH_L1, *DECODED_BOX_LOSSES)
 
 
 class Empty(StrEnum):

@@ -43,6 +43,7 @@ from ..inputs.config import (
 from ..inputs.dataclass_toml import to_dict
 from ..inputs.errors import InputError
 from ..inputs.profiles import mmdet, mmdet_cascade
+from ..replay.losses import IOU_EPS
 from ..vocab import Framework, LossKind, Mapper, MaskTarget, Part, Ranking, Term
 from .common import (
     HookedCapture,
@@ -78,6 +79,13 @@ MASK_HEADS = ("FCNMaskHead",)
 # (ConvFCBBoxHead's counts of shared convs, shared fcs, cls convs, cls fcs, reg convs, reg fcs):
 # the two shared fcs of Shared2FCBBoxHead
 TWO_FC = (0, 2, 0, 0, 0, 0)
+# mmdet's box losses on decoded boxes that the replay runs (reg_decoded_bbox=True)
+DECODED_LOSSES = {
+    "GIoULoss": LossKind.GIOU,
+    "IoULoss": LossKind.IOU,
+    "DIoULoss": LossKind.DIOU,
+    "CIoULoss": LossKind.CIOU,
+}
 
 
 def _get(cfg, key, default=None):
@@ -218,9 +226,24 @@ def _box_head(head) -> None:
     require("box coder", head.bbox_coder, CODERS)
     if getattr(head.bbox_coder, "add_ctr_clamp", False):
         raise not_replayed("a box coder with add_ctr_clamp=True")
-    if getattr(head, "reg_decoded_bbox", False):
-        raise not_replayed(f"a box loss on decoded boxes ({kind(head.loss_bbox)}, "
-                           "reg_decoded_bbox=True)")  # fmt: skip
+    _decoded_loss(head.loss_bbox, bool(getattr(head, "reg_decoded_bbox", False)))
+
+
+def _decoded_loss(loss, decoded: bool) -> None:
+    """A box loss on decoded boxes (reg_decoded_bbox) is replayed for GIoULoss, IoULoss (mode
+    'log'), DIoULoss and CIoULoss with mmdet's eps; the others are refused, as is an IoU loss on
+    deltas."""
+    name = kind(loss)
+    if not decoded:
+        if name in DECODED_LOSSES:
+            raise not_replayed(f"{name} on deltas (reg_decoded_bbox=False)")
+        return
+    if name not in DECODED_LOSSES:
+        raise not_replayed(f"a box loss on decoded boxes ({name}, reg_decoded_bbox=True)")
+    if float(getattr(loss, "eps", IOU_EPS)) != IOU_EPS:
+        raise not_replayed(f"{name} with eps={loss.eps} (the default {IOU_EPS} is replayed)")
+    if getattr(loss, "mode", "log") != "log":
+        raise not_replayed(f"{name} with mode={loss.mode!r} (mode 'log' is replayed)")
 
 
 def _assignment(what: str, stage_cfg) -> None:
@@ -270,6 +293,8 @@ def architecture(model) -> None:
     MMDetection does."""
     two_stage(model)
     require("RPN head", model.rpn_head, ("RPNHead",))
+    if getattr(model.rpn_head, "reg_decoded_bbox", False):
+        raise not_replayed(f"an RPN box loss on decoded boxes ({kind(model.rpn_head.loss_bbox)})")
     if int(getattr(model.rpn_head, "num_convs", 1)) != 1:
         raise not_replayed(f"an RPN head with {model.rpn_head.num_convs} convs (num_convs)")
     require("RPN box coder", model.rpn_head.bbox_coder, CODERS)
@@ -350,7 +375,12 @@ def _loss(module, cls: bool) -> tuple[LossKind, float, float]:
         return LossKind.L1, 0.0, weight
     if not cls and name == "SmoothL1Loss":
         return LossKind.SMOOTH_L1, float(module.beta), weight
-    raise not_replayed(f"loss {name} (CrossEntropyLoss, L1Loss and SmoothL1Loss are replayed)")
+    if not cls and name in DECODED_LOSSES:
+        return DECODED_LOSSES[name], 0.0, weight
+    raise not_replayed(
+        f"loss {name} (CrossEntropyLoss, L1Loss, SmoothL1Loss, and GIoU, IoU, DIoU and CIoU "
+        "losses on decoded boxes are replayed)"
+    )
 
 
 def _plain_ce(module) -> None:

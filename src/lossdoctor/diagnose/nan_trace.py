@@ -145,7 +145,7 @@ def _rpn_view(r: Replay, lvl: int, part: Part, leak: bool) -> _View:
     )
 
 
-def _roi_view(r: Replay, lvl: int, part: Part, k: int = 0) -> _View:
+def _roi_view(r: Replay, lvl: int, part: Part, k: int, box_spec) -> _View:
     roi = r.roi_stages[k]
     s = roi.samples[lvl]
     at = (roi.level == lvl).nonzero().flatten()
@@ -161,7 +161,7 @@ def _roi_view(r: Replay, lvl: int, part: Part, k: int = 0) -> _View:
         unsampled_only=False,
         pos_where=torch.stack([roi.img[fg_at], fg_at], 1),
         pos_gt=roi.gt_index[fg_at],
-        targets=s.box_target.detach(),
+        targets=s.targets_for(box_spec).detach(),
         per_sample=None if box else s.cls_loss.detach(),
         refs=roi.boxes[at],
         ref_where=torch.stack([roi.img[at], at], 1),
@@ -205,7 +205,7 @@ class _Tracer:
         leak = p.unsampled_leak and head is Head.RPN
         views = {
             Head.RPN: lambda: _rpn_view(r, lvl, part, leak),
-            Head.ROI: lambda: _roi_view(r, lvl, part, k),
+            Head.ROI: lambda: _roi_view(r, lvl, part, k, p.roi_box),
             Head.MASK: lambda: _mask_view(r, lvl),
         }
         self.v = views[head]()

@@ -42,7 +42,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..vocab import BOX_LOSSES, BOX_TERMS, CLS_LOSSES, Empty, LossKind, Normalizer, Part, Term
+from ..vocab import (
+    BOX_LOSSES,
+    BOX_TERMS,
+    CLS_LOSSES,
+    DECODED_BOX_LOSSES,
+    Empty,
+    LossKind,
+    Normalizer,
+    Part,
+    Term,
+)
 from .checks import as_member, check_range
 from .dataclass_toml import dumps_toml, from_table, load_named, to_dict
 from .errors import InputError
@@ -114,6 +124,11 @@ class LossProfile:
                 )
         if self.rpn_cls.loss is not LossKind.BCE or self.roi_cls.loss is not LossKind.CE:
             raise InputError(f"profile {self.name!r}: rpn_cls must be 'bce' and roi_cls 'ce'")
+        if self.rpn_box.loss in DECODED_BOX_LOSSES:
+            raise InputError(
+                f"profile {self.name!r}: rpn_box '{self.rpn_box.loss}' on decoded boxes is "
+                "replayed for the RoI head only; use l1 or smooth_l1"
+            )
         if not isinstance(self.roi_mask, TermSpec) or self.roi_mask.loss is not LossKind.BCE:
             raise InputError(f"profile {self.name!r}: roi_mask must be a 'bce' term")
         check_range(self.pos_weight, f"profile {self.name!r}: pos_weight", 0.0, open_low=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -12,6 +14,9 @@ from ..vocab import Empty, LossKind
 # fvcore switches smooth-L1 to exact L1 below this beta (the beta = 0 quadratic branch has a NaN
 # gradient).
 SMOOTH_L1_MIN_BETA = 1e-5
+# MMDetection's IoU losses floor the union and the enclosing area (GIoULoss, bbox_overlaps) and
+# the IoU under the log (IoULoss) at this
+IOU_EPS = 1e-6
 
 
 def box_loss(pred: Tensor, target: Tensor, kind: str, beta: float) -> Tensor:
@@ -20,6 +25,72 @@ def box_loss(pred: Tensor, target: Tensor, kind: str, beta: float) -> Tensor:
     if kind is LossKind.L1 or beta < SMOOTH_L1_MIN_BETA:
         return d.sum(-1)
     return torch.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta).sum(-1)
+
+
+def _aligned_overlaps(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(overlap, union floored at IOU_EPS, enclosing area floored at IOU_EPS) of box pairs
+    Tensor[M, 4] x2 → Tensor[M] each, as mmdet's bbox_overlaps(is_aligned=True) computes them."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
+    overlap = wh[:, 0] * wh[:, 1]
+    union = (area_a + area_b - overlap).clamp(min=IOU_EPS)
+    outer = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0)
+    enclose = (outer[:, 0] * outer[:, 1]).clamp(min=IOU_EPS)
+    return overlap, union, enclose
+
+
+def giou_loss(boxes: Tensor, gt: Tensor) -> Tensor:
+    """1 - GIoU per box pair: Tensor[M, 4] x2 → Tensor[M]."""
+    overlap, union, enclose = _aligned_overlaps(boxes, gt)
+    return 1 - (overlap / union - (enclose - union) / enclose)
+
+
+def iou_loss(boxes: Tensor, gt: Tensor) -> Tensor:
+    """-log IoU per box pair, the IoU floored at IOU_EPS: Tensor[M, 4] x2 → Tensor[M]."""
+    overlap, union, _ = _aligned_overlaps(boxes, gt)
+    return -(overlap / union).clamp(min=IOU_EPS).log()
+
+
+def _distance_terms(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(IoU, squared centre distance over the squared enclosing diagonal) of box pairs, with
+    IOU_EPS added to the union and the diagonal, as mmdet's diou_loss and ciou_loss do."""
+    wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
+    overlap = wh[:, 0] * wh[:, 1]
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    ious = overlap / (area_a + area_b - overlap + IOU_EPS)
+    outer = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0)
+    c2 = outer[:, 0] ** 2 + outer[:, 1] ** 2 + IOU_EPS
+    centre = ((b[:, :2] + b[:, 2:]) - (a[:, :2] + a[:, 2:])) ** 2 / 4
+    return ious, centre.sum(-1) / c2
+
+
+def diou_loss(boxes: Tensor, gt: Tensor) -> Tensor:
+    """1 - DIoU per box pair: Tensor[M, 4] x2 → Tensor[M]."""
+    ious, distance = _distance_terms(boxes, gt)
+    return 1 - (ious - distance)
+
+
+def ciou_loss(boxes: Tensor, gt: Tensor) -> Tensor:
+    """1 - CIoU per box pair, CIoU clamped to [-1, 1]; the aspect term's weight alpha carries no
+    gradient (mmdet computes it under no_grad): Tensor[M, 4] x2 → Tensor[M]."""
+    ious, distance = _distance_terms(boxes, gt)
+    w1, h1 = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1] + IOU_EPS
+    w2, h2 = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1] + IOU_EPS
+    v = (4 / math.pi**2) * (torch.atan(w2 / h2) - torch.atan(w1 / h1)) ** 2
+    with torch.no_grad():
+        alpha = (ious > 0.5).float() * v / (1 - ious + v)
+    return 1 - (ious - (distance + alpha * v)).clamp(min=-1.0, max=1.0)
+
+
+# one entry per member of vocab.DECODED_BOX_LOSSES
+DECODED_LOSSES = {
+    LossKind.GIOU: giou_loss,
+    LossKind.IOU: iou_loss,
+    LossKind.DIOU: diou_loss,
+    LossKind.CIOU: ciou_loss,
+}
 
 
 def bce_loss(logits: Tensor, positive: Tensor) -> Tensor:

@@ -27,7 +27,8 @@ NO_GT = -1  # gt_index of a negative RoI
 class SampledRois:
     """The sampled RoIs of the batch, positives first within each image. boxes Tensor[R, 4];
     img, level, fg_class (-1: background), gt_index (-1: none) Tensor[R]; is_gt Tensor[R] bool;
-    targets Tensor[R, 4] (valid for positives)."""
+    targets, gt_boxes Tensor[R, 4] (the encoded targets and the matched GT boxes, valid for
+    positives)."""
 
     boxes: Tensor
     img: Tensor
@@ -36,6 +37,7 @@ class SampledRois:
     gt_index: Tensor
     is_gt: Tensor
     targets: Tensor
+    gt_boxes: Tensor
     candidates_per_level: list[int]
     img_pos: list[int]
     img_neg: list[int]
@@ -93,6 +95,7 @@ class _ImageRois:
     gt_index: Tensor
     is_gt: Tensor
     targets: Tensor
+    gt_boxes: Tensor
     pos: int
     neg: int
 
@@ -117,9 +120,11 @@ def _sample_image(props, gt, labels, config: DetectorConfig, gen, sample_all) ->
     fg = torch.full((idx.numel(),), BACKGROUND_CLASS, dtype=torch.long)
     gidx = torch.full((idx.numel(),), NO_GT, dtype=torch.long)
     tgt = torch.zeros(idx.numel(), BOX_COORDS)
+    gt_boxes = torch.zeros(idx.numel(), BOX_COORDS)
     if pos.numel():
         gidx[: pos.numel()] = m.gt[pos]
         fg[: pos.numel()] = labels[m.gt[pos]]
+        gt_boxes[: pos.numel()] = gt[m.gt[pos]]
         tgt[: pos.numel()] = encode(gt[m.gt[pos]], cands[pos], config.roi_coder.weights)
     return _ImageRois(
         candidates=cands,
@@ -128,6 +133,7 @@ def _sample_image(props, gt, labels, config: DetectorConfig, gen, sample_all) ->
         gt_index=gidx,
         is_gt=is_gt[idx],
         targets=tgt,
+        gt_boxes=gt_boxes,
         pos=pos.numel(),
         neg=neg.numel(),
     )
@@ -152,13 +158,16 @@ def sample_rois(proposals, gt: UsableGt, strides, config: DetectorConfig, gen, s
         gt_index=torch.cat([r.gt_index for r in rows]),
         is_gt=torch.cat([r.is_gt for r in rows]),
         targets=torch.cat([r.targets for r in rows]),
+        gt_boxes=torch.cat([r.gt_boxes for r in rows]),
         candidates_per_level=cand_levels.tolist(),
         img_pos=[r.pos for r in rows],
         img_neg=[r.neg for r in rows],
     )
 
 
-def _level_samples(s: SampledRois, ce: Tensor, deltas: Tensor, heads, names) -> list[LevelSamples]:
+def _level_samples(s: SampledRois, ce: Tensor, deltas: Tensor, heads, names, coder):
+    """Each level's samples: Tensor[R] losses and Tensor[R, reg_classes, 4] deltas → one
+    :class:`LevelSamples` per level."""
     fg = s.fg_class >= 0
     pos_rows = fg.nonzero().flatten()
     pos_pred = deltas[pos_rows, heads.reg_slot(s.fg_class[pos_rows])]
@@ -178,6 +187,9 @@ def _level_samples(s: SampledRois, ce: Tensor, deltas: Tensor, heads, names) -> 
                 box_target=s.targets[pos_rows][at_pos],
                 cls_leak=zero,
                 box_leak=zero,
+                box_ref=s.boxes[pos_rows][at_pos],
+                box_gt=s.gt_boxes[pos_rows][at_pos],
+                box_coder=coder,
             )
         )
     return out
@@ -203,7 +215,7 @@ def roi_stage(
     fg = s.fg_class >= 0
     bg = torch.full_like(s.fg_class, heads.bg_col)
     ce = ce_loss(cls_logits, torch.where(fg, heads.fg_logit(s.fg_class.clamp(min=0)), bg))
-    samples = _level_samples(s, ce, deltas, heads, names)
+    samples = _level_samples(s, ce, deltas, heads, names, config.roi_coder)
     return RoiStage(
         **vars(s),
         pooled=pooled,

@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from ..inputs.config import CoderConfig
 from ..inputs.profiles import TermSpec
-from ..vocab import Normalizer
-from .losses import box_loss
+from ..vocab import DECODED_BOX_LOSSES, Normalizer
+from .boxes import decode
+from .losses import DECODED_LOSSES, box_loss
 
 
 @dataclass(kw_only=True)
@@ -18,6 +20,8 @@ class LevelSamples:
     cls_loss: Tensor[S] per-sample classification loss of the sampled samples; cls_pos: Tensor[S]
     bool; box_pred / box_target: Tensor[P, 4] of the sampled positives; cls_leak / box_leak: 0 or
     NaN, what unsampled predictions add under weight-multiply semantics (0 * inf = NaN; RPN only).
+    box_ref / box_gt: Tensor[P, 4] the positives' reference boxes and matched GT boxes, and
+    box_coder the coder that decodes box_pred on box_ref (the RoI head's: the decoded-box losses).
     """
 
     name: str
@@ -29,6 +33,9 @@ class LevelSamples:
     box_target: Tensor
     cls_leak: Tensor
     box_leak: Tensor
+    box_ref: Tensor | None = None
+    box_gt: Tensor | None = None
+    box_coder: CoderConfig | None = None
     _box_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -43,8 +50,22 @@ class LevelSamples:
         """Per-positive box loss Tensor[P] under the term's loss kind (cached per kind)."""
         key = (term.loss, term.beta)
         if key not in self._box_cache:
-            self._box_cache[key] = box_loss(self.box_pred, self.box_target, term.loss, term.beta)
+            self._box_cache[key] = (
+                DECODED_LOSSES[term.loss](self.decoded(), self.box_gt)
+                if term.loss in DECODED_BOX_LOSSES
+                else box_loss(self.box_pred, self.box_target, term.loss, term.beta)
+            )
         return self._box_cache[key]
+
+    def decoded(self) -> Tensor:
+        """The boxes box_pred decodes to on box_ref, Tensor[P, 4] (in the graph of box_pred)."""
+        c = self.box_coder
+        return decode(self.box_pred, self.box_ref, c.weights, c.clip, c.clip_both)
+
+    def targets_for(self, term: TermSpec) -> Tensor:
+        """What the term's box loss compares the predictions with: the GT boxes for a
+        decoded-box loss, the encoded targets otherwise."""
+        return self.box_gt if term.loss in DECODED_BOX_LOSSES else self.box_target
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,115 @@
+"""Box losses on decoded boxes (MMDetection's reg_decoded_bbox with GIoULoss, IoULoss, DIoULoss,
+CIoULoss): each per-box loss worked out by hand from its definition, the RoI box term of a replay
+equal to the decoded boxes' loss summed and normalized as the profile says (their gradients are
+checked against autograd with every other profile in test_gradients.py), and profiles that would
+run them where the replay cannot refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import factories as F
+from lossdoctor.inputs.config import preset
+from lossdoctor.inputs.errors import InputError
+from lossdoctor.inputs.profiles import EPS32, TermSpec, mmdet
+from lossdoctor.replay.boxes import decode
+from lossdoctor.replay.engine import replay
+from lossdoctor.replay.losses import DECODED_LOSSES, ciou_loss, diou_loss, giou_loss, iou_loss
+from lossdoctor.vocab import DECODED_BOX_LOSSES, LossKind, Normalizer, Term
+
+EPS = 1e-6  # mmdet's default eps of these losses
+
+
+def box(*xs: float) -> torch.Tensor:
+    return torch.tensor([xs], dtype=torch.float64)
+
+
+def test_every_decoded_loss_kind_has_a_loss():
+    assert set(DECODED_LOSSES) == set(DECODED_BOX_LOSSES)
+
+
+def test_giou_and_iou_by_hand():
+    # two 2x2 squares overlapping in a 1x1 square: union 7, enclosing box 3x3
+    a, g = box(0, 0, 2, 2), box(1, 1, 3, 3)
+    assert float(giou_loss(a, g)) == pytest.approx(1 - (1 / 7 - (9 - 7) / 9), rel=1e-12)
+    assert float(iou_loss(a, g)) == pytest.approx(-math.log(1 / 7), rel=1e-12)
+    # disjoint boxes: IoU 0, floored at eps under the log; GIoU below 0
+    far = box(10, 10, 12, 12)
+    assert float(iou_loss(a, far)) == pytest.approx(-math.log(EPS), rel=1e-12)
+    assert float(giou_loss(a, far)) == pytest.approx(1 - (0 - (144 - 8) / 144), rel=1e-12)
+    # a zero-area pair: the union and the enclosing area are floored at eps, nothing is NaN
+    dot = box(5, 5, 5, 5)
+    assert math.isfinite(float(giou_loss(dot, dot))) and math.isfinite(float(iou_loss(dot, dot)))
+
+
+def test_diou_by_hand():
+    a, g = box(0, 0, 2, 2), box(1, 1, 3, 3)
+    iou = 1 / (7 + EPS)
+    # centres (1, 1) and (2, 2): squared distance 2; enclosing diagonal squared 3^2 + 3^2
+    want = 1 - (iou - 2 / (18 + EPS))
+    assert float(diou_loss(a, g)) == pytest.approx(want, rel=1e-12)
+
+
+def test_ciou_by_hand():
+    a, g = box(0, 0, 4, 2), box(0, 0, 4, 3)  # IoU 8 / 12 > 0.5: the aspect term counts
+    iou = 8 / (12 + EPS)
+    v = 4 / math.pi**2 * (math.atan(4 / (3 + EPS)) - math.atan(4 / (2 + EPS))) ** 2
+    alpha = v / (1 - iou + v)
+    distance = 0.5**2 / (4**2 + 3**2 + EPS)  # centres (2, 1) and (2, 1.5)
+    assert float(ciou_loss(a, g)) == pytest.approx(1 - (iou - (distance + alpha * v)), rel=1e-12)
+    # same aspect ratio: v = 0 and CIoU is DIoU
+    s, t = box(0, 0, 2, 2), box(1, 1, 3, 3)
+    assert float(ciou_loss(s, t)) == pytest.approx(float(diou_loss(s, t)), rel=1e-12)
+    # IoU below 0.5: alpha is 0 whatever the aspect
+    lo, hi = box(0, 0, 4, 1), box(0, 0, 1, 4)
+    assert float(ciou_loss(lo, hi)) == pytest.approx(float(diou_loss(lo, hi)), rel=1e-12)
+
+
+def _decoded_profile(kind: LossKind, weight: float = 10.0):
+    base = mmdet()
+    spec = dataclasses.replace(base.roi_box, loss=kind, beta=0.0, weight=weight)
+    return dataclasses.replace(base, name=f"mmdet-{kind}", roi_box=spec)
+
+
+@pytest.mark.parametrize("kind", DECODED_BOX_LOSSES)
+def test_the_roi_box_term_is_the_decoded_boxes_loss(kind):
+    """roi_box = weight * sum over the positive RoIs of loss(decode(delta, RoI), GT) / (sampled
+    RoIs + eps), as mmdet's bbox head divides by bbox_targets.size(0); the deltas of each
+    positive's class slot, the coder mmdet's (clamped both ways)."""
+    cfg = preset("mmdet")
+    p = _decoded_profile(kind)
+    r = replay(F.heads(), F.batch(), cfg, [p], seed=0, sample_all=True)
+    roi = r.roi
+    pos = (roi.fg_class >= 0).nonzero().flatten()
+    assert pos.numel() > 0, "the fixture needs positive RoIs"
+    pred = roi.deltas[pos, r.heads.reg_slot(roi.fg_class[pos])].detach().double()
+    c = cfg.roi_coder
+    boxes = decode(pred, roi.boxes[pos].double(), c.weights, c.clip, clip_both=True)
+    per_box = DECODED_LOSSES[kind](boxes, roi.gt_boxes[pos].double())
+    sampled = sum(s.sampled for s in r.samples["roi"])
+    assert p.roi_box.normalizer is Normalizer.SAMPLED and sampled == roi.boxes.shape[0]
+    want = 10.0 * float(per_box.sum()) / (sampled + EPS32)
+    got = float(r.losses[p.name].term(Term.ROI_BOX))
+    assert got == pytest.approx(want, rel=1e-5)
+    # the GT boxes are the matched ones: the encoded targets decode back to them
+    back = decode(roi.targets[pos].double(), roi.boxes[pos].double(), c.weights, 1e9)
+    assert torch.allclose(back, roi.gt_boxes[pos].double(), atol=1e-3)
+
+
+def test_a_decoded_loss_on_the_rpn_is_refused():
+    base = mmdet()
+    with pytest.raises(InputError, match="rpn_box 'giou' on decoded boxes is replayed for the RoI"):
+        dataclasses.replace(base, rpn_box=TermSpec(LossKind.GIOU))
+
+
+def test_a_profile_toml_takes_a_decoded_loss(tmp_path):
+    from lossdoctor.inputs.profiles import load_profile
+
+    path = tmp_path / "giou.toml"
+    path.write_text('base = "mmdet"\n[roi_box]\nloss = "giou"\nweight = 10.0\n')
+    prof = load_profile(path)
+    assert prof.roi_box.loss is LossKind.GIOU and prof.roi_box.weight == 10.0
