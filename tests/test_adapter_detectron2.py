@@ -460,11 +460,31 @@ def test_amp_trainer_captures_the_unscaled_norm(tmp_path, monkeypatch):
         assert meta["grad_norm"]["model"] == pytest.approx(norms[k], rel=1e-5)
 
 
+@pytest.mark.parametrize("loss_type", ["giou", "diou", "ciou"])
+def test_a_roi_box_loss_on_decoded_boxes_is_replayed(tmp_path, loss_type):
+    """BBOX_REG_LOSS_TYPE giou / diou / ciou of the RoI head: every term of Detectron2's loss dict
+    reproduced (the box loss on the boxes the deltas decode to, against the GT boxes)."""
+    model = build()
+    model.roi_heads.box_predictor.box_reg_loss_type = loss_type
+    capture = ld.Capture(tmp_path, model, every=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = batches()
+    with EventStorage(0):
+        for step in range(2):
+            loss_dict = model(next(data))
+            opt.zero_grad()
+            sum(loss_dict.values()).backward()
+            folder = capture.check(step, loss_dict)
+            opt.step()
+    assert load_batch(folder / "batch.pt").meta["profile"]["roi_box"]["loss"] == f"{loss_type}_d2"
+    assert_reproduces(folder, loss_dict)
+
+
 def test_a_model_it_cannot_replay_trains_on(tmp_path, monkeypatch):
-    """A GIoU box loss: said once when the hook is registered, the run goes to its end, captures are
-    written, and inspect refuses them with the same message."""
+    """A GIoU loss in the RPN: said once when the hook is registered, the run goes to its end,
+    captures are written, and inspect refuses them with the same message."""
     trainer = default_trainer(tmp_path)
-    trainer._trainer.model.roi_heads.box_predictor.box_reg_loss_type = "giou"
+    trainer._trainer.model.proposal_generator.box_reg_loss_type = "giou"
     with pytest.warns(RuntimeWarning, match="cannot be replayed.*giou"):
         dumps = readme_hook(trainer, tmp_path, monkeypatch, ", every=1")
         trainer.train()

@@ -18,7 +18,16 @@ from lossdoctor.inputs.errors import InputError
 from lossdoctor.inputs.profiles import EPS32, TermSpec, mmdet
 from lossdoctor.replay.boxes import decode
 from lossdoctor.replay.engine import replay
-from lossdoctor.replay.losses import DECODED_LOSSES, ciou_loss, diou_loss, giou_loss, iou_loss
+from lossdoctor.replay.losses import (
+    DECODED_LOSSES,
+    ciou_d2_loss,
+    ciou_loss,
+    diou_d2_loss,
+    diou_loss,
+    giou_d2_loss,
+    giou_loss,
+    iou_loss,
+)
 from lossdoctor.vocab import DECODED_BOX_LOSSES, LossKind, Normalizer, Term
 
 EPS = 1e-6  # mmdet's default eps of these losses
@@ -67,6 +76,27 @@ def test_ciou_by_hand():
     # IoU below 0.5: alpha is 0 whatever the aspect
     lo, hi = box(0, 0, 4, 1), box(0, 0, 1, 4)
     assert float(ciou_loss(lo, hi)) == pytest.approx(float(diou_loss(lo, hi)), rel=1e-12)
+
+
+D2_EPS = 1e-7  # Detectron2's (fvcore's): added, not a floor
+
+
+def test_detectron2s_variants_by_hand():
+    a, g = box(0, 0, 2, 2), box(1, 1, 3, 3)
+    iou = 1 / (7 + D2_EPS)
+    assert float(giou_d2_loss(a, g)) == pytest.approx(1 - (iou - 2 / (9 + D2_EPS)), rel=1e-12)
+    assert float(diou_d2_loss(a, g)) == pytest.approx(1 - iou + 2 / (18 + D2_EPS), rel=1e-12)
+    # CIoU: no IoU gate (IoU 1/7 here), alpha with eps, no clamp
+    lo, hi = box(0, 0, 4, 1), box(0, 0, 1, 4)
+    iou = 1 / (7 + D2_EPS)
+    v = 4 / math.pi**2 * (math.atan(1 / 4) - math.atan(4)) ** 2
+    alpha = v / (1 - iou + v + D2_EPS)
+    distance = (1.5**2 + 1.5**2) / (4**2 + 4**2 + D2_EPS)  # centres (2, .5) and (.5, 2)
+    want = 1 - iou + distance + alpha * v
+    assert float(ciou_d2_loss(lo, hi)) == pytest.approx(want, rel=1e-12)
+    # where mmdet's gate is shut (IoU <= 0.5) Detectron2's CIoU still adds alpha v to its DIoU
+    extra = float(ciou_d2_loss(lo, hi) - diou_d2_loss(lo, hi))
+    assert extra == pytest.approx(alpha * v, rel=1e-9) and extra > 0.01
 
 
 def _decoded_profile(kind: LossKind, weight: float = 10.0):

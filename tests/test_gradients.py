@@ -44,7 +44,7 @@ PROFILES = [p() for p in BUILTIN.values()] + [
             name=f"decoded-{kind}",
             roi_box=TermSpec(kind, "sampled", weight=10.0),
         )
-        for kind in ("giou", "iou", "diou", "ciou")
+        for kind in ("giou", "iou", "diou", "ciou", "giou_d2", "diou_d2", "ciou_d2")
     ],
 ]
 

@@ -62,8 +62,10 @@ from .common import (
 RPN_LABELS, ROI_LABELS = [0, -1, 1], [0, 1]
 # fvcore's smooth-L1 is exact L1 below this beta
 L1_BELOW_BETA = 1e-5
-# Detectron2's BBOX_REG_LOSS_TYPE of its smooth-L1/L1 box loss (giou, diou, ciou are others)
+# Detectron2's BBOX_REG_LOSS_TYPE of its smooth-L1/L1 box loss on deltas
 D2_SMOOTH_L1 = "smooth_l1"
+# its losses on decoded boxes, as the replay names them
+D2_DECODED = {"giou": LossKind.GIOU_D2, "diou": LossKind.DIOU_D2, "ciou": LossKind.CIOU_D2}
 
 
 def _cell(cell: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -251,9 +253,17 @@ def detector_config(model) -> DetectorConfig:
     )
 
 
-def _box_spec(spec, loss_type: str, beta: float, weight: float):
+def _box_spec(spec, loss_type: str, beta: float, weight: float, decoded: bool):
+    """The box term of a BBOX_REG_LOSS_TYPE; the losses on decoded boxes where ``decoded`` (the
+    RoI head) allows them."""
+    if decoded and loss_type in D2_DECODED:
+        return dataclasses.replace(spec, loss=D2_DECODED[loss_type], beta=0.0, weight=float(weight))
     if loss_type != D2_SMOOTH_L1:
-        raise not_replayed(f"box regression loss {loss_type!r} (smooth_l1 and L1 are replayed)")
+        where = "an RPN" if not decoded else "a"
+        raise not_replayed(
+            f"{where} box regression loss {loss_type!r} (smooth_l1 and L1 are replayed"
+            + (", and giou, diou and ciou in the RoI head)" if decoded else " in the RPN)")
+        )
     kind = LossKind.L1 if beta < L1_BELOW_BETA else LossKind.SMOOTH_L1
     return dataclasses.replace(spec, loss=kind, beta=float(beta), weight=float(weight))
 
@@ -277,12 +287,10 @@ def profile(model) -> str | dict:
         raise not_replayed("a sigmoid or federated classification loss")
     base = builtin_profile()
     rw, pw = rpn.loss_weight, pred.loss_weight
-    rpn_box = _box_spec(
-        base.rpn_box, rpn.box_reg_loss_type, rpn.smooth_l1_beta, rw.get("loss_rpn_loc", 1.0)
-    )
-    roi_box = _box_spec(
-        base.roi_box, pred.box_reg_loss_type, pred.smooth_l1_beta, pw.get("loss_box_reg", 1.0)
-    )
+    rpn_box = _box_spec(base.rpn_box, rpn.box_reg_loss_type, rpn.smooth_l1_beta,
+                        rw.get("loss_rpn_loc", 1.0), decoded=False)  # fmt: skip
+    roi_box = _box_spec(base.roi_box, pred.box_reg_loss_type, pred.smooth_l1_beta,
+                        pw.get("loss_box_reg", 1.0), decoded=True)  # fmt: skip
     specs = {
         Term.RPN_CLS.value: dataclasses.replace(
             base.rpn_cls, weight=float(rw.get("loss_rpn_cls", 1.0))

@@ -84,12 +84,62 @@ def ciou_loss(boxes: Tensor, gt: Tensor) -> Tensor:
     return 1 - (ious - (distance + alpha * v)).clamp(min=-1.0, max=1.0)
 
 
+# Detectron2's (and fvcore's) IoU losses add this to the union and the enclosing area / diagonal
+D2_IOU_EPS = 1e-7
+
+
+def _d2_terms(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(IoU, the enclosing area, the squared enclosing diagonal) with D2_IOU_EPS added as
+    Detectron2 adds it; the union is returned inside the IoU."""
+    wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
+    overlap = wh[:, 0] * wh[:, 1]
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a + area_b - overlap
+    outer = torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])
+    return overlap / (union + D2_IOU_EPS), union, outer
+
+
+def giou_d2_loss(boxes: Tensor, gt: Tensor) -> Tensor:
+    """fvcore's giou_loss (Detectron2's box_reg_loss_type giou): Tensor[M, 4] x2 → Tensor[M]."""
+    iou, union, outer = _d2_terms(boxes, gt)
+    area_c = outer[:, 0] * outer[:, 1]
+    return 1 - (iou - (area_c - union) / (area_c + D2_IOU_EPS))
+
+
+def _d2_distance(boxes: Tensor, gt: Tensor, outer: Tensor) -> Tensor:
+    diag = outer[:, 0] ** 2 + outer[:, 1] ** 2 + D2_IOU_EPS
+    centre = ((boxes[:, :2] + boxes[:, 2:]) / 2 - (gt[:, :2] + gt[:, 2:]) / 2) ** 2
+    return centre.sum(-1) / diag
+
+
+def diou_d2_loss(boxes: Tensor, gt: Tensor) -> Tensor:
+    """Detectron2's diou_loss: 1 - IoU + centre distance² / diagonal²."""
+    iou, _, outer = _d2_terms(boxes, gt)
+    return 1 - iou + _d2_distance(boxes, gt, outer)
+
+
+def ciou_d2_loss(boxes: Tensor, gt: Tensor) -> Tensor:
+    """Detectron2's ciou_loss: the DIoU loss + alpha v, alpha = v / (1 - IoU + v + eps) without
+    gradient, no IoU gate and no clamp."""
+    iou, _, outer = _d2_terms(boxes, gt)
+    w1, h1 = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    w2, h2 = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+    v = (4 / math.pi**2) * (torch.atan(w2 / h2) - torch.atan(w1 / h1)) ** 2
+    with torch.no_grad():
+        alpha = v / (1 - iou + v + D2_IOU_EPS)
+    return 1 - iou + _d2_distance(boxes, gt, outer) + alpha * v
+
+
 # one entry per member of vocab.DECODED_BOX_LOSSES
 DECODED_LOSSES = {
     LossKind.GIOU: giou_loss,
     LossKind.IOU: iou_loss,
     LossKind.DIOU: diou_loss,
     LossKind.CIOU: ciou_loss,
+    LossKind.GIOU_D2: giou_d2_loss,
+    LossKind.DIOU_D2: diou_d2_loss,
+    LossKind.CIOU_D2: ciou_d2_loss,
 }
 
 
