@@ -20,6 +20,7 @@ from lossdoctor.replay.boxes import decode
 from lossdoctor.replay.engine import replay
 from lossdoctor.replay.losses import (
     DECODED_LOSSES,
+    bounded_iou_loss,
     ciou_d2_loss,
     ciou_loss,
     diou_d2_loss,
@@ -78,6 +79,31 @@ def test_ciou_by_hand():
     assert float(ciou_loss(lo, hi)) == pytest.approx(float(diou_loss(lo, hi)), rel=1e-12)
 
 
+def test_bounded_iou_by_hand():
+    """Per coordinate 1 - (w - 2|dx|) / (w + 2|dx| + eps) for the centres (floored at 0) and
+    1 - min(w / (w' + eps), w' / (w + eps)) for the sizes, each smoothed with beta, summed."""
+    eps, beta = 1e-3, 0.2
+    a, g = box(1, 0, 5, 2), box(0, 0, 4, 4)  # centre dx 1, dy -1; w 4 vs 4, h 2 vs 4
+    dx = 1 - (4 - 2) / (4 + 2 + eps)
+    dy = 1 - (4 - 2) / (4 + 2 + eps)
+    dw = 1 - min(4 / (4 + eps), 4 / (4 + eps))
+    dh = 1 - min(4 / (2 + eps), 2 / (4 + eps))
+
+    def smooth(x):
+        return 0.5 * x * x / beta if x < beta else x - 0.5 * beta
+
+    want = sum(smooth(x) for x in (dx, dy, dw, dh))
+    assert float(bounded_iou_loss(a, g, beta)) == pytest.approx(want, rel=1e-12)
+    # a centre offset beyond half the GT's size bounds that coordinate's IoU at 0: loss 1 - beta/2
+    far = box(10, 0, 14, 4)
+    assert float(bounded_iou_loss(far, g, beta)) == pytest.approx(1 - beta / 2, rel=1e-5)
+
+
+def test_a_bounded_iou_term_needs_a_positive_beta():
+    with pytest.raises(InputError, match="needs its smoothing beta > 0"):
+        dataclasses.replace(mmdet(), roi_box=TermSpec(LossKind.BOUNDED_IOU, beta=0.0))
+
+
 D2_EPS = 1e-7  # Detectron2's (fvcore's): added, not a floor
 
 
@@ -101,7 +127,8 @@ def test_detectron2s_variants_by_hand():
 
 def _decoded_profile(kind: LossKind, weight: float = 10.0):
     base = mmdet()
-    spec = dataclasses.replace(base.roi_box, loss=kind, beta=0.0, weight=weight)
+    beta = 0.2 if kind is LossKind.BOUNDED_IOU else 0.0
+    spec = dataclasses.replace(base.roi_box, loss=kind, beta=beta, weight=weight)
     return dataclasses.replace(base, name=f"mmdet-{kind}", roi_box=spec)
 
 
@@ -119,7 +146,7 @@ def test_the_roi_box_term_is_the_decoded_boxes_loss(kind):
     pred = roi.deltas[pos, r.heads.reg_slot(roi.fg_class[pos])].detach().double()
     c = cfg.roi_coder
     boxes = decode(pred, roi.boxes[pos].double(), c.weights, c.clip, clip_both=True)
-    per_box = DECODED_LOSSES[kind](boxes, roi.gt_boxes[pos].double())
+    per_box = DECODED_LOSSES[kind](boxes, roi.gt_boxes[pos].double(), p.roi_box.beta)
     sampled = sum(s.sampled for s in r.samples["roi"])
     assert p.roi_box.normalizer is Normalizer.SAMPLED and sampled == roi.boxes.shape[0]
     want = 10.0 * float(per_box.sum()) / (sampled + EPS32)

@@ -49,7 +49,7 @@ MODELS_TRIED = {
     "cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py": ("partial", ""),
     "faster_rcnn/faster-rcnn_r50_fpn_giou_1x_coco.py": ("exact", ""),
     "faster_rcnn/faster-rcnn_r50_fpn_iou_1x_coco.py": ("exact", ""),
-    "faster_rcnn/faster-rcnn_r50_fpn_bounded-iou_1x_coco.py": ("refused", "BoundedIoULoss"),
+    "faster_rcnn/faster-rcnn_r50_fpn_bounded-iou_1x_coco.py": ("exact", ""),
     "faster_rcnn/faster-rcnn_r50_fpn_ciou_1x_coco.py": ("exact", ""),
     "faster_rcnn/faster-rcnn_r50_fpn_ohem_1x_coco.py": ("refused", "OHEMSampler"),
     "faster_rcnn/faster-rcnn_r50_fpn_soft-nms_1x_coco.py": ("refused", "soft_nms"),

@@ -150,6 +150,7 @@ class LossKind(StrEnum):
     IOU = "iou"  # -log IoU of the decoded box and its GT (MMDetection's IoULoss, mode 'log')
     DIOU = "diou"  # 1 - DIoU (MMDetection's DIoULoss)
     CIOU = "ciou"  # 1 - CIoU (MMDetection's CIoULoss)
+    BOUNDED_IOU = "bounded_iou"  # MMDetection's BoundedIoULoss (beta: its smoothing)
     # Detectron2's box_reg_loss_type giou / diou / ciou (fvcore's GIoU, its own DIoU and CIoU):
     # the same quantities with eps 1e-7 added, and a CIoU without mmdet's IoU > 0.5 gate
     GIOU_D2 = "giou_d2"
@@ -160,7 +161,7 @@ class LossKind(StrEnum):
 CLS_LOSSES = (LossKind.BCE, LossKind.CE)
 # box losses on the boxes the deltas decode to, against the GT boxes (reg_decoded_bbox)
 DECODED_BOX_LOSSES = (
-    LossKind.GIOU, LossKind.IOU, LossKind.DIOU, LossKind.CIOU,
+    LossKind.GIOU, LossKind.IOU, LossKind.DIOU, LossKind.CIOU, LossKind.BOUNDED_IOU,
     LossKind.GIOU_D2, LossKind.DIOU_D2, LossKind.CIOU_D2,
 )  # fmt: skip
 BOX_LOSSES = (LossKind.L1, LossKind.SMOOTH_L1, *DECODED_BOX_LOSSES)

@@ -43,7 +43,7 @@ from ..inputs.config import (
 from ..inputs.dataclass_toml import to_dict
 from ..inputs.errors import InputError
 from ..inputs.profiles import mmdet, mmdet_cascade
-from ..replay.losses import IOU_EPS
+from ..replay.losses import BOUNDED_IOU_EPS, IOU_EPS
 from ..vocab import Framework, LossKind, Mapper, MaskTarget, Part, Ranking, Term
 from .common import (
     HookedCapture,
@@ -85,7 +85,10 @@ DECODED_LOSSES = {
     "IoULoss": LossKind.IOU,
     "DIoULoss": LossKind.DIOU,
     "CIoULoss": LossKind.CIOU,
+    "BoundedIoULoss": LossKind.BOUNDED_IOU,
 }
+# the eps of each that the replay runs (their defaults)
+DECODED_EPS = {"BoundedIoULoss": BOUNDED_IOU_EPS}
 
 
 def _get(cfg, key, default=None):
@@ -231,8 +234,8 @@ def _box_head(head) -> None:
 
 def _decoded_loss(loss, decoded: bool) -> None:
     """A box loss on decoded boxes (reg_decoded_bbox) is replayed for GIoULoss, IoULoss (mode
-    'log'), DIoULoss and CIoULoss with mmdet's eps; the others are refused, as is an IoU loss on
-    deltas."""
+    'log'), DIoULoss, CIoULoss and BoundedIoULoss with mmdet's eps; the others are refused, as is
+    an IoU loss on deltas."""
     name = kind(loss)
     if not decoded:
         if name in DECODED_LOSSES:
@@ -240,8 +243,9 @@ def _decoded_loss(loss, decoded: bool) -> None:
         return
     if name not in DECODED_LOSSES:
         raise not_replayed(f"a box loss on decoded boxes ({name}, reg_decoded_bbox=True)")
-    if float(getattr(loss, "eps", IOU_EPS)) != IOU_EPS:
-        raise not_replayed(f"{name} with eps={loss.eps} (the default {IOU_EPS} is replayed)")
+    eps = DECODED_EPS.get(name, IOU_EPS)
+    if float(getattr(loss, "eps", eps)) != eps:
+        raise not_replayed(f"{name} with eps={loss.eps} (the default {eps} is replayed)")
     if getattr(loss, "mode", "log") != "log":
         raise not_replayed(f"{name} with mode={loss.mode!r} (mode 'log' is replayed)")
 
@@ -376,10 +380,10 @@ def _loss(module, cls: bool) -> tuple[LossKind, float, float]:
     if not cls and name == "SmoothL1Loss":
         return LossKind.SMOOTH_L1, float(module.beta), weight
     if not cls and name in DECODED_LOSSES:
-        return DECODED_LOSSES[name], 0.0, weight
+        return DECODED_LOSSES[name], float(getattr(module, "beta", 0.0)), weight
     raise not_replayed(
-        f"loss {name} (CrossEntropyLoss, L1Loss, SmoothL1Loss, and GIoU, IoU, DIoU and CIoU "
-        "losses on decoded boxes are replayed)"
+        f"loss {name} (CrossEntropyLoss, L1Loss, SmoothL1Loss, and GIoU, IoU, DIoU, CIoU and "
+        "BoundedIoU losses on decoded boxes are replayed)"
     )
 
 

@@ -124,6 +124,11 @@ class LossProfile:
                 )
         if self.rpn_cls.loss is not LossKind.BCE or self.roi_cls.loss is not LossKind.CE:
             raise InputError(f"profile {self.name!r}: rpn_cls must be 'bce' and roi_cls 'ce'")
+        if self.roi_box.loss is LossKind.BOUNDED_IOU and self.roi_box.beta <= 0:
+            raise InputError(
+                f"profile {self.name!r}: roi_box 'bounded_iou' needs its smoothing beta > 0, "
+                f"found {self.roi_box.beta}"
+            )
         if self.rpn_box.loss in DECODED_BOX_LOSSES:
             raise InputError(
                 f"profile {self.name!r}: rpn_box '{self.rpn_box.loss}' on decoded boxes is "

@@ -40,13 +40,13 @@ def _aligned_overlaps(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return overlap, union, enclose
 
 
-def giou_loss(boxes: Tensor, gt: Tensor) -> Tensor:
+def giou_loss(boxes: Tensor, gt: Tensor, beta: float = 0.0) -> Tensor:
     """1 - GIoU per box pair: Tensor[M, 4] x2 → Tensor[M]."""
     overlap, union, enclose = _aligned_overlaps(boxes, gt)
     return 1 - (overlap / union - (enclose - union) / enclose)
 
 
-def iou_loss(boxes: Tensor, gt: Tensor) -> Tensor:
+def iou_loss(boxes: Tensor, gt: Tensor, beta: float = 0.0) -> Tensor:
     """-log IoU per box pair, the IoU floored at IOU_EPS: Tensor[M, 4] x2 → Tensor[M]."""
     overlap, union, _ = _aligned_overlaps(boxes, gt)
     return -(overlap / union).clamp(min=IOU_EPS).log()
@@ -66,13 +66,13 @@ def _distance_terms(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return ious, centre.sum(-1) / c2
 
 
-def diou_loss(boxes: Tensor, gt: Tensor) -> Tensor:
+def diou_loss(boxes: Tensor, gt: Tensor, beta: float = 0.0) -> Tensor:
     """1 - DIoU per box pair: Tensor[M, 4] x2 → Tensor[M]."""
     ious, distance = _distance_terms(boxes, gt)
     return 1 - (ious - distance)
 
 
-def ciou_loss(boxes: Tensor, gt: Tensor) -> Tensor:
+def ciou_loss(boxes: Tensor, gt: Tensor, beta: float = 0.0) -> Tensor:
     """1 - CIoU per box pair, CIoU clamped to [-1, 1]; the aspect term's weight alpha carries no
     gradient (mmdet computes it under no_grad): Tensor[M, 4] x2 → Tensor[M]."""
     ious, distance = _distance_terms(boxes, gt)
@@ -100,7 +100,7 @@ def _d2_terms(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return overlap / (union + D2_IOU_EPS), union, outer
 
 
-def giou_d2_loss(boxes: Tensor, gt: Tensor) -> Tensor:
+def giou_d2_loss(boxes: Tensor, gt: Tensor, beta: float = 0.0) -> Tensor:
     """fvcore's giou_loss (Detectron2's box_reg_loss_type giou): Tensor[M, 4] x2 → Tensor[M]."""
     iou, union, outer = _d2_terms(boxes, gt)
     area_c = outer[:, 0] * outer[:, 1]
@@ -113,13 +113,13 @@ def _d2_distance(boxes: Tensor, gt: Tensor, outer: Tensor) -> Tensor:
     return centre.sum(-1) / diag
 
 
-def diou_d2_loss(boxes: Tensor, gt: Tensor) -> Tensor:
+def diou_d2_loss(boxes: Tensor, gt: Tensor, beta: float = 0.0) -> Tensor:
     """Detectron2's diou_loss: 1 - IoU + centre distance² / diagonal²."""
     iou, _, outer = _d2_terms(boxes, gt)
     return 1 - iou + _d2_distance(boxes, gt, outer)
 
 
-def ciou_d2_loss(boxes: Tensor, gt: Tensor) -> Tensor:
+def ciou_d2_loss(boxes: Tensor, gt: Tensor, beta: float = 0.0) -> Tensor:
     """Detectron2's ciou_loss: the DIoU loss + alpha v, alpha = v / (1 - IoU + v + eps) without
     gradient, no IoU gate and no clamp."""
     iou, _, outer = _d2_terms(boxes, gt)
@@ -131,7 +131,27 @@ def ciou_d2_loss(boxes: Tensor, gt: Tensor) -> Tensor:
     return 1 - iou + _d2_distance(boxes, gt, outer) + alpha * v
 
 
-# one entry per member of vocab.DECODED_BOX_LOSSES
+# MMDetection's BoundedIoULoss floors its ratios with this (its default, the one replayed)
+BOUNDED_IOU_EPS = 1e-3
+
+
+def bounded_iou_loss(boxes: Tensor, gt: Tensor, beta: float = 0.2) -> Tensor:
+    """MMDetection's bounded IoU loss: per coordinate 1 - a bound on the IoU (centre offsets
+    against the GT's size, width and height ratios), smoothed as smooth-L1 with ``beta``, summed
+    over the 4 coordinates: Tensor[M, 4] x2 → Tensor[M]. The GT side carries no gradient."""
+    ctr, wh = (boxes[:, :2] + boxes[:, 2:]) * 0.5, boxes[:, 2:] - boxes[:, :2]
+    gt = gt.detach()
+    gt_ctr, gt_wh = (gt[:, :2] + gt[:, 2:]) * 0.5, gt[:, 2:] - gt[:, :2]
+    d = (gt_ctr - ctr).abs()
+    eps = BOUNDED_IOU_EPS
+    shift = 1 - torch.clamp((gt_wh - 2 * d) / (gt_wh + 2 * d + eps), min=0)
+    size = 1 - torch.min(gt_wh / (wh + eps), wh / (gt_wh + eps))
+    comb = torch.cat([shift, size], 1)
+    return torch.where(comb < beta, 0.5 * comb * comb / beta, comb - 0.5 * beta).sum(-1)
+
+
+# one entry per member of vocab.DECODED_BOX_LOSSES; ``beta`` is the bounded IoU loss's
+# smoothing (a term's beta), unused by the others
 DECODED_LOSSES = {
     LossKind.GIOU: giou_loss,
     LossKind.IOU: iou_loss,
@@ -140,6 +160,7 @@ DECODED_LOSSES = {
     LossKind.GIOU_D2: giou_d2_loss,
     LossKind.DIOU_D2: diou_d2_loss,
     LossKind.CIOU_D2: ciou_d2_loss,
+    LossKind.BOUNDED_IOU: bounded_iou_loss,
 }
 
 

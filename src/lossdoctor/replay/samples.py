@@ -51,7 +51,7 @@ class LevelSamples:
         key = (term.loss, term.beta)
         if key not in self._box_cache:
             self._box_cache[key] = (
-                DECODED_LOSSES[term.loss](self.decoded(), self.box_gt)
+                DECODED_LOSSES[term.loss](self.decoded(), self.box_gt, term.beta)
                 if term.loss in DECODED_BOX_LOSSES
                 else box_loss(self.box_pred, self.box_target, term.loss, term.beta)
             )
