@@ -310,3 +310,21 @@ def assert_refused_by_name(folder, words: str) -> None:
         assert r.exit_code == 2, (command, r.output)
         said = " ".join(r.output.split())
         assert words in said and "not replayed yet" in said, (command, said)
+
+
+def invoke(*args):
+    """``lossdoctor ARGS`` through typer's runner (paths as strings)."""
+    from typer.testing import CliRunner
+
+    from lossdoctor.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def exit2(result, needle: str) -> None:
+    """One line on stderr naming ``needle``, exit 2, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    err = result.stderr.strip()
+    assert err.startswith("lossdoctor: error: ") and "\n" not in err, err
+    assert needle in err, err
+    assert "Traceback" not in result.output

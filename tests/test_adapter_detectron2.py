@@ -111,10 +111,9 @@ def test_readme_hook_in_a_simple_trainer(tmp_path, monkeypatch):
     assert_reproduces(folder, load_batch(folder / "batch.pt").meta["losses"])
 
 
-def test_capture_in_a_loop_of_our_own(tmp_path):
-    model = build()
-    capture = ld.Capture(tmp_path, model, every=1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+def loop_of_our_own(model, capture, momentum: float = 0.0):
+    """Two SGD steps with the capture checked after each backward → (last capture, loss dict)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum)
     data = batches()
     with EventStorage(0):
         for step in range(2):
@@ -123,6 +122,12 @@ def test_capture_in_a_loop_of_our_own(tmp_path):
             sum(loss_dict.values()).backward()
             folder = capture.check(step, loss_dict)
             opt.step()
+    return folder, loss_dict
+
+
+def test_capture_in_a_loop_of_our_own(tmp_path):
+    model = build()
+    folder, loss_dict = loop_of_our_own(model, ld.Capture(tmp_path, model, every=1), momentum=0.9)
     assert_reproduces(folder, loss_dict)
 
 
@@ -466,16 +471,7 @@ def test_a_roi_box_loss_on_decoded_boxes_is_replayed(tmp_path, loss_type):
     reproduced (the box loss on the boxes the deltas decode to, against the GT boxes)."""
     model = build()
     model.roi_heads.box_predictor.box_reg_loss_type = loss_type
-    capture = ld.Capture(tmp_path, model, every=1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    data = batches()
-    with EventStorage(0):
-        for step in range(2):
-            loss_dict = model(next(data))
-            opt.zero_grad()
-            sum(loss_dict.values()).backward()
-            folder = capture.check(step, loss_dict)
-            opt.step()
+    folder, loss_dict = loop_of_our_own(model, ld.Capture(tmp_path, model, every=1))
     assert load_batch(folder / "batch.pt").meta["profile"]["roi_box"]["loss"] == f"{loss_type}_d2"
     assert_reproduces(folder, loss_dict)
 

@@ -14,14 +14,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
 import factories as F
+from factories import exit2, invoke
 from lossdoctor import dump_batch
-from lossdoctor.cli import app
 from lossdoctor.inputs.files import save_torch
-
-runner = CliRunner()
 
 
 def write_capture(folder: Path, meta: dict | None = None, **batch_kw) -> Path:
@@ -35,17 +32,6 @@ def write_capture(folder: Path, meta: dict | None = None, **batch_kw) -> Path:
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def exit2(result, needle: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert err.startswith("lossdoctor: error: ") and "\n" not in err, err
-    assert needle in err, err
 
 
 # ---- the guard -------------------------------------------------------------------------------

@@ -16,13 +16,10 @@ import zipfile
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import factories as F
+from factories import exit2, invoke
 from lossdoctor import dump_batch
-from lossdoctor.cli import app
-
-runner = CliRunner()
 
 
 class Payload:
@@ -114,18 +111,6 @@ def env(tmp_path):
         strides=b["strides"],
     )
     return tmp_path, tmp_path / "pwned"
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def exit2(result, needle: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert err.startswith("lossdoctor: error: ") and "\n" not in err, err
-    assert needle in err, err
-    assert "Traceback" not in result.output
 
 
 def findings(result) -> list[str]:

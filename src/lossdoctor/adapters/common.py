@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..capture import BATCH_FILE, CHECKPOINT_FILE, Capture, autocast_dtype, warn
 from ..inputs.batch import dump_batch
+from ..inputs.checkpoint import not_replayed
 from ..inputs.dataclass_toml import to_dict
 from ..inputs.errors import InputError
 from ..inputs.files import save_torch
@@ -34,11 +35,6 @@ def level_names(features: list[Tensor], pad_size: tuple[int, int]) -> tuple[list
 def kind(obj) -> str:
     """A module's class name (what a refusal names)."""
     return type(obj).__name__
-
-
-def not_replayed(what: str) -> InputError:
-    """The refusal of a part of a model the replay does not run, by name."""
-    return InputError(f"{what}: not replayed yet (see docs/coverage.md)")
 
 
 def require(what: str, obj, allowed: tuple[str, ...]) -> None:

@@ -281,10 +281,15 @@ def heads_from_state_dict(
     )
 
 
+def not_replayed(what: str) -> InputError:
+    """The refusal of a part of a model the replay does not run, by name."""
+    return InputError(f"{what}: not replayed yet (see docs/coverage.md)")
+
+
 def refuse_design(design: str | None) -> None:
     """Refuse a head the replay does not run, by name (see ``layouts.unreplayed_design``)."""
     if design is not None:
-        raise InputError(f"{design}: not replayed yet (see docs/coverage.md)")
+        raise not_replayed(design)
 
 
 def _heads(sd: dict[str, Tensor], found: FoundKeys, layout: Layout, replaced) -> HeadWeights:

@@ -39,8 +39,8 @@ def same_file(a: str | Path, b: str | Path) -> bool:
         return False
 
 
-# a folder given as an input stands for the files under it; a walk stops after this many (a scan
-# root of many runs), and the guard then compares by path prefix as well
+# a folder given as an input stands for the files under it; a walk lists at most this many (a
+# scan root of many runs): files beyond it are not guarded by identity, the paths given still are
 MAX_LISTED_FILES = 100_000
 
 

@@ -27,17 +27,26 @@ def box_loss(pred: Tensor, target: Tensor, kind: str, beta: float) -> Tensor:
     return torch.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta).sum(-1)
 
 
+def _overlap(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(overlap area, area of a, area of b) of box pairs Tensor[M, 4] x2 → Tensor[M] each."""
+    wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return wh[:, 0] * wh[:, 1], area_a, area_b
+
+
+def _enclosing(a: Tensor, b: Tensor) -> Tensor:
+    """Width and height of the smallest box enclosing each pair: Tensor[M, 2]."""
+    return torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])
+
+
 def _aligned_overlaps(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(overlap, union floored at IOU_EPS, enclosing area floored at IOU_EPS) of box pairs
     Tensor[M, 4] x2 → Tensor[M] each, as mmdet's bbox_overlaps(is_aligned=True) computes them."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
-    overlap = wh[:, 0] * wh[:, 1]
+    overlap, area_a, area_b = _overlap(a, b)
     union = (area_a + area_b - overlap).clamp(min=IOU_EPS)
-    outer = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0)
-    enclose = (outer[:, 0] * outer[:, 1]).clamp(min=IOU_EPS)
-    return overlap, union, enclose
+    outer = _enclosing(a, b).clamp(min=0)
+    return overlap, union, (outer[:, 0] * outer[:, 1]).clamp(min=IOU_EPS)
 
 
 def giou_loss(boxes: Tensor, gt: Tensor, beta: float = 0.0) -> Tensor:
@@ -55,12 +64,9 @@ def iou_loss(boxes: Tensor, gt: Tensor, beta: float = 0.0) -> Tensor:
 def _distance_terms(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """(IoU, squared centre distance over the squared enclosing diagonal) of box pairs, with
     IOU_EPS added to the union and the diagonal, as mmdet's diou_loss and ciou_loss do."""
-    wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
-    overlap = wh[:, 0] * wh[:, 1]
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    overlap, area_a, area_b = _overlap(a, b)
     ious = overlap / (area_a + area_b - overlap + IOU_EPS)
-    outer = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0)
+    outer = _enclosing(a, b).clamp(min=0)
     c2 = outer[:, 0] ** 2 + outer[:, 1] ** 2 + IOU_EPS
     centre = ((b[:, :2] + b[:, 2:]) - (a[:, :2] + a[:, 2:])) ** 2 / 4
     return ious, centre.sum(-1) / c2
@@ -89,15 +95,11 @@ D2_IOU_EPS = 1e-7
 
 
 def _d2_terms(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(IoU, the enclosing area, the squared enclosing diagonal) with D2_IOU_EPS added as
-    Detectron2 adds it; the union is returned inside the IoU."""
-    wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
-    overlap = wh[:, 0] * wh[:, 1]
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    """(IoU, union, enclosing width and height) with D2_IOU_EPS added to the union as
+    Detectron2 adds it."""
+    overlap, area_a, area_b = _overlap(a, b)
     union = area_a + area_b - overlap
-    outer = torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])
-    return overlap / (union + D2_IOU_EPS), union, outer
+    return overlap / (union + D2_IOU_EPS), union, _enclosing(a, b)
 
 
 def giou_d2_loss(boxes: Tensor, gt: Tensor, beta: float = 0.0) -> Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..inputs.files import atomic_write
 from ..vocab import BOX_TERMS, PER_LEVEL_NORMALIZERS, TERM_PARTS, FailOn, Part
+from .build import ALL_LEVELS
 from .model import Report, csv_text
 
 COMPARE_FORMAT = "lossdoctor.compare/1"
@@ -35,7 +36,6 @@ PER_LEVEL_COLUMNS = {
     Part.BOX: ("avg_factor_bbox", "sample_weight_bbox"),
 }
 PER_LEVEL = "per level"
-ALL_LEVELS = "all"
 
 
 @dataclass(kw_only=True)

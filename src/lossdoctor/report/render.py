@@ -321,17 +321,22 @@ def findings(report: Report, width: int = WIDTH):
     return t
 
 
+def indented(body) -> Table:
+    """``body`` two columns in, its wrapped lines too."""
+    grid = Table.grid(padding=(0, 0))
+    grid.add_column(width=2, no_wrap=True)
+    grid.add_column(ratio=1)
+    grid.add_row("", body)
+    return grid
+
+
 def _stacked_findings(title: str, groups: list[dict], levels: list[str]) -> Group:
     parts = [Text(title, style="bold")]
     for k, g in enumerate(groups):
         line = Text(g["severity"], style=SEVERITY_STYLE[Severity(g["severity"])])
         line.append(f"  {g['code']}", style="bold")
         line.append(f"  {_where(g, levels)}")
-        body = Table.grid(padding=(0, 0))
-        body.add_column(width=2, no_wrap=True)
-        body.add_column(ratio=1)
-        body.add_row("", _finding_body(g, groups, k))
-        parts += [line, body]
+        parts += [line, indented(_finding_body(g, groups, k))]
     if not groups:
         parts.append(Text("  no finding"))
     return Group(*parts)
@@ -498,12 +503,10 @@ def _comparison_rows(c: Comparison, changed_only: bool) -> list[tuple[str, str, 
 def _comparison_table(c: Comparison, changed_only: bool, width: int = WIDTH):
     """The changes side by side; where that is wider than ``width``, one line per change."""
     rows = _comparison_rows(c, changed_only)
-    cells = [(head, level, r["metric"], num(r["old"]), num(r["new"]), _change(r["change"]))
-             for head, level, r in rows]  # fmt: skip
+    cells = [(Text(head), Text(level), Text(r["metric"]), num(r["old"]), num(r["new"]),
+              _change(r["change"])) for head, level, r in rows]  # fmt: skip
     names = ("head", "level", "metric", "old", "new", "change")
-    widths = [max([len(n)] + [len(getattr(x[k], "plain", x[k])) for x in cells])
-              for k, n in enumerate(names)]  # fmt: skip
-    if sum(widths) + COLUMN_GAP * len(names) > width:
+    if _span([Column(n, [x[k] for x in cells]) for k, n in enumerate(names)]) > width:
         return _comparison_lines(c, cells)
     t = _table(f"{c.old}  →  {c.new}")
     for name in names:
@@ -518,7 +521,7 @@ def _comparison_table(c: Comparison, changed_only: bool, width: int = WIDTH):
 def _comparison_lines(c: Comparison, cells: list) -> Group:
     lines = [Text(f"{c.old}  →  {c.new}", style="bold")]
     for head, level, metric, old, new, change in cells:
-        line = Text(f"{head} {level} {metric}: ".replace("  ", " "))
+        line = Text(f"{head.plain} {level.plain} {metric.plain}: ".replace("  ", " "))
         line.append_text(old).append(" → ").append_text(new).append("  ").append_text(change)
         lines.append(line)
     if not cells:

@@ -8,12 +8,11 @@ from pathlib import Path
 
 from rich.console import Console, Group
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 from rich.text import Text
 
 from ..inputs.files import atomic_write
 from ..report.model import Report
-from ..report.render import SEVERITY_STYLE, STACKED_FINDINGS_BELOW, WIDTH, _table, num
+from ..report.render import SEVERITY_STYLE, STACKED_FINDINGS_BELOW, WIDTH, _table, indented, num
 from ..vocab import BOX_TERMS, Head, Severity
 from .timeline import failed
 
@@ -66,11 +65,7 @@ def _first_seen_lines(report: Report, runs: bool) -> Group:
         line.append(f"  {r['code']}", style="bold")
         line.append(f"  step {num(r['step']).plain}{where}{rank}; {r['dumps']} dump")
         line.append("s" * (r["dumps"] != 1))
-        body = Table.grid()
-        body.add_column(width=2, no_wrap=True)
-        body.add_column(ratio=1)
-        body.add_row("", r["message"])
-        lines += [line, body]
+        lines += [line, indented(r["message"])]
     if not report.tables["first_seen"]:
         lines.append(Text("  no finding"))
     return Group(*lines)
