@@ -203,6 +203,57 @@ def mask_state_dict(channels=8, classes=3, mask_channels=8, convs=4, seed=0, std
     return sd
 
 
+def _norm_tensors(c: int, g, batch_norm: bool) -> dict[str, torch.Tensor]:
+    """A norm layer's affine parameters (and a BatchNorm's running statistics), not at identity."""
+    out = {
+        "weight": 1 + 0.2 * torch.randn(c, generator=g),
+        "bias": 0.1 * torch.randn(c, generator=g),
+    }
+    if batch_norm:
+        out |= {"running_mean": 0.1 * torch.randn(c, generator=g),
+                "running_var": 1 + torch.rand(c, generator=g)}  # fmt: skip
+    return out
+
+
+def v2_state_dict(
+    channels=8, classes=3, convs=4, fcs=1, hidden=32, pool=7, norm="bn", seed=0, mask=False
+):
+    """torchvision's v2 heads in its layout: two RPN convs, a FastRCNNConvFCHead of ``convs``
+    conv blocks (conv without bias, then BatchNorm ``bn`` or GroupNorm ``gn``, or no norm with
+    a bias: ``none``) then ``fcs`` fcs, and with ``mask`` a mask head of 4 such blocks."""
+    g = torch.Generator().manual_seed(seed + 7)
+    base = (mask_state_dict if mask else state_dict)(
+        channels=channels, classes=classes, seed=seed, hidden=hidden, pool=pool
+    )
+    replaced = (".box_head.", "rpn.head.conv", ".mask_head.")
+    sd = {k: v for k, v in base.items() if not any(r in k for r in replaced)}
+    for i in (0, 1):
+        sd[f"rpn.head.conv.{i}.0.weight"] = (
+            torch.randn(channels, channels, 3, 3, generator=g) * 0.05
+        )
+        sd[f"rpn.head.conv.{i}.0.bias"] = torch.randn(channels, generator=g) * 0.05
+
+    def block(prefix: str) -> None:
+        sd[f"{prefix}.0.weight"] = torch.randn(channels, channels, 3, 3, generator=g) * 0.1
+        if norm == "none":
+            sd[f"{prefix}.0.bias"] = torch.randn(channels, generator=g) * 0.05
+            return
+        for k, t in _norm_tensors(channels, g, norm == "bn").items():
+            sd[f"{prefix}.1.{k}"] = t
+
+    for i in range(convs):
+        block(f"roi_heads.box_head.{i}")
+    width = channels * pool * pool
+    for j in range(fcs):
+        at = convs + 1 + 2 * j  # Flatten, then each fc and its ReLU
+        sd[f"roi_heads.box_head.{at}.weight"] = torch.randn(hidden, width, generator=g) * 0.05
+        sd[f"roi_heads.box_head.{at}.bias"] = torch.randn(hidden, generator=g) * 0.05
+        width = hidden
+    for i in range(4 if mask else 0):
+        block(f"roi_heads.mask_head.{i}")
+    return sd
+
+
 def box_masks(boxes: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
     """Per image, each box filled as its mask (bool Tensor[K, H, W] at the image size)."""
     h, w = size
@@ -219,18 +270,18 @@ def cascade_state_dict(layout="mmdet", stages=3, channels=8, classes=3, seed=0, 
     """A Cascade R-CNN state_dict in ``layout`` (mmdet or detectron2): the RPN, and ``stages``
     box heads with class-agnostic regression, each its own random weights."""
     from lossdoctor.inputs.layouts import CASCADE_LAYOUTS, LAYOUTS
-    from lossdoctor.vocab import BOX_LAYERS, RPN_LAYERS
+    from lossdoctor.vocab import Layer
 
     out = {}
     tv_keys = LAYOUTS["torchvision"]
     for k in range(stages):
         tv = state_dict(channels=channels, classes=classes, seed=seed + k, reg_slots=1, **kw)
-        layers = RPN_LAYERS if k == 0 else ()
+        layers = (Layer.RPN_CONV, Layer.RPN_LOGITS, Layer.RPN_DELTAS) if k == 0 else ()
         for layer in layers:
             for kind in ("weight", "bias"):
                 out[f"{LAYOUTS[layout][layer][0]}.{kind}"] = tv[f"{tv_keys[layer][0]}.{kind}"]
-        for layer in BOX_LAYERS:
-            prefix = CASCADE_LAYOUTS[layout][layer].format(k=k)
+        for layer, key in CASCADE_LAYOUTS[layout].items():
+            prefix = key.format(k=k)
             for kind in ("weight", "bias"):
                 out[f"{prefix}.{kind}"] = tv[f"{tv_keys[layer][0]}.{kind}"]
     return out

@@ -276,7 +276,8 @@ def test_check(files, tmp_path):
 
 def test_check_says_whether_the_model_is_replayed_before_any_replay(files, tmp_path):
     """A checkpoint with a keypoint head: replayed, the keypoint head named as not replayed; a
-    second RPN conv (torchvision's v2 models): refused by name, exit 2."""
+    second RPN conv (torchvision's v2 models): replayed and said; a third: refused by name,
+    exit 2."""
     sd = F.state_dict()
     keypoints = {**sd, "roi_heads.keypoint_head.0.weight": torch.zeros(8, 8, 3, 3)}
     torch.save(keypoints, tmp_path / "kp.pt")
@@ -284,11 +285,17 @@ def test_check_says_whether_the_model_is_replayed_before_any_replay(files, tmp_p
     assert r.exit_code == 0, r.output
     said = " ".join(r.stdout.split())
     assert "not replayed: roi_heads.keypoint_head (the keypoint head)" in said
-    v2 = {**sd, "rpn.head.conv.1.0.weight": torch.zeros(8, 8, 3, 3)}
+    conv = {"weight": torch.zeros(8, 8, 3, 3), "bias": torch.zeros(8)}
+    v2 = {**sd, **{f"rpn.head.conv.1.0.{k}": t for k, t in conv.items()}}
     torch.save(v2, tmp_path / "v2.pt")
+    r = run("check", files / "batch.pt", tmp_path / "v2.pt")
+    assert r.exit_code == 0, r.output
+    assert "RPN head (2 3x3 convs)" in " ".join(r.stdout.split())
+    v3 = {**v2, **{f"rpn.head.conv.2.0.{k}": t for k, t in conv.items()}}
+    torch.save(v3, tmp_path / "v3.pt")
     one_line_error(
-        run("check", files / "batch.pt", tmp_path / "v2.pt"),
-        "an RPN head with several convs (torchvision's v2 models): not replayed yet",
+        run("check", files / "batch.pt", tmp_path / "v3.pt"),
+        "an RPN head with more than 2 convs: not replayed yet",
     )
 
 

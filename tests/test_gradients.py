@@ -10,7 +10,8 @@ import torch
 
 import factories as F
 from lossdoctor.diagnose.gradients import gradients
-from lossdoctor.inputs.config import preset
+from lossdoctor.inputs.batch import validate_batch
+from lossdoctor.inputs.config import HeadNormConfig, preset
 from lossdoctor.inputs.profiles import BUILTIN, TermSpec, fixed
 from lossdoctor.inputs.profiles import mmdet as mmdet_profile
 from lossdoctor.replay.engine import replay
@@ -49,9 +50,26 @@ PROFILES = [p() for p in BUILTIN.values()] + [
 ]
 
 
-@pytest.fixture(scope="module")
-def case():
-    r = replay(F.heads(), F.batch(), preset("mmdet"), PROFILES)
+# the heads whose gradients are checked: the two-fc box head (by hand), and the heads with
+# conv blocks and two RPN convs (torchvision v2 with BatchNorm, GroupNorm, one fc; autograd)
+HEADS = {
+    "fc": lambda: F.state_dict(),
+    "v2-bn": lambda: F.v2_state_dict(norm="bn", mask=True),
+    "gn-2fc": lambda: F.v2_state_dict(norm="gn", convs=2, fcs=2),
+}
+
+
+@pytest.fixture(scope="module", params=list(HEADS))
+def case(request):
+    from lossdoctor.inputs.checkpoint import heads_from_state_dict
+
+    heads = heads_from_state_dict(HEADS[request.param]())
+    d = F.batch_dict()
+    if heads.has_mask:
+        d["gt_masks"] = F.box_masks(d["gt_boxes"], tuple(d["image_sizes"][0]))
+    batch = validate_batch(d)
+    config = dataclasses.replace(preset("mmdet"), head_norm=HeadNormConfig(groups=4))
+    r = replay(heads, batch, config, PROFILES)
     return r, gradients(r)
 
 

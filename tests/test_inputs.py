@@ -16,7 +16,7 @@ from lossdoctor.inputs.config import load_config
 from lossdoctor.inputs.errors import InputError
 from lossdoctor.inputs.layouts import LAYOUTS
 from lossdoctor.inputs.profiles import BUILTIN, load_profile, profile_toml
-from lossdoctor.vocab import Ranking
+from lossdoctor.vocab import BOX_CONVS, Layer, Ranking
 
 
 def codes(batch):
@@ -260,19 +260,42 @@ def _with(sd: dict, **tensors) -> dict:
     return {**sd, **{k.replace("__", "."): v for k, v in tensors.items()}}
 
 
+def _conv(c: int, norm: bool = True) -> dict:
+    """A 3x3 conv's tensors (no bias where a norm follows it)."""
+    w = {"weight": torch.randn(c, c, 3, 3, generator=torch.Generator().manual_seed(c))}
+    return w if norm else {**w, "bias": torch.zeros(c)}
+
+
+def _block(c: int, batch_norm: bool = True) -> dict:
+    """torchvision's Conv2dNormActivation: conv ``0``, norm ``1``."""
+    stats = {"running_mean": torch.zeros(c), "running_var": torch.ones(c)} if batch_norm else {}
+    norm = {"weight": torch.ones(c), "bias": torch.zeros(c), **stats}
+    return {**{f"0.{k}": t for k, t in _conv(c).items()}, **{f"1.{k}": t for k, t in norm.items()}}
+
+
 # (a change to a replayable torchvision state_dict, the words its refusal must carry)
 REFUSED_DESIGNS = [
-    # torchvision v2: a second RPN conv
-    (lambda sd: {**sd, "rpn.head.conv.1.0.weight": torch.zeros(8, 8, 3, 3)}, "several convs"),
-    # torchvision v2: the box head is convs with BatchNorm then one fc (no fc6/fc7)
+    # a third RPN conv (torchvision's v2 models have two)
+    (
+        lambda sd: {
+            **sd,
+            **{
+                f"rpn.head.conv.{i}.0.{k}": t
+                for i in (1, 2)
+                for k, t in _conv(8, norm=False).items()
+            },
+        },
+        "RPN head with more than 2 convs",
+    ),
+    # a torchvision v2 box head with 5 conv blocks
     (
         lambda sd: {
             **{k: v for k, v in sd.items() if ".box_head." not in k},
-            "roi_heads.box_head.0.0.weight": torch.zeros(8, 8, 3, 3),
-            "roi_heads.box_head.0.1.running_mean": torch.zeros(8),
-            "roi_heads.box_head.5.weight": torch.zeros(32, 392),
+            **{f"roi_heads.box_head.{i}.{k}": t for i in range(5) for k, t in _block(8).items()},
+            "roi_heads.box_head.6.weight": torch.zeros(32, 392),
+            "roi_heads.box_head.6.bias": torch.zeros(32),
         },
-        "FastRCNNConvFCHead",
+        "FastRCNNConvFCHead with more than 4 convs",
     ),
     # an unknown extra layer inside the box head: named by its module, never ignored
     (lambda sd: {**sd, "roi_heads.box_head.fc6_norm.weight": torch.ones(32)}, "fc6_norm"),
@@ -289,8 +312,8 @@ def test_a_head_design_not_replayed_is_refused_by_name(change, words):
 
 def test_mmdet_and_detectron2_designs_are_named():
     mm = F.cascade_state_dict("mmdet", stages=1)
-    shared = {**mm, "roi_head.bbox_head.shared_convs.0.conv.weight": torch.zeros(8, 8, 3, 3)}
-    with pytest.raises(InputError, match="box head with shared convs .*not replayed yet"):
+    shared = {**mm, "roi_head.bbox_head.shared_convs.4.conv.weight": torch.zeros(8, 8, 3, 3)}
+    with pytest.raises(InputError, match="more than 4 shared convs: not replayed yet"):
         heads_from_state_dict(shared)
     double = {k: v for k, v in mm.items() if ".shared_fcs." not in k}
     double["roi_head.bbox_head.fc_branch.0.weight"] = torch.zeros(32, 392)
@@ -301,6 +324,69 @@ def test_mmdet_and_detectron2_designs_are_named():
     c4["roi_heads.res5.0.conv1.weight"] = torch.zeros(8, 8, 1, 1)
     with pytest.raises(InputError, match="Res5ROIHeads"):
         heads_from_state_dict(c4)
+
+
+def _v2(sd: dict, convs: int = 4) -> dict:
+    """``sd`` with torchvision's v2 heads: two RPN convs, a box head of ``convs`` conv blocks
+    with BatchNorm then one fc, a mask-free model."""
+    out = {k: v for k, v in sd.items() if ".box_head." not in k and "rpn.head.conv" not in k}
+    for i in (0, 1):
+        out |= {f"rpn.head.conv.{i}.0.{k}": t for k, t in _conv(8, norm=False).items()}
+    for i in range(convs):
+        out |= {f"roi_heads.box_head.{i}.{k}": t for k, t in _block(8).items()}
+    fc = {"weight": torch.randn(32, 392), "bias": torch.zeros(32)}
+    return out | {f"roi_heads.box_head.{convs + 1}.{k}": t for k, t in fc.items()}
+
+
+def test_torchvision_v2_heads_are_found():
+    h = heads_from_state_dict(_v2(F.state_dict()))
+    assert h.rpn_convs == [Layer.RPN_CONV, Layer.RPN_CONV2]
+    assert h.box_convs == list(BOX_CONVS) and h.box_fcs == [Layer.BOX_FC1]
+    assert h.keys[Layer.BOX_FC1] == "roi_heads.box_head.5"
+    assert h.keys[Layer.BOX_NORM4] == "roi_heads.box_head.3.1"
+    assert h.running(Layer.BOX_NORM1) is not None and h.bias(Layer.BOX_CONV1) is None
+    assert h.pool_size == 7 and not h.plain_box_head and h.box_batch_norm
+    # the running statistics are not parameters (no gradient is reported for them)
+    assert not [n for n in h.params if "running" in n] and len(h.buffers) == 8
+    assert "box head (4 convs with BatchNorm, 1 fc," in h.replayed()
+
+
+@pytest.mark.parametrize(
+    "layout,conv,norm,fc",
+    [
+        ("mmdet", "roi_head.bbox_head.shared_convs.{i}.conv", "roi_head.bbox_head.shared_convs."
+         "{i}.gn", "roi_head.bbox_head.shared_fcs.0"),
+        ("detectron2", "roi_heads.box_head.conv{j}", "roi_heads.box_head.conv{j}.norm",
+         "roi_heads.box_head.fc1"),
+    ],
+)  # fmt: skip
+def test_group_norm_conv_heads_are_found(layout, conv, norm, fc):
+    """MMDetection's Shared4Conv1FCBBoxHead and Detectron2's FastRCNNConvFCHead with GN."""
+    sd = F.cascade_state_dict(layout, stages=1)
+    for stage in ("bbox_head", "box_head", "box_predictor"):  # one stage: the plain head's keys
+        sd = {k.replace(f".{stage}.0.", f".{stage}."): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if ".shared_fcs." not in k and ".box_head.fc" not in k}
+    for i in range(4):
+        sd |= {f"{conv.format(i=i, j=i + 1)}.{k}": t for k, t in _conv(8).items()}
+        sd |= {f"{norm.format(i=i, j=i + 1)}.{k}": torch.ones(8) for k in ("weight", "bias")}
+    sd |= {f"{fc}.weight": torch.randn(32, 392), f"{fc}.bias": torch.zeros(32)}
+    h = heads_from_state_dict(sd)
+    assert h.box_convs == list(BOX_CONVS) and h.box_fcs == [Layer.BOX_FC1]
+    assert h.running(Layer.BOX_NORM1) is None and not h.box_batch_norm
+    assert "box head (4 convs with GroupNorm, 1 fc," in h.replayed()
+
+
+def test_a_conv_heads_shapes_are_checked():
+    sd = _v2(F.state_dict())
+    sd["roi_heads.box_head.2.1.running_var"] = torch.ones(5)
+    with pytest.raises(
+        InputError, match=r"box_head.2.1.running_var' has shape \[5\], expected \[8\]"
+    ):
+        heads_from_state_dict(sd)
+    sd = _v2(F.state_dict())
+    sd["roi_heads.box_head.5.weight"] = torch.zeros(32, 400)
+    with pytest.raises(InputError, match="not channels .8. x P x P"):
+        heads_from_state_dict(sd)
 
 
 def test_one_stage_checkpoints_are_named():

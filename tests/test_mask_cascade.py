@@ -268,13 +268,13 @@ def _cascade_by_hand(sd, layout: str, r, rois, img):
     from lossdoctor.inputs.layouts import CASCADE_LAYOUTS
     from lossdoctor.replay.boxes import clip_to_image
     from lossdoctor.replay.roi_align import map_levels, multiscale_roi_align
-    from lossdoctor.vocab import BOX_LAYERS, Layer
+    from lossdoctor.vocab import Layer
 
     strides, pool = r.batch.strides[:4], r.config.roi_pool
     feats = [f.detach() for f in r.features[:4]]
     clip, deltas, logits = r.config.roi_coder, None, []
     for k in range(len(CASCADE_CODERS[layout])):
-        keys = {x: CASCADE_LAYOUTS[layout][x].format(k=k) for x in BOX_LAYERS}
+        keys = {x: key.format(k=k) for x, key in CASCADE_LAYOUTS[layout].items()}
         w = {x: (sd[f"{key}.weight"], sd[f"{key}.bias"]) for x, key in keys.items()}
         if deltas is not None:
             moved = decode(deltas, rois, CASCADE_CODERS[layout][k - 1], clip.clip, clip.clip_both)

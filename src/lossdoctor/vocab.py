@@ -74,8 +74,17 @@ class Layer(StrEnum):
     """A layer of the heads, named by what it is (its key in a checkpoint depends on the layout)."""
 
     RPN_CONV = "rpn_conv"
+    RPN_CONV2 = "rpn_conv2"
     RPN_LOGITS = "rpn_logits"
     RPN_DELTAS = "rpn_deltas"
+    BOX_CONV1 = "box_conv1"
+    BOX_CONV2 = "box_conv2"
+    BOX_CONV3 = "box_conv3"
+    BOX_CONV4 = "box_conv4"
+    BOX_NORM1 = "box_norm1"
+    BOX_NORM2 = "box_norm2"
+    BOX_NORM3 = "box_norm3"
+    BOX_NORM4 = "box_norm4"
     BOX_FC1 = "box_fc1"
     BOX_FC2 = "box_fc2"
     BOX_LOGITS = "box_logits"
@@ -84,6 +93,10 @@ class Layer(StrEnum):
     MASK_CONV2 = "mask_conv2"
     MASK_CONV3 = "mask_conv3"
     MASK_CONV4 = "mask_conv4"
+    MASK_NORM1 = "mask_norm1"
+    MASK_NORM2 = "mask_norm2"
+    MASK_NORM3 = "mask_norm3"
+    MASK_NORM4 = "mask_norm4"
     MASK_DECONV = "mask_deconv"
     MASK_LOGITS = "mask_logits"
 
@@ -94,22 +107,31 @@ class Layer(StrEnum):
         return Head.MASK if self in MASK_LAYERS else Head.ROI
 
 
-RPN_LAYERS = (Layer.RPN_CONV, Layer.RPN_LOGITS, Layer.RPN_DELTAS)
-BOX_LAYERS = (Layer.BOX_FC1, Layer.BOX_FC2, Layer.BOX_LOGITS, Layer.BOX_DELTAS)
+# the RPN's 3x3 convs (torchvision's v2 models have two), in order
+RPN_CONVS = (Layer.RPN_CONV, Layer.RPN_CONV2)
+RPN_LAYERS = (*RPN_CONVS, Layer.RPN_LOGITS, Layer.RPN_DELTAS)
+# a box head's 3x3 convs (each followed by its normalization, where it has one), then its fcs
+BOX_CONVS = (Layer.BOX_CONV1, Layer.BOX_CONV2, Layer.BOX_CONV3, Layer.BOX_CONV4)
+BOX_NORMS = (Layer.BOX_NORM1, Layer.BOX_NORM2, Layer.BOX_NORM3, Layer.BOX_NORM4)
+BOX_FCS = (Layer.BOX_FC1, Layer.BOX_FC2)
+BOX_LAYERS = (*BOX_CONVS, *BOX_NORMS, *BOX_FCS, Layer.BOX_LOGITS, Layer.BOX_DELTAS)
 MASK_CONVS = (Layer.MASK_CONV1, Layer.MASK_CONV2, Layer.MASK_CONV3, Layer.MASK_CONV4)
-MASK_LAYERS = (*MASK_CONVS, Layer.MASK_DECONV, Layer.MASK_LOGITS)
-# the parameters of a layer
+MASK_NORMS = (Layer.MASK_NORM1, Layer.MASK_NORM2, Layer.MASK_NORM3, Layer.MASK_NORM4)
+MASK_LAYERS = (*MASK_CONVS, *MASK_NORMS, Layer.MASK_DECONV, Layer.MASK_LOGITS)
+# each conv's normalization layer
+NORM_OF: dict[Layer, Layer] = dict(zip(BOX_CONVS + MASK_CONVS, BOX_NORMS + MASK_NORMS))
+# the parameters of a layer; a BatchNorm's running statistics are kept beside them
 WEIGHT, BIAS = "weight", "bias"
+RUNNING_MEAN, RUNNING_VAR = "running_mean", "running_var"
 
 
 _BOX_HEAD_TERMS = (Term.ROI_CLS, Term.ROI_BOX)
 # the loss terms whose gradient reaches a layer's parameters
 LAYER_TERMS: dict[Layer, tuple[Term, ...]] = {
-    Layer.RPN_CONV: (Term.RPN_CLS, Term.RPN_BOX),
+    **dict.fromkeys(RPN_CONVS, (Term.RPN_CLS, Term.RPN_BOX)),
     Layer.RPN_LOGITS: (Term.RPN_CLS,),
     Layer.RPN_DELTAS: (Term.RPN_BOX,),
-    Layer.BOX_FC1: _BOX_HEAD_TERMS,
-    Layer.BOX_FC2: _BOX_HEAD_TERMS,
+    **dict.fromkeys(BOX_CONVS + BOX_NORMS + BOX_FCS, _BOX_HEAD_TERMS),
     Layer.BOX_LOGITS: (Term.ROI_CLS,),
     Layer.BOX_DELTAS: (Term.ROI_BOX,),
     **dict.fromkeys(MASK_LAYERS, (Term.ROI_MASK,)),

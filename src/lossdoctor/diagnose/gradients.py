@@ -41,6 +41,7 @@ from ..vocab import (
     BIAS,
     BOX_LAYERS,
     LAYER_TERMS,
+    MASK_LAYERS,
     PER_LEVEL_NORMALIZERS,
     RPN_LAYERS,
     TERMS,
@@ -396,42 +397,52 @@ def _sparse_levels(r: Replay, sh: _Shared, outs: list) -> dict[int, ConvGrads]:
     return out
 
 
-def _rpn_conv(r: Replay, p: LossProfile, sh: _Shared, done) -> tuple[list[float], Tensor, Tensor]:
-    """The 3x3 conv's backward for every level → (feature gradient norm per level, weight and
-    bias gradients): sparse where that is cheaper, else split into the negatives' backward shared
-    by the profiles and the positives' sparse one, one autograd backward for the rest."""
+def _rpn_conv_params(r: Replay) -> list[str]:
+    """The RPN's 3x3 convs' parameters, by canonical name, in order."""
+    names = (param(c, kind) for c in r.heads.rpn_convs for kind in (WEIGHT, BIAS))
+    return [n for n in names if n in r.heads.params]
+
+
+def _rpn_conv(r: Replay, p: LossProfile, sh: _Shared, done) -> tuple[list[float], list[Tensor]]:
+    """The 3x3 convs' backward for every level → (feature gradient norm per level, the
+    gradients of :func:`_rpn_conv_params`). With one conv: sparse where that is cheaper, else
+    split into the negatives' backward shared by the profiles and the positives' sparse one; one
+    autograd backward for the rest (every level, with two convs)."""
     outs = [o for _, _, o in done]
-    sparse = _sparse_levels(r, sh, outs)
+    one = len(r.heads.rpn_convs) == 1
+    sparse = _sparse_levels(r, sh, outs) if one else {}
     for lvl in range(len(done)):
-        split = None if lvl in sparse else _split_level(r, p, sh, lvl, outs[lvl])
+        split = None if lvl in sparse or not one else _split_level(r, p, sh, lvl, outs[lvl])
         if split is not None:
             sparse[lvl] = split
     dense = [lvl for lvl in range(len(outs)) if lvl not in sparse]
-    conv = [r.heads.weight(Layer.RPN_CONV), r.heads.bias(Layer.RPN_CONV)]
-    dw, db = sum(s.weight for s in sparse.values()), sum(s.bias for s in sparse.values())
+    names = _rpn_conv_params(r)
+    totals = [torch.zeros_like(r.heads.params[n]) for n in names]
+    for s in sparse.values():  # one conv: its weight, its bias
+        totals = [totals[0] + s.weight, totals[1] + s.bias]
     norms = {lvl: s.feature for lvl, s in sparse.items()}
     if dense:
         grads = _vjp(
             [r.rpn.levels[lvl].out.hidden for lvl in dense],
-            [r.features[lvl] for lvl in dense] + conv,
+            [r.features[lvl] for lvl in dense] + [r.heads.params[n] for n in names],
             [_hidden_grad(r, lvl, *outs[lvl]) for lvl in dense],
         )
         norms |= {lvl: _norm(gf) for lvl, gf in zip(dense, grads)}
-        dw, db = grads[-2] + dw, grads[-1] + db
-    return [norms[lvl] for lvl in range(len(outs))], dw, db
+        totals = [t + g for t, g in zip(totals, grads[len(dense) :])]
+    return [norms[lvl] for lvl in range(len(outs))], totals
 
 
 def _rpn(r: Replay, p: LossProfile, sh: _Shared) -> _HeadGrads:
     """RPN norms: per level by hand, then the backward through the 3x3 conv for every level."""
-    layers = (Layer.RPN_CONV, Layer.RPN_LOGITS, Layer.RPN_DELTAS)
-    params = {param(x, k): _ParamGrad() for x in layers for k in (WEIGHT, BIAS)}
+    names = [param(x, k) for x in RPN_LAYERS for k in (WEIGHT, BIAS)]
+    params = {n: _ParamGrad() for n in names if n in r.heads.params}
     done = [_rpn_level(lvl, r, p, sh, params) for lvl in range(len(r.rpn.levels))]
-    features, dw, db = _rpn_conv(r, p, sh, done)
+    features, totals = _rpn_conv(r, p, sh, done)
     rows = [row for row, *_ in done]
     for row, norm in zip(rows, features):
         row.feature = norm
-    params[param(Layer.RPN_CONV, WEIGHT)].total = dw
-    params[param(Layer.RPN_CONV, BIAS)].total = db
+    for name, total in zip(_rpn_conv_params(r), totals):
+        params[name].total = total
     pos_sq, neg_sq = sum(x for _, (x, _), _ in done), sum(y for _, (_, y), _ in done)
     idle = [
         row.level
@@ -519,16 +530,36 @@ def _box_head(v: _StageView, g_cls: Tensor, g_reg: Tensor, params: dict) -> Tens
     return gp1_total @ heads.weight(Layer.BOX_FC1).detach()
 
 
-def _stage_params(k: int) -> dict[str, _ParamGrad]:
-    return {param(x, kind, k): _ParamGrad() for x in BOX_LAYERS for kind in (WEIGHT, BIAS)}
+def _box_head_autograd(v: _StageView, g_cls: Tensor, g_reg: Tensor, params: dict) -> Tensor:
+    """A box head with convs (and norms) or one fc: the predictors' gradients by hand, the rest
+    by one autograd backward per term → ∂L/∂(pooled features) summed over terms. A BatchNorm
+    in training joins the RoIs, so no RoI is differentiated apart from the others."""
+    heads, k, hidden = v.heads, v.k, v.roi.hidden
+    predictors = {param(x, kind, k) for _, x in ROI_OUTPUTS for kind in (WEIGHT, BIAS)}
+    body = [n for n in heads.box_params(k) if n not in predictors]
+    inputs = [heads.params[n] for n in body]
+    g_total = None
+    for (term, layer), g_out in zip(ROI_OUTPUTS, (g_cls, g_reg.flatten(1))):
+        params[param(layer, WEIGHT, k)].add(term, g_out.T @ hidden.detach())
+        params[param(layer, BIAS, k)].add(term, g_out.sum(0))
+        g_hidden = g_out @ heads.weight(layer).detach()
+        for name, g in zip(body, _vjp([hidden], inputs, [g_hidden], allow_unused=True)):
+            params[name].add(term, torch.zeros_like(heads.params[name]) if g is None else g)
+        g_total = g_hidden if g_total is None else g_total + g_hidden
+    return _vjp([hidden], [v.roi.pooled], [g_total])[0]
+
+
+def _stage_params(v: _StageView) -> dict[str, _ParamGrad]:
+    return {name: _ParamGrad() for name in v.heads.box_params(v.k)}
 
 
 def _roi_dense(v: _StageView, features: list[Tensor]):
     """One stage by its own backward: (parameter gradients, ∂L/∂class logits, ∂L/∂deltas, the
     feature gradient norm per level)."""
-    params = _stage_params(v.k)
+    params = _stage_params(v)
     g_cls, g_reg = _roi_outputs(v)
-    g_pooled = _box_head(v, g_cls, g_reg, params).view_as(v.roi.pooled)
+    backward = _box_head if v.heads.plain_box_head else _box_head_autograd
+    g_pooled = backward(v, g_cls, g_reg, params).view_as(v.roi.pooled)
     feats = list(features[: v.roi.num_levels])
     g_feat = _vjp([v.roi.pooled], feats, [g_pooled], allow_unused=True)
     return params, g_cls, g_reg, [_norm(gf) if gf is not None else 0.0 for gf in g_feat]
@@ -598,7 +629,8 @@ def _roi_split(r: Replay, v: _StageView, features: list[Tensor]):
     on those rows alone; cross terms join the norms. None where a value is not finite or the
     levels are normalized apart. Returns what :func:`_roi_dense` does."""
     roi, k = v.roi, v.k
-    if len(r.losses) < 2 or int((roi.fg_class >= 0).sum()) > ROI_SPLIT_SHARE * roi.img.numel():
+    many = int((roi.fg_class >= 0).sum()) > ROI_SPLIT_SHARE * roi.img.numel()
+    if not v.heads.plain_box_head or len(r.losses) < 2 or many:
         return None  # one profile, or many positive RoIs: each profile's own backward is cheaper
     feats = list(features[: roi.num_levels])
     a = _shared_factor(v.p.roi_cls, v.losses)
@@ -609,7 +641,7 @@ def _roi_split(r: Replay, v: _StageView, features: list[Tensor]):
     v.sh.neg = v.sh.neg or _neg_roi(v, feats)
     base, fg = v.sh.neg, (roi.fg_class >= 0).nonzero().flatten()
     h1, h2, x = roi.hidden1.detach()[fg], roi.hidden.detach()[fg], roi.pooled.detach()[fg]
-    params, gp1_sum, m_sum = _stage_params(k), 0, 0
+    params, gp1_sum, m_sum = _stage_params(v), 0, 0
     for (term, layer), g_out in zip(ROI_OUTPUTS, (g_cls[fg], g_reg[fg].flatten(1))):
         grads, gp1 = _backprop(v.heads, layer, g_out, h1, h2, k)
         shared = a if term is Term.ROI_CLS else 0.0
@@ -763,9 +795,7 @@ def _left_out_params(r: Replay, p: LossProfile) -> list[str]:
     groups = [(RPN_LAYERS, r.rpn.samples, 0)]
     groups += [(BOX_LAYERS, st.samples, k) for k, st in enumerate(r.roi_stages)]
     if r.mask is not None:
-        groups.append(
-            ((*r.heads.mask_convs, Layer.MASK_DECONV, Layer.MASK_LOGITS), r.mask.samples, 0)
-        )
+        groups.append((MASK_LAYERS, r.mask.samples, 0))
     return [
         param(layer, kind, k)
         for layers, samples, k in groups

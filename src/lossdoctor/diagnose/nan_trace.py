@@ -19,6 +19,7 @@ from ..replay.engine import Replay
 from ..vocab import (
     BIAS,
     BOX_LAYERS,
+    MASK_LAYERS,
     RPN_LAYERS,
     WEIGHT,
     Head,
@@ -64,11 +65,9 @@ CAUSES = {
 }
 
 
-def _layers(heads, head: Head) -> tuple[Layer, ...]:
-    """A head's layers (the mask head's convs as the checkpoint has them)."""
-    if head is Head.MASK:
-        return (*heads.mask_convs, Layer.MASK_DECONV, Layer.MASK_LOGITS)
-    return RPN_LAYERS if head is Head.RPN else BOX_LAYERS
+def _layers(head: Head) -> tuple[Layer, ...]:
+    """A head's layers (not every head has each)."""
+    return {Head.RPN: RPN_LAYERS, Head.ROI: BOX_LAYERS, Head.MASK: MASK_LAYERS}[head]
 
 
 @dataclass(kw_only=True)
@@ -256,8 +255,8 @@ class _Tracer:
             kind = "NaN" if counts(v.feature)[0] else "Inf"
             cause = f"input: {kind} already in the {v.name} features (images {imgs})"
             return self.origin(Stage.INPUT, v.feature, image=imgs[0], cause=cause)
-        names = [param(x, kind) for x in _layers(heads, self.head) for kind in (WEIGHT, BIAS)]
-        broken = [n for n in names if _bad(heads.params[n]).any()]
+        names = [param(x, kind) for x in _layers(self.head) for kind in (WEIGHT, BIAS)]
+        broken = [n for n in names if n in heads.params and _bad(heads.params[n]).any()]
         if broken:
             layers = list(dict.fromkeys(heads.keys[Layer(n.split(".")[0])] for n in broken))
             t = torch.cat([heads.params[n].detach().flatten() for n in broken])

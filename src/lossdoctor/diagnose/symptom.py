@@ -82,7 +82,9 @@ def _stage_outputs(r: Replay, k: int, rois: Tensor, img: Tensor) -> tuple[Tensor
     n = first.num_levels
     strides, feats = r.batch.strides[:n], [f.detach() for f in r.features[:n]]
     levels = map_levels(rois, strides, cfg.roi_pool)
-    row = _training_rows(first, rois, img, levels) if k == 0 else torch.full_like(img, -1)
+    # a BatchNorm normalizes by the batch in training, by its running statistics in test mode
+    reuse = k == 0 and not (heads.box_batch_norm and cfg.head_norm.batch_stats)
+    row = _training_rows(first, rois, img, levels) if reuse else torch.full_like(img, -1)
     cls = first.cls_logits.detach().new_empty(rois.shape[0], first.cls_logits.shape[1])
     reg = first.deltas.detach().new_empty(rois.shape[0], *first.deltas.shape[1:])
     hit, fresh = (row >= 0).nonzero().flatten(), (row < 0).nonzero().flatten()
@@ -91,7 +93,8 @@ def _stage_outputs(r: Replay, k: int, rois: Tensor, img: Tensor) -> tuple[Tensor
         pooled = multiscale_roi_align(
             feats, strides, rois[fresh], img[fresh], levels[fresh], heads.pool_size, cfg.roi_pool
         )
-        cls[fresh], reg[fresh] = box_predict(box_hidden(pooled, heads)[1], heads)
+        hidden = box_hidden(pooled, heads, cfg.head_norm, train=False)[1]
+        cls[fresh], reg[fresh] = box_predict(hidden, heads)
     return cls, reg
 
 

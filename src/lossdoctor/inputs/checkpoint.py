@@ -14,7 +14,22 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..vocab import BIAS, BOX_LAYERS, MASK_CONVS, WEIGHT, Background, Layer, Layout, param
+from ..vocab import (
+    BIAS,
+    BOX_CONVS,
+    BOX_FCS,
+    BOX_LAYERS,
+    MASK_CONVS,
+    NORM_OF,
+    RPN_CONVS,
+    RUNNING_MEAN,
+    RUNNING_VAR,
+    WEIGHT,
+    Background,
+    Layer,
+    Layout,
+    param,
+)
 from .batch import BATCH_FORMAT
 from .checks import as_member
 from .errors import InputError
@@ -44,15 +59,19 @@ SCAN_CHUNK = 1 << 22
 class HeadWeights:
     """The RPN head and box head parameters, by canonical name (``param(layer, kind)``).
 
-    rpn_conv Tensor[C, C, 3, 3]; rpn_logits Tensor[A, C, 1, 1]; rpn_deltas Tensor[4A, C, 1, 1];
-    box_fc1 Tensor[F, C*P*P]; box_fc2 Tensor[F, F]; box_logits Tensor[K+1, F];
-    box_deltas Tensor[4K', F] (K' = 1, K or K+1).
+    rpn_conv(2) Tensor[C, C, 3, 3]; rpn_logits Tensor[A, C, 1, 1]; rpn_deltas Tensor[4A, C, 1, 1];
+    box_conv1..4 Tensor[C', C, 3, 3] and their norms Tensor[C'] (where the head has convs);
+    box_fc1 Tensor[F, C'*P*P]; box_fc2 Tensor[F, F] (where it has two fcs); box_logits
+    Tensor[K+1, F]; box_deltas Tensor[4K', F] (K' = 1, K or K+1). A conv followed by a norm may
+    have no bias.
     """
 
     params: dict[str, Tensor]
     layout: Layout
     keys: dict[Layer, str]  # layer -> its key prefix in the file
     background: Background
+    # a BatchNorm's running statistics, by canonical name (not parameters: no gradient)
+    buffers: dict[str, Tensor] = field(default_factory=dict)
     # a cascade's later stages: box layer -> its key prefix in the file, per stage from 1
     stage_keys: list[dict[Layer, str]] = field(default_factory=list)
     replaced: list[Replaced] = field(default_factory=list)  # globals the file named, not rebuilt
@@ -66,8 +85,46 @@ class HeadWeights:
     def weight(self, layer: Layer) -> Tensor:
         return self.params[param(layer, WEIGHT)]
 
-    def bias(self, layer: Layer) -> Tensor:
-        return self.params[param(layer, BIAS)]
+    def bias(self, layer: Layer) -> Tensor | None:
+        """The layer's bias (None: a conv that a norm follows may have none)."""
+        return self.params.get(param(layer, BIAS))
+
+    def running(self, layer: Layer) -> tuple[Tensor, Tensor] | None:
+        """A BatchNorm's running (mean, var), each Tensor[C]; None for any other layer."""
+        mean = self.buffers.get(param(layer, RUNNING_MEAN))
+        return None if mean is None else (mean, self.buffers[param(layer, RUNNING_VAR)])
+
+    def norm_of(self, conv: Layer) -> Layer | None:
+        """The normalization layer after ``conv``, where the head has one."""
+        norm = NORM_OF.get(conv)
+        return norm if norm in self.keys else None
+
+    @property
+    def rpn_convs(self) -> list[Layer]:
+        return [x for x in RPN_CONVS if x in self.keys]
+
+    @property
+    def box_convs(self) -> list[Layer]:
+        return [x for x in BOX_CONVS if x in self.keys]
+
+    @property
+    def box_fcs(self) -> list[Layer]:
+        return [x for x in BOX_FCS if x in self.keys]
+
+    @property
+    def box_batch_norm(self) -> bool:
+        """The box head has a BatchNorm (its outputs in training depend on the batch)."""
+        return any(self.running(n) for c in self.box_convs if (n := self.norm_of(c)))
+
+    @property
+    def plain_box_head(self) -> bool:
+        """Two fcs and no convs: the box head whose gradients are taken by hand."""
+        return not self.box_convs and len(self.box_fcs) == len(BOX_FCS)
+
+    def box_params(self, stage: int = 0) -> list[str]:
+        """The canonical names of one box-head stage's parameters."""
+        names = (param(x, kind, stage) for x in BOX_LAYERS for kind in (WEIGHT, BIAS))
+        return [n for n in names if n in self.params]
 
     def file_key(self, name: str) -> str:
         """The key of a canonical parameter name (``rpn_logits.weight``, or a later cascade
@@ -88,7 +145,8 @@ class HeadWeights:
             return self
         names = [(layer, kind) for layer in BOX_LAYERS for kind in (WEIGHT, BIAS)]
         params = {**self.params, **{param(x, kind): self.params[param(x, kind, k)]
-                                    for x, kind in names}}  # fmt: skip
+                                    for x, kind in names
+                                    if param(x, kind, k) in self.params}}  # fmt: skip
         keys = {**self.keys, **self.stage_keys[k - 1]}
         return dataclasses.replace(self, params=params, keys=keys, stage_keys=[])
 
@@ -116,6 +174,12 @@ class HeadWeights:
         return self.weight(Layer.RPN_CONV).shape[1]
 
     @property
+    def box_channels(self) -> int:
+        """Channels into the box head's first fc: its last conv's, else the features'."""
+        convs = self.box_convs
+        return self.weight(convs[-1]).shape[0] if convs else self.channels
+
+    @property
     def num_anchors(self) -> int:
         return self.weight(Layer.RPN_LOGITS).shape[0]
 
@@ -131,7 +195,7 @@ class HeadWeights:
     @property
     def pool_size(self) -> int:
         """RoIAlign output side P, from fc1's input size C * P * P."""
-        return round((self.weight(Layer.BOX_FC1).shape[1] / self.channels) ** 0.5)
+        return round((self.weight(Layer.BOX_FC1).shape[1] / self.box_channels) ** 0.5)
 
     @property
     def bg_col(self) -> int:
@@ -157,13 +221,26 @@ class HeadWeights:
     def replayed(self) -> str:
         """What the replay runs of these heads, and what it names as not replayed."""
         regression = "class-agnostic" if self.reg_classes == 1 else "per-class"
-        parts = ["RPN head (one 3x3 conv)", f"box head (2 fcs, {regression} regression)"]
+        fcs = len(self.box_fcs)
+        box = f"{self._convs(self.box_convs)}{fcs} fc{'s' * (fcs > 1)}, {regression} regression"
+        rpn = len(self.rpn_convs)
+        parts = [f"RPN head ({'one 3x3 conv' if rpn == 1 else f'{rpn} 3x3 convs'})",
+                 f"box head ({box})"]  # fmt: skip
         if self.num_stages > 1:
-            parts[-1] = f"{self.num_stages} cascade box heads (2 fcs, {regression} regression)"
+            parts[-1] = f"{self.num_stages} cascade box heads ({box})"
         if self.has_mask:
-            parts.append(f"mask head ({len(self.mask_convs)} convs)")
+            parts.append(f"mask head ({self._convs(self.mask_convs).removesuffix(', ')})")
         said = f"replayed: {', '.join(parts)}"
         return said + (f"; not replayed: {', '.join(self.unreplayed)}" if self.unreplayed else "")
+
+    def _convs(self, convs: list[Layer]) -> str:
+        """``4 convs with GroupNorm, `` (or nothing without convs)."""
+        if not convs:
+            return ""
+        norm = self.norm_of(convs[0])
+        kinds = {None: "", True: " with BatchNorm", False: " with GroupNorm"}
+        kind = kinds[None if norm is None else self.running(norm) is not None]
+        return f"{len(convs)} conv{'s' * (len(convs) > 1)}{kind}, "
 
     def detached(self) -> HeadWeights:
         """The same heads with every parameter detached (for test-mode passes)."""
@@ -297,9 +374,11 @@ def _heads(sd: dict[str, Tensor], found: FoundKeys, layout: Layout, replaced) ->
     for k, keys in enumerate(found.stages, start=1):
         params.update(_params(sd, keys, layout, stage=k))
     own = {f"{p}.{kind}" for keys in (found.keys, *found.stages) for p in keys.values()
-           for kind in (WEIGHT, BIAS)}  # fmt: skip
+           for kind in (WEIGHT, BIAS, RUNNING_MEAN, RUNNING_VAR)}  # fmt: skip
+    params, buffers = split_buffers(params)
     heads = HeadWeights(
         params=params,
+        buffers=buffers,
         layout=layout,
         keys=found.keys,
         background=BACKGROUND[layout],
@@ -315,16 +394,32 @@ def _heads(sd: dict[str, Tensor], found: FoundKeys, layout: Layout, replaced) ->
 def _params(
     sd: dict[str, Tensor], keys: dict[Layer, str], layout: Layout, stage: int = 0
 ) -> dict[str, Tensor]:
+    """The weights and biases of ``keys``' layers, and a BatchNorm's running statistics (under
+    their own canonical names: :func:`split_buffers` takes them out)."""
     params = {}
     for layer, prefix in keys.items():
-        for kind in (WEIGHT, BIAS):
+        for kind in (WEIGHT, BIAS, RUNNING_MEAN, RUNNING_VAR):
             t = sd.get(f"{prefix}.{kind}")
-            if t is None:
+            needed = kind == WEIGHT or kind == BIAS and not _biasless(keys, layer)
+            if t is None and needed:
                 raise InputError(
                     f"checkpoint key '{prefix}.{kind}' is missing; the {layout} head needs it"
                 )
-            params[param(layer, kind, stage)] = t.detach().float()
+            if t is not None:
+                params[param(layer, kind, stage)] = t.detach().float()
     return params
+
+
+def _biasless(keys: dict[Layer, str], layer: Layer) -> bool:
+    """A conv that a norm follows may have no bias (the norm's shift replaces it)."""
+    return NORM_OF.get(layer) in keys
+
+
+def split_buffers(params: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(parameters, running statistics) of canonical names."""
+    stats = (RUNNING_MEAN, RUNNING_VAR)
+    buffers = {k: v for k, v in params.items() if k.rsplit(".", 1)[1] in stats}
+    return {k: v for k, v in params.items() if k not in buffers}, buffers
 
 
 def _shape(h: HeadWeights, layer: Layer, want: tuple, stage: int = 0) -> None:
@@ -334,13 +429,30 @@ def _shape(h: HeadWeights, layer: Layer, want: tuple, stage: int = 0) -> None:
         raise InputError(f"checkpoint '{key}' has shape {list(found)}, expected {list(want)}")
 
 
-def _check_mask(h: HeadWeights) -> None:
-    """3x3 convs from the feature channels, a 2x2 stride-2 deconv, 1x1 logits per class."""
-    cin = h.channels
-    for conv in h.mask_convs:
+def _check_vector(h: HeadWeights, name: str, size: int) -> None:
+    t = h.params.get(name, h.buffers.get(name))
+    if t is not None and tuple(t.shape) != (size,):
+        key = h.file_key(name)
+        raise InputError(f"checkpoint '{key}' has shape {list(t.shape)}, expected [{size}]")
+
+
+def _check_convs(h: HeadWeights, convs: list[Layer], cin: int) -> int:
+    """A chain of 3x3 convs from ``cin`` channels, each with its norm's vectors (where it has
+    one) → the channels out of the last."""
+    for conv in convs:
         cout = h.weight(conv).shape[0]
         _shape(h, conv, (cout, cin, RPN_CONV_KERNEL, RPN_CONV_KERNEL))
+        _check_vector(h, param(conv, BIAS), cout)
+        norm = h.norm_of(conv)
+        for kind in (WEIGHT, BIAS, RUNNING_MEAN, RUNNING_VAR) if norm else ():
+            _check_vector(h, param(norm, kind), cout)
         cin = cout
+    return cin
+
+
+def _check_mask(h: HeadWeights) -> None:
+    """3x3 convs from the feature channels, a 2x2 stride-2 deconv, 1x1 logits per class."""
+    cin = _check_convs(h, h.mask_convs, h.channels)
     cout = h.weight(Layer.MASK_DECONV).shape[1]
     _shape(h, Layer.MASK_DECONV, (cin, cout, MASK_UPSAMPLE, MASK_UPSAMPLE))
     q = h.mask_channels
@@ -354,12 +466,19 @@ def _check_mask(h: HeadWeights) -> None:
 def _check_box(h: HeadWeights, stage: int) -> None:
     """One box head: fc1 over C x P x P pooled inputs, K+1 logits, 4, 4K or 4(K+1) deltas."""
     s = h.stage(stage)
+    channels = _check_convs(s, s.box_convs, s.channels)
     fc_in = s.weight(Layer.BOX_FC1).shape[1]
-    if s.pool_size**2 * s.channels != fc_in:
+    if s.pool_size**2 * channels != fc_in:
         raise InputError(
-            f"box head input {fc_in} is not channels ({s.channels}) x P x P for any P; check "
+            f"box head input {fc_in} is not channels ({channels}) x P x P for any P; check "
             "the checkpoint"
         )
+    width = s.weight(Layer.BOX_FC1).shape[0]
+    if Layer.BOX_FC2 in s.keys:
+        _shape(s, Layer.BOX_FC2, (s.weight(Layer.BOX_FC2).shape[0], width))
+        width = s.weight(Layer.BOX_FC2).shape[0]
+    for layer in (Layer.BOX_LOGITS, Layer.BOX_DELTAS):
+        _shape(s, layer, (s.weight(layer).shape[0], width))
     if stage and s.num_logits != h.num_logits:
         key = h.file_key(param(Layer.BOX_LOGITS, WEIGHT, stage))
         raise InputError(f"checkpoint '{key}' has {s.num_logits} classes, stage 0 {h.num_logits}")
@@ -374,7 +493,8 @@ def _check_box(h: HeadWeights, stage: int) -> None:
 def check_heads(h: HeadWeights) -> None:
     """Shapes must form one consistent head: the RPN, each box stage, the mask head."""
     c, a = h.channels, h.num_anchors
-    _shape(h, Layer.RPN_CONV, (c, c, RPN_CONV_KERNEL, RPN_CONV_KERNEL))
+    for conv in h.rpn_convs:
+        _shape(h, conv, (c, c, RPN_CONV_KERNEL, RPN_CONV_KERNEL))
     _shape(h, Layer.RPN_LOGITS, (a, c, PREDICTOR_KERNEL, PREDICTOR_KERNEL))
     _shape(h, Layer.RPN_DELTAS, (BOX_COORDS * a, c, PREDICTOR_KERNEL, PREDICTOR_KERNEL))
     for k in range(h.num_stages):
@@ -398,8 +518,21 @@ def load_checkpoint(
         raise noting_payloads(InputError(f"{p}: {e}"), loaded.replaced) from None
 
 
+def _check_groups(heads: HeadWeights, groups: int) -> None:
+    """Each GroupNorm's channels split into the config's groups."""
+    for conv in (*heads.box_convs, *heads.mask_convs):
+        norm = heads.norm_of(conv)
+        c = heads.weight(conv).shape[0]
+        if norm is not None and heads.running(norm) is None and c % groups:
+            raise InputError(
+                f"head_norm.groups {groups} does not divide the {c} channels of "
+                f"'{heads.keys[norm]}'; set [head_norm] groups in a config TOML"
+            )
+
+
 def check_fit(heads: HeadWeights, batch, config) -> None:
     """The checkpoint's heads and the config must accept the batch's features."""
+    _check_groups(heads, config.head_norm.groups)
     if heads.channels != batch.channels:
         raise InputError(
             f"checkpoint heads take {heads.channels} channels but the batch features have "

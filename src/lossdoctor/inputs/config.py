@@ -205,6 +205,30 @@ class MaskConfig:
 
 
 @dataclass(frozen=True)
+class HeadNormConfig:
+    """The normalization after each conv of the box and mask heads, where the checkpoint has one.
+    Which kind a layer is comes from the checkpoint (a BatchNorm keeps running statistics, a
+    GroupNorm does not); what the checkpoint does not hold is set here.
+
+    - ``groups``: a GroupNorm's groups (MMDetection's GN configs and Detectron2's ``GN``: 32).
+    - ``batch_stats``: a BatchNorm normalizes by the statistics of the batch's RoIs, as it does
+      in training (torchvision's v2 models); false: by its running statistics (frozen).
+    - ``weight_std``: the convs standardize their weights first (MMDetection's ``ConvWS``).
+    """
+
+    groups: int = 32
+    eps: float = 1e-5
+    batch_stats: bool = True
+    weight_std: bool = False
+    weight_std_eps: float = 1e-5
+
+    def __post_init__(self):
+        check_count(self.groups, "head_norm.groups")
+        check_range(self.eps, "head_norm.eps", 0.0, open_low=True)
+        check_range(self.weight_std_eps, "head_norm.weight_std_eps", 0.0, open_low=True)
+
+
+@dataclass(frozen=True)
 class CascadeConfig:
     """Cascade R-CNN's stages after the first (the first is ``roi_matcher``, ``roi_sampler``
     and ``roi_coder``): per stage its IoU threshold, box coder weights and loss weight.
@@ -268,6 +292,7 @@ class DetectorConfig:
     test: TestConfig = field(default_factory=TestConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    head_norm: HeadNormConfig = field(default_factory=HeadNormConfig)
 
     def __post_init__(self):
         object.__setattr__(self, "ranking", as_member(Ranking, self.ranking, "ranking"))

@@ -5,38 +5,71 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..vocab import BOX_LAYERS, MASK_CONVS, RPN_LAYERS, WEIGHT, Background, Layer, Layout
+from ..vocab import (
+    BOX_CONVS,
+    BOX_FCS,
+    BOX_NORMS,
+    MASK_CONVS,
+    MASK_NORMS,
+    NORM_OF,
+    RPN_LAYERS,
+    WEIGHT,
+    Background,
+    Layer,
+    Layout,
+)
 
-# Key prefix of each layer, per layout. The torchvision RPN conv has two spellings (pre-v2, v2).
+# the norm modules' names: MMDetection's ConvModule names its norm by kind
+_MM_NORMS = ("gn", "bn")
+
+# Key prefix of each layer, per layout. The torchvision RPN conv has two spellings (pre-v2, v2);
+# the first 3x3 conv of a two-conv RPN (torchvision v2, MMDetection num_convs, Detectron2
+# conv_dims) is spelled its own way.
 LAYOUTS: dict[Layout, dict[Layer, tuple[str, ...]]] = {
     Layout.TORCHVISION: {
         Layer.RPN_CONV: ("rpn.head.conv.0.0", "rpn.head.conv"),
+        Layer.RPN_CONV2: ("rpn.head.conv.1.0",),
         Layer.RPN_LOGITS: ("rpn.head.cls_logits",),
         Layer.RPN_DELTAS: ("rpn.head.bbox_pred",),
+        **{c: (f"roi_heads.box_head.{k}.0",) for k, c in enumerate(BOX_CONVS)},
+        **{n: (f"roi_heads.box_head.{k}.1",) for k, n in enumerate(BOX_NORMS)},
         Layer.BOX_FC1: ("roi_heads.box_head.fc6",),
         Layer.BOX_FC2: ("roi_heads.box_head.fc7",),
         Layer.BOX_LOGITS: ("roi_heads.box_predictor.cls_score",),
         Layer.BOX_DELTAS: ("roi_heads.box_predictor.bbox_pred",),
     },
     Layout.MMDET: {
-        Layer.RPN_CONV: ("rpn_head.rpn_conv",),
+        Layer.RPN_CONV: ("rpn_head.rpn_conv", "rpn_head.rpn_conv.0.conv"),
+        Layer.RPN_CONV2: ("rpn_head.rpn_conv.1.conv",),
         Layer.RPN_LOGITS: ("rpn_head.rpn_cls",),
         Layer.RPN_DELTAS: ("rpn_head.rpn_reg",),
+        **{c: (f"roi_head.bbox_head.shared_convs.{k}.conv",) for k, c in enumerate(BOX_CONVS)},
+        **{n: tuple(f"roi_head.bbox_head.shared_convs.{k}.{m}" for m in _MM_NORMS)
+           for k, n in enumerate(BOX_NORMS)},
         Layer.BOX_FC1: ("roi_head.bbox_head.shared_fcs.0",),
         Layer.BOX_FC2: ("roi_head.bbox_head.shared_fcs.1",),
         Layer.BOX_LOGITS: ("roi_head.bbox_head.fc_cls",),
         Layer.BOX_DELTAS: ("roi_head.bbox_head.fc_reg",),
     },
     Layout.DETECTRON2: {
-        Layer.RPN_CONV: ("proposal_generator.rpn_head.conv",),
+        Layer.RPN_CONV: ("proposal_generator.rpn_head.conv",
+                         "proposal_generator.rpn_head.conv.conv0"),
+        Layer.RPN_CONV2: ("proposal_generator.rpn_head.conv.conv1",),
         Layer.RPN_LOGITS: ("proposal_generator.rpn_head.objectness_logits",),
         Layer.RPN_DELTAS: ("proposal_generator.rpn_head.anchor_deltas",),
+        **{c: (f"roi_heads.box_head.conv{k + 1}",) for k, c in enumerate(BOX_CONVS)},
+        **{n: (f"roi_heads.box_head.conv{k + 1}.norm",) for k, n in enumerate(BOX_NORMS)},
         Layer.BOX_FC1: ("roi_heads.box_head.fc1",),
         Layer.BOX_FC2: ("roi_heads.box_head.fc2",),
         Layer.BOX_LOGITS: ("roi_heads.box_predictor.cls_score",),
         Layer.BOX_DELTAS: ("roi_heads.box_predictor.bbox_pred",),
     },
-}
+}  # fmt: skip
+# torchvision's FastRCNNConvFCHead (v2) is one nn.Sequential: its conv blocks, a Flatten, then
+# each fc and its ReLU; the fcs are the numbered children with a 2-d weight, in order.
+SEQUENTIAL_BOX_HEADS: dict[Layout, str] = {Layout.TORCHVISION: "roi_heads.box_head"}
+# a Sequential's children are looked for up to this index
+MAX_CHILDREN = 16
 # Where each layout keeps the background logit.
 BACKGROUND = {
     Layout.TORCHVISION: Background.FIRST,
@@ -48,16 +81,20 @@ MASK_LAYOUTS: dict[Layout, dict[Layer, tuple[str, ...]]] = {
     Layout.TORCHVISION: {
         **{conv: (f"roi_heads.mask_head.{k}.0", f"roi_heads.mask_head.mask_fcn{k + 1}")
            for k, conv in enumerate(MASK_CONVS)},
+        **{n: (f"roi_heads.mask_head.{k}.1",) for k, n in enumerate(MASK_NORMS)},
         Layer.MASK_DECONV: ("roi_heads.mask_predictor.conv5_mask",),
         Layer.MASK_LOGITS: ("roi_heads.mask_predictor.mask_fcn_logits",),
     },
     Layout.MMDET: {
         **{conv: (f"roi_head.mask_head.convs.{k}.conv",) for k, conv in enumerate(MASK_CONVS)},
+        **{n: tuple(f"roi_head.mask_head.convs.{k}.{m}" for m in _MM_NORMS)
+           for k, n in enumerate(MASK_NORMS)},
         Layer.MASK_DECONV: ("roi_head.mask_head.upsample",),
         Layer.MASK_LOGITS: ("roi_head.mask_head.conv_logits",),
     },
     Layout.DETECTRON2: {
         **{conv: (f"roi_heads.mask_head.mask_fcn{k + 1}",) for k, conv in enumerate(MASK_CONVS)},
+        **{n: (f"roi_heads.mask_head.mask_fcn{k + 1}.norm",) for k, n in enumerate(MASK_NORMS)},
         Layer.MASK_DECONV: ("roi_heads.mask_head.deconv",),
         Layer.MASK_LOGITS: ("roi_heads.mask_head.predictor",),
     },
@@ -103,15 +140,13 @@ PARTIAL: dict[Layout, dict[str, str]] = {
 # Head designs the replay does not run, named by a module they have (checked in this order).
 DESIGNS: dict[Layout, tuple[tuple[str, str], ...]] = {
     Layout.TORCHVISION: (
-        ("rpn.head.conv.1", "an RPN head with several convs (torchvision's v2 models)"),
-        ("roi_heads.box_head.0", "box head FastRCNNConvFCHead (convs with BatchNorm, then an "
-         "fc: torchvision's v2 models)"),
-        ("roi_heads.mask_head.0.1", "a mask head with BatchNorm (torchvision's v2 models)"),
+        ("rpn.head.conv.2", "an RPN head with more than 2 convs"),
+        ("roi_heads.box_head.4.0", "box head FastRCNNConvFCHead with more than 4 convs"),
+        ("roi_heads.mask_head.4.0", "a mask head with more than 4 convs"),
     ),
     Layout.MMDET: (
-        ("rpn_head.rpn_conv.0", "an RPN head with several convs (RPNHead num_convs > 1)"),
-        ("roi_head.bbox_head.shared_convs", "box head with shared convs "
-         "(Shared4Conv1FCBBoxHead or another ConvFCBBoxHead)"),
+        ("rpn_head.rpn_conv.2", "an RPN head with more than 2 convs (RPNHead num_convs > 2)"),
+        ("roi_head.bbox_head.shared_convs", "box head with more than 4 shared convs"),
         ("roi_head.bbox_head.fc_branch", "box head DoubleConvFCBBoxHead (double heads)"),
         ("roi_head.bbox_head.cls_fcs", "box head with separate classification fcs "
          "(a ConvFCBBoxHead variant)"),
@@ -125,11 +160,10 @@ DESIGNS: dict[Layout, tuple[tuple[str, str], ...]] = {
         ("roi_head.point_head", "a point head (PointRend)"),
     ),
     Layout.DETECTRON2: (
-        ("proposal_generator.rpn_head.conv.conv0", "an RPN head with several convs"),
+        ("proposal_generator.rpn_head.conv.conv2", "an RPN head with more than 2 convs"),
         ("roi_heads.res5", "Res5ROIHeads (a C4 model: the box head is ResNet's res5)"),
-        ("roi_heads.box_head.conv1", "box head FastRCNNConvFCHead with convs (NUM_CONV > 0)"),
+        ("roi_heads.box_head.conv5", "box head FastRCNNConvFCHead with more than 4 convs"),
         ("roi_heads.box_head.fc3", "box head FastRCNNConvFCHead with more than 2 fcs"),
-        ("roi_heads.mask_head.mask_fcn1.norm", "a mask head with normalization (NORM)"),
     ),
 }  # fmt: skip
 # One-stage detectors, named by a module of their dense head.
@@ -183,18 +217,49 @@ def _stage_masks(sd: dict, layout: Layout) -> list[str]:
             if f"{p}.conv_logits.{WEIGHT}" in sd]  # fmt: skip
 
 
+def _convs(sd: dict, table: dict[Layer, tuple[str, ...]], convs) -> dict[Layer, str]:
+    """Convs as far as they run unbroken, each with its norm where it has one."""
+    found = {}
+    for conv in convs:
+        prefix = _first(sd, table[conv])
+        if prefix is None:
+            break
+        found[conv] = prefix
+        norm = _first(sd, table.get(NORM_OF.get(conv), ()))
+        if norm is not None:
+            found[NORM_OF[conv]] = norm
+    return found
+
+
 def _mask(sd: dict, layout: Layout) -> dict[Layer, str]:
     """The mask head's layers (convs as far as they run unbroken), or nothing."""
     table = MASK_LAYOUTS[layout]
     found = {layer: _first(sd, table[layer]) for layer in (Layer.MASK_DECONV, Layer.MASK_LOGITS)}
     if None in found.values():
         return {}
-    for conv in MASK_CONVS:
-        prefix = _first(sd, table[conv])
-        if prefix is None:
-            break
-        found[conv] = prefix
-    return found
+    return found | _convs(sd, table, MASK_CONVS)
+
+
+def _sequential_fcs(sd: dict, layout: Layout) -> dict[Layer, str]:
+    """The fcs of a box head kept as one nn.Sequential (SEQUENTIAL_BOX_HEADS), in order."""
+    root = SEQUENTIAL_BOX_HEADS.get(layout)
+    if root is None:
+        return {}
+    children = (f"{root}.{i}" for i in range(MAX_CHILDREN))
+    fcs = [p for p in children if getattr(sd.get(f"{p}.{WEIGHT}"), "ndim", 0) == 2]
+    return dict(zip(BOX_FCS, fcs)) if len(fcs) <= len(BOX_FCS) else {}
+
+
+def _box(sd: dict, layout: Layout) -> dict[Layer, str] | None:
+    """The box head's layers: its convs (and norms), one or two fcs, the two predictors; None
+    where the fc1 or a predictor is missing."""
+    table = LAYOUTS[layout]
+    fcs = {fc: p for fc in BOX_FCS if (p := _first(sd, table[fc])) is not None}
+    fcs = fcs or _sequential_fcs(sd, layout)
+    predictors = {x: _first(sd, table[x]) for x in (Layer.BOX_LOGITS, Layer.BOX_DELTAS)}
+    if Layer.BOX_FC1 not in fcs or None in predictors.values():
+        return None
+    return _convs(sd, table, BOX_CONVS) | fcs | predictors
 
 
 def find_keys(sd: dict, layout: Layout) -> FoundKeys | None:
@@ -202,11 +267,13 @@ def find_keys(sd: dict, layout: Layout) -> FoundKeys | None:
     head is missing. A cascade's first stage is the box head; its later stages follow."""
     table = LAYOUTS[layout]
     rpn = {layer: _first(sd, table[layer]) for layer in RPN_LAYERS}
-    box = {layer: _first(sd, table[layer]) for layer in BOX_LAYERS}
+    if rpn[Layer.RPN_CONV2] is None:
+        del rpn[Layer.RPN_CONV2]  # one conv
+    box = _box(sd, layout)
     stages = _cascade(sd, layout)
-    if None in rpn.values() or (None in box.values() and not stages):
+    if None in rpn.values() or (box is None and not stages):
         return None
-    if None in box.values():
+    if box is None:
         box, stages = stages[0], stages[1:]
     else:
         stages = []

@@ -1,4 +1,9 @@
-"""The RPN head and the box head (two FCs + predictors), as pure functions of the weights."""
+"""The RPN head, the box head and the conv blocks they are built of, as pure functions of the
+weights.
+
+RPN head: one or two 3x3 convs + ReLU, then the objectness and box 1x1 convs. Box head: up to four
+conv blocks (3x3 conv, its normalization where it has one, ReLU), then one or two fcs + ReLU,
+then the predictors."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..inputs.checkpoint import BOX_COORDS, HeadWeights
+from ..inputs.config import HeadNormConfig
 from ..vocab import Layer
 
 # the RPN's 3x3 conv keeps the feature size
@@ -25,11 +31,46 @@ class RpnLevelOutput:
 
 
 def rpn_hidden(feature: Tensor, w: HeadWeights) -> Tensor:
-    """3x3 conv + ReLU: Tensor[N, C, H, W] → Tensor[N, C, H, W]."""
-    conv = F.conv2d(
-        feature, w.weight(Layer.RPN_CONV), w.bias(Layer.RPN_CONV), padding=RPN_CONV_PADDING
-    )
-    return F.relu(conv)
+    """Each 3x3 conv + ReLU: Tensor[N, C, H, W] → Tensor[N, C, H, W]."""
+    x = feature
+    for conv in w.rpn_convs:
+        x = F.relu(F.conv2d(x, w.weight(conv), w.bias(conv), padding=RPN_CONV_PADDING))
+    return x
+
+
+def standardized(weight: Tensor, eps: float) -> Tensor:
+    """MMDetection's ConvWS: each output channel's weights Tensor[O, I, k, k] less their mean,
+    over their (unbiased) standard deviation + eps."""
+    flat = weight.flatten(1)
+    mean, std = flat.mean(1), flat.std(1)
+    return (weight - mean[:, None, None, None]) / (std[:, None, None, None] + eps)
+
+
+def head_norm(x: Tensor, w: HeadWeights, layer: Layer, cfg: HeadNormConfig, train: bool) -> Tensor:
+    """A conv's normalization, Tensor[R, C, S, S] → same: GroupNorm, or BatchNorm by the batch's
+    statistics in training (``cfg.batch_stats``) and by its running statistics otherwise."""
+    if x.shape[0] == 0:
+        return x
+    weight, bias = w.weight(layer), w.bias(layer)
+    running = w.running(layer)
+    if running is None:
+        return F.group_norm(x, cfg.groups, weight, bias, cfg.eps)
+    batch = train and cfg.batch_stats
+    mean, var = (None, None) if batch else running
+    return F.batch_norm(x, mean, var, weight, bias, training=batch, eps=cfg.eps)
+
+
+def conv_block(
+    x: Tensor, w: HeadWeights, conv: Layer, cfg: HeadNormConfig, *, train: bool = True
+) -> Tensor:
+    """3x3 conv (its weights standardized where ``cfg.weight_std``), its normalization where the
+    head has one, ReLU: Tensor[R, C, S, S] → Tensor[R, C', S, S]."""
+    weight = w.weight(conv)
+    if cfg.weight_std:
+        weight = standardized(weight, cfg.weight_std_eps)
+    x = F.conv2d(x, weight, w.bias(conv), padding=RPN_CONV_PADDING)
+    norm = w.norm_of(conv)
+    return F.relu(x if norm is None else head_norm(x, w, norm, cfg, train))
 
 
 def rpn_predict(hidden: Tensor, w: HeadWeights) -> tuple[Tensor, Tensor]:
@@ -49,10 +90,21 @@ def rpn_head(feature: Tensor, w: HeadWeights) -> RpnLevelOutput:
     return RpnLevelOutput(hidden=hidden, logits=logits, deltas=deltas)
 
 
-def box_hidden(pooled: Tensor, w: HeadWeights) -> tuple[Tensor, Tensor]:
-    """Tensor[R, C, P, P] → (after fc1 + ReLU, after fc2 + ReLU), each Tensor[R, F]."""
-    h1 = F.relu(F.linear(pooled.flatten(1), w.weight(Layer.BOX_FC1), w.bias(Layer.BOX_FC1)))
-    return h1, F.relu(F.linear(h1, w.weight(Layer.BOX_FC2), w.bias(Layer.BOX_FC2)))
+def box_hidden(
+    pooled: Tensor, w: HeadWeights, cfg: HeadNormConfig, *, train: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Tensor[R, C, P, P] → (after fc1 + ReLU, after the last fc + ReLU), each Tensor[R, F]:
+    the conv blocks first, where the head has them (in training mode unless ``train`` is
+    false: a BatchNorm then uses its running statistics)."""
+    x = pooled
+    for conv in w.box_convs:
+        x = conv_block(x, w, conv, cfg, train=train)
+    fcs = w.box_fcs
+    h1 = F.relu(F.linear(x.flatten(1), w.weight(fcs[0]), w.bias(fcs[0])))
+    hidden = h1
+    for fc in fcs[1:]:
+        hidden = F.relu(F.linear(hidden, w.weight(fc), w.bias(fc)))
+    return h1, hidden
 
 
 def box_predict(hidden: Tensor, w: HeadWeights) -> tuple[Tensor, Tensor]:

@@ -12,16 +12,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..inputs.checkpoint import HeadWeights
-from ..inputs.config import DetectorConfig, MaskConfig
+from ..inputs.config import DetectorConfig, HeadNormConfig, MaskConfig
 from ..vocab import BIAS, WEIGHT, Layer, MaskTarget, param
 from .gt import UsableGt
+from .heads import conv_block
 from .losses import bce_loss
 from .roi import RoiStage
 from .roi_align import multiscale_roi_align, roi_align_level
 from .samples import HeadCounts, LevelSamples
 
-# the mask convs keep the RoI size; the deconvolution doubles it
-MASK_CONV_PADDING = 1
+# the deconvolution doubles the RoI size (the convs keep it)
 MASK_UPSAMPLE = 2
 # MMDetection and Detectron2 binarize a resized mask at this value
 MASK_BINARIZE = 0.5
@@ -44,12 +44,12 @@ class MaskStage:
     counts: HeadCounts
 
 
-def mask_head(pooled: Tensor, w: HeadWeights) -> tuple[list[Tensor], Tensor]:
-    """Tensor[P, C, S, S] → (the activations after each conv and the deconv, logits
+def mask_head(pooled: Tensor, w: HeadWeights, cfg: HeadNormConfig) -> tuple[list[Tensor], Tensor]:
+    """Tensor[P, C, S, S] → (the activations after each conv block and the deconv, logits
     Tensor[P, Q, 2S, 2S])."""
     x, hidden = pooled, []
     for conv in w.mask_convs:
-        x = F.relu(F.conv2d(x, w.weight(conv), w.bias(conv), padding=MASK_CONV_PADDING))
+        x = conv_block(x, w, conv, cfg)
         hidden.append(x)
     deconv = (w.weight(Layer.MASK_DECONV), w.bias(Layer.MASK_DECONV))
     x = F.relu(F.conv_transpose2d(x, *deconv, stride=MASK_UPSAMPLE))
@@ -129,7 +129,7 @@ def mask_stage(
     pooled = multiscale_roi_align(
         features, strides, boxes, img, level, cfg.pool_size, config.roi_pool
     )
-    hidden, all_logits = mask_head(pooled, heads)
+    hidden, all_logits = mask_head(pooled, heads, config.head_norm)
     slot = heads.mask_slot(roi.fg_class[rows])
     logits = all_logits[torch.arange(rows.numel()), slot]
     targets = _targets(roi, rows, batch_masks, gt, cfg)
@@ -147,5 +147,7 @@ def mask_stage(
 
 # the mask head's parameters, by canonical name (for the gradient norms)
 def mask_params(heads: HeadWeights) -> list[str]:
-    layers = [*heads.mask_convs, Layer.MASK_DECONV, Layer.MASK_LOGITS]
-    return [param(x, k) for x in layers for k in (WEIGHT, BIAS)]
+    convs = [y for x in heads.mask_convs for y in (x, heads.norm_of(x)) if y is not None]
+    names = (param(x, k) for x in (*convs, Layer.MASK_DECONV, Layer.MASK_LOGITS)
+             for k in (WEIGHT, BIAS))  # fmt: skip
+    return [n for n in names if n in heads.params]

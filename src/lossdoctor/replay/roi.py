@@ -210,7 +210,7 @@ def roi_stage(
     scale = config.cascade.feature_grad_scale
     if config.cascade.later_stages and scale != 1.0:
         pooled = ScaleGrad.apply(pooled, scale)
-    hidden1, hidden = box_hidden(pooled, heads)
+    hidden1, hidden = box_hidden(pooled, heads, config.head_norm)
     cls_logits, deltas = box_predict(hidden, heads)
     fg = s.fg_class >= 0
     bg = torch.full_like(s.fg_class, heads.bg_col)

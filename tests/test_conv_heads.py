@@ -1,0 +1,115 @@
+"""Heads built of conv blocks (torchvision's v2 models, MMDetection's and Detectron2's GN heads):
+the replay's forward against the same layers built from torch.nn, weight standardization by hand,
+and the checks a config must pass for them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import factories as F
+from lossdoctor.inputs.checkpoint import check_fit, heads_from_state_dict
+from lossdoctor.inputs.config import HeadNormConfig, preset
+from lossdoctor.inputs.errors import InputError
+from lossdoctor.replay.heads import box_hidden, rpn_hidden, standardized
+from lossdoctor.replay.mask import mask_head
+
+
+def _sequential_box_head(sd: dict, convs: int, fcs: int, norm: str, groups: int) -> nn.Sequential:
+    """torchvision's FastRCNNConvFCHead from torch.nn modules, loaded with ``sd``'s weights."""
+    blocks = []
+    for _ in range(convs):
+        n = nn.BatchNorm2d(8) if norm == "bn" else nn.GroupNorm(groups, 8)
+        blocks.append(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), n, nn.ReLU()))
+    blocks.append(nn.Flatten())
+    width = 8 * 7 * 7
+    for _ in range(fcs):
+        blocks += [nn.Linear(width, 32), nn.ReLU()]
+        width = 32
+    head = nn.Sequential(*blocks)
+    own = {k[len("roi_heads.box_head.") :]: v for k, v in sd.items() if ".box_head." in k}
+    head.load_state_dict(own, strict=False)
+    return head
+
+
+@pytest.mark.parametrize("norm,fcs", [("bn", 1), ("gn", 1), ("bn", 2)])
+def test_box_head_is_the_torch_modules_forward(norm, fcs):
+    sd = F.v2_state_dict(norm=norm, fcs=fcs)
+    heads = heads_from_state_dict(sd)
+    cfg = HeadNormConfig(groups=4)
+    module = _sequential_box_head(sd, 4, fcs, norm, 4)
+    pooled = torch.randn(6, 8, 7, 7, generator=torch.Generator().manual_seed(3)) * 2 + 0.5
+    module.eval()  # BatchNorm by its running statistics: the test-mode (symptom) forward
+    frozen = module(pooled)
+    assert torch.allclose(box_hidden(pooled, heads, cfg, train=False)[1], frozen, atol=1e-6)
+    module.train()  # (this forward moves the module's running statistics: last)
+    want = module(pooled)
+    assert torch.allclose(box_hidden(pooled, heads, cfg)[1], want, atol=1e-6)
+    if norm == "bn":  # the two modes differ: the batch's statistics are not the running ones
+        assert not torch.allclose(want, frozen, atol=1e-3)
+
+
+def test_frozen_batch_norm_uses_its_running_statistics():
+    sd = F.v2_state_dict(norm="bn")
+    heads = heads_from_state_dict(sd)
+    pooled = torch.randn(5, 8, 7, 7, generator=torch.Generator().manual_seed(4))
+    frozen = box_hidden(pooled, heads, HeadNormConfig(batch_stats=False))[1]
+    assert torch.allclose(frozen, box_hidden(pooled, heads, HeadNormConfig(), train=False)[1])
+
+
+def test_two_rpn_convs_each_with_relu():
+    sd = F.v2_state_dict()
+    heads = heads_from_state_dict(sd)
+    x = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(5))
+    h = x
+    for i in (0, 1):
+        w, b = sd[f"rpn.head.conv.{i}.0.weight"], sd[f"rpn.head.conv.{i}.0.bias"]
+        h = torch.relu(nn.functional.conv2d(h, w, b, padding=1))
+    assert torch.allclose(rpn_hidden(x, heads), h, atol=1e-6)
+
+
+def test_mask_head_blocks_with_batch_norm():
+    sd = F.v2_state_dict(mask=True)
+    heads = heads_from_state_dict(sd)
+    pooled = torch.randn(3, 8, 14, 14, generator=torch.Generator().manual_seed(6))
+    x = pooled
+    for i in range(4):
+        p = f"roi_heads.mask_head.{i}"
+        x = nn.functional.conv2d(x, sd[f"{p}.0.weight"], None, padding=1)
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        x = (x - mean[:, None, None]) / (var[:, None, None] + 1e-5).sqrt()
+        x = torch.relu(x * sd[f"{p}.1.weight"][:, None, None] + sd[f"{p}.1.bias"][:, None, None])
+    hidden, _ = mask_head(pooled, heads, HeadNormConfig())
+    assert torch.allclose(hidden[3], x, atol=1e-5)
+
+
+def test_weight_standardization_by_hand():
+    """Each output channel: (w - mean) / (unbiased std + eps). Channel 0: 1, 2, 3, 6 → mean 3,
+    unbiased std sqrt((4 + 1 + 0 + 9) / 3); channel 1 constant 2 → std 0: (w - 2) / eps = 0."""
+    w = torch.tensor([[[[1.0, 2.0], [3.0, 6.0]]], [[[2.0, 2.0], [2.0, 2.0]]]])
+    std = (14 / 3) ** 0.5
+    want0 = torch.tensor([-2.0, -1.0, 0.0, 3.0]) / (std + 1e-5)
+    got = standardized(w, 1e-5)
+    assert torch.allclose(got[0].flatten(), want0) and torch.equal(got[1], torch.zeros(1, 2, 2))
+
+
+def test_group_norm_groups_must_divide_the_channels():
+    heads = heads_from_state_dict(F.v2_state_dict(norm="gn"))
+    cfg = dataclasses.replace(preset("torchvision"), head_norm=HeadNormConfig(groups=3))
+    with pytest.raises(InputError, match=r"groups 3 does not divide the 8 channels of 'roi_heads"):
+        check_fit(heads, F.batch(), cfg)
+    check_fit(heads, F.batch(), dataclasses.replace(cfg, head_norm=HeadNormConfig(groups=4)))
+
+
+def test_a_bias_may_be_missing_only_where_a_norm_follows():
+    sd = F.v2_state_dict()
+    del sd["rpn.head.conv.1.0.bias"]
+    with pytest.raises(InputError, match="'rpn.head.conv.1.0.bias' is missing"):
+        heads_from_state_dict(sd)
+    sd = F.v2_state_dict(norm="none")
+    del sd["roi_heads.box_head.2.0.bias"]
+    with pytest.raises(InputError, match="'roi_heads.box_head.2.0.bias' is missing"):
+        heads_from_state_dict(sd)
