@@ -39,7 +39,7 @@ MODELS_TRIED = {
     "Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml": ("exact", ""),
     "COCO-Detection/faster_rcnn_R_50_C4_1x.yaml": ("refused", "Res5ROIHeads"),
     "COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml": ("refused", "Res5ROIHeads"),
-    "Misc/mask_rcnn_R_50_FPN_3x_gn.yaml": ("refused", "NUM_CONV 4"),
+    "Misc/mask_rcnn_R_50_FPN_3x_gn.yaml": ("exact", ""),
     "COCO-Detection/rpn_R_50_FPN_1x.yaml": ("refused", "ProposalNetwork"),
     "COCO-Detection/retinanet_R_50_FPN_1x.yaml": ("refused", "RetinaNet, a one-stage detector"),
 }

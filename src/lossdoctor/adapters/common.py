@@ -4,6 +4,7 @@ directory from a framework's forward."""
 from __future__ import annotations
 
 import math
+import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -15,9 +16,11 @@ from torch import Tensor
 from ..capture import BATCH_FILE, CHECKPOINT_FILE, Capture, autocast_dtype, warn
 from ..inputs.batch import dump_batch
 from ..inputs.checkpoint import not_replayed
+from ..inputs.config import HeadNormConfig
 from ..inputs.dataclass_toml import to_dict
 from ..inputs.errors import InputError
 from ..inputs.files import save_torch
+from ..vocab import BOX_CONVS, BOX_FCS, RPN_CONVS
 
 
 def level_names(features: list[Tensor], pad_size: tuple[int, int]) -> tuple[list[str], list[int]]:
@@ -48,6 +51,77 @@ def is_a(obj, names: tuple[str, ...]) -> bool:
     """Whether ``obj``'s class or one of its bases is named one of ``names`` (a user's detector
     subclass keeps its heads', and so its losses')."""
     return any(c.__name__ in names for c in type(obj).__mro__)
+
+
+# the most convs and fcs of each head the replay runs
+MAX_RPN_CONVS, MAX_HEAD_CONVS, MAX_BOX_FCS = len(RPN_CONVS), len(BOX_CONVS), len(BOX_FCS)
+# the norm layers the replay runs in the heads' conv blocks, by class name → whether the layer
+# normalizes by the batch in training (None: by each RoI, GroupNorm; False: by its running
+# statistics always, Detectron2's FrozenBatchNorm2d)
+HEAD_NORMS = {"BatchNorm2d": True, "GroupNorm": None, "FrozenBatchNorm2d": False}
+# the convs the replay runs, by class name → whether they standardize their weights
+HEAD_CONVS = {"Conv2d": False, "ConvWS2d": True}
+# a head conv's kernel, stride, padding, dilation and groups (each conv block keeps the RoI size)
+CONV_3X3 = ((3, 3), (1, 1), (1, 1), (1, 1), 1)
+
+
+def is_norm(module) -> bool:
+    """A normalization layer, by class name (BatchNorm2d, GroupNorm, SyncBatchNorm, LayerNorm,
+    Detectron2's FrozenBatchNorm2d, ...), not a block that holds one (Conv2dNormActivation)."""
+    return re.search(r"Norm(\dd)?$", kind(module)) is not None
+
+
+def has_norm(module) -> bool:
+    return any(is_norm(m) for m in module.modules())
+
+
+def _conv_geometry(conv) -> tuple:
+    return (tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding),
+            tuple(conv.dilation), int(conv.groups))  # fmt: skip
+
+
+def head_norm_config(heads: list[torch.nn.Module]) -> HeadNormConfig:
+    """How the conv blocks of the box and mask ``heads`` normalize, read off their modules: every
+    conv a 3x3 conv (plain or weight-standardized), every norm one the replay runs, and all of
+    them alike (one eps, one group count, one mode); anything else refused by name."""
+    convs = [
+        m
+        for h in heads
+        for m in h.modules()
+        if isinstance(m, torch.nn.Conv2d)
+        and not isinstance(m, torch.nn.ConvTranspose2d)
+        and m.kernel_size != (1, 1)
+    ]
+    norms = [m for h in heads for m in h.modules() if is_norm(m)]
+    for m in convs:
+        if kind(m) not in HEAD_CONVS or _conv_geometry(m) != CONV_3X3:
+            raise not_replayed(f"a head conv {kind(m)} {_conv_geometry(m)[0]} other than a 3x3 "
+                               "Conv2d or ConvWS2d with stride 1 and padding 1")  # fmt: skip
+    for m in norms:
+        if kind(m) not in HEAD_NORMS:
+            raise not_replayed(
+                f"a head norm {kind(m)} (lossdoctor replays {', '.join(HEAD_NORMS)})"
+            )
+        if HEAD_NORMS[kind(m)] and getattr(m, "running_mean", None) is None:
+            raise not_replayed("a head BatchNorm2d without running statistics")
+    ws = {bool(HEAD_CONVS[kind(m)]) for m in convs}
+    ws_eps = {float(m.eps) for m in convs if HEAD_CONVS[kind(m)]}
+    eps = {float(m.eps) for m in norms}
+    groups = {int(m.num_groups) for m in norms if kind(m) == "GroupNorm"}
+    batch = {
+        bool(m.training) and HEAD_NORMS[kind(m)] for m in norms if HEAD_NORMS[kind(m)] is not None
+    }
+    if max(map(len, (ws, ws_eps, eps, groups, batch))) > 1:
+        raise not_replayed("heads whose convs or norms differ (in weight standardization, eps, "
+                           "groups or training mode)")  # fmt: skip
+    default = HeadNormConfig()
+    return HeadNormConfig(
+        groups=groups.pop() if groups else default.groups,
+        eps=eps.pop() if eps else default.eps,
+        batch_stats=batch.pop() if batch else default.batch_stats,
+        weight_std=ws.pop() if ws else False,
+        weight_std_eps=ws_eps.pop() if ws_eps else default.weight_std_eps,
+    )
 
 
 def first_line(error: BaseException) -> str:

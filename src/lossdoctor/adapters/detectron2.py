@@ -43,9 +43,14 @@ from ..inputs.errors import InputError
 from ..inputs.profiles import detectron2 as builtin_profile
 from ..vocab import CascadeScores, Framework, LossKind, Mapper, MaskTarget, Ranking, Term
 from .common import (
+    MAX_BOX_FCS,
+    MAX_HEAD_CONVS,
+    MAX_RPN_CONVS,
     HookedCapture,
     built,
     describe,
+    has_norm,
+    head_norm_config,
     is_a,
     kind,
     level_names,
@@ -168,17 +173,13 @@ def _mask(roi) -> MaskConfig:
 # What the replay runs, by class name (exactly: another class computes its loss its own way)
 ROI_HEADS = ("StandardROIHeads", "CascadeROIHeads")
 ROI_ALIGN = ("ROIAlign",)
-# the box head's fcs (FastRCNNConvFCHead with NUM_CONV 0, NUM_FC 2)
-BOX_FCS = 2
-# the mask head's convs the replay has
-MASK_CONVS = 4
 
 
 def _box_heads(roi) -> None:
     for head in _stages(roi.box_head):
         require("box head", head, ("FastRCNNConvFCHead",))
         convs, fcs = len(head.conv_norm_relus), len(head.fcs)
-        if convs or fcs != BOX_FCS:
+        if convs > MAX_HEAD_CONVS or not 1 <= fcs <= MAX_BOX_FCS:
             raise not_replayed(f"box head FastRCNNConvFCHead with NUM_CONV {convs}, NUM_FC {fcs}")
     for pred in _stages(roi.box_predictor):
         require("box predictor", pred, ("FastRCNNOutputLayers",))
@@ -190,8 +191,8 @@ def _mask_head(roi) -> None:
     head = roi.mask_head
     require("mask head", head, ("MaskRCNNConvUpsampleHead",))
     convs = head.conv_norm_relus
-    if len(convs) > MASK_CONVS or any(getattr(c, "norm", None) is not None for c in convs):
-        raise not_replayed(f"a mask head with {len(convs)} convs or a norm (ROI_MASK_HEAD)")
+    if len(convs) > MAX_HEAD_CONVS:
+        raise not_replayed(f"a mask head with {len(convs)} convs (ROI_MASK_HEAD.NUM_CONV)")
 
 
 def two_stage(model) -> None:
@@ -208,12 +209,21 @@ def architecture(model) -> None:
     rpn, roi = model.proposal_generator, model.roi_heads
     require("proposal generator", rpn, ("RPN",))
     require("RPN head", rpn.rpn_head, ("StandardRPNHead",))
-    if isinstance(rpn.rpn_head.conv, torch.nn.Sequential):
-        raise not_replayed(f"an RPN head with {len(rpn.rpn_head.conv)} convs (RPN.CONV_DIMS)")
+    conv = rpn.rpn_head.conv
+    if isinstance(conv, torch.nn.Sequential) and len(conv) > MAX_RPN_CONVS:
+        raise not_replayed(f"an RPN head with {len(conv)} convs (RPN.CONV_DIMS)")
+    if has_norm(rpn.rpn_head):
+        raise not_replayed("an RPN head with a norm layer")
     require("RoI heads", roi, ROI_HEADS)
     _box_heads(roi)
     require("RoI pooler", roi.box_pooler.level_poolers[0], ROI_ALIGN)
     _mask_head(roi)
+    head_norm_config(_conv_heads(roi))
+
+
+def _conv_heads(roi) -> list[torch.nn.Module]:
+    """The box heads (each stage's) and the mask head, whose conv blocks the replay runs."""
+    return [*_stages(roi.box_head), *([roi.mask_head] if getattr(roi, "mask_on", False) else [])]
 
 
 def detector_config(model) -> DetectorConfig:
@@ -250,6 +260,7 @@ def detector_config(model) -> DetectorConfig:
         ),  # fmt: skip
         mask=_mask(roi),
         cascade=_cascade(roi),
+        head_norm=head_norm_config(_conv_heads(roi)),
     )
 
 

@@ -46,9 +46,14 @@ from ..inputs.profiles import mmdet, mmdet_cascade
 from ..replay.losses import BOUNDED_IOU_EPS, IOU_EPS
 from ..vocab import Framework, LossKind, Mapper, MaskTarget, Part, Ranking, Term
 from .common import (
+    MAX_BOX_FCS,
+    MAX_HEAD_CONVS,
+    MAX_RPN_CONVS,
     HookedCapture,
     built,
     describe,
+    has_norm,
+    head_norm_config,
     is_a,
     kind,
     level_names,
@@ -69,16 +74,13 @@ RANDOM, PSEUDO = "RandomSampler", "PseudoSampler"
 # What the replay runs, by class name (exactly: another class computes its loss its own way)
 TWO_STAGE = ("FasterRCNN", "MaskRCNN", "CascadeRCNN", "TwoStageDetector")
 ROI_HEADS = ("StandardRoIHead", "CascadeRoIHead")
-BOX_HEADS = ("Shared2FCBBoxHead",)
+BOX_HEADS = ("Shared2FCBBoxHead", "Shared4Conv1FCBBoxHead", "ConvFCBBoxHead")
 CODERS = ("DeltaXYWHBBoxCoder",)
 ASSIGNERS = ("MaxIoUAssigner",)
 IOU_CALCULATORS = ("BboxOverlaps2D",)
 EXTRACTORS = ("SingleRoIExtractor",)
 ROI_LAYERS = ("RoIAlign",)
 MASK_HEADS = ("FCNMaskHead",)
-# (ConvFCBBoxHead's counts of shared convs, shared fcs, cls convs, cls fcs, reg convs, reg fcs):
-# the two shared fcs of Shared2FCBBoxHead
-TWO_FC = (0, 2, 0, 0, 0, 0)
 # mmdet's box losses on decoded boxes that the replay runs (reg_decoded_bbox=True)
 DECODED_LOSSES = {
     "GIoULoss": LossKind.GIOU,
@@ -219,12 +221,21 @@ def _norm(head) -> str:
     return "" if norm is None else f" with {_get(norm, 'type', 'a norm')}"
 
 
+def _replayed_counts(counts: tuple[int, ...]) -> bool:
+    """ConvFCBBoxHead's (shared convs, shared fcs, cls convs, cls fcs, reg convs, reg fcs) that
+    the replay runs: up to 4 shared convs, 1 or 2 shared fcs, no separate branches."""
+    convs, fcs, *branches = counts
+    return 0 <= convs <= MAX_HEAD_CONVS and 1 <= fcs <= MAX_BOX_FCS and not any(branches)
+
+
 def _box_head(head) -> None:
     counts = tuple(int(getattr(head, f"num_{x}", -1)) for x in (
         "shared_convs", "shared_fcs", "cls_convs", "cls_fcs", "reg_convs", "reg_fcs"))  # fmt: skip
-    if kind(head) not in BOX_HEADS and not (kind(head) == "ConvFCBBoxHead" and counts == TWO_FC):
+    pooled = bool(getattr(head, "with_avg_pool", False))
+    if kind(head) not in BOX_HEADS or not _replayed_counts(counts) or pooled:
         layers = "" if -1 in counts else " ({} shared convs, {} shared fcs, {}+{} cls convs/fcs, "
         layers = layers and layers.format(*counts[:4]) + "{}+{} reg convs/fcs)".format(*counts[4:])
+        layers += ", with_avg_pool" if pooled else ""
         raise not_replayed(f"box head {kind(head)}{_norm(head)}{layers}")
     require("box coder", head.bbox_coder, CODERS)
     if getattr(head.bbox_coder, "add_ctr_clamp", False):
@@ -274,8 +285,8 @@ def _roi_head(roi, train) -> None:
     if getattr(roi, "with_mask", False):
         for head in _stages(roi.mask_head):
             require("mask head", head, MASK_HEADS)
-            if _get(head, "norm_cfg") is not None or head.conv_kernel_size != 3:
-                raise not_replayed("a mask head with a norm layer or non-3x3 convs")
+            if head.conv_kernel_size != 3:
+                raise not_replayed("a mask head with non-3x3 convs")
             loss = head.loss_mask
             if kind(loss) != "CrossEntropyLoss" or float(loss.loss_weight) != 1.0:
                 raise not_replayed(f"mask loss {kind(loss)} with loss_weight {loss.loss_weight}")
@@ -299,14 +310,23 @@ def architecture(model) -> None:
     require("RPN head", model.rpn_head, ("RPNHead",))
     if getattr(model.rpn_head, "reg_decoded_bbox", False):
         raise not_replayed(f"an RPN box loss on decoded boxes ({kind(model.rpn_head.loss_bbox)})")
-    if int(getattr(model.rpn_head, "num_convs", 1)) != 1:
+    if int(getattr(model.rpn_head, "num_convs", 1)) > MAX_RPN_CONVS:
         raise not_replayed(f"an RPN head with {model.rpn_head.num_convs} convs (num_convs)")
+    if has_norm(model.rpn_head):
+        raise not_replayed("an RPN head with a norm layer")
     require("RPN box coder", model.rpn_head.bbox_coder, CODERS)
     train = getattr(model, "train_cfg", None)
     if train is not None:
         _assignment("RPN", train.rpn)
     _roi_head(model.roi_head, train)
+    head_norm_config(_conv_heads(model.roi_head))
     _nms(train, getattr(model, "test_cfg", None))
+
+
+def _conv_heads(roi) -> list[torch.nn.Module]:
+    """The box heads (each stage's) and the mask head, whose conv blocks the replay runs."""
+    masks = _stages(roi.mask_head) if getattr(roi, "with_mask", False) else []
+    return [*_stages(roi.bbox_head), *masks]
 
 
 def _nms(train, test) -> None:
@@ -366,6 +386,7 @@ def detector_config(model) -> DetectorConfig:
         ),  # fmt: skip
         mask=_mask(model),
         cascade=_cascade(model),
+        head_norm=head_norm_config(_conv_heads(model.roi_head)),
     )
 
 

@@ -40,8 +40,13 @@ from ..inputs.config import (
 from ..inputs.errors import InputError
 from ..vocab import Framework, Mapper, MaskTarget, Ranking
 from .common import (
+    MAX_BOX_FCS,
+    MAX_HEAD_CONVS,
+    MAX_RPN_CONVS,
     HookedCapture,
     describe,
+    has_norm,
+    head_norm_config,
     is_a,
     kind,
     level_names,
@@ -53,6 +58,7 @@ from .common import (
 )
 
 PROFILE = "torchvision"
+BOX_HEADS = ("TwoMLPHead", "FastRCNNConvFCHead")
 # torchvision's postprocess drops boxes smaller than this (roi_heads.postprocess_detections)
 MIN_DETECTION_SIZE = 1e-2
 
@@ -99,9 +105,18 @@ def _convs(module) -> int:
     return len(module) if isinstance(module, torch.nn.Sequential) else 1
 
 
-def _has_norm(module) -> bool:
-    norms = (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
-    return any(isinstance(m, norms) for m in module.modules())
+def _box_head(roi) -> None:
+    """TwoMLPHead, or FastRCNNConvFCHead with up to 4 conv blocks and 1 or 2 fcs (v2)."""
+    head = roi.box_head
+    require("box head", head, BOX_HEADS)
+    if kind(head) == "FastRCNNConvFCHead":
+        blocks = [m for m in head if kind(m) == "Conv2dNormActivation"]
+        fcs = [m for m in head if isinstance(m, torch.nn.Linear)]
+        if len(blocks) > MAX_HEAD_CONVS or not 1 <= len(fcs) <= MAX_BOX_FCS:
+            raise not_replayed(
+                f"box head FastRCNNConvFCHead with {len(blocks)} convs and {len(fcs)} fcs (up to "
+                f"{MAX_HEAD_CONVS} convs and {MAX_BOX_FCS} fcs are replayed)"
+            )
 
 
 def two_stage(model) -> None:
@@ -119,19 +134,22 @@ def architecture(model) -> None:
     rpn, roi = model.rpn, model.roi_heads
     require("RPN", rpn, ("RegionProposalNetwork",))
     require("RPN head", rpn.head, ("RPNHead",))
-    if _convs(rpn.head.conv) != 1:
-        raise not_replayed(
-            f"an RPN head with {_convs(rpn.head.conv)} convs (torchvision's v2 models)"
-        )
+    if _convs(rpn.head.conv) > MAX_RPN_CONVS:
+        raise not_replayed(f"an RPN head with {_convs(rpn.head.conv)} convs")
+    if has_norm(rpn.head):
+        raise not_replayed("an RPN head with a norm layer")
     require("RoI heads", roi, ("RoIHeads",))
-    require("box head", roi.box_head, ("TwoMLPHead",))
+    _box_head(roi)
     require("box predictor", roi.box_predictor, ("FastRCNNPredictor",))
     require("RoI pooler", roi.box_roi_pool, ("MultiScaleRoIAlign",))
     if roi.has_mask():
         require("mask head", roi.mask_head, ("MaskRCNNHeads",))
         require("mask predictor", roi.mask_predictor, ("MaskRCNNPredictor",))
-        if _has_norm(roi.mask_head):
-            raise not_replayed("a mask head with BatchNorm (v2 models)")
+    head_norm_config(_conv_heads(roi))
+
+
+def _conv_heads(roi) -> list[torch.nn.Module]:
+    return [roi.box_head] + ([roi.mask_head] if roi.has_mask() else [])
 
 
 def detector_config(model) -> DetectorConfig:
@@ -171,6 +189,7 @@ def detector_config(model) -> DetectorConfig:
             min_box_size=MIN_DETECTION_SIZE,
         ),  # fmt: skip
         mask=_mask(roi),
+        head_norm=head_norm_config(_conv_heads(roi)),
     )
 
 
