@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import factories as F
 from lossdoctor.inputs.config import (
     AnchorConfig,
     CoderConfig,
@@ -358,3 +359,53 @@ def test_mmdets_roi_low_quality_pass_ties_to_the_best_proposal_not_the_gt_itself
     faster = _sample_image(props, gt, labels, preset("mmdet"), gen, True)  # no low-quality pass
     p = (faster.boxes == props[0]).all(1) & ~faster.is_gt
     assert faster.fg_class[p].tolist() == [0]
+
+
+def test_hard_mining_takes_the_highest_losses_by_hand():
+    """OHEM: 3 positives and 5 negatives, budget 4 at fraction 0.5 → the 2 positives and the 2
+    negatives of highest loss; where a set fits its budget, all of it (no ranking asked)."""
+    labels = torch.tensor([1, 0, 1, 0, -1, 0, 1, 0, 0])
+    loss = torch.tensor([0.3, 2.0, 0.9, 0.1, 9.0, 1.5, 0.5, 0.2, 0.7])
+    asked = []
+
+    def hardness(idx, positive):
+        asked.append(positive)
+        return loss[idx]
+
+    cfg = SamplerConfig(batch_size=4, pos_fraction=0.5, hard_mining=True)
+    pos, neg = sample(labels, cfg, torch.Generator(), hardness=hardness)
+    assert pos.tolist() == [2, 6] and neg.tolist() == [1, 5]
+    pos, neg = sample(labels, SamplerConfig(batch_size=20, pos_fraction=0.5), None, False, hardness)
+    assert pos.tolist() == [0, 2, 6] and neg.tolist() == [1, 3, 5, 7, 8]
+    assert asked == [True, False]
+
+
+def test_hard_mining_in_the_replay_samples_the_hardest_candidates():
+    """With OHEM the sampled background RoIs of an image are those of highest classification
+    loss among its background candidates, as the box head scores them without gradient."""
+    import dataclasses
+
+    from lossdoctor.inputs.config import preset
+    from lossdoctor.inputs.profiles import fixed
+    from lossdoctor.replay.engine import replay
+    from lossdoctor.replay.roi import classification_loss
+
+    base = preset("mmdet")
+    cfg = dataclasses.replace(
+        base, roi_sampler=dataclasses.replace(base.roi_sampler, batch_size=24, hard_mining=True)
+    )
+    r = replay(F.heads(), F.batch(), cfg, [fixed()])
+    all_r = replay(F.heads(), F.batch(), cfg, [fixed()], sample_all=True)
+    feats = r.features[: r.roi.num_levels]
+    for i in range(r.batch.num_images):
+        every = all_r.roi.img == i
+        neg_all = all_r.roi.boxes[every & (all_r.roi.fg_class < 0)].detach()
+        scores = classification_loss(
+            r.heads, feats, r.batch.strides[: len(feats)], cfg, i, neg_all,
+            torch.full((neg_all.shape[0],), -1),
+        )  # fmt: skip
+        mine = r.roi.img == i
+        taken = r.roi.ce[mine & (r.roi.fg_class < 0)].detach()
+        want = scores.topk(taken.numel()).values
+        assert taken.numel() == 24 - int((mine & (r.roi.fg_class >= 0)).sum())
+        assert torch.allclose(taken.sort(descending=True).values, want, atol=1e-6)

@@ -68,7 +68,7 @@ from .common import (
 
 # MMDetection's delta2bbox clamps dw, dh to |log(wh_ratio_clip)| with wh_ratio_clip = 16 / 1000
 WH_RATIO_CLIP = 16 / 1000
-RANDOM, PSEUDO = "RandomSampler", "PseudoSampler"
+RANDOM, PSEUDO, OHEM = "RandomSampler", "PseudoSampler", "OHEMSampler"
 
 
 # What the replay runs, by class name (exactly: another class computes its loss its own way)
@@ -135,15 +135,19 @@ def _sampler(sampler, add_gt_default: bool) -> SamplerConfig:
     kind = _get(sampler, "type")
     if kind == PSEUDO:
         return SamplerConfig(take_all=True, avg_factor_with_neg=False)
-    if kind != RANDOM or _get(sampler, "neg_pos_ub", -1) >= 0:
-        raise not_replayed(f"sampler {_type(sampler)} with its options (RandomSampler without "
-                           "neg_pos_ub and PseudoSampler are replayed)")  # fmt: skip
+    ohem = kind == OHEM and _get(sampler, "loss_key", "loss_cls") == "loss_cls"
+    if kind not in (RANDOM, OHEM) or (kind == OHEM and not ohem):
+        raise not_replayed(f"sampler {_type(sampler)} with its options (RandomSampler, "
+                           "OHEMSampler and PseudoSampler are replayed)")  # fmt: skip
+    if _get(sampler, "neg_pos_ub", -1) >= 0:
+        raise not_replayed(f"sampler {_type(sampler)} with neg_pos_ub >= 0")
     add_gt = bool(_get(sampler, "add_gt_as_proposals", add_gt_default))
     return SamplerConfig(
         batch_size=int(_get(sampler, "num")),
         pos_fraction=float(_get(sampler, "pos_fraction")),
         add_gt=add_gt,
         gt_self_assigned=add_gt,  # mmdet assigns each added GT to itself
+        hard_mining=kind == OHEM,
     )
 
 
@@ -261,14 +265,14 @@ def _decoded_loss(loss, decoded: bool) -> None:
         raise not_replayed(f"{name} with mode={loss.mode!r} (mode 'log' is replayed)")
 
 
-def _assignment(what: str, stage_cfg) -> None:
+def _assignment(what: str, stage_cfg, samplers=(RANDOM, PSEUDO)) -> None:
     assigner, sampler = _get(stage_cfg, "assigner"), _get(stage_cfg, "sampler")
     _require_cfg(f"{what} assigner", assigner, ASSIGNERS)
     _require_cfg(f"{what} IoU calculator", _get(assigner, "iou_calculator",
                  {"type": IOU_CALCULATORS[0]}), IOU_CALCULATORS)  # fmt: skip
     if float(_get(assigner, "ignore_iof_thr", -1)) > 0:
         raise not_replayed(f"{what} assigner ignore_iof_thr > 0")
-    _require_cfg(f"{what} sampler", sampler, (RANDOM, PSEUDO))
+    _require_cfg(f"{what} sampler", sampler, samplers)
 
 
 def _roi_head(roi, train) -> None:
@@ -278,8 +282,9 @@ def _roi_head(roi, train) -> None:
     for ext in _stages(roi.bbox_roi_extractor):
         require("RoI extractor", ext, EXTRACTORS)
         require("RoI layer", ext.roi_layers[0], ROI_LAYERS)
-    for rcnn in _stages(_get(train, "rcnn")) if train is not None else ():
-        _assignment("RoI", rcnn)
+    stages = _stages(_get(train, "rcnn")) if train is not None else []
+    for rcnn in stages:  # hard examples mined by a later cascade stage's head are not replayed
+        _assignment("RoI", rcnn, (RANDOM, PSEUDO, OHEM) if len(stages) == 1 else (RANDOM, PSEUDO))
         if float(_get(rcnn, "pos_weight", -1)) > 0:
             raise not_replayed("a RoI pos_weight > 0 (train_cfg.rcnn.pos_weight)")
     if getattr(roi, "with_mask", False):

@@ -111,6 +111,10 @@ class SamplerConfig:
     # added GT boxes are assigned to themselves whatever their IoU (MMDetection); otherwise they
     # are matched like any other candidate
     gt_self_assigned: bool = False
+    # online hard example mining (MMDetection's OHEMSampler): where there are more positives (or
+    # negatives) than the sampler takes, those of highest classification loss, by a forward of
+    # the box head without gradient, instead of a random draw (RoI stage)
+    hard_mining: bool = False
 
     def __post_init__(self):
         check_count(self.batch_size, "sampler batch_size")

@@ -9,6 +9,7 @@ profile's normalization of the same per-sample losses (``normalize``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ from .gt import UsableGt, usable_gt
 from .mask import MaskStage, mask_stage
 from .normalize import ProfileLosses, profile_losses
 from .proposals import training_proposals
-from .roi import RoiStage, roi_stage, sample_rois
+from .roi import RoiStage, classification_loss, roi_stage, sample_rois
 from .rpn import RpnStage, rpn_stage
 from .samples import HeadCounts, LevelSamples
 
@@ -122,12 +123,13 @@ def _roi_heads(heads, features, batch, props, gt, config, gen, sample_all) -> di
     k = min(config.roi_pool.num_levels, len(features))
     check_stages(heads, config)
     names, strides, feats = batch.levels[:k], batch.strides[:k], features[:k]
+    mine = functools.partial(classification_loss, heads, feats, strides, config)
     roi = roi_stage(
         heads,
         feats,
         strides,
         names,
-        sample_rois(props, gt, strides, config, gen, sample_all),
+        sample_rois(props, gt, strides, config, gen, sample_all, mine),
         config,
     )
     stages = later_stages(heads, feats, strides, names, roi, batch, gt, config, gen, sample_all)

@@ -3,6 +3,8 @@ RoIAlign, the box head, and each level's samples."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -100,8 +102,35 @@ class _ImageRois:
     neg: int
 
 
-def _sample_image(props, gt, labels, config: DetectorConfig, gen, sample_all) -> _ImageRois:
-    """Assign one image's candidates to its GT and sample them → that image's RoI rows."""
+# an image's candidate boxes Tensor[K, 4] and their classes Tensor[K] (-1: background) → each
+# one's classification loss Tensor[K], what OHEM ranks them by
+Mining = Callable[[Tensor, Tensor], Tensor]
+
+
+def classification_loss(
+    heads: HeadWeights, features: list[Tensor], strides: list[int], config: DetectorConfig,
+    image: int, boxes: Tensor, fg_class: Tensor,
+) -> Tensor:  # fmt: skip
+    """The box head's cross-entropy of each of ``boxes`` Tensor[K, 4] of image ``image`` against
+    its class ``fg_class`` Tensor[K] (-1: background), without gradient → Tensor[K]: how
+    MMDetection's OHEMSampler ranks candidates (the head in training mode, as it runs it)."""
+    with torch.no_grad():
+        img = torch.full((boxes.shape[0],), image, dtype=torch.long)
+        levels = map_levels(boxes, strides, config.roi_pool)
+        feats = [f.detach() for f in features]
+        pooled = multiscale_roi_align(
+            feats, strides, boxes, img, levels, heads.pool_size, config.roi_pool
+        )
+        cls, _ = box_predict(box_hidden(pooled, heads, config.head_norm)[1], heads)
+        bg = torch.full_like(fg_class, heads.bg_col)
+        return ce_loss(cls, torch.where(fg_class >= 0, heads.fg_logit(fg_class.clamp(min=0)), bg))
+
+
+def _sample_image(
+    props, gt, labels, config: DetectorConfig, gen, sample_all, mine: Mining | None = None
+) -> _ImageRois:
+    """Assign one image's candidates to its GT and sample them (the hardest by ``mine`` where
+    the sampler mines hard examples) → that image's RoI rows."""
     cands, is_gt = _candidates(props, gt, config)
     self_assigned = config.roi_sampler.gt_self_assigned and config.roi_sampler.add_gt
     # MMDetection assigns the proposals alone (a GT's best IoU, which the low-quality pass
@@ -115,7 +144,13 @@ def _sample_image(props, gt, labels, config: DetectorConfig, gen, sample_all) ->
         # a GT labelled background (torchvision's label 0): what it matches trains as background
         as_bg = (m.labels == POSITIVE) & (labels[m.gt.clamp(min=0)] == BACKGROUND_GT)
         m.labels[as_bg] = NEGATIVE
-    pos, neg = sample(m.labels, config.roi_sampler, gen, sample_all)
+
+    def hardness(idx: Tensor, positive: bool) -> Tensor:
+        background = torch.full_like(idx, BACKGROUND_CLASS)
+        return mine(cands[idx], labels[m.gt[idx]] if positive else background)
+
+    hard = hardness if mine is not None and config.roi_sampler.hard_mining else None
+    pos, neg = sample(m.labels, config.roi_sampler, gen, sample_all, hard)
     idx = torch.cat([pos, neg])
     fg = torch.full((idx.numel(),), BACKGROUND_CLASS, dtype=torch.long)
     gidx = torch.full((idx.numel(),), NO_GT, dtype=torch.long)
@@ -139,12 +174,17 @@ def _sample_image(props, gt, labels, config: DetectorConfig, gen, sample_all) ->
     )
 
 
-def sample_rois(proposals, gt: UsableGt, strides, config: DetectorConfig, gen, sample_all):
-    """Assign and sample every image's candidates → :class:`SampledRois`."""
+def sample_rois(
+    proposals, gt: UsableGt, strides, config: DetectorConfig, gen, sample_all,
+    mine: Callable[..., Tensor] | None = None,
+):  # fmt: skip
+    """Assign and sample every image's candidates → :class:`SampledRois`. ``mine(image, boxes,
+    fg_class)``: the classification losses hard-example mining ranks by."""
     cand_levels = torch.zeros(len(strides), dtype=torch.long)
     rows = []
-    for props, boxes, labels in zip(proposals, gt.boxes, gt.labels):
-        row = _sample_image(props, boxes, labels, config, gen, sample_all)
+    for i, (props, boxes, labels) in enumerate(zip(proposals, gt.boxes, gt.labels)):
+        image_mine = functools.partial(mine, i) if mine is not None else None
+        row = _sample_image(props, boxes, labels, config, gen, sample_all, image_mine)
         levels = map_levels(row.candidates, strides, config.roi_pool)
         cand_levels += torch.bincount(levels, minlength=len(strides))
         rows.append(row)
