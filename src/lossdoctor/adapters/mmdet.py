@@ -73,7 +73,10 @@ RANDOM, PSEUDO, OHEM = "RandomSampler", "PseudoSampler", "OHEMSampler"
 
 # What the replay runs, by class name (exactly: another class computes its loss its own way)
 TWO_STAGE = ("FasterRCNN", "MaskRCNN", "CascadeRCNN", "TwoStageDetector")
-ROI_HEADS = ("StandardRoIHead", "CascadeRoIHead")
+ROI_HEADS = ("StandardRoIHead", "CascadeRoIHead", "DynamicRoIHead")
+# RoI heads whose assigner thresholds and box-loss beta change as they train (Dynamic R-CNN):
+# read off the live head at each training forward, not from train_cfg
+ADAPTIVE_ROI_HEADS = ("DynamicRoIHead",)
 BOX_HEADS = ("Shared2FCBBoxHead", "Shared4Conv1FCBBoxHead", "ConvFCBBoxHead")
 CODERS = ("DeltaXYWHBBoxCoder",)
 ASSIGNERS = ("MaxIoUAssigner",)
@@ -373,7 +376,7 @@ def detector_config(model) -> DetectorConfig:
         rpn_coder=_coder(rpn.bbox_coder),
         train_proposals=_proposals(_get(train, "rpn_proposal", test.rpn)),
         test_proposals=_proposals(test.rpn),
-        roi_matcher=_matcher(rcnn.assigner),
+        roi_matcher=_matcher(_roi_assigner(model.roi_head, rcnn)),
         roi_sampler=_sampler(rcnn.sampler, True),
         roi_coder=_coder(box.bbox_coder),
         roi_pool=RoIPoolConfig(
@@ -393,6 +396,12 @@ def detector_config(model) -> DetectorConfig:
         cascade=_cascade(model),
         head_norm=head_norm_config(_conv_heads(model.roi_head)),
     )
+
+
+def _roi_assigner(roi, rcnn):
+    """The RoI assigner the head assigns with now: Dynamic R-CNN moves its live assigner's IoU
+    thresholds away from train_cfg's as it trains."""
+    return roi.bbox_assigner if kind(roi) in ADAPTIVE_ROI_HEADS else rcnn.assigner
 
 
 def _loss(module, cls: bool) -> tuple[LossKind, float, float]:
@@ -555,13 +564,26 @@ class Capture(HookedCapture):
     def describe(self) -> dict:
         return describe(Framework.MMDET, "mmdet", lambda: _meta(self.model, None))
 
+    def _forward_starts(self, module, args) -> None:
+        super()._forward_starts(module, args)
+        roi = getattr(self.model, "roi_head", None)
+        adaptive = kind(roi) in ADAPTIVE_ROI_HEADS and "unsupported" not in self.run_info
+        if module.training and adaptive:
+            # the thresholds and beta this forward trains with (the head updates them after
+            # its loss, every update_iter_interval iterations)
+            self.seen["state"] = run_meta(
+                Framework.MMDET, self.model, detector_config, profile, None
+            )
+
     def batch_from_forward(self) -> tuple[dict, dict]:
         if "model_input" not in self.seen:
             raise RuntimeError("no training forward of the model (mode='loss') was recorded")
         inputs, samples = self.seen["model_input"]
         rpn_outs = self.seen.get("rpn_outs")
         proposals = rpn_proposals(self.model, rpn_outs, samples) if rpn_outs else None
-        return batch_fields(inputs, samples, self.seen["features"], proposals), {}
+        state = self.seen.get("state", {})
+        fields = batch_fields(inputs, samples, self.seen["features"], proposals)
+        return fields, {k: state[k] for k in ("config", "profile") if k in state}
 
     def batch_after_exception(self, args, kwargs) -> tuple[dict, dict]:
         """What the forward had seen; the FPN features computed here where it had not."""
