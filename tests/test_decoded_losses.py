@@ -100,7 +100,7 @@ def test_bounded_iou_by_hand():
 
 
 def test_a_bounded_iou_term_needs_a_positive_beta():
-    with pytest.raises(InputError, match="needs its smoothing beta > 0"):
+    with pytest.raises(InputError, match="needs its beta > 0"):
         dataclasses.replace(mmdet(), roi_box=TermSpec(LossKind.BOUNDED_IOU, beta=0.0))
 
 

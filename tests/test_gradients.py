@@ -38,6 +38,9 @@ PROFILES = [p() for p in BUILTIN.values()] + [
         roi_cls=TermSpec("ce", "level_sampled", floor=1.0),
         max_norm=0.5,
     ),
+    dataclasses.replace(
+        mmdet_profile(), name="balanced-l1", roi_box=TermSpec("balanced_l1", "sampled", beta=1.0)
+    ),
     # box losses on decoded boxes (mmdet's reg_decoded_bbox): autograd through the decoder
     *[
         dataclasses.replace(

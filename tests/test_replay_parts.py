@@ -409,3 +409,56 @@ def test_hard_mining_in_the_replay_samples_the_hardest_candidates():
         want = scores.topk(taken.numel()).values
         assert taken.numel() == 24 - int((mine & (r.roi.fg_class >= 0)).sum())
         assert torch.allclose(taken.sort(descending=True).values, want, atol=1e-6)
+
+
+def test_balanced_l1_by_hand():
+    """b = e^3 - 1 = 19.0855369: d = 0.5 → 0.5/b (0.5 b + 1) ln(0.5 b + 1) - 0.25 = 0.4005675;
+    d = 2 (past beta 1) → 3 + 1.5 / b - 0.5 = 2.5785935; at d = beta both branches give
+    0.5/b (b + 1) 3 - 0.5 = 1.0785935."""
+    from lossdoctor.replay.losses import balanced_l1, box_loss
+    from lossdoctor.vocab import LossKind
+
+    d = torch.tensor([0.5, 2.0, 1.0 - 1e-6, 1.0])
+    got = balanced_l1(d, 1.0)
+    assert got[:2].tolist() == pytest.approx([0.4005675, 2.5785935], abs=1e-6)
+    assert got[2:].tolist() == pytest.approx([1.0785935, 1.0785935], abs=2e-6)
+    pred, target = torch.tensor([[0.5, -2.0, 0.0, 0.0]]), torch.zeros(1, 4)
+    assert box_loss(pred, target, LossKind.BALANCED_L1, 1.0).item() == pytest.approx(
+        2.979167, abs=1e-5
+    )
+
+
+def test_neg_pos_ub_bounds_the_negatives():
+    labels = torch.tensor([1, 1] + [0] * 30)
+    pos, neg = sample(labels, SamplerConfig(batch_size=256, neg_pos_ub=5), torch.Generator())
+    assert pos.numel() == 2 and neg.numel() == 10
+    pos, neg = sample(torch.tensor([0] * 30), SamplerConfig(neg_pos_ub=5), torch.Generator())
+    assert pos.numel() == 0 and neg.numel() == 5  # at most 5 x max(1, 0)
+
+
+def test_instance_balanced_positives():
+    """8 positives on GT 0, one each on GT 1 and 2, budget 8: round(8 / 3) + 1 = 4 per GT at
+    most (4 + 1 + 1), topped up to 8 from the rest (all GT 0's): 6, 1, 1."""
+    from lossdoctor.replay.sampler import instance_balanced
+
+    gt = torch.tensor([0] * 8 + [1, 2])
+    for seed in range(5):
+        got = instance_balanced(torch.arange(10), 8, gt, torch.Generator().manual_seed(seed))
+        assert got.unique().numel() == 8
+        assert torch.bincount(gt[got], minlength=3).tolist() == [6, 1, 1]
+    # budget 6: 3 per GT at most (3 + 1 + 1 = 5), one more from GT 0
+    got = instance_balanced(torch.arange(10), 6, gt, torch.Generator())
+    assert torch.bincount(gt[got], minlength=3).tolist() == [4, 1, 1]
+
+
+def test_iou_balanced_negatives():
+    """Best IoU 1 (a positive): bins of width 2/3 from -1; budget 6 → 2 per bin at most. The 2
+    negatives at IoU 0.4 (the top bin) are always taken, the rest drawn from those at 0.05."""
+    from lossdoctor.replay.sampler import iou_balanced
+
+    iou = torch.tensor([1.0] + [0.4, 0.4] + [0.05] * 20)
+    neg = torch.arange(1, 23)
+    for seed in range(5):
+        got = iou_balanced(neg, 6, iou, 3, torch.Generator().manual_seed(seed))
+        assert got.unique().numel() == 6 and {1, 2} <= set(got.tolist())
+    assert iou_balanced(neg[:5], 6, iou, 3, None).tolist() == neg[:5].tolist()

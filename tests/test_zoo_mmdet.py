@@ -55,7 +55,7 @@ MODELS_TRIED = {
     "faster_rcnn/faster-rcnn_r50_fpn_soft-nms_1x_coco.py": ("refused", "soft_nms"),
     "faster_rcnn/faster-rcnn_r50_fpn_fcos-rpn_1x_coco.py": ("refused", "FCOSHead"),
     "faster_rcnn/faster-rcnn_r50-caffe_c4-1x_coco.py": ("refused", "BBoxHead"),
-    "libra_rcnn/libra-faster-rcnn_r50_fpn_1x_coco.py": ("refused", "CombinedSampler"),
+    "libra_rcnn/libra-faster-rcnn_r50_fpn_1x_coco.py": ("exact", ""),
     "gn/mask-rcnn_r50_fpn_gn-all_2x_coco.py": ("exact", ""),
     "gn+ws/faster-rcnn_r50_fpn_gn-ws-all_1x_coco.py": ("exact", ""),
     "double_heads/dh-faster-rcnn_r50_fpn_1x_coco.py": ("refused", "DoubleHeadRoIHead"),
@@ -107,6 +107,7 @@ def model_config(path: str):
         for part in train.get(stage) if isinstance(train.get(stage), list) else [train.get(stage)]:
             if part is not None and part.get("sampler") is not None:
                 _set(part.sampler, "num", MINED.get(path, EVERY) if stage == "rcnn" else EVERY)
+                _set(part.sampler, "neg_pos_ub", -1)  # (a bound draws the negatives at random)
     return m
 
 

@@ -168,6 +168,7 @@ class LossKind(StrEnum):
     CE = "ce"
     L1 = "l1"
     SMOOTH_L1 = "smooth_l1"
+    BALANCED_L1 = "balanced_l1"  # Libra R-CNN's BalancedL1Loss (alpha 0.5, gamma 1.5; beta)
     GIOU = "giou"  # 1 - GIoU of the decoded box and its GT (MMDetection's GIoULoss)
     IOU = "iou"  # -log IoU of the decoded box and its GT (MMDetection's IoULoss, mode 'log')
     DIOU = "diou"  # 1 - DIoU (MMDetection's DIoULoss)
@@ -186,7 +187,7 @@ DECODED_BOX_LOSSES = (
     LossKind.GIOU, LossKind.IOU, LossKind.DIOU, LossKind.CIOU, LossKind.BOUNDED_IOU,
     LossKind.GIOU_D2, LossKind.DIOU_D2, LossKind.CIOU_D2,
 )  # fmt: skip
-BOX_LOSSES = (LossKind.L1, LossKind.SMOOTH_L1, *DECODED_BOX_LOSSES)
+BOX_LOSSES = (LossKind.L1, LossKind.SMOOTH_L1, LossKind.BALANCED_L1, *DECODED_BOX_LOSSES)
 
 
 class Empty(StrEnum):

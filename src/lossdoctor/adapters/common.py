@@ -80,10 +80,8 @@ def _conv_geometry(conv) -> tuple:
             tuple(conv.dilation), int(conv.groups))  # fmt: skip
 
 
-def head_norm_config(heads: list[torch.nn.Module]) -> HeadNormConfig:
-    """How the conv blocks of the box and mask ``heads`` normalize, read off their modules: every
-    conv a 3x3 conv (plain or weight-standardized), every norm one the replay runs, and all of
-    them alike (one eps, one group count, one mode); anything else refused by name."""
+def _head_layers(heads: list[torch.nn.Module]) -> tuple[list, list]:
+    """The 3x3 convs and the norms of ``heads``, each one the replay runs (else refused)."""
     convs = [
         m
         for h in heads
@@ -95,8 +93,10 @@ def head_norm_config(heads: list[torch.nn.Module]) -> HeadNormConfig:
     norms = [m for h in heads for m in h.modules() if is_norm(m)]
     for m in convs:
         if kind(m) not in HEAD_CONVS or _conv_geometry(m) != CONV_3X3:
-            raise not_replayed(f"a head conv {kind(m)} {_conv_geometry(m)[0]} other than a 3x3 "
-                               "Conv2d or ConvWS2d with stride 1 and padding 1")  # fmt: skip
+            raise not_replayed(
+                f"a head conv {kind(m)} {_conv_geometry(m)[0]} other than a 3x3 "
+                "Conv2d or ConvWS2d with stride 1 and padding 1"
+            )
     for m in norms:
         if kind(m) not in HEAD_NORMS:
             raise not_replayed(
@@ -104,13 +104,20 @@ def head_norm_config(heads: list[torch.nn.Module]) -> HeadNormConfig:
             )
         if HEAD_NORMS[kind(m)] and getattr(m, "running_mean", None) is None:
             raise not_replayed("a head BatchNorm2d without running statistics")
+    return convs, norms  # fmt: skip
+
+
+def head_norm_config(heads: list[torch.nn.Module]) -> HeadNormConfig:
+    """How the conv blocks of the box and mask ``heads`` normalize, read off their modules: every
+    conv a 3x3 conv (plain or weight-standardized), every norm one the replay runs, and all of
+    them alike (one eps, one group count, one mode); anything else refused by name."""
+    convs, norms = _head_layers(heads)
     ws = {bool(HEAD_CONVS[kind(m)]) for m in convs}
     ws_eps = {float(m.eps) for m in convs if HEAD_CONVS[kind(m)]}
     eps = {float(m.eps) for m in norms}
     groups = {int(m.num_groups) for m in norms if kind(m) == "GroupNorm"}
-    batch = {
-        bool(m.training) and HEAD_NORMS[kind(m)] for m in norms if HEAD_NORMS[kind(m)] is not None
-    }
+    batch = {bool(m.training) and HEAD_NORMS[kind(m)] for m in norms
+             if HEAD_NORMS[kind(m)] is not None}  # fmt: skip
     if max(map(len, (ws, ws_eps, eps, groups, batch))) > 1:
         raise not_replayed("heads whose convs or norms differ (in weight standardization, eps, "
                            "groups or training mode)")  # fmt: skip

@@ -43,7 +43,8 @@ from ..inputs.config import (
 from ..inputs.dataclass_toml import to_dict
 from ..inputs.errors import InputError
 from ..inputs.profiles import mmdet, mmdet_cascade
-from ..replay.losses import BOUNDED_IOU_EPS, IOU_EPS
+from ..replay.losses import BALANCED_L1_ALPHA, BALANCED_L1_GAMMA, BOUNDED_IOU_EPS, IOU_EPS
+from ..replay.sampler import IOU_FLOOR
 from ..vocab import Framework, LossKind, Mapper, MaskTarget, Part, Ranking, Term
 from .common import (
     MAX_BOX_FCS,
@@ -69,6 +70,8 @@ from .common import (
 # MMDetection's delta2bbox clamps dw, dh to |log(wh_ratio_clip)| with wh_ratio_clip = 16 / 1000
 WH_RATIO_CLIP = 16 / 1000
 RANDOM, PSEUDO, OHEM = "RandomSampler", "PseudoSampler", "OHEMSampler"
+COMBINED = "CombinedSampler"
+INSTANCE_BALANCED, IOU_BALANCED = "InstanceBalancedPosSampler", "IoUBalancedNegSampler"
 
 
 # What the replay runs, by class name (exactly: another class computes its loss its own way)
@@ -134,16 +137,28 @@ def _matcher(assigner, min_iou_default: float = 0.0) -> MatcherConfig:
     )
 
 
+def _combined(sampler) -> dict:
+    """Libra R-CNN's CombinedSampler: its positive and negative samplers as SamplerConfig fields
+    (instance-balanced positives, IoU-balanced negatives with floor_thr -1, or random ones)."""
+    pos, neg = _get(sampler, "pos_sampler"), _get(sampler, "neg_sampler")
+    _require_cfg("positive sampler", pos, (RANDOM, INSTANCE_BALANCED))
+    _require_cfg("negative sampler", neg, (RANDOM, IOU_BALANCED))
+    fields = {"instance_balanced_pos": _type(pos) == INSTANCE_BALANCED}
+    if _type(neg) == IOU_BALANCED:
+        if float(_get(neg, "floor_thr", -1)) != IOU_FLOOR or float(_get(neg, "floor_fraction", 0)):
+            raise not_replayed("IoUBalancedNegSampler with a floor (floor_thr -1 is replayed)")
+        fields["iou_balanced_bins"] = int(_get(neg, "num_bins", 3))
+    return fields
+
+
 def _sampler(sampler, add_gt_default: bool) -> SamplerConfig:
     kind = _get(sampler, "type")
     if kind == PSEUDO:
         return SamplerConfig(take_all=True, avg_factor_with_neg=False)
-    ohem = kind == OHEM and _get(sampler, "loss_key", "loss_cls") == "loss_cls"
-    if kind not in (RANDOM, OHEM) or (kind == OHEM and not ohem):
+    if kind not in (RANDOM, OHEM, COMBINED) or _get(sampler, "loss_key", "loss_cls") != "loss_cls":
         raise not_replayed(f"sampler {_type(sampler)} with its options (RandomSampler, "
-                           "OHEMSampler and PseudoSampler are replayed)")  # fmt: skip
-    if _get(sampler, "neg_pos_ub", -1) >= 0:
-        raise not_replayed(f"sampler {_type(sampler)} with neg_pos_ub >= 0")
+                           "OHEMSampler, CombinedSampler and PseudoSampler are "
+                           "replayed)")  # fmt: skip
     add_gt = bool(_get(sampler, "add_gt_as_proposals", add_gt_default))
     return SamplerConfig(
         batch_size=int(_get(sampler, "num")),
@@ -151,6 +166,8 @@ def _sampler(sampler, add_gt_default: bool) -> SamplerConfig:
         add_gt=add_gt,
         gt_self_assigned=add_gt,  # mmdet assigns each added GT to itself
         hard_mining=kind == OHEM,
+        neg_pos_ub=float(_get(sampler, "neg_pos_ub", -1)),
+        **(_combined(sampler) if kind == COMBINED else {}),
     )
 
 
@@ -287,7 +304,8 @@ def _roi_head(roi, train) -> None:
         require("RoI layer", ext.roi_layers[0], ROI_LAYERS)
     stages = _stages(_get(train, "rcnn")) if train is not None else []
     for rcnn in stages:  # hard examples mined by a later cascade stage's head are not replayed
-        _assignment("RoI", rcnn, (RANDOM, PSEUDO, OHEM) if len(stages) == 1 else (RANDOM, PSEUDO))
+        mined = (RANDOM, PSEUDO, OHEM, COMBINED) if len(stages) == 1 else (RANDOM, PSEUDO, COMBINED)
+        _assignment("RoI", rcnn, mined)
         if float(_get(rcnn, "pos_weight", -1)) > 0:
             raise not_replayed("a RoI pos_weight > 0 (train_cfg.rcnn.pos_weight)")
     if getattr(roi, "with_mask", False):
@@ -379,13 +397,7 @@ def detector_config(model) -> DetectorConfig:
         roi_matcher=_matcher(_roi_assigner(model.roi_head, rcnn)),
         roi_sampler=_sampler(rcnn.sampler, True),
         roi_coder=_coder(box.bbox_coder),
-        roi_pool=RoIPoolConfig(
-            num_levels=len(ext.featmap_strides),
-            sampling_ratio=int(layer.sampling_ratio),
-            aligned=bool(layer.aligned),
-            mapper=Mapper.MMDET,
-            finest_scale=float(ext.finest_scale),
-        ),  # fmt: skip
+        roi_pool=_roi_pool(ext, layer),
         test=TestConfig(
             score_thr=float(test.rcnn.score_thr),
             nms_iou=float(_get(test.rcnn.nms, "iou_threshold")),
@@ -396,6 +408,12 @@ def detector_config(model) -> DetectorConfig:
         cascade=_cascade(model),
         head_norm=head_norm_config(_conv_heads(model.roi_head)),
     )
+
+
+def _roi_pool(ext, layer) -> RoIPoolConfig:
+    return RoIPoolConfig(num_levels=len(ext.featmap_strides),
+                         sampling_ratio=int(layer.sampling_ratio), aligned=bool(layer.aligned),
+                         mapper=Mapper.MMDET, finest_scale=float(ext.finest_scale))  # fmt: skip
 
 
 def _roi_assigner(roi, rcnn):
@@ -414,11 +432,17 @@ def _loss(module, cls: bool) -> tuple[LossKind, float, float]:
         return LossKind.L1, 0.0, weight
     if not cls and name == "SmoothL1Loss":
         return LossKind.SMOOTH_L1, float(module.beta), weight
+    if not cls and name == "BalancedL1Loss":
+        if (float(module.alpha), float(module.gamma)) != (BALANCED_L1_ALPHA, BALANCED_L1_GAMMA):
+            raise not_replayed(f"BalancedL1Loss with alpha {module.alpha}, gamma {module.gamma} "
+                               f"(alpha {BALANCED_L1_ALPHA}, gamma {BALANCED_L1_GAMMA} are "
+                               "replayed)")  # fmt: skip
+        return LossKind.BALANCED_L1, float(module.beta), weight
     if not cls and name in DECODED_LOSSES:
         return DECODED_LOSSES[name], float(getattr(module, "beta", 0.0)), weight
     raise not_replayed(
-        f"loss {name} (CrossEntropyLoss, L1Loss, SmoothL1Loss, and GIoU, IoU, DIoU, CIoU and "
-        "BoundedIoU losses on decoded boxes are replayed)"
+        f"loss {name} (CrossEntropyLoss, L1Loss, SmoothL1Loss, BalancedL1Loss, and GIoU, IoU, "
+        "DIoU, CIoU and BoundedIoU losses on decoded boxes are replayed)"
     )
 
 

@@ -115,10 +115,19 @@ class SamplerConfig:
     # negatives) than the sampler takes, those of highest classification loss, by a forward of
     # the box head without gradient, instead of a random draw (RoI stage)
     hard_mining: bool = False
+    # negatives at most this many times max(1, positives) (MMDetection's neg_pos_ub; < 0: no bound)
+    neg_pos_ub: float = -1.0
+    # Libra R-CNN's CombinedSampler (RoI stage): positives drawn evenly over the GT boxes they
+    # match (InstanceBalancedPosSampler), negatives evenly over this many IoU bins
+    # (IoUBalancedNegSampler with floor_thr -1; 0: a plain random draw)
+    instance_balanced_pos: bool = False
+    iou_balanced_bins: int = 0
 
     def __post_init__(self):
         check_count(self.batch_size, "sampler batch_size")
         check_fraction(self.pos_fraction, "sampler pos_fraction")
+        check_range(self.neg_pos_ub, "sampler neg_pos_ub", -1.0)
+        check_range(self.iou_balanced_bins, "sampler iou_balanced_bins", 0)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,9 @@ from .errors import InputError
 # float32 machine epsilon: MMDetection adds it to every avg_factor (weight_reduce_loss).
 EPS32 = 1.1920928955078125e-07
 SMOOTH_L1_TV_BETA = 1.0 / 9.0
+# box losses undefined without a positive beta (the bounded IoU loss's smoothing, the balanced
+# L1's switch point)
+BETA_LOSSES = (LossKind.BOUNDED_IOU, LossKind.BALANCED_L1)
 
 
 @dataclass(frozen=True)
@@ -124,11 +127,12 @@ class LossProfile:
                 )
         if self.rpn_cls.loss is not LossKind.BCE or self.roi_cls.loss is not LossKind.CE:
             raise InputError(f"profile {self.name!r}: rpn_cls must be 'bce' and roi_cls 'ce'")
-        if self.roi_box.loss is LossKind.BOUNDED_IOU and self.roi_box.beta <= 0:
-            raise InputError(
-                f"profile {self.name!r}: roi_box 'bounded_iou' needs its smoothing beta > 0, "
-                f"found {self.roi_box.beta}"
-            )
+        for term, spec in ((Term.RPN_BOX, self.rpn_box), (Term.ROI_BOX, self.roi_box)):
+            if spec.loss in BETA_LOSSES and spec.beta <= 0:
+                raise InputError(
+                    f"profile {self.name!r}: {term} '{spec.loss}' needs its beta > 0, found "
+                    f"{spec.beta}"
+                )
         if self.rpn_box.loss in DECODED_BOX_LOSSES:
             raise InputError(
                 f"profile {self.name!r}: rpn_box '{self.rpn_box.loss}' on decoded boxes is "

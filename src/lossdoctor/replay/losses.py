@@ -19,9 +19,24 @@ SMOOTH_L1_MIN_BETA = 1e-5
 IOU_EPS = 1e-6
 
 
+# Libra R-CNN's balanced L1 (MMDetection's BalancedL1Loss defaults, the values its config uses)
+BALANCED_L1_ALPHA, BALANCED_L1_GAMMA = 0.5, 1.5
+
+
+def balanced_l1(d: Tensor, beta: float) -> Tensor:
+    """Balanced L1 of absolute differences ``d``: with b = e^(gamma / alpha) - 1, alpha / b
+    (b d + 1) log(b d / beta + 1) - alpha d below beta, gamma d + gamma / b - alpha beta above."""
+    alpha, gamma = BALANCED_L1_ALPHA, BALANCED_L1_GAMMA
+    b = math.e ** (gamma / alpha) - 1
+    low = alpha / b * (b * d + 1) * torch.log(b * d / beta + 1) - alpha * d
+    return torch.where(d < beta, low, gamma * d + gamma / b - alpha * beta)
+
+
 def box_loss(pred: Tensor, target: Tensor, kind: str, beta: float) -> Tensor:
     """Per-sample box loss, summed over the 4 coordinates: Tensor[M, 4] x2 → Tensor[M]."""
     d = (pred - target).abs()
+    if kind is LossKind.BALANCED_L1:
+        return balanced_l1(d, beta).sum(-1)
     if kind is LossKind.L1 or beta < SMOOTH_L1_MIN_BETA:
         return d.sum(-1)
     return torch.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta).sum(-1)

@@ -132,6 +132,19 @@ def _sample_image(
     """Assign one image's candidates to its GT and sample them (the hardest by ``mine`` where
     the sampler mines hard examples) → that image's RoI rows."""
     cands, is_gt = _candidates(props, gt, config)
+    m = _assign(cands, is_gt, gt, labels, config)
+
+    def hardness(idx: Tensor, positive: bool) -> Tensor:
+        background = torch.full_like(idx, BACKGROUND_CLASS)
+        return mine(cands[idx], labels[m.gt[idx]] if positive else background)
+
+    hard = hardness if mine is not None and config.roi_sampler.hard_mining else None
+    pos, neg = sample(m.labels, config.roi_sampler, gen, sample_all, hard, m)
+    return _rows(cands, is_gt, gt, labels, m, pos, neg, config)
+
+
+def _assign(cands: Tensor, is_gt: Tensor, gt: Tensor, labels: Tensor, config: DetectorConfig):
+    """One image's candidates matched to its GT, as its framework orders the passes."""
     self_assigned = config.roi_sampler.gt_self_assigned and config.roi_sampler.add_gt
     # MMDetection assigns the proposals alone (a GT's best IoU, which the low-quality pass
     # ties to, is over proposals), then adds each GT as its own match, whatever its IoU
@@ -144,13 +157,11 @@ def _sample_image(
         # a GT labelled background (torchvision's label 0): what it matches trains as background
         as_bg = (m.labels == POSITIVE) & (labels[m.gt.clamp(min=0)] == BACKGROUND_GT)
         m.labels[as_bg] = NEGATIVE
+    return m
 
-    def hardness(idx: Tensor, positive: bool) -> Tensor:
-        background = torch.full_like(idx, BACKGROUND_CLASS)
-        return mine(cands[idx], labels[m.gt[idx]] if positive else background)
 
-    hard = hardness if mine is not None and config.roi_sampler.hard_mining else None
-    pos, neg = sample(m.labels, config.roi_sampler, gen, sample_all, hard)
+def _rows(cands, is_gt, gt, labels, m, pos: Tensor, neg: Tensor, config) -> _ImageRois:
+    """The sampled candidates ``pos`` and ``neg`` as RoI rows, positives first."""
     idx = torch.cat([pos, neg])
     fg = torch.full((idx.numel(),), BACKGROUND_CLASS, dtype=torch.long)
     gidx = torch.full((idx.numel(),), NO_GT, dtype=torch.long)
