@@ -254,6 +254,35 @@ def v2_state_dict(
     return sd
 
 
+def c4_state_dict(layout="detectron2", channels=8, mid=4, out=16, anchors=15, classes=3, seed=0):
+    """A C4 model in ``layout`` (detectron2 or mmdet): one RPN conv with ``anchors`` anchors,
+    ResNet's res5 as the box head (3 bottleneck blocks ``channels`` → ``mid`` → ``out``, the
+    first with a projection shortcut, frozen BatchNorms), then the predictors on ``out``."""
+    from lossdoctor.inputs.layouts import LAYOUTS, RES5_LAYOUTS
+    from lossdoctor.vocab import NORM_OF, RES5_BLOCKS, RES5_SHORTCUT, Layer
+
+    g = torch.Generator().manual_seed(seed + 11)
+    tv = state_dict(channels=channels, anchors=anchors, classes=classes, hidden=out, seed=seed)
+    tv_keys = LAYOUTS["torchvision"]
+    sd = {}
+    plain = (Layer.RPN_CONV, Layer.RPN_LOGITS, Layer.RPN_DELTAS, Layer.BOX_LOGITS, Layer.BOX_DELTAS)
+    for layer in plain:
+        for kind in ("weight", "bias"):
+            sd[f"{LAYOUTS[layout][layer][0]}.{kind}"] = tv[f"{tv_keys[layer][0]}.{kind}"]
+    keys = RES5_LAYOUTS[layout]
+    cin = channels
+    for b, block in enumerate(RES5_BLOCKS):
+        shapes = [(mid, cin, 1, 1), (mid, mid, 3, 3), (out, mid, 1, 1)]
+        if b == 0:
+            block, shapes = (*block, RES5_SHORTCUT), [*shapes, (out, cin, 1, 1)]
+        for conv, shape in zip(block, shapes):
+            sd[f"{keys[conv]}.weight"] = torch.randn(*shape, generator=g) * (2 / shape[1]) ** 0.5
+            for k, t in _norm_tensors(shape[0], g, True).items():
+                sd[f"{keys[NORM_OF[conv]]}.{k}"] = t
+        cin = out
+    return sd
+
+
 def box_masks(boxes: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
     """Per image, each box filled as its mask (bool Tensor[K, H, W] at the image size)."""
     h, w = size

@@ -113,3 +113,52 @@ def test_a_bias_may_be_missing_only_where_a_norm_follows():
     del sd["roi_heads.box_head.2.0.bias"]
     with pytest.raises(InputError, match="'roi_heads.box_head.2.0.bias' is missing"):
         heads_from_state_dict(sd)
+
+
+def _bottleneck_reference(sd: dict, prefix: str, x: torch.Tensor, first: bool, in_1x1: bool):
+    """One res5 block from torch.nn modules (Detectron2's keys), BatchNorms in eval mode."""
+
+    def conv_bn(name, x, **kw):
+        w = sd[f"{prefix}.{name}.weight"]
+        conv = nn.Conv2d(w.shape[1], w.shape[0], w.shape[2], bias=False, **kw)
+        bn = nn.BatchNorm2d(w.shape[0]).eval()
+        conv.weight.data = w
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            getattr(bn, k).data = sd[f"{prefix}.{name}.norm.{k}"]
+        return bn(conv(x))
+
+    s = 2 if first else 1
+    out = torch.relu(conv_bn("conv1", x, stride=s if in_1x1 else 1))
+    out = torch.relu(conv_bn("conv2", out, stride=1 if in_1x1 else s, padding=1))
+    out = conv_bn("conv3", out)
+    return torch.relu(out + (conv_bn("shortcut", x, stride=2) if first else x))
+
+
+@pytest.mark.parametrize("in_1x1", [True, False])
+def test_res5_head_is_the_torch_modules_forward(in_1x1):
+    """A C4 model's box head: res5's three blocks with frozen BatchNorms, then the mean over
+    the 7 x 7 output, in training mode too (frozen)."""
+    from lossdoctor.inputs.config import Res5Config
+
+    sd = F.c4_state_dict()
+    heads = heads_from_state_dict(sd)
+    pooled = torch.randn(5, 8, 14, 14, generator=torch.Generator().manual_seed(7))
+    x = pooled
+    for b in range(3):
+        x = _bottleneck_reference(sd, f"roi_heads.res5.{b}", x, b == 0, in_1x1)
+    assert x.shape[-2:] == (7, 7)
+    res5 = Res5Config(stride_in_1x1=in_1x1)
+    h1, got = box_hidden(pooled, heads, HeadNormConfig(), res5=res5)
+    assert torch.equal(h1, got) and torch.allclose(got, x.mean((2, 3)), atol=1e-5)
+
+
+def test_a_c4_mask_head_is_named_not_replayed():
+    """A C4 model's mask head runs on res5's output, not on pooled features: left out by name."""
+    sd = F.c4_state_dict()
+    sd["roi_heads.mask_head.deconv.weight"] = torch.zeros(16, 8, 2, 2)
+    sd["roi_heads.mask_head.deconv.bias"] = torch.zeros(8)
+    sd["roi_heads.mask_head.predictor.weight"] = torch.zeros(3, 8, 1, 1)
+    sd["roi_heads.mask_head.predictor.bias"] = torch.zeros(3)
+    heads = heads_from_state_dict(sd)
+    assert not heads.has_mask
+    assert heads.unreplayed == ["roi_heads.mask_head (a mask head on res5's features: C4)"]

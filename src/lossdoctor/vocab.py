@@ -85,6 +85,28 @@ class Layer(StrEnum):
     BOX_NORM2 = "box_norm2"
     BOX_NORM3 = "box_norm3"
     BOX_NORM4 = "box_norm4"
+    # a C4 model's box head: ResNet's res5 stage (3 bottleneck blocks, the first with a
+    # projection shortcut), each conv with its frozen BatchNorm
+    RES5_0_CONV1 = "res5_0_conv1"
+    RES5_0_NORM1 = "res5_0_norm1"
+    RES5_0_CONV2 = "res5_0_conv2"
+    RES5_0_NORM2 = "res5_0_norm2"
+    RES5_0_CONV3 = "res5_0_conv3"
+    RES5_0_NORM3 = "res5_0_norm3"
+    RES5_1_CONV1 = "res5_1_conv1"
+    RES5_1_NORM1 = "res5_1_norm1"
+    RES5_1_CONV2 = "res5_1_conv2"
+    RES5_1_NORM2 = "res5_1_norm2"
+    RES5_1_CONV3 = "res5_1_conv3"
+    RES5_1_NORM3 = "res5_1_norm3"
+    RES5_2_CONV1 = "res5_2_conv1"
+    RES5_2_NORM1 = "res5_2_norm1"
+    RES5_2_CONV2 = "res5_2_conv2"
+    RES5_2_NORM2 = "res5_2_norm2"
+    RES5_2_CONV3 = "res5_2_conv3"
+    RES5_2_NORM3 = "res5_2_norm3"
+    RES5_0_SHORTCUT = "res5_0_shortcut"
+    RES5_0_SHORTCUT_NORM = "res5_0_shortcut_norm"
     BOX_FC1 = "box_fc1"
     BOX_FC2 = "box_fc2"
     BOX_LOGITS = "box_logits"
@@ -114,12 +136,24 @@ RPN_LAYERS = (*RPN_CONVS, Layer.RPN_LOGITS, Layer.RPN_DELTAS)
 BOX_CONVS = (Layer.BOX_CONV1, Layer.BOX_CONV2, Layer.BOX_CONV3, Layer.BOX_CONV4)
 BOX_NORMS = (Layer.BOX_NORM1, Layer.BOX_NORM2, Layer.BOX_NORM3, Layer.BOX_NORM4)
 BOX_FCS = (Layer.BOX_FC1, Layer.BOX_FC2)
-BOX_LAYERS = (*BOX_CONVS, *BOX_NORMS, *BOX_FCS, Layer.BOX_LOGITS, Layer.BOX_DELTAS)
+# res5's bottleneck blocks: each block's (conv1, conv2, conv3), the first block's shortcut
+RES5_BLOCKS = tuple(tuple(Layer(f"res5_{b}_conv{i}") for i in (1, 2, 3)) for b in range(3))
+RES5_SHORTCUT = Layer.RES5_0_SHORTCUT
+RES5_CONVS = (*(c for block in RES5_BLOCKS for c in block), RES5_SHORTCUT)
+RES5_NORMS = (
+    *(Layer(f"res5_{b}_norm{i}") for b in range(3) for i in (1, 2, 3)),
+    Layer.RES5_0_SHORTCUT_NORM,
+)
+BOX_LAYERS = (
+    *BOX_CONVS, *BOX_NORMS, *RES5_CONVS, *RES5_NORMS, *BOX_FCS, Layer.BOX_LOGITS, Layer.BOX_DELTAS
+)  # fmt: skip
 MASK_CONVS = (Layer.MASK_CONV1, Layer.MASK_CONV2, Layer.MASK_CONV3, Layer.MASK_CONV4)
 MASK_NORMS = (Layer.MASK_NORM1, Layer.MASK_NORM2, Layer.MASK_NORM3, Layer.MASK_NORM4)
 MASK_LAYERS = (*MASK_CONVS, *MASK_NORMS, Layer.MASK_DECONV, Layer.MASK_LOGITS)
 # each conv's normalization layer
-NORM_OF: dict[Layer, Layer] = dict(zip(BOX_CONVS + MASK_CONVS, BOX_NORMS + MASK_NORMS))
+NORM_OF: dict[Layer, Layer] = dict(
+    zip(BOX_CONVS + MASK_CONVS + RES5_CONVS, BOX_NORMS + MASK_NORMS + RES5_NORMS)
+)
 # the parameters of a layer; a BatchNorm's running statistics are kept beside them
 WEIGHT, BIAS = "weight", "bias"
 RUNNING_MEAN, RUNNING_VAR = "running_mean", "running_var"
@@ -131,7 +165,7 @@ LAYER_TERMS: dict[Layer, tuple[Term, ...]] = {
     **dict.fromkeys(RPN_CONVS, (Term.RPN_CLS, Term.RPN_BOX)),
     Layer.RPN_LOGITS: (Term.RPN_CLS,),
     Layer.RPN_DELTAS: (Term.RPN_BOX,),
-    **dict.fromkeys(BOX_CONVS + BOX_NORMS + BOX_FCS, _BOX_HEAD_TERMS),
+    **dict.fromkeys(BOX_CONVS + BOX_NORMS + RES5_CONVS + RES5_NORMS + BOX_FCS, _BOX_HEAD_TERMS),
     Layer.BOX_LOGITS: (Term.ROI_CLS,),
     Layer.BOX_DELTAS: (Term.ROI_BOX,),
     **dict.fromkeys(MASK_LAYERS, (Term.ROI_MASK,)),

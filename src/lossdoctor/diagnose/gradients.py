@@ -615,7 +615,13 @@ def _sparse_pool_grads(r: Replay, v: _StageView, rows: Tensor, g: Tensor, feats:
     if v.sh.pos_pooled is None:
         boxes, strides = roi.boxes[rows].detach(), r.batch.strides[: len(feats)]
         v.sh.pos_pooled = multiscale_roi_align(
-            feats, strides, boxes, roi.img[rows], roi.level[rows], v.heads.pool_size, cfg.roi_pool
+            feats,
+            strides,
+            boxes,
+            roi.img[rows],
+            roi.level[rows],
+            v.heads.pool_side(cfg.res5.pool_size),
+            cfg.roi_pool,
         )
     pooled = v.sh.pos_pooled
     scale = cfg.cascade.feature_grad_scale if cfg.cascade.later_stages else 1.0

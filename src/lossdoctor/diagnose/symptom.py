@@ -91,9 +91,15 @@ def _stage_outputs(r: Replay, k: int, rois: Tensor, img: Tensor) -> tuple[Tensor
     cls[hit], reg[hit] = first.cls_logits.detach()[row[hit]], first.deltas.detach()[row[hit]]
     if fresh.numel():
         pooled = multiscale_roi_align(
-            feats, strides, rois[fresh], img[fresh], levels[fresh], heads.pool_size, cfg.roi_pool
+            feats,
+            strides,
+            rois[fresh],
+            img[fresh],
+            levels[fresh],
+            heads.pool_side(cfg.res5.pool_size),
+            cfg.roi_pool,
         )
-        hidden = box_hidden(pooled, heads, cfg.head_norm, train=False)[1]
+        hidden = box_hidden(pooled, heads, cfg.head_norm, train=False, res5=cfg.res5)[1]
         cls[fresh], reg[fresh] = box_predict(hidden, heads)
     return cls, reg
 

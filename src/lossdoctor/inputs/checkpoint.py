@@ -21,6 +21,8 @@ from ..vocab import (
     BOX_LAYERS,
     MASK_CONVS,
     NORM_OF,
+    RES5_BLOCKS,
+    RES5_SHORTCUT,
     RPN_CONVS,
     RUNNING_MEAN,
     RUNNING_VAR,
@@ -112,6 +114,11 @@ class HeadWeights:
         return [x for x in BOX_FCS if x in self.keys]
 
     @property
+    def res5(self) -> bool:
+        """The box head is ResNet's res5 stage (a C4 model), pooled to the config's size."""
+        return Layer.RES5_0_CONV1 in self.keys
+
+    @property
     def box_batch_norm(self) -> bool:
         """The box head has a BatchNorm (its outputs in training depend on the batch)."""
         return any(self.running(n) for c in self.box_convs if (n := self.norm_of(c)))
@@ -120,6 +127,10 @@ class HeadWeights:
     def plain_box_head(self) -> bool:
         """Two fcs and no convs: the box head whose gradients are taken by hand."""
         return not self.box_convs and len(self.box_fcs) == len(BOX_FCS)
+
+    def pool_side(self, res5_size: int) -> int:
+        """The RoIAlign side the box head takes: ``res5_size`` for a res5 head, else P."""
+        return res5_size if self.res5 else self.pool_size
 
     def box_params(self, stage: int = 0) -> list[str]:
         """The canonical names of one box-head stage's parameters."""
@@ -194,7 +205,10 @@ class HeadWeights:
 
     @property
     def pool_size(self) -> int:
-        """RoIAlign output side P, from fc1's input size C * P * P."""
+        """RoIAlign output side P, from fc1's input size C * P * P (0 for a res5 head: its
+        side is the config's, ``res5.pool_size``)."""
+        if self.res5:
+            return 0
         return round((self.weight(Layer.BOX_FC1).shape[1] / self.box_channels) ** 0.5)
 
     @property
@@ -223,6 +237,8 @@ class HeadWeights:
         regression = "class-agnostic" if self.reg_classes == 1 else "per-class"
         fcs = len(self.box_fcs)
         box = f"{self._convs(self.box_convs)}{fcs} fc{'s' * (fcs > 1)}, {regression} regression"
+        if self.res5:
+            box = f"ResNet's res5 with frozen BatchNorm, {regression} regression"
         rpn = len(self.rpn_convs)
         parts = [f"RPN head ({'one 3x3 conv' if rpn == 1 else f'{rpn} 3x3 convs'})",
                  f"box head ({box})"]  # fmt: skip
@@ -466,6 +482,12 @@ def _check_mask(h: HeadWeights) -> None:
 def _check_box(h: HeadWeights, stage: int) -> None:
     """One box head: fc1 over C x P x P pooled inputs, K+1 logits, 4, 4K or 4(K+1) deltas."""
     s = h.stage(stage)
+    if s.res5:
+        width = _check_res5(s)
+        for layer in (Layer.BOX_LOGITS, Layer.BOX_DELTAS):
+            _shape(s, layer, (s.weight(layer).shape[0], width))
+        _check_predictors(h, s, stage)
+        return
     channels = _check_convs(s, s.box_convs, s.channels)
     fc_in = s.weight(Layer.BOX_FC1).shape[1]
     if s.pool_size**2 * channels != fc_in:
@@ -479,6 +501,34 @@ def _check_box(h: HeadWeights, stage: int) -> None:
         width = s.weight(Layer.BOX_FC2).shape[0]
     for layer in (Layer.BOX_LOGITS, Layer.BOX_DELTAS):
         _shape(s, layer, (s.weight(layer).shape[0], width))
+    _check_predictors(h, s, stage)
+
+
+def _check_res5(s: HeadWeights) -> int:
+    """res5's blocks: 1x1, 3x3, 1x1 convs from the features' channels (the first block's
+    shortcut 1x1 too), each norm's vectors → the channels out."""
+    cin = s.channels
+    for block in RES5_BLOCKS:
+        x = cin
+        for conv, k in zip(block, (PREDICTOR_KERNEL, RPN_CONV_KERNEL, PREDICTOR_KERNEL)):
+            cout = s.weight(conv).shape[0]
+            _shape(s, conv, (cout, x, k, k))
+            for kind in (WEIGHT, BIAS, RUNNING_MEAN, RUNNING_VAR):
+                _check_vector(s, param(NORM_OF[conv], kind), cout)
+            x = cout
+        if block is RES5_BLOCKS[0]:
+            _shape(s, RES5_SHORTCUT, (x, cin, PREDICTOR_KERNEL, PREDICTOR_KERNEL))
+            for kind in (WEIGHT, BIAS, RUNNING_MEAN, RUNNING_VAR):
+                _check_vector(s, param(NORM_OF[RES5_SHORTCUT], kind), x)
+        elif x != cin:
+            key = s.keys[block[2]]
+            raise InputError(f"checkpoint '{key}' gives {x} channels, its block takes {cin}")
+        cin = x
+    return cin
+
+
+def _check_predictors(h: HeadWeights, s: HeadWeights, stage: int) -> None:
+    """K+1 logits (every stage the same), 4, 4K or 4(K+1) deltas."""
     if stage and s.num_logits != h.num_logits:
         key = h.file_key(param(Layer.BOX_LOGITS, WEIGHT, stage))
         raise InputError(f"checkpoint '{key}' has {s.num_logits} classes, stage 0 {h.num_logits}")

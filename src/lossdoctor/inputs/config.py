@@ -242,6 +242,23 @@ class HeadNormConfig:
 
 
 @dataclass(frozen=True)
+class Res5Config:
+    """A C4 model's box head, ResNet's res5 stage on the RoIs of one feature map (Detectron2's
+    Res5ROIHeads, MMDetection's ResLayer shared head): the RoIAlign side ``pool_size`` (the
+    first block halves it), where the first block strides: in its 1x1 conv (Detectron2's
+    STRIDE_IN_1X1, MMDetection's caffe style) or its 3x3 conv (pytorch style), and whether its
+    BatchNorms are frozen (Detectron2's FrozenBatchNorm2d, MMDetection's norm_eval): they then
+    normalize by their running statistics in training too."""
+
+    pool_size: int = 14
+    stride_in_1x1: bool = True
+    frozen_norm: bool = True
+
+    def __post_init__(self):
+        check_count(self.pool_size, "res5.pool_size")
+
+
+@dataclass(frozen=True)
 class CascadeConfig:
     """Cascade R-CNN's stages after the first (the first is ``roi_matcher``, ``roi_sampler``
     and ``roi_coder``): per stage its IoU threshold, box coder weights and loss weight.
@@ -306,6 +323,7 @@ class DetectorConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     head_norm: HeadNormConfig = field(default_factory=HeadNormConfig)
+    res5: Res5Config = field(default_factory=Res5Config)
 
     def __post_init__(self):
         object.__setattr__(self, "ranking", as_member(Ranking, self.ranking, "ranking"))

@@ -12,6 +12,8 @@ from ..vocab import (
     MASK_CONVS,
     MASK_NORMS,
     NORM_OF,
+    RES5_BLOCKS,
+    RES5_SHORTCUT,
     RPN_LAYERS,
     WEIGHT,
     Background,
@@ -65,6 +67,31 @@ LAYOUTS: dict[Layout, dict[Layer, tuple[str, ...]]] = {
         Layer.BOX_DELTAS: ("roi_heads.box_predictor.bbox_pred",),
     },
 }  # fmt: skip
+# A C4 model's res5 box head: each block's convs and norms, the first block's shortcut.
+RES5_LAYOUTS: dict[Layout, dict[Layer, str]] = {
+    Layout.MMDET: {
+        **{c: f"roi_head.shared_head.layer4.{b}.conv{i + 1}"
+           for b, block in enumerate(RES5_BLOCKS) for i, c in enumerate(block)},
+        **{NORM_OF[c]: f"roi_head.shared_head.layer4.{b}.bn{i + 1}"
+           for b, block in enumerate(RES5_BLOCKS) for i, c in enumerate(block)},
+        RES5_SHORTCUT: "roi_head.shared_head.layer4.0.downsample.0",
+        NORM_OF[RES5_SHORTCUT]: "roi_head.shared_head.layer4.0.downsample.1",
+    },
+    Layout.DETECTRON2: {
+        **{c: f"roi_heads.res5.{b}.conv{i + 1}"
+           for b, block in enumerate(RES5_BLOCKS) for i, c in enumerate(block)},
+        **{NORM_OF[c]: f"roi_heads.res5.{b}.conv{i + 1}.norm"
+           for b, block in enumerate(RES5_BLOCKS) for i, c in enumerate(block)},
+        RES5_SHORTCUT: "roi_heads.res5.0.shortcut",
+        NORM_OF[RES5_SHORTCUT]: "roi_heads.res5.0.shortcut.norm",
+    },
+}  # fmt: skip
+# the mask head's module, which a C4 model runs on res5's features (not replayed)
+MASK_ROOTS: dict[Layout, str] = {
+    Layout.TORCHVISION: "roi_heads.mask_head",
+    Layout.MMDET: "roi_head.mask_head",
+    Layout.DETECTRON2: "roi_heads.mask_head",
+}
 # torchvision's FastRCNNConvFCHead (v2) is one nn.Sequential: its conv blocks, a Flatten, then
 # each fc and its ReLU; the fcs are the numbered children with a 2-d weight, in order.
 SEQUENTIAL_BOX_HEADS: dict[Layout, str] = {Layout.TORCHVISION: "roi_heads.box_head"}
@@ -161,7 +188,7 @@ DESIGNS: dict[Layout, tuple[tuple[str, str], ...]] = {
     ),
     Layout.DETECTRON2: (
         ("proposal_generator.rpn_head.conv.conv2", "an RPN head with more than 2 convs"),
-        ("roi_heads.res5", "Res5ROIHeads (a C4 model: the box head is ResNet's res5)"),
+        ("roi_heads.res5", "Res5ROIHeads with a res5 unlike ResNet's (3 bottleneck blocks)"),
         ("roi_heads.box_head.conv5", "box head FastRCNNConvFCHead with more than 4 convs"),
         ("roi_heads.box_head.fc3", "box head FastRCNNConvFCHead with more than 2 fcs"),
     ),
@@ -257,8 +284,12 @@ def _box(sd: dict, layout: Layout) -> dict[Layer, str] | None:
     fcs = {fc: p for fc in BOX_FCS if (p := _first(sd, table[fc])) is not None}
     fcs = fcs or _sequential_fcs(sd, layout)
     predictors = {x: _first(sd, table[x]) for x in (Layer.BOX_LOGITS, Layer.BOX_DELTAS)}
-    if Layer.BOX_FC1 not in fcs or None in predictors.values():
+    if None in predictors.values():
         return None
+    if Layer.BOX_FC1 not in fcs:
+        res5 = RES5_LAYOUTS.get(layout, {})
+        whole = res5 and all(f"{p}.{WEIGHT}" in sd for p in res5.values())
+        return {**res5, **predictors} if whole else None
     return _convs(sd, table, BOX_CONVS) | fcs | predictors
 
 
@@ -278,7 +309,11 @@ def find_keys(sd: dict, layout: Layout) -> FoundKeys | None:
     else:
         stages = []
     partial = [f"{m} ({what})" for m, what in PARTIAL[layout].items() if _under(sd, m)]
-    return FoundKeys(keys={**rpn, **box, **_mask(sd, layout)}, stages=stages,
+    mask = _mask(sd, layout)
+    if mask and Layer.RES5_0_CONV1 in box:  # a C4 model's mask head runs on res5's features
+        mask = {}
+        partial.append(f"{MASK_ROOTS[layout]} (a mask head on res5's features: C4)")
+    return FoundKeys(keys={**rpn, **box, **mask}, stages=stages,
                      unreplayed=_stage_masks(sd, layout) + partial)  # fmt: skip
 
 

@@ -13,11 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..inputs.checkpoint import BOX_COORDS, HeadWeights
-from ..inputs.config import HeadNormConfig
-from ..vocab import Layer
+from ..inputs.config import HeadNormConfig, Res5Config
+from ..vocab import NORM_OF, RES5_BLOCKS, RES5_SHORTCUT, Layer
 
 # the RPN's 3x3 conv keeps the feature size
 RPN_CONV_PADDING = 1
+# res5's first block halves the RoI side
+RES5_STRIDE = 2
+DEFAULT_RES5 = Res5Config()
 
 
 @dataclass(kw_only=True)
@@ -90,12 +93,45 @@ def rpn_head(feature: Tensor, w: HeadWeights) -> RpnLevelOutput:
     return RpnLevelOutput(hidden=hidden, logits=logits, deltas=deltas)
 
 
+def _res_conv(x: Tensor, w: HeadWeights, conv: Layer, cfg: HeadNormConfig, train: bool, **kw):
+    """One conv of a res5 block and its norm (no ReLU)."""
+    return head_norm(F.conv2d(x, w.weight(conv), w.bias(conv), **kw), w, NORM_OF[conv], cfg, train)
+
+
+def res5_head(
+    pooled: Tensor, w: HeadWeights, cfg: HeadNormConfig, res5: Res5Config, *, train: bool = True
+) -> Tensor:
+    """ResNet's res5 on the RoIs, then the mean over its output: Tensor[R, C, S, S] →
+    Tensor[R, C']. Each bottleneck block: 1x1, 3x3, 1x1 convs with their norms, ReLU after the
+    first two and after the sum with the shortcut (the first block's: a strided 1x1 conv)."""
+    train = train and not res5.frozen_norm
+    x = pooled
+    for b, (c1, c2, c3) in enumerate(RES5_BLOCKS):
+        stride = RES5_STRIDE if b == 0 else 1
+        s1, s2 = (stride, 1) if res5.stride_in_1x1 else (1, stride)
+        out = F.relu(_res_conv(x, w, c1, cfg, train, stride=s1))
+        out = F.relu(_res_conv(out, w, c2, cfg, train, stride=s2, padding=RPN_CONV_PADDING))
+        out = _res_conv(out, w, c3, cfg, train)
+        short = _res_conv(x, w, RES5_SHORTCUT, cfg, train, stride=stride) if b == 0 else x
+        x = F.relu(out + short)
+    return x.mean((2, 3))
+
+
 def box_hidden(
-    pooled: Tensor, w: HeadWeights, cfg: HeadNormConfig, *, train: bool = True
+    pooled: Tensor,
+    w: HeadWeights,
+    cfg: HeadNormConfig,
+    *,
+    train: bool = True,
+    res5: Res5Config = DEFAULT_RES5,
 ) -> tuple[Tensor, Tensor]:
     """Tensor[R, C, P, P] → (after fc1 + ReLU, after the last fc + ReLU), each Tensor[R, F]:
     the conv blocks first, where the head has them (in training mode unless ``train`` is
-    false: a BatchNorm then uses its running statistics)."""
+    false: a BatchNorm then uses its running statistics). A res5 head gives its pooled output
+    as both."""
+    if w.res5:
+        hidden = res5_head(pooled, w, cfg, res5, train=train)
+        return hidden, hidden
     x = pooled
     for conv in w.box_convs:
         x = conv_block(x, w, conv, cfg, train=train)

@@ -119,9 +119,17 @@ def classification_loss(
         levels = map_levels(boxes, strides, config.roi_pool)
         feats = [f.detach() for f in features]
         pooled = multiscale_roi_align(
-            feats, strides, boxes, img, levels, heads.pool_size, config.roi_pool
+            feats,
+            strides,
+            boxes,
+            img,
+            levels,
+            heads.pool_side(config.res5.pool_size),
+            config.roi_pool,
         )
-        cls, _ = box_predict(box_hidden(pooled, heads, config.head_norm)[1], heads)
+        cls, _ = box_predict(
+            box_hidden(pooled, heads, config.head_norm, res5=config.res5)[1], heads
+        )
         bg = torch.full_like(fg_class, heads.bg_col)
         return ce_loss(cls, torch.where(fg_class >= 0, heads.fg_logit(fg_class.clamp(min=0)), bg))
 
@@ -256,12 +264,18 @@ def roi_stage(
 ) -> RoiStage:
     """Pool the sampled RoIs from their levels, run the box head, collect each level's samples."""
     pooled = multiscale_roi_align(
-        features, strides, s.boxes, s.img, s.level, heads.pool_size, config.roi_pool
+        features,
+        strides,
+        s.boxes,
+        s.img,
+        s.level,
+        heads.pool_side(config.res5.pool_size),
+        config.roi_pool,
     )
     scale = config.cascade.feature_grad_scale
     if config.cascade.later_stages and scale != 1.0:
         pooled = ScaleGrad.apply(pooled, scale)
-    hidden1, hidden = box_hidden(pooled, heads, config.head_norm)
+    hidden1, hidden = box_hidden(pooled, heads, config.head_norm, res5=config.res5)
     cls_logits, deltas = box_predict(hidden, heads)
     fg = s.fg_class >= 0
     bg = torch.full_like(s.fg_class, heads.bg_col)
