@@ -37,8 +37,8 @@ MODELS_TRIED = {
     "COCO-InstanceSegmentation/mask_rcnn_R_50_DC5_1x.yaml": ("exact", ""),
     "Misc/mask_rcnn_R_50_FPN_1x_cls_agnostic.yaml": ("exact", ""),
     "Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml": ("exact", ""),
-    "COCO-Detection/faster_rcnn_R_50_C4_1x.yaml": ("refused", "Res5ROIHeads"),
-    "COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml": ("refused", "Res5ROIHeads"),
+    "COCO-Detection/faster_rcnn_R_50_C4_1x.yaml": ("exact", ""),
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml": ("partial", ""),
     "Misc/mask_rcnn_R_50_FPN_3x_gn.yaml": ("exact", ""),
     "COCO-Detection/rpn_R_50_FPN_1x.yaml": ("refused", "ProposalNetwork"),
     "COCO-Detection/retinanet_R_50_FPN_1x.yaml": ("refused", "RetinaNet, a one-stage detector"),
@@ -93,7 +93,8 @@ def _replayed(folder, losses: dict) -> dict:
     rep = F.inspect_json(folder, "--sample-all")
     own = rep["meta"]["run"]["profile"]
     row = next(x for x in rep["tables"]["profiles"] if x["profile"] == own)
-    want = {t: losses[k] for t, k in TERMS.items() if k in losses}
+    # (a term the replay names as not replayed has no value)
+    want = {t: losses[k] for t, k in TERMS.items() if k in losses and row.get(t) is not None}
     got = {t: row[t] for t in want}
     for r in rep["tables"]["levels"]:
         k = r["stage"]
@@ -130,6 +131,8 @@ def test_every_config_is_replayed_exactly_or_refused_by_name(tmp_path, path):
     assert gaps and max(gaps.values()) <= REL, gaps
     covered = set(gaps) | {TERMS[t] for t in gaps if t in TERMS}
     left = sorted(set(losses) - covered)
-    assert left == [], left
+    assert left == (["loss_mask"] if outcome == "partial" else []), left
     detail = f"max rel. gap {max(gaps.values()):.1e} over {len(gaps)} terms"
+    if left:
+        detail += f"; not replayed: {', '.join(left)}"
     F.record_coverage("detectron2", version, name, outcome, detail)

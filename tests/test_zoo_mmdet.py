@@ -54,7 +54,7 @@ MODELS_TRIED = {
     "faster_rcnn/faster-rcnn_r50_fpn_ohem_1x_coco.py": ("exact", ""),
     "faster_rcnn/faster-rcnn_r50_fpn_soft-nms_1x_coco.py": ("refused", "soft_nms"),
     "faster_rcnn/faster-rcnn_r50_fpn_fcos-rpn_1x_coco.py": ("refused", "FCOSHead"),
-    "faster_rcnn/faster-rcnn_r50-caffe_c4-1x_coco.py": ("refused", "BBoxHead"),
+    "faster_rcnn/faster-rcnn_r50-caffe_c4-1x_coco.py": ("exact", ""),
     "libra_rcnn/libra-faster-rcnn_r50_fpn_1x_coco.py": ("exact", ""),
     "gn/mask-rcnn_r50_fpn_gn-all_2x_coco.py": ("exact", ""),
     "gn+ws/faster-rcnn_r50_fpn_gn-ws-all_1x_coco.py": ("exact", ""),
@@ -99,6 +99,8 @@ def model_config(path: str):
     cfg = Config.fromfile(os.path.join(CONFIGS, path))
     m = cfg.model
     m.backbone.init_cfg = None
+    if m.get("roi_head", {}).get("shared_head") is not None:  # (a C4 head's pretrained res5)
+        m.roi_head.shared_head.init_cfg = None
     for name in ("bbox_head", "mask_head"):
         _set(m.get("roi_head", {}).get(name), "num_classes", 3)
     _set(m.get("bbox_head"), "num_classes", 3)

@@ -59,6 +59,8 @@ MAX_RPN_CONVS, MAX_HEAD_CONVS, MAX_BOX_FCS = len(RPN_CONVS), len(BOX_CONVS), len
 # normalizes by the batch in training (None: by each RoI, GroupNorm; False: by its running
 # statistics always, Detectron2's FrozenBatchNorm2d)
 HEAD_NORMS = {"BatchNorm2d": True, "GroupNorm": None, "FrozenBatchNorm2d": False}
+# the eps of a res5 head's norms (the head_norm default they run with)
+BN_EPS = HeadNormConfig.eps
 # the convs the replay runs, by class name → whether they standardize their weights
 HEAD_CONVS = {"Conv2d": False, "ConvWS2d": True}
 # a head conv's kernel, stride, padding, dilation and groups (each conv block keeps the RoI size)

@@ -34,6 +34,7 @@ from ..inputs.config import (
     MaskConfig,
     MatcherConfig,
     ProposalConfig,
+    Res5Config,
     RoIPoolConfig,
     SamplerConfig,
     TestConfig,
@@ -43,6 +44,8 @@ from ..inputs.errors import InputError
 from ..inputs.profiles import detectron2 as builtin_profile
 from ..vocab import CascadeScores, Framework, LossKind, Mapper, MaskTarget, Ranking, Term
 from .common import (
+    BN_EPS,
+    HEAD_NORMS,
     MAX_BOX_FCS,
     MAX_HEAD_CONVS,
     MAX_RPN_CONVS,
@@ -52,6 +55,7 @@ from .common import (
     has_norm,
     head_norm_config,
     is_a,
+    is_norm,
     kind,
     level_names,
     not_replayed,
@@ -155,7 +159,7 @@ def _cascade(roi) -> CascadeConfig:
 def _mask(roi) -> MaskConfig:
     """The mask head's pooling (as the box head's, which lossdoctor uses for both) and mask size
     (the pooled size doubled by the deconvolution)."""
-    if not getattr(roi, "mask_on", False):
+    if not getattr(roi, "mask_on", False) or kind(roi) in RES5_HEADS:
         return MaskConfig(target=MaskTarget.DETECTRON2)
     if roi.mask_pooler is None:
         raise InputError("a mask head without a mask pooler is not supported")
@@ -171,11 +175,41 @@ def _mask(roi) -> MaskConfig:
 
 
 # What the replay runs, by class name (exactly: another class computes its loss its own way)
-ROI_HEADS = ("StandardROIHeads", "CascadeROIHeads")
+ROI_HEADS = ("StandardROIHeads", "CascadeROIHeads", "Res5ROIHeads")
+# a C4 model's RoI heads: res5 as the box head (its mask head, on res5's output, not replayed)
+RES5_HEADS = ("Res5ROIHeads",)
+RES5_BLOCKS = 3
 ROI_ALIGN = ("ROIAlign",)
 
 
+def _res5(roi) -> Res5Config:
+    """Res5ROIHeads' res5: 3 BottleneckBlocks, undilated, frozen or plain BatchNorms; where the
+    first block strides, whether its norms are frozen, the RoIAlign side."""
+    blocks = list(roi.res5)
+    if len(blocks) != RES5_BLOCKS or any(kind(b) != "BottleneckBlock" for b in blocks):
+        raise not_replayed(f"Res5ROIHeads with res5 of {len(blocks)} {kind(blocks[0])}s "
+                           f"({RES5_BLOCKS} BottleneckBlocks are replayed)")  # fmt: skip
+    if any(tuple(b.conv2.dilation) != (1, 1) for b in blocks):
+        raise not_replayed("Res5ROIHeads with a dilated res5 (RES5_DILATION)")
+    norms = [m for b in blocks for m in b.modules() if is_norm(m)]
+    frozen = {kind(m) == "FrozenBatchNorm2d" or not m.training for m in norms}
+    if len(frozen) > 1 or any(kind(m) not in HEAD_NORMS or float(m.eps) != BN_EPS for m in norms):
+        raise not_replayed("Res5ROIHeads with norms other than one kind of BatchNorm (eps 1e-5)")
+    return Res5Config(pool_size=int(roi.pooler.output_size[0]),
+                      stride_in_1x1=tuple(blocks[0].conv1.stride) != (1, 1),
+                      frozen_norm=frozen.pop())  # fmt: skip
+
+
+def _pooler(roi):
+    """The box head's pooler (Res5ROIHeads calls it ``pooler``)."""
+    return roi.pooler if kind(roi) in RES5_HEADS else roi.box_pooler
+
+
 def _box_heads(roi) -> None:
+    if kind(roi) in RES5_HEADS:
+        _res5(roi)
+        require("box predictor", roi.box_predictor, ("FastRCNNOutputLayers",))
+        return
     for head in _stages(roi.box_head):
         require("box head", head, ("FastRCNNConvFCHead",))
         convs, fcs = len(head.conv_norm_relus), len(head.fcs)
@@ -216,13 +250,16 @@ def architecture(model) -> None:
         raise not_replayed("an RPN head with a norm layer")
     require("RoI heads", roi, ROI_HEADS)
     _box_heads(roi)
-    require("RoI pooler", roi.box_pooler.level_poolers[0], ROI_ALIGN)
+    require("RoI pooler", _pooler(roi).level_poolers[0], ROI_ALIGN)
     _mask_head(roi)
     head_norm_config(_conv_heads(roi))
 
 
 def _conv_heads(roi) -> list[torch.nn.Module]:
-    """The box heads (each stage's) and the mask head, whose conv blocks the replay runs."""
+    """The box heads (each stage's) and the mask head, whose conv blocks the replay runs (a C4
+    model's res5 is read by :func:`_res5`, its mask head not replayed)."""
+    if kind(roi) in RES5_HEADS:
+        return []
     return [*_stages(roi.box_head), *([roi.mask_head] if getattr(roi, "mask_on", False) else [])]
 
 
@@ -251,7 +288,7 @@ def detector_config(model) -> DetectorConfig:
             add_gt=bool(roi.proposal_append_gt),
         ),  # fmt: skip
         roi_coder=_coder(pred.box2box_transform),
-        roi_pool=_pool(roi.box_pooler),
+        roi_pool=_pool(_pooler(roi)),
         test=TestConfig(
             score_thr=float(pred.test_score_thresh),
             nms_iou=float(pred.test_nms_thresh),
@@ -261,6 +298,7 @@ def detector_config(model) -> DetectorConfig:
         mask=_mask(roi),
         cascade=_cascade(roi),
         head_norm=head_norm_config(_conv_heads(roi)),
+        res5=_res5(roi) if kind(roi) in RES5_HEADS else Res5Config(),
     )
 
 

@@ -36,6 +36,7 @@ from ..inputs.config import (
     MaskConfig,
     MatcherConfig,
     ProposalConfig,
+    Res5Config,
     RoIPoolConfig,
     SamplerConfig,
     TestConfig,
@@ -47,6 +48,7 @@ from ..replay.losses import BALANCED_L1_ALPHA, BALANCED_L1_GAMMA, BOUNDED_IOU_EP
 from ..replay.sampler import IOU_FLOOR
 from ..vocab import Framework, LossKind, Mapper, MaskTarget, Part, Ranking, Term
 from .common import (
+    BN_EPS,
     MAX_BOX_FCS,
     MAX_HEAD_CONVS,
     MAX_RPN_CONVS,
@@ -56,6 +58,7 @@ from .common import (
     has_norm,
     head_norm_config,
     is_a,
+    is_norm,
     kind,
     level_names,
     not_replayed,
@@ -77,6 +80,8 @@ INSTANCE_BALANCED, IOU_BALANCED = "InstanceBalancedPosSampler", "IoUBalancedNegS
 # What the replay runs, by class name (exactly: another class computes its loss its own way)
 TWO_STAGE = ("FasterRCNN", "MaskRCNN", "CascadeRCNN", "TwoStageDetector")
 ROI_HEADS = ("StandardRoIHead", "CascadeRoIHead", "DynamicRoIHead")
+# a C4 model's shared head (ResNet's res5) has this many blocks
+RES5_BLOCKS = 3
 # RoI heads whose assigner thresholds and box-loss beta change as they train (Dynamic R-CNN):
 # read off the live head at each training forward, not from train_cfg
 ADAPTIVE_ROI_HEADS = ("DynamicRoIHead",)
@@ -261,6 +266,11 @@ def _box_head(head) -> None:
         layers = layers and layers.format(*counts[:4]) + "{}+{} reg convs/fcs)".format(*counts[4:])
         layers += ", with_avg_pool" if pooled else ""
         raise not_replayed(f"box head {kind(head)}{_norm(head)}{layers}")
+    _box_loss_options(head)
+
+
+def _box_loss_options(head) -> None:
+    """A box head's coder and box loss, as the replay runs them."""
     require("box coder", head.bbox_coder, CODERS)
     if getattr(head.bbox_coder, "add_ctr_clamp", False):
         raise not_replayed("a box coder with add_ctr_clamp=True")
@@ -295,10 +305,44 @@ def _assignment(what: str, stage_cfg, samplers=(RANDOM, PSEUDO)) -> None:
     _require_cfg(f"{what} sampler", sampler, samplers)
 
 
+def _side(size) -> int:
+    """A square size given as one int or as (h, w)."""
+    return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
+
+
+def _res_layer(roi) -> Res5Config:
+    """A C4 model's shared head (ResLayer: ResNet's res5, 3 undilated Bottlenecks with BatchNorm)
+    and its BBoxHead averaging res5's whole output: where the first block strides, whether its
+    norms are frozen (norm_eval), the RoIAlign side."""
+    shared = roi.shared_head
+    require("shared head", shared, ("ResLayer",))
+    blocks = list(getattr(shared, f"layer{shared.stage + 1}"))
+    if len(blocks) != RES5_BLOCKS or any(kind(b) != "Bottleneck" for b in blocks):
+        raise not_replayed(f"ResLayer of {len(blocks)} blocks ({RES5_BLOCKS} Bottlenecks are "
+                           "replayed)")  # fmt: skip
+    if any(tuple(b.conv2.dilation) != (1, 1) or b.with_plugins or b.with_dcn for b in blocks):
+        raise not_replayed("a ResLayer with dilation, plugins or DCN")
+    norms = [m for b in blocks for m in b.modules() if is_norm(m)]
+    if any(kind(m) != "BatchNorm2d" or float(m.eps) != BN_EPS for m in norms):
+        raise not_replayed("a ResLayer with norms other than BatchNorm2d (eps 1e-5)")
+    pool = _side(_first(roi.bbox_roi_extractor).roi_layers[0].output_size)
+    for head in _stages(roi.bbox_head):
+        require("box head on a shared head", head, ("BBoxHead",))
+        if not head.with_avg_pool or 2 * _side(head.roi_feat_size) != pool:
+            raise not_replayed("a BBoxHead that does not average res5's whole output")
+    return Res5Config(pool_size=pool, stride_in_1x1=tuple(blocks[0].conv1.stride) != (1, 1),
+                      frozen_norm=bool(shared.norm_eval))  # fmt: skip
+
+
 def _roi_head(roi, train) -> None:
     require("RoI head", roi, ROI_HEADS)
-    for head in _stages(roi.bbox_head):
-        _box_head(head)
+    if getattr(roi, "shared_head", None) is not None:
+        _res_layer(roi)
+        for head in _stages(roi.bbox_head):
+            _box_loss_options(head)
+    else:
+        for head in _stages(roi.bbox_head):
+            _box_head(head)
     for ext in _stages(roi.bbox_roi_extractor):
         require("RoI extractor", ext, EXTRACTORS)
         require("RoI layer", ext.roi_layers[0], ROI_LAYERS)
@@ -352,7 +396,7 @@ def architecture(model) -> None:
 def _conv_heads(roi) -> list[torch.nn.Module]:
     """The box heads (each stage's) and the mask head, whose conv blocks the replay runs."""
     masks = _stages(roi.mask_head) if getattr(roi, "with_mask", False) else []
-    return [*_stages(roi.bbox_head), *masks]
+    return [*_stages(roi.bbox_head), *masks] if not roi.with_shared_head else []
 
 
 def _nms(train, test) -> None:
@@ -407,6 +451,7 @@ def detector_config(model) -> DetectorConfig:
         mask=_mask(model),
         cascade=_cascade(model),
         head_norm=head_norm_config(_conv_heads(model.roi_head)),
+        res5=_res_layer(model.roi_head) if model.roi_head.with_shared_head else Res5Config(),
     )
 
 
