@@ -283,6 +283,41 @@ def c4_state_dict(layout="detectron2", channels=8, mid=4, out=16, anchors=15, cl
     return sd
 
 
+def double_head_state_dict(channels=8, width=16, blocks=2, hidden=32, classes=3, seed=0):
+    """MMDetection's double head (DoubleConvFCBBoxHead) in its layout: the RPN, a residual block
+    (3x3 conv keeping ``channels``, 1x1 to ``width``, a 1x1 identity projection) and ``blocks``
+    bottlenecks (width / 4 inside) with BatchNorms
+    regressing (class-agnostic), two fcs classifying."""
+    from lossdoctor.inputs.layouts import DOUBLE_HEAD_LAYOUTS
+    from lossdoctor.vocab import DH_BLOCKS, DH_RES, NORM_OF, Layer
+
+    g = torch.Generator().manual_seed(seed + 13)
+    sd = cascade_state_dict("mmdet", stages=1, channels=channels, classes=classes, seed=seed)
+    sd = {
+        k.replace(".bbox_head.0.", ".bbox_head."): v for k, v in sd.items() if "shared_fcs" not in k
+    }
+    keys = DOUBLE_HEAD_LAYOUTS["mmdet"]
+    mid = width // 4
+    shapes = dict(
+        zip(DH_RES, [(width, channels, 3, 3), (width, width, 1, 1), (width, channels, 1, 1)])
+    )
+    for block in DH_BLOCKS[:blocks]:
+        shapes |= dict(zip(block, [(mid, width, 1, 1), (mid, mid, 3, 3), (width, mid, 1, 1)]))
+    for conv, shape in shapes.items():
+        sd[f"{keys[conv]}.weight"] = (
+            torch.randn(*shape, generator=g) * (2 / (shape[1] * shape[2] ** 2)) ** 0.5
+        )
+        for k, t in _norm_tensors(shape[0], g, True).items():
+            sd[f"{keys[NORM_OF[conv]]}.{k}"] = t
+    for fc, width_in in ((Layer.BOX_FC1, channels * 49), (Layer.BOX_FC2, hidden)):
+        sd[f"{keys[fc]}.weight"] = torch.randn(hidden, width_in, generator=g) * 0.05
+        sd[f"{keys[fc]}.bias"] = torch.randn(hidden, generator=g) * 0.05
+    sd["roi_head.bbox_head.fc_cls.weight"] = torch.randn(classes + 1, hidden, generator=g) * 0.1
+    sd["roi_head.bbox_head.fc_reg.weight"] = torch.randn(4, width, generator=g) * 0.01
+    sd["roi_head.bbox_head.fc_reg.bias"] = torch.zeros(4)
+    return sd
+
+
 def box_masks(boxes: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
     """Per image, each box filled as its mask (bool Tensor[K, H, W] at the image size)."""
     h, w = size

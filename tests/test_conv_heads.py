@@ -162,3 +162,57 @@ def test_a_c4_mask_head_is_named_not_replayed():
     heads = heads_from_state_dict(sd)
     assert not heads.has_mask
     assert heads.unreplayed == ["roi_heads.mask_head (a mask head on res5's features: C4)"]
+
+
+def _conv_bn(sd: dict, conv: str, bn: str, x: torch.Tensor, **kw) -> torch.Tensor:
+    """A bias-free conv and a BatchNorm in training mode, from torch.nn modules."""
+    w = sd[f"{conv}.weight"]
+    module = nn.Conv2d(w.shape[1], w.shape[0], w.shape[2], bias=False, **kw)
+    norm = nn.BatchNorm2d(w.shape[0]).train()
+    module.weight.data = w
+    norm.weight.data, norm.bias.data = sd[f"{bn}.weight"], sd[f"{bn}.bias"]
+    return norm(module(x))
+
+
+def test_double_head_is_the_torch_modules_forward():
+    """MMDetection's DoubleConvFCBBoxHead: fcs on the RoIs classify; the regression branch, on
+    the RoIs scaled by 1.3 about their centres, is a residual block (3x3 + 1x1, a 1x1 identity
+    projection), the bottlenecks, then the average over the RoI."""
+    import dataclasses
+
+    from lossdoctor.replay.boxes import scaled_about_centre
+    from lossdoctor.replay.heads import box_head
+
+    sd = F.double_head_state_dict()
+    heads = heads_from_state_dict(sd)
+    g = torch.Generator().manual_seed(8)
+    pooled, pooled_reg = torch.randn(6, 8, 7, 7, generator=g), torch.randn(6, 8, 7, 7, generator=g)
+    b = "roi_head.bbox_head"
+    r = f"{b}.res_block"
+    out = torch.relu(_conv_bn(sd, f"{r}.conv1.conv", f"{r}.conv1.bn", pooled_reg, padding=1))
+    out = _conv_bn(sd, f"{r}.conv2.conv", f"{r}.conv2.bn", out)
+    x = torch.relu(
+        out + _conv_bn(sd, f"{r}.conv_identity.conv", f"{r}.conv_identity.bn", pooled_reg)
+    )
+    for k in range(2):
+        p = f"{b}.conv_branch.{k}"
+        y = torch.relu(_conv_bn(sd, f"{p}.conv1", f"{p}.bn1", x))
+        y = torch.relu(_conv_bn(sd, f"{p}.conv2", f"{p}.bn2", y, padding=1))
+        x = torch.relu(_conv_bn(sd, f"{p}.conv3", f"{p}.bn3", y) + x)
+    want_reg = nn.functional.linear(
+        x.mean((2, 3)), sd[f"{b}.fc_reg.weight"], sd[f"{b}.fc_reg.bias"]
+    )
+    h = pooled.flatten(1)
+    for j in (0, 1):
+        h = torch.relu(
+            nn.functional.linear(h, sd[f"{b}.fc_branch.{j}.weight"], sd[f"{b}.fc_branch.{j}.bias"])
+        )
+    want_cls = nn.functional.linear(h, sd[f"{b}.fc_cls.weight"], sd[f"{b}.fc_cls.bias"])
+    got = box_head(pooled, pooled_reg, heads, preset("mmdet"))
+    assert torch.allclose(got.cls, want_cls, atol=1e-5)
+    assert torch.allclose(got.deltas.flatten(1), want_reg, atol=1e-5)
+    # RoIs scaled about their centres: (10, 20)-(30, 60) by 1.3 → (7, 14)-(33, 66)
+    assert scaled_about_centre(torch.tensor([[10.0, 20.0, 30.0, 60.0]]), 1.3).tolist() == [
+        pytest.approx([7.0, 14.0, 33.0, 66.0])
+    ]
+    assert dataclasses.replace(preset("mmdet")).roi_pool.reg_scale == 1.3

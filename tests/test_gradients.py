@@ -55,12 +55,14 @@ PROFILES = [p() for p in BUILTIN.values()] + [
 
 # the heads whose gradients are checked: the two-fc box head (by hand), and the heads with
 # conv blocks and two RPN convs (torchvision v2 with BatchNorm, GroupNorm, one fc; autograd),
-# and a C4 model's res5 on one level (stride 16, 15 anchors per location)
+# a C4 model's res5 on one level (stride 16, 15 anchors per location), and MMDetection's double
+# head (its regression branch on RoIs scaled by 1.3, BatchNorm in training)
 HEADS = {
     "fc": lambda: F.state_dict(),
     "v2-bn": lambda: F.v2_state_dict(norm="bn", mask=True),
     "gn-2fc": lambda: F.v2_state_dict(norm="gn", convs=2, fcs=2),
     "c4": lambda: F.c4_state_dict(),
+    "double-head": lambda: F.double_head_state_dict(),
 }
 
 

@@ -58,7 +58,7 @@ MODELS_TRIED = {
     "libra_rcnn/libra-faster-rcnn_r50_fpn_1x_coco.py": ("exact", ""),
     "gn/mask-rcnn_r50_fpn_gn-all_2x_coco.py": ("exact", ""),
     "gn+ws/faster-rcnn_r50_fpn_gn-ws-all_1x_coco.py": ("exact", ""),
-    "double_heads/dh-faster-rcnn_r50_fpn_1x_coco.py": ("refused", "DoubleHeadRoIHead"),
+    "double_heads/dh-faster-rcnn_r50_fpn_1x_coco.py": ("exact", ""),
     "dynamic_rcnn/dynamic-rcnn_r50_fpn_1x_coco.py": ("exact", ""),
     "pisa/faster-rcnn_r50_fpn_pisa_1x_coco.py": ("refused", "PISARoIHead"),
     "sabl/sabl-faster-rcnn_r50_fpn_1x_coco.py": ("refused", "SABLHead"),

@@ -107,6 +107,39 @@ class Layer(StrEnum):
     RES5_2_NORM3 = "res5_2_norm3"
     RES5_0_SHORTCUT = "res5_0_shortcut"
     RES5_0_SHORTCUT_NORM = "res5_0_shortcut_norm"
+    # MMDetection's double head (DoubleConvFCBBoxHead): the regression branch's residual block
+    # (a 3x3 and a 1x1 conv, a 1x1 identity projection) and up to 4 bottleneck blocks, each conv
+    # with its BatchNorm; the classification branch is the fcs
+    DH_RES_CONV1 = "dh_res_conv1"
+    DH_RES_NORM1 = "dh_res_norm1"
+    DH_RES_CONV2 = "dh_res_conv2"
+    DH_RES_NORM2 = "dh_res_norm2"
+    DH_RES_IDENTITY = "dh_res_identity"
+    DH_RES_IDENTITY_NORM = "dh_res_identity_norm"
+    DH_0_CONV1 = "dh_0_conv1"
+    DH_0_NORM1 = "dh_0_norm1"
+    DH_0_CONV2 = "dh_0_conv2"
+    DH_0_NORM2 = "dh_0_norm2"
+    DH_0_CONV3 = "dh_0_conv3"
+    DH_0_NORM3 = "dh_0_norm3"
+    DH_1_CONV1 = "dh_1_conv1"
+    DH_1_NORM1 = "dh_1_norm1"
+    DH_1_CONV2 = "dh_1_conv2"
+    DH_1_NORM2 = "dh_1_norm2"
+    DH_1_CONV3 = "dh_1_conv3"
+    DH_1_NORM3 = "dh_1_norm3"
+    DH_2_CONV1 = "dh_2_conv1"
+    DH_2_NORM1 = "dh_2_norm1"
+    DH_2_CONV2 = "dh_2_conv2"
+    DH_2_NORM2 = "dh_2_norm2"
+    DH_2_CONV3 = "dh_2_conv3"
+    DH_2_NORM3 = "dh_2_norm3"
+    DH_3_CONV1 = "dh_3_conv1"
+    DH_3_NORM1 = "dh_3_norm1"
+    DH_3_CONV2 = "dh_3_conv2"
+    DH_3_NORM2 = "dh_3_norm2"
+    DH_3_CONV3 = "dh_3_conv3"
+    DH_3_NORM3 = "dh_3_norm3"
     BOX_FC1 = "box_fc1"
     BOX_FC2 = "box_fc2"
     BOX_LOGITS = "box_logits"
@@ -144,15 +177,28 @@ RES5_NORMS = (
     *(Layer(f"res5_{b}_norm{i}") for b in range(3) for i in (1, 2, 3)),
     Layer.RES5_0_SHORTCUT_NORM,
 )
+# the double head's residual block: (3x3 conv, 1x1 conv, identity projection)
+DH_RES = (Layer.DH_RES_CONV1, Layer.DH_RES_CONV2, Layer.DH_RES_IDENTITY)
+# its bottleneck blocks, each (conv1, conv2, conv3)
+DH_BLOCKS = tuple(tuple(Layer(f"dh_{k}_conv{i}") for i in (1, 2, 3)) for k in range(4))
+DH_CONVS = (*DH_RES, *(c for block in DH_BLOCKS for c in block))
+DH_NORMS = (
+    Layer.DH_RES_NORM1, Layer.DH_RES_NORM2, Layer.DH_RES_IDENTITY_NORM,
+    *(Layer(f"dh_{k}_norm{i}") for k in range(4) for i in (1, 2, 3)),
+)  # fmt: skip
 BOX_LAYERS = (
-    *BOX_CONVS, *BOX_NORMS, *RES5_CONVS, *RES5_NORMS, *BOX_FCS, Layer.BOX_LOGITS, Layer.BOX_DELTAS
+    *BOX_CONVS, *BOX_NORMS, *RES5_CONVS, *RES5_NORMS, *DH_CONVS, *DH_NORMS, *BOX_FCS,
+    Layer.BOX_LOGITS, Layer.BOX_DELTAS,
 )  # fmt: skip
 MASK_CONVS = (Layer.MASK_CONV1, Layer.MASK_CONV2, Layer.MASK_CONV3, Layer.MASK_CONV4)
 MASK_NORMS = (Layer.MASK_NORM1, Layer.MASK_NORM2, Layer.MASK_NORM3, Layer.MASK_NORM4)
 MASK_LAYERS = (*MASK_CONVS, *MASK_NORMS, Layer.MASK_DECONV, Layer.MASK_LOGITS)
 # each conv's normalization layer
 NORM_OF: dict[Layer, Layer] = dict(
-    zip(BOX_CONVS + MASK_CONVS + RES5_CONVS, BOX_NORMS + MASK_NORMS + RES5_NORMS)
+    zip(
+        BOX_CONVS + MASK_CONVS + RES5_CONVS + DH_CONVS,
+        BOX_NORMS + MASK_NORMS + RES5_NORMS + DH_NORMS,
+    )
 )
 # the parameters of a layer; a BatchNorm's running statistics are kept beside them
 WEIGHT, BIAS = "weight", "bias"
@@ -166,6 +212,8 @@ LAYER_TERMS: dict[Layer, tuple[Term, ...]] = {
     Layer.RPN_LOGITS: (Term.RPN_CLS,),
     Layer.RPN_DELTAS: (Term.RPN_BOX,),
     **dict.fromkeys(BOX_CONVS + BOX_NORMS + RES5_CONVS + RES5_NORMS + BOX_FCS, _BOX_HEAD_TERMS),
+    # the double head's regression branch reaches only the box term
+    **dict.fromkeys(DH_CONVS + DH_NORMS, (Term.ROI_BOX,)),
     Layer.BOX_LOGITS: (Term.ROI_CLS,),
     Layer.BOX_DELTAS: (Term.ROI_BOX,),
     **dict.fromkeys(MASK_LAYERS, (Term.ROI_MASK,)),

@@ -79,7 +79,9 @@ INSTANCE_BALANCED, IOU_BALANCED = "InstanceBalancedPosSampler", "IoUBalancedNegS
 
 # What the replay runs, by class name (exactly: another class computes its loss its own way)
 TWO_STAGE = ("FasterRCNN", "MaskRCNN", "CascadeRCNN", "TwoStageDetector")
-ROI_HEADS = ("StandardRoIHead", "CascadeRoIHead", "DynamicRoIHead")
+ROI_HEADS = ("StandardRoIHead", "CascadeRoIHead", "DynamicRoIHead", "DoubleHeadRoIHead")
+# the double head's RoI head and box head (its regression branch on scaled RoIs)
+DOUBLE_HEAD = ("DoubleHeadRoIHead", "DoubleConvFCBBoxHead")
 # a C4 model's shared head (ResNet's res5) has this many blocks
 RES5_BLOCKS = 3
 # RoI heads whose assigner thresholds and box-loss beta change as they train (Dynamic R-CNN):
@@ -257,6 +259,18 @@ def _replayed_counts(counts: tuple[int, ...]) -> bool:
     return 0 <= convs <= MAX_HEAD_CONVS and 1 <= fcs <= MAX_BOX_FCS and not any(branches)
 
 
+def _double_head(roi) -> float:
+    """DoubleHeadRoIHead with DoubleConvFCBBoxHead (up to 4 bottlenecks, 1 or 2 fcs) → the
+    scale of its regression branch's RoIs."""
+    for head in _stages(roi.bbox_head):
+        require("box head of DoubleHeadRoIHead", head, DOUBLE_HEAD[1:])
+        if not (head.num_convs <= MAX_HEAD_CONVS and 1 <= head.num_fcs <= MAX_BOX_FCS):
+            raise not_replayed(f"DoubleConvFCBBoxHead with {head.num_convs} convs and "
+                               f"{head.num_fcs} fcs")  # fmt: skip
+        _box_loss_options(head)
+    return float(roi.reg_roi_scale_factor)
+
+
 def _box_head(head) -> None:
     counts = tuple(int(getattr(head, f"num_{x}", -1)) for x in (
         "shared_convs", "shared_fcs", "cls_convs", "cls_fcs", "reg_convs", "reg_fcs"))  # fmt: skip
@@ -340,6 +354,8 @@ def _roi_head(roi, train) -> None:
         _res_layer(roi)
         for head in _stages(roi.bbox_head):
             _box_loss_options(head)
+    elif kind(roi) == DOUBLE_HEAD[0]:
+        _double_head(roi)
     else:
         for head in _stages(roi.bbox_head):
             _box_head(head)
@@ -441,7 +457,7 @@ def detector_config(model) -> DetectorConfig:
         roi_matcher=_matcher(_roi_assigner(model.roi_head, rcnn)),
         roi_sampler=_sampler(rcnn.sampler, True),
         roi_coder=_coder(box.bbox_coder),
-        roi_pool=_roi_pool(ext, layer),
+        roi_pool=_roi_pool(model.roi_head, ext, layer),
         test=TestConfig(
             score_thr=float(test.rcnn.score_thr),
             nms_iou=float(_get(test.rcnn.nms, "iou_threshold")),
@@ -455,10 +471,12 @@ def detector_config(model) -> DetectorConfig:
     )
 
 
-def _roi_pool(ext, layer) -> RoIPoolConfig:
+def _roi_pool(roi, ext, layer) -> RoIPoolConfig:
+    reg = {"reg_scale": _double_head(roi)} if kind(roi) == DOUBLE_HEAD[0] else {}
     return RoIPoolConfig(num_levels=len(ext.featmap_strides),
                          sampling_ratio=int(layer.sampling_ratio), aligned=bool(layer.aligned),
-                         mapper=Mapper.MMDET, finest_scale=float(ext.finest_scale))  # fmt: skip
+                         mapper=Mapper.MMDET, finest_scale=float(ext.finest_scale),
+                         **reg)  # fmt: skip
 
 
 def _roi_assigner(roi, rcnn):

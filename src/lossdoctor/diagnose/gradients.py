@@ -530,23 +530,27 @@ def _box_head(v: _StageView, g_cls: Tensor, g_reg: Tensor, params: dict) -> Tens
     return gp1_total @ heads.weight(Layer.BOX_FC1).detach()
 
 
-def _box_head_autograd(v: _StageView, g_cls: Tensor, g_reg: Tensor, params: dict) -> Tensor:
-    """A box head with convs (and norms) or one fc: the predictors' gradients by hand, the rest
-    by one autograd backward per term → ∂L/∂(pooled features) summed over terms. A BatchNorm
-    in training joins the RoIs, so no RoI is differentiated apart from the others."""
-    heads, k, hidden = v.heads, v.k, v.roi.hidden
+def _box_head_autograd(v: _StageView, g_cls: Tensor, g_reg: Tensor, params: dict, feats):
+    """A box head with convs (and norms), one fc, res5 or a double head: the predictors'
+    gradients by hand, the rest by one autograd backward per term → ∂L/∂feature per level
+    (None where a level gets none). A BatchNorm in training joins the RoIs, so no RoI is
+    differentiated apart from the others."""
+    heads, k, roi = v.heads, v.k, v.roi
     predictors = {param(x, kind, k) for _, x in ROI_OUTPUTS for kind in (WEIGHT, BIAS)}
     body = [n for n in heads.box_params(k) if n not in predictors]
     inputs = [heads.params[n] for n in body]
-    g_total = None
+    outs: dict[int, tuple[Tensor, Tensor]] = {}  # each trunk's output and its gradient
     for (term, layer), g_out in zip(ROI_OUTPUTS, (g_cls, g_reg.flatten(1))):
+        hidden = roi.hidden if term is Term.ROI_CLS else roi.hidden_reg
         params[param(layer, WEIGHT, k)].add(term, g_out.T @ hidden.detach())
         params[param(layer, BIAS, k)].add(term, g_out.sum(0))
         g_hidden = g_out @ heads.weight(layer).detach()
         for name, g in zip(body, _vjp([hidden], inputs, [g_hidden], allow_unused=True)):
             params[name].add(term, torch.zeros_like(heads.params[name]) if g is None else g)
-        g_total = g_hidden if g_total is None else g_total + g_hidden
-    return _vjp([hidden], [v.roi.pooled], [g_total])[0]
+        seen = outs.get(id(hidden))
+        outs[id(hidden)] = (hidden, g_hidden if seen is None else seen[1] + g_hidden)
+    hs, gs = zip(*outs.values())
+    return _vjp(list(hs), feats, list(gs), allow_unused=True)
 
 
 def _stage_params(v: _StageView) -> dict[str, _ParamGrad]:
@@ -558,10 +562,12 @@ def _roi_dense(v: _StageView, features: list[Tensor]):
     feature gradient norm per level)."""
     params = _stage_params(v)
     g_cls, g_reg = _roi_outputs(v)
-    backward = _box_head if v.heads.plain_box_head else _box_head_autograd
-    g_pooled = backward(v, g_cls, g_reg, params).view_as(v.roi.pooled)
     feats = list(features[: v.roi.num_levels])
-    g_feat = _vjp([v.roi.pooled], feats, [g_pooled], allow_unused=True)
+    if v.heads.plain_box_head:
+        g_pooled = _box_head(v, g_cls, g_reg, params).view_as(v.roi.pooled)
+        g_feat = _vjp([v.roi.pooled], feats, [g_pooled], allow_unused=True)
+    else:
+        g_feat = _box_head_autograd(v, g_cls, g_reg, params, feats)
     return params, g_cls, g_reg, [_norm(gf) if gf is not None else 0.0 for gf in g_feat]
 
 

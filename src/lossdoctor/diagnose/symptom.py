@@ -12,11 +12,11 @@ from ..inputs.config import CoderConfig, DetectorConfig
 from ..replay.boxes import clip_to_image, decode, keep_min_size
 from ..replay.cascade import stage_config
 from ..replay.engine import Replay
-from ..replay.heads import box_hidden, box_predict
+from ..replay.heads import box_head
 from ..replay.nms import RANKINGS
 from ..replay.proposals import image_proposals
-from ..replay.roi import RoiStage
-from ..replay.roi_align import map_levels, multiscale_roi_align
+from ..replay.roi import RoiStage, pool_rois
+from ..replay.roi_align import map_levels
 from ..vocab import Background, CascadeScores
 
 # an anchor counts as "objectness > 0.5" when its logit is above this
@@ -90,17 +90,9 @@ def _stage_outputs(r: Replay, k: int, rois: Tensor, img: Tensor) -> tuple[Tensor
     hit, fresh = (row >= 0).nonzero().flatten(), (row < 0).nonzero().flatten()
     cls[hit], reg[hit] = first.cls_logits.detach()[row[hit]], first.deltas.detach()[row[hit]]
     if fresh.numel():
-        pooled = multiscale_roi_align(
-            feats,
-            strides,
-            rois[fresh],
-            img[fresh],
-            levels[fresh],
-            heads.pool_side(cfg.res5.pool_size),
-            cfg.roi_pool,
-        )
-        hidden = box_hidden(pooled, heads, cfg.head_norm, train=False, res5=cfg.res5)[1]
-        cls[fresh], reg[fresh] = box_predict(hidden, heads)
+        pooled = pool_rois(feats, strides, rois[fresh], img[fresh], levels[fresh], heads, cfg)
+        out = box_head(*pooled, heads, cfg, train=False)
+        cls[fresh], reg[fresh] = out.cls, out.deltas
     return cls, reg
 
 

@@ -19,6 +19,9 @@ from ..vocab import (
     BOX_CONVS,
     BOX_FCS,
     BOX_LAYERS,
+    DH_BLOCKS,
+    DH_CONVS,
+    DH_RES,
     MASK_CONVS,
     NORM_OF,
     RES5_BLOCKS,
@@ -114,6 +117,16 @@ class HeadWeights:
         return [x for x in BOX_FCS if x in self.keys]
 
     @property
+    def double_head(self) -> bool:
+        """The box head is MMDetection's double head: fcs classify, a conv branch regresses."""
+        return Layer.DH_RES_CONV1 in self.keys
+
+    @property
+    def dh_blocks(self) -> list[tuple[Layer, Layer, Layer]]:
+        """The double head's bottleneck blocks the checkpoint has."""
+        return [b for b in DH_BLOCKS if b[0] in self.keys]
+
+    @property
     def res5(self) -> bool:
         """The box head is ResNet's res5 stage (a C4 model), pooled to the config's size."""
         return Layer.RES5_0_CONV1 in self.keys
@@ -121,12 +134,14 @@ class HeadWeights:
     @property
     def box_batch_norm(self) -> bool:
         """The box head has a BatchNorm (its outputs in training depend on the batch)."""
-        return any(self.running(n) for c in self.box_convs if (n := self.norm_of(c)))
+        convs = [*self.box_convs, *(c for c in DH_CONVS if c in self.keys)]
+        return any(self.running(n) for c in convs if (n := self.norm_of(c)))
 
     @property
     def plain_box_head(self) -> bool:
-        """Two fcs and no convs: the box head whose gradients are taken by hand."""
-        return not self.box_convs and len(self.box_fcs) == len(BOX_FCS)
+        """Two fcs and nothing else: the box head whose gradients are taken by hand."""
+        only_fcs = not (self.box_convs or self.double_head or self.res5)
+        return only_fcs and len(self.box_fcs) == len(BOX_FCS)
 
     def pool_side(self, res5_size: int) -> int:
         """The RoIAlign side the box head takes: ``res5_size`` for a res5 head, else P."""
@@ -239,6 +254,11 @@ class HeadWeights:
         box = f"{self._convs(self.box_convs)}{fcs} fc{'s' * (fcs > 1)}, {regression} regression"
         if self.res5:
             box = f"ResNet's res5 with frozen BatchNorm, {regression} regression"
+        if self.double_head:
+            box = (
+                f"double head: {fcs} fcs classify, a residual block and "
+                f"{len(self.dh_blocks)} bottlenecks with BatchNorm regress ({regression})"
+            )
         rpn = len(self.rpn_convs)
         parts = [f"RPN head ({'one 3x3 conv' if rpn == 1 else f'{rpn} 3x3 convs'})",
                  f"box head ({box})"]  # fmt: skip
@@ -488,6 +508,8 @@ def _check_box(h: HeadWeights, stage: int) -> None:
             _shape(s, layer, (s.weight(layer).shape[0], width))
         _check_predictors(h, s, stage)
         return
+    if s.double_head:
+        _shape(s, Layer.BOX_DELTAS, (s.weight(Layer.BOX_DELTAS).shape[0], _check_dh(s)))
     channels = _check_convs(s, s.box_convs, s.channels)
     fc_in = s.weight(Layer.BOX_FC1).shape[1]
     if s.pool_size**2 * channels != fc_in:
@@ -499,9 +521,38 @@ def _check_box(h: HeadWeights, stage: int) -> None:
     if Layer.BOX_FC2 in s.keys:
         _shape(s, Layer.BOX_FC2, (s.weight(Layer.BOX_FC2).shape[0], width))
         width = s.weight(Layer.BOX_FC2).shape[0]
-    for layer in (Layer.BOX_LOGITS, Layer.BOX_DELTAS):
+    for layer in (Layer.BOX_LOGITS,) if s.double_head else (Layer.BOX_LOGITS, Layer.BOX_DELTAS):
         _shape(s, layer, (s.weight(layer).shape[0], width))
     _check_predictors(h, s, stage)
+
+
+def _check_conv_norm(s: HeadWeights, conv: Layer, cin: int, kernel: int) -> int:
+    """One conv from ``cin`` channels with a square ``kernel`` and its norm's vectors → its
+    channels out."""
+    cout = s.weight(conv).shape[0]
+    _shape(s, conv, (cout, cin, kernel, kernel))
+    for kind in (WEIGHT, BIAS, RUNNING_MEAN, RUNNING_VAR):
+        _check_vector(s, param(NORM_OF[conv], kind), cout)
+    return cout
+
+
+def _check_dh(s: HeadWeights) -> int:
+    """The double head's regression branch: the residual block (a 3x3 conv, then a 1x1 to its
+    width, a 1x1 identity projection of the features to the same), bottlenecks that keep the
+    width → the width."""
+    conv1, conv2, identity = DH_RES
+    inner = _check_conv_norm(s, conv1, s.channels, RPN_CONV_KERNEL)
+    width = _check_conv_norm(s, conv2, inner, PREDICTOR_KERNEL)
+    if _check_conv_norm(s, identity, s.channels, PREDICTOR_KERNEL) != width:
+        raise InputError(
+            f"checkpoint '{s.keys[identity]}' does not match its block's width {width}"
+        )
+    for b1, b2, b3 in s.dh_blocks:
+        mid = _check_conv_norm(s, b1, width, PREDICTOR_KERNEL)
+        _check_conv_norm(s, b2, mid, RPN_CONV_KERNEL)
+        if _check_conv_norm(s, b3, mid, PREDICTOR_KERNEL) != width:
+            raise InputError(f"checkpoint '{s.keys[b3]}' does not keep the width {width}")
+    return width
 
 
 def _check_res5(s: HeadWeights) -> int:
@@ -511,15 +562,10 @@ def _check_res5(s: HeadWeights) -> int:
     for block in RES5_BLOCKS:
         x = cin
         for conv, k in zip(block, (PREDICTOR_KERNEL, RPN_CONV_KERNEL, PREDICTOR_KERNEL)):
-            cout = s.weight(conv).shape[0]
-            _shape(s, conv, (cout, x, k, k))
-            for kind in (WEIGHT, BIAS, RUNNING_MEAN, RUNNING_VAR):
-                _check_vector(s, param(NORM_OF[conv], kind), cout)
-            x = cout
+            x = _check_conv_norm(s, conv, x, k)
         if block is RES5_BLOCKS[0]:
-            _shape(s, RES5_SHORTCUT, (x, cin, PREDICTOR_KERNEL, PREDICTOR_KERNEL))
-            for kind in (WEIGHT, BIAS, RUNNING_MEAN, RUNNING_VAR):
-                _check_vector(s, param(NORM_OF[RES5_SHORTCUT], kind), x)
+            if _check_conv_norm(s, RES5_SHORTCUT, cin, PREDICTOR_KERNEL) != x:
+                raise InputError(f"checkpoint '{s.keys[RES5_SHORTCUT]}' does not give {x} channels")
         elif x != cin:
             key = s.keys[block[2]]
             raise InputError(f"checkpoint '{key}' gives {x} channels, its block takes {cin}")

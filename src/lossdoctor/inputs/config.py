@@ -176,6 +176,9 @@ class RoIPoolConfig:
     canonical_scale: float = 224.0
     canonical_level: int = 4
     finest_scale: float = 56.0  # mmdet's mapper
+    # a double head's regression branch pools each RoI scaled by this about its centre, at the
+    # RoI's own level (MMDetection's reg_roi_scale_factor)
+    reg_scale: float = 1.3
 
     def __post_init__(self):
         object.__setattr__(self, "mapper", as_member(Mapper, self.mapper, "roi_pool.mapper"))
@@ -183,6 +186,7 @@ class RoIPoolConfig:
         check_range(self.sampling_ratio, "roi_pool.sampling_ratio", 0)
         check_range(self.canonical_scale, "roi_pool.canonical_scale", 0.0, open_low=True)
         check_range(self.finest_scale, "roi_pool.finest_scale", 0.0, open_low=True)
+        check_range(self.reg_scale, "roi_pool.reg_scale", 0.0, open_low=True)
 
 
 @dataclass(frozen=True)

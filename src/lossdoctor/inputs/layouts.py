@@ -9,6 +9,8 @@ from ..vocab import (
     BOX_CONVS,
     BOX_FCS,
     BOX_NORMS,
+    DH_BLOCKS,
+    DH_RES,
     MASK_CONVS,
     MASK_NORMS,
     NORM_OF,
@@ -84,6 +86,24 @@ RES5_LAYOUTS: dict[Layout, dict[Layer, str]] = {
            for b, block in enumerate(RES5_BLOCKS) for i, c in enumerate(block)},
         RES5_SHORTCUT: "roi_heads.res5.0.shortcut",
         NORM_OF[RES5_SHORTCUT]: "roi_heads.res5.0.shortcut.norm",
+    },
+}  # fmt: skip
+# MMDetection's double head (DoubleConvFCBBoxHead): the regression branch's residual block and
+# bottlenecks (ConvModule's conv and bn, mmdet's Bottleneck convN and bnN); its fcs are
+# fc_branch.0 and .1
+_DH = "roi_head.bbox_head"
+DOUBLE_HEAD_LAYOUTS: dict[Layout, dict[Layer, str]] = {
+    Layout.MMDET: {
+        **{c: f"{_DH}.res_block.{n}.conv"
+           for c, n in zip(DH_RES, ("conv1", "conv2", "conv_identity"))},
+        **{NORM_OF[c]: f"{_DH}.res_block.{n}.bn"
+           for c, n in zip(DH_RES, ("conv1", "conv2", "conv_identity"))},
+        **{c: f"{_DH}.conv_branch.{k}.conv{i + 1}"
+           for k, block in enumerate(DH_BLOCKS) for i, c in enumerate(block)},
+        **{NORM_OF[c]: f"{_DH}.conv_branch.{k}.bn{i + 1}"
+           for k, block in enumerate(DH_BLOCKS) for i, c in enumerate(block)},
+        Layer.BOX_FC1: f"{_DH}.fc_branch.0",
+        Layer.BOX_FC2: f"{_DH}.fc_branch.1",
     },
 }  # fmt: skip
 # the mask head's module, which a C4 model runs on res5's features (not replayed)
@@ -174,7 +194,9 @@ DESIGNS: dict[Layout, tuple[tuple[str, str], ...]] = {
     Layout.MMDET: (
         ("rpn_head.rpn_conv.2", "an RPN head with more than 2 convs (RPNHead num_convs > 2)"),
         ("roi_head.bbox_head.shared_convs", "box head with more than 4 shared convs"),
-        ("roi_head.bbox_head.fc_branch", "box head DoubleConvFCBBoxHead (double heads)"),
+        ("roi_head.bbox_head.fc_branch", "box head DoubleConvFCBBoxHead with more than 2 fcs"),
+        ("roi_head.bbox_head.conv_branch", "box head DoubleConvFCBBoxHead with more than 4 "
+         "convs"),
         ("roi_head.bbox_head.cls_fcs", "box head with separate classification fcs "
          "(a ConvFCBBoxHead variant)"),
         ("roi_head.bbox_head.reg_fcs", "box head with separate regression fcs "
@@ -288,9 +310,28 @@ def _box(sd: dict, layout: Layout) -> dict[Layer, str] | None:
         return None
     if Layer.BOX_FC1 not in fcs:
         res5 = RES5_LAYOUTS.get(layout, {})
-        whole = res5 and all(f"{p}.{WEIGHT}" in sd for p in res5.values())
-        return {**res5, **predictors} if whole else None
+        if res5 and all(f"{p}.{WEIGHT}" in sd for p in res5.values()):
+            return {**res5, **predictors}
+        return _double_head(sd, layout, predictors)
     return _convs(sd, table, BOX_CONVS) | fcs | predictors
+
+
+def _double_head(sd: dict, layout: Layout, predictors: dict) -> dict[Layer, str] | None:
+    """A double head's layers: the residual block, the bottlenecks as far as they run
+    unbroken, the fc branch (None where the block or the first fc is missing)."""
+    table = DOUBLE_HEAD_LAYOUTS.get(layout, {})
+    res = [*DH_RES, *(NORM_OF[c] for c in DH_RES), Layer.BOX_FC1]
+    if not table or any(f"{table[x]}.{WEIGHT}" not in sd for x in res):
+        return None
+    found = {x: table[x] for x in res}
+    for block in DH_BLOCKS:
+        layers = [*block, *(NORM_OF[c] for c in block)]
+        if any(f"{table[x]}.{WEIGHT}" not in sd for x in layers):
+            break
+        found |= {x: table[x] for x in layers}
+    if f"{table[Layer.BOX_FC2]}.{WEIGHT}" in sd:
+        found[Layer.BOX_FC2] = table[Layer.BOX_FC2]
+    return found | predictors
 
 
 def find_keys(sd: dict, layout: Layout) -> FoundKeys | None:

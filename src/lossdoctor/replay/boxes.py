@@ -100,3 +100,10 @@ def keep_min_size(boxes: Tensor, min_size: float, inclusive: bool) -> Tensor:
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     keep = (w >= min_size) & (h >= min_size) if inclusive else (w > min_size) & (h > min_size)
     return keep.nonzero().flatten()
+
+
+def scaled_about_centre(boxes: Tensor, factor: float) -> Tensor:
+    """Each box Tensor[N, 4] scaled by ``factor`` about its centre (MMDetection's roi_rescale)."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) * 0.5
+    half = (boxes[:, 2:] - boxes[:, :2]) * factor * 0.5
+    return torch.cat([centre - half, centre + half], 1)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..inputs.checkpoint import BOX_COORDS, HeadWeights
-from ..inputs.config import HeadNormConfig, Res5Config
-from ..vocab import NORM_OF, RES5_BLOCKS, RES5_SHORTCUT, Layer
+from ..inputs.config import DetectorConfig, HeadNormConfig, Res5Config
+from ..vocab import DH_RES, NORM_OF, RES5_BLOCKS, RES5_SHORTCUT, Layer
 
 # the RPN's 3x3 conv keeps the feature size
 RPN_CONV_PADDING = 1
@@ -143,8 +143,66 @@ def box_hidden(
     return h1, hidden
 
 
-def box_predict(hidden: Tensor, w: HeadWeights) -> tuple[Tensor, Tensor]:
-    """Tensor[R, F] → (class logits Tensor[R, K+1], deltas Tensor[R, reg_classes, 4])."""
+def box_predict(
+    hidden: Tensor, w: HeadWeights, hidden_reg: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Tensor[R, F] (and a double head's regression features Tensor[R, F']) → (class logits
+    Tensor[R, K+1], deltas Tensor[R, reg_classes, 4])."""
+    hidden_reg = hidden if hidden_reg is None else hidden_reg
     cls = F.linear(hidden, w.weight(Layer.BOX_LOGITS), w.bias(Layer.BOX_LOGITS))
-    reg = F.linear(hidden, w.weight(Layer.BOX_DELTAS), w.bias(Layer.BOX_DELTAS))
+    reg = F.linear(hidden_reg, w.weight(Layer.BOX_DELTAS), w.bias(Layer.BOX_DELTAS))
     return cls, reg.view(hidden.shape[0], reg.shape[1] // BOX_COORDS, BOX_COORDS)
+
+
+def _bottleneck(x: Tensor, w: HeadWeights, block, cfg: HeadNormConfig, train: bool) -> Tensor:
+    """A bottleneck that keeps its input's width: 1x1, 3x3, 1x1 convs with norms, the sum."""
+    c1, c2, c3 = block
+    out = F.relu(_res_conv(x, w, c1, cfg, train))
+    out = F.relu(_res_conv(out, w, c2, cfg, train, padding=RPN_CONV_PADDING))
+    return F.relu(_res_conv(out, w, c3, cfg, train) + x)
+
+
+def double_head_reg(pooled: Tensor, w: HeadWeights, cfg: HeadNormConfig, train: bool) -> Tensor:
+    """A double head's regression branch on the scaled RoIs' features Tensor[R, C, P, P] →
+    Tensor[R, C']: its residual block (3x3 and 1x1 convs, plus a 1x1 projection of the input),
+    its bottlenecks, the mean over the RoI (MMDetection's AvgPool2d over the whole P x P)."""
+    conv1, conv2, identity = DH_RES
+    out = _res_conv(F.relu(_res_conv(pooled, w, conv1, cfg, train, padding=RPN_CONV_PADDING)),
+                    w, conv2, cfg, train)  # fmt: skip
+    x = F.relu(out + _res_conv(pooled, w, identity, cfg, train))
+    for block in w.dh_blocks:
+        x = _bottleneck(x, w, block, cfg, train)
+    return x.mean((2, 3))
+
+
+@dataclass(kw_only=True)
+class BoxOutputs:
+    """The box head on R RoIs: hidden1, hidden Tensor[R, F] (after fc1 and after the last fc; a
+    res5 head's pooled output as both); hidden_reg Tensor[R, F'] what the box regressor takes
+    (``hidden``, but a double head's regression branch); cls Tensor[R, K+1]; deltas
+    Tensor[R, reg_classes, 4]."""
+
+    hidden1: Tensor
+    hidden: Tensor
+    hidden_reg: Tensor
+    cls: Tensor
+    deltas: Tensor
+
+
+def box_head(
+    pooled: Tensor,
+    pooled_reg: Tensor | None,
+    w: HeadWeights,
+    config: DetectorConfig,
+    *,
+    train: bool = True,
+) -> BoxOutputs:
+    """The whole box head on pooled RoIs Tensor[R, C, P, P] (and, for a double head, the same
+    RoIs scaled for its regression branch), in training mode unless ``train`` is false."""
+    hidden1, hidden = box_hidden(pooled, w, config.head_norm, train=train, res5=config.res5)
+    hidden_reg = hidden
+    if w.double_head:
+        hidden_reg = double_head_reg(pooled_reg, w, config.head_norm, train)
+    cls, deltas = box_predict(hidden, w, hidden_reg)
+    return BoxOutputs(hidden1=hidden1, hidden=hidden, hidden_reg=hidden_reg, cls=cls,
+                      deltas=deltas)  # fmt: skip

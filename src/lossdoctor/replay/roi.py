@@ -12,9 +12,9 @@ from torch import Tensor
 
 from ..inputs.checkpoint import BOX_COORDS, HeadWeights
 from ..inputs.config import DetectorConfig
-from .boxes import encode
+from .boxes import encode, scaled_about_centre
 from .gt import BACKGROUND_GT, UsableGt
-from .heads import box_hidden, box_predict
+from .heads import box_head
 from .losses import ce_loss
 from .matcher import NEGATIVE, POSITIVE, match
 from .roi_align import map_levels, multiscale_roi_align
@@ -47,12 +47,16 @@ class SampledRois:
 
 @dataclass(kw_only=True)
 class RoiStage(SampledRois):
-    """The sampled RoIs and the box head on them: pooled Tensor[R, C, P, P]; hidden1, hidden
-    Tensor[R, F]; cls_logits Tensor[R, K+1]; deltas Tensor[R, reg_classes, 4]; ce Tensor[R]."""
+    """The sampled RoIs and the box head on them: pooled Tensor[R, C, P, P] (pooled_reg: a
+    double head's scaled RoIs, else None); hidden1, hidden Tensor[R, F]; hidden_reg
+    Tensor[R, F'] (what the regressor takes: ``hidden`` but for a double head); cls_logits
+    Tensor[R, K+1]; deltas Tensor[R, reg_classes, 4]; ce Tensor[R]."""
 
     pooled: Tensor
+    pooled_reg: Tensor | None
     hidden1: Tensor
     hidden: Tensor
+    hidden_reg: Tensor
     cls_logits: Tensor
     deltas: Tensor
     ce: Tensor
@@ -118,18 +122,8 @@ def classification_loss(
         img = torch.full((boxes.shape[0],), image, dtype=torch.long)
         levels = map_levels(boxes, strides, config.roi_pool)
         feats = [f.detach() for f in features]
-        pooled = multiscale_roi_align(
-            feats,
-            strides,
-            boxes,
-            img,
-            levels,
-            heads.pool_side(config.res5.pool_size),
-            config.roi_pool,
-        )
-        cls, _ = box_predict(
-            box_hidden(pooled, heads, config.head_norm, res5=config.res5)[1], heads
-        )
+        cls = box_head(*pool_rois(feats, strides, boxes, img, levels, heads, config), heads,
+                       config).cls  # fmt: skip
         bg = torch.full_like(fg_class, heads.bg_col)
         return ce_loss(cls, torch.where(fg_class >= 0, heads.fg_logit(fg_class.clamp(min=0)), bg))
 
@@ -254,6 +248,20 @@ def _level_samples(s: SampledRois, ce: Tensor, deltas: Tensor, heads, names, cod
     return out
 
 
+def pool_rois(
+    features: list[Tensor], strides: list[int], boxes: Tensor, img: Tensor, level: Tensor,
+    heads: HeadWeights, config: DetectorConfig,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """RoIAlign of ``boxes`` Tensor[R, 4] at their ``level`` → (Tensor[R, C, P, P], and for a
+    double head the boxes scaled by ``roi_pool.reg_scale``, pooled at the same levels)."""
+    side, cfg = heads.pool_side(config.res5.pool_size), config.roi_pool
+    pooled = multiscale_roi_align(features, strides, boxes, img, level, side, cfg)
+    if not heads.double_head:
+        return pooled, None
+    wide = scaled_about_centre(boxes, cfg.reg_scale)
+    return pooled, multiscale_roi_align(features, strides, wide, img, level, side, cfg)
+
+
 def roi_stage(
     heads: HeadWeights,
     features: list[Tensor],
@@ -263,20 +271,12 @@ def roi_stage(
     config: DetectorConfig,
 ) -> RoiStage:
     """Pool the sampled RoIs from their levels, run the box head, collect each level's samples."""
-    pooled = multiscale_roi_align(
-        features,
-        strides,
-        s.boxes,
-        s.img,
-        s.level,
-        heads.pool_side(config.res5.pool_size),
-        config.roi_pool,
-    )
+    pooled, pooled_reg = pool_rois(features, strides, s.boxes, s.img, s.level, heads, config)
     scale = config.cascade.feature_grad_scale
     if config.cascade.later_stages and scale != 1.0:
         pooled = ScaleGrad.apply(pooled, scale)
-    hidden1, hidden = box_hidden(pooled, heads, config.head_norm, res5=config.res5)
-    cls_logits, deltas = box_predict(hidden, heads)
+    out = box_head(pooled, pooled_reg, heads, config)
+    cls_logits, deltas = out.cls, out.deltas
     fg = s.fg_class >= 0
     bg = torch.full_like(s.fg_class, heads.bg_col)
     ce = ce_loss(cls_logits, torch.where(fg, heads.fg_logit(s.fg_class.clamp(min=0)), bg))
@@ -284,8 +284,10 @@ def roi_stage(
     return RoiStage(
         **vars(s),
         pooled=pooled,
-        hidden1=hidden1,
-        hidden=hidden,
+        pooled_reg=pooled_reg,
+        hidden1=out.hidden1,
+        hidden=out.hidden,
+        hidden_reg=out.hidden_reg,
         cls_logits=cls_logits,
         deltas=deltas,
         ce=ce,
