@@ -170,3 +170,22 @@ def test_a_profile_toml_takes_a_decoded_loss(tmp_path):
     path.write_text('base = "mmdet"\n[roi_box]\nloss = "giou"\nweight = 10.0\n')
     prof = load_profile(path)
     assert prof.roi_box.loss is LossKind.GIOU and prof.roi_box.weight == 10.0
+
+
+def test_the_default_what_if_keeps_the_runs_decoded_box_loss():
+    """A run trained with GIoU on decoded boxes: the default what-if (fixed) normalizes the
+    run's GIoU loss, not a smooth-L1 on deltas; delta losses are the what-if's own."""
+    from lossdoctor.api import run_profiles
+    from lossdoctor.inputs.dataclass_toml import to_dict
+    from lossdoctor.inputs.profiles import fixed
+
+    run = dataclasses.replace(mmdet(), roi_box=TermSpec("giou", "sampled", weight=10.0))
+    batch = dataclasses.replace(F.batch(), meta={"profile": to_dict(run)})
+    own, whatif, source = run_profiles(batch)
+    assert source == "dump" and whatif.name == "fixed"
+    assert (whatif.roi_box.loss, whatif.roi_box.weight) == ("giou", 10.0)
+    assert whatif.roi_box.normalizer == fixed().roi_box.normalizer
+    assert whatif.rpn_box == fixed().rpn_box  # the run's L1 on deltas: the what-if's own
+    assert "with the run's roi_box giou" in whatif.summary
+    _, chosen, _ = run_profiles(batch, new="fixed")  # asked for by name: as it is
+    assert chosen == fixed()

@@ -11,7 +11,7 @@ from .inputs.checkpoint import HeadWeights, check_fit, load_checkpoint
 from .inputs.checks import check_seed
 from .inputs.config import DetectorConfig, config_from_meta, load_config, preset, replace
 from .inputs.errors import InputError
-from .inputs.profiles import LossProfile, load_profile, profile_from_meta
+from .inputs.profiles import LossProfile, load_profile, profile_from_meta, with_losses_of
 from .vocab import Phase
 
 REPORT_SUFFIX = ".json"
@@ -120,9 +120,10 @@ def run_profiles(batch: Batch, old=None, new=None) -> tuple[LossProfile, LossPro
         own, source = profile_from_meta(batch.meta["profile"]), "dump"
     else:
         own, source = load_profile(DEFAULT_OLD), "default"
-    if new is None:
-        new = DEFAULT_OLD if own.name == DEFAULT_NEW else DEFAULT_NEW
-    return own, resolve_profiles([own, new])[1], source
+    if new is not None:
+        return own, resolve_profiles([own, new])[1], source
+    whatif = load_profile(DEFAULT_OLD if own.name == DEFAULT_NEW else DEFAULT_NEW)
+    return own, with_losses_of(whatif, own), source
 
 
 def run_replay(

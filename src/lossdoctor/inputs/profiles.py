@@ -148,6 +148,27 @@ class LossProfile:
         return getattr(self, Term(term).value)
 
 
+# box losses a what-if profile may put in place of the run's (delta losses of the same kind)
+DELTA_LOSSES = (LossKind.L1, LossKind.SMOOTH_L1)
+
+
+def with_losses_of(whatif: LossProfile, own: LossProfile) -> LossProfile:
+    """``whatif``'s normalization of the run's own box losses where those are not delta L1 or
+    smooth-L1 (an IoU loss on decoded boxes, a balanced L1): a what-if then changes how the
+    loss is normalized, not which loss it is."""
+    changes = {}
+    for term in (Term.RPN_BOX, Term.ROI_BOX):
+        mine = own.term(term)
+        if mine.loss not in DELTA_LOSSES:
+            changes[term.value] = replace(
+                whatif.term(term), loss=mine.loss, beta=mine.beta, weight=mine.weight
+            )
+    if not changes:
+        return whatif
+    said = ", ".join(f"{t} {c.loss}" for t, c in changes.items())
+    return replace(whatif, summary=f"{whatif.summary} (with the run's {said})", **changes)
+
+
 def legacy() -> LossProfile:
     """The naive code: a per-level ``.mean()``.
 
