@@ -3,7 +3,8 @@
 The README's "What it says" is an excerpt of the real output of `lossdoctor inspect` on
 fixtures/collapse, 120 columns wide. docs/report.md's finding catalogue is generated from the
 rule table (src/lossdoctor/diagnose/findings.py), and docs/coverage.md's coverage table is what
-the model-zoo tests recorded in docs/coverage (see scripts/test-frameworks.sh);
+the model-zoo tests recorded in docs/coverage (see scripts/test-frameworks.sh), summed up in
+the README;
 tests/test_architecture.py fails when a copy differs.
 """
 
@@ -81,10 +82,7 @@ def coverage_markdown(folder: Path = COVERAGE_DIR) -> str:
     """The coverage table of each framework the zoo tests recorded, in their order."""
     parts = [COVERAGE_BEGIN]
     for fw in FRAMEWORKS:
-        path = folder / f"{fw}.jsonl"
-        if not path.exists():
-            continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = _records(folder, fw)
         if not rows:
             continue
         first = rows[0]
@@ -94,6 +92,38 @@ def coverage_markdown(folder: Path = COVERAGE_DIR) -> str:
         parts.append("| model or config | replay | detail |\n|---|---|---|")
         parts += [f"| `{r['model']}` | {r['outcome']} | {r['detail']} |" for r in rows]
     parts.append(COVERAGE_END)
+    return "\n".join(parts)
+
+
+SUMMARY_BEGIN, SUMMARY_END = "<!-- coverage-summary -->", "<!-- /coverage-summary -->"
+OUTCOMES = ("exact", "partial", "refused")
+
+
+def _records(folder: Path, fw: str) -> list[dict]:
+    path = folder / f"{fw}.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def coverage_summary(folder: Path = COVERAGE_DIR) -> str:
+    """The README's table: per framework, the models of each outcome, from the same records."""
+    parts = [
+        SUMMARY_BEGIN,
+        "| framework (tests run) | " + " | ".join(OUTCOMES) + " |",
+        "|---|" + "---|" * len(OUTCOMES),
+    ]
+    for fw in FRAMEWORKS:
+        rows = _records(folder, fw)
+        if not rows:
+            continue
+        cells = []
+        for outcome in OUTCOMES:
+            names = [f"`{r['model']}`" for r in rows if r["outcome"].startswith(outcome)]
+            cells.append(", ".join(names) or "—")
+        head = f"{fw} {rows[0]['version']}, torch {rows[0]['torch']} ({rows[0]['date']})"
+        parts.append(f"| {head} | " + " | ".join(cells) + " |")
+    parts.append(SUMMARY_END)
     return "\n".join(parts)
 
 
@@ -110,8 +140,12 @@ def _rewrite(path: Path, begin: str, end: str, new: str) -> None:
 def main() -> None:
     _rewrite(README, EXCERPT_BEGIN, EXCERPT_END, excerpt())
     _rewrite(REPORT_DOC, CATALOGUE_BEGIN, CATALOGUE_END, catalogue_markdown())
+    _rewrite(README, SUMMARY_BEGIN, SUMMARY_END, coverage_summary())
     _rewrite(COVERAGE_DOC, COVERAGE_BEGIN, COVERAGE_END, coverage_markdown())
-    print("regenerated: README.md's excerpt, docs/report.md's catalogue, docs/coverage.md's table")
+    print(
+        "regenerated: README.md's excerpt and coverage summary, docs/report.md's catalogue, "
+        "docs/coverage.md's table"
+    )
 
 
 if __name__ == "__main__":

@@ -192,21 +192,21 @@ def _small(path):
 
 @pytest.mark.parametrize(
     "path, what",
-    [("double_heads/dh-faster-rcnn_r50_fpn_1x_coco.py", "DoubleHeadRoIHead"),
+    [("sabl/sabl-faster-rcnn_r50_fpn_1x_coco.py", "SABLHead"),
      ("retinanet/retinanet_r50_fpn_1x_coco.py", "one-stage")],
-    ids=["double-heads", "retinanet"],
+    ids=["sabl", "retinanet"],
 )  # fmt: skip
 def test_the_hook_never_stops_a_run_it_cannot_model(tmp_path, path, what):
-    """MMDetection's own double-head and RetinaNet configs train to the end with the hook: what
-    it cannot replay is said once; the double-head captures are written and inspect refuses them
-    with the same message (a RetinaNet has no RPN to hook: nothing is captured)."""
+    """MMDetection's own SABL and RetinaNet configs train to the end with the hook: what it
+    cannot replay is said once; the SABL captures are written and inspect refuses them with the
+    same message (a RetinaNet has no RPN to hook: nothing is captured)."""
     hooks = [dict(type="LossDoctorHook", every=1)]
     with pytest.warns(RuntimeWarning, match=f"lossdoctor: .*{what}") as said:
         runner = run(tmp_path, _small(os.path.join(CONFIGS, path)), hooks)
     assert runner.iter == 2
     assert len([w for w in said if "lossdoctor" in str(w.message)]) == 1
     dumps = tmp_path / "work" / "lossdoctor-dumps"
-    if what == "DoubleHeadRoIHead":
+    if what == "SABLHead":
         assert sorted(p.name for p in dumps.iterdir()) == ["step_000000", "step_000001"]
         r = CliRunner().invoke(app, ["inspect", str(dumps / "step_000000")])
         assert r.exit_code == 2 and "cannot be replayed" in r.output and what in r.output

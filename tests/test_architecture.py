@@ -160,7 +160,8 @@ def test_readme_catalogue_is_the_rule_table():
 
 
 def test_readme_coverage_table_is_what_the_zoo_tests_recorded():
-    """docs/coverage.md's table is docs/coverage's record of a zoo test run, as written."""
+    """docs/coverage.md's table and the README's summary are docs/coverage's record of a zoo
+    test run, as written."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -168,10 +169,13 @@ def test_readme_coverage_table_is_what_the_zoo_tests_recorded():
     )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    text = (ROOT / "docs/coverage.md").read_text()
-    start = text.index(script.COVERAGE_BEGIN)
-    end = text.index(script.COVERAGE_END) + len(script.COVERAGE_END)
-    assert text[start:end] == script.coverage_markdown(), "run: python scripts/update_readme.py"
+    for doc, begin, end, made in [
+        ("docs/coverage.md", script.COVERAGE_BEGIN, script.COVERAGE_END, script.coverage_markdown),
+        ("README.md", script.SUMMARY_BEGIN, script.SUMMARY_END, script.coverage_summary),
+    ]:
+        text = (ROOT / doc).read_text()
+        start, stop = text.index(begin), text.index(end) + len(end)
+        assert text[start:stop] == made(), f"{doc}: run python scripts/update_readme.py"
     assert all((ROOT / "docs/coverage" / f"{fw}.jsonl").exists() for fw in script.FRAMEWORKS)
 
 

@@ -462,3 +462,22 @@ def test_iou_balanced_negatives():
         got = iou_balanced(neg, 6, iou, 3, torch.Generator().manual_seed(seed))
         assert got.unique().numel() == 6 and {1, 2} <= set(got.tolist())
     assert iou_balanced(neg[:5], 6, iou, 3, None).tolist() == neg[:5].tolist()
+
+
+def test_proposals_stay_across_the_border_where_the_coder_does_not_clip():
+    """An anchor [-10, 90, 30, 130] on a 100 x 100 image with zero deltas: clipped to
+    [0, 90, 30, 100] (area 300) by default; kept whole (area 1600) with clip_border=False, as
+    MMDetection's coder with clip_border=False decodes it."""
+    anchors, logits, deltas = (
+        [torch.tensor([[-10.0, 90.0, 30.0, 130.0]])],
+        [torch.tensor([1.0])],
+        [torch.zeros(1, 4)],
+    )
+    cfg = ProposalConfig(pre_nms_top_n=1, post_nms_top_n=1)
+    got = {
+        border: image_proposals(
+            logits, deltas, anchors, (100, 100), cfg, CoderConfig(clip_border=border), Ranking.MMDET
+        )[0].tolist()
+        for border in (True, False)
+    }
+    assert got == {True: [[0.0, 90.0, 30.0, 100.0]], False: [[-10.0, 90.0, 30.0, 130.0]]}

@@ -136,3 +136,23 @@ def test_every_config_is_replayed_exactly_or_refused_by_name(tmp_path, path):
     if left:
         detail += f"; not replayed: {', '.join(left)}"
     F.record_coverage("detectron2", version, name, outcome, detail)
+
+
+def test_a_cascade_of_conv_heads_is_refused_by_name(tmp_path):
+    """Cascade R-CNN with 4-conv + 1-fc GN box heads (as the zoo's X152 cascade has; the replay
+    runs each stage as a 2-fc head): refused naming the stage's head at capture and config-from,
+    and the run goes on."""
+    cfg = config_of("Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml")
+    cfg.MODEL.ROI_BOX_HEAD.NUM_CONV, cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 4, 1
+    cfg.MODEL.ROI_BOX_HEAD.NORM = "GN"
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    words = "cascade stage 0's box head FastRCNNConvFCHead with 4 convs and 1 fcs with a norm"
+    with pytest.warns(RuntimeWarning, match="not replayed yet") as said:
+        capture = ld.Capture(tmp_path / "dumps", model, every=1)
+    assert any(words in str(w.message) for w in said), [str(w.message) for w in said]
+    one_step(model, capture)
+    path = tmp_path / "cascade-gn-heads.yaml"
+    path.write_text(cfg.dump())
+    r = CliRunner().invoke(app, ["config-from", "detectron2", str(path)])
+    assert r.exit_code == 2 and words in r.output, r.output

@@ -60,6 +60,7 @@ MODELS_TRIED = {
     "gn+ws/faster-rcnn_r50_fpn_gn-ws-all_1x_coco.py": ("exact", ""),
     "double_heads/dh-faster-rcnn_r50_fpn_1x_coco.py": ("exact", ""),
     "dynamic_rcnn/dynamic-rcnn_r50_fpn_1x_coco.py": ("exact", ""),
+    "sort/faster-rcnn_r50_fpn_8xb2-4e_mot17halftrain_test-mot17halfval.py": ("exact", ""),
     "pisa/faster-rcnn_r50_fpn_pisa_1x_coco.py": ("refused", "PISARoIHead"),
     "sabl/sabl-faster-rcnn_r50_fpn_1x_coco.py": ("refused", "SABLHead"),
     "rpn/rpn_r50_fpn_1x_coco.py": ("refused", "RPN, a proposal network without RoI heads"),
@@ -99,6 +100,7 @@ def model_config(path: str):
     cfg = Config.fromfile(os.path.join(CONFIGS, path))
     m = cfg.model
     m.backbone.init_cfg = None
+    m.pop("init_cfg", None)  # (a whole pretrained detector, as SORT's config loads)
     if m.get("roi_head", {}).get("shared_head") is not None:  # (a C4 head's pretrained res5)
         m.roi_head.shared_head.init_cfg = None
     for name in ("bbox_head", "mask_head"):
@@ -166,21 +168,28 @@ def _replayed(folder, losses: dict, mined: bool = False) -> dict:
     return F.relative_gaps(got, want)
 
 
+def refused_by_name(tmp_path, model, config_file: str, words: str) -> list:
+    """The capture, the checkpoint's reader and ``config-from`` each name what is not replayed
+    (exit 2); → the capture's warnings."""
+    with pytest.warns(RuntimeWarning, match="not replayed yet") as said:
+        ld.Capture(tmp_path, model, every=1)
+    assert any(words in str(w.message) for w in said), [str(w.message) for w in said]
+    try:  # a head design is refused from the checkpoint alone too (a loss cannot be)
+        heads_from_state_dict(model.state_dict())
+    except InputError as e:
+        assert "not replayed yet" in str(e), str(e)
+    r = CliRunner().invoke(app, ["config-from", "mmdet", config_file])
+    assert r.exit_code == 2 and words in r.output and "not replayed yet" in r.output, r.output
+    return list(said)
+
+
 @pytest.mark.parametrize("path", list(MODELS_TRIED))
 def test_every_config_is_replayed_exactly_or_refused_by_name(tmp_path, path):
     outcome, words = MODELS_TRIED[path]
     name = os.path.basename(path).removesuffix(".py")
     model = build(path, init=outcome != "refused")
     if outcome == "refused":  # (what a refused model's training and captures do: the adapter tests)
-        with pytest.warns(RuntimeWarning, match="not replayed yet") as said:
-            ld.Capture(tmp_path, model, every=1)
-        assert any(words in str(w.message) for w in said), [str(w.message) for w in said]
-        try:  # a head design is refused from the checkpoint alone too (a loss cannot be)
-            heads_from_state_dict(model.state_dict())
-        except InputError as e:
-            assert "not replayed yet" in str(e), str(e)
-        r = CliRunner().invoke(app, ["config-from", "mmdet", os.path.join(CONFIGS, path)])
-        assert r.exit_code == 2 and words in r.output and "not replayed yet" in r.output, r.output
+        said = refused_by_name(tmp_path, model, os.path.join(CONFIGS, path), words)
         F.record_coverage("mmdet", _version(), name, outcome, F.refusal(said, words))
         return
     with warnings.catch_warnings():
@@ -190,6 +199,7 @@ def test_every_config_is_replayed_exactly_or_refused_by_name(tmp_path, path):
     losses = one_step(model, capture)
     if path in PREPARED:  # the head moved its thresholds after the loss: the test means something
         assert model.roi_head.bbox_assigner.pos_iou_thr != 0.55
+    F.assert_own_proposals_are_dumped(capture.written[0])  # (the RPN coder's border, its NMS)
     gaps = _replayed(capture.written[0], losses, path in MINED)
     assert gaps and max(gaps.values()) <= REL, gaps
     replayed = {k for k in losses if k.endswith(("loss_mask",)) and "roi_mask" in gaps} | {
@@ -202,3 +212,18 @@ def test_every_config_is_replayed_exactly_or_refused_by_name(tmp_path, path):
     if left:
         detail += f"; not replayed: {', '.join(left)}"
     F.record_coverage("mmdet", _version(), name, outcome, detail)
+
+
+def test_a_cascade_of_conv_heads_is_refused_by_name(tmp_path):
+    """Cascade R-CNN whose stages are GN conv heads (the replay runs each stage as a 2-fc head):
+    refused naming the stage's head, never replayed with the wrong layers."""
+    cfg = Config.fromfile(os.path.join(CONFIGS, "cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py"))
+    for head in cfg.model.roi_head.bbox_head:
+        head.update(type="Shared4Conv1FCBBoxHead", conv_out_channels=256,
+                    norm_cfg=dict(type="GN", num_groups=32, requires_grad=True))  # fmt: skip
+    cfg.model.backbone.init_cfg = None
+    path = tmp_path / "cascade-gn-heads.py"
+    cfg.dump(str(path))
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model).train()
+    refused_by_name(tmp_path / "dump", model, str(path), "cascade stage 0's box head")

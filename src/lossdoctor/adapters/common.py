@@ -67,6 +67,19 @@ HEAD_CONVS = {"Conv2d": False, "ConvWS2d": True}
 CONV_3X3 = ((3, 3), (1, 1), (1, 1), (1, 1), 1)
 
 
+def cascade_of_fc_heads(heads: list[torch.nn.Module], layers) -> None:
+    """A cascade's stages are replayed with two-fc box heads (Cascade R-CNN's own); ``layers``
+    gives a head's (convs, fcs, normalized)."""
+    if len(heads) < 2:
+        return
+    for k, head in enumerate(heads):
+        convs, fcs, normed = layers(head)
+        if convs or fcs != MAX_BOX_FCS or normed:
+            norm = " with a norm" if normed else ""
+            what = f"{kind(head)} with {convs} convs and {fcs} fcs{norm}"
+            raise not_replayed(f"cascade stage {k}'s box head {what} (2-fc heads are replayed)")
+
+
 def is_norm(module) -> bool:
     """A normalization layer, by class name (BatchNorm2d, GroupNorm, SyncBatchNorm, LayerNorm,
     Detectron2's FrozenBatchNorm2d, ...), not a block that holds one (Conv2dNormActivation)."""

@@ -51,6 +51,7 @@ from .common import (
     MAX_RPN_CONVS,
     HookedCapture,
     built,
+    cascade_of_fc_heads,
     describe,
     has_norm,
     head_norm_config,
@@ -215,6 +216,8 @@ def _box_heads(roi) -> None:
         convs, fcs = len(head.conv_norm_relus), len(head.fcs)
         if convs > MAX_HEAD_CONVS or not 1 <= fcs <= MAX_BOX_FCS:
             raise not_replayed(f"box head FastRCNNConvFCHead with NUM_CONV {convs}, NUM_FC {fcs}")
+    cascade_of_fc_heads(_stages(roi.box_head), lambda h: (
+        len(h.conv_norm_relus), len(h.fcs), any(is_norm(m) for m in h.modules())))  # fmt: skip
     for pred in _stages(roi.box_predictor):
         require("box predictor", pred, ("FastRCNNOutputLayers",))
 

@@ -54,6 +54,7 @@ from .common import (
     MAX_RPN_CONVS,
     HookedCapture,
     built,
+    cascade_of_fc_heads,
     describe,
     has_norm,
     head_norm_config,
@@ -188,7 +189,15 @@ def _coder(coder) -> CoderConfig:
             "fix target_stds in the config"
         )
     weights = tuple(1.0 / float(s) for s in coder.stds)
-    return CoderConfig(weights=weights, clip=abs(math.log(WH_RATIO_CLIP)), clip_both=True)
+    clip, border = abs(math.log(WH_RATIO_CLIP)), bool(getattr(coder, "clip_border", True))
+    return CoderConfig(weights=weights, clip=clip, clip_both=True, clip_border=border)
+
+
+def _refining_coders(roi) -> None:
+    """A cascade's stages refine their RoIs with coders that all clip to the image, or none."""
+    heads = _stages(roi.bbox_head)
+    if len({bool(getattr(h.bbox_coder, "clip_border", True)) for h in heads}) > 1:
+        raise not_replayed("cascade stages whose box coders differ in clip_border")
 
 
 def _proposals(cfg) -> ProposalConfig:
@@ -283,6 +292,11 @@ def _box_head(head) -> None:
     _box_loss_options(head)
 
 
+def _head_layers(head) -> tuple[int, int, bool]:
+    """A ConvFCBBoxHead's shared convs and fcs, and whether they are normalized."""
+    return head.num_shared_convs, head.num_shared_fcs, getattr(head, "norm_cfg", None) is not None
+
+
 def _box_loss_options(head) -> None:
     """A box head's coder and box loss, as the replay runs them."""
     require("box coder", head.bbox_coder, CODERS)
@@ -359,6 +373,7 @@ def _roi_head(roi, train) -> None:
     else:
         for head in _stages(roi.bbox_head):
             _box_head(head)
+        cascade_of_fc_heads(_stages(roi.bbox_head), _head_layers)
     for ext in _stages(roi.bbox_roi_extractor):
         require("RoI extractor", ext, EXTRACTORS)
         require("RoI layer", ext.roi_layers[0], ROI_LAYERS)
@@ -401,6 +416,7 @@ def architecture(model) -> None:
     if has_norm(model.rpn_head):
         raise not_replayed("an RPN head with a norm layer")
     require("RPN box coder", model.rpn_head.bbox_coder, CODERS)
+    _refining_coders(model.roi_head)
     train = getattr(model, "train_cfg", None)
     if train is not None:
         _assignment("RPN", train.rpn)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..inputs.checkpoint import BOX_COORDS, HeadWeights
 from ..inputs.config import CoderConfig, DetectorConfig
-from ..replay.boxes import clip_to_image, decode, keep_min_size
+from ..replay.boxes import decode_in_image, keep_min_size
 from ..replay.cascade import stage_config
 from ..replay.engine import Replay
 from ..replay.heads import box_head
@@ -98,12 +98,12 @@ def _stage_outputs(r: Replay, k: int, rois: Tensor, img: Tensor) -> tuple[Tensor
 
 def _refine(r: Replay, rois: Tensor, img: Tensor, deltas: Tensor, coder: CoderConfig) -> Tensor:
     """A cascade stage's test-mode RoIs moved by its class-agnostic regression and clipped to
-    their images: the next stage's RoIs (none dropped, as both frameworks do at test time)."""
-    boxes = decode(deltas[:, 0], rois, coder.weights, coder.clip, coder.clip_both)
-    out = boxes.clone()
+    their images (where the coder clips): the next stage's RoIs (none dropped, as both
+    frameworks do at test time)."""
+    out = torch.empty_like(rois)
     for i, size in enumerate(r.batch.image_sizes):
         at = img == i
-        out[at] = clip_to_image(boxes[at], size)
+        out[at] = decode_in_image(deltas[at, 0], rois[at], coder, size)
     return out
 
 
@@ -140,7 +140,7 @@ def _image_detections(s: _Scored, i: int, size, heads: HeadWeights, cfg: Detecto
     coder = s.coder
     d = s.deltas[sel][:, heads.reg_slot(torch.arange(k))].reshape(-1, BOX_COORDS)
     ref = s.rois[sel].repeat_interleave(k, 0)
-    boxes = clip_to_image(decode(d, ref, coder.weights, coder.clip, coder.clip_both), size)
+    boxes = decode_in_image(d, ref, coder, size)
     scores, labels = scores_all.reshape(-1), torch.arange(k).repeat(scores_all.shape[0])
     keep = (scores > cfg.test.score_thr).nonzero().flatten()
     keep = keep[keep_min_size(boxes[keep], cfg.test.min_box_size, True)]

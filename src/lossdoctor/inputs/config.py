@@ -137,6 +137,9 @@ class CoderConfig:
     weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
     clip: float = BBOX_XFORM_CLIP
     clip_both: bool = False  # mmdet clamps dw/dh to [-clip, clip]; the others only from above
+    # decoded boxes (proposals, a cascade's refined RoIs, detections) clamped to the image;
+    # mmdet's clip_border=False keeps them as decoded
+    clip_border: bool = True
 
     def __post_init__(self):
         for w in self.weights:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..inputs.config import CoderConfig
+
 # Elements of one IoU block (GT x anchors): bounds memory by this, not by anchors x GT.
 IOU_CHUNK_ELEMENTS = 1 << 21
 
@@ -93,6 +95,13 @@ def clip_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     x = boxes[:, 0::2].clamp(0, w)
     y = boxes[:, 1::2].clamp(0, h)
     return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
+
+
+def decode_in_image(deltas: Tensor, ref: Tensor, coder: CoderConfig, size: tuple[int, int]):
+    """deltas (Tensor[N, 4]) on ref (Tensor[N, 4]) → boxes Tensor[N, 4] decoded with ``coder``,
+    clipped to the image ``size`` = (h, w) unless the coder keeps boxes across its border."""
+    boxes = decode(deltas, ref, coder.weights, coder.clip, coder.clip_both)
+    return clip_to_image(boxes, size) if coder.clip_border else boxes
 
 
 def keep_min_size(boxes: Tensor, min_size: float, inclusive: bool) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor
 from ..inputs.checkpoint import HeadWeights
 from ..inputs.config import DetectorConfig, replace
 from ..inputs.errors import InputError
-from .boxes import clip_to_image, decode
+from .boxes import decode_in_image
 from .gt import UsableGt
 from .roi import RoiStage, roi_stage, sample_rois
 
@@ -31,15 +31,13 @@ def stage_config(config: DetectorConfig, k: int) -> DetectorConfig:
 
 def refined(stage: RoiStage, sizes: list[tuple[int, int]], config: DetectorConfig) -> list[Tensor]:
     """Per image, the next stage's candidates: this stage's RoIs decoded with its class-agnostic
-    regression (detached), clipped to the image; without the added GT (MMDetection) or without
-    empty boxes (Detectron2)."""
-    deltas = stage.deltas.detach()[:, 0]
-    coder = config.roi_coder
-    boxes = decode(deltas, stage.boxes.detach(), coder.weights, coder.clip, coder.clip_both)
+    regression (detached), clipped to the image where the coder clips; without the added GT
+    (MMDetection) or without empty boxes (Detectron2)."""
+    deltas, boxes = stage.deltas.detach()[:, 0], stage.boxes.detach()
     out = []
     for i, size in enumerate(sizes):
         rows = stage.img == i
-        b = clip_to_image(boxes[rows], size)
+        b = decode_in_image(deltas[rows], boxes[rows], config.roi_coder, size)
         if config.cascade.drop_gt:
             b = b[~stage.is_gt[rows]]
         else:

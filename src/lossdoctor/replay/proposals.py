@@ -11,7 +11,7 @@ from torch import Tensor
 from ..inputs.config import CoderConfig, ProposalConfig
 from ..vocab import Ranking
 from .anchors import level_anchors
-from .boxes import clip_to_image, decode, keep_min_size
+from .boxes import decode_in_image, keep_min_size
 from .heads import rpn_head
 from .nms import RANKINGS
 
@@ -38,10 +38,7 @@ def _candidates(rule, logits, deltas, anchors, size, cfg, coder) -> tuple[Tensor
     boxes, scores, groups = [], [], []
     for lvl, (lo, de, an) in enumerate(zip(logits, deltas, anchors)):
         top = rule.preselect(lo.nan_to_num(-float("inf")), min(cfg.pre_nms_top_n, lo.shape[0]))
-        b = clip_to_image(
-            decode(de[top], an[top], coder.weights, coder.clip, coder.clip_both), size
-        )
-        boxes.append(b)
+        boxes.append(decode_in_image(de[top], an[top], coder, size))
         scores.append(lo[top])
         groups.append(torch.full((top.numel(),), lvl, dtype=torch.long))
     return torch.cat(boxes), torch.cat(scores), torch.cat(groups)
