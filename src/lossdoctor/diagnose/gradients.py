@@ -340,7 +340,7 @@ def _live(r: Replay, lvl: int, g_logits: Tensor, g_deltas: Tensor) -> tuple[Tens
 
 def _live_rows(r: Replay, lvl: int, g_logits: Tensor, g_deltas: Tensor, live):
     """The 3x3 conv's pre-ReLU output gradient at the ``live`` locations of :func:`_live` alone
-    (the dense map is never formed) → (at Tensor[K', 3] (n, y, x), rows Tensor[K', C]); rows the
+    (the dense map is never formed) → (at Tensor[V, 3] (n, y, x), rows Tensor[V, C]); rows the
     ReLU zeroes whole are left out."""
     hidden = r.rpn.levels[lvl].out.hidden.detach()
     n, _, h, w = hidden.shape
