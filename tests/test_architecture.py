@@ -237,3 +237,12 @@ def test_tensor_shapes_in_docstrings_use_the_glossarys_letters():
                 if name and name != "..." and name not in letters:
                     unknown.setdefault(name, set()).add(path.name)
     assert not unknown, unknown
+
+
+def test_the_cli_builds_one_options_object_and_imports_no_diagnosis():
+    """Each replaying command builds one ReplayOptions for the library (no ``locals()`` dicts),
+    and the CLI reaches the diagnosis only through the library."""
+    text = (SRC / "cli.py").read_text()
+    assert "locals()" not in text
+    assert ".diagnose" not in text, "the CLI calls api, report and scan, not diagnose"
+    assert text.count("ReplayOptions(") == 3  # inspect, compare, scan
