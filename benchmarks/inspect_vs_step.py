@@ -168,7 +168,7 @@ def stages(ckpt: str, batch: str, mask: bool, sample_all: bool = False) -> dict:
 
     from lossdoctor import api
 
-    grads_module = importlib.import_module("lossdoctor.diagnose.gradients")
+    grads_module = importlib.import_module("lossdoctor.diagnose.gradients.profile")
     from lossdoctor.report.render import render
     from lossdoctor.vocab import Phase
 

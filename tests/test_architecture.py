@@ -219,3 +219,30 @@ def test_the_readme_stays_short_and_its_links_resolve():
     for page in [readme, *sorted((ROOT / "docs").glob("*.md"))]:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.name}: {target}"
+
+
+def test_tensor_shapes_in_docstrings_use_the_glossarys_letters():
+    """Every ``Tensor[...]`` of the replay and the diagnosis is spelled with the letters the
+    replay's glossary (``lossdoctor/replay/__init__.py``) defines, digits and arithmetic."""
+    import re
+
+    glossary = (SRC / "replay" / "__init__.py").read_text()
+    defined = set(re.findall(r"``([^`]+)``", glossary))
+    letters = {x for d in defined for x in re.split(r"[,\s*+=()]+", d) if x}
+    unknown = {}
+    for path in [*(SRC / "replay").rglob("*.py"), *(SRC / "diagnose").rglob("*.py")]:
+        for shape in re.findall(r"Tensor\[([^\]]*)\]", path.read_text()):
+            for token in re.split(r"[,\s*+/()\-]+", shape):
+                name = token.lstrip("0123456789")
+                if name and name != "..." and name not in letters:
+                    unknown.setdefault(name, set()).add(path.name)
+    assert not unknown, unknown
+
+
+def test_the_cli_builds_one_options_object_and_imports_no_diagnosis():
+    """Each replaying command builds one ReplayOptions for the library (no ``locals()`` dicts),
+    and the CLI reaches the diagnosis only through the library."""
+    text = (SRC / "cli.py").read_text()
+    assert "locals()" not in text
+    assert ".diagnose" not in text, "the CLI calls api, report and scan, not diagnose"
+    assert text.count("ReplayOptions(") == 3  # inspect, compare, scan

@@ -172,7 +172,8 @@ def test_mask_gradients_shared_by_profiles_are_each_profiles_own(monkeypatch, ig
     it equals each profile's own backward, a per-level normalizer and empty sets included."""
     import importlib
 
-    G = importlib.import_module("lossdoctor.diagnose.gradients")  # the module, not the function
+    G = importlib.import_module("lossdoctor.diagnose.gradients")
+    M = importlib.import_module("lossdoctor.diagnose.gradients.mask")
 
     per_level = TermSpec(LossKind.BCE, Normalizer.LEVEL_POS)
     profiles = [BUILTIN[p]() for p in ("torchvision", "mmdet", "legacy", "fixed")]
@@ -182,8 +183,8 @@ def test_mask_gradients_shared_by_profiles_are_each_profiles_own(monkeypatch, ig
     r = replay(heads, _mask_batch(ignore), preset("detectron2-mask"), profiles, sample_all=True)
     shared = G.gradients(r)
     if not ignored:  # both paths are taken
-        assert G._mask_coef(r, profiles[0]) > 0 and G._mask_coef(r, profiles[-1]) is None
-    monkeypatch.setattr(G, "_mask_coef", lambda r, p: None)
+        assert M._mask_coef(r, profiles[0]) > 0 and M._mask_coef(r, profiles[-1]) is None
+    monkeypatch.setattr(M, "_mask_coef", lambda r, p: None)
     own = G.gradients(r)
     for p in profiles:
         a, b = shared[p.name], own[p.name]
@@ -203,7 +204,8 @@ def test_roi_split_gives_each_profiles_own_gradients(monkeypatch, case):
 
     from lossdoctor.api import resolve_inputs
 
-    G = importlib.import_module("lossdoctor.diagnose.gradients")  # the module, not the function
+    G = importlib.import_module("lossdoctor.diagnose.gradients")
+    R = importlib.import_module("lossdoctor.diagnose.gradients.roi")
     weighted = dataclasses.replace(BUILTIN["fixed"](), name="pos-weighted", pos_weight=2.0)
     profiles = [BUILTIN["legacy"](), BUILTIN["mmdet"](), weighted]
     if case == "healthy":
@@ -213,13 +215,13 @@ def test_roi_split_gives_each_profiles_own_gradients(monkeypatch, case):
         heads = heads_from_state_dict(F.cascade_state_dict(case.split("-")[0]))
         batch, cfg = validate_batch(F.batch_dict()), preset(case)
     r = replay(heads, batch, cfg, profiles, sample_all=True)
-    monkeypatch.setattr(G, "ROI_SPLIT_SHARE", 1.0)
+    monkeypatch.setattr(R, "ROI_SPLIT_SHARE", 1.0)
     calls = []
-    split = G._roi_split
-    monkeypatch.setattr(G, "_roi_split", lambda *a: calls.append(split(*a)) or calls[-1])
+    split = R._roi_split
+    monkeypatch.setattr(R, "_roi_split", lambda *a: calls.append(split(*a)) or calls[-1])
     shared = G.gradients(r)
     assert any(c is not None for c in calls)  # the split was taken
-    monkeypatch.setattr(G, "_roi_split", lambda *a: None)
+    monkeypatch.setattr(R, "_roi_split", lambda *a: None)
     own = G.gradients(r)
     for p in profiles:
         a, b = shared[p.name], own[p.name]

@@ -74,7 +74,8 @@ def test_diagnosis_is_the_same_either_way(monkeypatch, sample_all):
     from lossdoctor.inputs.profiles import builtin
     from lossdoctor.replay.engine import replay
 
-    G = importlib.import_module("lossdoctor.diagnose.gradients")  # the module, not the function
+    G = importlib.import_module("lossdoctor.diagnose.gradients")
+    rpn = importlib.import_module("lossdoctor.diagnose.gradients.rpn")
     files = ("fixtures/healthy/checkpoint.pt", "fixtures/healthy/batch.pt")
     heads, batch, cfg = resolve_inputs(*files, "fixtures/toy.toml", False)
     profiles = [builtin(p) for p in ("legacy", "fixed", "mmdet", "detectron2")]
@@ -83,7 +84,7 @@ def test_diagnosis_is_the_same_either_way(monkeypatch, sample_all):
     sparse = G.gradients(r)
     monkeypatch.setattr(sc, "DENSE_SHARE", -1.0)
     split = G.gradients(r)
-    monkeypatch.setattr(G, "_split_level", lambda *a: None)
+    monkeypatch.setattr(rpn, "_split_level", lambda *a: None)
     dense = G.gradients(r)
     for other in (sparse, split):
         _same(other, dense)

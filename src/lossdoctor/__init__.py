@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _WHERE = {
     # inspect, compare and replay
-    "inspect": "api", "compare": "api", "run_replay": "api",
+    "inspect": "api", "compare": "api", "run_replay": "api", "ReplayOptions": "options",
     "replay": "replay.engine", "Replay": "replay.engine",
     "diagnose": "diagnose", "Diagnosis": "diagnose",
     "Finding": "diagnose.findings", "Rule": "diagnose.findings", "RULES": "diagnose.findings",

@@ -12,6 +12,7 @@ from .inputs.checks import check_seed
 from .inputs.config import DetectorConfig, config_from_meta, load_config, preset, replace
 from .inputs.errors import InputError
 from .inputs.profiles import LossProfile, load_profile, profile_from_meta, with_losses_of
+from .options import ReplayOptions, options_of
 from .vocab import Phase
 
 REPORT_SUFFIX = ".json"
@@ -162,52 +163,39 @@ def _quiet(phase) -> None:
 RANK_FOLDER = re.compile(r"rank_(\d+)")
 
 
-def inspect(
-    checkpoint,
-    batch=None,
-    *,
-    config=None,
-    old=None,
-    new=None,
-    profiles=None,
-    seed: int | None = None,
-    sample_all: bool = False,
-    score_thr: float | None = None,
-    unsafe_load: bool = False,
-    on_phase=_quiet,
-):
+def inspect(checkpoint, batch=None, options: ReplayOptions | None = None, *, on_phase=_quiet,
+            **fields):  # fmt: skip
     """Replay and diagnose ``batch`` under the run's own profile and a what-if → a Report.
 
-    ``checkpoint`` may be a capture directory (``batch`` then None). ``old`` is the run's profile
-    (default: the dump's, else legacy; findings are then framed as the run's or the what-if's),
-    ``new`` the what-if (default: fixed): names, TOML paths or LossProfiles; ``profiles`` (a list)
-    replaces both. ``seed`` None takes the dump's ``meta["sample_seed"]``, else 0.
-    ``on_phase(Phase)`` is called as each phase starts.
+    ``checkpoint`` may be a capture directory (``batch`` then None), or a step folder of
+    ``rank_K`` capture directories (every rank in one report). ``options`` (or its fields as
+    keywords: ``config``, ``old``, ``new``, ``profiles``, ``seed``, ``sample_all``,
+    ``score_thr``, ``unsafe_load``) is a :class:`~lossdoctor.options.ReplayOptions`; findings
+    are framed as the run's profile's or the what-if's. ``on_phase(Phase)`` is called as each
+    phase starts.
     """
-    options = dict(config=config, old=old, new=new, profiles=profiles, seed=seed,
-                   sample_all=sample_all, score_thr=score_thr, unsafe_load=unsafe_load)  # fmt: skip
+    opts = options_of(options, fields)
     if batch is None and step_ranks(checkpoint):
-        return inspect_step(checkpoint, on_phase=on_phase, **options)
-    return _inspect_dump(checkpoint, batch, on_phase, **options)
+        return inspect_step(checkpoint, opts, on_phase=on_phase)
+    return _inspect_dump(checkpoint, batch, opts, on_phase)
 
 
-def _inspect_dump(checkpoint, batch, on_phase, *, config, old, new, profiles, seed, sample_all,
-                  score_thr, unsafe_load):  # fmt: skip
+def _inspect_dump(checkpoint, batch, o: ReplayOptions, on_phase):
     from .diagnose import diagnose
     from .replay.engine import replay
     from .report.build import build_report
 
     on_phase(Phase.LOAD)
     paths = capture_files(checkpoint, batch)
-    heads, b, cfg = resolve_inputs(*paths, config, unsafe_load)
-    if score_thr is not None:
-        cfg = replace(cfg, test=replace(cfg.test, score_thr=score_thr))
-    profs, source = _profiles(b, profiles, old, new)
+    heads, b, cfg = resolve_inputs(*paths, o.config, o.unsafe_load)
+    if o.score_thr is not None:
+        cfg = replace(cfg, test=replace(cfg.test, score_thr=o.score_thr))
+    profs, source = _profiles(b, o.profiles, o.old, o.new)
     on_phase(Phase.REPLAY)
-    seed = int(b.meta.get("sample_seed", 0)) if seed is None else seed
+    seed = int(b.meta.get("sample_seed", 0)) if o.seed is None else o.seed
     check_seed(seed, "--seed")
-    r = replay(heads, b, cfg, profs, seed=seed, sample_all=sample_all)
-    own = _own_profile(b, profs, source, old)
+    r = replay(heads, b, cfg, profs, seed=seed, sample_all=o.sample_all)
+    own = _own_profile(b, profs, source, o.old)
     report = build_report(diagnose(r, run_profile=own, on_phase=on_phase), *_named(paths))
     report.meta["run"] = {"profile": profs[0].name, "source": source, "own": own,
                           "framework": b.meta.get("framework"), "step": b.meta.get("step"),
@@ -230,16 +218,17 @@ def step_ranks(folder) -> dict[int, Path]:
     return {int(m.group(1)): d for m, d in matches if m}
 
 
-def inspect_step(step_dir, *, on_phase=_quiet, **options):
+def inspect_step(step_dir, options: ReplayOptions | None = None, *, on_phase=_quiet, **fields):
     """Every rank of one step (a folder of ``rank_K`` capture directories) in one report: each
     rank's tables with a ``rank`` column, the ``ranks`` table (each rank's normalizer next to an
-    all-reduced one) and the findings across ranks. ``options`` are :func:`inspect`'s."""
+    all-reduced one) and the findings across ranks. ``options`` as for :func:`inspect`."""
     from .report.ranks import combine_ranks
 
+    opts = options_of(options, fields)
     reports = {}
     for rank, folder in sorted(step_ranks(step_dir).items()):
         try:
-            reports[rank] = _inspect_dump(folder, None, on_phase, **options)
+            reports[rank] = _inspect_dump(folder, None, opts, on_phase)
         except InputError as e:
             raise InputError(f"rank {rank} ({folder}): {e}") from None
     if not reports:
@@ -313,7 +302,7 @@ def side(spec) -> Side:
     return Side(path, report, profile or None)
 
 
-def _compare_profiles(a: Side, b: Side, checkpoint, batch, options: dict):
+def _compare_profiles(a: Side, b: Side, checkpoint, batch, options: ReplayOptions):
     from .report.compare import CompareResult, compare_profiles
 
     if checkpoint is None:
@@ -321,7 +310,7 @@ def _compare_profiles(a: Side, b: Side, checkpoint, batch, options: dict):
             "comparing two profiles needs CKPT and BATCH (or a capture directory): "
             "lossdoctor compare CKPT BATCH --old A --new B"
         )
-    report = inspect(checkpoint, batch, old=a.spec, new=b.spec, **options)
+    report = inspect(checkpoint, batch, replace(options, old=a.spec, new=b.spec))
     first, second = report.profiles[:2]
     comps = [compare_profiles(report, first, report, second)]
     return CompareResult(comparisons=comps, new_report=report, new_profile=second, report=report)
@@ -349,17 +338,18 @@ def _compare_reports(a: Side, b: Side, checkpoint, batch):
     )
 
 
-def compare(old, new, *, checkpoint=None, batch=None, **replay_options):
+def compare(old, new, *, checkpoint=None, batch=None, options: ReplayOptions | None = None,
+            **fields):  # fmt: skip
     """Compare two sides → :class:`~lossdoctor.report.compare.CompareResult`.
 
     Two profiles (names, TOML files or LossProfile objects) are replayed on ``checkpoint`` and
-    ``batch`` (or a capture directory as ``checkpoint``), with ``config``, ``seed``,
-    ``sample_all``, ``score_thr``, ``unsafe_load`` as for :func:`inspect`; two reports (``Report``
-    objects, ``.json`` paths, ``REPORT.json:PROFILE``) need neither.
+    ``batch`` (or a capture directory as ``checkpoint``) with ``options`` (or its fields as
+    keywords) as for :func:`inspect`, whose ``old`` and ``new`` they set; two reports
+    (``Report`` objects, ``.json`` paths, ``REPORT.json:PROFILE``) need neither.
     """
     a, b = side(old), side(new)
     if a.is_report != b.is_report:
         raise InputError("--old and --new must both be profiles or both be reports (.json)")
     if a.is_report:
         return _compare_reports(a, b, checkpoint, batch)
-    return _compare_profiles(a, b, checkpoint, batch, replay_options)
+    return _compare_profiles(a, b, checkpoint, batch, options_of(options, fields))

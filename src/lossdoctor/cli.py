@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
+from .options import ReplayOptions
 from .vocab import LOCAL_RAY, FailOn
 
 EXIT_FINDING = 1
@@ -297,8 +298,10 @@ def inspect(
       lossdoctor inspect lossdoctor-dumps/step_000123
       lossdoctor inspect ckpt_5000.pt batch.pt --csv levels.csv --plot levels.png
     """
-    args = dict(locals())
-    _guard(lambda: _inspect(**args))
+    options = ReplayOptions(config=config, old=old, new=new, seed=seed, sample_all=sample_all,
+                            score_thr=score_thr, unsafe_load=unsafe_load)  # fmt: skip
+    outputs = (json_out, csv, csv_dir, plot)
+    _guard(lambda: _inspect(ckpt, batch, options, outputs, device, fail_on=fail_on, quiet=quiet))
 
 
 def _progress(quiet: bool):
@@ -309,37 +312,17 @@ def _progress(quiet: bool):
     return PhaseStatus(console(stderr=True), enabled=not quiet)
 
 
-def _inspect(*, ckpt, batch, old, new, config, seed, sample_all, device, score_thr, csv, csv_dir,
-             json_out, plot, fail_on, unsafe_load, quiet):  # fmt: skip
+def _inspect(ckpt, batch, o: ReplayOptions, outputs: tuple, device: Device, *, fail_on, quiet):
     _check_device(device)
     from .api import inspect as run_inspect
     from .report.export import export
     from .report.render import console, render
 
-    outputs, inputs = _checked_outputs(
-        json_out,
-        csv,
-        csv_dir,
-        plot,
-        checkpoint=ckpt,
-        batch=batch,
-        config=config,
-        old_profile=old,
-        new_profile=new,
-    )
+    json_out = outputs[0]
+    outputs, inputs = _checked_outputs(*outputs, checkpoint=ckpt, batch=batch, config=o.config,
+                                       old_profile=o.old, new_profile=o.new)  # fmt: skip
     with _progress(quiet) as on_phase:
-        report = run_inspect(
-            ckpt,
-            batch,
-            config=config,
-            old=old,
-            new=new,
-            seed=seed,
-            sample_all=sample_all,
-            score_thr=score_thr,
-            unsafe_load=unsafe_load,
-            on_phase=on_phase,
-        )
+        report = run_inspect(ckpt, batch, o, on_phase=on_phase)
     export(report, outputs, inputs)
     _stdout_json(json_out, report.to_json())
     render(report, console(stderr=json_out == "-"), quiet=quiet)
@@ -374,29 +357,25 @@ def compare(
       lossdoctor compare --old r1000.json --new r5000.json
       lossdoctor compare --old r5000.json:legacy --new r5000.json:fixed
     """
-    args = dict(locals())
-    _guard(lambda: _compare(**args))
+    options = ReplayOptions(config=config, old=old, new=new, seed=seed, sample_all=sample_all,
+                            score_thr=score_thr, unsafe_load=unsafe_load)  # fmt: skip
+    outputs = (json_out, csv, csv_dir, plot)
+    _guard(lambda: _compare(ckpt, batch, options, outputs, device, fail_on=fail_on,
+                            all_rows=all_rows))  # fmt: skip
 
 
-def _compare(*, ckpt, batch, old, new, config, seed, sample_all, device, score_thr, csv, csv_dir,
-             json_out, plot, fail_on, unsafe_load, all_rows):  # fmt: skip
+def _compare(ckpt, batch, o: ReplayOptions, outputs: tuple, device: Device, *, fail_on,
+             all_rows):  # fmt: skip
     _check_device(device)
     from .api import compare as run_compare
     from .inputs.errors import InputError
     from .report.export import Outputs, export
     from .report.render import console, render_comparison
 
-    outputs, inputs = _checked_outputs(
-        json_out, csv, csv_dir, plot, checkpoint=ckpt, batch=batch, config=config, old=old, new=new
-    )
-    options = dict(
-        config=config,
-        seed=seed,
-        sample_all=sample_all,
-        score_thr=score_thr,
-        unsafe_load=unsafe_load,
-    )
-    result = run_compare(old, new, checkpoint=ckpt, batch=batch, **options)
+    json_out, csv, csv_dir, plot = outputs
+    _, inputs = _checked_outputs(*outputs, checkpoint=ckpt, batch=batch, config=o.config,
+                                 old=o.old, new=o.new)  # fmt: skip
+    result = run_compare(o.old, o.new, checkpoint=ckpt, batch=batch, options=o)
     if result.report is None and (csv_dir or plot):
         raise InputError(
             "--csv-dir and --plot need a replay: compare two profiles with CKPT and BATCH"
@@ -489,31 +468,33 @@ def scan(
       lossdoctor scan ckpt_1000.pt ckpt_2000.pt ckpt_3000.pt --batch batch.pt
       lossdoctor scan /shared/dumps --ray auto
     """
-    args = dict(locals())
-    _guard(lambda: _scan(**args))
+    options = ReplayOptions(config=config, old=old, new=new, seed=seed, sample_all=sample_all,
+                            score_thr=score_thr, unsafe_load=unsafe_load)  # fmt: skip
+    outputs = (json_out, csv_dir, plot)
+    _guard(
+        lambda: _scan(paths, options, outputs, batch=batch, results=results, workers=workers,
+                      threads=threads, ray=ray, force=force, fail_on=fail_on, quiet=quiet)
+    )  # fmt: skip
 
 
-def _scan(*, paths, batch, results, workers, threads, ray, force, old, new, config, seed,
-          sample_all, score_thr, csv_dir, json_out, plot, fail_on, unsafe_load, quiet):  # fmt: skip
+def _scan(paths, o: ReplayOptions, outputs: tuple, *, batch, results, workers, threads, ray, force,
+          fail_on, quiet):  # fmt: skip
     from .report.export import Outputs
     from .report.render import console
     from .scan import scan as run_scan
     from .scan.timeline import failed
     from .scan.view import plot_timeline, progress_bar, render_scan
 
+    json_out, csv_dir, plot = outputs
     outputs = Outputs(json=json_out, csv_dir=csv_dir, plot=plot)
-    outputs.check(
-        _file_inputs(scanned=paths, batch=batch, config=config, old_profile=old, new_profile=new)
-    )
-    options = dict(config=config, old=old, new=new, seed=seed, sample_all=sample_all,
-                   score_thr=score_thr, unsafe_load=unsafe_load)  # fmt: skip
+    outputs.check(_file_inputs(scanned=paths, batch=batch, config=o.config, old_profile=o.old,
+                               new_profile=o.new))  # fmt: skip
     with progress_bar(console(stderr=True), not quiet) as bar:
         task = bar.add_task("scan", total=None)
         report = run_scan(
             paths, batch=batch, results=results, workers=workers or os.cpu_count() or 1,
-            threads=threads, ray=ray, force=force,
+            threads=threads, ray=ray, force=force, options=o,
             on_progress=lambda done, total, _: bar.update(task, completed=done, total=total),
-            **options,
         )  # fmt: skip
     _export_scan(report, outputs, plot_timeline)
     _stdout_json(json_out, report.to_json())
@@ -605,18 +586,14 @@ def _print_fit(out, path: str, heads, b, cfg) -> None:
     )
     out.print(f"  model {heads.replayed()}")
     _print_replaced(out, "checkpoint", heads.replaced)
-    space = b.label_space
-    bad = [
-        (i, j, space.run(int(v)))
-        for i, lab in enumerate(b.gt_labels)
-        for j, v in enumerate(lab.tolist())
-        if not 0 <= v < k and v != space.dump_background
-    ]
-    if bad:
-        i, j, v = bad[0]
+    from .replay.gt import usable_gt
+
+    space, dropped = b.label_space, usable_gt(b, k).dropped_labels
+    if dropped:
+        d = dropped[0]
         out.print(
-            f"  {len(bad)} labels outside {space.span(k)} (first: image {i} box {j} label {v}); "
-            "the replay leaves them out"
+            f"  {len(dropped)} labels outside {space.span(k)} (first: image {d.image} box {d.box} "
+            f"label {space.run(d.label)}); the replay leaves them out"
         )
 
 
@@ -642,11 +619,10 @@ def check(
       lossdoctor check batch.pt ckpt.pt
       lossdoctor check lossdoctor-dumps/step_000123
     """
-    args = dict(locals())
-    _guard(lambda: _check(**args))
+    _guard(lambda: _check(batch, ckpt, config, unsafe_load))
 
 
-def _check(*, batch, ckpt, config, unsafe_load):
+def _check(batch, ckpt, config, unsafe_load: bool):
     from .api import files_to_check, resolve_inputs
     from .inputs.batch import load_batch
     from .report.render import console
@@ -698,11 +674,10 @@ def config_from(
       lossdoctor config-from mmdet configs/faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py > det.toml
       lossdoctor inspect ckpt.pth batch.pt --config det.toml
     """
-    args = dict(locals())
-    _guard(lambda: _config_from(**args))
+    _guard(lambda: _config_from(framework, path, profile))
 
 
-def _config_from(*, framework, path, profile):
+def _config_from(framework: Source, path: str, profile: bool):
     from .inputs.dataclass_toml import dumps_toml, to_dict
     from .inputs.errors import InputError
     from .inputs.profiles import profile_from_meta, profile_toml

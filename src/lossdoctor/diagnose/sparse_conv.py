@@ -45,7 +45,7 @@ def relu_backward(grad: Tensor, out: Tensor) -> Tensor:
 
 def _patch_index(loc: Tensor, height: int, width: int) -> Tensor:
     """Flat indices into the padded map Tensor[N, H+2, W+2] of each location's 3x3 window →
-    Tensor[K, 9]."""
+    Tensor[V, 9]."""
     n, y, x = loc.unbind(1)
     d = torch.arange(KERNEL)
     ys = y[:, None, None] + d[None, :, None]
@@ -56,7 +56,7 @@ def _patch_index(loc: Tensor, height: int, width: int) -> Tensor:
 
 def sparse_conv_grads(x: Tensor, g: Tensor, weight: Tensor, loc: Tensor) -> ConvGrads:
     """The conv's gradients from its pre-ReLU output gradient, non-zero only at ``loc``
-    Tensor[K, 3] (n, y, x) where it is ``g`` Tensor[K, C_out], for input ``x`` Tensor[N, C_in, H,
+    Tensor[V, 3] (n, y, x) where it is ``g`` Tensor[V, C_out], for input ``x`` Tensor[N, C_in, H,
     W]."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
@@ -78,7 +78,7 @@ def sparse_conv_grads(x: Tensor, g: Tensor, weight: Tensor, loc: Tensor) -> Conv
 
 
 def _patches(x: Tensor, index: Tensor, height: int, width: int) -> Tensor:
-    """The input windows at ``index`` Tensor[K, 9] of :func:`_patch_index` → Tensor[K * 9, C_in],
+    """The input windows at ``index`` Tensor[V, 9] of :func:`_patch_index` → Tensor[V * 9, C_in],
     zeros in the padding; gathered from ``x`` Tensor[N, C_in, H, W] as it is (no padded copy of
     the map)."""
     n, y, xx = _pixels(index.flatten(), height, width).unbind(1)

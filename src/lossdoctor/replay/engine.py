@@ -1,9 +1,11 @@
 """The replay: one forward of both heads on a dumped batch, shared samples, per-profile losses.
 
-Stages (DESIGN "The replay"), each in its own module: the usable GT (``gt``); the RPN head on
-every level, anchors, one seeded assignment and sampling per image (``rpn``); the RoI stage's
-candidates (``proposals``), their sampling, RoIAlign and the box head (``roi``); then each
-profile's normalization of the same per-sample losses (``normalize``).
+Stages, each in its own module, in the order a training forward runs them: the usable GT
+(``gt``); the RPN head on every level, anchors, one seeded assignment and sampling per image
+(``rpn``); the RoI stage's candidates (``proposals``), their sampling, RoIAlign and the box head
+(``roi``), a cascade's later stages (``cascade``) and the mask head (``mask``); then each
+profile's normalization of the same per-sample losses (``normalize``). Shapes: the glossary in
+``lossdoctor.replay``.
 """
 
 from __future__ import annotations

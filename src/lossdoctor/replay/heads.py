@@ -125,7 +125,7 @@ def box_hidden(
     train: bool = True,
     res5: Res5Config = DEFAULT_RES5,
 ) -> tuple[Tensor, Tensor]:
-    """Tensor[R, C, P, P] → (after fc1 + ReLU, after the last fc + ReLU), each Tensor[R, F]:
+    """Tensor[R, C, S, S] → (after fc1 + ReLU, after the last fc + ReLU), each Tensor[R, F]:
     the conv blocks first, where the head has them (in training mode unless ``train`` is
     false: a BatchNorm then uses its running statistics). A res5 head gives its pooled output
     as both."""
@@ -163,7 +163,7 @@ def _bottleneck(x: Tensor, w: HeadWeights, block, cfg: HeadNormConfig, train: bo
 
 
 def double_head_reg(pooled: Tensor, w: HeadWeights, cfg: HeadNormConfig, train: bool) -> Tensor:
-    """A double head's regression branch on the scaled RoIs' features Tensor[R, C, P, P] →
+    """A double head's regression branch on the scaled RoIs' features Tensor[R, C, S, S] →
     Tensor[R, C']: its residual block (3x3 and 1x1 convs, plus a 1x1 projection of the input),
     its bottlenecks, the mean over the RoI (MMDetection's AvgPool2d over the whole P x P)."""
     conv1, conv2, identity = DH_RES
@@ -197,7 +197,7 @@ def box_head(
     *,
     train: bool = True,
 ) -> BoxOutputs:
-    """The whole box head on pooled RoIs Tensor[R, C, P, P] (and, for a double head, the same
+    """The whole box head on pooled RoIs Tensor[R, C, S, S] (and, for a double head, the same
     RoIs scaled for its regression branch), in training mode unless ``train`` is false."""
     hidden1, hidden = box_hidden(pooled, w, config.head_norm, train=train, res5=config.res5)
     hidden_reg = hidden

@@ -30,13 +30,13 @@ MASK_BINARIZE = 0.5
 @dataclass(kw_only=True)
 class MaskStage:
     """The positive RoIs of the box stage and the mask head on them. rows: Tensor[P] their rows
-    in the box stage; pooled Tensor[P, C, S, S]; logits Tensor[P, M, M] (each RoI's class
-    channel); targets Tensor[P, M, M]; bce Tensor[P, M, M] per pixel."""
+    in the box stage; pooled Tensor[P, C, S, S]; logits Tensor[P, T, T] (each RoI's class
+    channel); targets Tensor[P, T, T]; bce Tensor[P, T, T] per pixel."""
 
     rows: Tensor
     pooled: Tensor
     hidden: list[Tensor]  # after each conv + ReLU, then after the deconv + ReLU
-    all_logits: Tensor  # Tensor[P, Q, M, M]
+    all_logits: Tensor  # Tensor[P, Q, T, T]
     logits: Tensor
     targets: Tensor
     bce: Tensor
@@ -59,7 +59,7 @@ def mask_head(pooled: Tensor, w: HeadWeights, cfg: HeadNormConfig) -> tuple[list
 
 def mask_targets(masks: Tensor, boxes: Tensor, which: Tensor, cfg: MaskConfig) -> Tensor:
     """Each RoI's mask target: GT mask ``which[i]`` of ``masks`` (Tensor[G, H, W] bool) cut out
-    by ``boxes[i]`` (Tensor[P, 4], input pixels) and resized to M x M → Tensor[P, M, M].
+    by ``boxes[i]`` (Tensor[P, 4], input pixels) and resized to T x T → Tensor[P, T, T].
 
     torchvision: RoIAlign, not aligned, adaptive sampling, fractional values. MMDetection: the box
     clipped to the mask, aligned RoIAlign, then >= 0.5. Detectron2: aligned RoIAlign, >= 0.5.

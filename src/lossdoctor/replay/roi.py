@@ -47,7 +47,7 @@ class SampledRois:
 
 @dataclass(kw_only=True)
 class RoiStage(SampledRois):
-    """The sampled RoIs and the box head on them: pooled Tensor[R, C, P, P] (pooled_reg: a
+    """The sampled RoIs and the box head on them: pooled Tensor[R, C, S, S] (pooled_reg: a
     double head's scaled RoIs, else None); hidden1, hidden Tensor[R, F]; hidden_reg
     Tensor[R, F'] (what the regressor takes: ``hidden`` but for a double head); cls_logits
     Tensor[R, K+1]; deltas Tensor[R, reg_classes, 4]; ce Tensor[R]."""
@@ -252,7 +252,7 @@ def pool_rois(
     features: list[Tensor], strides: list[int], boxes: Tensor, img: Tensor, level: Tensor,
     heads: HeadWeights, config: DetectorConfig,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    """RoIAlign of ``boxes`` Tensor[R, 4] at their ``level`` → (Tensor[R, C, P, P], and for a
+    """RoIAlign of ``boxes`` Tensor[R, 4] at their ``level`` → (Tensor[R, C, S, S], and for a
     double head the boxes scaled by ``roi_pool.reg_scale``, pooled at the same levels)."""
     side, cfg = heads.pool_side(config.res5.pool_size), config.roi_pool
     pooled = multiscale_roi_align(features, strides, boxes, img, level, side, cfg)

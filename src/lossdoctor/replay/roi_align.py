@@ -68,7 +68,7 @@ def map_levels(rois: Tensor, strides: list[int], cfg: RoIPoolConfig) -> Tensor:
 def _axis_weights(
     start: Tensor, bin_size: Tensor, grid: int, pooled: int, size: int
 ) -> tuple[Tensor, Tensor]:
-    """Sample rows (or cols) of one axis → (idx Tensor[R, P*2g] int64, W Tensor[R, P, P*2g]).
+    """Sample rows (or cols) of one axis → (idx Tensor[R, S*2g] int64, W Tensor[R, S, S*2g]).
 
     W[r, p, j] is the weight of gathered row j in output bin p (bilinear weight / grid).
     """
@@ -141,7 +141,7 @@ def _pool_group(
     gw: int,
     pooled: int,
 ) -> Tensor:
-    """RoIs sharing one sampling grid (gh, gw) → Tensor[R, C, P, P]. feat: Tensor[N, H, W, C]."""
+    """RoIs sharing one sampling grid (gh, gw) → Tensor[R, C, S, S]. feat: Tensor[N, H, W, C]."""
     _, h, w, c = feat.shape
     iy, wy = _axis_weights(ys.detach(), bh.detach(), gh, pooled, h)
     ix, wx = _axis_weights(xs.detach(), bw.detach(), gw, pooled, w)
@@ -171,7 +171,7 @@ def roi_align_level(
     max_grid: int = MAX_ADAPTIVE_GRID,
 ) -> Tensor:
     """RoIAlign on one level. feat: Tensor[N, C, H, W]; rois: Tensor[R, 4] in input pixels;
-    img: Tensor[R] image index → Tensor[R, C, P, P] (a bool or uint8 map pools as floats, without
+    img: Tensor[R] image index → Tensor[R, C, S, S] (a bool or uint8 map pools as floats, without
     a float copy of the map). ``max_grid`` caps the adaptive sampling grid. Always this kernel,
     even where torchvision is installed: on a few CPU cores it is several times faster than
     torchvision's compiled one, forward and backward."""
@@ -253,7 +253,7 @@ def multiscale_roi_align(
     pooled: int,
     cfg: RoIPoolConfig,
 ) -> Tensor:
-    """Pool each RoI from its mapped level → Tensor[R, C, P, P]; every level stays in the graph."""
+    """Pool each RoI from its mapped level → Tensor[R, C, S, S]; every level stays in the graph."""
     n, c = features[0].shape[:2]
     pieces, keep_alive = [], []
     for lvl, (feat, stride) in enumerate(zip(features, strides)):

@@ -17,7 +17,7 @@ from .losses import DECODED_LOSSES, box_loss
 class LevelSamples:
     """The samples of one (head, level) that enter the losses.
 
-    cls_loss: Tensor[S] per-sample classification loss of the sampled samples; cls_pos: Tensor[S]
+    cls_loss: Tensor[B] per-sample classification loss of the sampled samples; cls_pos: Tensor[B]
     bool; box_pred / box_target: Tensor[P, 4] of the sampled positives; cls_leak / box_leak: 0 or
     NaN, what unsampled predictions add under weight-multiply semantics (0 * inf = NaN; RPN only).
     box_ref / box_gt: Tensor[P, 4] the positives' reference boxes and matched GT boxes, and

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..inputs.batch import load_batch
 from ..inputs.errors import InputError
 from ..inputs.files import InputFiles, check_output
+from ..options import ReplayOptions, options_of
 from ..report.model import Report
 from .dumps import Dump, find_dumps
 from .run import Job, load_result, result_path, run_jobs, save_result, threads_per_worker
@@ -22,11 +23,6 @@ DEFAULT_RESULTS = "lossdoctor-scan"
 
 def _quiet(done: int, total: int, dump: Dump) -> None:
     pass
-
-
-def _options(options: dict) -> dict:
-    """inspect's options as plain values (paths as strings), the same in every worker."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
 
 
 def _jobs(dumps, options, threads, results, force) -> tuple[list[Job], dict[Dump, dict]]:
@@ -67,6 +63,13 @@ def _is_path(value) -> bool:
     return isinstance(value, (str, Path)) and Path(value).is_file()
 
 
+def _meta(paths, batch, opts: dict, how: dict, dumps: list, jobs: list) -> dict:
+    """What the scan's report records of how it ran."""
+    return {"inputs": [str(p) for p in paths], "batch": str(batch) if batch else None,
+            "options": opts, **how, "dumps": len(dumps),
+            "cached": len(dumps) - len(jobs)}  # fmt: skip
+
+
 def scan(
     paths: list[str | Path],
     *,
@@ -77,18 +80,19 @@ def scan(
     ray: str | None = None,
     force: bool = False,
     on_progress: Callable[[int, int, Dump], None] = _quiet,
-    **options,
+    options: ReplayOptions | None = None,
+    **fields,
 ) -> Report:
     """Replay every dump under ``paths`` (see :func:`find_dumps`) → the scan's Report.
 
-    ``options`` are :func:`lossdoctor.inspect`'s (config, old, new, seed, sample_all, ...).
-    Each dump's result is written under ``results/dumps/`` as it arrives; a later scan reuses
-    them unless ``force``. ``workers`` > 1 runs a local process pool with ``threads`` torch
-    threads each (default: the CPUs shared out, 1 to 2); ``ray`` (``local``, ``auto`` or an
-    address) runs one Ray task per dump instead. ``on_progress(done, total, dump)`` follows.
+    ``options`` (or its fields as keywords) are :func:`lossdoctor.inspect`'s. Each dump's result
+    is written under ``results/dumps/`` as it arrives; a later scan reuses them unless ``force``.
+    ``workers`` > 1 runs a local process pool with ``threads`` torch threads each (default: the
+    CPUs shared out, 1 to 2); ``ray`` (``local``, ``auto`` or an address) runs one Ray task per
+    dump instead. ``on_progress(done, total, dump)`` follows.
     """
     dumps = find_dumps(paths, batch)
-    opts = _options(options)
+    opts = options_of(options, fields).plain()
     threads = threads_per_worker(1 if ray else workers, threads)
     _check_results(dumps, opts, threads, results := Path(results), batch)
     jobs, got = _jobs(dumps, opts, threads, results, force)
@@ -102,8 +106,5 @@ def scan(
         on_progress(done, len(dumps), job.dump)
 
     run_jobs(jobs, workers=workers, ray=ray, on_result=arrived)
-    meta = {"inputs": [str(p) for p in paths], "batch": str(batch) if batch else None,
-            "options": opts, "workers": workers, "threads": threads, "ray": ray,
-            "dumps": len(dumps), "cached": len(dumps) - len(jobs),
-            "results": str(results)}  # fmt: skip
-    return scan_report([got[d] for d in dumps], meta)
+    how = {"workers": workers, "threads": threads, "ray": ray, "results": str(results)}
+    return scan_report([got[d] for d in dumps], _meta(paths, batch, opts, how, dumps, jobs))

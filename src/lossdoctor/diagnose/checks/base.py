@@ -1,0 +1,58 @@
+"""What a check reads (``Facts``) and returns (``Hit``), and the wording the checks share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...replay.engine import Replay
+from ...vocab import Head, Term
+from ..gradients import ProfileGrads
+from ..nan_trace import Origin
+from ..symptom import Symptom
+
+# steps before which detecting nothing is expected: a detector does not detect during its LR
+# warmup (500 iterations in MMDetection, 1000 in torchvision's references)
+EARLY_STEPS = 1000
+# evidence lists are cut to this many entries
+EVIDENCE_ITEMS = 20
+
+
+@dataclass(kw_only=True)
+class Facts:
+    """What the checks read: the replay and the diagnosis built on it."""
+
+    replay: Replay
+    grads: dict[str, ProfileGrads]
+    origins: list[Origin]
+    symptom: Symptom
+
+
+@dataclass(kw_only=True)
+class Hit:
+    """One thing a check found. ``minor`` takes the rule's lesser severity (and fix, if it has
+    one); ``fix`` replaces the rule's fix where the case has its own (a NaN stage's cause)."""
+
+    message: str
+    head: Head | None = None
+    level: str | None = None
+    profile: str | None = None
+    image: int | None = None
+    term: Term | str | None = None
+    evidence: dict = field(default_factory=dict)
+    minor: bool = False
+    fix: str | None = None
+    fix_prefix: str = ""  # said before the rule's fix, where this case has a sharper first step
+    # what the hit has in common with the others of its cause, without where it is (its level,
+    # term, profile, image): hits of one code and cause make one grouped finding
+    cause: str | None = None
+
+
+def _plural(n: int, noun: str, show: bool = True) -> str:
+    """``1 GT box``, ``2 GT boxes``; ``show=False`` leaves the count out."""
+    word = noun if n == 1 else noun + ("es" if noun.endswith(("s", "x")) else "s")
+    return f"{n} {word}" if show else word
+
+
+def _step(r: Replay) -> int | None:
+    step = r.batch.meta.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
