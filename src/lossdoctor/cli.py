@@ -319,11 +319,11 @@ def _inspect(ckpt, batch, o: ReplayOptions, outputs: tuple, device: Device, *, f
     from .report.render import console, render
 
     json_out = outputs[0]
-    outputs, inputs = _checked_outputs(*outputs, checkpoint=ckpt, batch=batch, config=o.config,
+    checked, inputs = _checked_outputs(*outputs, checkpoint=ckpt, batch=batch, config=o.config,
                                        old_profile=o.old, new_profile=o.new)  # fmt: skip
     with _progress(quiet) as on_phase:
         report = run_inspect(ckpt, batch, o, on_phase=on_phase)
-    export(report, outputs, inputs)
+    export(report, checked, inputs)
     _stdout_json(json_out, report.to_json())
     render(report, console(stderr=json_out == "-"), quiet=quiet)
     if report.fails(fail_on):
