@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 
 import pytest
@@ -443,3 +444,8 @@ def exit2(result, needle: str) -> None:
     assert err.startswith("lossdoctor: error: ") and "\n" not in err, err
     assert needle in err, err
     assert "Traceback" not in result.output
+
+
+def as_json(report) -> dict:
+    """A report (or a scan's) as its ``--json`` output reads: what a user of the JSON sees."""
+    return json.loads(report.to_json())

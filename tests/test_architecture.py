@@ -246,3 +246,69 @@ def test_the_cli_builds_one_options_object_and_imports_no_diagnosis():
     assert "locals()" not in text
     assert ".diagnose" not in text, "the CLI calls api, report and scan, not diagnose"
     assert text.count("ReplayOptions(") == 3  # inspect, compare, scan
+
+
+# the modules that turn typed records into the JSON/CSV forms and back (the edge)
+SERIALIZATION = {SRC / "report" / "serialize.py", SRC / "scan" / "results.py"}
+# mappings that are keyed by strings by nature, not rows: the environment
+KEYED_BY_NATURE = {"os.environ"}
+
+
+def string_keyed(path: Path) -> list[str]:
+    """Where a file reads a value by a string key: ``x["key"]`` or ``x.get("key")``."""
+    tree = ast.parse(path.read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load):
+            target, key = node.value, node.slice
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "get" and node.args):  # fmt: skip
+            target, key = node.func.value, node.args[0]
+        else:
+            continue
+        if isinstance(key, ast.Constant) and isinstance(key.value, str):
+            if ast.unparse(target) not in KEYED_BY_NATURE:
+                out.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    return out
+
+
+def test_report_and_scan_read_rows_by_attribute_not_by_key():
+    """Above diagnose/, rows, findings and meta are typed records: only the serialization
+    modules read or write them as dicts."""
+    files = [p for d in ("report", "scan") for p in sorted((SRC / d).glob("*.py"))]
+    found = [hit for p in files if p not in SERIALIZATION for hit in string_keyed(p)]
+    assert not found, "\n".join(found)
+
+
+def test_the_key_check_catches_a_keyed_read(tmp_path):
+    p = ROOT / "tests" / "_probe_keyed.py"
+    try:
+        p.write_text('a = row["pos"]\nb = meta.get("run")\nc = os.environ.get("COLUMNS")\n'
+                     'd = rows[0]\ne = {"k": 1}\n')  # fmt: skip
+        assert [h.split(": ")[1] for h in string_keyed(p)] == ["row['pos']", "meta.get('run')"]
+    finally:
+        p.unlink()
+
+
+def test_findings_are_made_in_diagnose_and_only_arranged_in_report():
+    """The report layer runs no rule and rebuilds no finding: rules (the rank rules too), their
+    checks and framing live in diagnose/ (``explain`` only prints the table); one Finding type
+    goes from check to report."""
+    banned = {"RULES", "RANK_RULES", "to_finding", "frame", "Hit", "FindingRow"}
+    found = []
+    for p in sorted((SRC / "report").glob("*.py")) + sorted((SRC / "scan").glob("*.py")):
+        tree = ast.parse(p.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{p.relative_to(ROOT)}:{node.lineno}: {n}" for n in names if n in banned]
+    assert not found, "\n".join(found)
+    from lossdoctor.diagnose import ranks
+
+    assert all(r.code.startswith("rank-") for r in ranks.RANK_RULES)
+    dataclass_names = [
+        node.name
+        for p in SOURCES
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.ClassDef) and "Finding" in node.name
+    ]
+    assert sorted(dataclass_names) == ["DumpFindingRow", "Finding", "FindingGroup"]

@@ -59,7 +59,7 @@ def test_the_run_profile_and_config_come_from_the_dump(tmp_path):
     meta = {"framework": "mmdet", "profile": "mmdet", "config": to_dict(cfg), "step": 7}
     rep = inspect(write_capture(tmp_path / "a", meta=meta))
     assert rep.profiles == ["mmdet", "fixed"]
-    assert rep.meta["run"] == {
+    assert F.as_json(rep)["meta"]["run"] == {
         "profile": "mmdet",
         "source": "dump",
         "framework": "mmdet",
@@ -68,24 +68,32 @@ def test_the_run_profile_and_config_come_from_the_dump(tmp_path):
         "rank": None,
     }
     assert (
-        rep.meta["config"]["name"] == "live"
-        and rep.meta["config"]["rpn_matcher"]["low_quality_reassign"]
+        F.as_json(rep)["meta"]["config"]["name"] == "live"
+        and F.as_json(rep)["meta"]["config"]["rpn_matcher"]["low_quality_reassign"]
     )
     given = inspect(tmp_path / "a", old="legacy")
-    assert given.profiles == ["legacy", "fixed"] and given.meta["run"]["source"] == "given"
+    assert (
+        given.profiles == ["legacy", "fixed"]
+        and F.as_json(given)["meta"]["run"]["source"] == "given"
+    )
     fixed_run = inspect(write_capture(tmp_path / "b", meta={"profile": "fixed"}))
     assert fixed_run.profiles == ["fixed", "legacy"]  # the what-if of a fixed run is the naive code
     plain = inspect(write_capture(tmp_path / "c"))
-    assert plain.profiles == ["legacy", "fixed"] and plain.meta["run"]["source"] == "default"
-    assert plain.meta["config"]["name"] == "torchvision"  # the checkpoint layout's preset
+    assert (
+        plain.profiles == ["legacy", "fixed"]
+        and F.as_json(plain)["meta"]["run"]["source"] == "default"
+    )
+    assert (
+        F.as_json(plain)["meta"]["config"]["name"] == "torchvision"
+    )  # the checkpoint layout's preset
 
 
 def test_an_inline_profile_table(tmp_path):
     meta = {"profile": {"base": "mmdet", "name": "mine", "rpn_cls": {"normalizer": "mmdet_pseudo"}}}
     rep = inspect(write_capture(tmp_path / "a", meta=meta))
     assert rep.profiles == ["mine", "fixed"]
-    assert rep.meta["profiles"]["mine"]["rpn_cls"]["normalizer"] == "mmdet_pseudo"
-    assert rep.meta["profiles"]["mine"]["rpn_box"]["normalizer"] == "mmdet_sampler"
+    assert F.as_json(rep)["meta"]["profiles"]["mine"]["rpn_cls"]["normalizer"] == "mmdet_pseudo"
+    assert F.as_json(rep)["meta"]["profiles"]["mine"]["rpn_box"]["normalizer"] == "mmdet_sampler"
 
 
 @pytest.mark.parametrize(
@@ -125,10 +133,10 @@ def test_pseudo_sampler_takes_every_candidate_and_counts_positives_only(tmp_path
     labels = [torch.tensor([0]), torch.zeros(0, dtype=torch.long)]
     d = write_capture(tmp_path / "a", meta=meta, boxes=boxes, labels=labels)
     rep = inspect(d)
-    images = rep.tables["images"]
+    images = F.as_json(rep)["tables"]["images"]
     rpn = next(
         r
-        for r in rep.tables["levels"]
+        for r in F.as_json(rep)["tables"]["levels"]
         if (r["profile"], r["head"], r["level"]) == ("mmdet", "rpn", "all")
     )
     assert rpn["sampled"] == rpn["pos"] + rpn["neg"] > 2 * 256  # far more than a 256 budget
@@ -142,10 +150,10 @@ def test_pseudo_sampler_takes_every_candidate_and_counts_positives_only(tmp_path
     )
     row = next(
         r
-        for r in with_neg.tables["levels"]
+        for r in F.as_json(with_neg)["tables"]["levels"]
         if (r["profile"], r["head"], r["level"]) == ("mmdet", "rpn", "all")
     )
-    ims = with_neg.tables["images"]
+    ims = F.as_json(with_neg)["tables"]["images"]
     assert row["avg_factor"] == pytest.approx(
         sum(max(i["rpn_pos"], 1) + max(i["rpn_neg"], 1) for i in ims) + EPS32
     )

@@ -109,16 +109,17 @@ def test_exports_json_csv_csvdir_plot(files, tmp_path):
     )
     assert r.exit_code == 0, r.output
     rep = Report.load(tmp_path / "r.json")
-    assert rep.meta["checkpoint"]["sha256"] and rep.meta["batch"]["meta"] == {"iteration": 5000}
+    assert rep.meta.checkpoint.sha256 and rep.meta.batch.meta == {"iteration": 5000}
+    assert rep.meta.batch.dump.iteration == 5000 and rep.meta.batch.dump.step is None
     with open(tmp_path / "l.csv") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0])[: len(F.LEVEL_COLUMNS)] == F.LEVEL_COLUMNS
-    assert len(rows) == len(rep.tables["levels"])
-    for row, want in zip(rows, rep.tables["levels"]):
+    assert len(rows) == len(rep.tables.levels)
+    for row, want in zip(rows, rep.tables.levels):
         for k in ("loss_cls", "loss_bbox", "avg_factor", "grad_feature"):
-            got = float(row[k])
-            assert (math.isnan(got) and math.isnan(want[k])) or got == want[k], (k, row[k], want[k])
-        assert int(row["pos"]) == want["pos"] and row["nan_origin"] == want["nan_origin"]
+            got, value = float(row[k]), getattr(want, k)
+            assert (math.isnan(got) and math.isnan(value)) or got == value, (k, row[k], value)
+        assert int(row["pos"]) == want.pos and row["nan_origin"] == want.nan_origin
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [
         "findings.csv",
         "groups.csv",
@@ -205,7 +206,7 @@ def test_report_of_another_version(tmp_path):
     )
     one_line_error(
         run("compare", "--old", tmp_path / "old.json", "--new", tmp_path / "old.json"),
-        "is not 'lossdoctor.report/1'",
+        "is not 'lossdoctor.report/2'",
     )
     (tmp_path / "bad.json").write_text("{not json")
     one_line_error(

@@ -347,7 +347,7 @@ def _rows(diag):
     from lossdoctor.report.build import level_rows
 
     return [
-        (r["profile"], r["head"], r["level"], r["pos"], r["neg"], r["loss_cls"], r["loss_bbox"])
+        (r.profile, r.head, r.level, r.pos, r.neg, r.loss_cls, r.loss_bbox)
         for r in level_rows(diag)
     ]
 

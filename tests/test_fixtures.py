@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import factories as F
 from lossdoctor import inspect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,21 +33,25 @@ def test_first_nan_names_the_empty_mean(first_nan):
     """The legacy run's first non-finite loss: a per-level mean over an empty set; lossdoctor says
     which level and stage, and that the fixed normalization is finite on the same batch."""
     collapse = first_nan
-    levels = {(r["profile"], r["head"], r["level"]): r for r in collapse.tables["levels"]}
-    errs = [f for f in collapse.findings if f["code"] == "nan-empty-mean"]
+    levels = {
+        (r["profile"], r["head"], r["level"]): r for r in F.as_json(collapse)["tables"]["levels"]
+    }
+    errs = [f for f in F.as_json(collapse)["findings"] if f["code"] == "nan-empty-mean"]
     assert errs and all(f["profile"] == "legacy" for f in errs)
     for f in errs:
         row = levels[("legacy", f["head"], f["level"])]
         assert f["evidence"]["stage"] == "normalizer" and row["nan_origin"] == "normalizer"
         # the level really had nothing to average: no positive (box term) or no sample at all
         assert row["pos"] == 0 or row["sampled"] == 0
-    totals = {r["profile"]: r for r in collapse.tables["profiles"]}
+    totals = {r["profile"]: r for r in F.as_json(collapse)["tables"]["profiles"]}
     assert totals["legacy"]["loss_total"] != totals["legacy"]["loss_total"]  # NaN, as in training
     assert totals["fixed"]["loss_total"] == totals["fixed"]["loss_total"]
     assert not [
-        f for f in collapse.findings if f["severity"] == "error" and f["profile"] == "fixed"
+        f
+        for f in F.as_json(collapse)["findings"]
+        if f["severity"] == "error" and f["profile"] == "fixed"
     ]
-    assert collapse.meta["batch"]["meta"]["reason"].startswith("non-finite loss")
+    assert F.as_json(collapse)["meta"]["batch"]["meta"]["reason"].startswith("non-finite loss")
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +64,8 @@ def test_collapse_names_the_real_cause(collapse):
     averaged over a handful of positive RoIs instead of all sampled RoIs, carries the whole
     exploding gradient,
     at the level that holds those positives; under `fixed` the same batch has a normal gradient."""
-    assert "gradient norm" in collapse.meta["batch"]["meta"]["reason"]
-    f = next(f for f in collapse.findings if f["code"] == "exploding-gradient")
+    assert "gradient norm" in F.as_json(collapse)["meta"]["batch"]["meta"]["reason"]
+    f = next(f for f in F.as_json(collapse)["findings"] if f["code"] == "exploding-gradient")
     assert (
         f["profile"] == "legacy"
         and f["head"] == "roi"
@@ -69,10 +74,12 @@ def test_collapse_names_the_real_cause(collapse):
     assert f["evidence"]["dominant_share"] > 0.9
     assert not [
         x
-        for x in collapse.findings
+        for x in F.as_json(collapse)["findings"]
         if x["code"] == "exploding-gradient" and x["profile"] == "fixed"
     ]
-    rows = {(r["profile"], r["head"], r["level"]): r for r in collapse.tables["levels"]}
+    rows = {
+        (r["profile"], r["head"], r["level"]): r for r in F.as_json(collapse)["tables"]["levels"]
+    }
     leg, fix = rows[("legacy", "roi", "all")], rows[("fixed", "roi", "all")]
     # the two box losses differ exactly by their normalizers: positives vs all sampled RoIs
     assert leg["avg_factor_bbox"] == leg["pos"] and fix["avg_factor_bbox"] == fix["sampled"]
@@ -85,16 +92,16 @@ def test_collapse_names_the_real_cause(collapse):
     ]
     top = max(roi_levels, key=lambda r: r["grad_deltas"])
     assert top["pos"] == leg["pos"] > 0
-    totals = {r["profile"]: r for r in collapse.tables["profiles"]}
+    totals = {r["profile"]: r for r in F.as_json(collapse)["tables"]["profiles"]}
     assert totals["legacy"]["grad_total_norm"] > 10 * totals["fixed"]["grad_total_norm"]
     # and the symptom the run showed: detections already down to 0
-    assert any(x["code"] == "collapse-to-background" for x in collapse.findings)
+    assert any(x["code"] == "collapse-to-background" for x in F.as_json(collapse)["findings"])
 
 
 def test_healthy_makes_detections_and_no_error():
     rep = inspect(HEALTHY_CKPT, FIX / "healthy" / "batch.pt", config=CONFIG)
-    assert [f["code"] for f in rep.findings if f["severity"] == "error"] == []
-    imgs = rep.tables["images"]
+    assert [f["code"] for f in F.as_json(rep)["findings"] if f["severity"] == "error"] == []
+    imgs = F.as_json(rep)["tables"]["images"]
     assert all(r["detections"] > 0 for r in imgs if r["gt"] > 0)
 
 
@@ -111,10 +118,10 @@ def test_fault_fixtures_fire_their_finding(fault, code, where):
     rep = inspect(HEALTHY_CKPT, FIX / "faults" / fault / "batch.pt", config=CONFIG)
     hits = [
         f
-        for f in rep.findings
+        for f in F.as_json(rep)["findings"]
         if f["code"] == code and all(f.get(k) == v for k, v in where.items())
     ]
-    assert hits, [(f["code"], f.get("level"), f.get("image")) for f in rep.findings]
+    assert hits, [(f["code"], f.get("level"), f.get("image")) for f in F.as_json(rep)["findings"]]
 
 
 def test_fault_fixtures_regenerate_bit_for_bit(tmp_path):
@@ -153,13 +160,14 @@ def test_all_fixtures_regenerate_deterministically(tmp_path):
     first = inspect(
         run / "first-nan" / "checkpoint.pt", run / "first-nan" / "batch.pt", config=run / "toy.toml"
     )
-    assert first.meta["batch"]["meta"]["step"] == 0 and any(
-        f["code"] == "nan-empty-mean" for f in first.findings
+    assert F.as_json(first)["meta"]["batch"]["meta"]["step"] == 0 and any(
+        f["code"] == "nan-empty-mean" for f in F.as_json(first)["findings"]
     )
     boom = inspect(
         run / "collapse" / "checkpoint.pt", run / "collapse" / "batch.pt", config=run / "toy.toml"
     )
-    assert "gradient norm" in boom.meta["batch"]["meta"]["reason"]
+    assert "gradient norm" in F.as_json(boom)["meta"]["batch"]["meta"]["reason"]
     assert any(
-        f["code"] == "exploding-gradient" and f["profile"] == "legacy" for f in boom.findings
+        f["code"] == "exploding-gradient" and f["profile"] == "legacy"
+        for f in F.as_json(boom)["findings"]
     )

@@ -468,15 +468,23 @@ def test_scan_keeps_runs_apart(tmp_path):
                       {"step": 3, "rank": rank, "world_size": 2})  # fmt: skip
     rep = scan([tmp_path / "runA", tmp_path / "runB", tmp_path / "runC"],
                results=tmp_path / "res")  # fmt: skip
-    rows = rep.tables["dumps"]
+    rows = F.as_json(rep)["tables"]["dumps"]
     assert all(r["status"] == "ok" for r in rows), rows
     assert sorted((Path(r["run"]).name, r["step"], r["rank"]) for r in rows) == [
         ("runA", 3, None), ("runB", 3, None), ("runC", 3, 0), ("runC", 3, 1)
     ]  # fmt: skip
-    assert {Path(r["run"]).name for r in rep.tables["ranks"]} == {"runC"}
-    assert {Path(r["run"]).name for r in rep.tables["first_seen"]} <= {"runA", "runB", "runC"}
+    assert {Path(r["run"]).name for r in F.as_json(rep)["tables"]["ranks"]} == {"runC"}
+    assert {Path(r["run"]).name for r in F.as_json(rep)["tables"]["first_seen"]} <= {
+        "runA",
+        "runB",
+        "runC",
+    }
     # every profile of every run is in the timeline the plot draws
-    assert {r["profile"] for r in rep.tables["totals"]} == {"legacy", "mmdet", "fixed"}
+    assert {r["profile"] for r in F.as_json(rep)["tables"]["totals"]} == {
+        "legacy",
+        "mmdet",
+        "fixed",
+    }
     from lossdoctor.scan.view import plot_timeline
 
     plot_timeline(rep, tmp_path / "t.png")
@@ -489,14 +497,15 @@ def test_two_unranked_dumps_of_one_step_of_one_run_are_a_failed_step(tmp_path):
     for name in ("a", "b"):
         write_capture(tmp_path / "run" / "step_000004" / name, {"step": 4, "run": "same"})
     rep = scan([tmp_path / "run" / "step_000004"], results=tmp_path / "res")
-    failed = [r for r in rep.tables["dumps"] if r["status"] == "failed"]
-    assert len(failed) == 1 and "one dump per rank" in failed[0]["message"], rep.tables["dumps"]
+    failed = [r for r in F.as_json(rep)["tables"]["dumps"] if r["status"] == "failed"]
+    assert len(failed) == 1 and "one dump per rank" in failed[0]["message"], F.as_json(rep)[
+        "tables"
+    ]["dumps"]
 
 
 def test_the_timeline_marks_nan_steps():
     from lossdoctor.scan.view import _series
 
     nan, inf = float("nan"), float("inf")
-    rows = [{"step": 1, "run": None, "v": 1.0}, {"step": 2, "run": None, "v": nan},
-            {"step": 3, "run": None, "v": inf}, {"step": 3, "run": "x", "v": 5.0}]  # fmt: skip
-    assert _series(rows, "step", "v", {"run": None}) == ([1], [1.0], [2, 3])
+    points = [(1, 1.0), (2, nan), (3, inf), (None, 5.0), (4, 2.0), (4, 4.0)]
+    assert _series(points) == ([1, 4], [1.0, 3.0], [2, 3])

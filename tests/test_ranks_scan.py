@@ -33,12 +33,14 @@ def dumps(tmp_path_factory):
 
 
 def _codes(report, code) -> list[dict]:
-    return [f for f in report.findings if f["code"] == code]
+    return [f for f in F.as_json(report)["findings"] if f["code"] == code]
 
 
 def test_one_step_across_ranks_names_the_empty_rank_and_the_graph_gap(dumps):
     rep = inspect(dumps / "step_000003")
-    assert [r["rank"] for r in rep.meta["ranks"]] == [0, 1] and rep.meta["world_size"] == WORLD
+    assert [r["rank"] for r in F.as_json(rep)["meta"]["ranks"]] == [0, 1] and F.as_json(rep)[
+        "meta"
+    ]["world_size"] == WORLD
     (empty,) = _codes(rep, "rank-empty-gt")
     assert empty["evidence"] == {"rank": 1, "images": 4}
     gaps = _codes(rep, "rank-graph-differs")
@@ -50,13 +52,17 @@ def test_one_step_across_ranks_names_the_empty_rank_and_the_graph_gap(dumps):
     assert {g["profile"] for g in gaps} == {"legacy"}
     assert not _codes(rep, "rank-normalizer-skew")
     # every rank's own rows are there, with their rank
-    assert {r["rank"] for r in rep.tables["levels"]} == {0, 1}
-    assert {f["rank"] for f in rep.findings if f["code"] == "empty-gt-image"} == {1}
+    assert {r["rank"] for r in F.as_json(rep)["tables"]["levels"]} == {0, 1}
+    assert {f["rank"] for f in F.as_json(rep)["findings"] if f["code"] == "empty-gt-image"} == {1}
 
 
 def test_the_all_reduced_normalizer_by_hand(dumps):
     rep = inspect(dumps / "step_000007")
-    rows = [r for r in rep.tables["ranks"] if r["profile"] == "legacy" and r["head"] == "rpn"]
+    rows = [
+        r
+        for r in F.as_json(rep)["tables"]["ranks"]
+        if r["profile"] == "legacy" and r["head"] == "rpn"
+    ]
     by = {(r["rank"], r["level"]): r for r in rows}
     for level in ("p2", "p3"):
         a, b = by[(0, level)], by[(1, level)]
@@ -67,11 +73,11 @@ def test_the_all_reduced_normalizer_by_hand(dumps):
             assert r["sample_weight"] == pytest.approx(1 / (r["avg_factor"] * WORLD))
             assert r["global_sample_weight"] == pytest.approx(1 / (mean * WORLD))
             assert r["global_loss_cls"] == pytest.approx(r["loss_cls"] * r["avg_factor"] / mean)
-    (skew,) = [g for g in rep.groups if g["code"] == "rank-normalizer-skew"]
+    (skew,) = [g for g in F.as_json(rep)["groups"] if g["code"] == "rank-normalizer-skew"]
     ev = skew["evidence"][0]
     weights = {
         r["rank"]: r["sample_weight_bbox"]
-        for r in rep.tables["ranks"]
+        for r in F.as_json(rep)["tables"]["ranks"]
         if r["profile"] == "legacy" and r["head"] == "roi" and r["level"] == "p2"
     }
     assert ev["ranks"] == [1, 0] and ev["ratio"] == pytest.approx(weights[1] / weights[0])
@@ -81,8 +87,7 @@ def test_the_all_reduced_normalizer_by_hand(dumps):
 def _tables(report) -> str:
     """The scan's tables (of a report, or of its JSON) without what depends on the run (timings,
     the cache, where its results were written)."""
-    tables = report["tables"] if isinstance(report, dict) else report.tables
-    tables = json.loads(json.dumps(tables, default=str))
+    tables = report["tables"] if isinstance(report, dict) else F.as_json(report)["tables"]
     t = {k: v for k, v in tables.items() if k != "dumps"}
     volatile = ("seconds", "cached", "peak_rss_mib", "result")
     dumps = [{k: v for k, v in r.items() if k not in volatile} for r in tables["dumps"]]
@@ -93,22 +98,22 @@ def test_scan_backends_agree_and_a_rerun_recomputes_nothing(dumps, tmp_path):
     serial = scan([dumps], results=tmp_path / "serial", workers=1, threads=1)
     pool = scan([dumps], results=tmp_path / "pool", workers=2, threads=1)
     assert _tables(pool) == _tables(serial)
-    assert [(r["step"], r["rank"]) for r in pool.tables["dumps"]] == [
+    assert [(r["step"], r["rank"]) for r in F.as_json(pool)["tables"]["dumps"]] == [
         (3, 0),
         (3, 1),
         (7, 0),
         (7, 1),
     ]
-    first = {r["code"]: (r["step"], r["rank"]) for r in pool.tables["first_seen"]}
+    first = {r["code"]: (r["step"], r["rank"]) for r in F.as_json(pool)["tables"]["first_seen"]}
     assert first["rank-empty-gt"] == (3, None) and first["rank-graph-differs"] == (3, None)
     assert first["rank-normalizer-skew"] == (7, None)
-    timeline = pool.tables["timeline"]
+    timeline = F.as_json(pool)["tables"]["timeline"]
     assert {(r["step"], r["rank"]) for r in timeline} == {(3, 0), (3, 1), (7, 0), (7, 1)}
     assert all("findings" in r for r in timeline)
     written = {p: p.stat().st_mtime_ns for p in (tmp_path / "pool").rglob("*.json")}
     assert len(written) == 4
     again = scan([dumps], results=tmp_path / "pool", workers=2, threads=1)
-    assert [r["cached"] for r in again.tables["dumps"]] == [True] * 4
+    assert [r["cached"] for r in F.as_json(again)["tables"]["dumps"]] == [True] * 4
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "pool").rglob("*.json")} == written
     assert _tables(again) == _tables(pool)
 
@@ -236,8 +241,8 @@ def test_checkpoints_on_one_batch(tmp_path):
                "gt_labels", "strides")})  # fmt: skip
     rep = scan([tmp_path / f"ckpt_{k}.pt" for k in range(3)], batch=tmp_path / "batch.pt",
                results=tmp_path / "res")  # fmt: skip
-    assert [r["step"] for r in rep.tables["dumps"]] == [0, 1, 2]
-    first = {r["code"]: r["step"] for r in rep.tables["first_seen"]}
+    assert [r["step"] for r in F.as_json(rep)["tables"]["dumps"]] == [0, 1, 2]
+    first = {r["code"]: r["step"] for r in F.as_json(rep)["tables"]["first_seen"]}
     assert first["nonfinite-weights"] == 2
     assert torch.get_num_threads() >= 1
 

@@ -77,12 +77,12 @@ def test_nan_features_on_four_levels_of_one_image_give_one_grouped_finding():
     assert sorted(grp.rows) == [
         k for k, f in enumerate(diag.findings) if f.code == "nonfinite-loss"
     ]
-    assert grp.where["levels"] == ["p3", "p4", "p5", "p6"] and grp.where["images"] == [1]
-    assert grp.where["profiles"] == ["legacy", "fixed"]
+    assert grp.where.levels == ["p3", "p4", "p5", "p6"] and grp.where.images == [1]
+    assert grp.where.profiles == ["legacy", "fixed"]
     assert grp.message.startswith("NaN, first broken at input: already in the features")
     assert "(p3-p6; " in grp.message and "; image 1; legacy, fixed)" in grp.message
     (feats,) = [g for g in diag.groups if g.code == "nonfinite-features"]
-    assert feats.where["levels"] == ["p3", "p4", "p5", "p6"] and len(feats.rows) == 4
+    assert feats.where.levels == ["p3", "p4", "p5", "p6"] and len(feats.rows) == 4
 
 
 def _codes(diag) -> set[str]:
@@ -112,7 +112,7 @@ def test_an_untrained_head_is_not_a_collapse():
 
 def test_the_collapsed_fixture_still_collapses():
     rep = inspect("fixtures/collapse")
-    (f,) = [f for f in rep.findings if f["code"] == "collapse-to-background"]
+    (f,) = [f for f in F.as_json(rep)["findings"] if f["code"] == "collapse-to-background"]
     assert f["evidence"]["max_fg_score"] < 1e-3 * f["evidence"]["chance"]
 
 
@@ -171,8 +171,11 @@ def test_cli_leads_with_the_runs_own_profile(tmp_path):
     dump_batch(tmp_path / "batch.pt", **{k: d[k] for k in ("features", "image_sizes", "gt_boxes",
                "gt_labels", "strides", "meta")})  # fmt: skip
     rep = inspect(tmp_path, new="legacy")
-    assert rep.meta["run"]["own"] == "torchvision" and rep.worst_severity() != Severity.ERROR
-    (g,) = [g for g in rep.groups if g["code"] == "nan-empty-mean"]
+    assert (
+        F.as_json(rep)["meta"]["run"]["own"] == "torchvision"
+        and rep.worst_severity() != Severity.ERROR
+    )
+    (g,) = [g for g in F.as_json(rep)["groups"] if g["code"] == "nan-empty-mean"]
     assert g["scope"] == "what-if" and g["message"].startswith("legacy would introduce")
 
 

@@ -13,7 +13,7 @@ from .inputs.config import DetectorConfig, config_from_meta, load_config, preset
 from .inputs.errors import InputError
 from .inputs.profiles import LossProfile, load_profile, profile_from_meta, with_losses_of
 from .options import ReplayOptions, options_of
-from .vocab import Phase
+from .vocab import Phase, ProfileSource
 
 REPORT_SUFFIX = ".json"
 # a capture directory holds these two files
@@ -111,16 +111,18 @@ def resolve_profiles(specs) -> list[LossProfile]:
     return profs
 
 
-def run_profiles(batch: Batch, old=None, new=None) -> tuple[LossProfile, LossProfile, str]:
+def run_profiles(
+    batch: Batch, old=None, new=None
+) -> tuple[LossProfile, LossProfile, ProfileSource]:
     """The run's own profile and the what-if, and where the run's came from: ``old`` (given),
     the dump's ``meta["profile"]``, or the default (legacy). The what-if defaults to fixed, or to
     legacy when the run trained with fixed."""
     if old is not None:
-        own, source = resolve_profiles([old])[0], "given"
+        own, source = resolve_profiles([old])[0], ProfileSource.GIVEN
     elif batch.meta.get("profile") is not None:
-        own, source = profile_from_meta(batch.meta["profile"]), "dump"
+        own, source = profile_from_meta(batch.meta["profile"]), ProfileSource.DUMP
     else:
-        own, source = load_profile(DEFAULT_OLD), "default"
+        own, source = load_profile(DEFAULT_OLD), ProfileSource.DEFAULT
     if new is not None:
         return own, resolve_profiles([own, new])[1], source
     whatif = load_profile(DEFAULT_OLD if own.name == DEFAULT_NEW else DEFAULT_NEW)
@@ -148,9 +150,9 @@ def run_replay(
     )
 
 
-def _profiles(b: Batch, profiles, old, new) -> tuple[list[LossProfile], str]:
+def _profiles(b: Batch, profiles, old, new) -> tuple[list[LossProfile], ProfileSource]:
     if profiles is not None:
-        return resolve_profiles(list(profiles)), "given"
+        return resolve_profiles(list(profiles)), ProfileSource.GIVEN
     own, whatif, source = run_profiles(b, old, new)
     return [own, whatif], source
 
@@ -184,6 +186,7 @@ def _inspect_dump(checkpoint, batch, o: ReplayOptions, on_phase):
     from .diagnose import diagnose
     from .replay.engine import replay
     from .report.build import build_report
+    from .report.meta import RunMeta
 
     on_phase(Phase.LOAD)
     paths = capture_files(checkpoint, batch)
@@ -197,10 +200,15 @@ def _inspect_dump(checkpoint, batch, o: ReplayOptions, on_phase):
     r = replay(heads, b, cfg, profs, seed=seed, sample_all=o.sample_all)
     own = _own_profile(b, profs, source, o.old)
     report = build_report(diagnose(r, run_profile=own, on_phase=on_phase), *_named(paths))
-    report.meta["run"] = {"profile": profs[0].name, "source": source, "own": own,
-                          "framework": b.meta.get("framework"), "step": b.meta.get("step"),
-                          "rank": b.meta.get("rank")}  # fmt: skip
+    dump = report.meta.batch.dump
+    report.meta.run = RunMeta(profile=profs[0].name, source=source, own=own,
+                              framework=_framework(b.meta.get("framework")), step=dump.step,
+                              rank=dump.rank)  # fmt: skip
     return report
+
+
+def _framework(value) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _named(paths) -> list:
@@ -240,13 +248,13 @@ def inspect_step(step_dir, options: ReplayOptions | None = None, *, on_phase=_qu
 def _check_ranks(step_dir, reports: dict) -> None:
     """Each rank folder holds that rank's capture, all of one step (as the dumps record them)."""
     for folder_rank, rep in reports.items():
-        rank = rep.meta["run"]["rank"]
+        rank = rep.meta.run.rank
         if rank is not None and rank != folder_rank:
             raise InputError(
                 f"{step_dir}: rank_{folder_rank} holds a dump of rank {rank}; each rank_K folder "
                 "must hold rank K's capture (two folders of one rank, or a renamed folder?)"
             )
-    steps = {r: rep.meta["run"]["step"] for r, rep in reports.items()}
+    steps = {r: rep.meta.run.step for r, rep in reports.items()}
     if len(set(steps.values()) - {None}) > 1:
         found = ", ".join(f"rank {r}: step {s}" for r, s in sorted(steps.items()))
         raise InputError(
@@ -255,15 +263,15 @@ def _check_ranks(step_dir, reports: dict) -> None:
         )
 
 
-def _own_profile(b: Batch, profs: list[LossProfile], source: str, old) -> str | None:
+def _own_profile(b: Batch, profs: list[LossProfile], source: ProfileSource, old) -> str | None:
     """The replayed profile the run trained with, when it is known: ``old`` as given, or the
     dump's (also among an explicit ``profiles`` list)."""
-    if source == "given" and old is not None:
+    if source is ProfileSource.GIVEN and old is not None:
         return profs[0].name
-    if source == "dump":
+    if source is ProfileSource.DUMP:
         return profs[0].name
     recorded = b.meta.get("profile")
-    if source == "given" and recorded is not None:
+    if source is ProfileSource.GIVEN and recorded is not None:
         name = profile_from_meta(recorded).name
         return name if name in [p.name for p in profs] else None
     return None

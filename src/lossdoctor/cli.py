@@ -499,7 +499,7 @@ def _scan(paths, o: ReplayOptions, outputs: tuple, *, batch, results, workers, t
     _export_scan(report, outputs, plot_timeline)
     _stdout_json(json_out, report.to_json())
     render_scan(report, console(stderr=json_out == "-"))
-    if failed(report) or _scan_fails(report, fail_on):
+    if failed(report) or report.fails(fail_on):
         raise typer.Exit(EXIT_FINDING)
 
 
@@ -510,13 +510,6 @@ def _export_scan(report, outputs, plot_timeline) -> None:
         report.save_csv_dir(outputs.csv_dir)
     if outputs.plot is not None:
         plot_timeline(report, outputs.plot)
-
-
-def _scan_fails(report, fail_on: FailOn) -> bool:
-    from .vocab import Severity
-
-    found = {Severity(r["severity"]) for r in report.tables.get("first_seen", [])}
-    return FailOn(fail_on).fails(min(found, key=lambda s: s.rank) if found else None)
 
 
 @app.command(cls=PlainUsage)

@@ -279,6 +279,14 @@ class Empty(StrEnum):
     ZERO = "zero"
 
 
+class ProfileSource(StrEnum):
+    """Where the report learnt the run's own loss profile."""
+
+    DUMP = "dump"  # recorded in the dump by its capture
+    GIVEN = "given"  # --old
+    DEFAULT = "default"  # neither: the default old profile is assumed
+
+
 class Severity(StrEnum):
     """How much a finding matters; members sort most severe first by ``rank``."""
 
@@ -349,8 +357,13 @@ class Ranking(StrEnum):
     MMDET = "mmdet"
 
 
-# the origins table names a gradient that is not finite (while its loss is) as this term
-GRADIENT_TERM = "grad"
+class GradTerm(StrEnum):
+    """The ``term`` of a non-finite origin found in a gradient (while its loss term is finite)."""
+
+    GRAD = "grad"
+
+
+GRADIENT_TERM = GradTerm.GRAD
 
 
 class Stage(StrEnum):

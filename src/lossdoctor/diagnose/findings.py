@@ -9,10 +9,11 @@ from this table; the stage causes of non-finite losses are in ``nan_trace.CAUSES
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
-from ..vocab import Head, Scope, Severity
+from ..vocab import Severity
 from . import checks as c
+from .finding import Finding
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,28 +23,9 @@ class Rule:
     summary: str
     evidence: tuple[str, ...]
     fix: str
-    check: Callable[[c.Facts], list[c.Hit]]
+    check: Callable[[c.Facts], list[Finding]]
     minor: Severity | None = None  # the severity of hits the check marks minor
     minor_fix: str | None = None  # their fix, where it differs
-
-
-@dataclass(kw_only=True)
-class Finding:
-    severity: Severity
-    code: str
-    message: str
-    fix: str
-    head: Head | None = None
-    level: str | None = None
-    profile: str | None = None
-    image: int | None = None
-    term: str | None = None
-    evidence: dict = field(default_factory=dict)
-    # what its rows share (see checks.Hit.cause); the grouped finding is told by it
-    cause: str | None = None
-    scope: Scope | None = None  # set once the run's own profile is known (groups.frame)
-    note: str = ""  # said after the message: what switching profile would do to it
-    rank: int | None = None  # the rank whose dump it was found in, in a multi-rank step
 
 
 E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFO  # noqa: E741
@@ -383,25 +365,22 @@ def rule(code: str) -> Rule:
         raise KeyError(f"unknown finding code {code!r}; known: {', '.join(BY_CODE)}") from None
 
 
-def to_finding(r: Rule, h: c.Hit) -> Finding:
+def to_finding(r: Rule, h: Finding) -> Finding:
+    """A check's finding completed by its rule: code, severity and fix."""
     severity = r.minor if h.minor and r.minor else r.severity
     fix = h.fix or (r.minor_fix if h.minor and r.minor_fix else r.fix)
-    return Finding(
-        severity=severity,
+    return replace(
+        h,
         code=r.code,
-        message=h.message,
+        severity=severity,
         fix=h.fix_prefix + fix,
-        head=h.head,
-        level=h.level,
-        profile=h.profile,
-        image=h.image,
-        term=h.term,
-        evidence=h.evidence,
+        fix_prefix="",
+        minor=False,
         cause=h.cause or _profile_free(h),
     )
 
 
-def _profile_free(h: c.Hit) -> str | None:
+def _profile_free(h: Finding) -> str | None:
     """A profile's hit says ``"<profile>: ..."``: what follows is the same problem under every
     profile that says it word for word."""
     prefix = f"{h.profile}: "

@@ -12,11 +12,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..vocab import Scope, Severity
-from .findings import Finding
+from ..vocab import GradTerm, Head, Scope, Severity, Term
+from .finding import Finding
 
 # a group lists at most this many distinct fixes
 MAX_FIXES = 3
+
+
+@dataclass(kw_only=True)
+class Where:
+    """What the rows of a group cover, each list in first-seen order (images and ranks sorted)."""
+
+    profiles: list[str] = field(default_factory=list)
+    heads: list[Head] = field(default_factory=list)
+    levels: list[str] = field(default_factory=list)
+    terms: list[Term | GradTerm] = field(default_factory=list)
+    images: list[int] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -29,7 +41,7 @@ class FindingGroup:
     message: str
     fix: str
     rows: list[int]
-    where: dict[str, list] = field(default_factory=dict)
+    where: Where = field(default_factory=Where)
 
 
 def _key(f: Finding) -> tuple:
@@ -79,25 +91,25 @@ def span(levels: list[str], order: list[str]) -> str:
     return ", ".join(levels)
 
 
-def _where(rows: list[Finding]) -> dict[str, list]:
-    return {
-        "profiles": _distinct(f.profile for f in rows),
-        "heads": _distinct(f.head for f in rows),
-        "levels": _distinct(f.level for f in rows),
-        "terms": _distinct(f.term for f in rows),
-        "images": sorted(_distinct(f.image for f in rows)),
-        "ranks": sorted(_distinct(f.rank for f in rows)),
-    }
+def _where(rows: list[Finding]) -> Where:
+    return Where(
+        profiles=_distinct(f.profile for f in rows),
+        heads=_distinct(f.head for f in rows),
+        levels=_distinct(f.level for f in rows),
+        terms=_distinct(f.term for f in rows),
+        images=sorted(_distinct(f.image for f in rows)),
+        ranks=sorted(_distinct(f.rank for f in rows)),
+    )
 
 
-def where_text(where: dict[str, list], order: list[str]) -> str:
+def where_text(where: Where, order: list[str]) -> str:
     """``p3-p6; rpn_cls, roi_box; images 0, 1; legacy, fixed`` (what a group covers)."""
     parts = [
-        span(where["levels"], order) if where["levels"] else "",
-        ", ".join(map(str, where["terms"] or where["heads"])),
-        _numbered("image", where["images"]),
-        _numbered("rank", where.get("ranks") or []),
-        ", ".join(where["profiles"]),
+        span(where.levels, order) if where.levels else "",
+        ", ".join(map(str, where.terms or where.heads)),
+        _numbered("image", where.images),
+        _numbered("rank", where.ranks),
+        ", ".join(where.profiles),
     ]
     return "; ".join(p for p in parts if p)
 
@@ -109,7 +121,7 @@ def _numbered(what: str, values: list) -> str:
     return f"{what} {values[0]}" if len(values) == 1 else f"{what}s {', '.join(map(str, values))}"
 
 
-def _message(rows: list[Finding], where: dict, order: list[str]) -> str:
+def _message(rows: list[Finding], where: Where, order: list[str]) -> str:
     notes = _distinct(f.note or None for f in rows)
     tail = f"; {notes[0]}" if len(notes) == 1 and all(f.note for f in rows) else ""
     if len(rows) == 1:

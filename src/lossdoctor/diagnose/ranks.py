@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..vocab import Head, Part, Severity, term_of
-from .checks import Hit
-from .findings import RULES, Rule
+from .finding import Finding
+from .findings import RULES, Rule, to_finding
+from .groups import frame
 
 # one rank's samples weighing more than this many times another's is a skew
 RANK_SKEW = 10.0
@@ -39,9 +40,9 @@ class RankView:
     no_grad: dict[str, list[str]] = field(default_factory=dict)  # profile -> params, levels
 
 
-def rank_empty_gt(ranks: list[RankView]) -> list[Hit]:
+def rank_empty_gt(ranks: list[RankView]) -> list[Finding]:
     return [
-        Hit(
+        Finding(
             message=f"rank {v.rank}: none of its {v.images} images has a usable GT box, so its "
             "whole batch trains as background and its positive terms are empty",
             evidence={"rank": v.rank, "images": v.images},
@@ -64,7 +65,7 @@ def _graph_gaps(ranks: list[RankView], profile: str) -> dict[tuple, list[str]]:
     return gaps
 
 
-def rank_graph_differs(ranks: list[RankView]) -> list[Hit]:
+def rank_graph_differs(ranks: list[RankView]) -> list[Finding]:
     out = []
     for profile in dict.fromkeys(p for v in ranks for p in v.no_grad):
         for (with_, without), things in _graph_gaps(ranks, profile).items():
@@ -74,11 +75,11 @@ def rank_graph_differs(ranks: list[RankView]) -> list[Hit]:
                 "graph, DDP without find_unused_parameters waits for them"
             )
             ev = {"params": things, "ranks_with": list(with_), "ranks_without": list(without)}
-            out.append(Hit(message=msg, profile=profile, evidence=ev))
+            out.append(Finding(message=msg, profile=profile, evidence=ev))
     return out
 
 
-def _skew(key: tuple, part: Part, at: dict[int, RankLevel]) -> Hit | None:
+def _skew(key: tuple, part: Part, at: dict[int, RankLevel]) -> Finding | None:
     used = {r: x for r, x in at.items() if x.samples[part] > 0 and x.sample_weight[part] > 0}
     if len(used) < 2:
         return None
@@ -93,12 +94,12 @@ def _skew(key: tuple, part: Part, at: dict[int, RankLevel]) -> Hit | None:
         f"{profile}: one {head} {part} sample at {level} on rank {hi} weighs {ratio:.0f}x one on "
         f"rank {lo} (avg_factor {d[str(hi)]:g} vs {d[str(lo)]:g})"
     )
-    return Hit(message=msg, head=head, level=level, profile=profile, term=term_of(head, part),
-               evidence={"ranks": [hi, lo], "ratio": ratio, "avg_factors": d},
-               cause=f"one rank's samples weigh over {RANK_SKEW:g}x another's")  # fmt: skip
+    return Finding(message=msg, head=head, level=level, profile=profile, term=term_of(head, part),
+                   evidence={"ranks": [hi, lo], "ratio": ratio, "avg_factors": d},
+                   cause=f"one rank's samples weigh over {RANK_SKEW:g}x another's")  # fmt: skip
 
 
-def rank_normalizer_skew(ranks: list[RankView]) -> list[Hit]:
+def rank_normalizer_skew(ranks: list[RankView]) -> list[Finding]:
     out = []
     for key in dict.fromkeys(k for v in ranks for k in v.levels):
         at = {v.rank: v.levels[key] for v in ranks if key in v.levels}
@@ -140,3 +141,12 @@ RANK_RULES: tuple[Rule, ...] = (
 )
 # every rule: those of one replay, then those across the ranks of a step
 ALL_RULES: tuple[Rule, ...] = RULES + RANK_RULES
+
+
+def rank_findings(per_rank: list[Finding], views: list[RankView], own: str | None,
+                  profiles: list[str]) -> list[Finding]:  # fmt: skip
+    """A step's findings: every rank's own (``rank`` set), then those across its ranks, framed by
+    the run's own profile ``own``; most severe first."""
+    across = [to_finding(rule, hit) for rule in RANK_RULES for hit in rule.check(views)]
+    across = frame(across, own, [p for p in profiles if p != own])
+    return sorted(per_rank + across, key=lambda f: f.severity.rank)

@@ -14,15 +14,14 @@ import torch
 from .. import __version__
 from ..diagnose import Diagnosis
 from ..diagnose.checks import chance
-from ..diagnose.findings import Finding
 from ..diagnose.gradients import LevelGrads, ProfileGrads
-from ..diagnose.groups import FindingGroup
-from ..inputs.dataclass_toml import to_dict
 from ..replay.normalize import LevelLoss, ProfileLosses
 from ..replay.samples import LevelSamples
 from ..vocab import BOX_TERMS, GRADIENT_TERM, Head, Part, Term, term_of
+from .meta import BatchMeta, CheckpointMeta, HeadsMeta, ReportMeta, SymptomMeta
 from .model import Report
-from .rows import FindingRow, GroupRow, ImageRow, LevelRow, OriginRow, ParamRow, ProfileRow
+from .rows import ImageRow, LevelRow, OriginRow, ParamRow, ProfileRow, ReportTables
+from .serialize import dump_record
 
 ALL_LEVELS = "all"
 
@@ -181,20 +180,20 @@ def _head_rows(d: Diagnosis, name: str, head: Head, pg: ProfileGrads) -> list[Le
     return [row for k in stages for row in _stage_rows(d, name, head, k, pg)]
 
 
-def level_rows(d: Diagnosis) -> list[dict]:
+def level_rows(d: Diagnosis) -> list[LevelRow]:
     """The ``levels`` table: per (profile, head, level), then an ``all`` row per (profile, head)."""
     return [
-        row.to_dict()
+        row
         for name, pg in d.grads.items()
         for head in d.replay.samples
         for row in _head_rows(d, name, head, pg)
     ]
 
 
-def image_rows(d: Diagnosis) -> list[dict]:
+def image_rows(d: Diagnosis) -> list[ImageRow]:
     s = d.symptom
     return [
-        ImageRow(**vars(im), detections=dets, max_fg_score=best).to_dict()
+        ImageRow(**vars(im), detections=dets, max_fg_score=best)
         for im, dets, best in zip(d.replay.images, s.detections, s.max_fg_score)
     ]
 
@@ -204,7 +203,7 @@ def _terms(d: Diagnosis) -> tuple:
     return (*BOX_TERMS, Term.ROI_MASK) if d.replay.mask is not None else BOX_TERMS
 
 
-def param_rows(d: Diagnosis) -> list[dict]:
+def param_rows(d: Diagnosis) -> list[ParamRow]:
     heads = d.replay.heads
     out = []
     for name, pg in d.grads.items():
@@ -217,16 +216,16 @@ def param_rows(d: Diagnosis) -> list[dict]:
                 total=norms.total,
                 **{t.value: norms.by_term[t] for t in _terms(d)},
             )
-            out.append(row.to_dict())
+            out.append(row)
     return out
 
 
-def _no_grad(d: Diagnosis, g: ProfileGrads) -> str:
+def _no_grad(d: Diagnosis, g: ProfileGrads) -> list[str]:
     levels = [f"{Head.RPN} features {lvl}" for lvl in g.no_grad_levels]
-    return ";".join(levels + [d.replay.heads.file_key(p) for p in g.no_grad_params])
+    return levels + [d.replay.heads.file_key(p) for p in g.no_grad_params]
 
 
-def profile_rows(d: Diagnosis) -> list[dict]:
+def profile_rows(d: Diagnosis) -> list[ProfileRow]:
     out = []
     for name, pl in d.replay.losses.items():
         g = d.grads[name]
@@ -242,11 +241,11 @@ def profile_rows(d: Diagnosis) -> list[dict]:
             roi_neg_share=g.neg_share.get(Head.ROI),
             no_grad=_no_grad(d, g),
         )
-        out.append(row.to_dict())
+        out.append(row)
     return out
 
 
-def origin_rows(d: Diagnosis) -> list[dict]:
+def origin_rows(d: Diagnosis) -> list[OriginRow]:
     return [
         OriginRow(
             profile=o.profile,
@@ -262,127 +261,75 @@ def origin_rows(d: Diagnosis) -> list[dict]:
             gt=o.gt,
             cause=o.cause,
             box_stage=o.box_stage,
-        ).to_dict()
+        )
         for o in d.origins
     ]
 
 
-def finding_rows(findings: list[Finding], groups: list[FindingGroup]) -> list[dict]:
-    """Every finding row, with the index of its group."""
-    group_of = {k: g for g, grp in enumerate(groups) for k in grp.rows}
-    return [
-        FindingRow(
-            severity=f.severity,
-            code=f.code,
-            head=f.head,
-            level=f.level,
-            profile=f.profile,
-            image=f.image,
-            message=f.message,
-            evidence=f.evidence,
-            fix=f.fix,
-            term=f.term,
-            scope=f.scope,
-            note=f.note,
-            group=group_of[k],
-            cause=f.cause,
-            rank=f.rank,
-        ).to_dict()
-        for k, f in enumerate(findings)
-    ]
-
-
-def group_rows(findings: list[Finding], groups: list[FindingGroup]) -> list[dict]:
-    """One finding per cause, most severe first."""
-    return [
-        GroupRow(
-            severity=g.severity,
-            code=g.code,
-            scope=g.scope,
-            message=g.message,
-            fix=g.fix,
-            count=len(g.rows),
-            rows=g.rows,
-            where=g.where,
-            evidence=[findings[k].evidence for k in g.rows],
-        ).to_dict()
-        for g in groups
-    ]
-
-
-def _file_meta(path, **more) -> dict:
-    return {"path": str(path) if path else None, "sha256": sha256(path), **more}
-
-
-def _batch_meta(b, path) -> dict:
-    return _file_meta(
-        path,
+def _batch_meta(b, path) -> BatchMeta:
+    meta = plain(b.meta)
+    return BatchMeta(
+        path=str(path) if path else None,
+        sha256=sha256(path),
         images=b.num_images,
-        levels=b.levels,
-        strides=b.strides,
+        levels=list(b.levels),
+        strides=list(b.strides),
         pad_size=list(b.pad_size),
         image_sizes=[list(x) for x in b.image_sizes],
-        meta=plain(b.meta),
+        meta=meta,
         replaced=[x.name for x in b.replaced],
+        dump=dump_record(meta),
     )
 
 
-def _heads_meta(h) -> dict:
-    return {
-        "channels": h.channels,
-        "anchors": h.num_anchors,
-        "classes": h.num_classes,
-        "background": h.background,
-        "pool": h.pool_size,
-        "reg_classes": h.reg_classes,
-    }
+def _heads_meta(h) -> HeadsMeta:
+    return HeadsMeta(channels=h.channels, anchors=h.num_anchors, classes=h.num_classes,
+                     background=h.background, pool=h.pool_size,
+                     reg_classes=h.reg_classes)  # fmt: skip
 
 
-def _symptom_meta(d: Diagnosis) -> dict:
+def _symptom_meta(d: Diagnosis) -> SymptomMeta:
     s = d.symptom
-    return {
-        "score_thr": s.score_thr,
-        "detections": s.detections,
-        "max_fg_score": s.max_fg_score,
-        "objectness_above_half": s.objectness_above_half,
-        "chance": chance(d.replay),
-        "step": d.replay.batch.meta.get("step"),
-    }
+    return SymptomMeta(
+        score_thr=s.score_thr,
+        detections=list(s.detections),
+        max_fg_score=list(s.max_fg_score),
+        objectness_above_half=s.objectness_above_half,
+        chance=chance(d.replay),
+        step=dump_record(d.replay.batch.meta).step,
+    )
 
 
-def _meta(d: Diagnosis, checkpoint_path, batch_path) -> dict:
+def _meta(d: Diagnosis, checkpoint_path, batch_path) -> ReportMeta:
     r, h = d.replay, d.replay.heads
-    return {
-        "lossdoctor": __version__,
-        "torch": torch.__version__,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "checkpoint": _file_meta(
-            checkpoint_path,
+    return ReportMeta(
+        lossdoctor=__version__,
+        torch=torch.__version__,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        checkpoint=CheckpointMeta(
+            path=str(checkpoint_path) if checkpoint_path else None,
+            sha256=sha256(checkpoint_path),
             layout=h.layout,
             replaced=[x.name for x in h.replaced],
-            unreplayed=h.unreplayed,
+            unreplayed=list(h.unreplayed),
         ),
-        "batch": _batch_meta(r.batch, batch_path),
-        "heads": _heads_meta(h),
-        "config": to_dict(r.config),
-        "profiles": {name: to_dict(pl.profile) for name, pl in r.losses.items()},
-        "seed": r.seed,
-        "sample_all": r.sample_all,
-        "symptom": _symptom_meta(d),
-    }
+        batch=_batch_meta(r.batch, batch_path),
+        heads=_heads_meta(h),
+        config=r.config,
+        profiles={name: pl.profile for name, pl in r.losses.items()},
+        seed=r.seed,
+        sample_all=r.sample_all,
+        symptom=_symptom_meta(d),
+    )
 
 
 def build_report(d: Diagnosis, checkpoint_path=None, batch_path=None) -> Report:
-    tables = {
-        "levels": level_rows(d),
-        "images": image_rows(d),
-        "params": param_rows(d),
-        "profiles": profile_rows(d),
-        "origins": origin_rows(d),
-    }
-    return Report(
-        meta=_meta(d, checkpoint_path, batch_path),
-        tables=tables,
-        findings=finding_rows(d.findings, d.groups),
-        groups=group_rows(d.findings, d.groups),
+    tables = ReportTables(
+        levels=level_rows(d),
+        images=image_rows(d),
+        params=param_rows(d),
+        profiles=profile_rows(d),
+        origins=origin_rows(d),
     )
+    return Report(meta=_meta(d, checkpoint_path, batch_path), tables=tables,
+                  findings=d.findings, groups=d.groups)  # fmt: skip

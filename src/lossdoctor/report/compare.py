@@ -7,17 +7,16 @@ Each metric is shown side by side with its change: a ratio ``new / old``, or the
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..inputs.files import atomic_write
-from ..vocab import BOX_TERMS, PER_LEVEL_NORMALIZERS, TERM_PARTS, FailOn, Part
+from ..diagnose.finding import Finding
+from ..vocab import BOX_TERMS, PER_LEVEL_NORMALIZERS, TERM_PARTS, FailOn, Head, Part
 from .build import ALL_LEVELS
-from .model import Report, csv_text
+from .model import Report, write_text
+from .serialize import comparison_plain, comparison_rows, csv_text, to_json
 
-COMPARE_FORMAT = "lossdoctor.compare/1"
 # levels-table columns compared per (head, level)
 METRICS = (
     "pos", "neg", "sampled", "avg_factor", "sample_weight", "loss_cls", "loss_bbox", "loss_share",
@@ -25,7 +24,6 @@ METRICS = (
 )  # fmt: skip
 # profiles-table columns compared per profile
 TOTALS = ("loss_total", *(t.value for t in BOX_TERMS), "grad_total_norm", "grad_clipped_norm")
-FINDING_KEY = ("severity", "code", "head", "level", "image")
 SAME = "="
 # values closer than this (relative) are the same number: float32 sums in another order
 SAME_REL = 1e-6
@@ -39,32 +37,33 @@ PER_LEVEL = "per level"
 
 
 @dataclass(kw_only=True)
+class Change:
+    """One metric on both sides: of a (head, level) row, or of the profile totals (no head)."""
+
+    head: Head | None = field(default=None, metadata={"omit_none": True})
+    level: str | None = field(default=None, metadata={"omit_none": True})
+    metric: str
+    old: object
+    new: object
+    change: str
+
+
+@dataclass(kw_only=True)
 class Comparison:
     """One side against the other: per (head, level) metric rows, profile totals, and the
     findings that appear (only in new) or disappear (only in old)."""
 
     old: str  # label of the old side
     new: str
-    rows: list[dict]  # {"head", "level", "metric", "old", "new", "change"}
-    totals: list[dict]  # {"metric", "old", "new", "change"}
-    appeared: list[dict]
-    disappeared: list[dict]
+    rows: list[Change]
+    totals: list[Change]
+    appeared: list[Finding]
+    disappeared: list[Finding]
 
     @property
     def changed(self) -> bool:
-        moved = any(r["change"] != SAME for r in self.rows + self.totals)
+        moved = any(r.change != SAME for r in self.rows + self.totals)
         return bool(self.appeared or self.disappeared) or moved
-
-    def to_dict(self) -> dict:
-        return {
-            "format": COMPARE_FORMAT,
-            "old": self.old,
-            "new": self.new,
-            "rows": self.rows,
-            "totals": self.totals,
-            "appeared": self.appeared,
-            "disappeared": self.disappeared,
-        }
 
 
 @dataclass(kw_only=True)
@@ -79,38 +78,27 @@ class CompareResult:
     warnings: list[str] = field(default_factory=list)  # why the two sides may not compare
 
     def to_dict(self) -> dict:
-        return {
-            "format": COMPARE_FORMAT,
-            "warnings": self.warnings,
-            "comparisons": [c.to_dict() for c in self.comparisons],
-        }
+        return comparison_plain(self.warnings, self.comparisons)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, allow_nan=True, default=str)
+        return to_json(self.to_dict())
 
     def csv_text(self) -> str:
-        rows = [
-            {"old_side": c.old, "new_side": c.new, **r}
-            for c in self.comparisons
-            for r in c.totals + c.rows
-        ]
-        return csv_text(rows)
+        return csv_text(comparison_rows(self.comparisons))
 
     def save_json(self, path: str | Path) -> None:
-        text = self.to_json()
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_text(path, self.to_json())
 
     def save_csv(self, path: str | Path) -> None:
-        text = self.csv_text()
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_text(path, self.csv_text())
 
     def fails(self, fail_on: FailOn | str) -> bool:
         """Whether the new side has a finding at or above ``fail_on``."""
-        keep = [
-            f for f in self.new_report.findings
-            if self.new_profile is None or f.get("profile") in (None, self.new_profile)
-        ]  # fmt: skip
-        return Report(self.new_report.meta, {}, keep).fails(fail_on)
+        found = {
+            f.severity for f in self.new_report.findings
+            if self.new_profile is None or f.profile in (None, self.new_profile)
+        }  # fmt: skip
+        return FailOn(fail_on).fails(min(found, key=lambda x: x.rank) if found else None)
 
 
 def _state(v) -> str:
@@ -146,39 +134,50 @@ def change(old, new) -> str:
     return f"x{new / old:.6g}" if ratio == "1" else f"x{ratio}"
 
 
-def _level_less(report: Report, profile: str) -> set[tuple[str, str]]:
+def _level_less(report: Report, profile: str) -> set[tuple[Head, str]]:
     """(head, column) of the all row that have no single value under ``profile``: those of a
     term whose normalizer counts each level on its own."""
-    specs = report.meta.get("profiles", {}).get(profile, {})
+    spec = report.meta.profiles.get(profile)
+    if spec is None:
+        return set()
     return {
-        (head.value, column)
+        (head, column)
         for term, (head, part) in TERM_PARTS.items()
-        if (specs.get(term.value) or {}).get("normalizer") in PER_LEVEL_NORMALIZERS
+        if spec.term(term).normalizer in PER_LEVEL_NORMALIZERS
         for column in PER_LEVEL_COLUMNS.get(part, ())
     }
 
 
-def _rows(report: Report, profile: str) -> dict:
-    rows = {(r.head, r.level): r.to_dict() for r in report.levels() if r.profile == profile}
-    for head, column in _level_less(report, profile):
-        row = rows.get((head, ALL_LEVELS))
-        if row is not None and column in row:
-            row[column] = PER_LEVEL
-    return rows
+def _values(report: Report, profile: str) -> dict[tuple[Head, str], dict]:
+    """(head, level) → metric → its value under ``profile`` (PER_LEVEL where it has none)."""
+    less = _level_less(report, profile)
+    return {
+        (r.head, r.level): {
+            m: PER_LEVEL if r.level == ALL_LEVELS and (r.head, m) in less else getattr(r, m)
+            for m in METRICS
+        }
+        for r in report.tables.levels
+        if r.profile == profile
+    }
 
 
 def _totals(report: Report, profile: str) -> dict:
-    return next((r for r in report.tables.get("profiles", []) if r.get("profile") == profile), {})
+    row = next((r for r in report.tables.profiles if r.profile == profile), None)
+    return {} if row is None else {m: getattr(row, m) for m in TOTALS}
 
 
 def _findings(report: Report, profile: str) -> dict:
     """The findings that concern ``profile`` (its own and the profile-free ones), keyed without
     the profile."""
     return {
-        tuple(f.get(k) for k in FINDING_KEY): f
+        (f.severity, f.code, f.head, f.level, f.image): f
         for f in report.findings
-        if f.get("profile") in (None, profile)
+        if f.profile in (None, profile)
     }
+
+
+def _change(head: Head | None, level: str | None, m: str, old, new) -> Change:
+    return Change(head=head, level=level, metric=m, old=old, new=new, change=change(old, new))
 
 
 def compare_profiles(
@@ -186,19 +185,10 @@ def compare_profiles(
 ) -> Comparison:
     """One profile of ``old`` against one profile of ``new`` (the same report for two profiles).
     ``labels`` prefix each side's profile name (the report files, say)."""
-    a, b = _rows(old, old_profile), _rows(new, new_profile)
-    rows = [
-        {"head": key[0], "level": key[1], "metric": m, "old": a[key].get(m), "new": b[key].get(m),
-         "change": change(a[key].get(m), b[key].get(m))}
-        for key in a if key in b
-        for m in METRICS
-    ]  # fmt: skip
+    a, b = _values(old, old_profile), _values(new, new_profile)
+    rows = [_change(*key, m, a[key][m], b[key][m]) for key in a if key in b for m in METRICS]
     ta, tb = _totals(old, old_profile), _totals(new, new_profile)
-    totals = [
-        {"metric": m, "old": ta.get(m), "new": tb.get(m), "change": change(ta.get(m), tb.get(m))}
-        for m in TOTALS
-        if m in ta or m in tb
-    ]
+    totals = [_change(None, None, m, ta.get(m), tb.get(m)) for m in TOTALS if ta or tb]
     fa, fb = _findings(old, old_profile), _findings(new, new_profile)
     return Comparison(
         old=f"{labels[0]}:{old_profile}" if labels[0] else old_profile,
@@ -228,29 +218,19 @@ def compare_reports(
     return [compare_profiles(old, p, new, p, labels) for p in shared]
 
 
-def _sha(report: Report, what: str) -> str | None:
-    return (report.meta.get(what) or {}).get("sha256")
-
-
-def _config_name(report: Report) -> str | None:
-    return (report.meta.get("config") or {}).get("name")
-
-
 def run_differences(old: Report, new: Report) -> list[str]:
     """Why two reports may not be two views of one run: a comparison of them mixes causes."""
     out = []
-    ck, bt = (
-        (_sha(old, "checkpoint"), _sha(new, "checkpoint")),
-        (_sha(old, "batch"), _sha(new, "batch")),
-    )
+    ck = (old.meta.checkpoint.sha256, new.meta.checkpoint.sha256)
+    bt = (old.meta.batch.sha256, new.meta.batch.sha256)
     if None not in ck + bt and ck[0] != ck[1] and bt[0] != bt[1]:
         out.append(
             f"the reports share neither checkpoint (sha256 {ck[0][:12]} vs {ck[1][:12]}) nor "
             f"batch ({bt[0][:12]} vs {bt[1][:12]}): each change mixes the model's and the data's"
         )
-    if old.meta.get("config") != new.meta.get("config"):
+    if old.meta.config != new.meta.config:
         out.append(
-            f"the reports replay different detector configs ({_config_name(old)} vs "
-            f"{_config_name(new)}): a change may be the config's, not the normalization's"
+            f"the reports replay different detector configs ({old.meta.config.name} vs "
+            f"{new.meta.config.name}): a change may be the config's, not the normalization's"
         )
     return out

@@ -60,11 +60,7 @@ def _check_csv_dir(d: Path, inputs: InputFiles, files: list[tuple[str, Path]]) -
 
 def inputs_of(report: Report) -> dict[str, str | None]:
     """The input files a report was made from, by role (for :meth:`Outputs.check`)."""
-    meta = report.meta
-    return {
-        "checkpoint": (meta.get("checkpoint") or {}).get("path"),
-        "batch": (meta.get("batch") or {}).get("path"),
-    }
+    return {"checkpoint": report.meta.checkpoint.path, "batch": report.meta.batch.path}
 
 
 def export(report: Report, outputs: Outputs, inputs=None, profiles=None) -> None:

@@ -107,11 +107,11 @@ def plot(report: Report, path: str | Path, profiles: list[str] | None = None) ->
     import matplotlib.pyplot as plt
 
     profiles = profiles or report.profiles[:2]
-    first = min((r.get("rank") or 0 for r in report.tables.get("levels", [])), default=0)
+    first = min((r.rank or 0 for r in report.tables.levels), default=0)
     rows = [  # one rank of a multi-rank step (the first), a cascade's first stage
-        LevelRow.from_dict(r)
-        for r in report.tables.get("levels", [])
-        if r["level"] != ALL_LEVELS and (r.get("rank") or 0) == first and not r.get("stage")
+        r
+        for r in report.tables.levels
+        if r.level != ALL_LEVELS and (r.rank or 0) == first and not r.stage
     ]
     heads = list(dict.fromkeys(r.head for r in rows))
     fig, axes = plt.subplots(
@@ -131,9 +131,9 @@ def plot(report: Report, path: str | Path, profiles: list[str] | None = None) ->
             _panel(ax, by_profile, levels, head, panel)
         for ax in ax_row:
             ax.set_xticks(range(len(levels)), levels)
-    bt = report.meta["batch"]
+    bt = report.meta.batch
     fig.suptitle(
-        f"lossdoctor: {' vs '.join(profiles)} on {bt['path'] or 'batch'} ({bt['images']} images)"
+        f"lossdoctor: {' vs '.join(profiles)} on {bt.path or 'batch'} ({bt.images} images)"
     )
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     plt.close(fig)

@@ -4,28 +4,27 @@ next to an all-reduced one) and the findings that need every rank at once."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import replace
 from statistics import fmean
 
-from ..diagnose.findings import Finding, to_finding
-from ..diagnose.groups import frame, group
-from ..diagnose.ranks import RANK_RULES, RankLevel, RankView
+from ..diagnose.groups import group
+from ..diagnose.ranks import RankLevel, RankView, rank_findings
 from ..inputs.errors import InputError
-from ..vocab import Head, Part, Scope, Severity, term_of
-from .build import ALL_LEVELS, finding_rows, group_rows
+from ..vocab import Head, Part, term_of
+from .build import ALL_LEVELS
+from .meta import RankMeta
 from .model import Report
-from .rows import LevelRow, RankRow
-
-# the report tables a step report carries for every rank, with a ``rank`` column first
-PER_RANK_TABLES = ("levels", "images", "params", "profiles", "origins")
+from .rows import LevelRow, RankRow, ReportTables
 
 
 def _agreed(reports: dict[int, Report]) -> None:
     """The ranks of a step come from one run and one step: same world size, levels, heads."""
     facts = {
-        "world_size": lambda r: r.meta["batch"]["meta"].get("world_size"),
-        "levels": lambda r: r.meta["batch"]["levels"],
-        "channels": lambda r: r.meta["heads"]["channels"],
-        "classes": lambda r: r.meta["heads"]["classes"],
+        "world_size": lambda r: r.meta.batch.dump.world_size,
+        "levels": lambda r: r.meta.batch.levels,
+        "channels": lambda r: r.meta.heads.channels,
+        "classes": lambda r: r.meta.heads.classes,
         "profiles": lambda r: r.profiles,
     }
     first = min(reports)
@@ -36,7 +35,7 @@ def _agreed(reports: dict[int, Report]) -> None:
                     f"rank {rank} has {what} {get(rep)} where rank {first} has "
                     f"{get(reports[first])}: the rank dumps of a step must come from one run"
                 )
-    world = reports[first].meta["batch"]["meta"].get("world_size")
+    world = reports[first].meta.batch.dump.world_size
     missing = sorted(set(range(world or len(reports))) - set(reports))
     if missing or (world is not None and len(reports) != world):
         raise InputError(
@@ -54,7 +53,7 @@ def _rescaled(loss: float, d: float, mean: float, n: int) -> float:
 
 
 def _weight(rep: Report, profile: str, head: Head, part: Part) -> float:
-    return float(rep.meta["profiles"][profile][term_of(head, part).value]["weight"])
+    return rep.meta.profiles[profile].term(term_of(head, part)).weight
 
 
 def _per_sample(weight: float, d: float, world: int) -> float:
@@ -65,9 +64,9 @@ def _by_level(reports: dict[int, Report]) -> dict[tuple, dict[int, LevelRow]]:
     """(profile, head, level) → rank → its levels row (the ``all`` rows left out)."""
     by_key: dict[tuple, dict[int, LevelRow]] = {}
     for rank, rep in reports.items():
-        for x in map(LevelRow.from_dict, rep.tables["levels"]):
+        for x in rep.tables.levels:
             if x.level != ALL_LEVELS:
-                by_key.setdefault((x.profile, Head(x.head), x.level), {})[rank] = x
+                by_key.setdefault((x.profile, x.head, x.level), {})[rank] = x
     return by_key
 
 
@@ -88,7 +87,7 @@ def _rank_row(rank: int, key: tuple, x: LevelRow, mean: dict, rep: Report, world
     )  # fmt: skip
 
 
-def rank_rows(reports: dict[int, Report]) -> list[dict]:
+def rank_rows(reports: dict[int, Report]) -> list[RankRow]:
     """Per (rank, profile, head, level): the rank's avg_factor and the mean over ranks."""
     out = []
     for key, at in _by_level(reports).items():
@@ -96,75 +95,57 @@ def rank_rows(reports: dict[int, Report]) -> list[dict]:
             Part.CLS: fmean(x.avg_factor for x in at.values()),
             Part.BOX: fmean(x.avg_factor_bbox for x in at.values()),
         }
-        out += [
-            _rank_row(r, key, x, mean, reports[r], len(reports)).to_dict()
-            for r, x in sorted(at.items())
-        ]
+        out += [_rank_row(r, key, x, mean, reports[r], len(reports)) for r, x in sorted(at.items())]
     return out
 
 
-def _view(rank: int, rep: Report, ranks_table: list[dict]) -> RankView:
-    images = rep.tables.get("images", [])
+def _view(rank: int, rep: Report, ranks_table: list[RankRow]) -> RankView:
+    images = rep.tables.images
     v = RankView(
         rank=rank,
         images=len(images),
-        images_with_gt=sum(1 for im in images if im["gt"] > 0),
-        no_grad={p["profile"]: [x for x in p["no_grad"].split(";") if x]
-                 for p in rep.tables.get("profiles", [])},
-    )  # fmt: skip
-    for row in (x for x in ranks_table if x["rank"] == rank):
-        v.levels[(row["profile"], Head(row["head"]), row["level"])] = RankLevel(
-            samples={Part.CLS: row["sampled"], Part.BOX: row["pos"]},
-            avg_factor={Part.CLS: row["avg_factor"], Part.BOX: row["avg_factor_bbox"]},
-            sample_weight={Part.CLS: row["sample_weight"], Part.BOX: row["sample_weight_bbox"]},
+        images_with_gt=sum(1 for im in images if im.gt > 0),
+        no_grad={p.profile: list(p.no_grad) for p in rep.tables.profiles},
+    )
+    for row in (x for x in ranks_table if x.rank == rank):
+        v.levels[(row.profile, row.head, row.level)] = RankLevel(
+            samples={Part.CLS: row.sampled, Part.BOX: row.pos},
+            avg_factor={Part.CLS: row.avg_factor, Part.BOX: row.avg_factor_bbox},
+            sample_weight={Part.CLS: row.sample_weight, Part.BOX: row.sample_weight_bbox},
         )
     return v
 
 
-def rank_views(reports: dict[int, Report], ranks_table: list[dict]) -> list[RankView]:
+def rank_views(reports: dict[int, Report], ranks_table: list[RankRow]) -> list[RankView]:
     return [_view(r, rep, ranks_table) for r, rep in sorted(reports.items())]
 
 
-def finding_from_row(row: dict, rank: int | None) -> Finding:
-    """A finding row of a report as a Finding again (to be grouped with other ranks')."""
-    scope = row.get("scope")
-    return Finding(
-        severity=Severity(row["severity"]), code=row["code"], message=row["message"],
-        fix=row["fix"], head=row.get("head"), level=row.get("level"),
-        profile=row.get("profile"), image=row.get("image"), term=row.get("term"),
-        evidence=row.get("evidence") or {}, cause=row.get("cause"),
-        scope=Scope(scope) if scope else None, note=row.get("note") or "", rank=rank,
-    )  # fmt: skip
-
-
-def _findings(reports: dict[int, Report], views: list[RankView], own: str | None) -> list:
-    per_rank = [finding_from_row(f, r) for r, rep in sorted(reports.items()) for f in rep.findings]
-    across = [to_finding(rule, hit) for rule in RANK_RULES for hit in rule.check(views)]
-    profiles = reports[min(reports)].profiles
-    across = frame(across, own, [p for p in profiles if p != own])
-    return sorted(per_rank + across, key=lambda f: f.severity.rank)
+def _per_rank(reports: dict[int, Report], table: Callable[[ReportTables], list]) -> list:
+    """One table of every rank's report, each row with its rank."""
+    return [replace(row, rank=r) for r, rep in sorted(reports.items())
+            for row in table(rep.tables)]  # fmt: skip
 
 
 def combine_ranks(reports: dict[int, Report]) -> Report:
     """The report of one step from the reports of its ranks (rank → report)."""
     _agreed(reports)
     first = reports[min(reports)]
-    tables = {
-        name: [{"rank": r, **row} for r, rep in sorted(reports.items())
-               for row in rep.tables.get(name, [])]
-        for name in PER_RANK_TABLES
-    }  # fmt: skip
-    tables["ranks"] = rank_rows(reports)
-    own = (first.meta.get("run") or {}).get("own")
-    findings = _findings(reports, rank_views(reports, tables["ranks"]), own)
-    groups = group(findings, first.meta["batch"]["levels"])
-    meta = dict(first.meta)
-    meta["ranks"] = [{"rank": r, "batch": rep.meta["batch"], "symptom": rep.meta["symptom"]}
-                     for r, rep in sorted(reports.items())]  # fmt: skip
-    meta["world_size"] = len(reports)
-    return Report(
-        meta=meta,
-        tables=tables,
-        findings=finding_rows(findings, groups),
-        groups=group_rows(findings, groups),
+    ranks = rank_rows(reports)
+    tables = ReportTables(
+        levels=_per_rank(reports, lambda t: t.levels),
+        images=_per_rank(reports, lambda t: t.images),
+        params=_per_rank(reports, lambda t: t.params),
+        profiles=_per_rank(reports, lambda t: t.profiles),
+        origins=_per_rank(reports, lambda t: t.origins),
+        ranks=ranks,
     )
+    per_rank = [replace(f, rank=r) for r, rep in sorted(reports.items()) for f in rep.findings]
+    findings = rank_findings(per_rank, rank_views(reports, ranks), first.meta.own, first.profiles)
+    meta = replace(
+        first.meta,
+        ranks=[RankMeta(rank=r, batch=rep.meta.batch, symptom=rep.meta.symptom)
+               for r, rep in sorted(reports.items())],
+        world_size=len(reports),
+    )  # fmt: skip
+    return Report(meta=meta, tables=tables, findings=findings,
+                  groups=group(findings, first.meta.batch.levels))  # fmt: skip

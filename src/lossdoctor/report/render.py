@@ -20,12 +20,12 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ..diagnose.groups import span
-from ..vocab import BOX_TERMS, TERMS, Head, Severity
+from ..diagnose.groups import FindingGroup, span
+from ..vocab import BOX_TERMS, TERMS, Head, ProfileSource, Severity
 from .build import ALL_LEVELS
-from .compare import SAME, Comparison
+from .compare import SAME, Change, Comparison
 from .model import Report
-from .rows import LevelRow, ProfileRow, RankRow
+from .rows import LevelRow
 
 WIDTH = 120
 # a console narrower than this is taken as this wide (nothing useful fits in less)
@@ -33,7 +33,7 @@ MIN_WIDTH = 40
 # below this width findings are stacked (code and place, then the message) instead of a table
 STACKED_FINDINGS_BELOW = 100
 WHERE_WIDTH = 28
-RUN_SOURCE = {"dump": "recorded in the dump", "given": "--old"}
+RUN_SOURCE = {ProfileSource.DUMP: "recorded in the dump", ProfileSource.GIVEN: "--old"}
 SEVERITY_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 UNITS = {Head.RPN: "anchors", Head.ROI: "RoIs", Head.MASK: "RoIs"}
 LEVEL_METRICS = (
@@ -183,39 +183,40 @@ def fitted(title: str, keys: list[Column], groups: list[list[Column]], width: in
 
 def header(report: Report) -> Text:
     m = report.meta
-    ck, bt, h = m["checkpoint"], m["batch"], m["heads"]
+    ck, bt, h = m.checkpoint, m.batch, m.heads
     t = Text()
     t.append("lossdoctor ", style="bold")
-    t.append(f"{m['lossdoctor']} (torch {m['torch']})\n")
-    t.append(f"checkpoint  {ck['path'] or '<object>'}  [{ck['layout']} layout")
-    t.append(f", sha256 {ck['sha256'][:12]}]\n" if ck.get("sha256") else "]\n")
-    strides = "/".join(str(x) for x in bt["strides"])
-    pad = f"{bt['pad_size'][0]}x{bt['pad_size'][1]}"
-    levels = f"{bt['levels'][0]}-{bt['levels'][-1]}"
+    t.append(f"{m.lossdoctor} (torch {m.torch})\n")
+    t.append(f"checkpoint  {ck.path or '<object>'}  [{ck.layout} layout")
+    t.append(f", sha256 {ck.sha256[:12]}]\n" if ck.sha256 else "]\n")
+    strides = "/".join(str(x) for x in bt.strides)
+    pad = f"{bt.pad_size[0]}x{bt.pad_size[1]}"
+    levels = f"{bt.levels[0]}-{bt.levels[-1]}"
     t.append(
-        f"batch       {bt['path'] or '<object>'}  [{bt['images']} images, levels {levels} "
+        f"batch       {bt.path or '<object>'}  [{bt.images} images, levels {levels} "
         f"(strides {strides}), padded {pad}]\n"
     )
-    dump = bt.get("meta", {})
-    it = next((f"; {k} {dump[k]}" for k in ("step", "iteration") if dump.get(k) is not None), "")
+    dump = bt.dump
+    it = (
+        f"; step {dump.step}" if dump.step is not None
+        else f"; iteration {dump.iteration}" if dump.iteration is not None else ""
+    )  # fmt: skip
     t.append(
-        f"detector    {m['config']['name']} config; {h['classes']} classes (background "
-        f"{h['background']}), {h['anchors']} anchors/location, {h['channels']} channels" + it + "\n"
+        f"detector    {m.config.name} config; {h.classes} classes (background "
+        f"{h.background}), {h.anchors} anchors/location, {h.channels} channels" + it + "\n"
     )
     why = captured_because(report)
     if why:
         t.append(f"captured    because {why}\n", style="bold")
-    sampling = "every candidate (--sample-all)" if m["sample_all"] else f"seed {m['seed']}"
+    sampling = "every candidate (--sample-all)" if m.sample_all else f"seed {m.seed}"
     t.append(f"profiles    {_profiles(report)}; sampling {sampling}")
-    if ck.get("replaced"):
-        shown = ", ".join(ck["replaced"][:3])
-        note = (
-            f"\nnote        replaced {len(ck['replaced'])} non-tensor checkpoint objects: {shown}"
-        )
+    if ck.replaced:
+        shown = ", ".join(ck.replaced[:3])
+        note = f"\nnote        replaced {len(ck.replaced)} non-tensor checkpoint objects: {shown}"
         t.append(note, style="dim")
-    if ck.get("unreplayed"):
+    if ck.unreplayed:
         note = (
-            f"\nnote        not replayed: {', '.join(ck['unreplayed'])}; their losses are not "
+            f"\nnote        not replayed: {', '.join(ck.unreplayed)}; their losses are not "
             "in the tables"
         )
         t.append(note, style="dim")
@@ -226,76 +227,73 @@ def captured_because(report: Report) -> str:
     """Why the dump exists, as its capture recorded it, with the gradient norm it saw (the whole
     model's and the heads', unscaled) beside the heads' norm the replay computes under the run's
     own profile."""
-    dump = report.meta["batch"].get("meta", {})
-    if not dump.get("reason"):
+    dump = report.meta.batch.dump
+    if not dump.reason:
         return ""
-    out = dump["reason"]
-    seen = dump.get("grad_norm") or {}
-    if seen:
-        heads = f", heads {num(seen['heads']).plain}" if seen.get("heads") is not None else ""
+    out, seen = dump.reason, dump.grad_norm
+    if seen is not None:
+        heads = f", heads {num(seen.heads).plain}" if seen.heads is not None else ""
         scale = (
-            f" (unscaled: loss scale {num(seen['loss_scale']).plain})"
-            if "loss_scale" in seen
+            f" (unscaled: loss scale {num(seen.loss_scale).plain})"
+            if seen.loss_scale is not None
             else ""
         )
-        out += f"; norms at capture: whole model {num(seen['model']).plain}{heads}{scale}"
-    own = (report.meta.get("run") or {}).get("own")
-    row = next((r for r in report.tables.get("profiles", []) if r["profile"] == own), None)
-    if row is not None and seen:
-        out += f"; replayed heads ({own}) {num(row['grad_total_norm']).plain}"
+        out += f"; norms at capture: whole model {num(seen.model).plain}{heads}{scale}"
+    own = report.meta.own
+    row = next((r for r in report.tables.profiles if r.profile == own), None)
+    if row is not None and seen is not None:
+        out += f"; replayed heads ({own}) {num(row.grad_total_norm).plain}"
     return out
 
 
 def _profiles(report: Report) -> str:
     """The run's own profile and the what-ifs, where the report knows which is which."""
-    run = report.meta.get("run") or {}
-    own = run.get("own")
-    if own is None:
+    run = report.meta.run
+    if run is None or run.own is None:
         return " vs ".join(report.profiles)
-    source = RUN_SOURCE.get(run.get("source"), "given")
-    others = [p for p in report.profiles if p != own]
-    return f"{own} (the run's, {source}) vs {', '.join(others)} (what-if)"
+    source = RUN_SOURCE.get(run.source, "--old")
+    others = [p for p in report.profiles if p != run.own]
+    return f"{run.own} (the run's, {source}) vs {', '.join(others)} (what-if)"
 
 
 def symptom(report: Report) -> Text:
-    s = report.meta["symptom"]
+    s = report.meta.symptom
     t = Text()
     t.append("Symptom  ", style="bold")
-    dets = s["detections"]
+    dets = s.detections
     style = "bold red" if dets and sum(dets) == 0 else ""
-    t.append(f"detections per image at score > {s['score_thr']}: {dets}", style=style)
+    t.append(f"detections per image at score > {s.score_thr}: {dets}", style=style)
     t.append(
         "\n         max foreground score per image: ["
-        + ", ".join(num(v).plain for v in s["max_fg_score"])
+        + ", ".join(num(v).plain for v in s.max_fg_score)
         + "]"
     )
-    if s.get("chance") is not None:
-        t.append(f"; chance {num(s['chance']).plain}")
-    t.append(f"\n         anchors with objectness > 0.5: {s['objectness_above_half']:.1%}")
+    if s.chance is not None:
+        t.append(f"; chance {num(s.chance).plain}")
+    t.append(f"\n         anchors with objectness > 0.5: {s.objectness_above_half:.1%}")
     return t
 
 
-def _where(g: dict, levels: list[str]) -> str:
+def _where(g: FindingGroup, levels: list[str]) -> str:
     """What a group covers, short: profiles, heads, levels (a range where they run), images."""
-    w = g.get("where") or {}
-    images, ranks = w.get("images") or [], w.get("ranks") or []
+    w = g.where
     parts = [
-        ("rank " + ",".join(map(str, ranks))) if ranks else "",
-        ",".join(w.get("profiles") or []),
-        ",".join(w.get("heads") or []),
-        span(w.get("levels") or [], levels),
-        ("img " + ",".join(map(str, images))) if images else "",
+        ("rank " + ",".join(map(str, w.ranks))) if w.ranks else "",
+        ",".join(w.profiles),
+        ",".join(w.heads),
+        span(w.levels, levels),
+        ("img " + ",".join(map(str, w.images))) if w.images else "",
     ]
     return " ".join(p for p in parts if p)
 
 
-def _finding_body(g: dict, groups: list[dict], k: int) -> Text:
+def _finding_body(g: FindingGroup, groups: list[FindingGroup], k: int) -> Text:
     """A group's message, and its fix after the last of a run with the same code and fix."""
-    body = Text(g["message"])
+    body = Text(g.message)
     nxt = groups[k + 1] if k + 1 < len(groups) else None
-    if nxt is None or (nxt["code"], nxt["fix"]) != (g["code"], g["fix"]):
+    if nxt is None or (nxt.code, nxt.fix) != (g.code, g.fix):
         body.append("\nfix: ", style="bold")
-        body.append(g["fix"], style="dim")
+        body.append(g.fix, style="dim")
     return body
 
 
@@ -305,7 +303,7 @@ def findings(report: Report, width: int = WIDTH):
     groups, rows = report.groups, len(report.findings)
     repeats = f"; {rows} rows in the JSON" if rows != len(groups) else ""
     title = f"Findings ({len(groups)}, most severe first{repeats})"
-    levels = report.meta.get("batch", {}).get("levels", [])
+    levels = report.meta.batch.levels
     if width < STACKED_FINDINGS_BELOW:
         return _stacked_findings(title, groups, levels)
     t = _table(title, expand=False)
@@ -314,8 +312,8 @@ def findings(report: Report, width: int = WIDTH):
     t.add_column("where", no_wrap=True, max_width=WHERE_WIDTH, overflow="ellipsis")
     t.add_column("finding and fix", ratio=1)
     for k, g in enumerate(groups):
-        severity = Text(g["severity"], style=SEVERITY_STYLE[Severity(g["severity"])])
-        t.add_row(severity, g["code"], _where(g, levels), _finding_body(g, groups, k))
+        severity = Text(g.severity, style=SEVERITY_STYLE[g.severity])
+        t.add_row(severity, g.code, _where(g, levels), _finding_body(g, groups, k))
     if not groups:
         t.add_row("", "", "", "no finding")
     return t
@@ -330,11 +328,11 @@ def indented(body) -> Table:
     return grid
 
 
-def _stacked_findings(title: str, groups: list[dict], levels: list[str]) -> Group:
+def _stacked_findings(title: str, groups: list[FindingGroup], levels: list[str]) -> Group:
     parts = [Text(title, style="bold")]
     for k, g in enumerate(groups):
-        line = Text(g["severity"], style=SEVERITY_STYLE[Severity(g["severity"])])
-        line.append(f"  {g['code']}", style="bold")
+        line = Text(g.severity, style=SEVERITY_STYLE[g.severity])
+        line.append(f"  {g.code}", style="bold")
         line.append(f"  {_where(g, levels)}")
         parts += [line, indented(_finding_body(g, groups, k))]
     if not groups:
@@ -361,8 +359,8 @@ def level_table(
 ) -> list[Table]:
     """The per-level table of one head (and cascade stage): counts, then each profile's
     metrics; split by profile where it is wider than ``width``."""
-    rows = [r for r in report.levels() if r.head == head and r.stage == stage]
-    unit = UNITS[Head(head)]
+    rows = [r for r in report.tables.levels if r.head == head and r.stage == stage]
+    unit = UNITS[head]
     metrics = MASK_METRICS if head == Head.MASK else LEVEL_METRICS
     name = f"{head.upper()} head" + (f", cascade stage {stage}" if stage else "")
     levels = list(dict.fromkeys(r.level for r in rows))
@@ -386,7 +384,7 @@ def level_table(
 
 def totals(report: Report, width: int = WIDTH) -> list[Table]:
     """Totals per profile, split where wider than ``width``."""
-    rows = [ProfileRow.from_dict(r) for r in report.tables.get("profiles", [])]
+    rows = report.tables.profiles
     terms = [x.value for x in TERMS if any(getattr(r, x.value) is not None for r in rows)]
     cols = ("loss_total", *terms, "grad_total_norm", "grad_clipped_norm", "rpn_neg_share")
     names = ("loss", *terms, "|grad| pre-clip", "post-clip", "rpn neg share")
@@ -398,21 +396,17 @@ def totals(report: Report, width: int = WIDTH) -> list[Table]:
 
 
 def _ranks_line(report: Report) -> Text:
-    ranks = [r["rank"] for r in report.meta["ranks"]]
-    return Text(
-        f"ranks       {', '.join(map(str, ranks))} of world size {report.meta['world_size']}"
-    )
+    ranks = [r.rank for r in report.meta.ranks]
+    return Text(f"ranks       {', '.join(map(str, ranks))} of world size {report.meta.world_size}")
 
 
 def _rank_symptoms(report: Report) -> Text:
     t = Text()
     t.append("Symptom  ", style="bold")
-    for k, r in enumerate(report.meta["ranks"]):
-        s = r["symptom"]
-        best = ", ".join(num(v).plain for v in s["max_fg_score"])
-        t.append(
-            ("" if k == 0 else "\n         ") + f"rank {r['rank']}: detections {s['detections']}"
-        )
+    for k, r in enumerate(report.meta.ranks):
+        s = r.symptom
+        best = ", ".join(num(v).plain for v in s.max_fg_score)
+        t.append(("" if k == 0 else "\n         ") + f"rank {r.rank}: detections {s.detections}")
         t.append(f"; max foreground score [{best}]")
     return t
 
@@ -420,7 +414,7 @@ def _rank_symptoms(report: Report) -> Text:
 def rank_table(report: Report, profile: str, width: int = WIDTH) -> list[Table]:
     """Per rank and level under one profile: the rank's normalizer next to the all-reduced one,
     and what a sample weighs in the step's averaged gradient under each."""
-    rows = [RankRow.from_dict(r) for r in report.tables["ranks"] if r["profile"] == profile]
+    rows = [r for r in report.tables.ranks or [] if r.profile == profile]
     keys = [Column(name, [cell(r) for r in rows], justify) for name, cell, justify in (
         ("rank", lambda r: num(r.rank), "right"), ("head", lambda r: Text(str(r.head)), "left"),
         ("level", lambda r: Text(r.level), "left"), ("pos", lambda r: num(r.pos), "right"),
@@ -442,10 +436,9 @@ def _rank_totals(report: Report) -> Table:
     names = ("rank", "profile", "loss", *(x.value for x in BOX_TERMS), "|grad| pre-clip")
     for n in names:
         t.add_column(n, justify="left" if n == "profile" else "right")
-    for r in report.tables.get("profiles", []):
-        row = ProfileRow.from_dict(r)
+    for row in report.tables.profiles:
         cells = [getattr(row, x.value) for x in BOX_TERMS]
-        t.add_row(num(r["rank"]), row.profile, num(row.loss_total), *map(num, cells),
+        t.add_row(num(row.rank), row.profile, num(row.loss_total), *map(num, cells),
                   num(row.grad_total_norm))  # fmt: skip
     return t
 
@@ -471,7 +464,7 @@ def render_step(report: Report, out: Console, quiet: bool = False) -> None:
 
 def render(report: Report, out: Console, quiet: bool = False) -> None:
     """The inspect view: header, symptom, findings, then (unless quiet) the per-level evidence."""
-    if "ranks" in report.tables:
+    if report.is_step:
         return render_step(report, out, quiet)
     if not quiet:
         out.print(header(report))
@@ -481,7 +474,7 @@ def render(report: Report, out: Console, quiet: bool = False) -> None:
     out.print(findings(report, out.width))
     if quiet:
         return
-    for head, stage in dict.fromkeys((r.head, r.stage) for r in report.levels()):
+    for head, stage in dict.fromkeys((r.head, r.stage) for r in report.tables.levels):
         for t in level_table(report, head, report.profiles[:2], stage, out.width):
             out.print()
             out.print(t)
@@ -495,16 +488,16 @@ def render(report: Report, out: Console, quiet: bool = False) -> None:
         out.print(Text(note, style="dim"))
 
 
-def _comparison_rows(c: Comparison, changed_only: bool) -> list[tuple[str, str, dict]]:
-    rows = [("total", "", r) for r in c.totals] + [(r["head"], r["level"], r) for r in c.rows]
-    return [x for x in rows if x[2]["change"] != SAME or not changed_only]
+def _comparison_rows(c: Comparison, changed_only: bool) -> list[tuple[str, str, Change]]:
+    rows = [("total", "", r) for r in c.totals] + [(r.head, r.level, r) for r in c.rows]
+    return [x for x in rows if x[2].change != SAME or not changed_only]
 
 
 def _comparison_table(c: Comparison, changed_only: bool, width: int = WIDTH):
     """The changes side by side; where that is wider than ``width``, one line per change."""
     rows = _comparison_rows(c, changed_only)
-    cells = [(Text(head), Text(level), Text(r["metric"]), num(r["old"]), num(r["new"]),
-              _change(r["change"])) for head, level, r in rows]  # fmt: skip
+    cells = [(Text(head), Text(level), Text(r.metric), num(r.old), num(r.new), _change(r.change))
+             for head, level, r in rows]  # fmt: skip
     names = ("head", "level", "metric", "old", "new", "change")
     if _span([Column(n, [x[k] for x in cells]) for k, n in enumerate(names)]) > width:
         return _comparison_lines(c, cells)
@@ -538,7 +531,7 @@ def render_comparison(comps: list[Comparison], out: Console, changed_only: bool 
         ):
             out.print(Text(f"{title}: {len(items)}", style="bold"))
             for f in items:
-                out.print(Text(f"  {f['severity']:<8} {f['code']:<24} {f['message']}", style=style))
+                out.print(Text(f"  {f.severity:<8} {f.code:<24} {f.message}", style=style))
         out.print()
 
 

@@ -1,9 +1,9 @@
 """The rows of the report's tables, as typed records.
 
-A table is a list of flat dicts in the JSON and CSV (the column names are an interface, see
-docs/report.md); in code, rows are built and read as these dataclasses, so a column is named once,
-here.
-Fields marked ``extra`` follow the documented columns.
+A table is a list of these dataclasses in memory; only ``serialize`` turns them into the flat
+dicts of the JSON and CSV (the column names are an interface, see docs/report.md) and back.
+Fields marked ``extra`` follow the documented columns; a per-rank row's ``rank`` is written first,
+and only in the report of a multi-rank step.
 """
 
 from __future__ import annotations
@@ -11,38 +11,28 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..inputs.errors import InputError
-from ..vocab import Head
+from ..diagnose.finding import Finding
+from ..vocab import DumpStatus, GradTerm, Head, Part, Scope, Severity, Term
 
 
 def _extra(default=None):
     return field(default=default, metadata={"extra": True})
 
 
-class Row:
-    """A table row: to and from the flat dict the JSON carries (unknown keys are kept aside)."""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        known = {f.name for f in dataclasses.fields(cls)}
-        try:
-            return cls(**{k: v for k, v in d.items() if k in known})
-        except TypeError as e:
-            raise InputError(
-                f"a {cls.__name__} of the report lacks a column ({e}); re-run --json"
-            ) from None
-
-    @classmethod
-    def columns(cls) -> tuple[str, ...]:
-        """The documented columns, in order."""
-        return tuple(f.name for f in dataclasses.fields(cls) if not f.metadata.get("extra"))
+def columns(cls) -> tuple[str, ...]:
+    """The documented columns of a row type, in order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if "extra" not in f.metadata)
 
 
 @dataclass(kw_only=True)
-class LevelRow(Row):
+class PerRank:
+    """A row of a table that a multi-rank step's report carries for every rank."""
+
+    rank: int | None = field(default=None, metadata={"extra": True, "omit_none": True})
+
+
+@dataclass(kw_only=True)
+class LevelRow(PerRank):
     """One (profile, head, level) of the ``levels`` table, or the head's ``all`` row."""
 
     profile: str
@@ -72,7 +62,7 @@ class LevelRow(Row):
 
 
 @dataclass(kw_only=True)
-class ImageRow(Row):
+class ImageRow(PerRank):
     image: int
     gt: int
     gt_without_pos: int
@@ -93,7 +83,7 @@ class ImageRow(Row):
 
 
 @dataclass(kw_only=True)
-class ParamRow(Row):
+class ParamRow(PerRank):
     """One head parameter under one profile: its gradient norm per loss term and in total."""
 
     profile: str
@@ -108,7 +98,7 @@ class ParamRow(Row):
 
 
 @dataclass(kw_only=True)
-class ProfileRow(Row):
+class ProfileRow(PerRank):
     profile: str
     loss_total: float
     rpn_cls: float
@@ -119,18 +109,18 @@ class ProfileRow(Row):
     max_norm: float | None
     clip_coef: float
     grad_clipped_norm: float
-    rpn_neg_share: float
-    roi_neg_share: float
-    no_grad: str
+    rpn_neg_share: float | None
+    roi_neg_share: float | None
+    no_grad: list[str]  # the parameters (and RPN feature levels) that got no gradient
     roi_mask: float | None = _extra()
 
 
 @dataclass(kw_only=True)
-class OriginRow(Row):
+class OriginRow(PerRank):
     profile: str
     head: Head
     level: str
-    term: str
+    term: Part | GradTerm  # the part of the head's loss, or the gradient
     stage: str
     nan: int
     posinf: int
@@ -143,26 +133,7 @@ class OriginRow(Row):
 
 
 @dataclass(kw_only=True)
-class FindingRow(Row):
-    severity: str
-    code: str
-    head: str | None
-    level: str | None
-    profile: str | None
-    image: int | None
-    message: str
-    evidence: dict
-    fix: str
-    term: str | None = _extra()
-    scope: str | None = _extra()  # run / what-if, once the run's own profile is known
-    note: str = _extra("")  # what switching profile would do to it
-    group: int = _extra(0)  # its index in the report's groups
-    cause: str | None = _extra()  # what the rows of its group share
-    rank: int | None = _extra()  # the rank whose dump it was found in (multi-rank steps)
-
-
-@dataclass(kw_only=True)
-class RankRow(Row):
+class RankRow:
     """One (rank, profile, head, level) of a multi-rank step: the rank's own normalizer and
     loss, and what an avg_factor all-reduced across ranks (reduce_mean) would make of them.
     ``sample_weight`` is a classification sample's weight in the step's gradient, which DDP
@@ -191,22 +162,115 @@ class RankRow(Row):
 
 
 @dataclass(kw_only=True)
-class GroupRow(Row):
-    """One finding per cause: the finding rows of one code, scope and cause."""
+class DumpRow:
+    """One dump of a scan: where it sits, what it was replayed from and how that ended."""
 
-    severity: str
+    run: str | None
+    step: int | None
+    rank: int | None
+    checkpoint: str
+    batch: str
+    status: DumpStatus
+    message: str | None = None
+    seconds: float | None = None
+    peak_rss_mib: float | None = None
+    cached: bool = False
+
+
+@dataclass(kw_only=True)
+class At:
+    """Where a scan's row comes from: the run, step and rank of its dump (rank None: every rank
+    of the step, or an unranked dump)."""
+
+    run: str | None
+    step: int | None
+    rank: int | None
+
+
+FLAT = {"flatten": True}
+
+
+@dataclass(kw_only=True)
+class TimelineRow:
+    """A levels row of one dump of a scan, with the codes of the findings raised at it."""
+
+    at: At = field(metadata=FLAT)
+    row: LevelRow = field(metadata=FLAT)
+    findings: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class TotalsRow:
+    """A profiles row of one dump of a scan."""
+
+    at: At = field(metadata=FLAT)
+    row: ProfileRow = field(metadata=FLAT)
+
+
+@dataclass(kw_only=True)
+class DumpFindingRow:
+    """A finding of one dump (or across the ranks of one step) of a scan."""
+
+    at: At = field(metadata=FLAT)
+    severity: Severity
     code: str
-    scope: str | None
+    scope: Scope | None
+    profile: str | None
+    head: Head | None
+    level: str | None
+    image: int | None
+    term: Term | GradTerm | None
     message: str
-    fix: str
-    count: int
-    rows: list[int]
-    where: dict
-    evidence: list
+
+    @classmethod
+    def of(cls, at: At, f: Finding) -> DumpFindingRow:
+        return cls(at=at, severity=f.severity, code=f.code, scope=f.scope, profile=f.profile,
+                   head=f.head, level=f.level, image=f.image, term=f.term,
+                   message=f.message)  # fmt: skip
 
 
-LEVEL_COLUMNS = LevelRow.columns()
-IMAGE_COLUMNS = ImageRow.columns()
-FINDING_KEYS = FindingRow.columns()
-GROUP_KEYS = GroupRow.columns()
-RANK_COLUMNS = RankRow.columns()
+@dataclass(kw_only=True)
+class FirstSeenRow:
+    """Per run and finding code of a scan: the first step (and rank) it appears at."""
+
+    run: str | None
+    code: str
+    severity: Severity
+    step: int | None
+    rank: int | None
+    message: str
+    dumps: int = 0  # how many dumps (or steps, for findings across ranks) raise it
+
+
+@dataclass(kw_only=True)
+class StepRankRow:
+    """A ranks row of one multi-rank step of a scan."""
+
+    run: str | None
+    step: int | None
+    row: RankRow = field(metadata=FLAT)
+
+
+@dataclass(kw_only=True)
+class ReportTables:
+    """The tables of a report (``ranks`` only in a multi-rank step's)."""
+
+    levels: list[LevelRow] = field(default_factory=list)
+    images: list[ImageRow] = field(default_factory=list)
+    params: list[ParamRow] = field(default_factory=list)
+    profiles: list[ProfileRow] = field(default_factory=list)
+    origins: list[OriginRow] = field(default_factory=list)
+    ranks: list[RankRow] | None = field(default=None, metadata={"omit_none": True})
+
+
+@dataclass(kw_only=True)
+class ScanTables:
+    """The tables of a scan: its dumps, every dump's levels and totals over the steps, the
+    findings of every dump, the first step of each, and the ranks of each multi-rank step."""
+
+    dumps: list[DumpRow] = field(default_factory=list)
+    timeline: list[TimelineRow] = field(default_factory=list)
+    totals: list[TotalsRow] = field(default_factory=list)
+    dump_findings: list[DumpFindingRow] = field(default_factory=list)
+    first_seen: list[FirstSeenRow] = field(default_factory=list)
+    ranks: list[StepRankRow] = field(default_factory=list)

@@ -10,9 +10,11 @@ from ..inputs.batch import load_batch
 from ..inputs.errors import InputError
 from ..inputs.files import InputFiles, check_output
 from ..options import ReplayOptions, options_of
-from ..report.model import Report
+from ..report.meta import ScanInfo
+from ..report.model import ScanReport
 from .dumps import Dump, find_dumps
-from .run import Job, load_result, result_path, run_jobs, save_result, threads_per_worker
+from .results import dump_result, load_result, save_result
+from .run import Job, result_path, run_jobs, threads_per_worker
 from .timeline import failed, scan_report
 
 __all__ = ["Dump", "find_dumps", "scan", "failed"]
@@ -25,7 +27,7 @@ def _quiet(done: int, total: int, dump: Dump) -> None:
     pass
 
 
-def _jobs(dumps, options, threads, results, force) -> tuple[list[Job], dict[Dump, dict]]:
+def _jobs(dumps, options, threads, results, force) -> tuple[list[Job], dict]:
     """The jobs still to run, and the results an earlier scan left (unless ``force``)."""
     jobs, cached = [], {}
     for d in dumps:
@@ -34,7 +36,7 @@ def _jobs(dumps, options, threads, results, force) -> tuple[list[Job], dict[Dump
         if old is None:
             jobs.append(job)
         else:
-            cached[d] = {**old, "cached": True}
+            cached[d] = dump_result(d, old, cached=True)
     return jobs, cached
 
 
@@ -63,11 +65,11 @@ def _is_path(value) -> bool:
     return isinstance(value, (str, Path)) and Path(value).is_file()
 
 
-def _meta(paths, batch, opts: dict, how: dict, dumps: list, jobs: list) -> dict:
+def _info(paths, batch, opts: dict, how: dict, dumps: list, jobs: list) -> ScanInfo:
     """What the scan's report records of how it ran."""
-    return {"inputs": [str(p) for p in paths], "batch": str(batch) if batch else None,
-            "options": opts, **how, "dumps": len(dumps),
-            "cached": len(dumps) - len(jobs)}  # fmt: skip
+    return ScanInfo(inputs=[str(p) for p in paths], batch=str(batch) if batch else None,
+                    options=opts, **how, dumps=len(dumps),
+                    cached=len(dumps) - len(jobs))  # fmt: skip
 
 
 def scan(
@@ -82,8 +84,8 @@ def scan(
     on_progress: Callable[[int, int, Dump], None] = _quiet,
     options: ReplayOptions | None = None,
     **fields,
-) -> Report:
-    """Replay every dump under ``paths`` (see :func:`find_dumps`) → the scan's Report.
+) -> ScanReport:
+    """Replay every dump under ``paths`` (see :func:`find_dumps`) → the scan's report.
 
     ``options`` (or its fields as keywords) are :func:`lossdoctor.inspect`'s. Each dump's result
     is written under ``results/dumps/`` as it arrives; a later scan reuses them unless ``force``.
@@ -101,10 +103,10 @@ def scan(
     def arrived(job: Job, result: dict) -> None:
         nonlocal done
         save_result(result_path(results, job), result)
-        got[job.dump] = result
+        got[job.dump] = dump_result(job.dump, result)
         done += 1
         on_progress(done, len(dumps), job.dump)
 
     run_jobs(jobs, workers=workers, ray=ray, on_result=arrived)
     how = {"workers": workers, "threads": threads, "ray": ray, "results": str(results)}
-    return scan_report([got[d] for d in dumps], _meta(paths, batch, opts, how, dumps, jobs))
+    return scan_report([got[d] for d in dumps], _info(paths, batch, opts, how, dumps, jobs))

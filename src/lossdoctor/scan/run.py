@@ -4,7 +4,6 @@ resumes where it stopped."""
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import os
@@ -16,14 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..inputs.errors import InputError
-from ..inputs.files import atomic_write
 from ..vocab import LOCAL_RAY, DumpStatus
 from .dumps import Dump
+from .results import RESULT_FORMAT
 
 # Ray's switch for token authentication ("token" or "disabled")
 RAY_AUTH_MODE = "RAY_AUTH_MODE"
 
-RESULT_FORMAT = "lossdoctor.scan-result/1"
 KIB_PER_MIB = 1024
 # jobs queued on each pool process, so that it never idles between two
 QUEUED_PER_WORKER = 2
@@ -79,20 +77,6 @@ def result_path(results: Path, job: Job) -> Path:
     d = job.dump
     step = "x" if d.step is None else f"{d.step:06d}"
     return results / "dumps" / f"step_{step}_rank_{d.rank or 0}_{d.fingerprint(job.options)}.json"
-
-
-def load_result(path: Path) -> dict | None:
-    """A result written by an earlier scan, or None if it is missing or unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("format") == RESULT_FORMAT else None
-
-
-def save_result(path: Path, result: dict) -> None:
-    text = json.dumps(result, allow_nan=True, default=str)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def threads_per_worker(workers: int, threads: int | None) -> int:

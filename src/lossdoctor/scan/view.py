@@ -11,7 +11,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.text import Text
 
 from ..inputs.files import atomic_write
-from ..report.model import Report
+from ..report.build import ALL_LEVELS
+from ..report.model import ScanReport
 from ..report.render import SEVERITY_STYLE, STACKED_FINDINGS_BELOW, WIDTH, _table, indented, num
 from ..vocab import BOX_TERMS, Head, Severity
 from .timeline import failed
@@ -19,9 +20,9 @@ from .timeline import failed
 DPI = 90
 
 
-def _steps(report: Report) -> str:
-    steps = sorted({r["step"] for r in report.tables["dumps"] if r["step"] is not None})
-    ranks = sorted({r["rank"] or 0 for r in report.tables["dumps"] if r["rank"] is not None})
+def _steps(report: ScanReport) -> str:
+    steps = sorted({r.step for r in report.tables.dumps if r.step is not None})
+    ranks = sorted({r.rank for r in report.tables.dumps if r.rank is not None})
     span = (
         f"steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}" if steps else ""
     )
@@ -30,54 +31,56 @@ def _steps(report: Report) -> str:
     )
 
 
-def summary(report: Report) -> Text:
-    m = report.meta["scan"]
+def summary(report: ScanReport) -> Text:
+    m = report.meta.scan
     errors = len(failed(report))
-    backend = (
-        f"Ray ({m['ray']})" if m["ray"] else f"{m['workers']} workers x {m['threads']} threads"
-    )
+    backend = f"Ray ({m.ray})" if m.ray else f"{m.workers} workers x {m.threads} threads"
     t = Text()
     t.append("Scan  ", style="bold")
-    scanned = ", ".join(m["inputs"]) + (f" on --batch {m['batch']}" if m.get("batch") else "")
+    scanned = ", ".join(m.inputs) + (f" on --batch {m.batch}" if m.batch else "")
     steps = _steps(report)
-    t.append(f"{scanned}: {m['dumps']} dump{'s' * (m['dumps'] != 1)}"
-             f"{f' ({steps})' if steps else ''}; {m['cached']} from earlier results in "
-             f"{m['results']}; {backend}")  # fmt: skip
+    t.append(f"{scanned}: {m.dumps} dump{'s' * (m.dumps != 1)}"
+             f"{f' ({steps})' if steps else ''}; {m.cached} from earlier results in "
+             f"{m.results}; {backend}")  # fmt: skip
     if errors:
         t.append(f"; {errors} failed", style="bold red")
     return t
 
 
-def _runs(report: Report) -> list:
-    return list(dict.fromkeys(r.get("run") for r in report.tables["dumps"]))
+def _runs(report: ScanReport) -> list:
+    return list(dict.fromkeys(r.run for r in report.tables.dumps))
 
 
 # the first message's column keeps at least this many characters, else the table is stacked
 MESSAGE_MIN = 30
 
 
-def _first_seen_lines(report: Report, runs: bool) -> Group:
+def _first_seen_lines(report: ScanReport, runs: bool) -> Group:
     lines = [Text("First step of each finding (most severe first)", style="bold")]
-    for r in report.tables["first_seen"]:
-        line = Text(str(r["severity"]), style=SEVERITY_STYLE[Severity(r["severity"])])
-        rank = "" if r["rank"] is None else f", rank {r['rank']}"
-        where = f" of {r.get('run')}" if runs else ""
-        line.append(f"  {r['code']}", style="bold")
-        line.append(f"  step {num(r['step']).plain}{where}{rank}; {r['dumps']} dump")
-        line.append("s" * (r["dumps"] != 1))
-        lines += [line, indented(r["message"])]
-    if not report.tables["first_seen"]:
+    for r in report.tables.first_seen:
+        line = Text(str(r.severity), style=SEVERITY_STYLE[r.severity])
+        rank = "" if r.rank is None else f", rank {r.rank}"
+        where = f" of {r.run}" if runs else ""
+        line.append(f"  {r.code}", style="bold")
+        line.append(f"  step {num(r.step).plain}{where}{rank}; {r.dumps} dump")
+        line.append("s" * (r.dumps != 1))
+        lines += [line, indented(r.message)]
+    if not report.tables.first_seen:
         lines.append(Text("  no finding"))
     return Group(*lines)
 
 
-def first_seen_table(report: Report, width: int = WIDTH):
+def first_seen_table(report: ScanReport, width: int = WIDTH):
     """The first step of each finding, per run where the scan covers several (stacked below
     STACKED_FINDINGS_BELOW columns)."""
     runs = len(_runs(report)) > 1
-    rows = report.tables["first_seen"]
+    rows = report.tables.first_seen
+    cells = {
+        "severity": lambda r: r.severity, "code": lambda r: r.code, "run": lambda r: r.run,
+        "step": lambda r: r.step, "rank": lambda r: r.rank, "dumps": lambda r: r.dumps,
+    }  # fmt: skip
     fixed = [
-        max([len(name)] + [len(str(r.get(name))) for r in rows])
+        max([len(name)] + [len(str(cells[name](r))) for r in rows])
         for name in ("severity", "code", *(("run",) if runs else ()), "step", "rank", "dumps")
     ]
     if width < STACKED_FINDINGS_BELOW or sum(fixed) + 2 * len(fixed) + MESSAGE_MIN > width:
@@ -89,27 +92,26 @@ def first_seen_table(report: Report, width: int = WIDTH):
         t.add_column(
             name, no_wrap=name != "first message", ratio=1 if name == "first message" else None
         )
-    for r in report.tables["first_seen"]:
-        rank = "all" if r["rank"] is None else str(r["rank"])
-        where = (str(r.get("run")),) if runs else ()
-        t.add_row(Text(str(r["severity"]), style=SEVERITY_STYLE[Severity(r["severity"])]),
-                  r["code"], *where, num(r["step"]), rank, num(r["dumps"]),
-                  r["message"])  # fmt: skip
-    if not report.tables["first_seen"]:
+    for r in rows:
+        rank = "all" if r.rank is None else str(r.rank)
+        where = (str(r.run),) if runs else ()
+        t.add_row(Text(str(r.severity), style=SEVERITY_STYLE[r.severity]), r.code, *where,
+                  num(r.step), rank, num(r.dumps), r.message)  # fmt: skip
+    if not rows:
         t.add_row(*[""] * (len(names) - 1), "no finding")
     return t
 
 
-def errors_table(report: Report):
+def errors_table(report: ScanReport):
     t = _table("Failed dumps")
     for name in ("step", "rank", "message"):
         t.add_column(name, no_wrap=name != "message")
     for r in failed(report):
-        t.add_row(num(r["step"]), "" if r["rank"] is None else str(r["rank"]), r["message"] or "")
+        t.add_row(num(r.step), "" if r.rank is None else str(r.rank), r.message or "")
     return t
 
 
-def render_scan(report: Report, out: Console) -> None:
+def render_scan(report: ScanReport, out: Console) -> None:
     out.print(summary(report))
     out.print()
     out.print(first_seen_table(report, out.width))
@@ -127,25 +129,25 @@ def progress_bar(console: Console, enabled: bool) -> Progress:
     )  # fmt: skip
 
 
-def _series(rows: list[dict], x: str, y: str, where: dict) -> tuple[list, list, list]:
-    """(steps, mean over ranks of ``y``, the steps where ``y`` is NaN/Inf) for the rows
-    matching ``where``."""
+def _series(points: list[tuple[int | None, object]]) -> tuple[list, list, list]:
+    """(steps, mean over ranks of the values, the steps where a value is NaN/Inf) of
+    (step, value) points."""
     by_step: dict = {}
     bad = set()
-    for r in rows:
-        if r.get(x) is not None and all(r.get(k) == v for k, v in where.items()):
-            v = r.get(y)
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                by_step.setdefault(r[x], []).append(v)
-            elif isinstance(v, float):
-                bad.add(r[x])
+    for step, v in points:
+        if step is None:
+            continue
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            by_step.setdefault(step, []).append(v)
+        elif isinstance(v, float):
+            bad.add(step)
     steps = sorted(by_step)
     return steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], sorted(bad)
 
 
-def _line(ax, rows, y: str, where: dict, label: str) -> None:
+def _line(ax, points: list[tuple[int | None, object]], label: str) -> None:
     """One series, its NaN/Inf steps as red crosses at the top of the axis."""
-    steps, values, bad = _series(rows, "step", y, where)
+    steps, values, bad = _series(points)
     (line,) = ax.plot(steps, values, marker=".", label=label)
     if bad:
         ax.plot(bad, [1.0] * len(bad), "x", color=line.get_color(), markersize=9,
@@ -153,27 +155,30 @@ def _line(ax, rows, y: str, where: dict, label: str) -> None:
                 label=f"{label}: NaN/Inf")  # fmt: skip
 
 
-def _draw_runs(axes, report: Report) -> str | None:
+def _draw_runs(axes, report: ScanReport) -> str | None:
     """Every run's series on the three axes; returns the profile of the positives' axis."""
-    totals, timeline = report.tables["totals"], report.tables["timeline"]
-    profiles = list(dict.fromkeys(r["profile"] for r in totals))
+    totals, timeline = report.tables.totals, report.tables.timeline
+    profiles = list(dict.fromkeys(r.row.profile for r in totals))
     own = profiles[0] if profiles else None
-    levels = list(dict.fromkeys(r["level"] for r in timeline if r["level"] != "all"))
+    levels = list(dict.fromkeys(r.row.level for r in timeline if r.row.level != ALL_LEVELS))
     runs = _runs(report)
     for run in runs:
         name = f"{Path(run).name} " if run and len(runs) > 1 else ""
         for p in profiles:
+            mine = [r for r in totals if r.at.run == run and r.row.profile == p]
             for term in BOX_TERMS:
-                _line(axes[0], totals, term.value, {"run": run, "profile": p},
-                      f"{name}{p} {term}")  # fmt: skip
-            _line(axes[1], totals, "grad_total_norm", {"run": run, "profile": p}, f"{name}{p}")
+                points = [(r.at.step, getattr(r.row, term.value)) for r in mine]
+                _line(axes[0], points, f"{name}{p} {term}")
+            _line(axes[1], [(r.at.step, r.row.grad_total_norm) for r in mine], f"{name}{p}")
         for lv in levels:
-            where = {"run": run, "profile": own, "head": Head.RPN, "level": lv}
-            _line(axes[2], timeline, "pos", where, f"{name}{lv}")
+            points = [(r.at.step, r.row.pos) for r in timeline
+                      if (r.at.run, r.row.profile, r.row.head, r.row.level)
+                      == (run, own, Head.RPN, lv)]  # fmt: skip
+            _line(axes[2], points, f"{name}{lv}")
     return own
 
 
-def plot_timeline(report: Report, path: str | Path) -> None:
+def plot_timeline(report: ScanReport, path: str | Path) -> None:
     """Loss terms, gradient norms and RPN positives per level over the steps (mean over ranks)
     for every run and profile, NaN/Inf steps as red crosses, and the first step of each error
     finding marked."""
@@ -185,10 +190,10 @@ def plot_timeline(report: Report, path: str | Path) -> None:
 
     fig, axes = plt.subplots(3, 1, figsize=(12, 10), constrained_layout=True, sharex=True)
     own = _draw_runs(axes, report)
-    for r in report.tables["first_seen"]:
-        if r["severity"] == Severity.ERROR and r["step"] is not None:
+    for r in report.tables.first_seen:
+        if r.severity is Severity.ERROR and r.step is not None:
             for ax in axes:
-                ax.axvline(r["step"], color="red", alpha=0.3)
+                ax.axvline(r.step, color="red", alpha=0.3)
     titles = ("loss terms (log)", "total head gradient norm (log)", f"RPN positives ({own})")
     for ax, title in zip(axes, titles):
         ax.set_title(title)
@@ -197,7 +202,7 @@ def plot_timeline(report: Report, path: str | Path) -> None:
     axes[0].set_yscale("log")
     axes[1].set_yscale("log")
     axes[2].set_xlabel("step (red line: first step of an error finding; x: NaN/Inf)")
-    m = report.meta["scan"]
-    fig.suptitle(f"lossdoctor scan of {', '.join(m['inputs'])}: {m['dumps']} dumps")
+    m = report.meta.scan
+    fig.suptitle(f"lossdoctor scan of {', '.join(m.inputs)}: {m.dumps} dumps")
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     plt.close(fig)

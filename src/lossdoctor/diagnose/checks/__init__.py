@@ -1,7 +1,8 @@
 """The checks behind the findings: each looks at the replay's numbers and returns hits. The rule
 table (``findings.RULES``) gives every check its code, severity, evidence fields and fix."""
 
-from .base import EARLY_STEPS, Facts, Hit
+from ..finding import Finding
+from .base import EARLY_STEPS, Facts
 from .detections import COLLAPSED_FRACTION, chance, collapse, untrained_or_collapsed
 from .gradients import (
     EXPLODING_NORM,
@@ -30,7 +31,7 @@ from .stages import STAGE_MIN_POS, empty_mask, mask_branch_skipped, stage_starve
 __all__ = [
     "EARLY_STEPS",
     "Facts",
-    "Hit",
+    "Finding",
     "suspicions",
     "degenerate_gt",
     "empty_gt",

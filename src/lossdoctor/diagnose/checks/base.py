@@ -1,11 +1,11 @@
-"""What a check reads (``Facts``) and returns (``Hit``), and the wording the checks share."""
+"""What a check reads (``Facts``) and returns (a list of ``Finding``), and the wording the checks
+share."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ...replay.engine import Replay
-from ...vocab import Head, Term
 from ..gradients import ProfileGrads
 from ..nan_trace import Origin
 from ..symptom import Symptom
@@ -25,26 +25,6 @@ class Facts:
     grads: dict[str, ProfileGrads]
     origins: list[Origin]
     symptom: Symptom
-
-
-@dataclass(kw_only=True)
-class Hit:
-    """One thing a check found. ``minor`` takes the rule's lesser severity (and fix, if it has
-    one); ``fix`` replaces the rule's fix where the case has its own (a NaN stage's cause)."""
-
-    message: str
-    head: Head | None = None
-    level: str | None = None
-    profile: str | None = None
-    image: int | None = None
-    term: Term | str | None = None
-    evidence: dict = field(default_factory=dict)
-    minor: bool = False
-    fix: str | None = None
-    fix_prefix: str = ""  # said before the rule's fix, where this case has a sharper first step
-    # what the hit has in common with the others of its cause, without where it is (its level,
-    # term, profile, image): hits of one code and cause make one grouped finding
-    cause: str | None = None
 
 
 def _plural(n: int, noun: str, show: bool = True) -> str:

@@ -6,7 +6,8 @@ from ...replay.engine import Replay
 from ...vocab import (
     Head,
 )
-from .base import EARLY_STEPS, Facts, Hit, _step
+from ..finding import Finding
+from .base import EARLY_STEPS, Facts, _step
 
 # a best foreground score below this fraction of chance is a collapse at any step: an untrained
 # head scores at chance, and its first steps (the background bias growing) lower that by about one
@@ -41,7 +42,7 @@ def _collapsed(f: Facts) -> tuple[float, float, int | None] | None:
     return (top, ch, step) if far_below or trained_below else None
 
 
-def collapse(f: Facts) -> list[Hit]:
+def collapse(f: Facts) -> list[Finding]:
     found = _collapsed(f)
     if found is None:
         return []
@@ -54,10 +55,10 @@ def collapse(f: Facts) -> list[Hit]:
     )
     ev = {"max_fg_score": top, "chance": ch, "step": step,
           "objectness_above_half": s.objectness_above_half}  # fmt: skip
-    return [Hit(message=msg, head=Head.ROI, evidence=ev)]
+    return [Finding(message=msg, head=Head.ROI, evidence=ev)]
 
 
-def untrained_or_collapsed(f: Facts) -> list[Hit]:
+def untrained_or_collapsed(f: Facts) -> list[Finding]:
     """Nothing detected with scores below chance, and no step to say whether the head has
     trained: an untrained head and a collapsed one look alike here."""
     top = _nothing_detected(f)
@@ -70,4 +71,4 @@ def untrained_or_collapsed(f: Facts) -> list[Hit]:
         "head (its background bias grows first) or a collapsed one"
     )
     ev = {"max_fg_score": top, "chance": chance(r), "step": None}
-    return [Hit(message=msg, head=Head.ROI, evidence=ev)]
+    return [Finding(message=msg, head=Head.ROI, evidence=ev)]

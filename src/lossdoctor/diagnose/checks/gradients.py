@@ -11,9 +11,10 @@ from ...vocab import (
     Part,
     Term,
 )
+from ..finding import Finding
 from ..gradients import ProfileGrads
 from ..nan_trace import UNITS
-from .base import Facts, Hit
+from .base import Facts
 
 # a per-sample weight that varies more than this across levels is an imbalance
 LEVEL_WEIGHT_RATIO = 10.0
@@ -40,7 +41,7 @@ EXPLODING_STEP = 0.1
 VANISHING_NORM = 1e-6
 
 
-def background_dominance(f: Facts) -> list[Hit]:
+def background_dominance(f: Facts) -> list[Finding]:
     """Negatives carry nearly all the classification gradient; minor when the counts explain it."""
     r, out = f.replay, []
     for name, g in f.grads.items():
@@ -59,11 +60,11 @@ def background_dominance(f: Facts) -> list[Hit]:
                 f"({neg} negatives vs {pos} positives sampled{tail})"
             )
             ev = {"neg_share": share, "neg_count_share": counts, "pos": pos, "neg": neg}
-            out.append(Hit(message=msg, head=head, profile=name, evidence=ev, minor=by_counts))
+            out.append(Finding(message=msg, head=head, profile=name, evidence=ev, minor=by_counts))
     return out
 
 
-def level_weight_imbalance(f: Facts) -> list[Hit]:
+def level_weight_imbalance(f: Facts) -> list[Finding]:
     r, out = f.replay, []
     for name, pl in r.losses.items():
         for head, samples in r.samples.items():
@@ -76,11 +77,11 @@ def level_weight_imbalance(f: Facts) -> list[Hit]:
             ratio = max(weights) / min(weights)
             msg = f"{name}: one {head} sample at {hi} weighs {ratio:.0f}x one at {lo}"
             ev = {"max_weight": max(weights), "min_weight": min(weights), "levels": [hi, lo]}
-            out.append(Hit(message=msg, head=head, profile=name, evidence=ev))
+            out.append(Finding(message=msg, head=head, profile=name, evidence=ev))
     return out
 
 
-def no_gradient(f: Facts) -> list[Hit]:
+def no_gradient(f: Facts) -> list[Finding]:
     """Parameters (or RPN feature levels: minor) that got no gradient from this batch."""
     out = []
     for name, g in f.grads.items():
@@ -93,7 +94,7 @@ def no_gradient(f: Facts) -> list[Hit]:
         )
         msg = f"{name}: {' and '.join(parts)} received no gradient from this batch"
         ev = {"params": params, "levels": levels}
-        out.append(Hit(message=msg, profile=name, evidence=ev, minor=not params))
+        out.append(Finding(message=msg, profile=name, evidence=ev, minor=not params))
     return out
 
 
@@ -154,7 +155,7 @@ def _exploding(r: Replay, g: ProfileGrads) -> tuple[bool, float | None]:
     return share > EXPLODING_STEP, share
 
 
-def exploding(f: Facts) -> list[Hit]:
+def exploding(f: Facts) -> list[Finding]:
     out = []
     for name, g in f.grads.items():
         explodes, share_of_weights = _exploding(f.replay, g)
@@ -182,13 +183,15 @@ def exploding(f: Facts) -> list[Hit]:
             "dominant_share": share,
         }
         head = term.head if term else None
-        out.append(Hit(message=msg, head=head, profile=name, evidence=ev, fix_prefix=first_step))
+        out.append(
+            Finding(message=msg, head=head, profile=name, evidence=ev, fix_prefix=first_step)
+        )
     return out
 
 
-def vanishing(f: Facts) -> list[Hit]:
+def vanishing(f: Facts) -> list[Finding]:
     return [
-        Hit(
+        Finding(
             message=f"{name}: total head gradient norm {g.total_norm:.3g}",
             profile=name,
             evidence={"total_norm": g.total_norm},

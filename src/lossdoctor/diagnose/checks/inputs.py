@@ -10,7 +10,8 @@ from ...vocab import (
     Background,
     Framework,
 )
-from .base import EVIDENCE_ITEMS, Facts, Hit, _plural
+from ..finding import Finding
+from .base import EVIDENCE_ITEMS, Facts, _plural
 
 EMPTY_GT_CAUSE = "images without a usable GT box train as images without objects"
 
@@ -18,13 +19,15 @@ EMPTY_GT_CAUSE = "images without a usable GT box train as images without objects
 def suspicions(code: str, cause: str):
     """A check that turns the batch's suspicions of ``code`` into hits, of one ``cause``."""
 
-    def check(f: Facts) -> list[Hit]:
+    def check(f: Facts) -> list[Finding]:
         out = []
         for s in f.replay.batch.suspicions:
             if s.code == code:
                 extra = {"box": s.box} if s.box is not None and "box" not in s.evidence else {}
                 ev = {**s.evidence, **extra}
-                hit = Hit(message=s.message, image=s.image, level=s.level, evidence=ev, cause=cause)
+                hit = Finding(
+                    message=s.message, image=s.image, level=s.level, evidence=ev, cause=cause
+                )
                 out.append(hit)
         return out
 
@@ -34,7 +37,7 @@ def suspicions(code: str, cause: str):
 DEGENERATE_CAUSE = "GT boxes with zero or negative width or height"
 
 
-def degenerate_gt(f: Facts) -> list[Hit]:
+def degenerate_gt(f: Facts) -> list[Finding]:
     """Boxes without area, with what the RPN's matching made of them: a box that overlaps no
     anchor under low-quality matching makes every candidate anchor positive (said here, once,
     rather than as a second finding of the same box)."""
@@ -60,7 +63,7 @@ def _of_code(r: Replay, code: str) -> list:
     return [s for s in r.batch.suspicions if s.code == code]
 
 
-def empty_gt(f: Facts) -> list[Hit]:
+def empty_gt(f: Facts) -> list[Finding]:
     """Images without usable GT: none in the dump, all ignored, or all left out."""
     r = f.replay
     out = suspicions("empty-gt-image", EMPTY_GT_CAUSE)(f)
@@ -79,7 +82,7 @@ def empty_gt(f: Facts) -> list[Hit]:
             "objects"
         )
         ev = {"ignored": im.gt_ignored, "bad_label": im.gt_bad_label, "nonfinite": im.gt_nonfinite}
-        out.append(Hit(message=msg, image=im.image, evidence=ev, cause=EMPTY_GT_CAUSE))
+        out.append(Finding(message=msg, image=im.image, evidence=ev, cause=EMPTY_GT_CAUSE))
     return out
 
 
@@ -91,7 +94,7 @@ def _label_facts(r: Replay) -> tuple[list[int], list[int], bool]:
     return labels, bad, bool(labels) and min(labels) >= 1 and bad == [r.heads.num_classes]
 
 
-def labels_one_based(f: Facts) -> list[Hit]:
+def labels_one_based(f: Facts) -> list[Finding]:
     """Labels 1..K: an error where label K collides with the background (or falls beyond the
     classifier); minor where the run is torchvision's (whose own labels are 1-based) and the
     labels never use class 0, the mark of its raw labels passed as they are. Labels are named as
@@ -120,7 +123,7 @@ def labels_one_based(f: Facts) -> list[Hit]:
     ev = {"min_label": space.run(min(labels)), "max_label": space.run(max(labels)),
           "num_classes": k, "dropped": len(r.gt.dropped_labels)}  # fmt: skip
     image = r.gt.dropped_labels[0].image if r.gt.dropped_labels else None
-    return [Hit(message=msg, image=image, evidence=ev, minor=not one_based)]
+    return [Finding(message=msg, image=image, evidence=ev, minor=not one_based)]
 
 
 def _raw_torchvision_labels(r: Replay, labels: list[int]) -> bool:
@@ -135,7 +138,7 @@ def _boxes(dropped: list[DroppedLabel]) -> list[list[int]]:
     return [[d.image, d.box] for d in dropped[:EVIDENCE_ITEMS]]
 
 
-def label_out_of_range(f: Facts) -> list[Hit]:
+def label_out_of_range(f: Facts) -> list[Finding]:
     r = f.replay
     dropped = r.gt.dropped_labels
     _, _, one_based = _label_facts(r)
@@ -149,10 +152,10 @@ def label_out_of_range(f: Facts) -> list[Hit]:
         f"{space.span(k)}: left out of the replay"
     )
     ev = {"labels": bad, "num_classes": k, "boxes": _boxes(dropped)}
-    return [Hit(message=msg, image=dropped[0].image, evidence=ev)]
+    return [Finding(message=msg, image=dropped[0].image, evidence=ev)]
 
 
-def gt_labelled_background(f: Facts) -> list[Hit]:
+def gt_labelled_background(f: Facts) -> list[Finding]:
     """GT boxes labelled with the run's background class (torchvision's 0): trained as objects
     by the RPN and as background by the RoI head, as the framework does."""
     r = f.replay
@@ -167,10 +170,10 @@ def gt_labelled_background(f: Facts) -> list[Hit]:
         "an object, the RoI head as background (no class, no box loss), as the framework does"
     )
     ev = {"label": bg, "num_classes": k, "boxes": _boxes(marked)}
-    return [Hit(message=msg, image=marked[0].image, evidence=ev)]
+    return [Finding(message=msg, image=marked[0].image, evidence=ev)]
 
 
-def unsafe_globals(f: Facts) -> list[Hit]:
+def unsafe_globals(f: Facts) -> list[Finding]:
     r, out = f.replay, []
     for what, replaced in (("checkpoint", r.heads.replaced), ("batch", r.batch.replaced)):
         code = [x.name for x in replaced if x.code]
@@ -179,7 +182,7 @@ def unsafe_globals(f: Facts) -> list[Hit]:
                 f"the {what} file names {', '.join(code)}, code that unpickling would have run; "
                 "lossdoctor put an inert placeholder in its place and did not run it"
             )
-            out.append(Hit(message=msg, evidence={"file": what, "globals": code}))
+            out.append(Finding(message=msg, evidence={"file": what, "globals": code}))
     return out
 
 
@@ -187,14 +190,14 @@ def _module(key: str) -> str:
     return key.rsplit(".", 1)[0]
 
 
-def nonfinite_weights(f: Facts) -> list[Hit]:
+def nonfinite_weights(f: Facts) -> list[Finding]:
     """Non-finite head weights, and non-finite tensors anywhere else in the checkpoint (the
     backbone and neck are not replayed, but a NaN there is a NaN in every feature)."""
     heads, out = f.replay.heads, []
     bad = [heads.file_key(n) for n, t in heads.params.items() if not all_finite(t)]
     if bad:
         msg = f"non-finite head weights: {', '.join(bad)}"
-        out.append(Hit(message=msg, evidence={"params": bad, "modules": {}, "values": 0}))
+        out.append(Finding(message=msg, evidence={"params": bad, "modules": {}, "values": 0}))
     modules: dict[str, int] = {}
     for key, n in heads.nonfinite_elsewhere.items():
         modules[_module(key)] = modules.get(_module(key), 0) + n
@@ -209,5 +212,5 @@ def nonfinite_weights(f: Facts) -> list[Hit]:
         )
         ev = {"params": [], "modules": dict(list(modules.items())[:EVIDENCE_ITEMS]),
               "values": total}  # fmt: skip
-        out.append(Hit(message=msg, evidence=ev))
+        out.append(Finding(message=msg, evidence=ev))
     return out

@@ -6,7 +6,8 @@ from ...replay.engine import Replay
 from ...vocab import (
     Head,
 )
-from .base import Facts, Hit
+from ..finding import Finding
+from .base import Facts
 
 # GT boxes without a positive anchor are a warning above this share of the batch's boxes
 WITHOUT_POS_SHARE = 0.2
@@ -26,7 +27,7 @@ def _gt_size_range(r: Replay) -> list[float]:
     ]
 
 
-def no_positive_level(f: Facts) -> list[Hit]:
+def no_positive_level(f: Facts) -> list[Finding]:
     r = f.replay
     if not sum(im.gt for im in r.images):
         return []
@@ -39,11 +40,13 @@ def no_positive_level(f: Facts) -> list[Hit]:
             )
             ev = {"anchor_sizes": size, "gt_sizes": _gt_size_range(r)}
             cause = "no anchor of the level is positive for any GT in this batch"
-            out.append(Hit(message=msg, head=Head.RPN, level=level.name, evidence=ev, cause=cause))
+            out.append(
+                Finding(message=msg, head=Head.RPN, level=level.name, evidence=ev, cause=cause)
+            )
     return out
 
 
-def matches_no_anchor(f: Facts) -> list[Hit]:
+def matches_no_anchor(f: Facts) -> list[Finding]:
     """GTs whose best anchor IoU is 0; minor where the matcher does not then take every anchor.
     A box without area is left to ``degenerate-gt``, which names it (this is its consequence)."""
     r = f.replay
@@ -60,12 +63,14 @@ def matches_no_anchor(f: Facts) -> list[Hit]:
             ev = {"box": r.gt.dump_index(i, g), "rpn_pos_candidates": n}
             cause = "GT boxes overlap no anchor (best IoU 0)"
             out.append(
-                Hit(message=msg, head=Head.RPN, image=i, evidence=ev, minor=not every, cause=cause)
+                Finding(
+                    message=msg, head=Head.RPN, image=i, evidence=ev, minor=not every, cause=cause
+                )
             )
     return out
 
 
-def without_positive(f: Facts) -> list[Hit]:
+def without_positive(f: Facts) -> list[Finding]:
     """GT boxes that overlap anchors but get no positive one; minor where they are a small share
     of the batch's boxes (a few small objects under the smallest anchor are common)."""
     r = f.replay
@@ -81,5 +86,7 @@ def without_positive(f: Facts) -> list[Hit]:
         best, j = float(r.rpn.images[i].gt_best[g]), r.gt.dump_index(i, g)
         msg = f"image {i} box {j} gets no positive anchor (best IoU {best:.2f} < min_pos_iou)"
         ev, cause = {"box": j, "best_iou": best}, "GT boxes get no positive anchor"
-        out.append(Hit(message=msg, head=Head.RPN, image=i, evidence=ev, cause=cause, minor=minor))
+        out.append(
+            Finding(message=msg, head=Head.RPN, image=i, evidence=ev, cause=cause, minor=minor)
+        )
     return out

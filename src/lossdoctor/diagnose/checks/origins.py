@@ -8,8 +8,9 @@ from ...vocab import (
     Stage,
     term_of,
 )
+from ..finding import Finding
 from ..nan_trace import CAUSES, Origin
-from .base import Facts, Hit
+from .base import Facts
 
 LOSS_COLUMN = {Part.CLS: "loss_cls", Part.BOX: "loss_bbox", Part.MASK: "loss_mask",
                None: "gradient"}  # fmt: skip
@@ -29,7 +30,7 @@ STAGE_CAUSES = {
 }
 
 
-def _origin_hit(o: Origin, fix: str | None) -> Hit:
+def _origin_hit(o: Origin, fix: str | None) -> Finding:
     where = f"{o.head} stage {o.box_stage}" if o.box_stage else f"{o.head}"
     msg = (
         f"{o.profile}: {where} {LOSS_COLUMN[o.part]} at {o.level} is {o.kind}; first broken "
@@ -43,7 +44,7 @@ def _origin_hit(o: Origin, fix: str | None) -> Hit:
         "index": o.index,
         "gt": o.gt,
     }
-    return Hit(
+    return Finding(
         message=msg,
         head=o.head,
         level=o.level,
@@ -51,14 +52,14 @@ def _origin_hit(o: Origin, fix: str | None) -> Hit:
         image=o.image,
         term=term_of(o.head, o.part) if o.part else GRADIENT_TERM,
         evidence=ev,
-        fix=fix,
+        fix=fix or "",
         cause=f"{o.kind}, first broken at {o.stage}: {o.reason or STAGE_CAUSES[o.stage]}",
     )
 
 
-def empty_mean(f: Facts) -> list[Hit]:
+def empty_mean(f: Facts) -> list[Finding]:
     return [_origin_hit(o, None) for o in f.origins if o.stage is Stage.NORMALIZER]
 
 
-def nonfinite_loss(f: Facts) -> list[Hit]:
+def nonfinite_loss(f: Facts) -> list[Finding]:
     return [_origin_hit(o, CAUSES[o.stage]) for o in f.origins if o.stage is not Stage.NORMALIZER]

@@ -13,7 +13,8 @@ from ...vocab import (
     Funnel,
     Head,
 )
-from .base import EARLY_STEPS, Facts, Hit, _step
+from ..finding import Finding
+from .base import EARLY_STEPS, Facts, _step
 
 # the RPN starves the RoI head when fewer than this share of GT objects reach a RoI positive
 # through one of its proposals
@@ -88,7 +89,7 @@ def _why_no_proposals(r: Replay, i: int, n: ProposalCounts) -> str:
     return f"no candidate reaches the objectness min_score {cfg.min_score:g}"
 
 
-def no_proposals(f: Facts) -> list[Hit]:
+def no_proposals(f: Facts) -> list[Finding]:
     r, out = f.replay, []
     for im in r.images:
         if im.gt == 0 or im.proposals > 0:
@@ -106,7 +107,7 @@ def no_proposals(f: Facts) -> list[Hit]:
             "dumped": r.batch.proposals is not None,
         }
         out.append(
-            Hit(
+            Finding(
                 message=msg, head=Head.RPN, image=im.image, evidence=ev, cause=f"0 proposals: {why}"
             )
         )
@@ -143,7 +144,7 @@ def _funnel_counts(r: Replay) -> dict[Funnel, int]:
     return counts
 
 
-def positives_starved(f: Facts) -> list[Hit]:
+def positives_starved(f: Facts) -> list[Finding]:
     """Fewer than half the GT objects reach a RoI positive through an RPN proposal: where along
     the funnel they are lost."""
     r = f.replay
@@ -164,4 +165,4 @@ def positives_starved(f: Facts) -> list[Hit]:
     ev = {"gt": total, **{FUNNEL_KEYS[s]: n for s, n in counts.items()},
           "lost_at": LOST_AT[worst], "positive_anchors_per_level": per_level}  # fmt: skip
     early = step is not None and step < EARLY_STEPS
-    return [Hit(message=msg, head=Head.RPN, evidence=ev, fix=STARVED_FIX[worst], minor=early)]
+    return [Finding(message=msg, head=Head.RPN, evidence=ev, fix=STARVED_FIX[worst], minor=early)]

@@ -5,13 +5,14 @@ from __future__ import annotations
 from ...vocab import (
     Head,
 )
-from .base import EARLY_STEPS, EVIDENCE_ITEMS, Facts, Hit, _step
+from ..finding import Finding
+from .base import EARLY_STEPS, EVIDENCE_ITEMS, Facts, _step
 
 # a later cascade stage with at most this many positive RoIs in an image with GT is starved
 STAGE_MIN_POS = 1
 
 
-def empty_mask(f: Facts) -> list[Hit]:
+def empty_mask(f: Facts) -> list[Finding]:
     """Positive RoIs whose mask target is all background: their mask loss teaches 'no object'
     inside a box that holds one."""
     r, m = f.replay, f.replay.mask
@@ -30,11 +31,11 @@ def empty_mask(f: Facts) -> list[Hit]:
             )
             ev = {"rois": n, "boxes": gts[:EVIDENCE_ITEMS]}
             cause = "positive RoIs whose mask target is all zeros"
-            out.append(Hit(message=msg, head=Head.MASK, image=i, evidence=ev, cause=cause))
+            out.append(Finding(message=msg, head=Head.MASK, image=i, evidence=ev, cause=cause))
     return out
 
 
-def mask_branch_skipped(f: Facts) -> list[Hit]:
+def mask_branch_skipped(f: Facts) -> list[Finding]:
     """A mask head with no positive RoI in the batch, under a profile whose loss code leaves the
     empty mask term out of the graph (the frameworks keep it: a zero gradient, nothing to say)."""
     r = f.replay
@@ -46,10 +47,12 @@ def mask_branch_skipped(f: Facts) -> list[Hit]:
     )
     skipping = [name for name, pl in r.losses.items() if not pl.profile.roi_mask.empty_in_graph]
     ev = {"positive_rois": 0}
-    return [Hit(message=msg.format(n), head=Head.MASK, profile=n, evidence=ev) for n in skipping]
+    return [
+        Finding(message=msg.format(n), head=Head.MASK, profile=n, evidence=ev) for n in skipping
+    ]
 
 
-def stage_starved(f: Facts) -> list[Hit]:
+def stage_starved(f: Facts) -> list[Finding]:
     """A later cascade stage with at most STAGE_MIN_POS positives in an image that has GT."""
     r, out = f.replay, []
     with_gt = [im.image for im in r.images if im.gt > 0]
@@ -68,5 +71,5 @@ def stage_starved(f: Facts) -> list[Hit]:
               "positives": [stage.img_pos[i] for i in starved], "previous": before}  # fmt: skip
         step = _step(r)
         early = step is not None and step < EARLY_STEPS
-        out.append(Hit(message=msg, head=Head.ROI, evidence=ev, minor=early))
+        out.append(Finding(message=msg, head=Head.ROI, evidence=ev, minor=early))
     return out
