@@ -93,7 +93,7 @@ def main():
     print(f"1 worker:  {t1:.2f} s")
     print(f"2 workers: {t2:.2f} s   speedup {speedup:.2f}, parallel efficiency {speedup / 2:.2f} "
           "(target >= 0.8)")  # fmt: skip
-    worker = max(r["peak_rss_mib"] for r in report.tables["dumps"])
+    worker = max(r.peak_rss_mib for r in report.tables.dumps)
     single = one_inspect_rss(dumps / "step_000000" / "rank_0")
     print(f"peak RSS: a pool worker {worker:.0f} MiB, one inspect process {single:.0f} MiB, "
           f"ratio {worker / single:.2f} (target <= 1)")  # fmt: skip
