@@ -15,8 +15,10 @@ _WHERE = {
     "inspect": "api", "compare": "api", "run_replay": "api", "ReplayOptions": "options",
     "replay": "replay.engine", "Replay": "replay.engine",
     "diagnose": "diagnose", "Diagnosis": "diagnose",
-    "Finding": "diagnose.findings", "Rule": "diagnose.findings", "RULES": "diagnose.findings",
-    "Report": "report.model", "CompareResult": "report.compare", "Comparison": "report.compare",
+    "Finding": "diagnose.finding", "Rule": "diagnose.findings", "RULES": "diagnose.findings",
+    "FindingGroup": "diagnose.groups",
+    "Report": "report.model", "ScanReport": "report.model",
+    "CompareResult": "report.compare", "Comparison": "report.compare",
     # inputs
     "dump_batch": "inputs.batch", "load_batch": "inputs.batch", "Batch": "inputs.batch",
     "load_checkpoint": "inputs.checkpoint", "HeadWeights": "inputs.checkpoint",
