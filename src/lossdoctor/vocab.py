@@ -287,6 +287,38 @@ class ProfileSource(StrEnum):
     DEFAULT = "default"  # neither: the default old profile is assumed
 
 
+class Precision(StrEnum):
+    """The floating-point type the heads' layers run in (CPU autocast for the low ones); the
+    names a dump's ``meta["amp"]["dtype"]`` and ``--precision`` use."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @property
+    def low(self) -> bool:
+        return self is not Precision.FP32
+
+
+# torch dtype names (``str(dtype)`` without ``torch.``) → precision, as captures record them
+PRECISION_OF_DTYPE = {
+    "float32": Precision.FP32,
+    "float": Precision.FP32,
+    "float16": Precision.FP16,
+    "half": Precision.FP16,
+    "bfloat16": Precision.BF16,
+}
+
+
+class PrecisionSource(StrEnum):
+    """Where the report learnt the precision the run trained in."""
+
+    GIVEN = "given"  # --precision
+    DUMP = "dump"  # meta["amp"]["dtype"] (the autocast dtype the capture saw)
+    FEATURES = "features"  # the dtype the features were dumped in
+    DEFAULT = "default"  # none of them: fp32
+
+
 class Severity(StrEnum):
     """How much a finding matters; members sort most severe first by ``rank``."""
 
@@ -443,6 +475,7 @@ class Trigger(StrEnum):
     EXCEPTION = "exception"  # raised inside the model's forward or loss
     BEFORE_NONFINITE = "step-before-not-finite"  # the step before a non-finite one, kept in memory
     PERIODIC = "periodic"  # every N steps, asked for
+    LOSS_SCALE_COLLAPSED = "loss-scale-collapsed"  # a GradScaler's scale fell below its floor
 
     @property
     def trouble(self) -> bool:

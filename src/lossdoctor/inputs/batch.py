@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..vocab import Framework, Trigger, Weights
+from .amp import amp_problem
 from .checks import MAX_SEED
 from .errors import InputError
 from .files import save_torch
@@ -92,6 +93,7 @@ class Batch:
     proposals: list[Tensor] | None = None
     gt_masks: list[Tensor] | None = None  # per image Tensor[K_i, H_i, W_i] bool, image size
     meta: dict = field(default_factory=dict)
+    feature_dtype: str = "float32"  # the dtype the features were dumped in (kept as float32)
     suspicions: list[Suspicion] = field(default_factory=list)
     replaced: list[Replaced] = field(default_factory=list)  # globals the file named, not rebuilt
 
@@ -312,6 +314,7 @@ META_KEYS = {
         lambda v: isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()),
         "a dict loss name -> value (the framework's loss dict at that step)",
     ),
+    "amp": (lambda v: amp_problem(v) is None, "a dict of the run's mixed precision"),
     "unsupported": (lambda v: isinstance(v, str), "a message (what lossdoctor cannot replay)"),
     "trigger": (
         lambda v: isinstance(v, dict) and v.get("kind") in set(Trigger),
@@ -336,6 +339,10 @@ def _counts(v) -> bool:
 def _check_meta(meta) -> dict:
     if not isinstance(meta, dict):
         raise _refuse("meta", "a dict", meta)
+    problem = amp_problem(meta["amp"]) if meta.get("amp") is not None else None
+    if problem is not None:  # named down to its key
+        where, expected, found = problem
+        raise _refuse(f"meta.amp{where}", expected, found)
     for key, (ok, expected) in META_KEYS.items():
         if key in meta and meta[key] is not None and not ok(meta[key]):
             raise _refuse(f"meta.{key}", expected, meta[key])
@@ -370,6 +377,7 @@ def validate_batch(data) -> Batch:
         gt_masks=_check_masks(data.get("gt_masks"), boxes, sizes),
         proposals=proposals,
         meta=dict(meta),
+        feature_dtype=str(next(iter(data["features"].values())).dtype).replace("torch.", ""),
     )
     batch.suspicions = find_suspicions(batch)
     return batch

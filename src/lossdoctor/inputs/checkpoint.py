@@ -33,6 +33,7 @@ from ..vocab import (
     Background,
     Layer,
     Layout,
+    Precision,
     param,
 )
 from .batch import BATCH_FORMAT
@@ -86,6 +87,8 @@ class HeadWeights:
     # module prefixes of heads the file has and the replay does not run (MMDetection's per-stage
     # mask heads)
     unreplayed: list[str] = field(default_factory=list)
+    # the type the layers compute in (a low one under CPU autocast, as the run's AMP forward)
+    precision: Precision = Precision.FP32
 
     def weight(self, layer: Layer) -> Tensor:
         return self.params[param(layer, WEIGHT)]

@@ -15,6 +15,7 @@ from torch import Tensor
 from ..inputs.checkpoint import BOX_COORDS, HeadWeights
 from ..inputs.config import DetectorConfig, HeadNormConfig, Res5Config
 from ..vocab import DH_RES, NORM_OF, RES5_BLOCKS, RES5_SHORTCUT, Layer
+from .precision import autocast
 
 # the RPN's 3x3 conv keeps the feature size
 RPN_CONV_PADDING = 1
@@ -88,9 +89,13 @@ def rpn_predict(hidden: Tensor, w: HeadWeights) -> tuple[Tensor, Tensor]:
 
 
 def rpn_head(feature: Tensor, w: HeadWeights) -> RpnLevelOutput:
-    hidden = rpn_hidden(feature, w)
-    logits, deltas = rpn_predict(hidden, w)
-    return RpnLevelOutput(hidden=hidden, logits=logits, deltas=deltas)
+    """The RPN head on one level, its layers in the heads' precision; every output in fp32 (an
+    exact copy of the low-precision values: the losses then compute in fp32, as autocast has
+    them)."""
+    with autocast(w.precision):
+        hidden = rpn_hidden(feature, w)
+        logits, deltas = rpn_predict(hidden, w)
+    return RpnLevelOutput(hidden=hidden.float(), logits=logits.float(), deltas=deltas.float())
 
 
 def _res_conv(x: Tensor, w: HeadWeights, conv: Layer, cfg: HeadNormConfig, train: bool, **kw):
@@ -198,11 +203,14 @@ def box_head(
     train: bool = True,
 ) -> BoxOutputs:
     """The whole box head on pooled RoIs Tensor[R, C, S, S] (and, for a double head, the same
-    RoIs scaled for its regression branch), in training mode unless ``train`` is false."""
-    hidden1, hidden = box_hidden(pooled, w, config.head_norm, train=train, res5=config.res5)
-    hidden_reg = hidden
-    if w.double_head:
-        hidden_reg = double_head_reg(pooled_reg, w, config.head_norm, train)
-    cls, deltas = box_predict(hidden, w, hidden_reg)
-    return BoxOutputs(hidden1=hidden1, hidden=hidden, hidden_reg=hidden_reg, cls=cls,
-                      deltas=deltas)  # fmt: skip
+    RoIs scaled for its regression branch), in training mode unless ``train`` is false; its
+    layers in the heads' precision, its outputs in fp32 (as :func:`rpn_head`)."""
+    with autocast(w.precision):
+        hidden1, hidden = box_hidden(pooled, w, config.head_norm, train=train, res5=config.res5)
+        hidden_reg = hidden
+        if w.double_head:
+            hidden_reg = double_head_reg(pooled_reg, w, config.head_norm, train)
+        cls, deltas = box_predict(hidden, w, hidden_reg)
+    return BoxOutputs(hidden1=hidden1.float(), hidden=hidden.float(),
+                      hidden_reg=hidden_reg.float(), cls=cls.float(),
+                      deltas=deltas.float())  # fmt: skip

@@ -17,6 +17,7 @@ from ..vocab import BIAS, WEIGHT, Layer, MaskTarget, param
 from .gt import UsableGt
 from .heads import conv_block
 from .losses import bce_loss
+from .precision import autocast
 from .roi import RoiStage
 from .roi_align import multiscale_roi_align, roi_align_level
 from .samples import HeadCounts, LevelSamples
@@ -46,15 +47,17 @@ class MaskStage:
 
 def mask_head(pooled: Tensor, w: HeadWeights, cfg: HeadNormConfig) -> tuple[list[Tensor], Tensor]:
     """Tensor[P, C, S, S] → (the activations after each conv block and the deconv, logits
-    Tensor[P, Q, 2S, 2S])."""
+    Tensor[P, Q, 2S, 2S]), computed in the heads' precision and returned in fp32."""
     x, hidden = pooled, []
-    for conv in w.mask_convs:
-        x = conv_block(x, w, conv, cfg)
+    with autocast(w.precision):
+        for conv in w.mask_convs:
+            x = conv_block(x, w, conv, cfg)
+            hidden.append(x)
+        deconv = (w.weight(Layer.MASK_DECONV), w.bias(Layer.MASK_DECONV))
+        x = F.relu(F.conv_transpose2d(x, *deconv, stride=MASK_UPSAMPLE))
         hidden.append(x)
-    deconv = (w.weight(Layer.MASK_DECONV), w.bias(Layer.MASK_DECONV))
-    x = F.relu(F.conv_transpose2d(x, *deconv, stride=MASK_UPSAMPLE))
-    hidden.append(x)
-    return hidden, F.conv2d(x, w.weight(Layer.MASK_LOGITS), w.bias(Layer.MASK_LOGITS))
+        logits = F.conv2d(x, w.weight(Layer.MASK_LOGITS), w.bias(Layer.MASK_LOGITS))
+    return [h.float() for h in hidden], logits.float()
 
 
 def mask_targets(masks: Tensor, boxes: Tensor, which: Tensor, cfg: MaskConfig) -> Tensor:
