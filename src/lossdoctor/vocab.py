@@ -315,7 +315,7 @@ class PrecisionSource(StrEnum):
 
     GIVEN = "given"  # --precision
     DUMP = "dump"  # meta["amp"]["dtype"] (the autocast dtype the capture saw)
-    FEATURES = "features"  # the dtype the features were dumped in
+    FEATURES = "feature-dtype"  # the dtype the features were dumped in
     DEFAULT = "default"  # none of them: fp32
 
 
