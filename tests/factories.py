@@ -449,3 +449,40 @@ def exit2(result, needle: str) -> None:
 def as_json(report) -> dict:
     """A report (or a scan's) as its ``--json`` output reads: what a user of the JSON sees."""
     return json.loads(report.to_json())
+
+
+# ---- mixed precision ---------------------------------------------------------------------------
+# a constant feature value and RPN weights that put one level's conv output inside fp16's range
+# (9 C a X = FP16_CONV) and its objectness logits past it (C b FP16_CONV = 2 FP16_CONV)
+OVERFLOW_FEATURE = 10_000.0
+FP16_CONV = 40_000.0
+
+
+def overflow_case(d: dict, sd: dict, level: str = "p4") -> tuple[dict, dict]:
+    """``d`` and ``sd`` changed so that ``level``'s RPN objectness logits overflow fp16 (about
+    80000 in fp32) while its conv output (40000) and every other level stay in range."""
+    c = d["features"][level].shape[1]
+    d["features"][level] = torch.full_like(d["features"][level], OVERFLOW_FEATURE)
+    conv, cls = TV_KEYS["rpn_conv"], TV_KEYS["rpn_cls"]
+    sd = dict(sd)
+    sd[f"{conv}.weight"] = torch.full_like(
+        sd[f"{conv}.weight"], FP16_CONV / (9 * c * OVERFLOW_FEATURE)
+    )
+    sd[f"{conv}.bias"] = torch.zeros_like(sd[f"{conv}.bias"])
+    sd[f"{cls}.weight"] = torch.full_like(sd[f"{cls}.weight"], 2.0 / c)
+    return d, sd
+
+
+def offset_logits(sd: dict, offset: float = 1000.0, std: float = 0.01) -> dict:
+    """The box classifier's logits all shifted by ``offset`` (its bias) with small differences
+    between classes: fp16 (spacing 0.5 at 1000) rounds the differences away."""
+    cls = TV_KEYS["cls"]
+    sd = dict(sd)
+    g = torch.Generator().manual_seed(1)
+    sd[f"{cls}.weight"] = torch.randn(sd[f"{cls}.weight"].shape, generator=g) * std
+    sd[f"{cls}.bias"] = torch.full_like(sd[f"{cls}.bias"], offset)
+    return sd
+
+
+def amp_meta(dtype: str = "float16", scale: float = 65536.0, **kw) -> dict:
+    return {"amp": {"dtype": dtype, "loss_scale": scale, **kw}}

@@ -41,6 +41,23 @@ def run(d=None, cfg="torchvision", profiles=("legacy", "fixed"), sd=None):
     return diagnose(replay(heads, batch, preset(cfg), profs))
 
 
+def run_amp(d, sd=None, given=None, profiles=("legacy", "fixed")):
+    """``run`` with the heads in the precision the dump records (or ``given``), diagnosed."""
+    from lossdoctor.inputs.amp import amp_record, run_precision
+
+    batch = validate_batch(d)
+    choice = run_precision(given, amp_record(batch.meta), batch.feature_dtype)
+    sd = sd if sd is not None else F.state_dict()
+    heads = dataclasses.replace(heads_from_state_dict(sd), precision=choice.precision)
+    profs = [BUILTIN[p]() for p in profiles]
+    return diagnose(replay(heads, batch, preset("torchvision"), profs), precision=choice)
+
+
+def _amp(d, **amp):
+    d["meta"] = F.amp_meta(**amp)
+    return d
+
+
 def find(diag, code, **where):
     hits = [
         f
@@ -525,6 +542,14 @@ FAULTS = {
     "cascade-stage-starved": _starved_cascade,
     "no-proposals": lambda: run(_with(lambda d: [f[1].fill_(NAN) for f in d["features"].values()])),
     "rpn-positives-starved": lambda: run(_with(lambda d: d.update(proposals=[FAR, FAR]))),
+    "fp16-forward-overflow": lambda: run_amp(
+        *F.overflow_case(_amp(healthy_dict()), F.state_dict())
+    ),
+    "loss-scale-overflow": lambda: run_amp(_amp(healthy_dict(), scale=2.0**24)),
+    "loss-scale-collapsed": lambda: run_amp(_amp(healthy_dict(), scale=2.0**-3, skipped=19)),
+    "low-precision-loss-drift": lambda: run_amp(
+        _amp(healthy_dict()), F.offset_logits(F.state_dict(), std=0.1)
+    ),
 }
 
 

@@ -14,7 +14,8 @@ from lossdoctor.options import ReplayOptions
 def test_plain_values_are_what_a_scan_keys_its_results_by():
     o = ReplayOptions(config=Path("fixtures/toy.toml"), old="legacy", seed=3)
     assert o.plain() == {"config": "fixtures/toy.toml", "old": "legacy", "new": None, "seed": 3,
-                         "sample_all": False, "score_thr": None, "unsafe_load": False}  # fmt: skip
+                         "sample_all": False, "score_thr": None, "unsafe_load": False,
+                         "precision": None}  # fmt: skip
     assert ReplayOptions(profiles=["fixed"]).plain()["profiles"] == ["fixed"]
 
 

@@ -181,8 +181,11 @@ def test_cli_leads_with_the_runs_own_profile(tmp_path):
 
 def test_every_phase_is_announced_in_order():
     seen = []
-    inspect("fixtures/healthy", config="fixtures/toy.toml", on_phase=seen.append)
+    inspect("fixtures/healthy", config="fixtures/toy.toml", precision="fp16", on_phase=seen.append)
     assert seen == list(Phase)
+    seen.clear()  # fp32 has no precision phase
+    inspect("fixtures/healthy", config="fixtures/toy.toml", on_phase=seen.append)
+    assert seen == [p for p in Phase if p is not Phase.PRECISION]
 
 
 @pytest.mark.parametrize("terminal,enabled,shown", [(True, True, True), (True, False, False),

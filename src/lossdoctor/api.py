@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .inputs.amp import amp_record, precision_named, run_precision
 from .inputs.batch import Batch, load_batch
 from .inputs.checkpoint import HeadWeights, check_fit, load_checkpoint
 from .inputs.checks import check_seed
@@ -13,7 +15,7 @@ from .inputs.config import DetectorConfig, config_from_meta, load_config, preset
 from .inputs.errors import InputError
 from .inputs.profiles import LossProfile, load_profile, profile_from_meta, with_losses_of
 from .options import ReplayOptions, options_of
-from .vocab import Phase, ProfileSource
+from .vocab import Phase, Precision, ProfileSource
 
 REPORT_SUFFIX = ".json"
 # a capture directory holds these two files
@@ -197,14 +199,27 @@ def _inspect_dump(checkpoint, batch, o: ReplayOptions, on_phase):
     on_phase(Phase.REPLAY)
     seed = int(b.meta.get("sample_seed", 0)) if o.seed is None else o.seed
     check_seed(seed, "--seed")
+    choice = run_precision(_precision(o.precision), amp_record(b.meta), b.feature_dtype)
+    heads = dataclasses.replace(heads, precision=choice.precision)
     r = replay(heads, b, cfg, profs, seed=seed, sample_all=o.sample_all)
     own = _own_profile(b, profs, source, o.old)
-    report = build_report(diagnose(r, run_profile=own, on_phase=on_phase), *_named(paths))
+    d = diagnose(r, run_profile=own, precision=choice, on_phase=on_phase)
+    report = build_report(d, *_named(paths))
     dump = report.meta.batch.dump
     report.meta.run = RunMeta(profile=profs[0].name, source=source, own=own,
                               framework=_framework(b.meta.get("framework")), step=dump.step,
                               rank=dump.rank)  # fmt: skip
     return report
+
+
+def _precision(value) -> Precision | None:
+    """``--precision`` as given: a Precision, one of its names or a torch dtype name."""
+    if value is None or isinstance(value, Precision):
+        return value
+    named = precision_named(value)
+    if named is None:
+        raise InputError(f"unknown precision {value!r}; use one of {', '.join(Precision)}")
+    return named
 
 
 def _framework(value) -> str | None:

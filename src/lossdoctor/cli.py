@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from .options import ReplayOptions
-from .vocab import LOCAL_RAY, FailOn
+from .vocab import LOCAL_RAY, FailOn, Precision
 
 EXIT_FINDING = 1
 EXIT_BAD_INPUT = 2
@@ -158,6 +158,14 @@ SeedOpt = Annotated[
 SampleAllOpt = Annotated[
     bool, typer.Option("--sample-all", help="take every candidate instead of sampling")
 ]
+PrecisionOpt = Annotated[
+    Precision | None,
+    typer.Option(
+        "--precision",
+        help="run the heads' layers in fp32, fp16 or bf16 (CPU autocast) (default: the dump's "
+        "autocast dtype, else fp32)",
+    ),
+]
 DeviceOpt = Annotated[
     Device, typer.Option("--device", help="where to replay (the CPU in this version)")
 ]
@@ -281,6 +289,7 @@ def inspect(
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     sample_all: SampleAllOpt = False,
+    precision: PrecisionOpt = None,
     device: DeviceOpt = Device.cpu,
     score_thr: ScoreThrOpt = None,
     csv: LevelsCsvOpt = None,
@@ -299,7 +308,8 @@ def inspect(
       lossdoctor inspect ckpt_5000.pt batch.pt --csv levels.csv --plot levels.png
     """
     options = ReplayOptions(config=config, old=old, new=new, seed=seed, sample_all=sample_all,
-                            score_thr=score_thr, unsafe_load=unsafe_load)  # fmt: skip
+                            score_thr=score_thr, unsafe_load=unsafe_load,
+                            precision=precision)  # fmt: skip
     outputs = (json_out, csv, csv_dir, plot)
     _guard(lambda: _inspect(ckpt, batch, options, outputs, device, fail_on=fail_on, quiet=quiet))
 
@@ -339,6 +349,7 @@ def compare(
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     sample_all: SampleAllOpt = False,
+    precision: PrecisionOpt = None,
     device: DeviceOpt = Device.cpu,
     score_thr: ScoreThrOpt = None,
     csv: CompareCsv = None,
@@ -358,7 +369,8 @@ def compare(
       lossdoctor compare --old r5000.json:legacy --new r5000.json:fixed
     """
     options = ReplayOptions(config=config, old=old, new=new, seed=seed, sample_all=sample_all,
-                            score_thr=score_thr, unsafe_load=unsafe_load)  # fmt: skip
+                            score_thr=score_thr, unsafe_load=unsafe_load,
+                            precision=precision)  # fmt: skip
     outputs = (json_out, csv, csv_dir, plot)
     _guard(lambda: _compare(ckpt, batch, options, outputs, device, fail_on=fail_on,
                             all_rows=all_rows))  # fmt: skip
@@ -451,6 +463,7 @@ def scan(
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     sample_all: SampleAllOpt = False,
+    precision: PrecisionOpt = None,
     score_thr: ScoreThrOpt = None,
     csv_dir: CsvDirOpt = None,
     json_out: ReportJsonOpt = None,
@@ -469,7 +482,8 @@ def scan(
       lossdoctor scan /shared/dumps --ray auto
     """
     options = ReplayOptions(config=config, old=old, new=new, seed=seed, sample_all=sample_all,
-                            score_thr=score_thr, unsafe_load=unsafe_load)  # fmt: skip
+                            score_thr=score_thr, unsafe_load=unsafe_load,
+                            precision=precision)  # fmt: skip
     outputs = (json_out, csv_dir, plot)
     _guard(
         lambda: _scan(paths, options, outputs, batch=batch, results=results, workers=workers,

@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from .vocab import Precision
+
 
 @dataclass(frozen=True, kw_only=True)
 class ReplayOptions:
@@ -15,7 +17,9 @@ class ReplayOptions:
     ``new``: the what-if (None: fixed); each a name, a TOML path or a LossProfile; ``profiles``
     (a list) replaces both. ``seed`` None takes the dump's ``meta["sample_seed"]``, else 0.
     ``sample_all``: every candidate sampled; ``score_thr``: the symptom's score threshold;
-    ``unsafe_load``: rebuild the objects a legacy file names (see docs/inputs.md)."""
+    ``unsafe_load``: rebuild the objects a legacy file names (see docs/inputs.md);
+    ``precision``: the heads' layers in fp32, fp16 or bf16 (None: the dump's autocast dtype,
+    else fp32)."""
 
     config: object = None
     old: object = None
@@ -25,6 +29,7 @@ class ReplayOptions:
     sample_all: bool = False
     score_thr: float | None = None
     unsafe_load: bool = False
+    precision: Precision | None = None
 
     def plain(self) -> dict:
         """As plain values (paths as strings; ``profiles`` only where given): what a scan's

@@ -437,6 +437,7 @@ class Phase(StrEnum):
     GRADIENTS = "computing gradients"
     TRACE = "tracing NaN/Inf to their first stage"
     SYMPTOM = "running the heads in test mode"
+    PRECISION = "checking the low precision against fp32"
     FINDINGS = "checking the findings"
 
 

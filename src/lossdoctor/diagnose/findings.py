@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from ..vocab import Severity
 from . import checks as c
 from .finding import Finding
+from .precision import DRIFT_TOLERANCE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -334,6 +335,57 @@ RULES: tuple[Rule, ...] = (
         fix="a parameter without gradient differs between ranks under DDP (the known hang with "
         "empty-GT images): keep every level and head in the graph with zero-weighted terms "
         "(profile 'fixed' does), or set find_unused_parameters",
+    ),
+    Rule(
+        code="fp16-forward-overflow",
+        severity=E,
+        minor=I,
+        check=c.forward_overflow,
+        summary="a head layer's output overflows the low precision (fp16) where fp32's is finite: "
+        "Inf in the forward under autocast, NaN after it (info for a what-if precision)",
+        evidence=("layer", "overflowed", "values", "max_abs", "limit", "terms", "stage"),
+        fix="keep that layer in fp32 (run it under torch.autocast(enabled=False) on .float() "
+        "inputs, as the frameworks keep their losses), or bring its inputs into range: "
+        "normalize the FPN outputs (GroupNorm in the neck) or lower the learning rate that blew "
+        "the features up; bf16 has fp32's range",
+    ),
+    Rule(
+        code="loss-scale-overflow",
+        severity=W,
+        minor=I,
+        check=c.scale_overflow,
+        summary="at the dump's loss scale the heads' gradients overflow fp16, so GradScaler skips "
+        "the step; with the largest safe scale, and whether halving once clears it (info) or "
+        "the scale is stuck; or the run skipped a step whose overflow is outside the heads",
+        evidence=("loss_scale", "grad_max", "in", "safe_scale", "found_inf", "skipped"),
+        fix="a one-off needs nothing (the scaler halves the scale); a stuck one: find the "
+        "gradient named (a loss term whose gradient is large per sample, an unnormalized sum), "
+        "clip before the scaler's unscale_ no further, or start GradScaler at the safe scale "
+        "(init_scale)",
+    ),
+    Rule(
+        code="loss-scale-collapsed",
+        severity=E,
+        minor=I,
+        check=c.scale_collapsed,
+        summary="the recorded GradScaler scale is below 1: the run has skipped step after step, "
+        "and its gradients underflow in fp16",
+        evidence=("loss_scale", "floor", "skipped", "safe_scale"),
+        fix="find what overflows at every step (the loss-scale-overflow and fp16-forward-overflow "
+        "findings of a captured step say which layer or gradient); keep that op in fp32, or "
+        "train it in bf16",
+    ),
+    Rule(
+        code="low-precision-loss-drift",
+        severity=W,
+        minor=I,
+        check=c.loss_drift,
+        summary=f"a term's loss in the low precision differs from fp32's on the same samples by "
+        f"over {DRIFT_TOLERANCE:.0%}",
+        evidence=("low", "fp32", "relative", "tolerance"),
+        fix="the term's logits or deltas lose too much in the low precision: keep the layer that "
+        "feeds it (named by the per-layer table) in fp32, or compute the loss from .float() "
+        "outputs",
     ),
     Rule(
         code="empty-gt-image",

@@ -79,16 +79,33 @@ def amp_record(meta: dict) -> AmpRecord:
     )
 
 
-def run_precision(
-    given: Precision | None, amp: AmpRecord, feature_dtype: str
-) -> tuple[Precision, PrecisionSource]:
-    """The precision to replay in: ``given``, else the dump's autocast dtype, else the low
-    precision its features were dumped in, else fp32."""
-    if given is not None:
-        return given, PrecisionSource.GIVEN
+@dataclass(frozen=True, kw_only=True)
+class PrecisionChoice:
+    """The precision a replay runs in, where it came from, and the run's own (what the dump
+    records, else fp32): a replay in another precision is a what-if."""
+
+    precision: Precision
+    source: PrecisionSource
+    run: Precision
+
+    @property
+    def is_run(self) -> bool:
+        return self.precision is self.run
+
+
+def _recorded(amp: AmpRecord, feature_dtype: str) -> tuple[Precision, PrecisionSource]:
     if amp.dtype is not None:
         return amp.dtype, PrecisionSource.DUMP
     dumped = precision_named(feature_dtype)
     if dumped is not None and dumped.low:
         return dumped, PrecisionSource.FEATURES
     return Precision.FP32, PrecisionSource.DEFAULT
+
+
+def run_precision(given: Precision | None, amp: AmpRecord, feature_dtype: str) -> PrecisionChoice:
+    """The precision to replay in: ``given``, else the dump's autocast dtype, else the low
+    precision its features were dumped in, else fp32."""
+    run, source = _recorded(amp, feature_dtype)
+    if given is None:
+        return PrecisionChoice(precision=run, source=source, run=run)
+    return PrecisionChoice(precision=given, source=PrecisionSource.GIVEN, run=run)

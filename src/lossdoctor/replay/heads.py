@@ -39,7 +39,7 @@ def rpn_hidden(feature: Tensor, w: HeadWeights) -> Tensor:
     x = feature
     for conv in w.rpn_convs:
         x = F.relu(F.conv2d(x, w.weight(conv), w.bias(conv), padding=RPN_CONV_PADDING))
-    return x
+    return x.float()  # fp32 copies of the layers' outputs stay in the graph (see rpn_head)
 
 
 def standardized(weight: Tensor, eps: float) -> Tensor:
@@ -91,7 +91,8 @@ def rpn_predict(hidden: Tensor, w: HeadWeights) -> tuple[Tensor, Tensor]:
 def rpn_head(feature: Tensor, w: HeadWeights) -> RpnLevelOutput:
     """The RPN head on one level, its layers in the heads' precision; every output in fp32 (an
     exact copy of the low-precision values: the losses then compute in fp32, as autocast has
-    them)."""
+    them, and the next layer casts the copy back exactly, so the gradient of each copy is the
+    one the low-precision backward carries)."""
     with autocast(w.precision):
         hidden = rpn_hidden(feature, w)
         logits, deltas = rpn_predict(hidden, w)
@@ -135,16 +136,16 @@ def box_hidden(
     false: a BatchNorm then uses its running statistics). A res5 head gives its pooled output
     as both."""
     if w.res5:
-        hidden = res5_head(pooled, w, cfg, res5, train=train)
+        hidden = res5_head(pooled, w, cfg, res5, train=train).float()
         return hidden, hidden
     x = pooled
     for conv in w.box_convs:
         x = conv_block(x, w, conv, cfg, train=train)
     fcs = w.box_fcs
-    h1 = F.relu(F.linear(x.flatten(1), w.weight(fcs[0]), w.bias(fcs[0])))
+    h1 = F.relu(F.linear(x.flatten(1), w.weight(fcs[0]), w.bias(fcs[0]))).float()
     hidden = h1
     for fc in fcs[1:]:
-        hidden = F.relu(F.linear(hidden, w.weight(fc), w.bias(fc)))
+        hidden = F.relu(F.linear(hidden, w.weight(fc), w.bias(fc))).float()
     return h1, hidden
 
 

@@ -51,13 +51,13 @@ def mask_head(pooled: Tensor, w: HeadWeights, cfg: HeadNormConfig) -> tuple[list
     x, hidden = pooled, []
     with autocast(w.precision):
         for conv in w.mask_convs:
-            x = conv_block(x, w, conv, cfg)
+            x = conv_block(x, w, conv, cfg).float()  # fp32 copies in the graph, as in rpn_head
             hidden.append(x)
         deconv = (w.weight(Layer.MASK_DECONV), w.bias(Layer.MASK_DECONV))
-        x = F.relu(F.conv_transpose2d(x, *deconv, stride=MASK_UPSAMPLE))
+        x = F.relu(F.conv_transpose2d(x, *deconv, stride=MASK_UPSAMPLE)).float()
         hidden.append(x)
         logits = F.conv2d(x, w.weight(Layer.MASK_LOGITS), w.bias(Layer.MASK_LOGITS))
-    return [h.float() for h in hidden], logits.float()
+    return hidden, logits.float()
 
 
 def mask_targets(masks: Tensor, boxes: Tensor, which: Tensor, cfg: MaskConfig) -> Tensor:

@@ -17,10 +17,19 @@ from ..diagnose.checks import chance
 from ..diagnose.gradients import LevelGrads, ProfileGrads
 from ..replay.normalize import LevelLoss, ProfileLosses
 from ..replay.samples import LevelSamples
-from ..vocab import BOX_TERMS, GRADIENT_TERM, Head, Part, Term, term_of
-from .meta import BatchMeta, CheckpointMeta, HeadsMeta, ReportMeta, SymptomMeta
+from ..vocab import BOX_TERMS, GRADIENT_TERM, Head, Part, PrecisionSource, Term, term_of
+from .meta import BatchMeta, CheckpointMeta, HeadsMeta, PrecisionMeta, ReportMeta, SymptomMeta
 from .model import Report
-from .rows import ImageRow, LevelRow, OriginRow, ParamRow, ProfileRow, ReportTables
+from .rows import (
+    DriftRow,
+    ImageRow,
+    LayerRangeRow,
+    LevelRow,
+    OriginRow,
+    ParamRow,
+    ProfileRow,
+    ReportTables,
+)
 from .serialize import dump_record
 
 ALL_LEVELS = "all"
@@ -323,6 +332,45 @@ def _meta(d: Diagnosis, checkpoint_path, batch_path) -> ReportMeta:
     )
 
 
+def precision_rows(d: Diagnosis) -> list[LayerRangeRow]:
+    p = d.precision
+    if p is None:
+        return []
+    return [
+        LayerRangeRow(precision=p.precision, head=x.head, level=x.level or ALL_LEVELS,
+                      stage=x.stage, layer=x.layer, terms=list(x.terms),
+                      max_abs=x.forward.max_abs, limit=p.limit, overflow=x.forward.overflow,
+                      underflow=x.forward.underflow, values=x.forward.numel,
+                      grad_max=x.grad_max)
+        for x in p.layers
+    ]  # fmt: skip
+
+
+def drift_rows(d: Diagnosis) -> list[DriftRow]:
+    p = d.precision
+    if p is None:
+        return []
+    return [DriftRow(precision=p.precision, profile=x.profile, term=x.term, loss=x.low,
+                     loss_fp32=x.fp32, relative=x.relative) for x in p.drift]  # fmt: skip
+
+
+def _precision_meta(d: Diagnosis) -> PrecisionMeta | None:
+    """Recorded for a low-precision replay, or one asked for."""
+    p = d.precision
+    if p is None or not (p.precision.low or p.choice.source is PrecisionSource.GIVEN):
+        return None
+    v, a = p.verdict, p.amp
+    return PrecisionMeta(
+        precision=p.precision, source=p.choice.source, run=p.choice.run,
+        loss_scale=a.loss_scale, growth_tracker=a.growth_tracker, skipped=a.skipped,
+        found_inf=a.found_inf,
+        grad_max=None if v is None else v.grad_max,
+        grad_max_in=None if v is None else v.where,
+        safe_scale=None if v is None else v.safe_scale,
+        overflows=None if v is None else v.overflows,
+    )  # fmt: skip
+
+
 def build_report(d: Diagnosis, checkpoint_path=None, batch_path=None) -> Report:
     tables = ReportTables(
         levels=level_rows(d),
@@ -330,6 +378,9 @@ def build_report(d: Diagnosis, checkpoint_path=None, batch_path=None) -> Report:
         params=param_rows(d),
         profiles=profile_rows(d),
         origins=origin_rows(d),
+        precision=precision_rows(d),
+        drift=drift_rows(d),
     )
-    return Report(meta=_meta(d, checkpoint_path, batch_path), tables=tables,
-                  findings=d.findings, groups=d.groups)  # fmt: skip
+    meta = _meta(d, checkpoint_path, batch_path)
+    meta.precision = _precision_meta(d)
+    return Report(meta=meta, tables=tables, findings=d.findings, groups=d.groups)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..inputs.config import DetectorConfig
 from ..inputs.profiles import LossProfile
-from ..vocab import Background, ProfileSource
+from ..vocab import Background, Precision, PrecisionSource, ProfileSource
 
 
 @dataclass(kw_only=True)
@@ -90,6 +90,27 @@ class RunMeta:
 
 
 @dataclass(kw_only=True)
+class PrecisionMeta:
+    """The precision the heads were replayed in, where it came from and the run's own; the
+    dump's loss scaler (scale, growth tracker, steps skipped so far, whether it found a
+    non-finite gradient at this step); and the scale analysis: the largest |gradient| of the
+    heads' low-precision tensors at scale 1 (``grad_max``, in ``grad_max_in``), the largest safe
+    scale, and whether the dump's scale overflows (the step GradScaler skips)."""
+
+    precision: Precision
+    source: PrecisionSource
+    run: Precision
+    loss_scale: float | None = None
+    growth_tracker: int | None = None
+    skipped: int | None = None
+    found_inf: bool | None = None
+    grad_max: float | None = None
+    grad_max_in: str | None = None
+    safe_scale: float | None = None
+    overflows: bool | None = None
+
+
+@dataclass(kw_only=True)
 class RankMeta:
     """One rank of a multi-rank step: its batch and symptom."""
 
@@ -115,6 +136,8 @@ class ReportMeta:
     # a multi-rank step's report: every rank's batch and symptom, and the world size
     ranks: list[RankMeta] = field(default_factory=list, metadata={"omit_empty": True})
     world_size: int | None = field(default=None, metadata={"omit_none": True})
+    # a replay in a low precision, or one asked for (--precision)
+    precision: PrecisionMeta | None = field(default=None, metadata={"omit_none": True})
 
     @property
     def own(self) -> str | None:

@@ -21,9 +21,10 @@ from rich.table import Table
 from rich.text import Text
 
 from ..diagnose.groups import FindingGroup, span
-from ..vocab import BOX_TERMS, TERMS, Head, ProfileSource, Severity
+from ..vocab import BOX_TERMS, TERMS, Head, PrecisionSource, ProfileSource, Severity
 from .build import ALL_LEVELS
 from .compare import SAME, Change, Comparison
+from .meta import PrecisionMeta
 from .model import Report
 from .rows import LevelRow
 
@@ -210,17 +211,75 @@ def header(report: Report) -> Text:
         t.append(f"captured    because {why}\n", style="bold")
     sampling = "every candidate (--sample-all)" if m.sample_all else f"seed {m.seed}"
     t.append(f"profiles    {_profiles(report)}; sampling {sampling}")
+    if m.precision is not None:
+        t.append(f"\nprecision   {precision_line(m.precision)}")
+    for note in _checkpoint_notes(ck):
+        t.append(f"\nnote        {note}", style="dim")
+    return t
+
+
+def _checkpoint_notes(ck) -> list[str]:
+    out = []
     if ck.replaced:
         shown = ", ".join(ck.replaced[:3])
-        note = f"\nnote        replaced {len(ck.replaced)} non-tensor checkpoint objects: {shown}"
-        t.append(note, style="dim")
+        out.append(f"replaced {len(ck.replaced)} non-tensor checkpoint objects: {shown}")
     if ck.unreplayed:
-        note = (
-            f"\nnote        not replayed: {', '.join(ck.unreplayed)}; their losses are not "
-            "in the tables"
-        )
-        t.append(note, style="dim")
-    return t
+        out.append(f"not replayed: {', '.join(ck.unreplayed)}; their losses are not in the tables")
+    return out
+
+
+PRECISION_FROM = {
+    PrecisionSource.GIVEN: "--precision",
+    PrecisionSource.DUMP: "the dump's autocast dtype",
+    PrecisionSource.FEATURES: "the dtype of the dumped features",
+    PrecisionSource.DEFAULT: "the default",
+}
+
+
+def _scale(v: float | None) -> str:
+    return "none" if v is None else ("any" if math.isinf(v) else f"{v:g}")
+
+
+def precision_line(p: PrecisionMeta) -> str:
+    """The replay's precision, where it came from, and the loss scaler's decision."""
+    run = "" if p.precision is p.run else f"; a what-if: the run trained in {p.run}"
+    out = f"{p.precision} (from {PRECISION_FROM[p.source]}){run}"
+    if p.grad_max is not None and not math.isfinite(p.grad_max):
+        out += f"; the gradient is non-finite at scale 1 (in {p.grad_max_in}): no scale is safe"
+    elif p.grad_max is not None:
+        out += (f"; largest |gradient| at scale 1 {num(p.grad_max).plain} in {p.grad_max_in}, "
+                f"safe loss scale up to {_scale(p.safe_scale)}")  # fmt: skip
+    if p.loss_scale is not None:
+        said = {True: "overflows: GradScaler skips this step", False: "does not overflow",
+                None: "was not replayed in a low precision"}[p.overflows]  # fmt: skip
+        out += f"; the dump's loss scale {p.loss_scale:g} {said}"
+    if p.skipped:
+        out += f" ({p.skipped} steps skipped before it)"
+    return out
+
+
+def precision_table(report: Report) -> list[Table]:
+    """The low-precision replay per layer (range, overflow, underflow, gradient) and per term
+    (its loss next to fp32's), for the first two profiles."""
+    rows = report.tables.precision
+    if not rows:
+        return []
+    p = rows[0].precision
+    t = _table(f"{p} against fp32, per layer (the run's profile's gradient at scale 1)")
+    for h in ("head", "level", "layer", "max |x|", "of limit", "overflow", "underflow",
+              "max |grad|"):  # fmt: skip
+        t.add_column(h, justify="left" if h in ("head", "level", "layer") else "right")
+    for r in rows:
+        level = r.level if not r.stage else f"{r.level} s{r.stage}"
+        over = Text(str(r.overflow), style="bold red" if r.overflow else "")
+        t.add_row(r.head, level, r.layer, num(r.max_abs), f"{r.max_abs / r.limit:.1%}", over,
+                  str(r.underflow), num(r.grad_max))  # fmt: skip
+    d = _table(f"loss terms in {p} and fp32 on the same samples")
+    for h in ("profile", "term", p.value, "fp32", "apart"):
+        d.add_column(h, justify="left" if h in ("profile", "term") else "right")
+    for r in (x for x in report.tables.drift if x.profile in report.profiles[:2]):
+        d.add_row(r.profile, r.term, num(r.loss), num(r.loss_fp32), f"{r.relative:.2e}")
+    return [t, d]
 
 
 def captured_because(report: Report) -> str:
@@ -478,7 +537,7 @@ def render(report: Report, out: Console, quiet: bool = False) -> None:
         for t in level_table(report, head, report.profiles[:2], stage, out.width):
             out.print()
             out.print(t)
-    for t in totals(report, out.width):
+    for t in [*totals(report, out.width), *precision_table(report)]:
         out.print()
         out.print(t)
     if len(report.profiles) > 2:

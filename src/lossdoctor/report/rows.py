@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..diagnose.finding import Finding
-from ..vocab import DumpStatus, GradTerm, Head, Part, Scope, Severity, Term
+from ..vocab import DumpStatus, GradTerm, Head, Layer, Part, Precision, Scope, Severity, Term
 
 
 def _extra(default=None):
@@ -130,6 +130,41 @@ class OriginRow(PerRank):
     gt: int | None
     cause: str
     box_stage: int = _extra(0)
+
+
+@dataclass(kw_only=True)
+class LayerRangeRow(PerRank):
+    """One head layer's output in the replay's low precision (the ``precision`` table): its
+    largest |value| in fp32 against the dtype's ``limit``, the values that overflowed (finite in
+    fp32, not in the low precision) and underflowed (nonzero in fp32, 0 in it) of ``values``,
+    and the largest |gradient| of the output at scale 1 under the run's profile (``level`` is
+    ``all`` for the RoI heads, which see every level at once)."""
+
+    precision: Precision
+    head: Head
+    level: str
+    stage: int
+    layer: Layer
+    terms: list[Term]
+    max_abs: float
+    limit: float
+    overflow: int
+    underflow: int
+    values: int
+    grad_max: float
+
+
+@dataclass(kw_only=True)
+class DriftRow(PerRank):
+    """One (profile, term): its loss in the replay's low precision and in fp32 on the same
+    samples (the ``drift`` table)."""
+
+    precision: Precision
+    profile: str
+    term: Term
+    loss: float
+    loss_fp32: float
+    relative: float
 
 
 @dataclass(kw_only=True)
@@ -261,6 +296,9 @@ class ReportTables:
     profiles: list[ProfileRow] = field(default_factory=list)
     origins: list[OriginRow] = field(default_factory=list)
     ranks: list[RankRow] | None = field(default=None, metadata={"omit_none": True})
+    # a low-precision replay's: per layer its range, per term its drift from fp32
+    precision: list[LayerRangeRow] = field(default_factory=list, metadata={"omit_empty": True})
+    drift: list[DriftRow] = field(default_factory=list, metadata={"omit_empty": True})
 
 
 @dataclass(kw_only=True)

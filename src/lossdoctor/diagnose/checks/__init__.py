@@ -25,10 +25,15 @@ from .inputs import (
 )
 from .matching import WITHOUT_POS_SHARE, matches_no_anchor, no_positive_level, without_positive
 from .origins import empty_mean, nonfinite_loss
+from .precision import forward_overflow, loss_drift, scale_collapsed, scale_overflow
 from .proposals import FUNNEL_KEYS, STARVED_SHARE, no_proposals, positives_starved
 from .stages import STAGE_MIN_POS, empty_mask, mask_branch_skipped, stage_starved
 
 __all__ = [
+    "forward_overflow",
+    "loss_drift",
+    "scale_collapsed",
+    "scale_overflow",
     "EARLY_STEPS",
     "Facts",
     "Finding",

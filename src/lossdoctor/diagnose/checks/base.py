@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ...replay.engine import Replay
 from ..gradients import ProfileGrads
 from ..nan_trace import Origin
+from ..precision import PrecisionDiag
 from ..symptom import Symptom
 
 # steps before which detecting nothing is expected: a detector does not detect during its LR
@@ -25,6 +26,7 @@ class Facts:
     grads: dict[str, ProfileGrads]
     origins: list[Origin]
     symptom: Symptom
+    precision: PrecisionDiag | None = None  # None: the precision was not diagnosed
 
 
 def _plural(n: int, noun: str, show: bool = True) -> str:
