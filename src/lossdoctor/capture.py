@@ -37,6 +37,7 @@ import torch
 from .inputs.batch import dump_batch
 from .inputs.files import save_torch
 from .inputs.layouts import find_keys
+from .replay.precision import MIN_LOSS_SCALE
 from .vocab import Layout, Trigger, Weights
 
 CHECKPOINT_FILE, BATCH_FILE = "checkpoint.pt", "batch.pt"
@@ -263,6 +264,8 @@ class Capture:
         self.failed = False
         self.held: Held | None = None
         self._kinds: set[Trigger] = set()
+        self.skipped = 0  # steps the loss scaler skipped, counted by its scale falling
+        self._last_scale: float | None = None
 
     # ---- the step ------------------------------------------------------------------------------
 
@@ -290,8 +293,10 @@ class Capture:
         """Check one step; ``batch_of()`` → (dump_batch arguments, extra meta), asked only when
         the step is written or held."""
         self.next_step = step + 1
+        self._count_skips()
         norms = self.norms()
         fired = fired_at(loss, norms, self.grad_norm_above, norms.scale is not None)
+        fired += self.scale_collapsed()
         if self.held is not None and any(f.kind in NONFINITE for f in fired):
             self._write_held(step)
         self.held = None
@@ -304,6 +309,44 @@ class Capture:
             batch, extra = batch_of()
             self.held = Held(step, loss, batch, {**extra, **(meta or {})}, norms, self._heads())
         return folder
+
+    def _scale(self) -> float | None:
+        """The loss scaler's scale (None without an enabled one)."""
+        if self.scaler is None or not self.scaler.is_enabled():
+            return None
+        return float(self.scaler.get_scale())
+
+    def _count_skips(self) -> None:
+        """A GradScaler lowers its scale only when it skips a step: each fall since the last
+        check is a skipped step."""
+        scale = self._scale()
+        if scale is not None and self._last_scale is not None and scale < self._last_scale:
+            self.skipped += 1
+        self._last_scale = scale
+
+    def scale_collapsed(self) -> list[Fired]:
+        """The loss scale below MIN_LOSS_SCALE: the run skips step after step."""
+        scale = self._scale()
+        if scale is None or scale >= MIN_LOSS_SCALE:
+            return []
+        why = f"loss scale {scale:g} below {MIN_LOSS_SCALE:g} ({self.skipped} skipped steps seen)"
+        return [Fired(Trigger.LOSS_SCALE_COLLAPSED, scale, MIN_LOSS_SCALE, why)]
+
+    def amp_facts(self, norms: GradNorms | None) -> dict | None:
+        """The loss scaler at this step, as ``meta["amp"]`` records it: its scale, growth
+        tracker, the skipped steps counted so far, and whether this step's gradient is
+        non-finite (the scaler skips it). None without an enabled scaler."""
+        scale = self._scale()
+        if scale is None:
+            return None
+        out = {"loss_scale": scale, "skipped": self.skipped}
+        try:  # torch's GradScaler and its subclasses (mmengine's, Detectron2's)
+            out["growth_tracker"] = int(self.scaler.state_dict()["_growth_tracker"])
+        except (AttributeError, KeyError, TypeError, RuntimeError, ValueError):
+            pass
+        if norms is not None:
+            out["found_inf"] = norms.nonfinite is not None
+        return out
 
     def norms(self) -> GradNorms:
         return grad_norms(self.model, self.heads, loss_scale(self.scaler, self.optimizer))
@@ -364,6 +407,7 @@ class Capture:
             extra["losses"] = losses or None
         if norms is not None:
             extra["grad_norm"] = norms.as_meta()
+        extra["amp"] = self.amp_facts(norms)
         return {**info, **{k: v for k, v in extra.items() if v is not None}}
 
     def run_facts(self) -> dict:
@@ -379,7 +423,7 @@ class Capture:
     def write(self, step, fired, loss, batch, meta=None, norms=None, heads=None) -> Path:
         """Write this step's capture directory (the shared checkpoint of the step, this rank's
         batch) and print the command that inspects it."""
-        info = {**self.run_meta(step, fired, loss, norms), **(meta or {})}
+        info = with_amp_dtype({**self.run_meta(step, fired, loss, norms), **(meta or {})})
         state = self.model.state_dict()
         if heads is not None:  # held from an earlier step: the rest of the model has moved on
             info["weights"], state = {"saved": Weights.HEADS}, heads
@@ -406,6 +450,14 @@ class Capture:
                 os.symlink(os.path.join("..", CHECKPOINT_FILE), link)
             return
         save_torch(state, folder / CHECKPOINT_FILE)
+
+
+def with_amp_dtype(info: dict) -> dict:
+    """``meta["amp"]`` with the autocast dtype the adapter saw in the forward (``autocast``)."""
+    amp = dict(info.get("amp") or {})
+    if info.get("autocast"):
+        amp.setdefault("dtype", info["autocast"])
+    return {**info, "amp": amp} if amp else info
 
 
 def _detached(features):

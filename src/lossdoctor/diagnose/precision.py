@@ -22,6 +22,7 @@ from ..replay.engine import Replay, replay
 from ..replay.heads import box_head, rpn_head
 from ..replay.mask import mask_head
 from ..replay.precision import (
+    MIN_LOSS_SCALE,
     RangeCount,
     abs_max,
     finite_max,
@@ -31,10 +32,10 @@ from ..replay.precision import (
 )
 from ..vocab import Head, Layer, Precision, Term
 
+__all__ = ["MIN_LOSS_SCALE", "PrecisionDiag", "precision_diag"]
+
 # a term's low-precision loss further than this (relative) from fp32 is a finding
 DRIFT_TOLERANCE = 1e-2
-# a GradScaler's scale below this: gradients underflow (the scale only falls on skipped steps)
-MIN_LOSS_SCALE = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)

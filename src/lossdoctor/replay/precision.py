@@ -26,6 +26,9 @@ DTYPES = {
 }
 # GradScaler's scales are powers of two (init 2**16, growth 2, backoff 0.5)
 SCALE_BASE = 2.0
+# a loss scale below this has collapsed: the gradients are scaled down into underflow (the
+# scale falls only on skipped steps)
+MIN_LOSS_SCALE = 1.0
 
 
 def finite_max(p: Precision) -> float:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..diagnose.finding import Finding
-from ..vocab import BOX_TERMS, PER_LEVEL_NORMALIZERS, TERM_PARTS, FailOn, Head, Part
+from ..vocab import BOX_TERMS, PER_LEVEL_NORMALIZERS, TERM_PARTS, FailOn, Head, Part, Precision
 from .build import ALL_LEVELS
 from .model import Report, write_text
 from .serialize import comparison_plain, comparison_rows, csv_text, to_json
@@ -218,6 +218,10 @@ def compare_reports(
     return [compare_profiles(old, p, new, p, labels) for p in shared]
 
 
+def _precision(r: Report) -> Precision:
+    return r.meta.precision.precision if r.meta.precision is not None else Precision.FP32
+
+
 def run_differences(old: Report, new: Report) -> list[str]:
     """Why two reports may not be two views of one run: a comparison of them mixes causes."""
     out = []
@@ -227,6 +231,12 @@ def run_differences(old: Report, new: Report) -> list[str]:
         out.append(
             f"the reports share neither checkpoint (sha256 {ck[0][:12]} vs {ck[1][:12]}) nor "
             f"batch ({bt[0][:12]} vs {bt[1][:12]}): each change mixes the model's and the data's"
+        )
+    precisions = [_precision(r) for r in (old, new)]
+    if precisions[0] != precisions[1]:
+        out.append(
+            f"the reports replay the heads in different precisions ({precisions[0]} vs "
+            f"{precisions[1]}): each change is the precision's as well"
         )
     if old.meta.config != new.meta.config:
         out.append(
