@@ -410,7 +410,12 @@ def relative_gaps(got: dict, want: dict) -> dict:
 
 def replay_terms(folder) -> dict:
     """``lossdoctor inspect FOLDER --sample-all``'s own-profile row of loss terms."""
-    rep = inspect_json(folder, "--sample-all")
+    return replay_terms_with(folder)
+
+
+def replay_terms_with(folder, *args: str) -> dict:
+    """:func:`replay_terms` with more options."""
+    rep = inspect_json(folder, "--sample-all", *args)
     own = rep["meta"]["run"]["profile"]
     return next(x for x in rep["tables"]["profiles"] if x["profile"] == own)
 
