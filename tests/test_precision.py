@@ -4,8 +4,10 @@ the loss scaler's decision against a real GradScaler, what-if framing, the repor
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -193,11 +195,13 @@ def test_the_largest_safe_scale_is_where_a_scaled_backward_starts_to_overflow():
     assert not [f for f in fine.findings if "loss-scale" in f.code]
 
 
-def test_a_real_gradscaler_loop_skips_the_steps_the_replay_says_it_skips(tmp_path):
+AMP_STEPS = 14
+
+
+def _amp_loop(folder, steps: int = AMP_STEPS):
     """The tiny detector trained under CPU autocast (float16) with torch.amp.GradScaler, its
-    losses from the replay as in lossdoctor.toy; a capture every step. Each captured step's
-    replay, inspected afterwards, says whether the heads' gradients overflow at the recorded
-    scale; the scaler's own decision is whether it lowered the scale after the step."""
+    losses from the replay as in lossdoctor.toy, a capture every step → (the capture, the scale
+    at each step, whether the scaler skipped each step: it lowered the scale after it)."""
     from lossdoctor.toy.data import batches
     from lossdoctor.toy.model import STRIDES, TinyDetector, live_heads, toy_config, toy_config_table
     from lossdoctor.toy.train import make_batch
@@ -206,11 +210,10 @@ def test_a_real_gradscaler_loop_skips_the_steps_the_replay_says_it_skips(tmp_pat
     model = TinyDetector()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
-    capture = Capture(
-        tmp_path, model, every=1, optimizer=opt, scaler=scaler, stream=open("/dev/null", "w")
-    )
+    quiet = open(os.devnull, "w")  # noqa: SIM115
+    capture = Capture(folder, model, every=1, optimizer=opt, scaler=scaler, stream=quiet)
     stream, profile, scales = batches(0, 2), builtin("fixed"), []
-    for step in range(14):
+    for step in range(steps):
         images, sizes, boxes, labels = next(stream)
         with torch.autocast("cpu", dtype=torch.float16):
             b = make_batch(model, images, sizes, boxes, labels)
@@ -226,8 +229,15 @@ def test_a_real_gradscaler_loop_skips_the_steps_the_replay_says_it_skips(tmp_pat
         scales.append(scaler.get_scale())
         scaler.step(opt)
         scaler.update()
+    quiet.close()
     scales.append(scaler.get_scale())
-    skipped = [scales[t + 1] < scales[t] for t in range(14)]
+    return capture, scales[:-1], [scales[t + 1] < scales[t] for t in range(steps)]
+
+
+def test_a_real_gradscaler_loop_skips_the_steps_the_replay_says_it_skips(tmp_path):
+    """Each captured step's replay, inspected afterwards, says whether the heads' gradients
+    overflow at the recorded scale: the scaler skipped exactly those steps."""
+    capture, scales, skipped = _amp_loop(tmp_path)
     assert any(skipped) and not all(skipped), scales
     for t, folder in enumerate(capture.written):
         rep = inspect(folder)
@@ -238,10 +248,25 @@ def test_a_real_gradscaler_loop_skips_the_steps_the_replay_says_it_skips(tmp_pat
         assert p.overflows is skipped[t], (t, scales[t], p.grad_max, p.grad_max_in)
 
 
+def test_scan_carries_the_loss_scale_and_the_skipped_steps(tmp_path):
+    _, scales, skipped = _amp_loop(tmp_path / "dumps", steps=6)
+    out = tmp_path / "scan.json"
+    r = F.invoke("scan", str(tmp_path / "dumps"), "--results", str(tmp_path / "results"),
+                 "--workers", "1", "--json", str(out), "--plot", str(tmp_path / "scan.png"),
+                 "--csv-dir", str(tmp_path / "csv"))  # fmt: skip
+    assert r.exit_code in (0, 1), r.output
+    rows = sorted(json.loads(out.read_text())["tables"]["scales"], key=lambda x: x["step"])
+    assert [x["loss_scale"] for x in rows] == scales
+    assert [x["found_inf"] for x in rows] == [x["overflows"] for x in rows] == skipped
+    assert [x["skipped_before"] for x in rows] == [sum(skipped[:t]) for t in range(6)]
+    assert (tmp_path / "csv" / "scales.csv").read_text().startswith("run,step,rank,precision")
+    assert (tmp_path / "scan.png").stat().st_size > 0
+
+
 def test_a_collapsed_scale_fires_the_capture_and_the_finding(tmp_path):
     model = torch.nn.Linear(2, 1)
     scaler = torch.amp.GradScaler("cpu", init_scale=0.25)
-    capture = Capture(tmp_path, model, scaler=scaler, stream=open("/dev/null", "w"))
+    capture = Capture(tmp_path, model, scaler=scaler, stream=io.StringIO())
     model(torch.ones(1, 2)).sum().backward()
     fired = capture.scale_collapsed()
     assert [f.kind for f in fired] == ["loss-scale-collapsed"] and fired[0].value == 0.25

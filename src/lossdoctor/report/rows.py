@@ -243,6 +243,22 @@ class TotalsRow:
 
 
 @dataclass(kw_only=True)
+class LossScaleRow:
+    """The loss scaler at one dump of a scan (dumps replayed in a low precision, or with a
+    recorded scale): the precision, the recorded scale and steps skipped before it, whether the
+    run's scaler skipped this step (``found_inf``, as recorded) and whether the replay says the
+    heads' gradients overflow at that scale, with the largest safe scale."""
+
+    at: At = field(metadata=FLAT)
+    precision: Precision
+    loss_scale: float | None
+    skipped_before: int | None
+    found_inf: bool | None
+    overflows: bool | None
+    safe_scale: float | None
+
+
+@dataclass(kw_only=True)
 class DumpFindingRow:
     """A finding of one dump (or across the ranks of one step) of a scan."""
 
@@ -312,3 +328,4 @@ class ScanTables:
     dump_findings: list[DumpFindingRow] = field(default_factory=list)
     first_seen: list[FirstSeenRow] = field(default_factory=list)
     ranks: list[StepRankRow] = field(default_factory=list)
+    scales: list[LossScaleRow] = field(default_factory=list, metadata={"omit_empty": True})

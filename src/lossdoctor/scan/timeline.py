@@ -21,6 +21,7 @@ from ..report.rows import (
     DumpRow,
     FirstSeenRow,
     LevelRow,
+    LossScaleRow,
     ScanTables,
     StepRankRow,
     TimelineRow,
@@ -64,6 +65,11 @@ def _add_dump(t: ScanTables, d: _Done) -> None:
         t.timeline.append(TimelineRow(at=d.at, row=row, findings=codes))
     t.totals += [TotalsRow(at=d.at, row=row) for row in rep.tables.profiles]
     t.dump_findings += [DumpFindingRow.of(d.at, f) for f in rep.findings]
+    p = rep.meta.precision
+    if p is not None and (p.precision.low or p.loss_scale is not None):
+        t.scales.append(LossScaleRow(at=d.at, precision=p.precision, loss_scale=p.loss_scale,
+                                     skipped_before=p.skipped, found_inf=p.found_inf,
+                                     overflows=p.overflows, safe_scale=p.safe_scale))  # fmt: skip
 
 
 def _add_step(t: ScanTables, run, step, done: list[_Done]) -> None:

@@ -178,6 +178,21 @@ def _draw_runs(axes, report: ScanReport) -> str | None:
     return own
 
 
+def _draw_scales(ax, report: ScanReport) -> None:
+    """Each run's recorded loss scale over the steps, the steps its scaler skipped and those
+    the replay says overflow."""
+    runs = _runs(report)
+    for run in runs:
+        rows = [r for r in report.tables.scales if r.at.run == run and r.at.step is not None]
+        name = f"{Path(run).name} " if run and len(runs) > 1 else ""
+        _line(ax, [(r.at.step, r.loss_scale) for r in rows], f"{name}loss scale")
+        for flag, marker in (("found_inf", "o"), ("overflows", "x")):
+            hits = [r for r in rows if getattr(r, flag) and r.loss_scale]
+            ax.plot([r.at.step for r in hits], [r.loss_scale for r in hits], marker,
+                    color="red", fillstyle="none", label=f"{name}{flag}")  # fmt: skip
+    ax.set_yscale("log", base=2)
+
+
 def plot_timeline(report: ScanReport, path: str | Path) -> None:
     """Loss terms, gradient norms and RPN positives per level over the steps (mean over ranks)
     for every run and profile, NaN/Inf steps as red crosses, and the first step of each error
@@ -188,20 +203,26 @@ def plot_timeline(report: ScanReport, path: str | Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(3, 1, figsize=(12, 10), constrained_layout=True, sharex=True)
+    scales = report.tables.scales
+    panels = 4 if scales else 3
+    fig, axes = plt.subplots(panels, 1, figsize=(12, 10 + 3 * (panels - 3)),
+                             constrained_layout=True, sharex=True)  # fmt: skip
     own = _draw_runs(axes, report)
+    if scales:
+        _draw_scales(axes[3], report)
     for r in report.tables.first_seen:
         if r.severity is Severity.ERROR and r.step is not None:
             for ax in axes:
                 ax.axvline(r.step, color="red", alpha=0.3)
-    titles = ("loss terms (log)", "total head gradient norm (log)", f"RPN positives ({own})")
+    titles = ("loss terms (log)", "total head gradient norm (log)", f"RPN positives ({own})",
+              "loss scale (log; o: the run skipped the step, x: the replay says it overflows)")
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.legend(fontsize=7, ncol=4)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_yscale("log")
     axes[1].set_yscale("log")
-    axes[2].set_xlabel("step (red line: first step of an error finding; x: NaN/Inf)")
+    axes[-1].set_xlabel("step (red line: first step of an error finding; x: NaN/Inf)")
     m = report.meta.scan
     fig.suptitle(f"lossdoctor scan of {', '.join(m.inputs)}: {m.dumps} dumps")
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
