@@ -15,7 +15,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from ..vocab import Precision
 
@@ -42,12 +44,46 @@ def tiny(p: Precision) -> float:
     return float(info.smallest_normal) * float(info.eps)
 
 
+# the ops autocast runs in the low precision that the heads use (the rest stay in fp32)
+LOW_PRECISION_OPS = frozenset({
+    F.conv2d, F.conv_transpose2d, F.linear, torch.conv2d, torch.conv_transpose2d,
+    torch.matmul, torch.mm, torch.bmm, torch.addmm,
+})  # fmt: skip
+
+
+def rounded(t, p: Precision):
+    """A float tensor rounded to ``p`` and held in fp32 (anything else as it is). The backward
+    rounds the gradient the same way, as a cast does."""
+    if isinstance(t, Tensor) and t.is_floating_point():
+        return t.to(DTYPES[p]).to(torch.float32)
+    return t
+
+
+class _LowPrecision(TorchFunctionMode):
+    """Autocast's low-precision ops as fp32-accumulating kernels compute them: inputs, weights
+    and output rounded to the low precision, the products summed in fp32 (cuDNN and cuBLAS
+    under autocast do the same; CPU fp16 kernels are reference code, many times slower)."""
+
+    def __init__(self, p: Precision):
+        super().__init__()
+        self.p = p
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in LOW_PRECISION_OPS:
+            return func(*args, **kwargs)
+        args = [rounded(a, self.p) for a in args]
+        kwargs = {k: rounded(v, self.p) for k, v in kwargs.items()}
+        return rounded(func(*args, **kwargs), self.p)
+
+
 def autocast(p: Precision):
-    """CPU autocast in ``p`` (nothing for fp32): convs and linears compute in ``p``, the loss
-    ops in fp32, as they do under a training loop's ``torch.autocast``."""
+    """The heads' layers in ``p`` (nothing for fp32): convs and linears in ``p`` with their
+    outputs held in fp32, so what follows (the losses) computes in fp32 on the low-precision
+    values, as under a training loop's ``torch.autocast``."""
     if not p.low:
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=DTYPES[p])
+    return _LowPrecision(p)
 
 
 def rounds_finite(value: float, p: Precision) -> bool:

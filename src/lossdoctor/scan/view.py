@@ -214,8 +214,12 @@ def plot_timeline(report: ScanReport, path: str | Path) -> None:
         if r.severity is Severity.ERROR and r.step is not None:
             for ax in axes:
                 ax.axvline(r.step, color="red", alpha=0.3)
-    titles = ("loss terms (log)", "total head gradient norm (log)", f"RPN positives ({own})",
-              "loss scale (log; o: the run skipped the step, x: the replay says it overflows)")
+    titles = (
+        "loss terms (log)",
+        "total head gradient norm (log)",
+        f"RPN positives ({own})",
+        "loss scale (log; o: the run skipped the step, x: the replay says it overflows)",
+    )
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.legend(fontsize=7, ncol=4)
