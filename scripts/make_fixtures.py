@@ -9,6 +9,9 @@
   as written by the capture hook during training: first-nan is its first non-finite loss (step 0),
   collapse the first step whose gradient norm exceeded 1000, a few steps before its weights
   turned NaN and its held-out detections dropped to 0
+- fixtures/amp-nan: the toy detector trained under `fixed` (seed 0) with CPU mixed precision
+  (float16 autocast, GradScaler) at lr 0.2 without warmup: the capture hook's first non-finite
+  loss, which the box head's float16 overflow makes (an fp32 replay of it is finite)
 - fixtures/faults/*: the healthy batch with one fault each (image without GT, zero-width GT box,
   1-based labels, NaN in one level's features), on its first two images, each a capture
   directory whose checkpoint.pt links to fixtures/healthy/checkpoint.pt
@@ -28,14 +31,24 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+import dataclasses  # noqa: E402
+
+from lossdoctor.capture import Capture  # noqa: E402
 from lossdoctor.inputs.batch import Batch, dump_batch, load_batch  # noqa: E402
 from lossdoctor.inputs.dataclass_toml import dumps_toml  # noqa: E402
 from lossdoctor.inputs.files import save_torch  # noqa: E402
 from lossdoctor.inputs.profiles import fixed, legacy  # noqa: E402
 from lossdoctor.replay.engine import replay  # noqa: E402
 from lossdoctor.toy.data import batches  # noqa: E402
-from lossdoctor.toy.model import toy_config, toy_config_table  # noqa: E402
+from lossdoctor.toy.model import (  # noqa: E402
+    STRIDES,
+    TinyDetector,
+    live_heads,
+    toy_config,
+    toy_config_table,
+)
 from lossdoctor.toy.train import make_batch, train  # noqa: E402
+from lossdoctor.vocab import Precision  # noqa: E402
 
 CHECKPOINT = "checkpoint.pt"
 HEALTHY_STEPS = 300
@@ -123,6 +136,45 @@ def collapse(root: Path, scratch: Path) -> None:
     )
 
 
+AMP_STEPS = 200
+AMP_LR = 0.2
+AMP_BATCH = 4
+
+
+def amp_nan(root: Path, scratch: Path) -> None:
+    """A mixed-precision loop as a user writes it: the backbone under float16 autocast, the
+    heads in float16 (lossdoctor's replay as the loss, as the toy's training does), a
+    GradScaler, SGD at lr 0.2 without warmup, and the capture hook's first non-finite loss."""
+    torch.manual_seed(0)
+    model = TinyDetector()
+    opt = torch.optim.SGD(model.parameters(), lr=AMP_LR, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu")
+    capture = Capture(scratch, model, optimizer=opt, scaler=scaler, max_captures=1)
+    stream, profile = batches(0, AMP_BATCH), fixed()
+    for step in range(AMP_STEPS):
+        images, sizes, boxes, labels = next(stream)
+        with torch.autocast("cpu", dtype=torch.float16):
+            b = make_batch(model, images, sizes, boxes, labels)
+        features = dict(b.features)
+        b.features = {k: v.float() for k, v in features.items()}
+        heads = dataclasses.replace(live_heads(model), precision=Precision.FP16)
+        loss = replay(heads, b, toy_config(), [profile], seed=step).losses[profile.name].total
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        meta = {"sample_seed": step, "profile": profile.name, "config": toy_config_table()}
+        folder = capture.check(step, loss, features=features, image_sizes=sizes, gt_boxes=boxes,
+                               gt_labels=labels, strides=list(STRIDES), meta=meta)  # fmt: skip
+        if folder is not None:
+            (root / "amp-nan").mkdir(parents=True, exist_ok=True)
+            for f in ("checkpoint.pt", "batch.pt"):
+                shutil.copyfile(folder / f, root / "amp-nan" / f)
+            print(f"amp-nan: {folder.name}: {load_batch(folder / 'batch.pt').meta['reason']}")
+            return
+        scaler.step(opt)
+        scaler.update()
+    print("amp-nan: the mixed-precision run never broke; not written")
+
+
 def faults(healthy_batch: Path, out: Path) -> None:
     """One fault each, derived from the healthy batch (deterministic, no training)."""
     base = load_batch(healthy_batch)
@@ -166,15 +218,22 @@ def main(argv=None):
         action="store_true",
         help="re-derive fixtures/faults from the healthy batch only",
     )
+    ap.add_argument("--only-amp", action="store_true", help="write fixtures/amp-nan only")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    scratch = out / ".capture"
+    if args.only_amp:
+        amp_nan(out, scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return
     if not args.only_faults:
         write_config(out / "toy.toml")
         healthy(out / "healthy")
-        scratch = out / ".capture"
         collapse(out, scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
+        amp_nan(out, scratch)
         shutil.rmtree(scratch, ignore_errors=True)
     faults(out / "healthy" / "batch.pt", out / "faults")
 

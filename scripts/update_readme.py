@@ -28,26 +28,26 @@ SHOWN_FINDINGS = 3
 SEVERITIES = ("error ", "warning ", "info ")
 
 
-def _output() -> str:
+def _output(args: list[str] = EXCERPT_ARGS) -> str:
     from typer.testing import CliRunner
 
     from lossdoctor.cli import app
 
     os.chdir(ROOT)
-    r = CliRunner().invoke(app, EXCERPT_ARGS, env={"NO_COLOR": "1", "COLUMNS": "120"})
+    r = CliRunner().invoke(app, args, env={"NO_COLOR": "1", "COLUMNS": "120"})
     assert r.exit_code == 0, r.output
     return "\n".join(line.rstrip() for line in r.stdout.splitlines())
 
 
-def _cut_findings(section: str) -> tuple[str, int]:
-    """The findings table up to its SHOWN_FINDINGS-th finding, and how many there are."""
+def _cut_findings(section: str, shown: int = SHOWN_FINDINGS) -> tuple[str, int]:
+    """The findings table up to its ``shown``-th finding, and how many there are."""
     lines, starts = section.splitlines(), []
     for k, line in enumerate(lines):
         if line.startswith(SEVERITIES):
             starts.append(k)
-    if len(starts) <= SHOWN_FINDINGS:
+    if len(starts) <= shown:
         return section, len(starts)
-    return "\n".join(lines[: starts[SHOWN_FINDINGS]] + ["…"]), len(starts)
+    return "\n".join(lines[: starts[shown]] + ["…"]), len(starts)
 
 
 def excerpt() -> str:
@@ -65,6 +65,27 @@ def excerpt() -> str:
         width=100,
     )
     return f"{EXCERPT_BEGIN}\n{intro}\n\n```\n{body}\n```\n{EXCERPT_END}"
+
+
+AMP_BEGIN, AMP_END = "<!-- amp-excerpt -->", "<!-- /amp-excerpt -->"
+AMP_ARGS = ["inspect", "fixtures/amp-nan"]
+AMP_FINDINGS = 3
+
+
+def amp_excerpt() -> str:
+    """`lossdoctor inspect fixtures/amp-nan`: its header, first findings and precision tables."""
+    sections = _output(AMP_ARGS).split("\n\n")
+    findings = next(s for s in sections if s.startswith("Findings"))
+    shown, n = _cut_findings(findings, AMP_FINDINGS)
+    layers = next(s for s in sections if s.startswith("fp16 against fp32"))
+    drift = next(s for s in sections if s.startswith("loss terms, fp16"))
+    body = "\n\n".join([sections[0], shown, layers, drift])
+    intro = textwrap.fill(
+        f"`lossdoctor {' '.join(AMP_ARGS)}` (excerpt: {AMP_FINDINGS} of {n} findings, the "
+        "per-level tables left out):",
+        width=100,
+    )
+    return f"{AMP_BEGIN}\n{intro}\n\n```\n{body}\n```\n{AMP_END}"
 
 
 COVERAGE_BEGIN, COVERAGE_END = "<!-- coverage -->", "<!-- /coverage -->"
@@ -139,11 +160,12 @@ def _rewrite(path: Path, begin: str, end: str, new: str) -> None:
 
 def main() -> None:
     _rewrite(README, EXCERPT_BEGIN, EXCERPT_END, excerpt())
+    _rewrite(README, AMP_BEGIN, AMP_END, amp_excerpt())
     _rewrite(REPORT_DOC, CATALOGUE_BEGIN, CATALOGUE_END, catalogue_markdown())
     _rewrite(README, SUMMARY_BEGIN, SUMMARY_END, coverage_summary())
     _rewrite(COVERAGE_DOC, COVERAGE_BEGIN, COVERAGE_END, coverage_markdown())
     print(
-        "regenerated: README.md's excerpt and coverage summary, docs/report.md's catalogue, "
+        "regenerated: README.md's excerpts and coverage summary, docs/report.md's catalogue, "
         "docs/coverage.md's table"
     )
 

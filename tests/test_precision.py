@@ -315,3 +315,37 @@ def test_drift_rows_are_the_two_replays_and_the_json_round_trips(tmp_path):
 def test_an_unknown_precision_is_one_line_and_exit_2(tmp_path):
     r = F.invoke("inspect", "fixtures/healthy", "--precision", "fp8")
     assert r.exit_code == 2 and "fp8" in r.output
+
+
+# ---- the README's example ----------------------------------------------------------------------
+
+
+def test_the_amp_fixture_overflows_in_fp16_and_replays_finite_in_fp32():
+    """fixtures/amp-nan, a real CPU AMP loop's first NaN loss: the box head's first fc overflows
+    fp16 (the capture's scaler state says the step is skipped), fp32 replays it finite."""
+    rep = inspect("fixtures/amp-nan")
+    p = rep.meta.precision
+    assert (p.precision, p.source, p.loss_scale, p.found_inf) == (
+        FP16, PrecisionSource.FEATURES, 1024.0, True)  # fmt: skip
+    assert p.overflows and p.safe_scale is None
+    over = next(f for f in rep.findings if f.code == "fp16-forward-overflow")
+    assert over.evidence["layer"] == "box_fc1" and over.evidence["max_abs"] > 65504
+    fp32 = inspect("fixtures/amp-nan", precision="fp32")
+    assert all(math.isfinite(r.loss_total) for r in fp32.tables.profiles)
+    assert all(not math.isfinite(r.loss_total) for r in rep.tables.profiles)
+
+
+def test_the_readmes_amp_excerpt_is_what_inspect_prints():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location(
+        "update_readme", root / "scripts/update_readme.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = (root / "README.md").read_text()
+    start = text.index(script.AMP_BEGIN)
+    end = text.index(script.AMP_END) + len(script.AMP_END)
+    assert text[start:end] == script.amp_excerpt(), "run: python scripts/update_readme.py"

@@ -342,8 +342,9 @@ RULES: tuple[Rule, ...] = (
         minor=I,
         check=c.forward_overflow,
         summary="a head layer's output overflows the low precision (fp16) where fp32's is finite: "
-        "Inf in the forward under autocast, NaN after it (info for a what-if precision)",
-        evidence=("layer", "overflowed", "values", "max_abs", "limit", "terms", "stage"),
+        "Inf in the forward under autocast, NaN after it; the first such layer of a head (per "
+        "RPN level or cascade stage), with the layers after it (info for a what-if precision)",
+        evidence=("layer", "overflowed", "values", "max_abs", "limit", "terms", "after", "stage"),
         fix="keep that layer in fp32 (run it under torch.autocast(enabled=False) on .float() "
         "inputs, as the frameworks keep their losses), or bring its inputs into range: "
         "normalize the FPN outputs (GroupNorm in the neck) or lower the learning rate that blew "

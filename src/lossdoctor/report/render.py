@@ -274,7 +274,7 @@ def precision_table(report: Report) -> list[Table]:
         over = Text(str(r.overflow), style="bold red" if r.overflow else "")
         t.add_row(r.head, level, r.layer, num(r.max_abs), f"{r.max_abs / r.limit:.1%}", over,
                   str(r.underflow), num(r.grad_max))  # fmt: skip
-    d = _table(f"loss terms in {p} and fp32 on the same samples")
+    d = _table(f"loss terms, {p} vs fp32 (same samples)")
     for h in ("profile", "term", p.value, "fp32", "apart"):
         d.add_column(h, justify="left" if h in ("profile", "term") else "right")
     for r in (x for x in report.tables.drift if x.profile in report.profiles[:2]):

@@ -233,7 +233,13 @@ def _int(v) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
+# how a capture writes a non-finite number (JSON-safe) in the meta
+NONFINITE_WORDS = ("nan", "inf", "-inf")
+
+
 def _number(v) -> float | None:
+    if isinstance(v, str) and v.lower() in NONFINITE_WORDS:
+        return float(v)
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 

@@ -34,28 +34,34 @@ def _where(x: LayerRange) -> str:
 
 
 def forward_overflow(f: Facts) -> list[Finding]:
-    """A layer whose low-precision output overflows where fp32's is finite."""
+    """The first layer of a head (at one RPN level, or one cascade stage) whose low-precision
+    output overflows where fp32's is finite, with the layers after it that overflow too."""
     p = _low(f)
     if p is None:
         return []
-    out = []
+    chains: dict[tuple, list[LayerRange]] = {}
     for x in p.layers:
-        if not x.forward.overflow:
-            continue
-        terms = ", ".join(x.terms)
-        msg = (
-            f"{_what_if(p)}{x.layer} output{_where(x)}: {x.forward.overflow} of "
-            f"{x.forward.numel} values overflow {p.precision} (fp32 reaches "
-            f"{x.forward.max_abs:.4g}; {p.precision} holds {p.limit:g}), feeding {terms}"
-        )
-        ev = {"layer": x.layer, "overflowed": x.forward.overflow, "values": x.forward.numel,
-              "max_abs": x.forward.max_abs, "limit": p.limit, "terms": list(x.terms),
-              "stage": x.stage}  # fmt: skip
-        term = x.terms[0] if len(x.terms) == 1 else None
-        cause = f"{x.layer} output overflows {p.precision}"
-        out.append(Finding(message=msg, head=x.head, level=x.level, term=term, evidence=ev,
-                           cause=cause, minor=not p.choice.is_run))  # fmt: skip
-    return out
+        if x.forward.overflow:
+            chains.setdefault((x.head, x.level, x.stage), []).append(x)
+    return [_overflow_finding(p, xs) for xs in chains.values()]
+
+
+def _overflow_finding(p: PrecisionDiag, xs: list[LayerRange]) -> Finding:
+    x, after = xs[0], xs[1:]
+    terms = list(dict.fromkeys(t for y in xs for t in y.terms))
+    then = f"; after it {', '.join(y.layer for y in after)} overflow too" if after else ""
+    msg = (
+        f"{_what_if(p)}{x.layer} output{_where(x)}: {x.forward.overflow} of "
+        f"{x.forward.numel} values overflow {p.precision} (fp32 reaches "
+        f"{x.forward.max_abs:.4g}; {p.precision} holds {p.limit:g}){then}; feeding "
+        f"{', '.join(terms)}"
+    )
+    ev = {"layer": x.layer, "overflowed": x.forward.overflow, "values": x.forward.numel,
+          "max_abs": x.forward.max_abs, "limit": p.limit, "terms": terms,
+          "after": [y.layer for y in after], "stage": x.stage}  # fmt: skip
+    term = terms[0] if len(terms) == 1 else None
+    return Finding(message=msg, head=x.head, level=x.level, term=term, evidence=ev,
+                   minor=not p.choice.is_run)  # fmt: skip
 
 
 def scale_overflow(f: Facts) -> list[Finding]:
