@@ -463,6 +463,10 @@ def test_amp_trainer_captures_the_unscaled_norm(tmp_path, monkeypatch):
         meta = load_batch(dumps / f"step_{k:06d}" / "batch.pt").meta
         assert meta["grad_norm"]["loss_scale"] == 2.0**10
         assert meta["grad_norm"]["model"] == pytest.approx(norms[k], rel=1e-5)
+        # the scaler's state at the step, and the autocast dtype AMPTrainer's forward ran in
+        amp = meta["amp"]
+        assert (amp["loss_scale"], amp["found_inf"], amp["skipped"]) == (2.0**10, False, 0)
+        assert amp["dtype"] == meta["autocast"] == "float16"
 
 
 @pytest.mark.parametrize("loss_type", ["giou", "diou", "ciou"])

@@ -349,3 +349,37 @@ def test_the_readmes_amp_excerpt_is_what_inspect_prints():
     start = text.index(script.AMP_BEGIN)
     end = text.index(script.AMP_END) + len(script.AMP_END)
     assert text[start:end] == script.amp_excerpt(), "run: python scripts/update_readme.py"
+
+
+def test_compare_takes_two_precisions_as_sides():
+    """`compare DIR --old fp32 --new fp16`: the same replay in each, compared as reports; the
+    NaN that only fp16 makes is called out."""
+    r = F.invoke("compare", "fixtures/amp-nan", "--old", "fp32", "--new", "fp16", "--json", "-")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    first = data["comparisons"][0]
+    assert first["old"] == "fp32:fixed" and first["new"] == "fp16:fixed"
+    total = next(x for x in first["totals"] if x["metric"] == "roi_cls")
+    assert math.isfinite(total["old"]) and math.isnan(total["new"])
+    assert "fp16-forward-overflow" in {f["code"] for f in first["appeared"]}
+    bad = F.invoke("compare", "fixtures/amp-nan", "--old", "fp32", "--new", "fixed")
+    assert bad.exit_code == 2 and "a precision and a profile" in bad.output
+
+
+def test_the_mask_head_and_a_cascades_stages_are_followed_layer_by_layer():
+    """Mask R-CNN's mask head and Cascade R-CNN's later stages in fp16: a range row per layer
+    and stage, every loss term within the low precision's noise of fp32 (nothing overflows)."""
+    d = F.batch_dict()
+    d["gt_masks"] = F.box_masks(d["gt_boxes"], tuple(d["image_sizes"][0]))
+    d["proposals"] = [b.clone() for b in d["gt_boxes"]]
+    rep = inspect(heads_from_state_dict(F.mask_state_dict()), validate_batch(d),
+                  config="torchvision-mask", precision="fp16")  # fmt: skip
+    mask = [r.layer for r in rep.tables.precision if r.head == "mask"]
+    assert mask[-2:] == ["mask_deconv", "mask_logits"] and len(mask) >= 3
+    assert {r.term for r in rep.tables.drift} >= {Term.ROI_MASK}
+    assert all(r.relative < 1e-2 for r in rep.tables.drift if math.isfinite(r.loss_fp32))
+    casc = inspect(heads_from_state_dict(F.cascade_state_dict("mmdet")),
+                   validate_batch(F.batch_dict()), config="mmdet-cascade",
+                   precision="bf16")  # fmt: skip
+    stages = {r.stage for r in casc.tables.precision if r.head == "roi"}
+    assert stages == {0, 1, 2} and not [r for r in casc.tables.precision if r.overflow]

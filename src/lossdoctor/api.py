@@ -294,16 +294,24 @@ def _own_profile(b: Batch, profs: list[LossProfile], source: ProfileSource, old)
 
 @dataclass(frozen=True)
 class Side:
-    """One side of a comparison: a profile (name, TOML or LossProfile) or a report (a Report, or
-    a ``.json`` path, optionally ``REPORT.json:PROFILE``)."""
+    """One side of a comparison: a profile (name, TOML or LossProfile), a precision (fp32, fp16,
+    bf16: the same replay with the heads in it) or a report (a Report, or a ``.json`` path,
+    optionally ``REPORT.json:PROFILE``)."""
 
     spec: object
     report: object = None  # a Report once loaded
     profile: str | None = None  # the report's profile to compare, if one is picked
+    precision: Precision | None = None
 
     @property
     def is_report(self) -> bool:
         return self.report is not None
+
+    @property
+    def kind(self) -> str:
+        if self.is_report:
+            return "report"
+        return "precision" if self.precision is not None else "profile"
 
 
 def side(spec) -> Side:
@@ -312,6 +320,8 @@ def side(spec) -> Side:
 
     if isinstance(spec, Report):
         return Side(spec, spec)
+    if isinstance(spec, Precision) or (isinstance(spec, str) and spec in set(Precision)):
+        return Side(spec, precision=Precision(spec))
     text = str(spec) if isinstance(spec, (str, Path)) else None
     if text is None or not (text.endswith(REPORT_SUFFIX) or f"{REPORT_SUFFIX}:" in text):
         return Side(spec)
@@ -337,6 +347,22 @@ def _compare_profiles(a: Side, b: Side, checkpoint, batch, options: ReplayOption
     first, second = report.profiles[:2]
     comps = [compare_profiles(report, first, report, second)]
     return CompareResult(comparisons=comps, new_report=report, new_profile=second, report=report)
+
+
+def _compare_precisions(a: Side, b: Side, checkpoint, batch, options: ReplayOptions):
+    """The same replay with the heads in two precisions, compared as two reports."""
+    from .report.compare import CompareResult, compare_reports
+
+    if checkpoint is None:
+        raise InputError(
+            "comparing two precisions needs CKPT and BATCH (or a capture directory): "
+            "lossdoctor compare DIR --old fp32 --new fp16"
+        )
+    old, new = (inspect(checkpoint, batch, replace(options, old=None, new=None,
+                                                   precision=s.precision))
+                for s in (a, b))  # fmt: skip
+    comps = compare_reports(old, new, labels=(str(a.precision), str(b.precision)))
+    return CompareResult(comparisons=comps, new_report=new, report=new)
 
 
 def _compare_reports(a: Side, b: Side, checkpoint, batch):
@@ -365,14 +391,20 @@ def compare(old, new, *, checkpoint=None, batch=None, options: ReplayOptions | N
             **fields):  # fmt: skip
     """Compare two sides → :class:`~lossdoctor.report.compare.CompareResult`.
 
-    Two profiles (names, TOML files or LossProfile objects) are replayed on ``checkpoint`` and
-    ``batch`` (or a capture directory as ``checkpoint``) with ``options`` (or its fields as
-    keywords) as for :func:`inspect`, whose ``old`` and ``new`` they set; two reports
+    Two profiles (names, TOML files or LossProfile objects), or two precisions (fp32, fp16,
+    bf16), are replayed on ``checkpoint`` and ``batch`` (or a capture directory as
+    ``checkpoint``) with ``options`` (or its fields as keywords) as for :func:`inspect`, whose
+    ``old`` and ``new`` (or ``precision``) they set; two reports
     (``Report`` objects, ``.json`` paths, ``REPORT.json:PROFILE``) need neither.
     """
     a, b = side(old), side(new)
-    if a.is_report != b.is_report:
-        raise InputError("--old and --new must both be profiles or both be reports (.json)")
+    if a.kind != b.kind:
+        raise InputError(
+            "--old and --new must both be profiles, both precisions (fp32, fp16, bf16) or both "
+            f"reports (.json); got a {a.kind} and a {b.kind}"
+        )
     if a.is_report:
         return _compare_reports(a, b, checkpoint, batch)
+    if a.precision is not None:
+        return _compare_precisions(a, b, checkpoint, batch, options_of(options, fields))
     return _compare_profiles(a, b, checkpoint, batch, options_of(options, fields))

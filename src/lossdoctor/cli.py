@@ -193,7 +193,10 @@ UnsafeOpt = Annotated[
 
 
 # compare's own
-SIDE_HELP = "profile name, profile .toml, or report .json (REPORT.json:PROFILE picks one)"
+SIDE_HELP = (
+    "profile name, profile .toml, precision (fp32, fp16, bf16), or report .json "
+    "(REPORT.json:PROFILE picks one)"
+)
 OptionalCkpt = Annotated[
     str | None,
     typer.Argument(
@@ -360,11 +363,12 @@ def compare(
     unsafe_load: UnsafeOpt = False,
     all_rows: AllRows = False,
 ):
-    """Compare two profiles on one batch, or two saved reports.
+    """Compare two profiles or two precisions on one batch, or two saved reports.
 
     \b
     Examples:
       lossdoctor compare ckpt.pt batch.pt --old legacy --new fixed
+      lossdoctor compare lossdoctor-dumps/step_000123 --old fp32 --new fp16
       lossdoctor compare --old r1000.json --new r5000.json
       lossdoctor compare --old r5000.json:legacy --new r5000.json:fixed
     """
