@@ -173,13 +173,16 @@ def replay_one(ckpt, tmp, d: dict, name: str, options=()):
 
 
 OPTIONS = st.builds(
-    lambda c, old, new, all_: (
-        ["--config", c, "--old", old, "--new", new] + (["--sample-all"] if all_ else [])
+    lambda c, old, new, all_, precision: (
+        ["--config", c, "--old", old, "--new", new]
+        + (["--sample-all"] if all_ else [])
+        + (["--precision", precision] if precision else [])
     ),
     st.sampled_from(CONFIGS),
     st.sampled_from(PROFILES[:2]),
     st.sampled_from(PROFILES[2:]),
     st.booleans(),
+    st.sampled_from([None, None, "fp16", "bf16"]),
 )
 
 
