@@ -383,3 +383,12 @@ def test_the_mask_head_and_a_cascades_stages_are_followed_layer_by_layer():
                    precision="bf16")  # fmt: skip
     stages = {r.stage for r in casc.tables.precision if r.head == "roi"}
     assert stages == {0, 1, 2} and not [r for r in casc.tables.precision if r.overflow]
+
+
+def test_a_multi_rank_step_keeps_each_ranks_precision_rows(tmp_path):
+    F.toy_step_dumps(tmp_path, steps=(3,))
+    rep = inspect(tmp_path / "step_000003", precision="bf16")
+    assert rep.meta.precision.precision is BF16
+    assert {r.rank for r in rep.tables.precision} == {r.rank for r in rep.tables.drift} == {0, 1}
+    data = json.loads(rep.to_json())
+    assert {r["rank"] for r in data["tables"]["precision"]} == {0, 1}

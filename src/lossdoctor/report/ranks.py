@@ -138,6 +138,8 @@ def combine_ranks(reports: dict[int, Report]) -> Report:
         profiles=_per_rank(reports, lambda t: t.profiles),
         origins=_per_rank(reports, lambda t: t.origins),
         ranks=ranks,
+        precision=_per_rank(reports, lambda t: t.precision),
+        drift=_per_rank(reports, lambda t: t.drift),
     )
     per_rank = [replace(f, rank=r) for r, rep in sorted(reports.items()) for f in rep.findings]
     findings = rank_findings(per_rank, rank_views(reports, ranks), first.meta.own, first.profiles)
