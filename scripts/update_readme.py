@@ -69,23 +69,33 @@ def excerpt() -> str:
 
 AMP_BEGIN, AMP_END = "<!-- amp-excerpt -->", "<!-- /amp-excerpt -->"
 AMP_ARGS = ["inspect", "fixtures/amp-nan"]
-AMP_FINDINGS = 3
+AMP_PROFILE = "fixed "  # the run's own profile
+
+
+def _finding_lines(findings: str, code: str) -> list[str]:
+    """One finding's lines of the findings table, without its fix."""
+    lines = findings.splitlines()
+    start = next(k for k, line in enumerate(lines) if line.split()[1:2] == [code])
+    out = [lines[start]]
+    for line in lines[start + 1 :]:
+        if line.strip().startswith("fix:") or line.startswith(SEVERITIES):
+            break
+        out.append(line)
+    return out
 
 
 def amp_excerpt() -> str:
-    """`lossdoctor inspect fixtures/amp-nan`: its header, first findings and precision tables."""
+    """`lossdoctor inspect fixtures/amp-nan`, cut to its precision line, the overflow finding and
+    the run's profile's terms next to fp32 (docs/mixed-precision.md has more)."""
     sections = _output(AMP_ARGS).split("\n\n")
+    header = sections[0].splitlines()
+    k = next(i for i, line in enumerate(header) if line.startswith("precision"))
     findings = next(s for s in sections if s.startswith("Findings"))
-    shown, n = _cut_findings(findings, AMP_FINDINGS)
-    layers = next(s for s in sections if s.startswith("fp16 against fp32"))
-    drift = next(s for s in sections if s.startswith("loss terms, fp16"))
-    body = "\n\n".join([sections[0], shown, layers, drift])
-    intro = textwrap.fill(
-        f"`lossdoctor {' '.join(AMP_ARGS)}` (excerpt: {AMP_FINDINGS} of {n} findings, the "
-        "per-level tables left out):",
-        width=100,
-    )
-    return f"{AMP_BEGIN}\n{intro}\n\n```\n{body}\n```\n{AMP_END}"
+    drift = next(s for s in sections if s.startswith("loss terms, fp16")).splitlines()
+    own = [line for line in drift[3:] if line.startswith(AMP_PROFILE) and " roi_" in line]
+    body = "\n".join([*header[k:], "…", *_finding_lines(findings, "fp16-forward-overflow"), "…",
+                      *drift[:3], *own])  # fmt: skip
+    return f"{AMP_BEGIN}\n```\n$ lossdoctor {' '.join(AMP_ARGS)}\n{body}\n```\n{AMP_END}"
 
 
 COVERAGE_BEGIN, COVERAGE_END = "<!-- coverage -->", "<!-- /coverage -->"

@@ -210,8 +210,9 @@ def test_ci_runs_the_readmes_test_commands():
 
 
 def test_the_readme_stays_short_and_its_links_resolve():
-    """The README is the two commands, the report, the recipes and the commands (at most 20 KB);
-    the rest is in docs/, and every relative link of the README and docs/ names a file there."""
+    """The README is the two commands, the report, the recipes, the commands and the mixed
+    precision excerpt (at most 20 KB); the rest is in docs/, and every relative link of the
+    README and docs/ names a file there."""
     import re
 
     readme = ROOT / "README.md"

@@ -191,7 +191,7 @@ def test_compare_report_profiles_and_errors(files, tmp_path):
     assert r.exit_code == 0 and "finite" in r.stdout
     one_line_error(
         run("compare", "--old", tmp_path / "r.json", "--new", "fixed"),
-        "both be profiles or both be reports",
+        "must both be profiles, both precisions (fp32, fp16, bf16) or both reports",
     )
     one_line_error(run("compare", "--old", "legacy", "--new", "fixed"), "needs CKPT and BATCH")
     one_line_error(
