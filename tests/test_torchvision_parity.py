@@ -94,10 +94,10 @@ def make_case(seed, size=(200, 320), n=2):
     return F.batch_dict(n=n, channels=16, size=size, seed=seed, boxes=boxes, labels=labels)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_torchvision_losses_match(seed):
-    d = make_case(seed)
-    sd = F.state_dict(channels=16, classes=3, seed=seed, std=0.05)
+def tv_losses(d: dict, sd: dict) -> tuple[list, dict, dict]:
+    """torchvision's RPN, then its RoI stage on the RPN's own proposals, on the case ``d`` →
+    (the proposals, detached, as float; the RPN losses; the RoI losses). Runs under whatever
+    autocast the caller has entered."""
     rpn, roi = tv_modules(sd, 16, 3)
     n = len(d["image_sizes"])
     pad = (d["features"]["p2"].shape[2] * 4, d["features"]["p2"].shape[3] * 4)
@@ -105,13 +105,22 @@ def test_torchvision_losses_match(seed):
     feats = OrderedDict(zip(["0", "1", "2", "3", "pool"], d["features"].values()))
     targets = [{"boxes": b, "labels": lab + 1} for b, lab in zip(d["gt_boxes"], d["gt_labels"])]
     proposals, rpn_losses = rpn(images, feats, targets)
+    props = [p.detach().float() for p in proposals]
+    _, roi_losses = roi(feats, props, images.image_sizes, targets)
+    return props, rpn_losses, roi_losses
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_torchvision_losses_match(seed):
+    d = make_case(seed)
+    sd = F.state_dict(channels=16, classes=3, seed=seed, std=0.05)
     # torchvision's RoI stage on its own proposals; lossdoctor replays the same proposals
-    _, roi_losses = roi(feats, [p.detach() for p in proposals], images.image_sizes, targets)
+    proposals, rpn_losses, roi_losses = tv_losses(d, sd)
 
     from lossdoctor.inputs.batch import validate_batch
     from lossdoctor.inputs.checkpoint import heads_from_state_dict
 
-    d["proposals"] = [p.detach() for p in proposals]
+    d["proposals"] = proposals
     batch = validate_batch(d)
     r = replay(
         heads_from_state_dict(sd),
@@ -227,16 +236,8 @@ def test_torchvision_autocast_losses_match(seed, dtype):
 
     d = make_case(seed)
     sd = F.state_dict(channels=16, classes=3, seed=seed, std=0.05)
-    rpn, roi = tv_modules(sd, 16, 3)
-    n = len(d["image_sizes"])
-    pad = (d["features"]["p2"].shape[2] * 4, d["features"]["p2"].shape[3] * 4)
-    images = ImageList(torch.zeros(n, 3, *pad), [tuple(s) for s in d["image_sizes"]])
-    feats = OrderedDict(zip(["0", "1", "2", "3", "pool"], d["features"].values()))
-    targets = [{"boxes": b, "labels": lab + 1} for b, lab in zip(d["gt_boxes"], d["gt_labels"])]
     with torch.autocast("cpu", dtype=dtype):
-        proposals, rpn_losses = rpn(images, feats, targets)
-        props = [p.detach().float() for p in proposals]
-        _, roi_losses = roi(feats, props, images.image_sizes, targets)
+        props, rpn_losses, roi_losses = tv_losses(d, sd)
     d["proposals"] = props
     batch = validate_batch(d)
     want = {"rpn_cls": rpn_losses["loss_objectness"],

@@ -115,6 +115,13 @@ def largest_safe_scale(grad_max: float, p: Precision) -> float | None:
     return SCALE_BASE**k
 
 
+def scale_text(s: float | None) -> str:
+    """A loss scale as the report says it: ``none`` (no safe one), ``any`` (inf), else ``%g``."""
+    if s is None:
+        return "none"
+    return "any" if math.isinf(s) else f"{s:g}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class RangeCount:
     """One tensor computed in a low precision against the same computed in fp32:

@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..diagnose.groups import FindingGroup, span
+from ..replay.precision import scale_text
 from ..vocab import BOX_TERMS, TERMS, Head, PrecisionSource, ProfileSource, Severity
 from .build import ALL_LEVELS
 from .compare import SAME, Change, Comparison
@@ -236,10 +237,6 @@ PRECISION_FROM = {
 }
 
 
-def _scale(v: float | None) -> str:
-    return "none" if v is None else ("any" if math.isinf(v) else f"{v:g}")
-
-
 def precision_line(p: PrecisionMeta) -> str:
     """The replay's precision, where it came from, and the loss scaler's decision."""
     run = "" if p.precision is p.run else f"; a what-if: the run trained in {p.run}"
@@ -248,7 +245,7 @@ def precision_line(p: PrecisionMeta) -> str:
         out += f"; the gradient is non-finite at scale 1 (in {p.grad_max_in}): no scale is safe"
     elif p.grad_max is not None:
         out += (f"; largest |gradient| at scale 1 {num(p.grad_max).plain} in {p.grad_max_in}, "
-                f"safe loss scale up to {_scale(p.safe_scale)}")  # fmt: skip
+                f"safe loss scale up to {scale_text(p.safe_scale)}")  # fmt: skip
     if p.loss_scale is not None:
         said = {True: "overflows: GradScaler skips this step", False: "does not overflow",
                 None: "was not replayed in a low precision"}[p.overflows]  # fmt: skip

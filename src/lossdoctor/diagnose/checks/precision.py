@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from ...replay.precision import scale_text
 from ..finding import Finding
 from ..precision import DRIFT_TOLERANCE, MIN_LOSS_SCALE, LayerRange, PrecisionDiag
 from .base import Facts
@@ -19,12 +20,6 @@ def _low(f: Facts) -> PrecisionDiag | None:
 def _what_if(p: PrecisionDiag) -> str:
     """The message prefix of a what-if precision's finding (none for the run's own)."""
     return "" if p.choice.is_run else f"what-if {p.precision}: "
-
-
-def _scale(s: float | None) -> str:
-    if s is None:
-        return "none"
-    return "any" if math.isinf(s) else f"{s:g}"
 
 
 def _where(x: LayerRange) -> str:
@@ -80,7 +75,7 @@ def scale_overflow(f: Facts) -> list[Finding]:
         msg = (
             f"the run's GradScaler found a non-finite gradient at this step (loss scale "
             f"{v.scale:g}), but the heads' gradients stay finite at that scale (largest "
-            f"|gradient| {v.grad_max:.3g}, safe up to {_scale(v.safe_scale)}): the overflow is "
+            f"|gradient| {v.grad_max:.3g}, safe up to {scale_text(v.safe_scale)}): the overflow is "
             "outside the heads (backbone or neck)"
         )
         fix = ("look for the overflow in the backbone and neck: run a step with "
@@ -91,10 +86,10 @@ def scale_overflow(f: Facts) -> list[Finding]:
         tail += "is skipped and the scale falls until it collapses"
     elif v.stuck:
         halvings = round(math.log2(v.scale / v.safe_scale))
-        tail = (f"the largest safe scale is {_scale(v.safe_scale)}: the scaler needs "
+        tail = (f"the largest safe scale is {scale_text(v.safe_scale)}: the scaler needs "
                 f"{halvings} skipped steps in a row to get there")  # fmt: skip
     else:
-        tail = (f"the largest safe scale is {_scale(v.safe_scale)}: a one-off, the scaler's "
+        tail = (f"the largest safe scale is {scale_text(v.safe_scale)}: a one-off, the scaler's "
                 "halving clears it")  # fmt: skip
     msg = (
         f"{_what_if(p)}at loss scale {v.scale:g} the heads' gradients overflow {p.precision} "
@@ -122,7 +117,7 @@ def scale_collapsed(f: Facts) -> list[Finding]:
         f"{p.precision}, and the steps that overflow are skipped"
     )
     if v is not None and v.safe_scale is not None and v.safe_scale >= MIN_LOSS_SCALE:
-        msg += f"; on this batch the heads take scales up to {_scale(v.safe_scale)}"
+        msg += f"; on this batch the heads take scales up to {scale_text(v.safe_scale)}"
     ev = {"loss_scale": scale, "floor": MIN_LOSS_SCALE, "skipped": skipped,
           "safe_scale": None if v is None else v.safe_scale}  # fmt: skip
     return [Finding(message=msg, evidence=ev, minor=not p.choice.is_run)]
