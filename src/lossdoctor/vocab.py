@@ -17,6 +17,7 @@ class Head(StrEnum):
     RPN = "rpn"
     ROI = "roi"
     MASK = "mask"
+    DENSE = "dense"  # a one-stage detector's dense head (RetinaNet, FCOS, ATSS)
 
 
 class Part(StrEnum):
@@ -25,6 +26,7 @@ class Part(StrEnum):
     CLS = "cls"
     BOX = "bbox"
     MASK = "mask"
+    CTR = "ctr"  # FCOS/ATSS centerness
 
 
 class Term(StrEnum):
@@ -35,6 +37,9 @@ class Term(StrEnum):
     ROI_CLS = "roi_cls"
     ROI_BOX = "roi_box"
     ROI_MASK = "roi_mask"
+    DENSE_CLS = "dense_cls"
+    DENSE_BOX = "dense_box"
+    DENSE_CTR = "dense_ctr"
 
     @property
     def head(self) -> Head:
@@ -51,10 +56,15 @@ TERM_PARTS: dict[Term, tuple[Head, Part]] = {
     Term.ROI_CLS: (Head.ROI, Part.CLS),
     Term.ROI_BOX: (Head.ROI, Part.BOX),
     Term.ROI_MASK: (Head.MASK, Part.MASK),
+    Term.DENSE_CLS: (Head.DENSE, Part.CLS),
+    Term.DENSE_BOX: (Head.DENSE, Part.BOX),
+    Term.DENSE_CTR: (Head.DENSE, Part.CTR),
 }
 # The four Faster R-CNN terms, in report order; the mask term joins them when a mask head exists.
 BOX_TERMS = (Term.RPN_CLS, Term.RPN_BOX, Term.ROI_CLS, Term.ROI_BOX)
 TERMS = (*BOX_TERMS, Term.ROI_MASK)
+# a one-stage detector's terms; the centerness term only where the head has one
+DENSE_TERMS = (Term.DENSE_CLS, Term.DENSE_BOX, Term.DENSE_CTR)
 
 
 def term_of(head: Head, part: Part) -> Term:
@@ -67,7 +77,7 @@ def term_of(head: Head, part: Part) -> Term:
 
 def head_terms(head: Head) -> tuple[Term, ...]:
     """The terms of one head, in report order."""
-    return tuple(t for t in TERMS if t.head == head)
+    return tuple(t for t in (*TERMS, *DENSE_TERMS) if t.head == head)
 
 
 class Layer(StrEnum):
@@ -489,3 +499,72 @@ class Weights(StrEnum):
 
     ALL = "whole-model"  # the whole model's state_dict
     HEADS = "heads"  # the heads' tensors; the rest summarized (finiteness, norm) in the meta
+
+
+class DenseKind(StrEnum):
+    """A one-stage detector's dense head."""
+
+    RETINANET = "retinanet"  # anchors, IoU assignment, focal loss
+    FCOS = "fcos"  # points, in-box / centre / scale-range assignment, centerness
+    ATSS = "atss"  # anchors, adaptive top-k assignment per level, centerness
+
+
+class DenseAssigner(StrEnum):
+    """How a dense head's anchors or points are assigned to GT boxes."""
+
+    MAX_IOU = "max-iou"  # IoU thresholds and the low-quality pass (all three RetinaNets)
+    FCOS_TORCHVISION = "fcos-torchvision"  # centre radius x anchor size, range 4..8 anchor sizes
+    FCOS_MMDET = "fcos-mmdet"  # regress_ranges per level, optional centre sampling
+    ATSS = "atss"  # top-k by centre distance per level, IoU >= mean + std, centre inside
+
+
+class DenseCoder(StrEnum):
+    """How a dense head's box outputs encode a box."""
+
+    DELTAS = "deltas"  # (dx, dy, dw, dh) on an anchor (RetinaNet, ATSS)
+    DISTANCES = "distances"  # (l, t, r, b) from a point, in pixels or strides (FCOS)
+
+
+class DenseNormalizer(StrEnum):
+    """What a dense head's term sum is divided by (see ``inputs.dense``)."""
+
+    LEVEL_POS = "level_pos"  # positives of this level: the naive per-level mean
+    POS = "pos"  # positives of the batch (all levels, all images)
+    POS_PER_IMAGE = "pos_per_image"  # torchvision RetinaNet: per image max(1, fg_i), x images
+    MMDET_PSEUDO = "mmdet_pseudo"  # sum over images of max(#pos_i, 1) (PseudoSampler)
+    EMA = "ema"  # Detectron2: 0.9 x the running value + 0.1 x max(#pos, 1)
+    CTR_SUM = "ctr_sum"  # the positives' centerness targets summed (FCOS/ATSS box term)
+
+
+class DenseLayer(StrEnum):
+    """A layer of a dense head: the classification and box towers, then the predictors."""
+
+    CLS_CONV1 = "dense_cls_conv1"
+    CLS_CONV2 = "dense_cls_conv2"
+    CLS_CONV3 = "dense_cls_conv3"
+    CLS_CONV4 = "dense_cls_conv4"
+    CLS_NORM1 = "dense_cls_norm1"
+    CLS_NORM2 = "dense_cls_norm2"
+    CLS_NORM3 = "dense_cls_norm3"
+    CLS_NORM4 = "dense_cls_norm4"
+    BOX_CONV1 = "dense_box_conv1"
+    BOX_CONV2 = "dense_box_conv2"
+    BOX_CONV3 = "dense_box_conv3"
+    BOX_CONV4 = "dense_box_conv4"
+    BOX_NORM1 = "dense_box_norm1"
+    BOX_NORM2 = "dense_box_norm2"
+    BOX_NORM3 = "dense_box_norm3"
+    BOX_NORM4 = "dense_box_norm4"
+    LOGITS = "dense_logits"
+    DELTAS = "dense_deltas"
+    CTR = "dense_ctr"
+
+
+DENSE_CLS_CONVS = (DenseLayer.CLS_CONV1, DenseLayer.CLS_CONV2, DenseLayer.CLS_CONV3,
+                   DenseLayer.CLS_CONV4)  # fmt: skip
+DENSE_CLS_NORMS = (DenseLayer.CLS_NORM1, DenseLayer.CLS_NORM2, DenseLayer.CLS_NORM3,
+                   DenseLayer.CLS_NORM4)  # fmt: skip
+DENSE_BOX_CONVS = (DenseLayer.BOX_CONV1, DenseLayer.BOX_CONV2, DenseLayer.BOX_CONV3,
+                   DenseLayer.BOX_CONV4)  # fmt: skip
+DENSE_BOX_NORMS = (DenseLayer.BOX_NORM1, DenseLayer.BOX_NORM2, DenseLayer.BOX_NORM3,
+                   DenseLayer.BOX_NORM4)  # fmt: skip

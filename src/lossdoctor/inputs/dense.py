@@ -1,0 +1,269 @@
+"""One-stage dense detectors (RetinaNet, FCOS, ATSS): each framework's head setup, and the loss
+profiles that normalize the dense head's three terms.
+
+A dense profile divides each term's sum by a normalizer::
+
+    loss[level] = weight * sum_i num[i, level] / D[i, level]
+
+where ``num[i, level]`` is image ``i``'s summed per-sample loss at the level (focal loss over the
+anchors that are not ignored, box loss over the positives (weighted by their centerness targets
+for the MMDetection FCOS/ATSS box term), centerness BCE over the positives), and ``D`` is chosen by
+the term's ``normalizer``:
+
+=================  ===========================================================================
+``level_pos``      positives of this level (the naive per-level mean; 0 on a level without any)
+``pos``            positives of the batch, all levels and images
+``pos_per_image``  ``N x max(1, #pos_i)``: torchvision's RetinaNet divides each image by its own
+                   foreground count and averages the images
+``mmdet_pseudo``   sum over images of ``max(#pos_i, 1)`` (MMDetection's PseudoSampler avg_factor)
+``ema``            Detectron2: ``m x running + (1 - m) x max(#pos, 1)``, the running value being
+                   the model's ``loss_normalizer`` before this step (100 on the first)
+``ctr_sum``        the positives' centerness targets summed (MMDetection FCOS/ATSS box term)
+=================  ===========================================================================
+
+then ``D = max(D, floor) + eps`` (MMDetection adds float32 epsilon to every avg_factor), and a
+``D`` of 0 gives NaN, as 0/0 does in the naive code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..vocab import DenseAssigner, DenseCoder, DenseKind, DenseNormalizer, Framework, LossKind
+from .checks import check_range
+from .config import AnchorConfig, MatcherConfig
+from .errors import InputError
+from .profiles import EPS32
+
+# Detectron2's RetinaNet: the running normalizer's start and momentum (dense_detector._ema_update)
+EMA_INITIAL, EMA_MOMENTUM = 100.0, 0.9
+# torchvision and Detectron2 clamp dw, dh at log(1000 / 16) before exp
+DELTA_CLIP = math.log(1000.0 / 16)
+# the focal loss's defaults in every framework
+FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
+# the FPN levels a one-stage detector predicts on, finest first
+DENSE_STRIDES = (8, 16, 32, 64, 128)
+# mmdet FCOS: the box term's normalizer floor (max(reduce_mean(sum ctr targets), 1e-6))
+CTR_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class DenseTerm:
+    """One dense term's normalization (see the module docstring)."""
+
+    normalizer: DenseNormalizer
+    floor: float = 0.0
+    eps: float = 0.0
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.normalizer, DenseNormalizer):
+            object.__setattr__(self, "normalizer", DenseNormalizer(self.normalizer))
+        for name in ("floor", "eps", "weight"):
+            check_range(getattr(self, name), name, 0.0)
+
+
+@dataclass(frozen=True)
+class DenseProfile:
+    """How the dense head's classification, box and centerness terms are normalized."""
+
+    name: str
+    summary: str
+    cls: DenseTerm
+    box: DenseTerm
+    ctr: DenseTerm
+
+
+def _same(name: str, summary: str, term: DenseTerm) -> DenseProfile:
+    return DenseProfile(name=name, summary=summary, cls=term, box=term, ctr=term)
+
+
+LEGACY = _same(
+    "legacy",
+    "each level divided by its own positives (NaN on a level without one)",
+    DenseTerm(DenseNormalizer.LEVEL_POS),
+)
+FIXED = _same(
+    "fixed",
+    "every level divided by the batch's positives, at least 1",
+    DenseTerm(DenseNormalizer.POS, floor=1.0),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenseTest:
+    """Test-time post-processing of a dense head's outputs."""
+
+    score_thr: float = 0.05
+    topk: int = 1000  # per level, before NMS
+    nms_iou: float = 0.5
+    detections_per_img: int = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenseConfig:
+    """A framework's dense head: its priors, assignment, losses, and its own normalization."""
+
+    name: str
+    framework: Framework
+    kind: DenseKind
+    anchors: AnchorConfig  # FCOS: one square of side = stride per location (its point: the centre)
+    assigner: DenseAssigner
+    matcher: MatcherConfig = field(default_factory=lambda: MatcherConfig(fg_iou=0.5, bg_iou=0.4))
+    coder: DenseCoder = DenseCoder.DELTAS
+    delta_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    delta_clip_both: bool = False  # mmdet clamps dw/dh from below too
+    box_loss: LossKind = LossKind.L1
+    beta: float = 0.0  # smooth-L1's transition point
+    alpha: float = FOCAL_ALPHA
+    gamma: float = FOCAL_GAMMA
+    center_radius: float = 1.5  # torchvision FCOS: centre sampling radius, in anchor sizes
+    ctr_on_box: bool = True  # the centerness branch sits on the box tower (else the cls tower)
+    ema_momentum: float = EMA_MOMENTUM
+    test: DenseTest = field(default_factory=DenseTest)
+    profile: DenseProfile = FIXED  # the framework's own normalization
+
+    def __post_init__(self):
+        check_range(self.alpha, "alpha", 0.0, 1.0)
+        check_range(self.gamma, "gamma", 0.0)
+        check_range(self.center_radius, "center_radius", 0.0, open_low=True)
+
+
+def _retina_sizes(base: float, integer: bool) -> tuple[tuple[float, ...], ...]:
+    """Three octave scales per level: x, x 2^(1/3), x 2^(2/3) with x = base x stride
+    (torchvision truncates them to integers)."""
+    sizes = []
+    for s in DENSE_STRIDES:
+        x = s * base
+        octave = [x * 2 ** (k / 3.0) for k in range(3)]
+        sizes.append(tuple(float(int(v)) if integer else v for v in octave))
+    return tuple(sizes)
+
+
+def _per_image(name: str) -> DenseProfile:
+    return DenseProfile(
+        name=name,
+        summary="each image divided by max(1, its positives), then averaged over the images",
+        cls=DenseTerm(DenseNormalizer.POS_PER_IMAGE),
+        box=DenseTerm(DenseNormalizer.POS_PER_IMAGE),
+        ctr=DenseTerm(DenseNormalizer.POS_PER_IMAGE),
+    )
+
+
+def torchvision_retinanet(v2: bool = False) -> DenseConfig:
+    """``retinanet_resnet50_fpn`` (L1 on deltas), or ``_v2`` (GroupNorm towers, GIoU)."""
+    name = "torchvision-retinanet-v2" if v2 else "torchvision-retinanet"
+    return DenseConfig(
+        name=name,
+        framework=Framework.TORCHVISION,
+        kind=DenseKind.RETINANET,
+        anchors=AnchorConfig(
+            sizes=_retina_sizes(4.0, integer=True), round=True, stride_from_size=True
+        ),
+        assigner=DenseAssigner.MAX_IOU,
+        box_loss=LossKind.GIOU_D2 if v2 else LossKind.L1,
+        test=DenseTest(score_thr=0.05, topk=1000, nms_iou=0.5, detections_per_img=300),
+        profile=_per_image(name),
+    )
+
+
+def torchvision_fcos() -> DenseConfig:
+    """``fcos_resnet50_fpn``: centre sampling, GIoU on the decoded boxes, centerness BCE, every
+    term divided by the batch's foreground count (at least 1)."""
+    return DenseConfig(
+        name="torchvision-fcos",
+        framework=Framework.TORCHVISION,
+        kind=DenseKind.FCOS,
+        anchors=AnchorConfig(
+            sizes=tuple((float(s),) for s in DENSE_STRIDES),
+            ratios=(1.0,),
+            round=True,
+            stride_from_size=True,
+        ),
+        assigner=DenseAssigner.FCOS_TORCHVISION,
+        coder=DenseCoder.DISTANCES,
+        box_loss=LossKind.GIOU_D2,
+        test=DenseTest(score_thr=0.2, topk=1000, nms_iou=0.6, detections_per_img=100),
+        profile=_same(
+            "torchvision-fcos",
+            "every term divided by the batch's foreground count, at least 1",
+            DenseTerm(DenseNormalizer.POS, floor=1.0),
+        ),
+    )
+
+
+def detectron2_retinanet() -> DenseConfig:
+    """Detectron2 ``retinanet_R_50_FPN``: smooth-L1 (beta 0.1), the EMA normalizer."""
+    return DenseConfig(
+        name="detectron2-retinanet",
+        framework=Framework.DETECTRON2,
+        kind=DenseKind.RETINANET,
+        anchors=AnchorConfig(sizes=_retina_sizes(4.0, integer=False), size_major=True),
+        assigner=DenseAssigner.MAX_IOU,
+        box_loss=LossKind.SMOOTH_L1,
+        beta=0.1,
+        test=DenseTest(score_thr=0.05, topk=1000, nms_iou=0.5, detections_per_img=100),
+        profile=_same(
+            "detectron2-retinanet",
+            "both terms divided by the running (EMA) positive count",
+            DenseTerm(DenseNormalizer.EMA),
+        ),
+    )
+
+
+def mmdet_retinanet() -> DenseConfig:
+    """MMDetection ``retinanet_r50_fpn``: MaxIoUAssigner (0.5 / 0.4, min_pos_iou 0),
+    PseudoSampler, L1 on deltas, avg_factor = sum over images of max(#pos, 1)."""
+    matcher = MatcherConfig(
+        fg_iou=0.5,
+        bg_iou=0.4,
+        low_quality_min_iou=0.0,
+        low_quality_reassign=True,
+        nan_positive=False,
+        union_eps=1e-6,
+    )
+    return DenseConfig(
+        name="mmdet-retinanet",
+        framework=Framework.MMDET,
+        kind=DenseKind.RETINANET,
+        anchors=AnchorConfig(sizes=_retina_sizes(4.0, integer=False), valid_pad_divisor=32),
+        assigner=DenseAssigner.MAX_IOU,
+        matcher=matcher,
+        delta_clip_both=True,
+        box_loss=LossKind.L1,
+        test=DenseTest(score_thr=0.05, topk=1000, nms_iou=0.5, detections_per_img=100),
+        profile=_same(
+            "mmdet-retinanet",
+            "both terms divided by the sum over images of max(#pos, 1) (+ float32 eps)",
+            DenseTerm(DenseNormalizer.MMDET_PSEUDO, eps=EPS32),
+        ),
+    )
+
+
+# the presets by name, as --config and a dump's meta name them
+DENSE_PRESETS = {
+    "torchvision-retinanet": torchvision_retinanet,
+    "torchvision-retinanet-v2": lambda: torchvision_retinanet(v2=True),
+    "torchvision-fcos": torchvision_fcos,
+    "detectron2-retinanet": detectron2_retinanet,
+    "mmdet-retinanet": mmdet_retinanet,
+}
+
+
+def dense_preset(name: str) -> DenseConfig:
+    try:
+        return DENSE_PRESETS[name]()
+    except KeyError:
+        known = ", ".join(DENSE_PRESETS)
+        raise InputError(f"no one-stage preset named {name!r}; the presets: {known}") from None
+
+
+def dense_profile(name: str, config: DenseConfig) -> DenseProfile:
+    """A dense profile by name: legacy, fixed, or the config's own (its preset name)."""
+    named = {p.name: p for p in (LEGACY, FIXED, config.profile)}
+    if name not in named:
+        raise InputError(
+            f"no one-stage profile named {name!r}; the profiles here: {', '.join(named)}"
+        )
+    return named[name]
