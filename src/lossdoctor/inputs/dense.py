@@ -118,7 +118,15 @@ class DenseConfig:
     beta: float = 0.0  # smooth-L1's transition point
     alpha: float = FOCAL_ALPHA
     gamma: float = FOCAL_GAMMA
-    center_radius: float = 1.5  # torchvision FCOS: centre sampling radius, in anchor sizes
+    center_radius: float = 1.5  # FCOS centre sampling radius, in anchor sizes (strides)
+    # MMDetection FCOS: each level's range of the largest GT distance it regresses, whether
+    # positives must lie within center_radius strides of the GT centre, box outputs exp() (else
+    # clamped at 0) and in strides (norm_on_bbox) or pixels, the box term weighted by centerness
+    regress_ranges: tuple[tuple[float, float], ...] = ()
+    center_sampling: bool = True
+    exp_distances: bool = False
+    distances_in_strides: bool = True
+    box_weight_ctr: bool = False
     ctr_on_box: bool = True  # the centerness branch sits on the box tower (else the cls tower)
     ema_momentum: float = EMA_MOMENTUM
     test: DenseTest = field(default_factory=DenseTest)
@@ -243,6 +251,47 @@ def mmdet_retinanet() -> DenseConfig:
     )
 
 
+# MMDetection FCOS's default regress ranges (the last level's upper bound is its INF)
+FCOS_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, 1e8))
+
+
+def mmdet_fcos(giou: bool = False) -> DenseConfig:
+    """MMDetection ``fcos_r50-caffe_fpn_gn-head_1x`` (IoU loss on exp() distances in pixels,
+    centerness on the cls tower, no centre sampling), or with ``giou`` its
+    ``-center-normbbox-centeronreg-giou`` variant. The box term is weighted by the positives'
+    centerness targets and divided by their sum; cls and centerness by max(reduce_mean(#pos), 1).
+    """
+    name = "mmdet-fcos-giou" if giou else "mmdet-fcos"
+    pos = DenseTerm(DenseNormalizer.POS, floor=1.0, eps=EPS32)
+    return DenseConfig(
+        name=name,
+        framework=Framework.MMDET,
+        kind=DenseKind.FCOS,
+        anchors=AnchorConfig(
+            sizes=tuple((float(s),) for s in DENSE_STRIDES), ratios=(1.0,), offset=0.5
+        ),
+        assigner=DenseAssigner.FCOS_MMDET,
+        coder=DenseCoder.DISTANCES,
+        box_loss=LossKind.GIOU if giou else LossKind.IOU,
+        ctr_on_box=giou,
+        regress_ranges=FCOS_RANGES,
+        center_sampling=giou,
+        exp_distances=not giou,
+        distances_in_strides=giou,
+        box_weight_ctr=True,
+        test=DenseTest(score_thr=0.05, topk=1000, nms_iou=0.6 if giou else 0.5,
+                       detections_per_img=100),  # fmt: skip
+        profile=DenseProfile(
+            name=name,
+            summary="cls and centerness over max(reduce_mean(#pos), 1); the box term weighted "
+            "by centerness targets over their reduced sum",
+            cls=pos,
+            box=DenseTerm(DenseNormalizer.CTR_SUM, floor=CTR_FLOOR, eps=EPS32),
+            ctr=pos,
+        ),
+    )
+
+
 # the presets by name, as --config and a dump's meta name them
 DENSE_PRESETS = {
     "torchvision-retinanet": torchvision_retinanet,
@@ -250,6 +299,8 @@ DENSE_PRESETS = {
     "torchvision-fcos": torchvision_fcos,
     "detectron2-retinanet": detectron2_retinanet,
     "mmdet-retinanet": mmdet_retinanet,
+    "mmdet-fcos": mmdet_fcos,
+    "mmdet-fcos-giou": lambda: mmdet_fcos(giou=True),
 }
 
 

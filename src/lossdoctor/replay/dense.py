@@ -30,6 +30,7 @@ from ..vocab import (
     DenseCoder,
     DenseLayer,
     DenseNormalizer,
+    Framework,
     Part,
 )
 from .anchors import level_anchors, valid_flags
@@ -157,7 +158,7 @@ def dense_head(x: Tensor, w: DenseWeights, config: DenseConfig, level: int) -> D
     if w.scales:
         deltas = deltas * w.scales[level]
     if config.coder is DenseCoder.DISTANCES:
-        deltas = F.relu(deltas)
+        deltas = deltas.exp() if config.exp_distances else F.relu(deltas)
     ctr = None
     if w.has_ctr:
         ctr = _flat(_conv(box_feat if config.ctr_on_box else cls_feat, w, DenseLayer.CTR), 1)
@@ -200,12 +201,55 @@ def _match_fcos_tv(gt: Tensor, anchors: Tensor, per_level: list[int], radius: fl
     return idx
 
 
+def _match_fcos_mmdet(gt: Tensor, anchors: Tensor, strides: Tensor, ranges: Tensor, config):
+    """MMDetection FCOS's targets: each point (an anchor's centre) takes the smallest GT it lies
+    in (within ``center_radius`` strides of its centre, with centre sampling) whose largest
+    distance is in the level's range → GT index, -1 for none (Tensor[M])."""
+    if gt.shape[0] == 0:
+        return torch.full((anchors.shape[0],), -1, dtype=torch.long)
+    xs, ys = (
+        ((anchors[:, 0] + anchors[:, 2]) / 2)[:, None],
+        ((anchors[:, 1] + anchors[:, 3]) / 2)[:, None],
+    )
+    x0, y0, x1, y1 = gt[None].unbind(2)
+    dist = torch.stack([xs - x0, ys - y0, x1 - xs, y1 - ys], -1)
+    if config.center_sampling:
+        r = (strides * config.center_radius)[:, None]
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        box = torch.stack([torch.maximum(cx - r, x0), torch.maximum(cy - r, y0),
+                           torch.minimum(cx + r, x1), torch.minimum(cy + r, y1)], -1)  # fmt: skip
+        inside = torch.stack([xs - box[..., 0], ys - box[..., 1], box[..., 2] - xs,
+                              box[..., 3] - ys], -1).min(-1).values > 0  # fmt: skip
+    else:
+        inside = dist.min(-1).values > 0
+    far = dist.max(-1).values
+    in_range = (far >= ranges[:, :1]) & (far <= ranges[:, 1:])
+    areas = ((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1]))[None].repeat(anchors.shape[0], 1)
+    areas[~inside] = FCOS_AREA_BASE
+    areas[~in_range] = FCOS_AREA_BASE
+    best, idx = areas.min(dim=1)
+    idx[best == FCOS_AREA_BASE] = -1
+    return idx
+
+
+def _per_anchor(values, anchors: list[Tensor]) -> Tensor:
+    """One value per level → Tensor[M, ...] repeated for each anchor of the level."""
+    return torch.cat([torch.tensor(v, dtype=torch.float32).expand(a.shape[0], *torch.tensor(v).shape)
+                      for v, a in zip(values, anchors)])  # fmt: skip
+
+
 def _assign(config, batch, gt, anchors, shapes, num_anchors, i) -> tuple[Tensor, Tensor]:
     """Image ``i`` over the anchors of all levels → (labels int8, matched int64), Tensor[M]."""
     flat = torch.cat(anchors)
     if config.assigner is DenseAssigner.FCOS_TORCHVISION:
         per_level = [a.shape[0] for a in anchors]
         idx = _match_fcos_tv(gt.boxes[i], flat, per_level, config.center_radius)
+        labels = torch.where(idx >= 0, POSITIVE, NEGATIVE).to(torch.int8)
+        return labels, idx.clamp(min=0)
+    if config.assigner is DenseAssigner.FCOS_MMDET:
+        strides = _per_anchor([float(s) for s in batch.strides], anchors)
+        ranges = _per_anchor([list(r) for r in config.regress_ranges[: len(anchors)]], anchors)
+        idx = _match_fcos_mmdet(gt.boxes[i], flat, strides, ranges, config)
         labels = torch.where(idx >= 0, POSITIVE, NEGATIVE).to(torch.int8)
         return labels, idx.clamp(min=0)
     if config.assigner is DenseAssigner.MAX_IOU:
@@ -216,18 +260,27 @@ def _assign(config, batch, gt, anchors, shapes, num_anchors, i) -> tuple[Tensor,
     raise NotImplementedError(f"the {config.assigner} assigner")  # refused when loading
 
 
-def _linear_encode(gt: Tensor, anchors: Tensor) -> Tensor:
-    """torchvision's BoxLinearCoder (normalized by size): (l, t, r, b) of ``gt`` from each
-    anchor's centre, over the anchor's width / height. Tensor[M, 4] x2 → Tensor[M, 4]."""
-    cx, cy = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
+def _units(anchors: Tensor, per_stride: bool) -> Tensor:
+    """What one distance unit is, per anchor and coordinate (Tensor[M, 4]): the anchor's width
+    and height (= the stride of a point's square), or a pixel."""
+    if not per_stride:
+        return torch.ones_like(anchors)
     w, h = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
+    return torch.stack([w, h, w, h], -1)
+
+
+def _linear_encode(gt: Tensor, anchors: Tensor, per_stride: bool = True) -> Tensor:
+    """torchvision's BoxLinearCoder (normalized by size) / MMDetection's point distances:
+    (l, t, r, b) of ``gt`` from each anchor's centre, in units. Tensor[M, 4] x2 → Tensor[M, 4]."""
+    cx, cy = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
     t = torch.stack([cx - gt[:, 0], cy - gt[:, 1], gt[:, 2] - cx, gt[:, 3] - cy], -1)
-    return t / torch.stack([w, h, w, h], -1)
+    return t / _units(anchors, per_stride)
 
 
-def _linear_decode(rel: Tensor, anchors: Tensor) -> Tensor:
+def _linear_decode(rel: Tensor, anchors: Tensor, per_stride: bool = True) -> Tensor:
     cx, cy = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
-    w, h = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
+    u = _units(anchors, per_stride)
+    w, h = u[:, 0], u[:, 1]
     return torch.stack(
         [cx - rel[:, 0] * w, cy - rel[:, 1] * h, cx + rel[:, 2] * w, cy + rel[:, 3] * h], -1
     )
@@ -245,8 +298,12 @@ def centerness(dist: Tensor) -> Tensor:
 def _box_losses(config: DenseConfig, pred: Tensor, anchors: Tensor, gt: Tensor):
     """(box loss, centerness target) of positives: pred, anchors, matched gt Tensor[P, 4]."""
     if config.coder is DenseCoder.DISTANCES:
-        target = _linear_encode(gt, anchors)
-        loss = DECODED_LOSSES[config.box_loss](_linear_decode(pred, anchors), gt, config.beta)
+        units = config.distances_in_strides
+        target = _linear_encode(gt, anchors, units)
+        boxes = _linear_decode(pred, anchors, units)
+        if config.framework is Framework.MMDET:  # it decodes the targets around the point too
+            gt = _linear_decode(target, anchors, units)
+        loss = DECODED_LOSSES[config.box_loss](boxes, gt, config.beta)
         return loss, centerness(target)
     if config.box_loss in DECODED_BOX_LOSSES:
         boxes = decode(pred, anchors, config.delta_weights, DELTA_CLIP, config.delta_clip_both)
@@ -271,6 +328,8 @@ def _level(name, stride, out: DenseOutput, anchors, labels, matched, gt: UsableG
         g = matched[i, idx]
         target[i, idx, gt.labels[i][g]] = 1.0
         loss, ct = _box_losses(config, out.deltas[i, idx], anchors[idx], gt.boxes[i][g])
+        if config.box_weight_ctr:
+            loss = loss * ct.detach()
         box = box.index_put((torch.full_like(idx, i), idx), loss)
         ctr_t[i, idx] = ct.detach()
         if out.ctr is not None:
