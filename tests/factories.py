@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 
 import pytest
@@ -491,3 +492,60 @@ def offset_logits(sd: dict, offset: float = 1000.0, std: float = 0.01) -> dict:
 
 def amp_meta(dtype: str = "float16", scale: float = 65536.0, **kw) -> dict:
     return {"amp": {"dtype": dtype, "loss_scale": scale, **kw}}
+
+
+# per (layout, kind): the tower prefixes, how a tower's k-th conv and norm are spelled, and the
+# predictors (the spellings of each framework's own modules)
+DENSE_KEYS = {
+    ("torchvision", "retinanet"): ("head.classification_head.conv", "head.regression_head.conv",
+                                   "{p}.{k}.0", "{p}.{k}.1", "head.classification_head.cls_logits",
+                                   "head.regression_head.bbox_reg", None),
+    ("torchvision", "fcos"): ("head.classification_head.conv", "head.regression_head.conv",
+                              "{p}.{k3}", "{p}.{k3n}", "head.classification_head.cls_logits",
+                              "head.regression_head.bbox_reg", "head.regression_head.bbox_ctrness"),
+    ("detectron2", "retinanet"): ("head.cls_subnet", "head.bbox_subnet", "{p}.{k2}", "{p}.{k3n}",
+                                  "head.cls_score", "head.bbox_pred", None),
+    ("mmdet", "retinanet"): ("bbox_head.cls_convs", "bbox_head.reg_convs", "{p}.{k}.conv",
+                             "{p}.{k}.gn", "bbox_head.retina_cls", "bbox_head.retina_reg", None),
+    ("mmdet", "fcos"): ("bbox_head.cls_convs", "bbox_head.reg_convs", "{p}.{k}.conv",
+                        "{p}.{k}.gn", "bbox_head.conv_cls", "bbox_head.conv_reg",
+                        "bbox_head.conv_centerness"),
+}  # fmt: skip
+
+
+def dense_state_dict(layout="torchvision", kind="retinanet", channels=32, classes=3, anchors=9,
+                     convs=2, norm=False, seed=0, std=0.05, prior=0.01):  # fmt: skip
+    """A random dense head under a framework's key names (the classifier bias at ``prior``)."""
+    cls_t, box_t, conv, nm, logits, deltas, ctr = DENSE_KEYS[(layout, kind)]
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+
+    def put(module, cout, cin, kernel=3, bias=True):
+        sd[f"{module}.weight"] = torch.randn(cout, cin, kernel, kernel, generator=g) * std
+        if bias:
+            sd[f"{module}.bias"] = torch.randn(cout, generator=g) * 0.01
+
+    for tower in (cls_t, box_t):
+        for k in range(convs):
+            names = dict(p=tower, k=k, k2=2 * k, k3=3 * k, k3n=3 * k + 1 if norm else 2 * k + 1)
+            put(conv.format(**names), channels, channels, bias=not norm or kind == "fcos")
+            if norm:
+                sd[f"{nm.format(**names)}.weight"] = 1 + 0.1 * torch.randn(channels, generator=g)
+                sd[f"{nm.format(**names)}.bias"] = 0.1 * torch.randn(channels, generator=g)
+    put(logits, anchors * classes, channels)
+    sd[f"{logits}.bias"] = torch.full((anchors * classes,), -math.log((1 - prior) / prior))
+    put(deltas, anchors * 4, channels)
+    if ctr:
+        put(ctr, anchors, channels)
+    if layout == "mmdet" and kind == "fcos":
+        for lvl in range(5):
+            sd[f"bbox_head.scales.{lvl}.scale"] = torch.tensor(1.0)
+    return sd
+
+
+def dense_batch_dict(n=2, channels=32, size=(128, 160), seed=0, boxes=None, labels=None):
+    """A one-stage dump dict: P3-P7 features, a few GT boxes per image."""
+    if boxes is None:
+        boxes = [torch.tensor([[8.0, 10.0, 60.0, 70.0], [70.0, 20.0, 150.0, 100.0]])] * n
+    return batch_dict(n=n, channels=channels, size=size, strides=(8, 16, 32, 64, 128), seed=seed,
+                      boxes=boxes, labels=labels)  # fmt: skip

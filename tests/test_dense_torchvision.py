@@ -12,13 +12,13 @@ import torch
 import factories as F
 
 tv = F.framework("torchvision")
+from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
 from torchvision.models.detection.fcos import FCOS, FCOSHead  # noqa: E402
 from torchvision.models.detection.retinanet import (  # noqa: E402
     RetinaNet,
     RetinaNetHead,
     _default_anchorgen,
 )
-from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
 
 from lossdoctor.inputs.batch import BATCH_FORMAT, validate_batch  # noqa: E402
 from lossdoctor.inputs.dense import dense_preset  # noqa: E402
@@ -66,7 +66,7 @@ def _randomize(model, seed: int) -> None:
     """Random weights far from the init, so every term is large and matched anchors vary."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.head.named_parameters():
+        for _name, p in model.head.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.dim() > 1 else 0.1))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .inputs.amp import amp_record, precision_named, run_precision
 from .inputs.batch import Batch, load_batch
-from .inputs.checkpoint import HeadWeights, check_fit, load_checkpoint
+from .inputs.checkpoint import HeadWeights, OneStageCheckpoint, check_fit, load_checkpoint
 from .inputs.checks import check_seed
 from .inputs.config import DetectorConfig, config_from_meta, load_config, preset, replace
 from .inputs.errors import InputError
@@ -78,7 +78,11 @@ def resolve_inputs(
         raise InputError(f"this capture's model cannot be replayed: {unsupported}")
     heads = checkpoint
     if not isinstance(checkpoint, HeadWeights):
-        heads = load_checkpoint(checkpoint, unsafe=unsafe_load)
+        try:
+            heads = load_checkpoint(checkpoint, unsafe=unsafe_load)
+        except OneStageCheckpoint as e:
+            e.batch = batch  # inspect replays it as a dense head
+            raise
     if not isinstance(checkpoint, HeadWeights):
         # a heads-only capture: what the rest of the model held, as the capture summarized it
         summary = batch.meta.get("weights") or {}
@@ -192,7 +196,12 @@ def _inspect_dump(checkpoint, batch, o: ReplayOptions, on_phase):
 
     on_phase(Phase.LOAD)
     paths = capture_files(checkpoint, batch)
-    heads, b, cfg = resolve_inputs(*paths, o.config, o.unsafe_load)
+    try:
+        heads, b, cfg = resolve_inputs(*paths, o.config, o.unsafe_load)
+    except OneStageCheckpoint as e:
+        from .dense import inspect_dense
+
+        return inspect_dense(e, paths, o, on_phase)
     if o.score_thr is not None:
         cfg = replace(cfg, test=replace(cfg.test, score_thr=o.score_thr))
     profs, source = _profiles(b, o.profiles, o.old, o.new)

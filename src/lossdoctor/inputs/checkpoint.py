@@ -38,6 +38,7 @@ from ..vocab import (
 )
 from .batch import BATCH_FORMAT
 from .checks import as_member
+from .dense_weights import DenseLayout, find_dense_layout
 from .errors import InputError
 from .layouts import (
     BACKGROUND,
@@ -373,6 +374,20 @@ def scan_nonfinite(sd: dict[str, Tensor], skip: set[str]) -> dict[str, int]:
     return {k: n for k, n in counts.items() if n}
 
 
+class OneStageCheckpoint(InputError):
+    """A one-stage detector's checkpoint where a two-stage one was read: ``inspect`` (and what
+    runs it: compare, scan) replays its dense head; the other commands refuse it with this."""
+
+    def __init__(self, sd: dict[str, Tensor], layout: DenseLayout):
+        name = f"{layout.layout} {layout.kind}"
+        super().__init__(
+            f"this is a one-stage detector ({name}): `lossdoctor inspect` replays its dense "
+            "head; this command takes two-stage (RPN + RoI) checkpoints"
+        )
+        self.state_dict, self.layout = sd, layout
+        self.batch = None  # the batch read with it, where there was one
+
+
 def heads_from_state_dict(
     sd: dict[str, Tensor], layout: Layout | str | None = None, replaced=()
 ) -> HeadWeights:
@@ -384,10 +399,13 @@ def heads_from_state_dict(
             refuse_design(unreplayed_design(sd, name, found))
             return _heads(sd, found, name, replaced)
     stage = one_stage(sd)
+    dense = find_dense_layout(sd)
+    if dense is not None:
+        raise OneStageCheckpoint(sd, dense)
     if stage is not None:
         raise InputError(
-            f"{stage} is a one-stage detector: not replayed yet (lossdoctor replays two-stage "
-            "detectors: an RPN and RoI heads)"
+            f"{stage} is a one-stage detector whose head design is not replayed (replayed: "
+            "RetinaNet and FCOS heads of torchvision, MMDetection and Detectron2)"
         )
     refuse_design(headless_design(sd, layouts))
     roots = "; ".join(f"{n}: {', '.join(HEAD_ROOTS[n])}" for n in layouts)
@@ -613,6 +631,8 @@ def load_checkpoint(
     _refuse_foreign(loaded.obj, p)
     try:
         return heads_from_state_dict(_state_dict(loaded.obj), layout, loaded.replaced)
+    except OneStageCheckpoint:
+        raise
     except InputError as e:
         raise noting_payloads(InputError(f"{p}: {e}"), loaded.replaced) from None
 

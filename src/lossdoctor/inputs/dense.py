@@ -279,8 +279,9 @@ def mmdet_fcos(giou: bool = False) -> DenseConfig:
         exp_distances=not giou,
         distances_in_strides=giou,
         box_weight_ctr=True,
-        test=DenseTest(score_thr=0.05, topk=1000, nms_iou=0.6 if giou else 0.5,
-                       detections_per_img=100),  # fmt: skip
+        test=DenseTest(
+            score_thr=0.05, topk=1000, nms_iou=0.6 if giou else 0.5, detections_per_img=100
+        ),  # fmt: skip
         profile=DenseProfile(
             name=name,
             summary="cls and centerness over max(reduce_mean(#pos), 1); the box term weighted "

@@ -25,7 +25,6 @@ from ..vocab import (
     DENSE_BOX_NORMS,
     DENSE_CLS_CONVS,
     DENSE_CLS_NORMS,
-    WEIGHT,
     DenseAssigner,
     DenseCoder,
     DenseLayer,
@@ -234,8 +233,8 @@ def _match_fcos_mmdet(gt: Tensor, anchors: Tensor, strides: Tensor, ranges: Tens
 
 def _per_anchor(values, anchors: list[Tensor]) -> Tensor:
     """One value per level → Tensor[M, ...] repeated for each anchor of the level."""
-    return torch.cat([torch.tensor(v, dtype=torch.float32).expand(a.shape[0], *torch.tensor(v).shape)
-                      for v, a in zip(values, anchors)])  # fmt: skip
+    rows = [torch.tensor(v, dtype=torch.float32) for v in values]
+    return torch.cat([r.expand(a.shape[0], *r.shape) for r, a in zip(rows, anchors)])
 
 
 def _assign(config, batch, gt, anchors, shapes, num_anchors, i) -> tuple[Tensor, Tensor]:

@@ -6,8 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..inputs.config import DetectorConfig
+from ..inputs.dense import DenseProfile
 from ..inputs.profiles import LossProfile
-from ..vocab import Background, Precision, PrecisionSource, ProfileSource
+from ..vocab import (
+    Background,
+    DenseKind,
+    LossKind,
+    Precision,
+    PrecisionSource,
+    ProfileSource,
+)
 
 
 @dataclass(kw_only=True)
@@ -120,14 +128,33 @@ class RankMeta:
 
 
 @dataclass(kw_only=True)
+class DenseMeta:
+    """A one-stage detector's report: its preset (the replayed config), head, profiles and
+    Detectron2's running normalizer."""
+
+    preset: str
+    kind: DenseKind
+    classes: int
+    anchors: int  # per location
+    convs: int  # per tower
+    norm: bool  # GroupNorm after each tower conv
+    centerness: bool
+    box_loss: LossKind
+    profiles: dict[str, DenseProfile]
+    positives: int  # the batch's, all levels
+    ema_before: float | None = None  # the running normalizer before this step (recorded)
+    ema: float | None = None  # after this step's update: what the EMA profile divides by
+
+
+@dataclass(kw_only=True)
 class ReportMeta:
     lossdoctor: str
     torch: str
     created: str
     checkpoint: CheckpointMeta
     batch: BatchMeta
-    heads: HeadsMeta
-    config: DetectorConfig
+    heads: HeadsMeta | None  # None for a one-stage detector (see dense)
+    config: DetectorConfig | None
     profiles: dict[str, LossProfile]
     seed: int
     sample_all: bool
@@ -138,6 +165,7 @@ class ReportMeta:
     world_size: int | None = field(default=None, metadata={"omit_none": True})
     # a replay in a low precision, or one asked for (--precision)
     precision: PrecisionMeta | None = field(default=None, metadata={"omit_none": True})
+    dense: DenseMeta | None = field(default=None, metadata={"omit_none": True})
 
     @property
     def own(self) -> str | None:

@@ -83,6 +83,8 @@ class Report(Tabled):
 
     @property
     def profiles(self) -> list[str]:
+        if self.meta.dense is not None:
+            return list(self.meta.dense.profiles)
         return list(self.meta.profiles)
 
     @property

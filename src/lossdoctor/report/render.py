@@ -22,7 +22,7 @@ from rich.text import Text
 
 from ..diagnose.groups import FindingGroup, span
 from ..replay.precision import scale_text
-from ..vocab import BOX_TERMS, TERMS, Head, PrecisionSource, ProfileSource, Severity
+from ..vocab import BOX_TERMS, DENSE_TERMS, TERMS, Head, PrecisionSource, ProfileSource, Severity
 from .build import ALL_LEVELS
 from .compare import SAME, Change, Comparison
 from .meta import PrecisionMeta
@@ -37,7 +37,7 @@ STACKED_FINDINGS_BELOW = 100
 WHERE_WIDTH = 28
 RUN_SOURCE = {ProfileSource.DUMP: "recorded in the dump", ProfileSource.GIVEN: "--old"}
 SEVERITY_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
-UNITS = {Head.RPN: "anchors", Head.ROI: "RoIs", Head.MASK: "RoIs"}
+UNITS = {Head.RPN: "anchors", Head.ROI: "RoIs", Head.MASK: "RoIs", Head.DENSE: "anchors"}
 LEVEL_METRICS = (
     ("avg_factor", "avg_f"),
     ("sample_weight", "w/smp"),
@@ -52,6 +52,8 @@ MASK_METRICS = (
     ("loss_mask", "loss"),
     ("grad_feature", "|dL/dF|"),
 )
+# a dense head with centerness (FCOS, ATSS) has a third term
+CTR_METRICS = (*LEVEL_METRICS[:4], ("loss_ctr", "ctr"), LEVEL_METRICS[4])
 
 
 class _StripTrailing(io.TextIOBase):
@@ -185,7 +187,7 @@ def fitted(title: str, keys: list[Column], groups: list[list[Column]], width: in
 
 def header(report: Report) -> Text:
     m = report.meta
-    ck, bt, h = m.checkpoint, m.batch, m.heads
+    ck, bt, _h = m.checkpoint, m.batch, m.heads
     t = Text()
     t.append("lossdoctor ", style="bold")
     t.append(f"{m.lossdoctor} (torch {m.torch})\n")
@@ -203,20 +205,38 @@ def header(report: Report) -> Text:
         f"; step {dump.step}" if dump.step is not None
         else f"; iteration {dump.iteration}" if dump.iteration is not None else ""
     )  # fmt: skip
-    t.append(
-        f"detector    {m.config.name} config; {h.classes} classes (background "
-        f"{h.background}), {h.anchors} anchors/location, {h.channels} channels" + it + "\n"
-    )
+    t.append(_detector_line(m) + it + "\n")
     why = captured_because(report)
     if why:
         t.append(f"captured    because {why}\n", style="bold")
     sampling = "every candidate (--sample-all)" if m.sample_all else f"seed {m.seed}"
+    if m.dense is not None:
+        sampling = "none (every anchor not ignored)"
     t.append(f"profiles    {_profiles(report)}; sampling {sampling}")
     if m.precision is not None:
         t.append(f"\nprecision   {precision_line(m.precision)}")
     for note in _checkpoint_notes(ck):
         t.append(f"\nnote        {note}", style="dim")
     return t
+
+
+def _detector_line(m) -> str:
+    h, dn = m.heads, m.dense
+    if dn is not None:
+        ema = "" if dn.ema is None else f"; EMA normalizer {dn.ema:.4g} (before {_ema(dn)})"
+        return (
+            f"detector    one-stage {dn.kind}, {dn.preset} preset; {dn.classes} classes, "
+            f"{dn.anchors} anchors/location, {dn.convs} convs per tower"
+            f"{' with GroupNorm' if dn.norm else ''}; {dn.positives} positives{ema}"
+        )
+    return (
+        f"detector    {m.config.name} config; {h.classes} classes (background "
+        f"{h.background}), {h.anchors} anchors/location, {h.channels} channels"
+    )
+
+
+def _ema(dn) -> str:
+    return "100, assumed: not recorded" if dn.ema_before is None else f"{dn.ema_before:.4g}"
 
 
 def _checkpoint_notes(ck) -> list[str]:
@@ -326,7 +346,8 @@ def symptom(report: Report) -> Text:
     )
     if s.chance is not None:
         t.append(f"; chance {num(s.chance).plain}")
-    t.append(f"\n         anchors with objectness > 0.5: {s.objectness_above_half:.1%}")
+    if s.objectness_above_half == s.objectness_above_half:  # NaN: a one-stage detector
+        t.append(f"\n         anchors with objectness > 0.5: {s.objectness_above_half:.1%}")
     return t
 
 
@@ -418,6 +439,8 @@ def level_table(
     rows = [r for r in report.tables.levels if r.head == head and r.stage == stage]
     unit = UNITS[head]
     metrics = MASK_METRICS if head == Head.MASK else LEVEL_METRICS
+    if any(r.loss_ctr is not None for r in rows):
+        metrics = CTR_METRICS
     name = f"{head.upper()} head" + (f", cascade stage {stage}" if stage else "")
     levels = list(dict.fromkeys(r.level for r in rows))
     by_level = [{r.profile: r for r in rows if r.level == lvl} for lvl in levels]
@@ -438,10 +461,16 @@ def level_table(
     return fitted(title, keys, groups, width, len(levels) - 2 if len(levels) > 1 else None)
 
 
+def _given(v) -> bool:
+    return v is not None and v == v  # a dense report's two-stage terms are NaN
+
+
 def totals(report: Report, width: int = WIDTH) -> list[Table]:
     """Totals per profile, split where wider than ``width``."""
     rows = report.tables.profiles
-    terms = [x.value for x in TERMS if any(getattr(r, x.value) is not None for r in rows)]
+    terms = [
+        x.value for x in (*TERMS, *DENSE_TERMS) if any(_given(getattr(r, x.value)) for r in rows)
+    ]
     cols = ("loss_total", *terms, "grad_total_norm", "grad_clipped_norm", "rpn_neg_share")
     names = ("loss", *terms, "|grad| pre-clip", "post-clip", "rpn neg share")
     keys = [Column("profile", [Text(r.profile) for r in rows], "left")]

@@ -59,6 +59,9 @@ class LevelRow(PerRank):
     neg_share: float = _extra(float("nan"))
     stage: int = _extra(0)  # the cascade stage of a RoI level
     loss_mask: float = _extra(0.0)  # the mask head's rows: the mask term at this level
+    # a dense head's rows (FCOS/ATSS): the centerness term and what it was divided by
+    loss_ctr: float | None = field(default=None, metadata={"extra": True, "omit_none": True})
+    avg_factor_ctr: float | None = field(default=None, metadata={"extra": True, "omit_none": True})
 
 
 @dataclass(kw_only=True)
@@ -113,6 +116,10 @@ class ProfileRow(PerRank):
     roi_neg_share: float | None
     no_grad: list[str]  # the parameters (and RPN feature levels) that got no gradient
     roi_mask: float | None = _extra()
+    # a one-stage detector's terms (its rpn_* and roi_* are null)
+    dense_cls: float | None = field(default=None, metadata={"extra": True, "omit_none": True})
+    dense_box: float | None = field(default=None, metadata={"extra": True, "omit_none": True})
+    dense_ctr: float | None = field(default=None, metadata={"extra": True, "omit_none": True})
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,136 @@
+"""``inspect`` for a one-stage detector: its dense head replayed under the run's own profile and
+a what-if, diagnosed and reported in the same report model as a two-stage replay."""
+
+from __future__ import annotations
+
+import math
+
+from .inputs.batch import Batch
+from .inputs.checkpoint import OneStageCheckpoint
+from .inputs.config import DetectorConfig
+from .inputs.dense import DENSE_PRESETS, FIXED, LEGACY, DenseConfig, dense_preset, dense_profile
+from .inputs.dense_weights import DenseWeights, dense_weights
+from .inputs.errors import InputError
+from .options import ReplayOptions
+from .vocab import DenseKind, Layout, Phase, ProfileSource
+
+# the preset a checkpoint's layout and head design mean, where the dump names none
+_DEFAULT_PRESET = {
+    (Layout.TORCHVISION, DenseKind.RETINANET, False): "torchvision-retinanet",
+    (Layout.TORCHVISION, DenseKind.RETINANET, True): "torchvision-retinanet-v2",
+    (Layout.TORCHVISION, DenseKind.FCOS, True): "torchvision-fcos",
+    (Layout.DETECTRON2, DenseKind.RETINANET, False): "detectron2-retinanet",
+    (Layout.DETECTRON2, DenseKind.RETINANET, True): "detectron2-retinanet",
+    (Layout.MMDET, DenseKind.RETINANET, False): "mmdet-retinanet",
+    (Layout.MMDET, DenseKind.FCOS, True): "mmdet-fcos",
+    (Layout.MMDET, DenseKind.FCOS, False): "mmdet-fcos",
+}
+# the dump's record of a one-stage run (written by the capture adapters)
+DENSE_META = "dense"
+
+
+def _config(given, b: Batch, w: DenseWeights) -> DenseConfig:
+    """--config (a preset name), else the dump's ``meta["dense"]["preset"]``, else the
+    layout's default."""
+    if isinstance(given, DenseConfig):
+        return given
+    if given is not None and not (isinstance(given, str) and given in DENSE_PRESETS):
+        shown = given.name if isinstance(given, DetectorConfig) else given
+        raise InputError(
+            f"--config {shown} is a two-stage config; a one-stage detector takes one of the "
+            f"presets {', '.join(DENSE_PRESETS)}"
+        )
+    recorded = (b.meta.get(DENSE_META) or {}).get("preset")
+    name = given or recorded
+    if name is None:
+        key = (w.layout.layout, w.kind, w.norm)
+        name = _DEFAULT_PRESET.get(key)
+        if name is None:
+            raise InputError(
+                f"a {w.layout.layout} {w.kind} head ({'with' if w.norm else 'without'} "
+                f"GroupNorm) is not replayed yet; replayed: {', '.join(DENSE_PRESETS)}"
+            )
+    cfg = dense_preset(name)
+    if cfg.kind is not w.kind:
+        raise InputError(f"preset {name} is a {cfg.kind} head; the checkpoint's is {w.kind}")
+    return cfg
+
+
+def _ema_before(b: Batch) -> float | None:
+    value = (b.meta.get(DENSE_META) or {}).get("loss_normalizer")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(
+            f"meta.dense.loss_normalizer must be a finite number, found {value!r}; it is "
+            "Detectron2's running normalizer before the step (model.loss_normalizer)"
+        )
+    if value <= 0:
+        raise InputError(f"meta.dense.loss_normalizer must be above 0, found {value}")
+    return float(value)
+
+
+def _fit(w: DenseWeights, b: Batch, cfg: DenseConfig) -> None:
+    if b.channels != w.channels:
+        raise InputError(
+            f"the batch's features have {b.channels} channels, the dense head takes {w.channels}"
+        )
+    if len(b.levels) > len(cfg.anchors.sizes):
+        raise InputError(
+            f"the batch has {len(b.levels)} levels; preset {cfg.name} has priors for "
+            f"{len(cfg.anchors.sizes)} (P3-P7)"
+        )
+    cells = len(cfg.anchors.sizes[0]) * len(cfg.anchors.ratios)
+    if cells != w.num_anchors:
+        raise InputError(
+            f"the head predicts {w.num_anchors} anchors per location; preset {cfg.name} has "
+            f"{cells}: pick the preset of its framework with --config"
+        )
+    if cfg.regress_ranges and len(b.levels) > len(cfg.regress_ranges):
+        raise InputError(f"preset {cfg.name} has regress ranges for {len(cfg.regress_ranges)} "
+                         f"levels; the batch has {len(b.levels)}")  # fmt: skip
+
+
+def _profiles(o: ReplayOptions, cfg: DenseConfig):
+    if o.profiles is not None:
+        return [dense_profile(str(p), cfg) for p in o.profiles], ProfileSource.GIVEN
+    own = cfg.profile if o.old is None else dense_profile(str(o.old), cfg)
+    source = ProfileSource.DEFAULT if o.old is None else ProfileSource.GIVEN
+    if o.new is not None:
+        whatif = dense_profile(str(o.new), cfg)
+    else:
+        same = (own.cls, own.box, own.ctr) == (FIXED.cls, FIXED.box, FIXED.ctr)
+        whatif = LEGACY if same or own.name == FIXED.name else FIXED
+    if whatif.name == own.name:
+        raise InputError(f"--old and --new are both {own.name}; pick two different profiles")
+    return [own, whatif], source
+
+
+def inspect_dense(e: OneStageCheckpoint, paths, o: ReplayOptions, on_phase):
+    """The dense head of ``e``'s checkpoint replayed on ``e.batch`` → a Report."""
+    from .api import _framework, _named
+    from .diagnose.dense import diagnose_dense
+    from .replay.dense import dense_replay
+    from .report.dense import build_dense_report
+    from .report.meta import RunMeta
+
+    b = e.batch
+    if not isinstance(b, Batch):
+        raise InputError(str(e))
+    if o.precision is not None and str(o.precision) != "fp32":
+        raise InputError("--precision: a one-stage detector replays in fp32 only so far")
+    w = dense_weights(e.state_dict, e.layout)
+    cfg = _config(o.config, b, w)
+    _fit(w, b, cfg)
+    profs, source = _profiles(o, cfg)
+    on_phase(Phase.REPLAY)
+    r = dense_replay(w, b, cfg, profs, ema_before=_ema_before(b))
+    on_phase(Phase.GRADIENTS)
+    d = diagnose_dense(r, profs[0].name, o.score_thr)
+    report = build_dense_report(d, *_named(paths))
+    dump = report.meta.batch.dump
+    own = profs[0].name if source is not ProfileSource.GIVEN or o.old is not None else None
+    report.meta.run = RunMeta(profile=profs[0].name, source=source, own=own,
+                              framework=_framework(b.meta.get("framework")), step=dump.step,
+                              rank=dump.rank)  # fmt: skip
+    return report

@@ -1,0 +1,181 @@
+"""The dense (one-stage) head: hand-computed focal loss, centerness and normalizers, every
+framework's divisor on a batch without positives, Detectron2's EMA over three steps, the JSON
+rows a user compares with a framework's loss dict, the findings, and refusals by name."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import factories as F
+from lossdoctor.api import inspect
+from lossdoctor.inputs.batch import validate_batch
+from lossdoctor.inputs.dense import EMA_INITIAL, FIXED, LEGACY, dense_preset
+from lossdoctor.inputs.dense_weights import dense_weights, find_dense_layout
+from lossdoctor.replay.dense import centerness, dense_replay, ema_update, focal_loss
+from lossdoctor.report.model import Report
+from lossdoctor.vocab import Part
+
+PRESETS = {
+    "torchvision-retinanet": ("torchvision", "retinanet", False, 9),
+    "torchvision-fcos": ("torchvision", "fcos", True, 1),
+    "detectron2-retinanet": ("detectron2", "retinanet", False, 9),
+    "mmdet-retinanet": ("mmdet", "retinanet", False, 9),
+    "mmdet-fcos": ("mmdet", "fcos", True, 1),
+}
+
+
+def _replay(preset, boxes=None, ema_before=None, profiles=None, **kw):
+    layout, kind, norm, anchors = PRESETS[preset]
+    sd = F.dense_state_dict(layout, kind, norm=norm, anchors=anchors, **kw)
+    b = validate_batch(F.dense_batch_dict(boxes=boxes))
+    cfg = dense_preset(preset)
+    w = dense_weights(sd, find_dense_layout(sd))
+    return dense_replay(w, b, cfg, profiles or [cfg.profile, FIXED, LEGACY], ema_before=ema_before)
+
+
+def test_focal_loss_by_hand():
+    logits = torch.tensor([0.0, 0.0, 2.0, -1.0])
+    target = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    got = focal_loss(logits, target, 0.25, 2.0)
+    p = 1 / (1 + math.exp(1.0))  # sigmoid(-1)
+    want = [
+        0.25 * 0.5**2 * math.log(2),  # positive at p = 0.5
+        0.75 * 0.5**2 * math.log(2),  # negative at p = 0.5
+        0.75 * (1 / (1 + math.exp(-2))) ** 2 * math.log(1 + math.exp(2)),  # a confident miss
+        0.25 * (1 - p) ** 2 * -math.log(p),
+    ]
+    assert got.tolist() == pytest.approx(want, rel=1e-6)
+
+
+def test_centerness_by_hand():
+    # l, t, r, b = 2, 3, 6, 3 → sqrt(2/6 * 3/3); a centred point → 1
+    got = centerness(torch.tensor([[2.0, 3.0, 6.0, 3.0], [4.0, 4.0, 4.0, 4.0]]))
+    assert got.tolist() == pytest.approx([math.sqrt(1 / 3), 1.0])
+
+
+def test_ema_normalizer_over_three_steps():
+    steps = [(10, 91.0), (0, 82.0), (40, 77.8)]  # 0.9 x before + 0.1 x max(pos, 1)
+    before = None
+    for pos, want in steps:
+        before = ema_update(before, pos, 0.9)
+        assert before == pytest.approx(want)
+    assert ema_update(None, 0, 0.9) == pytest.approx(0.9 * EMA_INITIAL + 0.1)
+
+
+def _all_negative_focal(r) -> float:
+    """Σ over every anchor and class of (1 - α) p^γ (-log(1 - p)): the focal loss of
+    negatives, computed here from the head's logits."""
+    total = 0.0
+    for lv in r.levels:
+        p = torch.sigmoid(lv.out.logits.detach().double())
+        total += float((0.75 * p**2 * -torch.log1p(-p)).sum())
+    return total
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_no_positives_each_framework_divides_by_what_it_does(preset):
+    r = _replay(preset, boxes=[torch.zeros(0, 4)] * 2, ema_before=50.0)
+    neg = _all_negative_focal(r)
+    n = 2
+    divisor = {
+        "torchvision-retinanet": n * 1.0,  # per image max(1, 0) = 1, averaged over 2 images
+        "torchvision-fcos": 1.0,  # max(1, num_fg)
+        "detectron2-retinanet": 0.9 * 50.0 + 0.1 * 1,  # the EMA moves towards max(pos, 1)
+        "mmdet-retinanet": n * 1.0 + 1.1920928955078125e-07,  # Σ_img max(#pos, 1) + eps
+        "mmdet-fcos": 1.0 + 1.1920928955078125e-07,  # max(reduce_mean(0), 1.0) + eps
+    }[preset]
+    own = r.losses[preset]
+    assert float(own.term(Part.CLS)) == pytest.approx(neg / divisor, rel=1e-5)
+    assert float(own.term(Part.BOX)) == 0.0 and float(own.term(Part.CTR)) == 0.0
+    assert float(r.losses["fixed"].term(Part.CLS)) == pytest.approx(neg, rel=1e-5)
+    assert math.isinf(float(r.losses["legacy"].term(Part.CLS)))  # x / 0 on every level
+    assert math.isnan(float(r.losses["legacy"].term(Part.BOX)))  # 0 / 0
+
+
+def test_centerness_weighted_box_term_is_divided_by_the_centerness_sum():
+    r = _replay("mmdet-fcos")
+    pos = [lv.positive for lv in r.levels]
+    ctr = torch.cat([lv.ctr_target[p] for lv, p in zip(r.levels, pos)])
+    # the unweighted per-positive IoU loss, from the decoded boxes, by hand: -log IoU
+    box = torch.cat([(lv.box[p] / lv.ctr_target[p]).detach() for lv, p in zip(r.levels, pos)])
+    assert ctr.numel() > 10 and bool((ctr > 0).all()) and bool((ctr <= 1).all())
+    want = float((box * ctr).sum() / (ctr.sum() + 1.1920928955078125e-07))
+    assert float(r.losses["mmdet-fcos"].term(Part.BOX)) == pytest.approx(want, rel=1e-5)
+    # fixed divides the same weighted sum by the positives instead
+    fixed = float((box * ctr).sum()) / ctr.numel()
+    assert float(r.losses["fixed"].term(Part.BOX)) == pytest.approx(fixed, rel=1e-5)
+
+
+def test_per_image_normalizer_of_torchvision_retinanet():
+    boxes = [torch.tensor([[8.0, 10.0, 60.0, 70.0]]),
+             torch.tensor([[8.0, 10.0, 60.0, 70.0], [70.0, 20.0, 150.0, 100.0]])]  # fmt: skip
+    r = _replay("torchvision-retinanet", boxes=boxes)
+    pos = r.counts("pos").sum(1).tolist()
+    assert pos[0] < pos[1]
+    per_image = [sum(float(lv.focal[i].sum()) for lv in r.levels) for i in range(2)]
+    want = sum(s / max(1, p) for s, p in zip(per_image, pos)) / 2
+    assert float(r.losses["torchvision-retinanet"].term(Part.CLS)) == pytest.approx(want, rel=1e-5)
+    fixed = sum(per_image) / sum(pos)
+    assert float(r.losses["fixed"].term(Part.CLS)) == pytest.approx(fixed, rel=1e-5)
+
+
+def _capture(tmp_path, preset, meta=None, boxes=None, **kw):
+    layout, kind, norm, anchors = PRESETS[preset]
+    folder = tmp_path / preset
+    folder.mkdir()
+    torch.save(F.dense_state_dict(layout, kind, norm=norm, anchors=anchors, **kw),
+               folder / "checkpoint.pt")  # fmt: skip
+    d = F.dense_batch_dict(boxes=boxes)
+    if meta:
+        d["meta"] = meta
+    torch.save(d, folder / "batch.pt")
+    return folder
+
+
+@pytest.mark.parametrize("preset", ["torchvision-fcos", "mmdet-retinanet"])
+def test_json_all_rows_carry_the_framework_loss_dict_terms(tmp_path, preset):
+    folder = _capture(tmp_path, preset)
+    out = tmp_path / "r.json"
+    F.invoke("inspect", str(folder), "--json", str(out), "--fail-on", "never")
+    data = json.loads(out.read_text())
+    rows = [r for r in data["tables"]["levels"] if r["head"] == "dense" and r["level"] == "all"]
+    own = [r for r in rows if r["profile"] == preset]
+    assert len(own) == 1 and data["meta"]["dense"]["preset"] == preset
+    totals = next(r for r in data["tables"]["profiles"] if r["profile"] == preset)
+    assert own[0]["loss_cls"] == pytest.approx(totals["dense_cls"])
+    assert own[0]["loss_bbox"] == pytest.approx(totals["dense_box"])
+    assert ("loss_ctr" in own[0]) == (preset == "torchvision-fcos")
+    per_level = [r for r in data["tables"]["levels"] if r["profile"] == preset
+                 and r["level"] != "all"]  # fmt: skip
+    assert sum(r["loss_cls"] for r in per_level) == pytest.approx(own[0]["loss_cls"], rel=1e-6)
+    assert sum(r["pos"] for r in per_level) == own[0]["pos"] > 0
+    back = Report.from_dict(data)
+    assert back.profiles == [r["profile"] for r in data["tables"]["profiles"]]
+    assert back.meta.dense.positives == own[0]["pos"]
+
+
+def test_findings_of_one_stage_heads(tmp_path):
+    report = inspect(_capture(tmp_path, "detectron2-retinanet", prior=0.5,
+                              meta={"dense": {"loss_normalizer": 5000.0}}))  # fmt: skip
+    codes = {f.code for f in report.findings}
+    assert {"dense-prior-bias", "dense-ema-normalizer-lag"} <= codes
+    lag = next(f for f in report.findings if f.code == "dense-ema-normalizer-lag")
+    pos = report.meta.dense.positives
+    assert lag.evidence["ema"] == pytest.approx(0.9 * 5000.0 + 0.1 * pos)
+    assert report.meta.dense.ema == pytest.approx(lag.evidence["ema"])
+    empty = inspect(_capture(tmp_path, "mmdet-retinanet", boxes=[torch.zeros(0, 4)] * 2))
+    warn = [f for f in empty.findings if f.code == "dense-no-positives"]
+    assert len(warn) == 1 and warn[0].severity == "warning"
+
+
+def test_refusals_name_what_is_wrong(tmp_path):
+    folder = _capture(tmp_path, "mmdet-retinanet")
+    F.exit2(F.invoke("inspect", str(folder), "--config", "torchvision"), "two-stage config")
+    F.exit2(F.invoke("inspect", str(folder), "--config", "mmdet-fcos"), "fcos head")
+    F.exit2(F.invoke("check", str(folder)), "one-stage detector")
+    bad = _capture(tmp_path, "detectron2-retinanet", meta={"dense": {"loss_normalizer": "x"}})
+    F.exit2(F.invoke("inspect", str(bad)), "meta.dense.loss_normalizer")
