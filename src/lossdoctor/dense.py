@@ -12,7 +12,7 @@ from .inputs.dense import DENSE_PRESETS, FIXED, LEGACY, DenseConfig, dense_prese
 from .inputs.dense_weights import DenseWeights, dense_weights
 from .inputs.errors import InputError
 from .options import ReplayOptions
-from .vocab import DenseKind, Layout, Phase, ProfileSource
+from .vocab import DenseKind, Head, Layout, Phase, Precision, ProfileSource
 
 # the preset a checkpoint's layout and head design mean, where the dump names none
 _DEFAULT_PRESET = {
@@ -26,7 +26,7 @@ _DEFAULT_PRESET = {
     (Layout.MMDET, DenseKind.FCOS, False): "mmdet-fcos",
 }
 # the dump's record of a one-stage run (written by the capture adapters)
-DENSE_META = "dense"
+DENSE_META = Head.DENSE
 
 
 def _config(given, b: Batch, w: DenseWeights) -> DenseConfig:
@@ -108,7 +108,7 @@ def _profiles(o: ReplayOptions, cfg: DenseConfig):
 
 def inspect_dense(e: OneStageCheckpoint, paths, o: ReplayOptions, on_phase):
     """The dense head of ``e``'s checkpoint replayed on ``e.batch`` → a Report."""
-    from .api import _framework, _named
+    from .api import _framework, _named, _precision
     from .diagnose.dense import diagnose_dense
     from .replay.dense import dense_replay
     from .report.dense import build_dense_report
@@ -117,7 +117,7 @@ def inspect_dense(e: OneStageCheckpoint, paths, o: ReplayOptions, on_phase):
     b = e.batch
     if not isinstance(b, Batch):
         raise InputError(str(e))
-    if o.precision is not None and str(o.precision) != "fp32":
+    if _precision(o.precision) not in (None, Precision.FP32):
         raise InputError("--precision: a one-stage detector replays in fp32 only so far")
     w = dense_weights(e.state_dict, e.layout)
     cfg = _config(o.config, b, w)

@@ -381,8 +381,8 @@ class OneStageCheckpoint(InputError):
     def __init__(self, sd: dict[str, Tensor], layout: DenseLayout):
         name = f"{layout.layout} {layout.kind}"
         super().__init__(
-            f"this is a one-stage detector ({name}): `lossdoctor inspect` replays its dense "
-            "head; this command takes two-stage (RPN + RoI) checkpoints"
+            f"this is a one-stage detector ({name}): not replayed yet by this command (it takes "
+            "two-stage RPN + RoI checkpoints); `lossdoctor inspect` replays its dense head"
         )
         self.state_dict, self.layout = sd, layout
         self.batch = None  # the batch read with it, where there was one
@@ -404,7 +404,7 @@ def heads_from_state_dict(
         raise OneStageCheckpoint(sd, dense)
     if stage is not None:
         raise InputError(
-            f"{stage} is a one-stage detector whose head design is not replayed (replayed: "
+            f"{stage} is a one-stage detector: not replayed yet, this head design (replayed: "
             "RetinaNet and FCOS heads of torchvision, MMDetection and Detectron2)"
         )
     refuse_design(headless_design(sd, layouts))

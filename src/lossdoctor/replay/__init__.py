@@ -6,6 +6,7 @@ Shapes in every docstring of the replay and the diagnosis use these letters (``T
 - ``C``: channels of a feature map (256 in an FPN; a C4 model's res4: 1024); ``C'``: a head
   conv block's or res5's output channels.
 - ``H_l, W_l`` (``H, W`` where one level is meant): the feature map of level ``l``.
+- ``L``: the FPN levels of a batch; ``c``: the values an output gives per anchor (``K``, 4 or 1).
 - ``A``: anchors per location; ``A_l = H_l * W_l * A``: anchors of level ``l`` per image.
 - ``G`` (``G_i``): usable GT boxes (of image ``i``).
 - ``M`` (``M_i``): candidates before sampling or NMS: anchors, proposals or detections; ``m``:

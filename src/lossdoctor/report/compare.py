@@ -12,7 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..diagnose.finding import Finding
-from ..vocab import BOX_TERMS, PER_LEVEL_NORMALIZERS, TERM_PARTS, FailOn, Head, Part, Precision
+from ..vocab import (
+    BOX_TERMS,
+    PER_LEVEL_NORMALIZERS,
+    TERM_PARTS,
+    DenseNormalizer,
+    FailOn,
+    Head,
+    Part,
+    Precision,
+)
 from .build import ALL_LEVELS
 from .model import Report, write_text
 from .serialize import comparison_plain, comparison_rows, csv_text, to_json
@@ -137,13 +146,22 @@ def change(old, new) -> str:
 def _level_less(report: Report, profile: str) -> set[tuple[Head, str]]:
     """(head, column) of the all row that have no single value under ``profile``: those of a
     term whose normalizer counts each level on its own."""
+    dense = report.meta.dense.profiles.get(profile) if report.meta.dense else None
+    if dense is not None:
+        specs = {Part.CLS: dense.cls, Part.BOX: dense.box, Part.CTR: dense.ctr}
+        return {
+            (Head.DENSE, column)
+            for part, spec in specs.items()
+            if spec.normalizer is DenseNormalizer.LEVEL_POS
+            for column in PER_LEVEL_COLUMNS.get(part, ())
+        }
     spec = report.meta.profiles.get(profile)
     if spec is None:
         return set()
     return {
         (head, column)
         for term, (head, part) in TERM_PARTS.items()
-        if spec.term(term).normalizer in PER_LEVEL_NORMALIZERS
+        if head is not Head.DENSE and spec.term(term).normalizer in PER_LEVEL_NORMALIZERS
         for column in PER_LEVEL_COLUMNS.get(part, ())
     }
 
