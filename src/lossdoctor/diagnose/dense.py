@@ -32,6 +32,7 @@ from ..vocab import (
     Term,
 )
 from .finding import Finding
+from .findings import Rule, to_finding
 
 TERM_OF = {Part.CLS: Term.DENSE_CLS, Part.BOX: Term.DENSE_BOX, Part.CTR: Term.DENSE_CTR}
 # the prior probability every framework initializes the classifier bias to (-log((1 - p) / p))
@@ -293,36 +294,29 @@ def _num(v: float) -> str:
     return f"{v:.4g}"
 
 
-@dataclass(frozen=True, kw_only=True)
-class DenseRule:
-    code: str
-    severity: Severity
-    summary: str
-    fix: str
-    check: object
-    minor: Severity | None = None
-
-
 W, E, I = Severity.WARNING, Severity.ERROR, Severity.INFO  # noqa: E741
-DENSE_RULES: tuple[DenseRule, ...] = (
-    DenseRule(
+DENSE_RULES: tuple[Rule, ...] = (
+    Rule(
         code="dense-nonfinite",
+        evidence=("stage",),
         severity=E,
         summary="a NaN/Inf in the dense head's losses, traced to its first stage",
         fix="fix the stage named: the input features (upstream), the weights (an earlier step), "
         "the outputs (overflow), the per-sample losses (targets) or the normalizer (0/0)",
         check=nonfinite_loss,
     ),
-    DenseRule(
+    Rule(
         code="dense-level-normalizer-zero",
+        evidence=("pos", "terms"),
         severity=E,
         summary="a level without positives divided by its own positive count (0/0 = NaN)",
         fix="divide every level by the batch's positives with a floor of 1 (the fixed profile; "
         "torchvision's max(1, num_fg), MMDetection's max(reduce_mean(num_pos), 1.0))",
         check=empty_level_nan,
     ),
-    DenseRule(
+    Rule(
         code="dense-no-positives",
+        evidence=("images", "divided_by", "gt"),
         severity=W,
         minor=I,
         summary="a batch (warning) or an image (info) without a positive anchor",
@@ -331,16 +325,18 @@ DENSE_RULES: tuple[DenseRule, ...] = (
         "classification loss is the negatives' sum",
         check=no_positives,
     ),
-    DenseRule(
+    Rule(
         code="dense-ctr-normalizer-small",
+        evidence=("ctr_sum", "pos"),
         severity=W,
         summary="the box term divided by a centerness sum near 0",
         fix="few positives, all off-centre: check center_sampling and the regress ranges against "
         "the GT sizes; a floor of 1 on the centerness sum (ATSS's clamp) bounds the weight",
         check=ctr_normalizer_small,
     ),
-    DenseRule(
+    Rule(
         code="dense-prior-bias",
+        evidence=("prior", "expected", "classes", "neg_share"),
         severity=W,
         summary="the classifier's bias init is far from the focal-loss prior (0.01)",
         fix="initialize the classification bias to -log((1 - 0.01) / 0.01) = -4.6 (prior_prob "
@@ -348,8 +344,9 @@ DENSE_RULES: tuple[DenseRule, ...] = (
         "the loss otherwise",
         check=prior_bias,
     ),
-    DenseRule(
+    Rule(
         code="dense-ema-normalizer-lag",
+        evidence=("ema", "ema_before", "pos", "factor"),
         severity=W,
         summary="Detectron2's running (EMA) normalizer is more than 2x off the batch's positives",
         fix="expected after a jump in positives per batch (new data, a crop change); it catches "
@@ -363,10 +360,7 @@ def dense_findings(d: DenseDiagnosis) -> list[Finding]:
     """Every rule's findings; one found only under the what-if profile is its problem (info)."""
     out = []
     for rule in DENSE_RULES:
-        for f in rule.check(d):
-            f.code = rule.code
-            f.severity = rule.minor if (f.minor and rule.minor) else rule.severity
-            f.fix = f.fix or rule.fix
+        for f in (to_finding(rule, hit) for hit in rule.check(d)):
             f.scope = Scope.RUN if f.profile in (None, d.own) else Scope.WHAT_IF
             if f.scope is Scope.WHAT_IF:
                 f.severity = Severity.INFO

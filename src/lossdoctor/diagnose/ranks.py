@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..vocab import Head, Part, Severity, term_of
+from .dense import DENSE_RULES
 from .finding import Finding
 from .findings import RULES, Rule, to_finding
 from .groups import frame
@@ -139,8 +140,8 @@ RANK_RULES: tuple[Rule, ...] = (
         "MMDetection's heads do) so a sample weighs the same on every rank",
     ),
 )
-# every rule: those of one replay, then those across the ranks of a step
-ALL_RULES: tuple[Rule, ...] = RULES + RANK_RULES
+# every rule: those of one replay, those across the ranks of a step, a one-stage head's
+ALL_RULES: tuple[Rule, ...] = RULES + RANK_RULES + DENSE_RULES
 
 
 def rank_findings(per_rank: list[Finding], views: list[RankView], own: str | None,
