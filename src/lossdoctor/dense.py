@@ -8,7 +8,16 @@ import math
 from .inputs.batch import Batch
 from .inputs.checkpoint import OneStageCheckpoint
 from .inputs.config import DetectorConfig
-from .inputs.dense import DENSE_PRESETS, FIXED, LEGACY, DenseConfig, dense_preset, dense_profile
+from .inputs.dense import (
+    DENSE_PRESETS,
+    FIXED,
+    LEGACY,
+    DenseConfig,
+    dense_config_from_meta,
+    dense_preset,
+    dense_profile,
+    load_dense_config,
+)
 from .inputs.dense_weights import DenseWeights, dense_weights
 from .inputs.errors import InputError
 from .options import ReplayOptions
@@ -29,19 +38,36 @@ _DEFAULT_PRESET = {
 DENSE_META = Head.DENSE
 
 
-def _config(given, b: Batch, w: DenseWeights) -> DenseConfig:
-    """--config (a preset name), else the dump's ``meta["dense"]["preset"]``, else the
-    layout's default."""
+def _given_config(given) -> DenseConfig:
     if isinstance(given, DenseConfig):
         return given
-    if given is not None and not (isinstance(given, str) and given in DENSE_PRESETS):
+    text = str(given)
+    if isinstance(given, DetectorConfig) or not (text in DENSE_PRESETS or text.endswith(".toml")):
         shown = given.name if isinstance(given, DetectorConfig) else given
         raise InputError(
             f"--config {shown} is a two-stage config; a one-stage detector takes one of the "
-            f"presets {', '.join(DENSE_PRESETS)}"
+            f"presets {', '.join(DENSE_PRESETS)} or a TOML over one"
         )
-    recorded = (b.meta.get(DENSE_META) or {}).get("preset")
-    name = given or recorded
+    return load_dense_config(text)
+
+
+def _config(given, b: Batch, w: DenseWeights) -> DenseConfig:
+    """--config (a preset name or TOML), else the live model's config the dump records
+    (``meta["dense"]["config"]``) or its preset name (``["preset"]``), else the layout's
+    default."""
+    recorded = b.meta.get(DENSE_META) or {}
+    if given is not None:
+        cfg = _given_config(given)
+    elif recorded.get("config") is not None:
+        cfg = dense_config_from_meta(recorded["config"])
+    else:
+        cfg = dense_preset(_default_name(recorded.get("preset"), w))
+    if cfg.kind is not w.kind:
+        raise InputError(f"config {cfg.name} is a {cfg.kind} head; the checkpoint's is {w.kind}")
+    return cfg
+
+
+def _default_name(name, w: DenseWeights) -> str:
     if name is None:
         key = (w.layout.layout, w.kind, w.norm)
         name = _DEFAULT_PRESET.get(key)
@@ -50,10 +76,7 @@ def _config(given, b: Batch, w: DenseWeights) -> DenseConfig:
                 f"a {w.layout.layout} {w.kind} head ({'with' if w.norm else 'without'} "
                 f"GroupNorm) is not replayed yet; replayed: {', '.join(DENSE_PRESETS)}"
             )
-    cfg = dense_preset(name)
-    if cfg.kind is not w.kind:
-        raise InputError(f"preset {name} is a {cfg.kind} head; the checkpoint's is {w.kind}")
-    return cfg
+    return name
 
 
 def _ema_before(b: Batch) -> float | None:

@@ -182,6 +182,16 @@ def run_meta(framework: str, model, detector_config, profile, meta: dict | None)
     return {**own, "config": to_dict(config), **(meta or {})}
 
 
+def dense_run_meta(framework: str, model, dense_config, meta: dict | None) -> dict:
+    """What a one-stage model's dump records: its dense head's config read off the live model
+    (``meta["dense"]["config"]``, which ``inspect`` replays) and its profile's name."""
+    config, _ = read_model(model, dense_config, lambda _: None)
+    given = dict(meta or {})
+    dense = {"config": to_dict(config), **(given.pop("dense", None) or {})}
+    return {"framework": framework, "adapter": f"{__package__}.{framework}", "dense": dense,
+            **given}  # fmt: skip
+
+
 def write_dump(out_dir: str | Path, state_dict: dict, batch: dict, meta: dict) -> Path:
     """A capture directory from one forward: the model's state_dict and the batch."""
     folder = Path(out_dir)

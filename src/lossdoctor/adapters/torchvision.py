@@ -21,6 +21,7 @@ background) become lossdoctor's foreground classes 0..K-1. The dump records the 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -37,13 +38,15 @@ from ..inputs.config import (
     SamplerConfig,
     TestConfig,
 )  # fmt: skip
+from ..inputs.dense import DenseConfig, DenseTest, torchvision_fcos, torchvision_retinanet
 from ..inputs.errors import InputError
-from ..vocab import Framework, Mapper, MaskTarget, Ranking
+from ..vocab import Framework, LossKind, Mapper, MaskTarget, Ranking
 from .common import (
     MAX_BOX_FCS,
     MAX_HEAD_CONVS,
     MAX_RPN_CONVS,
     HookedCapture,
+    dense_run_meta,
     describe,
     has_norm,
     head_norm_config,
@@ -120,11 +123,39 @@ def _box_head(roi) -> None:
 
 
 def two_stage(model) -> None:
-    """Refuse a detector that is not one of the two-stage detectors, by name."""
-    if is_a(model, ONE_STAGE):
-        raise not_replayed(f"{kind(model)}, a one-stage detector")
-    if not is_a(model, TWO_STAGE):
-        raise not_replayed(f"detector {kind(model)} (lossdoctor replays {', '.join(TWO_STAGE)})")
+    """Refuse a detector that is not one of the detectors replayed, by name."""
+    if is_a(model, ONE_STAGE) and not is_a(model, DENSE):
+        raise not_replayed(f"{kind(model)}, a one-stage detector (replayed: {', '.join(DENSE)})")
+    if not is_a(model, TWO_STAGE + DENSE):
+        raise not_replayed(
+            f"detector {kind(model)} (lossdoctor replays {', '.join(TWO_STAGE + DENSE)})"
+        )
+
+
+# the one-stage detectors whose dense head the replay runs, and their box losses
+DENSE = ("RetinaNet", "FCOS")
+RETINANET_LOSSES = {"l1": (LossKind.L1, 0.0), "giou": (LossKind.GIOU_D2, 0.0),
+                    "smooth_l1": (LossKind.SMOOTH_L1, 1.0)}  # fmt: skip
+
+
+def dense_config(model) -> DenseConfig:
+    """A RetinaNet's or FCOS's config read off the live model: anchors, matcher, box loss,
+    centre sampling radius and test settings."""
+    test = DenseTest(score_thr=float(model.score_thresh), topk=int(model.topk_candidates),
+                     nms_iou=float(model.nms_thresh),
+                     detections_per_img=int(model.detections_per_img))  # fmt: skip
+    anchors = _anchors(model.anchor_generator)
+    if is_a(model, ("FCOS",)):
+        return dataclasses.replace(torchvision_fcos(), anchors=anchors, test=test,
+                                   center_radius=float(model.center_sampling_radius))  # fmt: skip
+    require("RetinaNet head", model.head, ("RetinaNetHead",))
+    loss = model.head.regression_head._loss_type
+    if loss not in RETINANET_LOSSES:
+        raise not_replayed(f"RetinaNet box loss {loss!r} (replayed: {', '.join(RETINANET_LOSSES)})")
+    kind_, beta = RETINANET_LOSSES[loss]
+    base = torchvision_retinanet(v2=has_norm(model.head))
+    return dataclasses.replace(base, anchors=anchors, matcher=_matcher(model.proposal_matcher),
+                               box_loss=kind_, beta=beta, test=test)  # fmt: skip
 
 
 def architecture(model) -> None:
@@ -202,9 +233,11 @@ def _mask(roi) -> MaskConfig:
     return MaskConfig(pool_size=int(size), mask_size=2 * int(size), target=MaskTarget.TORCHVISION)
 
 
-def batch_fields(image_list, targets, features, proposals=None) -> dict:
+def batch_fields(image_list, targets, features, proposals=None, shift: int = 1) -> dict:
     """``dump_batch`` arguments from torchvision's own objects: the ImageList and targets after
-    ``model.transform``, the backbone's feature dict, the RPN's proposals."""
+    ``model.transform``, the backbone's feature dict, the RPN's proposals. ``shift``: what the
+    labels lose (a two-stage model's 1..K become 0..K-1; a one-stage model's label is already
+    its classifier column)."""
     feats = [f.detach() for f in features.values()]
     pad = tuple(image_list.tensors.shape[-2:])
     names, strides = level_names(feats, pad)
@@ -214,7 +247,7 @@ def batch_fields(image_list, targets, features, proposals=None) -> dict:
         "pad_size": list(pad),
         "strides": strides,
         "gt_boxes": [t["boxes"].detach() for t in targets],
-        "gt_labels": [t["labels"].detach() - 1 for t in targets],  # background 0 → -1
+        "gt_labels": [t["labels"].detach() - shift for t in targets],  # background 0 → -1
     }
     if proposals is not None:
         out["proposals"] = [p.detach() for p in proposals]
@@ -245,15 +278,18 @@ def dump(out_dir: str | Path, model, images, targets, *, meta: dict | None = Non
     images: list of Tensor[3, H, W]; targets: list of {"boxes", "labels"} as for ``model(...)``.
     """
     model = unwrap(model)
+    dense = is_a(model, DENSE)
     with torch.no_grad():
         image_list, tgts = model.transform(images, targets)
         features = model.backbone(image_list.tensors)
-        proposals = _rpn_proposals(model.rpn, image_list, features)
-    batch = batch_fields(image_list, tgts, features, proposals)
+        proposals = None if dense else _rpn_proposals(model.rpn, image_list, features)
+    batch = batch_fields(image_list, tgts, features, proposals, 0 if dense else 1)
     return write_dump(out_dir, model.state_dict(), batch, _meta(model, meta))
 
 
 def _meta(model, meta: dict | None) -> dict:
+    if is_a(model, DENSE):
+        return dense_run_meta(Framework.TORCHVISION, model, dense_config, meta)
     return run_meta(Framework.TORCHVISION, model, detector_config, lambda _: PROFILE, meta)
 
 
@@ -272,7 +308,8 @@ class Capture(HookedCapture):
         two_stage(model)
         self.hook(model.transform, "transformed")
         self.hook(model.backbone, "features")
-        self.hook(model.rpn, "proposals", lambda args, kwargs, out: out[0])
+        if not is_a(model, DENSE):
+            self.hook(model.rpn, "proposals", lambda args, kwargs, out: out[0])
 
     def describe(self) -> dict:
         return describe(Framework.TORCHVISION, "torchvision", lambda: _meta(self.model, None))
@@ -283,7 +320,9 @@ class Capture(HookedCapture):
         image_list, targets = self.seen["transformed"]
         if targets is None:
             raise RuntimeError("the recorded forward had no targets: call check() in training")
-        batch = batch_fields(image_list, targets, self.seen["features"], self.seen.get("proposals"))
+        shift = 0 if is_a(self.model, DENSE) else 1
+        batch = batch_fields(image_list, targets, self.seen["features"],
+                             self.seen.get("proposals"), shift)  # fmt: skip
         return batch, {}
 
     def batch_after_exception(self, args, kwargs) -> tuple[dict, dict]:

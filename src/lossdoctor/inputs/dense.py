@@ -31,8 +31,9 @@ import math
 from dataclasses import dataclass, field
 
 from ..vocab import DenseAssigner, DenseCoder, DenseKind, DenseNormalizer, Framework, LossKind
-from .checks import check_range
+from .checks import as_member, check_range
 from .config import AnchorConfig, MatcherConfig
+from .dataclass_toml import from_table, load_named
 from .errors import InputError
 from .profiles import EPS32
 
@@ -58,8 +59,8 @@ class DenseTerm:
     weight: float = 1.0
 
     def __post_init__(self):
-        if not isinstance(self.normalizer, DenseNormalizer):
-            object.__setattr__(self, "normalizer", DenseNormalizer(self.normalizer))
+        normalizer = as_member(DenseNormalizer, self.normalizer, "normalizer")
+        object.__setattr__(self, "normalizer", normalizer)
         for name in ("floor", "eps", "weight"):
             check_range(getattr(self, name), name, 0.0)
 
@@ -133,6 +134,10 @@ class DenseConfig:
     profile: DenseProfile = FIXED  # the framework's own normalization
 
     def __post_init__(self):
+        for name, enum in (("framework", Framework), ("kind", DenseKind),
+                           ("assigner", DenseAssigner), ("coder", DenseCoder),
+                           ("box_loss", LossKind)):  # fmt: skip
+            object.__setattr__(self, name, as_member(enum, getattr(self, name), name))
         check_range(self.alpha, "alpha", 0.0, 1.0)
         check_range(self.gamma, "gamma", 0.0)
         check_range(self.center_radius, "center_radius", 0.0, open_low=True)
@@ -311,6 +316,21 @@ def dense_preset(name: str) -> DenseConfig:
     except KeyError:
         known = ", ".join(DENSE_PRESETS)
         raise InputError(f"no one-stage preset named {name!r}; the presets: {known}") from None
+
+
+def load_dense_config(spec) -> DenseConfig:
+    """A one-stage preset by name, or a TOML file whose keys override the preset its ``base``
+    names."""
+    return load_named(DenseConfig, spec, DENSE_PRESETS, "torchvision-retinanet",
+                      "one-stage preset")  # fmt: skip
+
+
+def dense_config_from_meta(value, where: str = "meta.dense.config") -> DenseConfig:
+    """The live model's config as a capture recorded it (a table over its ``base`` preset)."""
+    if not isinstance(value, dict):
+        raise InputError(f"{where} must be a table of a one-stage config, found {value!r}")
+    return from_table(DenseConfig, value, DENSE_PRESETS, value.get("name", "torchvision-retinanet"),
+                      where, value.get("name", "recorded"))  # fmt: skip
 
 
 def dense_profile(name: str, config: DenseConfig) -> DenseProfile:
