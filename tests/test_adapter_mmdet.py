@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -193,13 +194,13 @@ def _small(path):
 @pytest.mark.parametrize(
     "path, what",
     [("sabl/sabl-faster-rcnn_r50_fpn_1x_coco.py", "SABLHead"),
-     ("retinanet/retinanet_r50_fpn_1x_coco.py", "one-stage")],
-    ids=["sabl", "retinanet"],
+     ("atss/atss_r50_fpn_1x_coco.py", "ATSSHead")],
+    ids=["sabl", "atss"],
 )  # fmt: skip
 def test_the_hook_never_stops_a_run_it_cannot_model(tmp_path, path, what):
-    """MMDetection's own SABL and RetinaNet configs train to the end with the hook: what it
-    cannot replay is said once; the SABL captures are written and inspect refuses them with the
-    same message (a RetinaNet has no RPN to hook: nothing is captured)."""
+    """MMDetection's own SABL and ATSS configs train to the end with the hook: what it cannot
+    replay is said once; the SABL captures are written and inspect refuses them with the same
+    message (an ATSS head is refused at construction: nothing is captured)."""
     hooks = [dict(type="LossDoctorHook", every=1)]
     with pytest.warns(RuntimeWarning, match=f"lossdoctor: .*{what}") as said:
         runner = run(tmp_path, _small(os.path.join(CONFIGS, path)), hooks)
@@ -212,6 +213,24 @@ def test_the_hook_never_stops_a_run_it_cannot_model(tmp_path, path, what):
         assert r.exit_code == 2 and "cannot be replayed" in r.output and what in r.output
     else:
         assert not dumps.exists()
+
+
+@pytest.mark.parametrize("path", ["retinanet/retinanet_r50_fpn_1x_coco.py",
+                                  "fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py"])  # fmt: skip
+def test_a_one_stage_run_with_the_hook_is_captured_and_inspected(tmp_path, path):
+    """RetinaNet and FCOS train under the Runner with the hook; every step is captured, and
+    inspect replays each capture's dense head with the live model's config."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        runner = run(tmp_path, _small(os.path.join(CONFIGS, path)),
+                     [dict(type="LossDoctorHook", every=1)])  # fmt: skip
+    assert runner.iter == 2
+    dumps = tmp_path / "work" / "lossdoctor-dumps"
+    assert sorted(p.name for p in dumps.iterdir()) == ["step_000000", "step_000001"]
+    rep = F.inspect_json(dumps / "step_000001")
+    assert rep["meta"]["dense"]["preset"].startswith(("mmdet-retinanet", "mmdet-fcos"))
+    rows = [r for r in rep["tables"]["levels"] if r["head"] == "dense" and r["level"] == "all"]
+    assert len(rows) == 2 and rows[0]["pos"] > 0 and rows[0]["loss_cls"] > 0
 
 
 class Norms:

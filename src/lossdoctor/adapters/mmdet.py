@@ -42,6 +42,7 @@ from ..inputs.config import (
     TestConfig,
 )  # fmt: skip
 from ..inputs.dataclass_toml import to_dict
+from ..inputs.dense import DenseConfig, DenseProfile, DenseTest, mmdet_fcos, mmdet_retinanet
 from ..inputs.errors import InputError
 from ..inputs.profiles import mmdet, mmdet_cascade
 from ..replay.losses import BALANCED_L1_ALPHA, BALANCED_L1_GAMMA, BOUNDED_IOU_EPS, IOU_EPS
@@ -55,6 +56,7 @@ from .common import (
     HookedCapture,
     built,
     cascade_of_fc_heads,
+    dense_run_meta,
     describe,
     has_norm,
     head_norm_config,
@@ -393,8 +395,20 @@ def _roi_head(roi, train) -> None:
                 raise not_replayed(f"mask loss {kind(loss)} with loss_weight {loss.loss_weight}")
 
 
+def is_dense(model) -> bool:
+    """A single-stage detector whose dense head the replay runs."""
+    head = getattr(model, "bbox_head", None)
+    return getattr(model, "rpn_head", None) is None and kind(head) in DENSE_HEADS
+
+
 def two_stage(model) -> None:
-    """Refuse a detector that is not one of the two-stage detectors, by name."""
+    """Refuse a detector that is neither a two-stage detector nor a dense head replayed."""
+    if is_dense(model):
+        return
+    head = getattr(model, "bbox_head", None)
+    if head is not None and getattr(model, "rpn_head", None) is None and not is_a(model, ("RPN",)):
+        raise not_replayed(f"{kind(model)}, a one-stage detector with {kind(head)} (replayed: "
+                           f"{', '.join(DENSE_HEADS)})")  # fmt: skip
     if getattr(model, "rpn_head", None) is None or getattr(model, "roi_head", None) is None:
         # mmdet's RPN detector keeps its RPN head as bbox_head
         rpn_only = is_a(model, ("RPN",)) or getattr(model, "rpn_head", None) is not None
@@ -625,7 +639,90 @@ def rpn_proposals(model, rpn_outs, data_samples) -> list[torch.Tensor]:
     return [_boxes(r) for r in results]
 
 
+# the dense heads the replay runs, and the options it models
+DENSE_HEADS = ("RetinaHead", "FCOSHead")
+FOCAL = "FocalLoss"
+
+
+def _focal(head) -> tuple[float, float, float]:
+    """(alpha, gamma, weight) of a dense head's sigmoid focal loss."""
+    loss = head.loss_cls
+    if kind(loss) != FOCAL or not bool(getattr(loss, "use_sigmoid", False)):
+        raise not_replayed(f"{kind(head)} classification loss {kind(loss)} (replayed: "
+                           "FocalLoss with use_sigmoid)")  # fmt: skip
+    return float(loss.alpha), float(loss.gamma), float(loss.loss_weight)
+
+
+def _dense_box(head, decoded: bool) -> tuple[LossKind, float, float]:
+    kind_, beta, weight = _loss(head.loss_bbox, cls=False)
+    if (kind_ in DECODED_LOSSES.values()) != decoded:
+        raise not_replayed(f"{kind(head)} box loss {kind(head.loss_bbox)} with "
+                           f"reg_decoded_bbox={not decoded}")  # fmt: skip
+    return kind_, beta, weight
+
+
+def _weighted(profile: DenseProfile, cls: float, box: float, ctr: float) -> DenseProfile:
+    terms = {"cls": cls, "box": box, "ctr": ctr}
+    return dataclasses.replace(profile, **{k: dataclasses.replace(getattr(profile, k), weight=w)
+                                           for k, w in terms.items()})  # fmt: skip
+
+
+def _retina_config(model, head) -> DenseConfig:
+    train = model.train_cfg
+    _assignment("RetinaHead", train, samplers=(PSEUDO,))
+    alpha, gamma, w_cls = _focal(head)
+    box, beta, w_box = _dense_box(head, bool(getattr(head, "reg_decoded_bbox", False)))
+    coder = _coder(head.bbox_coder)
+    base = mmdet_retinanet()
+    pad = _get(model.data_preprocessor, "pad_size_divisor", 1)
+    return dataclasses.replace(
+        base,
+        anchors=_anchors(head.prior_generator, pad, _get(train, "allowed_border", -1)),
+        matcher=_matcher(train.assigner),
+        delta_weights=coder.weights,
+        box_loss=box, beta=beta, alpha=alpha, gamma=gamma,
+        profile=_weighted(base.profile, w_cls, w_box, 1.0),
+    )  # fmt: skip
+
+
+def _fcos_config(model, head) -> DenseConfig:
+    alpha, gamma, w_cls = _focal(head)
+    box, beta, w_box = _dense_box(head, True)
+    ctr = head.loss_centerness
+    if kind(ctr) != "CrossEntropyLoss" or not bool(getattr(ctr, "use_sigmoid", False)):
+        raise not_replayed(f"FCOSHead centerness loss {kind(ctr)} (replayed: CrossEntropyLoss "
+                           "with use_sigmoid)")  # fmt: skip
+    strides = tuple(int(s[0] if isinstance(s, (tuple, list)) else s) for s in head.strides)
+    base = mmdet_fcos(giou=box is LossKind.GIOU)
+    return dataclasses.replace(
+        base,
+        anchors=dataclasses.replace(base.anchors, sizes=tuple((float(s),) for s in strides),
+                                    offset=float(head.prior_generator.offset)),
+        regress_ranges=tuple((float(a), float(b)) for a, b in head.regress_ranges),
+        center_sampling=bool(head.center_sampling),
+        center_radius=float(head.center_sample_radius),
+        exp_distances=not head.norm_on_bbox, distances_in_strides=bool(head.norm_on_bbox),
+        ctr_on_box=bool(head.centerness_on_reg),
+        box_loss=box, beta=beta, alpha=alpha, gamma=gamma,
+        profile=_weighted(base.profile, w_cls, w_box, float(ctr.loss_weight)),
+    )  # fmt: skip
+
+
+def dense_config(model) -> DenseConfig:
+    """A RetinaNet's or FCOS's dense head config, read off the live head and ``train_cfg``."""
+    head = model.bbox_head
+    require("dense head", head, DENSE_HEADS)
+    cfg = _retina_config(model, head) if kind(head) == "RetinaHead" else _fcos_config(model, head)
+    test = model.test_cfg
+    return dataclasses.replace(cfg, test=DenseTest(
+        score_thr=float(_get(test, "score_thr", 0.05)), topk=int(_get(test, "nms_pre", 1000)),
+        nms_iou=float(_get(_get(test, "nms", {}), "iou_threshold", 0.5)),
+        detections_per_img=int(_get(test, "max_per_img", 100))))  # fmt: skip
+
+
 def _meta(model, meta):
+    if is_dense(model):
+        return dense_run_meta(Framework.MMDET, model, dense_config, meta)
     return run_meta(Framework.MMDET, model, detector_config, profile, meta)
 
 
@@ -636,9 +733,10 @@ def dump(out_dir: str | Path, model, data_batch: dict, *, meta: dict | None = No
     with torch.no_grad():
         data = model.data_preprocessor(data_batch, True)
         feats = model.extract_feat(data["inputs"])
-        outs = model.rpn_head(feats)
+        outs = None if is_dense(model) else model.rpn_head(feats)
     samples = data["data_samples"]
-    batch = batch_fields(data["inputs"], samples, feats, rpn_proposals(model, outs, samples))
+    proposals = None if outs is None else rpn_proposals(model, outs, samples)
+    batch = batch_fields(data["inputs"], samples, feats, proposals)
     return write_dump(out_dir, model.state_dict(), batch, _meta(model, meta))
 
 
@@ -662,7 +760,8 @@ class Capture(HookedCapture):
         self.hook(model, "losses", lambda args, kwargs, out: out if isinstance(out, dict) else None)
         # the features the heads take: the neck's, or the backbone's where there is no neck (DC5)
         self.hook(model.neck if model.with_neck else model.backbone, "features")
-        self.hook(model.rpn_head, "rpn_outs")
+        if not is_dense(model):
+            self.hook(model.rpn_head, "rpn_outs")
 
     def describe(self) -> dict:
         return describe(Framework.MMDET, "mmdet", lambda: _meta(self.model, None))
