@@ -320,7 +320,10 @@ class HookedCapture(Capture):
     def _batch(self, found: tuple[dict, dict]) -> tuple[dict, dict]:
         batch, extra = found
         amp = {"autocast": self.seen.get("autocast")} if self.seen.get("autocast") else {}
-        return batch, {**self.run_info, **amp, **extra}
+        meta = {**self.run_info, **amp}
+        for k, v in extra.items():  # a table (meta["dense"]) gains the step's keys
+            meta[k] = {**meta[k], **v} if isinstance(meta.get(k), dict) else v
+        return batch, meta
 
     def check(self, step: int, loss, *, meta: dict | None = None) -> Path | None:
         """Call once per step after ``backward()`` and before ``optimizer.step()``, with the

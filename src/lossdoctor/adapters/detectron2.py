@@ -40,6 +40,7 @@ from ..inputs.config import (
     TestConfig,
 )  # fmt: skip
 from ..inputs.dataclass_toml import to_dict
+from ..inputs.dense import DenseConfig, DenseTest, detectron2_retinanet
 from ..inputs.errors import InputError
 from ..inputs.profiles import detectron2 as builtin_profile
 from ..vocab import CascadeScores, Framework, LossKind, Mapper, MaskTarget, Ranking, Term
@@ -52,6 +53,7 @@ from .common import (
     HookedCapture,
     built,
     cascade_of_fc_heads,
+    dense_run_meta,
     describe,
     has_norm,
     head_norm_config,
@@ -233,10 +235,39 @@ def _mask_head(roi) -> None:
 
 
 def two_stage(model) -> None:
-    """Refuse a detector that is not a two-stage GeneralizedRCNN, by name."""
-    if not is_a(model, ("GeneralizedRCNN",)):
-        one = is_a(model, ("RetinaNet", "FCOS", "DenseDetector"))
+    """Refuse a detector that is neither a two-stage GeneralizedRCNN nor a RetinaNet, by name."""
+    if not is_a(model, ("GeneralizedRCNN", *DENSE)):
+        one = is_a(model, ("FCOS", "DenseDetector"))
         raise not_replayed(f"{kind(model)}" + (", a one-stage detector" if one else ""))
+
+
+# the one-stage detector whose dense head the replay runs
+DENSE = ("RetinaNet",)
+
+
+def dense_config(model) -> DenseConfig:
+    """A RetinaNet's config read off the live model: anchors, matcher, coder, focal loss, box
+    loss and test settings (its EMA normalizer is recorded per capture)."""
+    require("RetinaNet head", model.head, ("RetinaNetHead",))
+    loss = model.box_reg_loss_type
+    if loss == D2_SMOOTH_L1:
+        box, beta = LossKind.SMOOTH_L1, float(model.smooth_l1_beta)
+    elif loss in D2_DECODED:
+        box, beta = D2_DECODED[loss], 0.0
+    else:
+        raise not_replayed(f"RetinaNet box_reg_loss_type {loss!r}")
+    coder = _coder(model.box2box_transform)
+    return dataclasses.replace(
+        detectron2_retinanet(),
+        anchors=_anchors(model.anchor_generator),
+        matcher=_matcher(model.anchor_matcher, RPN_LABELS),
+        delta_weights=coder.weights,
+        box_loss=box, beta=beta,
+        alpha=float(model.focal_loss_alpha), gamma=float(model.focal_loss_gamma),
+        test=DenseTest(score_thr=float(model.test_score_thresh),
+                       topk=int(model.test_topk_candidates), nms_iou=float(model.test_nms_thresh),
+                       detections_per_img=int(model.max_detections_per_image)),
+    )  # fmt: skip
 
 
 def architecture(model) -> None:
@@ -408,7 +439,15 @@ def _rpn_proposals(rpn, images, features) -> list:
 
 
 def _meta(model, meta):
+    if is_a(model, DENSE):
+        return dense_run_meta(Framework.DETECTRON2, model, dense_config, meta)
     return run_meta(Framework.DETECTRON2, model, detector_config, profile, meta)
+
+
+def _normalizer(model) -> dict:
+    """A RetinaNet's running loss normalizer before the step (absent before its first)."""
+    value = getattr(model, "loss_normalizer", None)
+    return {} if value is None else {"dense": {"loss_normalizer": float(value)}}
 
 
 def dump(
@@ -418,10 +457,14 @@ def dump(
     ``image`` and ``instances``): runs ``model.preprocess_image``, the backbone and the RPN's
     proposal step under ``no_grad``."""
     model = unwrap(model)
+    dense = is_a(model, DENSE)
     with torch.no_grad():
         images = model.preprocess_image(batched_inputs)
         features = model.backbone(images.tensor)
-        proposals = _rpn_proposals(model.proposal_generator, images, features)
+        proposals = None if dense else _rpn_proposals(model.proposal_generator, images, features)
+    if dense:
+        features = {f: features[f] for f in model.head_in_features}
+        meta = {**_normalizer(model), **(meta or {})}
     gt = [x["instances"] for x in batched_inputs]
     return write_dump(
         out_dir,
@@ -448,13 +491,40 @@ class Capture(HookedCapture):
 
     def install(self, model) -> None:
         two_stage(model)
-        self.hook(model.proposal_generator, "proposal_generator", _rpn_call, always=True)
+        if is_a(model, DENSE):
+            self.hook(model.head, "head_features", lambda args, kwargs, out: args[0], always=True)
+        else:
+            self.hook(model.proposal_generator, "proposal_generator", _rpn_call, always=True)
         self.hook(model, "losses", lambda args, kwargs, out: out if isinstance(out, dict) else None)
+
+    def _forward_starts(self, module, args) -> None:
+        super()._forward_starts(module, args)
+        if module.training and is_a(module, DENSE):
+            self.seen["batched"] = args[0] if args else None
+            self.seen["normalizer"] = _normalizer(module)
+
+    def _dense_batch(self) -> tuple[dict, dict]:
+        """A RetinaNet's: the images as its forward preprocessed them (run again here), the
+        features its head took, the GT, and its running normalizer before the step."""
+        model, batched = self.model, self.seen.get("batched")
+        if batched is None:
+            raise RuntimeError("no training forward of the model was recorded before check()")
+        with untouched(model):
+            images = model.preprocess_image(batched)
+            feats = self.seen.get("head_features")
+            if feats is None:  # the forward raised before its head ran
+                out = model.backbone(images.tensor)
+                feats = [out[f] for f in model.head_in_features]
+        gt = [x["instances"].to(model.device) for x in batched]
+        features = dict(zip(model.head_in_features, feats))
+        return batch_fields(images, features, gt), self.seen.get("normalizer", {})
 
     def describe(self) -> dict:
         return describe(Framework.DETECTRON2, "detectron2", lambda: _meta(self.model, None))
 
     def batch_from_forward(self) -> tuple[dict, dict]:
+        if is_a(self.model, DENSE):
+            return self._dense_batch()
         if "proposal_generator" not in self.seen:
             raise RuntimeError("no training forward of the model was recorded before check()")
         images, features, gt, proposals = self.seen["proposal_generator"]
@@ -463,6 +533,9 @@ class Capture(HookedCapture):
     def batch_after_exception(self, args, kwargs) -> tuple[dict, dict]:
         """The RPN's inputs where it ran (it raises on non-finite proposals), else the
         preprocessed images and the backbone's features, computed here."""
+        if is_a(self.model, DENSE):
+            self.seen.setdefault("batched", args[0] if args else kwargs.get("batched_inputs"))
+            return self._dense_batch()
         if "proposal_generator" not in self.seen:
             model, batched = self.model, args[0] if args else kwargs["batched_inputs"]
             with untouched(model):
