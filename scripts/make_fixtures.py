@@ -12,6 +12,9 @@
 - fixtures/amp-nan: the toy detector trained under `fixed` (seed 0) with CPU mixed precision
   (float16 autocast, GradScaler) at lr 0.2 without warmup: the capture hook's first non-finite
   loss, which the box head's float16 overflow makes (an fp32 replay of it is finite)
+- fixtures/retinanet-nan: a tiny RetinaNet (torchvision's key names) trained with each level's
+  terms divided by that level's own positives (`legacy`, seed 7): the capture hook's first
+  non-finite loss, at the first batch with no positive anchor on P5
 - fixtures/faults/*: the healthy batch with one fault each (image without GT, zero-width GT box,
   1-based labels, NaN in one level's features), on its first two images, each a capture
   directory whose checkpoint.pt links to fixtures/healthy/checkpoint.pt
@@ -37,7 +40,9 @@ from lossdoctor.capture import Capture  # noqa: E402
 from lossdoctor.inputs.batch import Batch, dump_batch, load_batch  # noqa: E402
 from lossdoctor.inputs.dataclass_toml import dumps_toml  # noqa: E402
 from lossdoctor.inputs.files import save_torch  # noqa: E402
+from lossdoctor.inputs.dense import LEGACY  # noqa: E402
 from lossdoctor.inputs.profiles import fixed, legacy  # noqa: E402
+from lossdoctor.toy.dense import TinyRetinaNet, dense_loss, toy_dense_table  # noqa: E402
 from lossdoctor.replay.engine import replay  # noqa: E402
 from lossdoctor.toy.data import batches  # noqa: E402
 from lossdoctor.toy.model import (  # noqa: E402
@@ -175,6 +180,39 @@ def amp_nan(root: Path, scratch: Path) -> None:
     print("amp-nan: the mixed-precision run never broke; not written")
 
 
+DENSE_SEED, DENSE_BATCH, DENSE_STEPS, DENSE_LR, DENSE_WARMUP = 7, 8, 200, 0.01, 50
+
+
+def retinanet_nan(root: Path, scratch: Path) -> None:
+    """The tiny RetinaNet trained as naive code does it: each level's focal and box sums divided
+    by that level's own positives (profile legacy). It trains until a batch without a positive
+    on one level, whose 0/0 (and x/0) the capture hook catches."""
+    torch.manual_seed(0)
+    model = TinyRetinaNet()
+    opt = torch.optim.SGD(model.parameters(), lr=DENSE_LR, momentum=0.9, weight_decay=1e-4)
+    capture = Capture(scratch, model, optimizer=opt, max_captures=1)
+    stream = batches(DENSE_SEED, DENSE_BATCH)
+    meta = {"train_seed": DENSE_SEED, "dense": {"config": toy_dense_table(), "profile": "legacy"}}
+    for step in range(DENSE_STEPS):
+        for g in opt.param_groups:
+            g["lr"] = DENSE_LR * min(1.0, (step + 1) / DENSE_WARMUP)
+        images, sizes, boxes, labels = data = next(stream)
+        loss, b = dense_loss(model, data, LEGACY)
+        opt.zero_grad()
+        loss.backward()
+        folder = capture.check(step, loss, features=b.features, image_sizes=sizes,
+                               gt_boxes=boxes, gt_labels=labels, strides=b.strides,
+                               meta=meta)  # fmt: skip
+        if folder is not None:
+            (root / "retinanet-nan").mkdir(parents=True, exist_ok=True)
+            for f in ("checkpoint.pt", "batch.pt"):
+                shutil.copyfile(folder / f, root / "retinanet-nan" / f)
+            print(f"retinanet-nan: {folder.name}: {load_batch(folder / 'batch.pt').meta['reason']}")
+            return
+        opt.step()
+    print("retinanet-nan: the run never broke; not written")
+
+
 def faults(healthy_batch: Path, out: Path) -> None:
     """One fault each, derived from the healthy batch (deterministic, no training)."""
     base = load_batch(healthy_batch)
@@ -219,13 +257,14 @@ def main(argv=None):
         help="re-derive fixtures/faults from the healthy batch only",
     )
     ap.add_argument("--only-amp", action="store_true", help="write fixtures/amp-nan only")
+    ap.add_argument("--only-dense", action="store_true", help="write fixtures/retinanet-nan only")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scratch = out / ".capture"
-    if args.only_amp:
-        amp_nan(out, scratch)
+    if args.only_amp or args.only_dense:
+        (amp_nan if args.only_amp else retinanet_nan)(out, scratch)
         shutil.rmtree(scratch, ignore_errors=True)
         return
     if not args.only_faults:
@@ -234,6 +273,8 @@ def main(argv=None):
         collapse(out, scratch)
         shutil.rmtree(scratch, ignore_errors=True)
         amp_nan(out, scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
+        retinanet_nan(out, scratch)
         shutil.rmtree(scratch, ignore_errors=True)
     faults(out / "healthy" / "batch.pt", out / "faults")
 

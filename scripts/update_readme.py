@@ -24,7 +24,7 @@ from lossdoctor.report.explain import CATALOGUE_BEGIN, CATALOGUE_END, catalogue_
 EXCERPT_BEGIN, EXCERPT_END = "<!-- what-it-says -->", "<!-- /what-it-says -->"
 EXCERPT_ARGS = ["inspect", "fixtures/collapse"]
 # the excerpt shows this many findings, and leaves out the RPN table
-SHOWN_FINDINGS = 3
+SHOWN_FINDINGS = 2
 SEVERITIES = ("error ", "warning ", "info ")
 
 
@@ -96,6 +96,24 @@ def amp_excerpt() -> str:
     body = "\n".join([*header[k:], "…", *_finding_lines(findings, "fp16-forward-overflow"), "…",
                       *drift[:3], *own])  # fmt: skip
     return f"{AMP_BEGIN}\n```\n$ lossdoctor {' '.join(AMP_ARGS)}\n{body}\n```\n{AMP_END}"
+
+
+DENSE_BEGIN, DENSE_END = "<!-- dense-excerpt -->", "<!-- /dense-excerpt -->"
+DENSE_ARGS = ["inspect", "fixtures/retinanet-nan"]
+
+
+def dense_excerpt() -> str:
+    """`lossdoctor inspect fixtures/retinanet-nan`, cut to its finding and the dense head's
+    table (docs/one-stage.md has more)."""
+    sections = _output(DENSE_ARGS).split("\n\n")
+    findings = next(s for s in sections if s.startswith("Findings"))
+    k = next(i for i, s in enumerate(sections) if s.startswith("DENSE head"))
+    lines = sections[k].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(" "))  # the profile row
+    table = [*lines[start:], "", sections[k + 1]]
+    body = "\n".join(["…", *_finding_lines(findings, "dense-level-normalizer-zero"), "…",
+                      *table])  # fmt: skip
+    return f"{DENSE_BEGIN}\n```\n$ lossdoctor {' '.join(DENSE_ARGS)}\n{body}\n```\n{DENSE_END}"
 
 
 COVERAGE_BEGIN, COVERAGE_END = "<!-- coverage -->", "<!-- /coverage -->"
@@ -171,6 +189,7 @@ def _rewrite(path: Path, begin: str, end: str, new: str) -> None:
 def main() -> None:
     _rewrite(README, EXCERPT_BEGIN, EXCERPT_END, excerpt())
     _rewrite(README, AMP_BEGIN, AMP_END, amp_excerpt())
+    _rewrite(README, DENSE_BEGIN, DENSE_END, dense_excerpt())
     _rewrite(REPORT_DOC, CATALOGUE_BEGIN, CATALOGUE_END, catalogue_markdown())
     _rewrite(README, SUMMARY_BEGIN, SUMMARY_END, coverage_summary())
     _rewrite(COVERAGE_DOC, COVERAGE_BEGIN, COVERAGE_END, coverage_markdown())

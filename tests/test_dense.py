@@ -179,3 +179,56 @@ def test_refusals_name_what_is_wrong(tmp_path):
     F.exit2(F.invoke("check", str(folder)), "one-stage detector")
     bad = _capture(tmp_path, "detectron2-retinanet", meta={"dense": {"loss_normalizer": "x"}})
     F.exit2(F.invoke("inspect", str(bad)), "meta.dense.loss_normalizer")
+
+
+def test_the_retinanet_fixture_names_the_empty_level():
+    """fixtures/retinanet-nan: a tiny RetinaNet trained with per-level means (legacy), captured
+    at its first non-finite loss: P5 had no positive, the run's own profile divides by 0 there,
+    and fixed (the batch's positives) is finite on the same batch."""
+    rep = inspect("fixtures/retinanet-nan")
+    assert rep.meta.run.own == "legacy" and rep.meta.run.source == "dump"
+    errors = [f for f in rep.findings if f.severity == "error"]
+    assert [(f.code, f.level, f.profile) for f in errors] == [
+        ("dense-level-normalizer-zero", "p5", "legacy")
+    ]
+    rows = {(r.profile, r.level): r for r in rep.tables.levels}
+    assert rows["legacy", "p5"].pos == 0 and rows["legacy", "p5"].avg_factor == 0
+    fixed = rows["fixed", "all"]
+    assert math.isfinite(fixed.loss_cls) and fixed.avg_factor == fixed.pos == 38
+    # the run's own divisor at p4 is that level's positives; fixed's is the batch's
+    assert rows["legacy", "p4"].avg_factor == rows["legacy", "p4"].pos
+    assert rep.meta.batch.meta["reason"].startswith("non-finite loss")
+
+
+def test_the_readmes_one_stage_excerpt_is_what_inspect_prints():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location(
+        "update_readme", root / "scripts/update_readme.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = (root / "README.md").read_text()
+    start = text.index(script.DENSE_BEGIN)
+    end = text.index(script.DENSE_END) + len(script.DENSE_END)
+    assert text[start:end] == script.dense_excerpt(), "run: python scripts/update_readme.py"
+
+
+def test_the_retinanet_fixture_regenerates_bit_for_bit(tmp_path):
+    """The tiny RetinaNet's run (seconds): twice, the same bytes, at the same step."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for k in (1, 2):
+        cmd = [sys.executable, str(root / "scripts/make_fixtures.py"), "--only-dense", "--out",
+               str(tmp_path / f"run{k}")]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True)
+    for f in ("checkpoint.pt", "batch.pt"):
+        a, b = (tmp_path / f"run{k}" / "retinanet-nan" / f for k in (1, 2))
+        assert a.read_bytes() == b.read_bytes(), f
+    again = inspect(tmp_path / "run1" / "retinanet-nan")
+    assert again.meta.batch.dump.step == inspect("fixtures/retinanet-nan").meta.batch.dump.step

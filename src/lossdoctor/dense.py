@@ -114,11 +114,18 @@ def _fit(w: DenseWeights, b: Batch, cfg: DenseConfig) -> None:
                          f"levels; the batch has {len(b.levels)}")  # fmt: skip
 
 
-def _profiles(o: ReplayOptions, cfg: DenseConfig):
+def _profiles(o: ReplayOptions, cfg: DenseConfig, b: Batch):
+    """The run's own profile (--old, else the one the dump records, else the config's) and the
+    what-if (--new, else fixed, or legacy where the run already divides as fixed does)."""
     if o.profiles is not None:
         return [dense_profile(str(p), cfg) for p in o.profiles], ProfileSource.GIVEN
-    own = cfg.profile if o.old is None else dense_profile(str(o.old), cfg)
-    source = ProfileSource.DEFAULT if o.old is None else ProfileSource.GIVEN
+    recorded = (b.meta.get(DENSE_META) or {}).get("profile")
+    if o.old is not None:
+        own, source = dense_profile(str(o.old), cfg), ProfileSource.GIVEN
+    elif recorded is not None:
+        own, source = dense_profile(str(recorded), cfg), ProfileSource.DUMP
+    else:
+        own, source = cfg.profile, ProfileSource.DEFAULT
     if o.new is not None:
         whatif = dense_profile(str(o.new), cfg)
     else:
@@ -145,7 +152,7 @@ def inspect_dense(e: OneStageCheckpoint, paths, o: ReplayOptions, on_phase):
     w = dense_weights(e.state_dict, e.layout)
     cfg = _config(o.config, b, w)
     _fit(w, b, cfg)
-    profs, source = _profiles(o, cfg)
+    profs, source = _profiles(o, cfg, b)
     on_phase(Phase.REPLAY)
     r = dense_replay(w, b, cfg, profs, ema_before=_ema_before(b))
     on_phase(Phase.GRADIENTS)

@@ -208,7 +208,7 @@ def empty_level_nan(d: DenseDiagnosis) -> list[Finding]:
                 continue
             out.append(Finding(
                 message=f"level {ll.level} has {int(pos[k])} positives and profile {name} "
-                "divides its terms by them: 0/0 = NaN",
+                "divides its terms by them: 0/0 = NaN (box), x/0 = Inf (cls)",
                 head=Head.DENSE, level=ll.level, profile=name, term=TERM_OF[zero[0]],
                 evidence={"pos": int(pos[k]), "terms": [str(TERM_OF[p]) for p in zero]},
                 cause="level-normalizer-zero",

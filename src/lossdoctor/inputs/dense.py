@@ -329,8 +329,9 @@ def dense_config_from_meta(value, where: str = "meta.dense.config") -> DenseConf
     """The live model's config as a capture recorded it (a table over its ``base`` preset)."""
     if not isinstance(value, dict):
         raise InputError(f"{where} must be a table of a one-stage config, found {value!r}")
-    return from_table(DenseConfig, value, DENSE_PRESETS, value.get("name", "torchvision-retinanet"),
-                      where, value.get("name", "recorded"))  # fmt: skip
+    name = value.get("name", "recorded")
+    base = name if name in DENSE_PRESETS else "torchvision-retinanet"  # (a full table: any base)
+    return from_table(DenseConfig, value, DENSE_PRESETS, base, where, name)
 
 
 def dense_profile(name: str, config: DenseConfig) -> DenseProfile:

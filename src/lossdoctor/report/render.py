@@ -225,7 +225,7 @@ def _detector_line(m) -> str:
     if dn is not None:
         ema = "" if dn.ema is None else f"; EMA normalizer {dn.ema:.4g} (before {_ema(dn)})"
         return (
-            f"detector    one-stage {dn.kind}, {dn.preset} preset; {dn.classes} classes, "
+            f"detector    one-stage {dn.kind}, {dn.preset} config; {dn.classes} classes, "
             f"{dn.anchors} anchors/location, {dn.convs} convs per tower"
             f"{' with GroupNorm' if dn.norm else ''}; {dn.positives} positives{ema}"
         )
@@ -473,6 +473,8 @@ def totals(report: Report, width: int = WIDTH) -> list[Table]:
     ]
     cols = ("loss_total", *terms, "grad_total_norm", "grad_clipped_norm", "rpn_neg_share")
     names = ("loss", *terms, "|grad| pre-clip", "post-clip", "rpn neg share")
+    if report.meta.dense is not None:  # no RPN
+        cols, names = cols[:-1], names[:-1]
     keys = [Column("profile", [Text(r.profile) for r in rows], "left")]
     groups = [[Column(n, [num(getattr(r, c)) for r in rows])] for c, n in zip(cols, names)]
     return fitted(

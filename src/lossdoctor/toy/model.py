@@ -52,15 +52,7 @@ class TinyDetector(nn.Module):
 
     def __init__(self, channels: int = CHANNELS, classes: int = NUM_CLASSES):
         super().__init__()
-        widths = (16, 24, 32, 48, 64)
-        self.backbone = nn.Module()
-        self.backbone.body = nn.ModuleList(
-            [_conv(3, widths[0], 2)] + [_conv(a, b, 2) for a, b in zip(widths, widths[1:])]
-        )
-        self.backbone.lateral = nn.ModuleList([nn.Conv2d(w, channels, 1) for w in widths[1:]])
-        self.backbone.output = nn.ModuleList(
-            [nn.Conv2d(channels, channels, 3, 1, 1) for _ in widths[1:]]
-        )
+        self.backbone = tiny_backbone(channels)
         self.rpn = nn.Module()
         self.rpn.head = nn.Module()
         self.rpn.head.conv = nn.Sequential(nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1)))
@@ -85,18 +77,36 @@ class TinyDetector(nn.Module):
     def features(self, images: Tensor) -> dict[str, Tensor]:
         """images [N, 3, H, W] (H, W multiples of 32) → {"p2": ..., "p6": ...}, each
         [N, C, H/s, W/s]."""
-        x = images
-        stages = []
-        for layer in self.backbone.body:
-            x = layer(x)
-            stages.append(x)
-        c = stages[1:]  # strides 4, 8, 16, 32
-        lat = [conv(t) for conv, t in zip(self.backbone.lateral, c)]
-        for i in range(len(lat) - 2, -1, -1):
-            lat[i] = lat[i] + F.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="nearest")
-        outs = [o(t) for o, t in zip(self.backbone.output, lat)]
-        outs.append(F.max_pool2d(outs[-1], 1, 2))
-        return {f"p{k + 2}": t for k, t in enumerate(outs)}
+        return fpn_features(self.backbone, images)
+
+
+def tiny_backbone(channels: int) -> nn.Module:
+    """A 5-stage conv body (strides 2-32) and an FPN's lateral and output convs."""
+    widths = (16, 24, 32, 48, 64)
+    backbone = nn.Module()
+    backbone.body = nn.ModuleList(
+        [_conv(3, widths[0], 2)] + [_conv(a, b, 2) for a, b in zip(widths, widths[1:])]
+    )
+    backbone.lateral = nn.ModuleList([nn.Conv2d(w, channels, 1) for w in widths[1:]])
+    backbone.output = nn.ModuleList([nn.Conv2d(channels, channels, 3, 1, 1) for _ in widths[1:]])
+    return backbone
+
+
+def fpn_features(backbone: nn.Module, images: Tensor) -> dict[str, Tensor]:
+    """images [N, 3, H, W] (H, W multiples of 32) → {"p2": ..., "p6": ...}, each
+    [N, C, H/s, W/s]."""
+    x = images
+    stages = []
+    for layer in backbone.body:
+        x = layer(x)
+        stages.append(x)
+    c = stages[1:]  # strides 4, 8, 16, 32
+    lat = [conv(t) for conv, t in zip(backbone.lateral, c)]
+    for i in range(len(lat) - 2, -1, -1):
+        lat[i] = lat[i] + F.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="nearest")
+    outs = [o(t) for o, t in zip(backbone.output, lat)]
+    outs.append(F.max_pool2d(outs[-1], 1, 2))
+    return {f"p{k + 2}": t for k, t in enumerate(outs)}
 
 
 def live_heads(model: TinyDetector):
