@@ -39,12 +39,12 @@ import dataclasses  # noqa: E402
 from lossdoctor.capture import Capture  # noqa: E402
 from lossdoctor.inputs.batch import Batch, dump_batch, load_batch  # noqa: E402
 from lossdoctor.inputs.dataclass_toml import dumps_toml  # noqa: E402
-from lossdoctor.inputs.files import save_torch  # noqa: E402
 from lossdoctor.inputs.dense import LEGACY  # noqa: E402
+from lossdoctor.inputs.files import save_torch  # noqa: E402
 from lossdoctor.inputs.profiles import fixed, legacy  # noqa: E402
-from lossdoctor.toy.dense import TinyRetinaNet, dense_loss, toy_dense_table  # noqa: E402
 from lossdoctor.replay.engine import replay  # noqa: E402
 from lossdoctor.toy.data import batches  # noqa: E402
+from lossdoctor.toy.dense import TinyRetinaNet, dense_loss, toy_dense_table  # noqa: E402
 from lossdoctor.toy.model import (  # noqa: E402
     STRIDES,
     TinyDetector,
