@@ -232,3 +232,56 @@ def test_the_retinanet_fixture_regenerates_bit_for_bit(tmp_path):
         assert a.read_bytes() == b.read_bytes(), f
     again = inspect(tmp_path / "run1" / "retinanet-nan")
     assert again.meta.batch.dump.step == inspect("fixtures/retinanet-nan").meta.batch.dump.step
+
+
+def _step_folder(tmp_path, preset, boxes_per_rank):
+    layout, kind, norm, anchors = PRESETS[preset]
+    sd = F.dense_state_dict(layout, kind, norm=norm, anchors=anchors)
+    step = tmp_path / f"{preset}-step"
+    for rank, boxes in enumerate(boxes_per_rank):
+        folder = step / f"rank_{rank}"
+        folder.mkdir(parents=True)
+        torch.save(sd, folder / "checkpoint.pt")
+        d = F.dense_batch_dict(boxes=boxes, seed=rank)
+        d["meta"] = {"rank": rank, "world_size": len(boxes_per_rank), "step": 5}
+        torch.save(d, folder / "batch.pt")
+    return step
+
+
+ONE_BOX = [torch.tensor([[70.0, 20.0, 150.0, 100.0]])] * 2
+CROWDED = [torch.tensor([[8.0, 10.0, 60.0, 70.0], [70.0, 20.0, 150.0, 100.0],
+                         [20.0, 60.0, 90.0, 120.0]])] * 2  # fmt: skip
+
+
+def test_a_reduced_normalizer_divides_every_rank_by_the_mean_over_ranks(tmp_path):
+    """MMDetection FCOS divides by max(reduce_mean(num_pos), 1): in a step of two ranks, each
+    rank's terms are divided by the two ranks' mean, not its own count; the per-rank replay of
+    a dump alone divides by its own."""
+    step = _step_folder(tmp_path, "mmdet-fcos", [CROWDED, ONE_BOX])
+    alone = [inspect(step / f"rank_{k}").meta.dense for k in (0, 1)]
+    assert alone[0].positives > alone[1].positives > 0
+    rep = inspect(step)
+    mean = (alone[0].positives + alone[1].positives) / 2
+    eps = 1.1920928955078125e-07
+    for k in (0, 1):
+        own = [r for r in rep.tables.levels
+               if (r.rank, r.profile, r.level) == (k, "mmdet-fcos", "all")]  # fmt: skip
+        assert own[0].avg_factor == pytest.approx(mean + eps)
+        ctr_mean = (alone[0].ctr_sum + alone[1].ctr_sum) / 2
+        assert own[0].avg_factor_bbox == pytest.approx(ctr_mean + eps, rel=1e-6)
+    assert rep.meta.dense.world_pos == pytest.approx(mean)
+
+
+def test_per_rank_normalizers_skew_a_step_and_the_ranks_table_says_so(tmp_path):
+    """torchvision RetinaNet divides each image by its own positives: a rank with few positives
+    weighs each of them far more than a crowded rank does; the ranks table puts each rank's
+    normalizer next to the all-reduced one."""
+    step = _step_folder(tmp_path, "torchvision-retinanet", [CROWDED, ONE_BOX])
+    rep = inspect(step)
+    rows = [r for r in rep.tables.ranks if r.profile == "torchvision-retinanet"]
+    assert {r.rank for r in rows} == {0, 1} and all(r.head == "dense" for r in rows)
+    for level in {r.level for r in rows}:
+        at = [r for r in rows if r.level == level]
+        mean = sum(r.avg_factor for r in at) / 2
+        assert all(r.global_avg_factor == pytest.approx(mean) for r in at)
+    assert rep.meta.world_size == 2

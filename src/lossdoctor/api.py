@@ -188,7 +188,7 @@ def inspect(checkpoint, batch=None, options: ReplayOptions | None = None, *, on_
     return _inspect_dump(checkpoint, batch, opts, on_phase)
 
 
-def _inspect_dump(checkpoint, batch, o: ReplayOptions, on_phase):
+def _inspect_dump(checkpoint, batch, o: ReplayOptions, on_phase, world=None):
     from .diagnose import diagnose
     from .replay.engine import replay
     from .report.build import build_report
@@ -201,7 +201,7 @@ def _inspect_dump(checkpoint, batch, o: ReplayOptions, on_phase):
     except OneStageCheckpoint as e:
         from .dense import inspect_dense
 
-        return inspect_dense(e, paths, o, on_phase)
+        return inspect_dense(e, paths, o, on_phase, world)
     if o.score_thr is not None:
         cfg = replace(cfg, test=replace(cfg.test, score_thr=o.score_thr))
     profs, source = _profiles(b, o.profiles, o.old, o.new)
@@ -257,16 +257,26 @@ def inspect_step(step_dir, options: ReplayOptions | None = None, *, on_phase=_qu
     from .report.ranks import combine_ranks
 
     opts = options_of(options, fields)
+    reports = _rank_reports(step_dir, opts, on_phase)
+    if not reports:
+        raise InputError(f"{step_dir} holds no rank_K capture directories")
+    from .dense import world_counts
+
+    world = world_counts(reports)
+    if world is not None:  # a one-stage head's reduced terms divide by the step's mean counts
+        reports = _rank_reports(step_dir, opts, on_phase, world)
+    _check_ranks(step_dir, reports)
+    return combine_ranks(reports)
+
+
+def _rank_reports(step_dir, opts: ReplayOptions, on_phase, world=None) -> dict:
     reports = {}
     for rank, folder in sorted(step_ranks(step_dir).items()):
         try:
-            reports[rank] = _inspect_dump(folder, None, opts, on_phase)
+            reports[rank] = _inspect_dump(folder, None, opts, on_phase, world)
         except InputError as e:
             raise InputError(f"rank {rank} ({folder}): {e}") from None
-    if not reports:
-        raise InputError(f"{step_dir} holds no rank_K capture directories")
-    _check_ranks(step_dir, reports)
-    return combine_ranks(reports)
+    return reports
 
 
 def _check_ranks(step_dir, reports: dict) -> None:

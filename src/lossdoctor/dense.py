@@ -21,6 +21,7 @@ from .inputs.dense import (
 from .inputs.dense_weights import DenseWeights, dense_weights
 from .inputs.errors import InputError
 from .options import ReplayOptions
+from .replay.dense import WorldCounts
 from .vocab import DenseKind, Head, Layout, Phase, Precision, ProfileSource
 
 # the preset a checkpoint's layout and head design mean, where the dump names none
@@ -125,7 +126,7 @@ def _profiles(o: ReplayOptions, cfg: DenseConfig, b: Batch):
     elif recorded is not None:
         own, source = dense_profile(str(recorded), cfg), ProfileSource.DUMP
     else:
-        own, source = cfg.profile, ProfileSource.DEFAULT
+        own, source = cfg.profile, ProfileSource.CONFIG
     if o.new is not None:
         whatif = dense_profile(str(o.new), cfg)
     else:
@@ -136,8 +137,10 @@ def _profiles(o: ReplayOptions, cfg: DenseConfig, b: Batch):
     return [own, whatif], source
 
 
-def inspect_dense(e: OneStageCheckpoint, paths, o: ReplayOptions, on_phase):
-    """The dense head of ``e``'s checkpoint replayed on ``e.batch`` → a Report."""
+def inspect_dense(e: OneStageCheckpoint, paths, o: ReplayOptions, on_phase,
+                  world: WorldCounts | None = None):  # fmt: skip
+    """The dense head of ``e``'s checkpoint replayed on ``e.batch`` → a Report; ``world``: the
+    step's counts over its ranks, for the terms that reduce their count across ranks."""
     from .api import _framework, _named, _precision
     from .diagnose.dense import diagnose_dense
     from .replay.dense import dense_replay
@@ -154,13 +157,27 @@ def inspect_dense(e: OneStageCheckpoint, paths, o: ReplayOptions, on_phase):
     _fit(w, b, cfg)
     profs, source = _profiles(o, cfg, b)
     on_phase(Phase.REPLAY)
-    r = dense_replay(w, b, cfg, profs, ema_before=_ema_before(b))
+    r = dense_replay(w, b, cfg, profs, ema_before=_ema_before(b), world=world)
     on_phase(Phase.GRADIENTS)
     d = diagnose_dense(r, profs[0].name, o.score_thr)
     report = build_dense_report(d, *_named(paths))
     dump = report.meta.batch.dump
-    own = profs[0].name if source is not ProfileSource.GIVEN or o.old is not None else None
+    own = None if source is ProfileSource.GIVEN and o.old is None else profs[0].name
     report.meta.run = RunMeta(profile=profs[0].name, source=source, own=own,
                               framework=_framework(b.meta.get("framework")), step=dump.step,
                               rank=dump.rank)  # fmt: skip
     return report
+
+
+def world_counts(reports: dict) -> WorldCounts | None:
+    """A one-stage step's counts averaged over its ranks (rank → report), where any of its
+    profiles reduces a count across ranks; None otherwise."""
+    dense = [rep.meta.dense for rep in reports.values()]
+    if len(dense) < 2 or any(d is None for d in dense):
+        return None
+    terms = [t for p in dense[0].profiles.values() for t in (p.cls, p.box, p.ctr)]
+    if not any(t.reduced for t in terms):
+        return None
+    n = len(dense)
+    return WorldCounts(pos=sum(d.positives for d in dense) / n,
+                       ctr_sum=sum(d.ctr_sum for d in dense) / n)  # fmt: skip

@@ -295,6 +295,7 @@ class ProfileSource(StrEnum):
     DUMP = "dump"  # recorded in the dump by its capture
     GIVEN = "given"  # --old
     DEFAULT = "default"  # neither: the default old profile is assumed
+    CONFIG = "config"  # a one-stage head's: its framework's normalizer, as its config says
 
 
 class Precision(StrEnum):

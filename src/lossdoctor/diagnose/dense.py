@@ -100,7 +100,8 @@ def profile_grads(r: DenseReplay, losses: DenseLosses):
                 deltas=_norm(d),
             )
         )
-    return levels, {name: _norm(g) for name, g in zip(params, grads[3 * n :])}
+    norms = {name: (math.nan if g is None else _norm(g)) for name, g in zip(params, grads[3 * n :])}
+    return levels, norms
 
 
 def _first_nonfinite(r: DenseReplay, losses: DenseLosses, k: int) -> str:

@@ -21,8 +21,9 @@ the term's ``normalizer``:
 ``ctr_sum``        the positives' centerness targets summed (MMDetection FCOS/ATSS box term)
 =================  ===========================================================================
 
-then ``D = max(D, floor) + eps`` (MMDetection adds float32 epsilon to every avg_factor), and a
-``D`` of 0 gives NaN, as 0/0 does in the naive code.
+A ``reduced`` term's count is first averaged over the ranks of the step (MMDetection FCOS's
+``reduce_mean``; a single dump is its own mean). Then ``D = max(D, floor) + eps`` (MMDetection adds
+float32 epsilon to every avg_factor), and a ``D`` of 0 gives NaN, as 0/0 does in the naive code.
 """
 
 from __future__ import annotations
@@ -57,12 +58,15 @@ class DenseTerm:
     floor: float = 0.0
     eps: float = 0.0
     weight: float = 1.0
+    reduced: bool = False  # the count is averaged over the ranks first (reduce_mean)
 
     def __post_init__(self):
         normalizer = as_member(DenseNormalizer, self.normalizer, "normalizer")
         object.__setattr__(self, "normalizer", normalizer)
         for name in ("floor", "eps", "weight"):
             check_range(getattr(self, name), name, 0.0)
+        if not isinstance(self.reduced, bool):
+            raise InputError(f"reduced must be true or false, found {self.reduced!r}")
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,8 @@ LEGACY = _same(
 )
 FIXED = _same(
     "fixed",
-    "every level divided by the batch's positives, at least 1",
-    DenseTerm(DenseNormalizer.POS, floor=1.0),
+    "every level divided by the positives of the step (averaged over ranks), at least 1",
+    DenseTerm(DenseNormalizer.POS, floor=1.0, reduced=True),
 )
 
 
@@ -267,7 +271,7 @@ def mmdet_fcos(giou: bool = False) -> DenseConfig:
     centerness targets and divided by their sum; cls and centerness by max(reduce_mean(#pos), 1).
     """
     name = "mmdet-fcos-giou" if giou else "mmdet-fcos"
-    pos = DenseTerm(DenseNormalizer.POS, floor=1.0, eps=EPS32)
+    pos = DenseTerm(DenseNormalizer.POS, floor=1.0, eps=EPS32, reduced=True)
     return DenseConfig(
         name=name,
         framework=Framework.MMDET,
@@ -292,7 +296,7 @@ def mmdet_fcos(giou: bool = False) -> DenseConfig:
             summary="cls and centerness over max(reduce_mean(#pos), 1); the box term weighted "
             "by centerness targets over their reduced sum",
             cls=pos,
-            box=DenseTerm(DenseNormalizer.CTR_SUM, floor=CTR_FLOOR, eps=EPS32),
+            box=DenseTerm(DenseNormalizer.CTR_SUM, floor=CTR_FLOOR, eps=EPS32, reduced=True),
             ctr=pos,
         ),
     )

@@ -106,6 +106,14 @@ class DenseLosses:
 DENSE_PARTS = (Part.CLS, Part.BOX, Part.CTR)
 
 
+@dataclass(frozen=True, kw_only=True)
+class WorldCounts:
+    """The step's counts averaged over its ranks, for the ``reduced`` terms."""
+
+    pos: float  # positives per rank
+    ctr_sum: float  # the positives' centerness targets summed, per rank
+
+
 @dataclass(kw_only=True)
 class DenseReplay:
     weights: DenseWeights
@@ -115,6 +123,7 @@ class DenseReplay:
     gt: UsableGt
     levels: list[DenseLevel]
     ema_before: float | None  # Detectron2's running normalizer before this step, where known
+    world: WorldCounts | None = None  # the step's counts over its ranks (None: this dump alone)
     losses: dict[str, DenseLosses] = field(default_factory=dict)
 
     def counts(self, attr: str) -> Tensor:
@@ -316,9 +325,11 @@ def _box_losses(config: DenseConfig, pred: Tensor, anchors: Tensor, gt: Tensor):
 def _level(name, stride, out: DenseOutput, anchors, labels, matched, gt: UsableGt, config):
     n, a, k = out.logits.shape
     target = torch.zeros(n, a, k)
-    box = torch.zeros(n, a).to(out.deltas)
+    # zeros in the graph: an image without positives gives its box and centerness layers a zero
+    # gradient, as every framework's sum over an empty selection does
+    box = out.deltas.sum(-1) * 0
     ctr_t = torch.zeros(n, a)
-    ctr_l = torch.zeros(n, a).to(out.deltas)
+    ctr_l = (out.ctr if out.ctr is not None else out.deltas.sum(-1)) * 0
     pos = labels == POSITIVE
     for i in range(n):
         idx = pos[i].nonzero().flatten()
@@ -346,11 +357,12 @@ def _divisors(term: DenseTerm, r: DenseReplay) -> Tensor:
     pos = r.counts("pos").double()
     n, levels = pos.shape
     total = float(pos.sum())
+    world = r.world if term.reduced else None
     match term.normalizer:
         case DenseNormalizer.LEVEL_POS:
             d = pos.sum(0, keepdim=True).expand(n, levels)
         case DenseNormalizer.POS:
-            d = torch.full((n, levels), total)
+            d = torch.full((n, levels), total if world is None else world.pos)
         case DenseNormalizer.POS_PER_IMAGE:
             d = (n * pos.sum(1, keepdim=True).clamp(min=1)).expand(n, levels)
         case DenseNormalizer.MMDET_PSEUDO:
@@ -359,7 +371,8 @@ def _divisors(term: DenseTerm, r: DenseReplay) -> Tensor:
             m = r.config.ema_momentum
             d = torch.full((n, levels), ema_update(r.ema_before, total, m))
         case DenseNormalizer.CTR_SUM:
-            d = torch.full((n, levels), float(r.ctr_sums.double().sum()))
+            ctr = float(r.ctr_sums.double().sum()) if world is None else world.ctr_sum
+            d = torch.full((n, levels), ctr)
     return d.clamp(min=term.floor) + term.eps
 
 
@@ -414,6 +427,7 @@ def dense_replay(
     profiles: list[DenseProfile],
     *,
     ema_before: float | None = None,
+    world: WorldCounts | None = None,
 ) -> DenseReplay:
     """Replay the dense head's losses on ``batch`` under each of ``profiles`` (the same
     assignment for all: their differences are differences of normalization only)."""
@@ -441,6 +455,6 @@ def dense_replay(
         )
     ]
     r = DenseReplay(weights=weights, batch=batch, config=config, features=features, gt=gt,
-                    levels=levels, ema_before=ema_before)  # fmt: skip
+                    levels=levels, ema_before=ema_before, world=world)  # fmt: skip
     r.losses = {p.name: dense_losses(r, p) for p in profiles}
     return r

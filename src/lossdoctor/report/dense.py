@@ -113,14 +113,14 @@ def image_rows(d: DenseDiagnosis) -> list[ImageRow]:
 def profile_rows(d: DenseDiagnosis) -> list[ProfileRow]:
     out = []
     for name, losses in d.replay.losses.items():
-        norms = d.param_norms[name]
-        total_norm = math.sqrt(sum(v * v for v in norms.values()))
+        norms = d.param_norms[name]  # NaN: no gradient at all (out of the graph)
+        total_norm = math.sqrt(sum(v * v for v in norms.values() if v == v))
         nan = math.nan
         out.append(ProfileRow(
             profile=name, loss_total=_f(losses.total), rpn_cls=nan, rpn_box=nan, roi_cls=nan,
             roi_box=nan, grad_total_norm=total_norm, max_norm=None, clip_coef=1.0,
             grad_clipped_norm=total_norm, rpn_neg_share=None, roi_neg_share=None,
-            no_grad=sorted(k for k, v in norms.items() if v == 0),
+            no_grad=sorted(k for k, v in norms.items() if v != v),
             dense_cls=_f(losses.term(Part.CLS)), dense_box=_f(losses.term(Part.BOX)),
             dense_ctr=_f(losses.term(Part.CTR)) if d.replay.weights.has_ctr else None,
         ))  # fmt: skip
@@ -146,6 +146,9 @@ def _dense_meta(d: DenseDiagnosis) -> DenseMeta:
         box_loss=r.config.box_loss,
         profiles={n: losses.profile for n, losses in r.losses.items()},
         positives=pos,
+        ctr_sum=float(r.ctr_sums.sum()),
+        world_pos=None if r.world is None else r.world.pos,
+        world_ctr_sum=None if r.world is None else r.world.ctr_sum,
         ema_before=r.ema_before,
         ema=ema_update(r.ema_before, pos, r.config.ema_momentum) if uses_ema else None,
     )

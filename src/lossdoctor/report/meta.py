@@ -142,8 +142,12 @@ class DenseMeta:
     box_loss: LossKind
     profiles: dict[str, DenseProfile]
     positives: int  # the batch's, all levels
+    ctr_sum: float = 0.0  # the positives' centerness targets summed
     ema_before: float | None = None  # the running normalizer before this step (recorded)
     ema: float | None = None  # after this step's update: what the EMA profile divides by
+    # a multi-rank step's: the counts per rank its reduced (reduce_mean) terms divided by
+    world_pos: float | None = field(default=None, metadata={"omit_none": True})
+    world_ctr_sum: float | None = field(default=None, metadata={"omit_none": True})
 
 
 @dataclass(kw_only=True)

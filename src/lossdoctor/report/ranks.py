@@ -23,8 +23,7 @@ def _agreed(reports: dict[int, Report]) -> None:
     facts = {
         "world_size": lambda r: r.meta.batch.dump.world_size,
         "levels": lambda r: r.meta.batch.levels,
-        "channels": lambda r: r.meta.heads.channels,
-        "classes": lambda r: r.meta.heads.classes,
+        "head": _head_facts,
         "profiles": lambda r: r.profiles,
     }
     first = min(reports)
@@ -45,6 +44,15 @@ def _agreed(reports: dict[int, Report]) -> None:
         )
 
 
+def _head_facts(r: Report) -> tuple:
+    """What the heads of every rank's dump must share: channels and classes (a one-stage
+    detector's config, head kind and classes)."""
+    if r.meta.dense is not None:
+        d = r.meta.dense
+        return (d.preset, d.kind, d.classes, d.anchors)
+    return (r.meta.heads.channels, r.meta.heads.classes)
+
+
 def _rescaled(loss: float, d: float, mean: float, n: int) -> float:
     """A level's loss under another normalizer: its sum (0 without samples) over ``mean``."""
     if n == 0:
@@ -53,6 +61,9 @@ def _rescaled(loss: float, d: float, mean: float, n: int) -> float:
 
 
 def _weight(rep: Report, profile: str, head: Head, part: Part) -> float:
+    if rep.meta.dense is not None:
+        spec = rep.meta.dense.profiles[profile]
+        return (spec.cls if part is Part.CLS else spec.box).weight
     return rep.meta.profiles[profile].term(term_of(head, part)).weight
 
 

@@ -35,7 +35,8 @@ MIN_WIDTH = 40
 # below this width findings are stacked (code and place, then the message) instead of a table
 STACKED_FINDINGS_BELOW = 100
 WHERE_WIDTH = 28
-RUN_SOURCE = {ProfileSource.DUMP: "recorded in the dump", ProfileSource.GIVEN: "--old"}
+RUN_SOURCE = {ProfileSource.DUMP: "recorded in the dump", ProfileSource.GIVEN: "--old",
+              ProfileSource.CONFIG: "from its config"}  # fmt: skip
 SEVERITY_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 UNITS = {Head.RPN: "anchors", Head.ROI: "RoIs", Head.MASK: "RoIs", Head.DENSE: "anchors"}
 LEVEL_METRICS = (
