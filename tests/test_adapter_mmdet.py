@@ -194,13 +194,13 @@ def _small(path):
 @pytest.mark.parametrize(
     "path, what",
     [("sabl/sabl-faster-rcnn_r50_fpn_1x_coco.py", "SABLHead"),
-     ("atss/atss_r50_fpn_1x_coco.py", "ATSSHead")],
-    ids=["sabl", "atss"],
+     ("gfl/gfl_r50_fpn_1x_coco.py", "GFLHead")],
+    ids=["sabl", "gfl"],
 )  # fmt: skip
 def test_the_hook_never_stops_a_run_it_cannot_model(tmp_path, path, what):
-    """MMDetection's own SABL and ATSS configs train to the end with the hook: what it cannot
+    """MMDetection's own SABL and GFL configs train to the end with the hook: what it cannot
     replay is said once; the SABL captures are written and inspect refuses them with the same
-    message (an ATSS head is refused at construction: nothing is captured)."""
+    message (a GFL head is refused at construction: nothing is captured)."""
     hooks = [dict(type="LossDoctorHook", every=1)]
     with pytest.warns(RuntimeWarning, match=f"lossdoctor: .*{what}") as said:
         runner = run(tmp_path, _small(os.path.join(CONFIGS, path)), hooks)
@@ -216,7 +216,8 @@ def test_the_hook_never_stops_a_run_it_cannot_model(tmp_path, path, what):
 
 
 @pytest.mark.parametrize("path", ["retinanet/retinanet_r50_fpn_1x_coco.py",
-                                  "fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py"])  # fmt: skip
+                                  "fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py",
+                                  "atss/atss_r50_fpn_1x_coco.py"])  # fmt: skip
 def test_a_one_stage_run_with_the_hook_is_captured_and_inspected(tmp_path, path):
     """RetinaNet and FCOS train under the Runner with the hook; every step is captured, and
     inspect replays each capture's dense head with the live model's config."""
@@ -228,7 +229,9 @@ def test_a_one_stage_run_with_the_hook_is_captured_and_inspected(tmp_path, path)
     dumps = tmp_path / "work" / "lossdoctor-dumps"
     assert sorted(p.name for p in dumps.iterdir()) == ["step_000000", "step_000001"]
     rep = F.inspect_json(dumps / "step_000001")
-    assert rep["meta"]["dense"]["preset"].startswith(("mmdet-retinanet", "mmdet-fcos"))
+    assert rep["meta"]["dense"]["preset"].startswith(
+        ("mmdet-retinanet", "mmdet-fcos", "mmdet-atss")
+    )
     rows = [r for r in rep["tables"]["levels"] if r["head"] == "dense" and r["level"] == "all"]
     assert len(rows) == 2 and rows[0]["pos"] > 0 and rows[0]["loss_cls"] > 0
 

@@ -42,6 +42,7 @@ CASES = {
         "fcos/fcos_r50-caffe_fpn_gn-head-center-normbbox-centeronreg-giou_1x_coco.py",
         ("loss_cls", "loss_bbox", "loss_centerness"),
     ),
+    "mmdet-atss": ("atss/atss_r50_fpn_1x_coco.py", ("loss_cls", "loss_bbox", "loss_centerness")),
 }
 
 

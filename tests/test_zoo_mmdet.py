@@ -68,7 +68,8 @@ MODELS_TRIED = {
     "retinanet/retinanet_r50_fpn_1x_coco.py": ("exact", ""),
     "fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py": ("exact", ""),
     "fcos/fcos_r50-caffe_fpn_gn-head-center-normbbox-centeronreg-giou_1x_coco.py": ("exact", ""),
-    "atss/atss_r50_fpn_1x_coco.py": ("refused", "ATSSHead"),
+    "atss/atss_r50_fpn_1x_coco.py": ("exact", ""),
+    "gfl/gfl_r50_fpn_1x_coco.py": ("refused", "GFLHead"),
 }
 
 

@@ -34,6 +34,7 @@ _DEFAULT_PRESET = {
     (Layout.MMDET, DenseKind.RETINANET, False): "mmdet-retinanet",
     (Layout.MMDET, DenseKind.FCOS, True): "mmdet-fcos",
     (Layout.MMDET, DenseKind.FCOS, False): "mmdet-fcos",
+    (Layout.MMDET, DenseKind.ATSS, True): "mmdet-atss",
 }
 # the dump's record of a one-stage run (written by the capture adapters)
 DENSE_META = Head.DENSE
@@ -180,4 +181,5 @@ def world_counts(reports: dict) -> WorldCounts | None:
         return None
     n = len(dense)
     return WorldCounts(pos=sum(d.positives for d in dense) / n,
-                       ctr_sum=sum(d.ctr_sum for d in dense) / n)  # fmt: skip
+                       ctr_sum=sum(d.ctr_sum for d in dense) / n,
+                       pseudo=sum(d.pseudo for d in dense) / n)  # fmt: skip

@@ -42,7 +42,14 @@ from ..inputs.config import (
     TestConfig,
 )  # fmt: skip
 from ..inputs.dataclass_toml import to_dict
-from ..inputs.dense import DenseConfig, DenseProfile, DenseTest, mmdet_fcos, mmdet_retinanet
+from ..inputs.dense import (
+    DenseConfig,
+    DenseProfile,
+    DenseTest,
+    mmdet_atss,
+    mmdet_fcos,
+    mmdet_retinanet,
+)
 from ..inputs.errors import InputError
 from ..inputs.profiles import mmdet, mmdet_cascade
 from ..replay.losses import BALANCED_L1_ALPHA, BALANCED_L1_GAMMA, BOUNDED_IOU_EPS, IOU_EPS
@@ -640,7 +647,7 @@ def rpn_proposals(model, rpn_outs, data_samples) -> list[torch.Tensor]:
 
 
 # the dense heads the replay runs, and the options it models
-DENSE_HEADS = ("RetinaHead", "FCOSHead")
+DENSE_HEADS = ("RetinaHead", "FCOSHead", "ATSSHead")
 FOCAL = "FocalLoss"
 
 
@@ -688,10 +695,7 @@ def _retina_config(model, head) -> DenseConfig:
 def _fcos_config(model, head) -> DenseConfig:
     alpha, gamma, w_cls = _focal(head)
     box, beta, w_box = _dense_box(head, True)
-    ctr = head.loss_centerness
-    if kind(ctr) != "CrossEntropyLoss" or not bool(getattr(ctr, "use_sigmoid", False)):
-        raise not_replayed(f"FCOSHead centerness loss {kind(ctr)} (replayed: CrossEntropyLoss "
-                           "with use_sigmoid)")  # fmt: skip
+    w_ctr = _ctr_loss(head)
     strides = tuple(int(s[0] if isinstance(s, (tuple, list)) else s) for s in head.strides)
     base = mmdet_fcos(giou=box is LossKind.GIOU)
     return dataclasses.replace(
@@ -704,15 +708,47 @@ def _fcos_config(model, head) -> DenseConfig:
         exp_distances=not head.norm_on_bbox, distances_in_strides=bool(head.norm_on_bbox),
         ctr_on_box=bool(head.centerness_on_reg),
         box_loss=box, beta=beta, alpha=alpha, gamma=gamma,
-        profile=_weighted(base.profile, w_cls, w_box, float(ctr.loss_weight)),
+        profile=_weighted(base.profile, w_cls, w_box, w_ctr),
     )  # fmt: skip
 
 
+def _ctr_loss(head) -> float:
+    """The centerness loss's weight (a sigmoid CrossEntropyLoss is what the replay runs)."""
+    ctr = head.loss_centerness
+    if kind(ctr) != "CrossEntropyLoss" or not bool(getattr(ctr, "use_sigmoid", False)):
+        raise not_replayed(f"{kind(head)} centerness loss {kind(ctr)} (replayed: "
+                           "CrossEntropyLoss with use_sigmoid)")  # fmt: skip
+    return float(ctr.loss_weight)
+
+
+def _atss_config(model, head) -> DenseConfig:
+    train = model.train_cfg
+    _require_cfg("ATSSHead assigner", train.assigner, ("ATSSAssigner",))
+    if _get(train.assigner, "alpha", None) is not None:
+        raise not_replayed("ATSSAssigner with alpha (the cost-based assigner)")
+    alpha, gamma, w_cls = _focal(head)
+    box, beta, w_box = _dense_box(head, bool(getattr(head, "reg_decoded_bbox", True)))
+    base = mmdet_atss()
+    pad = _get(model.data_preprocessor, "pad_size_divisor", 1)
+    return dataclasses.replace(
+        base,
+        anchors=_anchors(head.prior_generator, pad, _get(train, "allowed_border", -1)),
+        atss_topk=int(_get(train.assigner, "topk", 9)),
+        delta_weights=_coder(head.bbox_coder).weights,
+        box_loss=box, beta=beta, alpha=alpha, gamma=gamma,
+        profile=_weighted(base.profile, w_cls, w_box, _ctr_loss(head)),
+    )  # fmt: skip
+
+
+DENSE_CONFIGS = {"RetinaHead": _retina_config, "FCOSHead": _fcos_config, "ATSSHead": _atss_config}
+
+
 def dense_config(model) -> DenseConfig:
-    """A RetinaNet's or FCOS's dense head config, read off the live head and ``train_cfg``."""
+    """A RetinaNet's, FCOS's or ATSS's dense head config, read off the live head and
+    ``train_cfg``."""
     head = model.bbox_head
     require("dense head", head, DENSE_HEADS)
-    cfg = _retina_config(model, head) if kind(head) == "RetinaHead" else _fcos_config(model, head)
+    cfg = DENSE_CONFIGS[kind(head)](model, head)
     test = model.test_cfg
     return dataclasses.replace(cfg, test=DenseTest(
         score_thr=float(_get(test, "score_thr", 0.05)), topk=int(_get(test, "nms_pre", 1000)),

@@ -132,6 +132,7 @@ class DenseConfig:
     exp_distances: bool = False
     distances_in_strides: bool = True
     box_weight_ctr: bool = False
+    atss_topk: int = 9  # ATSS: candidates per level and GT
     ctr_on_box: bool = True  # the centerness branch sits on the box tower (else the cls tower)
     ema_momentum: float = EMA_MOMENTUM
     test: DenseTest = field(default_factory=DenseTest)
@@ -302,6 +303,36 @@ def mmdet_fcos(giou: bool = False) -> DenseConfig:
     )
 
 
+def mmdet_atss() -> DenseConfig:
+    """MMDetection ``atss_r50_fpn_1x``: one anchor per location (8 x stride), ATSSAssigner top 9,
+    GIoU (weight 2) on boxes decoded with stds (0.1, 0.1, 0.2, 0.2), weighted by centerness
+    targets over their reduced sum (at least 1); cls and centerness over the reduced sum over
+    images of max(#pos, 1)."""
+    pseudo = DenseTerm(DenseNormalizer.MMDET_PSEUDO, eps=EPS32, reduced=True)
+    return DenseConfig(
+        name="mmdet-atss",
+        framework=Framework.MMDET,
+        kind=DenseKind.ATSS,
+        anchors=AnchorConfig(
+            sizes=tuple((8.0 * s,) for s in DENSE_STRIDES), ratios=(1.0,), valid_pad_divisor=32
+        ),  # fmt: skip
+        assigner=DenseAssigner.ATSS,
+        delta_weights=(10.0, 10.0, 5.0, 5.0),
+        delta_clip_both=True,
+        box_loss=LossKind.GIOU,
+        box_weight_ctr=True,
+        test=DenseTest(score_thr=0.05, topk=1000, nms_iou=0.6, detections_per_img=100),
+        profile=DenseProfile(
+            name="mmdet-atss",
+            summary="cls and centerness over reduce_mean(sum over images of max(#pos, 1)); the "
+            "box term (weight 2) weighted by centerness targets over their reduced sum, at least 1",
+            cls=pseudo,
+            box=DenseTerm(DenseNormalizer.CTR_SUM, floor=1.0, weight=2.0, reduced=True),
+            ctr=pseudo,
+        ),
+    )
+
+
 # the presets by name, as --config and a dump's meta name them
 DENSE_PRESETS = {
     "torchvision-retinanet": torchvision_retinanet,
@@ -311,6 +342,7 @@ DENSE_PRESETS = {
     "mmdet-retinanet": mmdet_retinanet,
     "mmdet-fcos": mmdet_fcos,
     "mmdet-fcos-giou": lambda: mmdet_fcos(giou=True),
+    "mmdet-atss": mmdet_atss,
 }
 
 

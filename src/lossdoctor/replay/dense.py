@@ -27,13 +27,14 @@ from ..vocab import (
     DENSE_CLS_NORMS,
     DenseAssigner,
     DenseCoder,
+    DenseKind,
     DenseLayer,
     DenseNormalizer,
     Framework,
     Part,
 )
 from .anchors import level_anchors, valid_flags
-from .boxes import decode, encode
+from .boxes import box_iou, decode, encode
 from .gt import UsableGt, usable_gt
 from .losses import DECODED_LOSSES, box_loss
 from .matcher import IGNORED, NEGATIVE, POSITIVE, match
@@ -44,6 +45,8 @@ NORM_GROUPS, NORM_EPS = 32, 1e-5
 FCOS_AREA_BASE, FCOS_NO_MATCH = 1e8, 1e-5
 # torchvision FCOS: an anchor of size s takes GT boxes whose largest side distance is in (4s, 8s)
 FCOS_RANGE = (4.0, 8.0)
+# MMDetection's ATSS: its IoU's union floor, and how far inside its GT a positive's centre lies
+ATSS_UNION_EPS, ATSS_INSIDE = 1e-6, 0.01
 
 
 @dataclass(kw_only=True)
@@ -112,6 +115,7 @@ class WorldCounts:
 
     pos: float  # positives per rank
     ctr_sum: float  # the positives' centerness targets summed, per rank
+    pseudo: float  # the sum over images of max(#pos, 1), per rank
 
 
 @dataclass(kw_only=True)
@@ -240,6 +244,36 @@ def _match_fcos_mmdet(gt: Tensor, anchors: Tensor, strides: Tensor, ranges: Tens
     return idx
 
 
+def _match_atss(gt: Tensor, anchors: Tensor, per_level: list[int], topk: int) -> Tensor:
+    """MMDetection's ATSSAssigner: per GT, the ``topk`` anchors per level whose centres are
+    nearest its centre are candidates; those with IoU >= mean + std of the candidates' (and the
+    centre inside the GT, by more than 0.01) are positive; an anchor positive for several GTs
+    takes the one of highest IoU → GT index, -1 for none (Tensor[M])."""
+    m, g = anchors.shape[0], gt.shape[0]
+    if g == 0 or m == 0:
+        return torch.full((m,), -1, dtype=torch.long)
+    iou = box_iou(anchors, gt, ATSS_UNION_EPS)  # [M, G]
+    centre = lambda b: torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1)  # noqa: E731
+    dist = (centre(anchors)[:, None, :] - centre(gt)[None]).pow(2).sum(-1).sqrt()
+    cands, start = [], 0
+    for n in per_level:
+        k = min(topk, n)
+        cands.append(dist[start : start + n].topk(k, dim=0, largest=False).indices + start)
+        start += n
+    cand = torch.cat(cands)  # [C, G]
+    cand_iou = iou[cand, torch.arange(g)]
+    pos = cand_iou >= (cand_iou.mean(0) + cand_iou.std(0))[None]
+    cx, cy = centre(anchors)[cand].unbind(-1)  # [C, G] each
+    inside = torch.stack([cx - gt[:, 0], cy - gt[:, 1], gt[:, 2] - cx, gt[:, 3] - cy], 1)
+    pos &= inside.min(dim=1).values > ATSS_INSIDE
+    best = torch.full((g, m), -float("inf"))
+    gi = torch.arange(g).expand_as(cand)
+    best[gi[pos], cand[pos]] = iou.t()[gi[pos], cand[pos]]
+    value, idx = best.t().max(dim=1)
+    idx[value == -float("inf")] = -1
+    return idx
+
+
 def _per_anchor(values, anchors: list[Tensor]) -> Tensor:
     """One value per level → Tensor[M, ...] repeated for each anchor of the level."""
     rows = [torch.tensor(v, dtype=torch.float32) for v in values]
@@ -260,12 +294,22 @@ def _assign(config, batch, gt, anchors, shapes, num_anchors, i) -> tuple[Tensor,
         idx = _match_fcos_mmdet(gt.boxes[i], flat, strides, ranges, config)
         labels = torch.where(idx >= 0, POSITIVE, NEGATIVE).to(torch.int8)
         return labels, idx.clamp(min=0)
+    size = batch.image_sizes[i]
+    flags = valid_flags(config.anchors, batch.strides, shapes, size, num_anchors)
     if config.assigner is DenseAssigner.MAX_IOU:
-        size = batch.image_sizes[i]
-        flags = valid_flags(config.anchors, batch.strides, shapes, size, num_anchors)
         m = match(gt.boxes[i], flat, config.matcher, None if flags is None else torch.cat(flags))
         return m.labels, m.gt
-    raise NotImplementedError(f"the {config.assigner} assigner")  # refused when loading
+    # ATSS: its assigner sees only the valid anchors; the others are left out of every loss
+    valid = torch.ones(flat.shape[0], dtype=torch.bool) if flags is None else torch.cat(flags)
+    per_level = (
+        [int(f.sum()) for f in flags] if flags is not None else [a.shape[0] for a in anchors]
+    )
+    idx = _match_atss(gt.boxes[i], flat[valid], per_level, config.atss_topk)
+    labels = torch.full((flat.shape[0],), IGNORED, dtype=torch.int8)
+    labels[valid] = torch.where(idx >= 0, POSITIVE, NEGATIVE).to(torch.int8)
+    matched = torch.zeros(flat.shape[0], dtype=torch.long)
+    matched[valid] = idx.clamp(min=0)
+    return labels, matched
 
 
 def _units(anchors: Tensor, per_stride: bool) -> Tensor:
@@ -319,6 +363,8 @@ def _box_losses(config: DenseConfig, pred: Tensor, anchors: Tensor, gt: Tensor):
     else:
         target = encode(gt, anchors, config.delta_weights)
         loss = box_loss(pred, target, config.box_loss, config.beta)
+    if config.kind is DenseKind.ATSS:  # centerness of the anchor's centre in its GT
+        return loss, centerness(_linear_encode(gt, anchors, per_stride=False))
     return loss, torch.zeros_like(loss)
 
 
@@ -366,7 +412,8 @@ def _divisors(term: DenseTerm, r: DenseReplay) -> Tensor:
         case DenseNormalizer.POS_PER_IMAGE:
             d = (n * pos.sum(1, keepdim=True).clamp(min=1)).expand(n, levels)
         case DenseNormalizer.MMDET_PSEUDO:
-            d = torch.full((n, levels), float(pos.sum(1).clamp(min=1).sum()))
+            own = float(pos.sum(1).clamp(min=1).sum())
+            d = torch.full((n, levels), own if world is None else world.pseudo)
         case DenseNormalizer.EMA:
             m = r.config.ema_momentum
             d = torch.full((n, levels), ema_update(r.ema_before, total, m))

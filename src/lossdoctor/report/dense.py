@@ -147,8 +147,10 @@ def _dense_meta(d: DenseDiagnosis) -> DenseMeta:
         profiles={n: losses.profile for n, losses in r.losses.items()},
         positives=pos,
         ctr_sum=float(r.ctr_sums.sum()),
+        pseudo=int(r.counts("pos").sum(1).clamp(min=1).sum()),
         world_pos=None if r.world is None else r.world.pos,
         world_ctr_sum=None if r.world is None else r.world.ctr_sum,
+        world_pseudo=None if r.world is None else r.world.pseudo,
         ema_before=r.ema_before,
         ema=ema_update(r.ema_before, pos, r.config.ema_momentum) if uses_ema else None,
     )

@@ -143,11 +143,13 @@ class DenseMeta:
     profiles: dict[str, DenseProfile]
     positives: int  # the batch's, all levels
     ctr_sum: float = 0.0  # the positives' centerness targets summed
+    pseudo: int = 0  # the sum over images of max(#pos, 1) (MMDetection's PseudoSampler count)
     ema_before: float | None = None  # the running normalizer before this step (recorded)
     ema: float | None = None  # after this step's update: what the EMA profile divides by
     # a multi-rank step's: the counts per rank its reduced (reduce_mean) terms divided by
     world_pos: float | None = field(default=None, metadata={"omit_none": True})
     world_ctr_sum: float | None = field(default=None, metadata={"omit_none": True})
+    world_pseudo: float | None = field(default=None, metadata={"omit_none": True})
 
 
 @dataclass(kw_only=True)
