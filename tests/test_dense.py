@@ -153,6 +153,13 @@ def test_json_all_rows_carry_the_framework_loss_dict_terms(tmp_path, preset):
                  and r["level"] != "all"]  # fmt: skip
     assert sum(r["loss_cls"] for r in per_level) == pytest.approx(own[0]["loss_cls"], rel=1e-6)
     assert sum(r["pos"] for r in per_level) == own[0]["pos"] > 0
+    params = {r["param"]: r for r in data["tables"]["params"] if r["profile"] == preset}
+    logits, deltas = params["dense_logits.weight"], params["dense_deltas.weight"]
+    assert logits["total"] == pytest.approx(logits["dense_cls"]) and logits["dense_box"] == 0
+    assert deltas["total"] == pytest.approx(deltas["dense_box"]) and deltas["dense_cls"] == 0
+    tower = params["dense_box_conv1.weight"]  # the box tower feeds box (and centerness)
+    parts = [tower["dense_box"], tower.get("dense_ctr", 0.0)]
+    assert tower["total"] <= sum(parts) + 1e-9 and tower["dense_cls"] == 0
     back = Report.from_dict(data)
     assert back.profiles == [r["profile"] for r in data["tables"]["profiles"]]
     assert back.meta.dense.positives == own[0]["pos"]

@@ -13,6 +13,7 @@ from ..inputs.dense import DenseConfig
 from ..replay.boxes import clip_to_image, decode
 from ..replay.dense import (
     DELTA_CLIP,
+    DENSE_PARTS,
     DenseLosses,
     DenseReplay,
     _linear_decode,
@@ -68,7 +69,10 @@ class DenseDiagnosis:
     replay: DenseReplay
     own: str  # the run's own profile
     grads: dict[str, list[LevelGrads]]
-    param_norms: dict[str, dict[str, float]]  # profile → canonical parameter → its grad norm
+    # profile → canonical parameter → its gradient's norm (None: no gradient, out of the graph)
+    param_norms: dict[str, dict[str, float | None]]
+    # profile → term → canonical parameter → the norm of that term's gradient
+    term_norms: dict[str, dict[Part, dict[str, float | None]]]
     origins: dict[str, dict[str, str]]  # profile → level → the first stage a NaN/Inf shows in
     symptom: DenseSymptom
     findings: list[Finding] = field(default_factory=list)
@@ -100,8 +104,23 @@ def profile_grads(r: DenseReplay, losses: DenseLosses):
                 deltas=_norm(d),
             )
         )
-    norms = {name: (math.nan if g is None else _norm(g)) for name, g in zip(params, grads[3 * n :])}
+    norms = {name: (None if g is None else _norm(g)) for name, g in zip(params, grads[3 * n :])}
     return levels, norms
+
+
+def term_grads(r: DenseReplay, losses: DenseLosses) -> dict[Part, dict[str, float | None]]:
+    """Per term, each head parameter's gradient norm (one backward per term)."""
+    params = dict(r.weights.params) | {f"scale{i}": s for i, s in enumerate(r.weights.scales)}
+    out = {}
+    for part in DENSE_PARTS:
+        if part is Part.CTR and not r.weights.has_ctr:
+            continue
+        term = losses.term(part)
+        grads = (torch.autograd.grad(term, list(params.values()), retain_graph=True,
+                                     allow_unused=True)
+                 if term.requires_grad else [None] * len(params))  # fmt: skip
+        out[part] = {n: (None if g is None else _norm(g)) for n, g in zip(params, grads)}
+    return out
 
 
 def _first_nonfinite(r: DenseReplay, losses: DenseLosses, k: int) -> str:
@@ -371,11 +390,12 @@ def dense_findings(d: DenseDiagnosis) -> list[Finding]:
 
 
 def diagnose_dense(r: DenseReplay, own: str, score_thr: float | None = None) -> DenseDiagnosis:
-    grads, params, origins = {}, {}, {}
+    grads, params, terms, origins = {}, {}, {}, {}
     for name, losses in r.losses.items():
         grads[name], params[name] = profile_grads(r, losses)
+        terms[name] = term_grads(r, losses)
         origins[name] = {lv.name: _first_nonfinite(r, losses, k) for k, lv in enumerate(r.levels)}
-    d = DenseDiagnosis(replay=r, own=own, grads=grads, param_norms=params, origins=origins,
-                       symptom=dense_symptom(r, score_thr))  # fmt: skip
+    d = DenseDiagnosis(replay=r, own=own, grads=grads, param_norms=params, term_norms=terms,
+                       origins=origins, symptom=dense_symptom(r, score_thr))  # fmt: skip
     d.findings = dense_findings(d)
     return d

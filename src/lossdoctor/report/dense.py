@@ -9,13 +9,13 @@ import math
 import torch
 
 from .. import __version__
-from ..diagnose.dense import DenseDiagnosis, LevelGrads
+from ..diagnose.dense import TERM_OF, DenseDiagnosis, LevelGrads
 from ..replay.dense import DENSE_PARTS, DenseLevel, DenseLevelLoss, ema_update
 from ..vocab import DenseNormalizer, Head, Part
 from .build import ALL_LEVELS, _batch_meta, _common, _share, sha256
 from .meta import CheckpointMeta, DenseMeta, ReportMeta, SymptomMeta
 from .model import Report
-from .rows import ImageRow, LevelRow, ProfileRow, ReportTables
+from .rows import ImageRow, LevelRow, ParamRow, ProfileRow, ReportTables
 
 
 def _f(t) -> float:
@@ -113,17 +113,40 @@ def image_rows(d: DenseDiagnosis) -> list[ImageRow]:
 def profile_rows(d: DenseDiagnosis) -> list[ProfileRow]:
     out = []
     for name, losses in d.replay.losses.items():
-        norms = d.param_norms[name]  # NaN: no gradient at all (out of the graph)
-        total_norm = math.sqrt(sum(v * v for v in norms.values() if v == v))
+        norms = d.param_norms[name]  # None: no gradient at all (out of the graph)
+        total_norm = math.sqrt(sum(v * v for v in norms.values() if v is not None))
         nan = math.nan
         out.append(ProfileRow(
             profile=name, loss_total=_f(losses.total), rpn_cls=nan, rpn_box=nan, roi_cls=nan,
             roi_box=nan, grad_total_norm=total_norm, max_norm=None, clip_coef=1.0,
             grad_clipped_norm=total_norm, rpn_neg_share=None, roi_neg_share=None,
-            no_grad=sorted(k for k, v in norms.items() if v != v),
+            no_grad=sorted(k for k, v in norms.items() if v is None),
             dense_cls=_f(losses.term(Part.CLS)), dense_box=_f(losses.term(Part.BOX)),
             dense_ctr=_f(losses.term(Part.CTR)) if d.replay.weights.has_ctr else None,
         ))  # fmt: skip
+    return out
+
+
+def _nan_if_none(v: float | None) -> float:
+    return math.nan if v is None else v
+
+
+def param_rows(d: DenseDiagnosis) -> list[ParamRow]:
+    """Per profile and head parameter: its gradient's norm under each term and in total."""
+    w, out = d.replay.weights, []
+    shapes = {n: t.shape for n, t in w.params.items()} | {
+        f"scale{i}": s.shape for i, s in enumerate(w.scales)
+    }
+    for name, by_term in d.term_norms.items():
+        nan = math.nan
+        for p, shape in shapes.items():
+            terms = {TERM_OF[part]: _nan_if_none(v[p]) for part, v in by_term.items()}
+            out.append(ParamRow(
+                profile=name, param=p, shape="x".join(map(str, shape)) or "scalar",
+                rpn_cls=nan, rpn_box=nan, roi_cls=nan, roi_box=nan,
+                total=_nan_if_none(d.param_norms[name][p]),
+                **{t.value: v for t, v in terms.items()},
+            ))  # fmt: skip
     return out
 
 
@@ -181,6 +204,6 @@ def build_dense_report(d: DenseDiagnosis, checkpoint_path=None, batch_path=None)
         ),
         dense=_dense_meta(d),
     )
-    tables = ReportTables(levels=level_rows(d), images=image_rows(d), params=[],
+    tables = ReportTables(levels=level_rows(d), images=image_rows(d), params=param_rows(d),
                           profiles=profile_rows(d), origins=[])  # fmt: skip
     return Report(meta=meta, tables=tables, findings=d.findings)

@@ -98,6 +98,10 @@ class ParamRow(PerRank):
     roi_box: float
     total: float
     roi_mask: float = _extra(float("nan"))
+    # a one-stage detector's terms (its rpn_* and roi_* are NaN)
+    dense_cls: float | None = field(default=None, metadata={"extra": True, "omit_none": True})
+    dense_box: float | None = field(default=None, metadata={"extra": True, "omit_none": True})
+    dense_ctr: float | None = field(default=None, metadata={"extra": True, "omit_none": True})
 
 
 @dataclass(kw_only=True)
