@@ -140,7 +140,8 @@ def param_rows(d: DenseDiagnosis) -> list[ParamRow]:
     for name, by_term in d.term_norms.items():
         nan = math.nan
         for p, shape in shapes.items():
-            terms = {TERM_OF[part]: _nan_if_none(v[p]) for part, v in by_term.items()}
+            # a term whose graph does not reach the parameter gives it 0
+            terms = {TERM_OF[part]: v[p] or 0.0 for part, v in by_term.items()}
             out.append(ParamRow(
                 profile=name, param=p, shape="x".join(map(str, shape)) or "scalar",
                 rpn_cls=nan, rpn_box=nan, roi_cls=nan, roi_box=nan,
