@@ -103,3 +103,20 @@ def test_detectron2_retinanet_losses_match_over_three_steps_of_its_ema_normalize
     # a step without positives pulls the running value towards 1
     assert seen[1] == pytest.approx(0.9 * seen[0] + 0.1) and seen[0] != EMA_INITIAL
     assert Path(get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml")).is_file()
+
+
+def test_config_from_prints_the_retinanet_config_inspect_takes(tmp_path):
+    from typer.testing import CliRunner
+
+    from lossdoctor.cli import app
+    from lossdoctor.inputs.dense import load_dense_config
+
+    path = get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml")
+    r = CliRunner().invoke(app, ["config-from", "detectron2", path])
+    assert r.exit_code == 0, r.output
+    (tmp_path / "d.toml").write_text(r.stdout)
+    got, want = load_dense_config(tmp_path / "d.toml"), dense_preset("detectron2-retinanet")
+    assert (got.kind, got.box_loss, got.beta, got.profile) == (
+        want.kind, want.box_loss, want.beta, want.profile)  # fmt: skip
+    sizes = [s for level in got.anchors.sizes for s in level]
+    assert sizes == pytest.approx([s for level in want.anchors.sizes for s in level], rel=1e-4)

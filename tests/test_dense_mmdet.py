@@ -112,3 +112,23 @@ def test_mmdet_dense_per_level_losses_match_the_replay(preset, empty):
             levels = [sum(levels)]
         assert levels == pytest.approx(want[key], rel=REL, abs=1e-7), (key, levels, want[key])
     assert sum(want[keys[0]]) > 0.1
+
+
+@pytest.mark.parametrize("preset", list(CASES))
+def test_config_from_prints_the_dense_config_inspect_takes(tmp_path, preset):
+    """`config-from mmdet` on a one-stage config prints its dense head's config as TOML, which
+    `--config` reads back to the preset's own numbers."""
+    from typer.testing import CliRunner
+
+    from lossdoctor.cli import app
+    from lossdoctor.inputs.dense import load_dense_config
+
+    r = CliRunner().invoke(app, ["config-from", "mmdet", str(CONFIGS / CASES[preset][0])])
+    assert r.exit_code == 0, r.output
+    (tmp_path / "d.toml").write_text(r.stdout)
+    got, want = load_dense_config(tmp_path / "d.toml"), dense_preset(preset)
+    assert got.kind is want.kind and got.profile == want.profile
+    assert (got.box_loss, got.regress_ranges) == (want.box_loss, want.regress_ranges)
+    # (the live generator's scales are float32)
+    sizes = [s for level in got.anchors.sizes for s in level]
+    assert sizes == pytest.approx([s for level in want.anchors.sizes for s in level], rel=1e-6)

@@ -704,7 +704,12 @@ def _config_from(framework: Source, path: str, profile: bool):
         raise InputError(
             f"reading {framework.value} configs needs {framework.value} installed ({e})"
         ) from None
-    if profile:
+    from .inputs.dense import DenseConfig
+
+    if isinstance(config, DenseConfig):  # a one-stage detector: its own normalization is in it
+        table = to_dict(config.profile) if profile else to_dict(config)
+        sys.stdout.write(dumps_toml(table))
+    elif profile:
         sys.stdout.write(profile_toml(profile_from_meta(prof)))
     else:
         sys.stdout.write(dumps_toml({"base": framework.value, **to_dict(config)}))

@@ -619,4 +619,7 @@ def config_from_file(path: str | Path) -> tuple[DetectorConfig, str | dict]:
         cfg.MODEL.DEVICE = "cpu"
         return build_model(cfg)
 
-    return read_model(built("detectron2", path, build), detector_config, profile)
+    model = built("detectron2", path, build)
+    if is_a(model, DENSE):  # a RetinaNet: its dense head's config
+        return read_model(model, dense_config, lambda _: None)
+    return read_model(model, detector_config, profile)

@@ -915,4 +915,6 @@ def config_from_file(path: str | Path) -> tuple[DetectorConfig, str | dict]:
 
     register_all_modules()
     model = built("mmdet", path, lambda: MODELS.build(Config.fromfile(str(path)).model))
+    if is_dense(model):  # a one-stage detector: its dense head's config
+        return read_model(model, dense_config, lambda _: None)
     return read_model(model, detector_config, profile)

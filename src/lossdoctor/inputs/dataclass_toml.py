@@ -159,11 +159,16 @@ def _toml_value(v) -> str:
 
 
 def dumps_toml(data: dict) -> str:
-    """A dict of scalars, lists and one level of sub-tables → TOML text."""
+    """A dict of scalars, lists and sub-tables (nested ones too) → TOML text."""
+    return "\n\n".join(_toml_tables(data, "")) + "\n"
+
+
+def _toml_tables(data: dict, name: str) -> list[str]:
+    """The table ``name`` (its scalars under a ``[name]`` header), then its sub-tables."""
     top = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    parts = ["\n".join(top)] if top else []
+    head = [f"[{name}]"] if name else []
+    parts = ["\n".join(head + top)] if top or (name and not data) else []
     for k, v in data.items():
         if isinstance(v, dict):
-            body = "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
-            parts.append(f"[{k}]\n{body}")
-    return "\n\n".join(parts) + "\n"
+            parts += _toml_tables(v, f"{name}.{k}" if name else k)
+    return parts
