@@ -292,3 +292,16 @@ def test_per_rank_normalizers_skew_a_step_and_the_ranks_table_says_so(tmp_path):
         mean = sum(r.avg_factor for r in at) / 2
         assert all(r.global_avg_factor == pytest.approx(mean) for r in at)
     assert rep.meta.world_size == 2
+
+
+def test_a_multi_rank_dump_says_how_its_normalizer_depends_on_the_world_size(tmp_path):
+    per_rank = inspect(_capture(tmp_path, "torchvision-retinanet", meta={"world_size": 4}))
+    hit = [f for f in per_rank.findings if f.code == "dense-world-size"]
+    assert len(hit) == 1 and hit[0].severity == "warning" and "own count" in hit[0].message
+    reduced = inspect(_capture(tmp_path, "mmdet-fcos", meta={"world_size": 4, "rank": 1}))
+    hit = [f for f in reduced.findings if f.code == "dense-world-size"]
+    assert len(hit) == 1 and hit[0].severity == "info" and "step folder" in hit[0].message
+    step = _step_folder(tmp_path, "mmdet-fcos", [CROWDED, ONE_BOX])
+    assert not [f for f in inspect(step).findings if f.code == "dense-world-size"]
+    alone = inspect(_capture(tmp_path, "detectron2-retinanet"))
+    assert not [f for f in alone.findings if f.code == "dense-world-size"]

@@ -297,6 +297,45 @@ def ema_lag(d: DenseDiagnosis) -> list[Finding]:
     )]  # fmt: skip
 
 
+# normalizers that count the rank's own batch (they change with the number of GPUs)
+BATCH_COUNTS = (DenseNormalizer.POS, DenseNormalizer.POS_PER_IMAGE, DenseNormalizer.MMDET_PSEUDO,
+                DenseNormalizer.CTR_SUM, DenseNormalizer.EMA)  # fmt: skip
+
+
+def world_size_dependence(d: DenseDiagnosis) -> list[Finding]:
+    """A dump of a multi-rank run: the run's normalizer either counts each rank's own batch (the
+    loss scale changes with the GPU count) or averages the count over ranks, which one dump
+    alone cannot give."""
+    r = d.replay
+    world = r.batch.meta.get("world_size")
+    if not isinstance(world, int) or isinstance(world, bool) or world < 2:
+        return []
+    spec = r.losses[d.own].profile
+    terms = {Term.DENSE_CLS: spec.cls, Term.DENSE_BOX: spec.box}
+    if r.weights.has_ctr:
+        terms[Term.DENSE_CTR] = spec.ctr
+    local = [t for t, s in terms.items() if s.normalizer in BATCH_COUNTS and not s.reduced]
+    reduced = [t for t, s in terms.items() if s.reduced]
+    out = []
+    if local:
+        out.append(Finding(
+            message=f"world size {world}: {d.own} divides {', '.join(local)} by this rank's own "
+            "count, so a sample's weight in the averaged gradient changes with the number of "
+            "GPUs and with how the positives fall across ranks",
+            head=Head.DENSE, profile=d.own, term=local[0],
+            evidence={"world_size": world, "terms": [str(t) for t in local]},
+        ))  # fmt: skip
+    if reduced and r.world is None:
+        out.append(Finding(
+            message=f"world size {world}: {d.own} divides {', '.join(reduced)} by the count "
+            "averaged over the ranks; this dump alone gives its own count (inspect the step "
+            "folder of every rank's capture for the step's exact normalizer)",
+            head=Head.DENSE, profile=d.own, term=reduced[0], minor=True,
+            evidence={"world_size": world, "terms": [str(t) for t in reduced]},
+        ))  # fmt: skip
+    return out
+
+
 def nonfinite_loss(d: DenseDiagnosis) -> list[Finding]:
     out = []
     for name, levels in d.origins.items():
@@ -363,6 +402,18 @@ DENSE_RULES: tuple[Rule, ...] = (
         "0.01, bias_prob in MMDetection's init_cfg); with many classes, negatives dominate "
         "the loss otherwise",
         check=prior_bias,
+    ),
+    Rule(
+        code="dense-world-size",
+        severity=W,
+        minor=I,
+        evidence=("world_size", "terms"),
+        summary="a multi-rank run's dump: a per-rank normalizer (warning: results change with "
+        "the GPU count) or a reduced one replayed from one rank (info)",
+        fix="divide by the positives averaged over ranks (reduce_mean(num_pos), floored at 1: "
+        "profile fixed; MMDetection FCOS/ATSS do); for a reduced one, capture every rank at the "
+        "step and inspect the step folder",
+        check=world_size_dependence,
     ),
     Rule(
         code="dense-ema-normalizer-lag",
