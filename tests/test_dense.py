@@ -305,3 +305,50 @@ def test_a_multi_rank_dump_says_how_its_normalizer_depends_on_the_world_size(tmp
     assert not [f for f in inspect(step).findings if f.code == "dense-world-size"]
     alone = inspect(_capture(tmp_path, "detectron2-retinanet"))
     assert not [f for f in alone.findings if f.code == "dense-world-size"]
+
+
+def _with(tmp_path, name, sd, batch=None):
+    folder = tmp_path / name
+    folder.mkdir()
+    torch.save(sd, folder / "checkpoint.pt")
+    torch.save(batch or F.dense_batch_dict(), folder / "batch.pt")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda sd: sd.__setitem__("head.classification_head.conv.1.0.weight",
+                                   torch.zeros(32, 32, 1, 1)), "are 3x3"),
+        (lambda sd: sd.__setitem__("head.regression_head.bbox_reg.weight",
+                                   torch.zeros(35, 32, 3, 3)), "4 outputs per anchor"),
+        (lambda sd: sd.__setitem__("head.classification_head.cls_logits.weight",
+                                   torch.zeros(27, 16, 3, 3)), "does not fit"),
+        (lambda sd: sd.pop("head.regression_head.conv.1.0.weight"), "towers have"),
+    ],
+    ids=["kernel", "deltas", "width", "towers"],
+)  # fmt: skip
+def test_a_malformed_dense_head_is_one_line_exit_2(tmp_path, edit, words):
+    sd = F.dense_state_dict("torchvision", "retinanet")
+    edit(sd)
+    F.exit2(F.invoke("inspect", str(_with(tmp_path, "x", sd))), words)
+
+
+def test_a_batch_of_other_levels_or_width_is_refused_by_name(tmp_path):
+    sd = F.dense_state_dict("torchvision", "retinanet")
+    two_stage = F.batch_dict(channels=32)  # p2-p6, strides 4-64
+    F.exit2(F.invoke("inspect", str(_with(tmp_path, "a", sd, two_stage))), "strides [4, 8")
+    narrow = F.dense_batch_dict(channels=16)
+    F.exit2(F.invoke("inspect", str(_with(tmp_path, "b", sd, narrow))), "16 channels")
+    gn = F.dense_state_dict("torchvision", "fcos", norm=True, anchors=1, channels=48)
+    F.exit2(F.invoke("inspect", str(_with(tmp_path, "c", gn, F.dense_batch_dict(channels=48)))),
+            "divisible by 32")  # fmt: skip
+
+
+def test_nan_weights_of_a_dense_head_are_traced_to_the_weights(tmp_path):
+    sd = F.dense_state_dict("mmdet", "retinanet")
+    sd["bbox_head.retina_reg.weight"][0, 0, 0, 0] = float("nan")
+    rep = inspect(_with(tmp_path, "n", sd))
+    hits = [f for f in rep.findings if f.code == "dense-nonfinite"]
+    assert hits and {f.evidence["stage"] for f in hits} == {"weights"}
+    assert all(f.severity == "error" for f in hits if f.profile == "mmdet-retinanet")

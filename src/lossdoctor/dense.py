@@ -9,6 +9,7 @@ from .inputs.batch import Batch
 from .inputs.checkpoint import OneStageCheckpoint
 from .inputs.config import DetectorConfig
 from .inputs.dense import (
+    DENSE_META,
     DENSE_PRESETS,
     FIXED,
     LEGACY,
@@ -22,7 +23,7 @@ from .inputs.dense_weights import DenseWeights, dense_weights
 from .inputs.errors import InputError
 from .options import ReplayOptions
 from .replay.dense import WorldCounts
-from .vocab import DenseKind, Head, Layout, Phase, Precision, ProfileSource
+from .vocab import DenseKind, Layout, Phase, Precision, ProfileSource
 
 # the preset a checkpoint's layout and head design mean, where the dump names none
 _DEFAULT_PRESET = {
@@ -36,8 +37,6 @@ _DEFAULT_PRESET = {
     (Layout.MMDET, DenseKind.FCOS, False): "mmdet-fcos",
     (Layout.MMDET, DenseKind.ATSS, True): "mmdet-atss",
 }
-# the dump's record of a one-stage run (written by the capture adapters)
-DENSE_META = Head.DENSE
 
 
 def _given_config(given) -> DenseConfig:
@@ -100,6 +99,12 @@ def _fit(w: DenseWeights, b: Batch, cfg: DenseConfig) -> None:
         raise InputError(
             f"the batch's features have {b.channels} channels, the dense head takes {w.channels}"
         )
+    want = list(cfg.strides[: len(b.strides)])
+    if cfg.strides and list(b.strides) != want:
+        raise InputError(
+            f"the batch's levels have strides {list(b.strides)}; config {cfg.name}'s priors are "
+            f"for strides {list(cfg.strides)} (P3 onward): dump the levels the head runs on"
+        )
     if len(b.levels) > len(cfg.anchors.sizes):
         raise InputError(
             f"the batch has {len(b.levels)} levels; preset {cfg.name} has priors for "
@@ -114,6 +119,9 @@ def _fit(w: DenseWeights, b: Batch, cfg: DenseConfig) -> None:
     if cfg.regress_ranges and len(b.levels) > len(cfg.regress_ranges):
         raise InputError(f"preset {cfg.name} has regress ranges for {len(cfg.regress_ranges)} "
                          f"levels; the batch has {len(b.levels)}")  # fmt: skip
+    if w.scales and len(w.scales) < len(b.levels):
+        raise InputError(f"the head has per-level scales for {len(w.scales)} levels; the batch "
+                         f"has {len(b.levels)}")  # fmt: skip
 
 
 def _profiles(o: ReplayOptions, cfg: DenseConfig, b: Batch):

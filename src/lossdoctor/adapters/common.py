@@ -18,6 +18,7 @@ from ..inputs.batch import dump_batch
 from ..inputs.checkpoint import not_replayed
 from ..inputs.config import HeadNormConfig
 from ..inputs.dataclass_toml import to_dict
+from ..inputs.dense import DENSE_META
 from ..inputs.errors import InputError
 from ..inputs.files import save_torch
 from ..vocab import BOX_CONVS, BOX_FCS, RPN_CONVS
@@ -187,8 +188,8 @@ def dense_run_meta(framework: str, model, dense_config, meta: dict | None) -> di
     (``meta["dense"]["config"]``, which ``inspect`` replays) and its profile's name."""
     config, _ = read_model(model, dense_config, lambda _: None)
     given = dict(meta or {})
-    dense = {"config": to_dict(config), **(given.pop("dense", None) or {})}
-    return {"framework": framework, "adapter": f"{__package__}.{framework}", "dense": dense,
+    dense = {"config": to_dict(config), **(given.pop(DENSE_META, None) or {})}
+    return {"framework": framework, "adapter": f"{__package__}.{framework}", DENSE_META: dense,
             **given}  # fmt: skip
 
 

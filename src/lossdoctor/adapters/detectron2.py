@@ -40,7 +40,7 @@ from ..inputs.config import (
     TestConfig,
 )  # fmt: skip
 from ..inputs.dataclass_toml import to_dict
-from ..inputs.dense import DenseConfig, DenseTest, detectron2_retinanet
+from ..inputs.dense import DENSE_META, DenseConfig, DenseTest, detectron2_retinanet
 from ..inputs.errors import InputError
 from ..inputs.profiles import detectron2 as builtin_profile
 from ..vocab import CascadeScores, Framework, LossKind, Mapper, MaskTarget, Ranking, Term
@@ -260,6 +260,7 @@ def dense_config(model) -> DenseConfig:
     return dataclasses.replace(
         detectron2_retinanet(),
         anchors=_anchors(model.anchor_generator),
+        strides=tuple(int(s) for s in model.anchor_generator.strides),
         matcher=_matcher(model.anchor_matcher, RPN_LABELS),
         delta_weights=coder.weights,
         box_loss=box, beta=beta,
@@ -447,7 +448,7 @@ def _meta(model, meta):
 def _normalizer(model) -> dict:
     """A RetinaNet's running loss normalizer before the step (absent before its first)."""
     value = getattr(model, "loss_normalizer", None)
-    return {} if value is None else {"dense": {"loss_normalizer": float(value)}}
+    return {} if value is None else {DENSE_META: {"loss_normalizer": float(value)}}
 
 
 def dump(

@@ -749,6 +749,9 @@ def dense_config(model) -> DenseConfig:
     head = model.bbox_head
     require("dense head", head, DENSE_HEADS)
     cfg = DENSE_CONFIGS[kind(head)](model, head)
+    strides = tuple(int(s[0] if isinstance(s, (tuple, list)) else s)
+                    for s in head.prior_generator.strides)  # fmt: skip
+    cfg = dataclasses.replace(cfg, strides=strides)
     test = model.test_cfg
     return dataclasses.replace(cfg, test=DenseTest(
         score_thr=float(_get(test, "score_thr", 0.05)), topk=int(_get(test, "nms_pre", 1000)),

@@ -145,8 +145,8 @@ def dense_config(model) -> DenseConfig:
                      nms_iou=float(model.nms_thresh),
                      detections_per_img=int(model.detections_per_img))  # fmt: skip
     anchors = _anchors(model.anchor_generator)
-    if is_a(model, ("FCOS",)):
-        return dataclasses.replace(torchvision_fcos(), anchors=anchors, test=test,
+    if is_a(model, ("FCOS",)):  # (the levels' strides: whatever the backbone gives)
+        return dataclasses.replace(torchvision_fcos(), anchors=anchors, test=test, strides=(),
                                    center_radius=float(model.center_sampling_radius))  # fmt: skip
     require("RetinaNet head", model.head, ("RetinaNetHead",))
     loss = model.head.regression_head._loss_type
@@ -155,7 +155,7 @@ def dense_config(model) -> DenseConfig:
     kind_, beta = RETINANET_LOSSES[loss]
     base = torchvision_retinanet(v2=has_norm(model.head))
     return dataclasses.replace(base, anchors=anchors, matcher=_matcher(model.proposal_matcher),
-                               box_loss=kind_, beta=beta, test=test)  # fmt: skip
+                               box_loss=kind_, beta=beta, test=test, strides=())  # fmt: skip
 
 
 def architecture(model) -> None:

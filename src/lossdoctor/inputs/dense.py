@@ -31,13 +31,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..vocab import DenseAssigner, DenseCoder, DenseKind, DenseNormalizer, Framework, LossKind
+from ..vocab import (
+    DenseAssigner,
+    DenseCoder,
+    DenseKind,
+    DenseNormalizer,
+    Framework,
+    Head,
+    LossKind,
+)
 from .checks import as_member, check_range
 from .config import AnchorConfig, MatcherConfig
 from .dataclass_toml import from_table, load_named
 from .errors import InputError
 from .profiles import EPS32
 
+# the dump's meta table of a one-stage run: its config, profile and Detectron2's normalizer
+DENSE_META = Head.DENSE
 # Detectron2's RetinaNet: the running normalizer's start and momentum (dense_detector._ema_update)
 EMA_INITIAL, EMA_MOMENTUM = 100.0, 0.9
 # torchvision and Detectron2 clamp dw, dh at log(1000 / 16) before exp
@@ -114,6 +124,7 @@ class DenseConfig:
     framework: Framework
     kind: DenseKind
     anchors: AnchorConfig  # FCOS: one square of side = stride per location (its point: the centre)
+    strides: tuple[int, ...] = DENSE_STRIDES  # of the levels the priors are for; () = any
     assigner: DenseAssigner
     matcher: MatcherConfig = field(default_factory=lambda: MatcherConfig(fg_iou=0.5, bg_iou=0.4))
     coder: DenseCoder = DenseCoder.DELTAS
@@ -139,6 +150,7 @@ class DenseConfig:
     profile: DenseProfile = FIXED  # the framework's own normalization
 
     def __post_init__(self):
+        object.__setattr__(self, "strides", tuple(int(x) for x in self.strides))
         for name, enum in (("framework", Framework), ("kind", DenseKind),
                            ("assigner", DenseAssigner), ("coder", DenseCoder),
                            ("box_loss", LossKind)):  # fmt: skip

@@ -30,6 +30,8 @@ from .errors import InputError
 
 BOX_COORDS = 4
 CONV_DIMS, NORM_DIMS = 4, 1
+# GroupNorm's groups in every framework's dense towers
+NORM_GROUPS = 32
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,27 @@ def dense_weights(sd: dict[str, Tensor], lay: DenseLayout) -> DenseWeights:
     return w
 
 
+def _check_layers(w: DenseWeights) -> None:
+    """Every conv 3x3 and taking the head's width; a tower conv keeps it; a norm has one value
+    per channel, in groups of NORM_GROUPS."""
+    c = w.channels
+    for name, t in w.params.items():
+        layer, kind = name.rsplit(".", 1)
+        tower = layer.startswith(("dense_cls_conv", "dense_box_conv"))
+        if t.dim() == CONV_DIMS and (tuple(t.shape[2:]) != (3, 3) or (tower and t.shape[0] != c)):
+            raise InputError(f"{w.keys[name]} has shape {list(t.shape)}; the dense head's convs "
+                             f"are 3x3{f' and keep {c} channels' if tower else ''}")  # fmt: skip
+        if t.dim() == NORM_DIMS and tuple(t.shape) != (c,) and "norm" in layer:
+            raise InputError(f"{w.keys[name]} has {t.shape[0]} values for {c} channels")
+    if w.norm and c % NORM_GROUPS:
+        raise InputError(f"the dense head's GroupNorm needs channels divisible by {NORM_GROUPS}; "
+                         f"its convs have {c}")  # fmt: skip
+    ctr = w.tensor(DenseLayer.CTR)
+    if ctr is not None and ctr.shape[0] != w.num_anchors:
+        raise InputError(f"the centerness predictor has {ctr.shape[0]} outputs for "
+                         f"{w.num_anchors} anchors per location")  # fmt: skip
+
+
 def _check(w: DenseWeights) -> None:
     deltas = w.tensor(DenseLayer.DELTAS)
     if deltas.dim() != CONV_DIMS or deltas.shape[0] % BOX_COORDS:
@@ -211,6 +234,7 @@ def _check(w: DenseWeights) -> None:
         if t.dim() == CONV_DIMS and t.shape[1] != w.channels:
             raise InputError(f"{w.keys[name]} takes {t.shape[1]} channels; the dense head's "
                              f"predictors take {w.channels}")  # fmt: skip
+    _check_layers(w)
 
 
 def nonfinite_params(w: DenseWeights) -> dict[str, int]:

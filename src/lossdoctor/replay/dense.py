@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..inputs.batch import Batch
 from ..inputs.dense import DELTA_CLIP, EMA_INITIAL, DenseConfig, DenseProfile, DenseTerm
-from ..inputs.dense_weights import BOX_COORDS, DenseWeights
+from ..inputs.dense_weights import BOX_COORDS, NORM_GROUPS, DenseWeights
 from ..vocab import (
     BIAS,
     DECODED_BOX_LOSSES,
@@ -39,8 +39,7 @@ from .gt import UsableGt, usable_gt
 from .losses import DECODED_LOSSES, box_loss
 from .matcher import IGNORED, NEGATIVE, POSITIVE, match
 
-# GroupNorm's groups in every framework's dense towers
-NORM_GROUPS, NORM_EPS = 32, 1e-5
+NORM_EPS = 1e-5
 # torchvision FCOS picks the smallest GT by scoring matches 1e8 - area; below this, no match
 FCOS_AREA_BASE, FCOS_NO_MATCH = 1e8, 1e-5
 # torchvision FCOS: an anchor of size s takes GT boxes whose largest side distance is in (4s, 8s)

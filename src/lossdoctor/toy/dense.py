@@ -32,7 +32,7 @@ def toy_dense_config() -> DenseConfig:
         tuple(float(int(s * ANCHOR_BASE * 2 ** (k / 3))) for k in range(3)) for s in DENSE_STRIDES
     )
     base = torchvision_retinanet()
-    return dataclasses.replace(base, name="toy-retinanet",
+    return dataclasses.replace(base, name="toy-retinanet", strides=DENSE_STRIDES,
                                anchors=dataclasses.replace(base.anchors, sizes=sizes))  # fmt: skip
 
 
