@@ -23,7 +23,9 @@ def _agreed(reports: dict[int, Report]) -> None:
     facts = {
         "world_size": lambda r: r.meta.batch.dump.world_size,
         "levels": lambda r: r.meta.batch.levels,
-        "head": _head_facts,
+        "channels": lambda r: r.meta.heads.channels if r.meta.heads is not None else None,
+        "classes": lambda r: (r.meta.heads or r.meta.dense).classes,
+        "one-stage config": lambda r: r.meta.dense.preset if r.meta.dense is not None else None,
         "profiles": lambda r: r.profiles,
     }
     first = min(reports)
@@ -42,15 +44,6 @@ def _agreed(reports: dict[int, Report]) -> None:
             f"{missing[0] if missing else max(reports)} is missing or extra; inspect one rank's "
             "folder alone, or capture every rank at this step"
         )
-
-
-def _head_facts(r: Report) -> tuple:
-    """What the heads of every rank's dump must share: channels and classes (a one-stage
-    detector's config, head kind and classes)."""
-    if r.meta.dense is not None:
-        d = r.meta.dense
-        return (d.preset, d.kind, d.classes, d.anchors)
-    return (r.meta.heads.channels, r.meta.heads.classes)
 
 
 def _rescaled(loss: float, d: float, mean: float, n: int) -> float:
