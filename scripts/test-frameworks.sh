@@ -20,9 +20,11 @@ tests_of() {
   case "$1" in
     torchvision)
       echo tests/test_torchvision_parity.py tests/test_adapter_torchvision.py \
-        tests/test_zoo_torchvision.py ;;
-    mmdet) echo tests/test_adapter_mmdet.py tests/test_zoo_mmdet.py ;;
-    detectron2) echo tests/test_adapter_detectron2.py tests/test_zoo_detectron2.py ;;
+        tests/test_zoo_torchvision.py tests/test_dense_torchvision.py ;;
+    mmdet) echo tests/test_adapter_mmdet.py tests/test_zoo_mmdet.py tests/test_dense_mmdet.py ;;
+    detectron2)
+      echo tests/test_adapter_detectron2.py tests/test_zoo_detectron2.py \
+        tests/test_dense_detectron2.py ;;
   esac
 }
 
