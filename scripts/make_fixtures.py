@@ -146,6 +146,14 @@ AMP_LR = 0.2
 AMP_BATCH = 4
 
 
+def keep(capture: Path, fixture: Path) -> None:
+    """A capture directory's two files, copied to a fixture folder."""
+    fixture.mkdir(parents=True, exist_ok=True)
+    for f in ("checkpoint.pt", "batch.pt"):
+        shutil.copyfile(capture / f, fixture / f)
+    print(f"{fixture.name}: {capture.name}: {load_batch(capture / 'batch.pt').meta['reason']}")
+
+
 def amp_nan(root: Path, scratch: Path) -> None:
     """A mixed-precision loop as a user writes it: the backbone under float16 autocast, the
     heads in float16 (lossdoctor's replay as the loss, as the toy's training does), a
@@ -170,11 +178,7 @@ def amp_nan(root: Path, scratch: Path) -> None:
         folder = capture.check(step, loss, features=features, image_sizes=sizes, gt_boxes=boxes,
                                gt_labels=labels, strides=list(STRIDES), meta=meta)  # fmt: skip
         if folder is not None:
-            (root / "amp-nan").mkdir(parents=True, exist_ok=True)
-            for f in ("checkpoint.pt", "batch.pt"):
-                shutil.copyfile(folder / f, root / "amp-nan" / f)
-            print(f"amp-nan: {folder.name}: {load_batch(folder / 'batch.pt').meta['reason']}")
-            return
+            return keep(folder, root / "amp-nan")
         scaler.step(opt)
         scaler.update()
     print("amp-nan: the mixed-precision run never broke; not written")
@@ -204,11 +208,7 @@ def retinanet_nan(root: Path, scratch: Path) -> None:
                                gt_boxes=boxes, gt_labels=labels, strides=b.strides,
                                meta=meta)  # fmt: skip
         if folder is not None:
-            (root / "retinanet-nan").mkdir(parents=True, exist_ok=True)
-            for f in ("checkpoint.pt", "batch.pt"):
-                shutil.copyfile(folder / f, root / "retinanet-nan" / f)
-            print(f"retinanet-nan: {folder.name}: {load_batch(folder / 'batch.pt').meta['reason']}")
-            return
+            return keep(folder, root / "retinanet-nan")
         opt.step()
     print("retinanet-nan: the run never broke; not written")
 

@@ -549,3 +549,40 @@ def dense_batch_dict(n=2, channels=32, size=(128, 160), seed=0, boxes=None, labe
         boxes = [torch.tensor([[8.0, 10.0, 60.0, 70.0], [70.0, 20.0, 150.0, 100.0]])] * n
     return batch_dict(n=n, channels=channels, size=size, strides=(8, 16, 32, 64, 128), seed=seed,
                       boxes=boxes, labels=labels)  # fmt: skip
+
+
+def readme_script():
+    """scripts/update_readme.py as a module (the README's generated parts)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location(
+        "update_readme", root / "scripts/update_readme.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def assert_readme_part(begin: str, end: str, generated: str) -> None:
+    """The README's part between the markers ``begin`` and ``end`` is ``generated``."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start, stop = text.index(begin), text.index(end) + len(end)
+    assert text[start:stop] == generated, "run: python scripts/update_readme.py"
+
+
+def dense_batch_of(feats, boxes, labels, size, strides=(8, 16, 32, 64, 128)):
+    """A one-stage Batch of given features (finest first, named p3 on) and GT."""
+    return validate_batch(
+        {
+            "format": BATCH_FORMAT,
+            "features": {f"p{3 + k}": f for k, f in enumerate(feats)},
+            "image_sizes": [list(size)] * len(boxes),
+            "strides": list(strides),
+            "gt_boxes": boxes,
+            "gt_labels": labels,
+        }
+    )

@@ -208,19 +208,8 @@ def test_the_retinanet_fixture_names_the_empty_level():
 
 
 def test_the_readmes_one_stage_excerpt_is_what_inspect_prints():
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location(
-        "update_readme", root / "scripts/update_readme.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    text = (root / "README.md").read_text()
-    start = text.index(script.DENSE_BEGIN)
-    end = text.index(script.DENSE_END) + len(script.DENSE_END)
-    assert text[start:end] == script.dense_excerpt(), "run: python scripts/update_readme.py"
+    script = F.readme_script()
+    F.assert_readme_part(script.DENSE_BEGIN, script.DENSE_END, script.dense_excerpt())
 
 
 def test_the_retinanet_fixture_regenerates_bit_for_bit(tmp_path):

@@ -18,7 +18,6 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, ImageList, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from lossdoctor.inputs.batch import BATCH_FORMAT, validate_batch  # noqa: E402
 from lossdoctor.inputs.dense import EMA_INITIAL, dense_preset  # noqa: E402
 from lossdoctor.inputs.dense_weights import dense_weights, find_dense_layout  # noqa: E402
 from lossdoctor.replay.dense import dense_replay  # noqa: E402
@@ -71,16 +70,7 @@ def _d2_losses(model, feats, boxes, labels) -> dict[str, float]:
 
 def _replay(model, feats, boxes, labels, before):
     sd = {f"head.{k}": v for k, v in model.head.state_dict().items()}
-    batch = validate_batch(
-        {
-            "format": BATCH_FORMAT,
-            "features": {f"p{3 + k}": f for k, f in enumerate(feats)},
-            "image_sizes": [list(SIZE)] * len(boxes),
-            "strides": list(STRIDES),
-            "gt_boxes": boxes,
-            "gt_labels": labels,
-        }
-    )
+    batch = F.dense_batch_of(feats, boxes, labels, SIZE)
     cfg = dense_preset("detectron2-retinanet")
     w = dense_weights(sd, find_dense_layout(sd))
     r = dense_replay(w, batch, cfg, [cfg.profile], ema_before=before)

@@ -18,7 +18,6 @@ from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
-from lossdoctor.inputs.batch import BATCH_FORMAT, validate_batch  # noqa: E402
 from lossdoctor.inputs.dense import dense_preset  # noqa: E402
 from lossdoctor.inputs.dense_weights import dense_weights, find_dense_layout  # noqa: E402
 from lossdoctor.replay.dense import dense_replay  # noqa: E402
@@ -83,16 +82,7 @@ def _mm_losses(head, feats, boxes, labels) -> dict[str, list[float]]:
 
 def _replay(head, preset: str, feats, boxes, labels):
     sd = {f"bbox_head.{k}": v for k, v in head.state_dict().items()}
-    batch = validate_batch(
-        {
-            "format": BATCH_FORMAT,
-            "features": {f"p{3 + k}": f for k, f in enumerate(feats)},
-            "image_sizes": [list(SIZE)] * len(boxes),
-            "strides": list(STRIDES),
-            "gt_boxes": boxes,
-            "gt_labels": labels,
-        }
-    )
+    batch = F.dense_batch_of(feats, boxes, labels, SIZE)
     cfg = dense_preset(preset)
     r = dense_replay(dense_weights(sd, find_dense_layout(sd)), batch, cfg, [cfg.profile])
     return r.losses[cfg.profile.name]

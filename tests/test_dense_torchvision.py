@@ -20,7 +20,6 @@ from torchvision.models.detection.retinanet import (  # noqa: E402
     _default_anchorgen,
 )
 
-from lossdoctor.inputs.batch import BATCH_FORMAT, validate_batch  # noqa: E402
 from lossdoctor.inputs.dense import dense_preset  # noqa: E402
 from lossdoctor.inputs.dense_weights import dense_weights, find_dense_layout  # noqa: E402
 from lossdoctor.replay.dense import dense_replay  # noqa: E402
@@ -78,15 +77,8 @@ def _tv_losses(model, feats, targets):
 
 
 def _batch(feats, targets):
-    return validate_batch(
-        {
-            "format": BATCH_FORMAT,
-            "features": {f"p{3 + k}": f for k, f in enumerate(feats)},
-            "image_sizes": [list(SIZE)] * len(targets),
-            "strides": list(STRIDES),
-            "gt_boxes": [t["boxes"] for t in targets],
-            "gt_labels": [t["labels"] for t in targets],
-        }
+    return F.dense_batch_of(
+        feats, [t["boxes"] for t in targets], [t["labels"] for t in targets], SIZE
     )
 
 

@@ -336,19 +336,8 @@ def test_the_amp_fixture_overflows_in_fp16_and_replays_finite_in_fp32():
 
 
 def test_the_readmes_amp_excerpt_is_what_inspect_prints():
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location(
-        "update_readme", root / "scripts/update_readme.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    text = (root / "README.md").read_text()
-    start = text.index(script.AMP_BEGIN)
-    end = text.index(script.AMP_END) + len(script.AMP_END)
-    assert text[start:end] == script.amp_excerpt(), "run: python scripts/update_readme.py"
+    script = F.readme_script()
+    F.assert_readme_part(script.AMP_BEGIN, script.AMP_END, script.amp_excerpt())
 
 
 def test_compare_takes_two_precisions_as_sides():

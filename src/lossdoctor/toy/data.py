@@ -84,6 +84,22 @@ def collate(
     )
 
 
+def batch_of(features: dict, images, sizes, boxes, labels, strides, meta=None):
+    """A replay Batch of a collated batch and its features (which keep their graph)."""
+    from ..inputs.batch import Batch
+
+    return Batch(
+        features=features,
+        image_sizes=list(sizes),
+        pad_size=tuple(images.shape[-2:]),
+        strides=list(strides),
+        gt_boxes=list(boxes),
+        gt_labels=list(labels),
+        gt_ignore=[torch.zeros(b.shape[0], dtype=torch.bool) for b in boxes],
+        meta=dict(meta or {}),
+    )
+
+
 def batches(seed: int, size: int):
     """An endless, reproducible stream of collated batches."""
     g = torch.Generator().manual_seed(seed)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
 from torch import nn
 
 from ..inputs.batch import Batch
@@ -15,6 +14,7 @@ from ..inputs.dataclass_toml import to_dict
 from ..inputs.dense import DenseConfig, DenseProfile, torchvision_retinanet
 from ..inputs.dense_weights import DenseWeights, dense_weights, find_dense_layout
 from ..replay.dense import dense_replay
+from .data import batch_of
 from .model import CHANNELS, NUM_CLASSES, fpn_features, tiny_backbone
 
 LEVELS = ("p3", "p4", "p5")
@@ -83,15 +83,7 @@ def live_dense(model: TinyRetinaNet) -> DenseWeights:
 
 def dense_batch(model: TinyRetinaNet, images, sizes, boxes, labels) -> Batch:
     """A replay Batch whose features keep their graph to the backbone."""
-    return Batch(
-        features=model.features(images),
-        image_sizes=list(sizes),
-        pad_size=tuple(images.shape[-2:]),
-        strides=list(DENSE_STRIDES),
-        gt_boxes=list(boxes),
-        gt_labels=list(labels),
-        gt_ignore=[torch.zeros(b.shape[0], dtype=torch.bool) for b in boxes],
-    )
+    return batch_of(model.features(images), images, sizes, boxes, labels, DENSE_STRIDES)
 
 
 def dense_loss(model: TinyRetinaNet, data, profile: DenseProfile):

@@ -10,7 +10,7 @@ import torch
 from ..inputs.batch import Batch
 from ..inputs.profiles import LossProfile
 from ..replay.engine import replay
-from .data import batches
+from .data import batch_of, batches
 from .model import STRIDES, TinyDetector, live_heads, toy_config, toy_config_table
 
 LR = 0.01
@@ -34,17 +34,7 @@ class History:
 
 def make_batch(model: TinyDetector, images, sizes, boxes, labels, meta=None) -> Batch:
     """A replay Batch whose features keep their graph to the backbone."""
-    feats = model.features(images)
-    return Batch(
-        features=feats,
-        image_sizes=list(sizes),
-        pad_size=tuple(images.shape[-2:]),
-        strides=list(STRIDES),
-        gt_boxes=list(boxes),
-        gt_labels=list(labels),
-        gt_ignore=[torch.zeros(b.shape[0], dtype=torch.bool) for b in boxes],
-        meta=dict(meta or {}),
-    )
+    return batch_of(model.features(images), images, sizes, boxes, labels, STRIDES, meta)
 
 
 def held_out(seed: int = 10_000, size: int = 8):
