@@ -30,7 +30,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 import factories as F  # noqa: E402
-
 from lossdoctor import inspect  # noqa: E402
 from lossdoctor.vocab import Phase  # noqa: E402
 
