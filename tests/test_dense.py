@@ -183,7 +183,11 @@ def test_refusals_name_what_is_wrong(tmp_path):
     folder = _capture(tmp_path, "mmdet-retinanet")
     F.exit2(F.invoke("inspect", str(folder), "--config", "torchvision"), "two-stage config")
     F.exit2(F.invoke("inspect", str(folder), "--config", "mmdet-fcos"), "fcos head")
-    F.exit2(F.invoke("check", str(folder)), "one-stage detector")
+    checked = F.invoke("check", str(folder))
+    assert checked.exit_code == 0 and "a one-stage retinanet head" in " ".join(
+        checked.output.split()
+    )
+    F.exit2(F.invoke("check", str(folder), "--config", "torchvision-fcos"), "fcos head")
     bad = _capture(tmp_path, "detectron2-retinanet", meta={"dense": {"loss_normalizer": "x"}})
     F.exit2(F.invoke("inspect", str(bad)), "meta.dense.loss_normalizer")
 
@@ -341,3 +345,17 @@ def test_nan_weights_of_a_dense_head_are_traced_to_the_weights(tmp_path):
     hits = [f for f in rep.findings if f.code == "dense-nonfinite"]
     assert hits and {f.evidence["stage"] for f in hits} == {"weights"}
     assert all(f.severity == "error" for f in hits if f.profile == "mmdet-retinanet")
+
+
+def test_the_library_inspects_a_dense_head_in_memory():
+    """``inspect(DenseWeights, Batch)``: the same report as from the files."""
+    import lossdoctor
+
+    sd = F.dense_state_dict("mmdet", "fcos", norm=True, anchors=1)
+    w = lossdoctor.dense_weights(sd, lossdoctor.find_dense_layout(sd))
+    b = validate_batch(F.dense_batch_dict())
+    rep = lossdoctor.inspect(w, b, config="mmdet-fcos-giou")
+    assert rep.meta.dense.preset == "mmdet-fcos-giou" and rep.meta.run.own == "mmdet-fcos-giou"
+    r = lossdoctor.dense_replay(w, b, lossdoctor.dense_preset("mmdet-fcos-giou"), [FIXED])
+    own_all = next(x for x in rep.tables.levels if (x.profile, x.level) == ("fixed", "all"))
+    assert own_all.loss_bbox == pytest.approx(float(r.losses["fixed"].term(Part.BOX)))

@@ -27,10 +27,16 @@ _WHERE = {
     "TermSpec": "inputs.profiles",
     "InputError": "inputs.errors",
     "Capture": "capture",
+    # one-stage dense heads
+    "dense_replay": "replay.dense", "DenseReplay": "replay.dense",
+    "dense_weights": "inputs.dense_weights", "find_dense_layout": "inputs.dense_weights",
+    "DenseWeights": "inputs.dense_weights", "DenseConfig": "inputs.dense",
+    "DenseProfile": "inputs.dense", "DenseTerm": "inputs.dense", "dense_preset": "inputs.dense",
+    "load_dense_config": "inputs.dense",
     # the vocabulary
     "Head": "vocab", "Part": "vocab", "Term": "vocab", "Normalizer": "vocab", "Severity": "vocab",
     "FailOn": "vocab", "LossKind": "vocab", "Empty": "vocab", "Layer": "vocab", "Layout": "vocab",
-    "Framework": "vocab", "Stage": "vocab",
+    "Framework": "vocab", "Stage": "vocab", "DenseKind": "vocab", "DenseNormalizer": "vocab",
 }  # fmt: skip
 __all__ = sorted([*_WHERE, "__version__"])
 

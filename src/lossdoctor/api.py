@@ -196,12 +196,16 @@ def _inspect_dump(checkpoint, batch, o: ReplayOptions, on_phase, world=None):
 
     on_phase(Phase.LOAD)
     paths = capture_files(checkpoint, batch)
+    from .dense import inspect_dense
+    from .inputs.dense_weights import DenseWeights
+
+    if isinstance(paths[0], DenseWeights):  # a one-stage head in memory
+        b = paths[1] if isinstance(paths[1], Batch) else load_batch(paths[1])
+        return inspect_dense(paths[0], b, paths, o, on_phase, world)
     try:
         heads, b, cfg = resolve_inputs(*paths, o.config, o.unsafe_load)
     except OneStageCheckpoint as e:
-        from .dense import inspect_dense
-
-        return inspect_dense(e, paths, o, on_phase, world)
+        return inspect_dense(e, e.batch, paths, o, on_phase, world)
     if o.score_thr is not None:
         cfg = replace(cfg, test=replace(cfg.test, score_thr=o.score_thr))
     profs, source = _profiles(b, o.profiles, o.old, o.new)

@@ -588,15 +588,21 @@ def _print_batch(out, path: str, b) -> None:
     _print_replaced(out, "batch", b.replaced)
 
 
-def _print_fit(out, path: str, heads, b, cfg) -> None:
-    k = heads.num_classes
+def _print_dense_fit(out, path: str, e, b, config) -> None:
+    from .dense import fit_dense, weights_of
+
+    w = weights_of(e)
+    cfg = fit_dense(w, b, config)
     out.print(
-        f"checkpoint {path}: {heads.layout} layout, {heads.channels} channels, {heads.num_anchors} "
-        f"anchors/location, {k} classes (background {heads.background}); fits the batch with "
-        f"config '{cfg.name}'"
+        f"checkpoint {path}: a one-stage {w.kind} head, {w.layout.layout} layout, {w.channels} "
+        f"channels, {w.num_anchors} anchors/location, {w.num_classes} classes, {w.num_convs} "
+        f"convs per tower{' with GroupNorm' if w.norm else ''}; fits the batch with config "
+        f"'{cfg.name}'"
     )
-    out.print(f"  model {heads.replayed()}")
-    _print_replaced(out, "checkpoint", heads.replaced)
+    _print_dropped(out, b, w.num_classes)
+
+
+def _print_dropped(out, b, k: int) -> None:
     from .replay.gt import usable_gt
 
     space, dropped = b.label_space, usable_gt(b, k).dropped_labels
@@ -606,6 +612,18 @@ def _print_fit(out, path: str, heads, b, cfg) -> None:
             f"  {len(dropped)} labels outside {space.span(k)} (first: image {d.image} box {d.box} "
             f"label {space.run(d.label)}); the replay leaves them out"
         )
+
+
+def _print_fit(out, path: str, heads, b, cfg) -> None:
+    k = heads.num_classes
+    out.print(
+        f"checkpoint {path}: {heads.layout} layout, {heads.channels} channels, {heads.num_anchors} "
+        f"anchors/location, {k} classes (background {heads.background}); fits the batch with "
+        f"config '{cfg.name}'"
+    )
+    out.print(f"  model {heads.replayed()}")
+    _print_replaced(out, "checkpoint", heads.replaced)
+    _print_dropped(out, b, k)
 
 
 @app.command(cls=PlainUsage)
@@ -643,8 +661,13 @@ def _check(batch, ckpt, config, unsafe_load: bool):
     b = load_batch(batch)
     _print_batch(out, batch, b)
     if ckpt:
-        heads, b, cfg = resolve_inputs(ckpt, b, config, unsafe_load)
-        _print_fit(out, ckpt, heads, b, cfg)
+        from .inputs.checkpoint import OneStageCheckpoint
+
+        try:
+            heads, b, cfg = resolve_inputs(ckpt, b, config, unsafe_load)
+            _print_fit(out, ckpt, heads, b, cfg)
+        except OneStageCheckpoint as e:
+            _print_dense_fit(out, ckpt, e, b, config)
     if not b.suspicions:
         out.print("nothing suspicious")
         return

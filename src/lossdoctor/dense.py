@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 from .inputs.batch import Batch
-from .inputs.checkpoint import OneStageCheckpoint
 from .inputs.config import DetectorConfig
 from .inputs.dense import (
     DENSE_META,
@@ -146,24 +145,37 @@ def _profiles(o: ReplayOptions, cfg: DenseConfig, b: Batch):
     return [own, whatif], source
 
 
-def inspect_dense(e: OneStageCheckpoint, paths, o: ReplayOptions, on_phase,
+def weights_of(checkpoint) -> DenseWeights:
+    """The dense head of a one-stage checkpoint: DenseWeights as given, or read from the state
+    dict a two-stage reader found to be a one-stage detector's."""
+    if isinstance(checkpoint, DenseWeights):
+        return checkpoint
+    return dense_weights(checkpoint.state_dict, checkpoint.layout)
+
+
+def fit_dense(w: DenseWeights, b: Batch, config=None) -> DenseConfig:
+    """The config the dense head is replayed with (``config``: --config), checked against the
+    head and the batch."""
+    cfg = _config(config, b, w)
+    _fit(w, b, cfg)
+    return cfg
+
+
+def inspect_dense(checkpoint, b: Batch, paths, o: ReplayOptions, on_phase,
                   world: WorldCounts | None = None):  # fmt: skip
-    """The dense head of ``e``'s checkpoint replayed on ``e.batch`` → a Report; ``world``: the
-    step's counts over its ranks, for the terms that reduce their count across ranks."""
+    """The dense head of ``checkpoint`` (DenseWeights, or a OneStageCheckpoint) replayed on
+    ``b`` → a Report; ``world``: the step's counts over its ranks, for the terms that reduce
+    their count across ranks."""
     from .api import _framework, _named, _precision
     from .diagnose.dense import diagnose_dense
     from .replay.dense import dense_replay
     from .report.dense import build_dense_report
     from .report.meta import RunMeta
 
-    b = e.batch
-    if not isinstance(b, Batch):
-        raise InputError(str(e))
     if _precision(o.precision) not in (None, Precision.FP32):
         raise InputError("--precision: a one-stage detector replays in fp32 only so far")
-    w = dense_weights(e.state_dict, e.layout)
-    cfg = _config(o.config, b, w)
-    _fit(w, b, cfg)
+    w = weights_of(checkpoint)
+    cfg = fit_dense(w, b, o.config)
     profs, source = _profiles(o, cfg, b)
     on_phase(Phase.REPLAY)
     r = dense_replay(w, b, cfg, profs, ema_before=_ema_before(b), world=world)
