@@ -114,7 +114,7 @@ def test_per_image_normalizer_of_torchvision_retinanet():
     boxes = [torch.tensor([[8.0, 10.0, 60.0, 70.0]]),
              torch.tensor([[8.0, 10.0, 60.0, 70.0], [70.0, 20.0, 150.0, 100.0]])]  # fmt: skip
     r = _replay("torchvision-retinanet", boxes=boxes)
-    pos = r.counts("pos").sum(1).tolist()
+    pos = r.positives.sum(1).tolist()
     assert pos[0] < pos[1]
     per_image = [sum(float(lv.focal[i].sum()) for lv in r.levels) for i in range(2)]
     want = sum(s / max(1, p) for s, p in zip(per_image, pos)) / 2

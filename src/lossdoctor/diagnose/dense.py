@@ -189,7 +189,7 @@ def _decode(config: DenseConfig, pred: Tensor, anchors: Tensor) -> Tensor:
 
 
 def _pos(r: DenseReplay) -> Tensor:
-    return r.counts("pos")
+    return r.positives
 
 
 def no_positives(d: DenseDiagnosis) -> list[Finding]:

@@ -129,11 +129,10 @@ class DenseReplay:
     world: WorldCounts | None = None  # the step's counts over its ranks (None: this dump alone)
     losses: dict[str, DenseLosses] = field(default_factory=dict)
 
-    def counts(self, attr: str) -> Tensor:
-        """Per image and level, Tensor[N, L]: positives (``pos``), negatives (``neg``), ignored
-        (``ign``)."""
-        label = {"pos": POSITIVE, "neg": NEGATIVE, "ign": IGNORED}[attr]
-        return torch.stack([(lv.labels == label).sum(1) for lv in self.levels], 1)
+    @property
+    def positives(self) -> Tensor:
+        """Positive anchors per image and level, Tensor[N, L]."""
+        return torch.stack([lv.positive.sum(1) for lv in self.levels], 1)
 
     @property
     def ctr_sums(self) -> Tensor:
@@ -399,7 +398,7 @@ def _level(name, stride, out: DenseOutput, anchors, labels, matched, gt: UsableG
 
 def _divisors(term: DenseTerm, r: DenseReplay) -> Tensor:
     """What each image's sum at each level is divided by, Tensor[N, L] float64."""
-    pos = r.counts("pos").double()
+    pos = r.positives.double()
     n, levels = pos.shape
     total = float(pos.sum())
     world = r.world if term.reduced else None

@@ -153,7 +153,7 @@ def param_rows(d: DenseDiagnosis) -> list[ParamRow]:
 
 def _dense_meta(d: DenseDiagnosis) -> DenseMeta:
     r, w = d.replay, d.replay.weights
-    pos = int(r.counts("pos").sum())
+    pos = int(r.positives.sum())
     uses_ema = any(
         spec.normalizer is DenseNormalizer.EMA
         for losses in r.losses.values()
@@ -171,7 +171,7 @@ def _dense_meta(d: DenseDiagnosis) -> DenseMeta:
         profiles={n: losses.profile for n, losses in r.losses.items()},
         positives=pos,
         ctr_sum=float(r.ctr_sums.sum()),
-        pseudo=int(r.counts("pos").sum(1).clamp(min=1).sum()),
+        pseudo=int(r.positives.sum(1).clamp(min=1).sum()),
         world_pos=None if r.world is None else r.world.pos,
         world_ctr_sum=None if r.world is None else r.world.ctr_sum,
         world_pseudo=None if r.world is None else r.world.pseudo,
