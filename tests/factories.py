@@ -510,6 +510,9 @@ DENSE_KEYS = {
     ("mmdet", "fcos"): ("bbox_head.cls_convs", "bbox_head.reg_convs", "{p}.{k}.conv",
                         "{p}.{k}.gn", "bbox_head.conv_cls", "bbox_head.conv_reg",
                         "bbox_head.conv_centerness"),
+    ("mmdet", "atss"): ("bbox_head.cls_convs", "bbox_head.reg_convs", "{p}.{k}.conv",
+                        "{p}.{k}.gn", "bbox_head.atss_cls", "bbox_head.atss_reg",
+                        "bbox_head.atss_centerness"),
 }  # fmt: skip
 
 
@@ -537,7 +540,7 @@ def dense_state_dict(layout="torchvision", kind="retinanet", channels=32, classe
     put(deltas, anchors * 4, channels)
     if ctr:
         put(ctr, anchors, channels)
-    if layout == "mmdet" and kind == "fcos":
+    if layout == "mmdet" and kind in ("fcos", "atss"):
         for lvl in range(5):
             sd[f"bbox_head.scales.{lvl}.scale"] = torch.tensor(1.0)
     return sd

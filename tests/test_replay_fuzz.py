@@ -217,6 +217,49 @@ def test_every_valid_batch_replays_to_a_report_long(tmp_path_factory, ckpt, a, b
     _property(tmp_path_factory, ckpt, a, b, options)
 
 
+# ---- one-stage heads: the same batches on P3-P7 against each framework's dense head ----------
+
+DENSE_STRIDES = (8, 16, 32, 64, 128)
+# (layout, kind, anchors per location) → the presets that replay it
+DENSE_HEADS = {
+    ("torchvision", "retinanet", 9): ("torchvision-retinanet", "detectron2-retinanet",
+                                      "mmdet-retinanet"),
+    ("torchvision", "fcos", 1): ("torchvision-fcos", "mmdet-fcos", "mmdet-fcos-giou"),
+    ("mmdet", "atss", 1): ("mmdet-atss",),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dense_ckpts(tmp_path_factory):
+    out = {}
+    for (layout, kind, anchors), presets in DENSE_HEADS.items():
+        path = tmp_path_factory.mktemp("dense") / "ckpt.pt"
+        torch.save(F.dense_state_dict(layout, kind, channels=CHANNELS, anchors=anchors), path)
+        out.update(dict.fromkeys(presets, path))
+    return out
+
+
+def _dense(d: dict) -> dict:
+    """A drawn batch's levels as P3 onward, strides 8-128 (the same feature maps)."""
+    feats = list(d["features"].values())
+    return {**d, "features": {f"p{k + 3}": f for k, f in enumerate(feats)},
+            "strides": list(DENSE_STRIDES[: len(feats)])}  # fmt: skip
+
+
+@FAST
+@given(d=batches(), preset=st.sampled_from(sorted({p for ps in DENSE_HEADS.values() for p in ps})),
+       old=st.sampled_from([None, "legacy", "fixed"]))  # fmt: skip
+def test_every_valid_batch_replays_a_dense_head_to_a_report(tmp_path_factory, dense_ckpts, d,
+                                                            preset, old):  # fmt: skip
+    tmp = tmp_path_factory.mktemp("dense-fuzz")
+    options = ["--config", preset] + (["--old", old] if old else [])
+    if old == preset:
+        return
+    report = replay_one(dense_ckpts[preset], tmp, _dense(d), "a", options)
+    if report is not None:
+        assert {r["head"] for r in report["tables"]["levels"]} == {"dense"}
+
+
 # ---- examples that once failed, kept as explicit regressions ------------------------------------
 
 
