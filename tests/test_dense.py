@@ -25,6 +25,7 @@ PRESETS = {
     "detectron2-retinanet": ("detectron2", "retinanet", False, 9),
     "mmdet-retinanet": ("mmdet", "retinanet", False, 9),
     "mmdet-fcos": ("mmdet", "fcos", True, 1),
+    "mmdet-atss": ("mmdet", "atss", True, 1),
 }
 
 
@@ -87,6 +88,7 @@ def test_no_positives_each_framework_divides_by_what_it_does(preset):
         "detectron2-retinanet": 0.9 * 50.0 + 0.1 * 1,  # the EMA moves towards max(pos, 1)
         "mmdet-retinanet": n * 1.0 + 1.1920928955078125e-07,  # Σ_img max(#pos, 1) + eps
         "mmdet-fcos": 1.0 + 1.1920928955078125e-07,  # max(reduce_mean(0), 1.0) + eps
+        "mmdet-atss": n * 1.0 + 1.1920928955078125e-07,  # reduce_mean(sum max(#pos, 1)) + eps
     }[preset]
     own = r.losses[preset]
     assert float(own.term(Part.CLS)) == pytest.approx(neg / divisor, rel=1e-5)
@@ -359,3 +361,18 @@ def test_the_library_inspects_a_dense_head_in_memory():
     r = lossdoctor.dense_replay(w, b, lossdoctor.dense_preset("mmdet-fcos-giou"), [FIXED])
     own_all = next(x for x in rep.tables.levels if (x.profile, x.level) == ("fixed", "all"))
     assert own_all.loss_bbox == pytest.approx(float(r.losses["fixed"].term(Part.BOX)))
+
+
+def test_atss_assignment_by_hand():
+    """Three anchors, one GT: IoUs 1, 1/3, 0, so the threshold is their mean + (unbiased) std
+    = 0.444 + 0.509 = 0.954: only the first is positive."""
+    from lossdoctor.replay.dense import _match_atss
+
+    anchors = torch.tensor([[0.0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]])
+    gt = torch.tensor([[0.0, 0, 10, 10]])
+    ious = torch.tensor([1.0, 1 / 3, 0.0])
+    assert float(ious.mean() + ious.std()) == pytest.approx(0.9536, abs=1e-4)
+    assert _match_atss(gt, anchors, [3], topk=9).tolist() == [0, -1, -1]
+    # with top-1 per level only the nearest anchor is a candidate: mean + std of one is NaN in
+    # torch (std of one value), so no anchor passes, as in MMDetection
+    assert _match_atss(gt, anchors, [3], topk=1).tolist() == [-1, -1, -1]
