@@ -3,6 +3,7 @@ a what-if, diagnosed and reported in the same report model as a two-stage replay
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from .inputs.batch import Batch
@@ -13,6 +14,7 @@ from .inputs.dense import (
     FIXED,
     LEGACY,
     DenseConfig,
+    DenseProfile,
     dense_config_from_meta,
     dense_preset,
     dense_profile,
@@ -123,6 +125,15 @@ def _fit(w: DenseWeights, b: Batch, cfg: DenseConfig) -> None:
                          f"has {len(b.levels)}")  # fmt: skip
 
 
+def _divides_as_fixed(p: DenseProfile) -> bool:
+    """Whether ``p`` divides one dump's terms as fixed does (whether it reduces across ranks
+    aside), so that fixed would be no what-if for it."""
+    plain = [dataclasses.replace(t, reduced=False) for t in (p.cls, p.box, p.ctr)]
+    return plain == [
+        dataclasses.replace(t, reduced=False) for t in (FIXED.cls, FIXED.box, FIXED.ctr)
+    ]
+
+
 def _profiles(o: ReplayOptions, cfg: DenseConfig, b: Batch):
     """The run's own profile (--old, else the one the dump records, else the config's) and the
     what-if (--new, else fixed, or legacy where the run already divides as fixed does)."""
@@ -138,8 +149,7 @@ def _profiles(o: ReplayOptions, cfg: DenseConfig, b: Batch):
     if o.new is not None:
         whatif = dense_profile(str(o.new), cfg)
     else:
-        same = (own.cls, own.box, own.ctr) == (FIXED.cls, FIXED.box, FIXED.ctr)
-        whatif = LEGACY if same or own.name == FIXED.name else FIXED
+        whatif = LEGACY if _divides_as_fixed(own) else FIXED
     if whatif.name == own.name:
         raise InputError(f"--old and --new are both {own.name}; pick two different profiles")
     return [own, whatif], source
