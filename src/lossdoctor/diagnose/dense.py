@@ -16,8 +16,8 @@ from ..replay.dense import (
     DENSE_PARTS,
     DenseLosses,
     DenseReplay,
-    _linear_decode,
     ema_update,
+    linear_decode,
 )
 from ..replay.nms import mmcv_batched_nms, torchvision_batched_nms
 from ..vocab import (
@@ -31,11 +31,11 @@ from ..vocab import (
     Severity,
     Stage,
     Term,
+    term_of,
 )
 from .finding import Finding
 from .findings import Rule, to_finding
 
-TERM_OF = {Part.CLS: Term.DENSE_CLS, Part.BOX: Term.DENSE_BOX, Part.CTR: Term.DENSE_CTR}
 # the prior probability every framework initializes the classifier bias to (-log((1 - p) / p))
 PRIOR_PROB = 0.01
 PRIOR_BIAS = -math.log((1 - PRIOR_PROB) / PRIOR_PROB)
@@ -181,7 +181,7 @@ def dense_symptom(r: DenseReplay, score_thr: float | None = None) -> DenseSympto
 
 def _decode(config: DenseConfig, pred: Tensor, anchors: Tensor) -> Tensor:
     if config.coder is DenseCoder.DISTANCES:
-        return _linear_decode(pred, anchors, config.distances_in_strides)
+        return linear_decode(pred, anchors, config.distances_in_strides)
     return decode(pred, anchors, config.delta_weights, DELTA_CLIP, config.delta_clip_both)
 
 
@@ -229,8 +229,8 @@ def empty_level_nan(d: DenseDiagnosis) -> list[Finding]:
             out.append(Finding(
                 message=f"level {ll.level} has {int(pos[k])} positives and profile {name} "
                 "divides its terms by them: 0/0 = NaN (box), x/0 = Inf (cls)",
-                head=Head.DENSE, level=ll.level, profile=name, term=TERM_OF[zero[0]],
-                evidence={"pos": int(pos[k]), "terms": [str(TERM_OF[p]) for p in zero]},
+                head=Head.DENSE, level=ll.level, profile=name, term=term_of(Head.DENSE, zero[0]),
+                evidence={"pos": int(pos[k]), "terms": [str(term_of(Head.DENSE, p)) for p in zero]},
                 cause="level-normalizer-zero",
             ))  # fmt: skip
     return out

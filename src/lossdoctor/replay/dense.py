@@ -319,7 +319,7 @@ def _units(anchors: Tensor, per_stride: bool) -> Tensor:
     return torch.stack([w, h, w, h], -1)
 
 
-def _linear_encode(gt: Tensor, anchors: Tensor, per_stride: bool = True) -> Tensor:
+def linear_encode(gt: Tensor, anchors: Tensor, per_stride: bool = True) -> Tensor:
     """torchvision's BoxLinearCoder (normalized by size) / MMDetection's point distances:
     (l, t, r, b) of ``gt`` from each anchor's centre, in units. Tensor[M, 4] x2 → Tensor[M, 4]."""
     cx, cy = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
@@ -327,7 +327,7 @@ def _linear_encode(gt: Tensor, anchors: Tensor, per_stride: bool = True) -> Tens
     return t / _units(anchors, per_stride)
 
 
-def _linear_decode(rel: Tensor, anchors: Tensor, per_stride: bool = True) -> Tensor:
+def linear_decode(rel: Tensor, anchors: Tensor, per_stride: bool = True) -> Tensor:
     cx, cy = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
     u = _units(anchors, per_stride)
     w, h = u[:, 0], u[:, 1]
@@ -349,10 +349,10 @@ def _box_losses(config: DenseConfig, pred: Tensor, anchors: Tensor, gt: Tensor):
     """(box loss, centerness target) of positives: pred, anchors, matched gt Tensor[P, 4]."""
     if config.coder is DenseCoder.DISTANCES:
         units = config.distances_in_strides
-        target = _linear_encode(gt, anchors, units)
-        boxes = _linear_decode(pred, anchors, units)
+        target = linear_encode(gt, anchors, units)
+        boxes = linear_decode(pred, anchors, units)
         if config.framework is Framework.MMDET:  # it decodes the targets around the point too
-            gt = _linear_decode(target, anchors, units)
+            gt = linear_decode(target, anchors, units)
         loss = DECODED_LOSSES[config.box_loss](boxes, gt, config.beta)
         return loss, centerness(target)
     if config.box_loss in DECODED_BOX_LOSSES:
@@ -362,7 +362,7 @@ def _box_losses(config: DenseConfig, pred: Tensor, anchors: Tensor, gt: Tensor):
         target = encode(gt, anchors, config.delta_weights)
         loss = box_loss(pred, target, config.box_loss, config.beta)
     if config.kind is DenseKind.ATSS:  # centerness of the anchor's centre in its GT
-        return loss, centerness(_linear_encode(gt, anchors, per_stride=False))
+        return loss, centerness(linear_encode(gt, anchors, per_stride=False))
     return loss, torch.zeros_like(loss)
 
 

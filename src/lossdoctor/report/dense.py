@@ -9,9 +9,9 @@ import math
 import torch
 
 from .. import __version__
-from ..diagnose.dense import TERM_OF, DenseDiagnosis, LevelGrads
+from ..diagnose.dense import DenseDiagnosis, LevelGrads
 from ..replay.dense import DENSE_PARTS, DenseLevel, DenseLevelLoss, ema_update
-from ..vocab import DenseNormalizer, Head, Part
+from ..vocab import DenseNormalizer, Head, Part, term_of
 from .build import ALL_LEVELS, _batch_meta, _common, _share, sha256
 from .meta import CheckpointMeta, DenseMeta, ReportMeta, SymptomMeta
 from .model import Report
@@ -141,7 +141,7 @@ def param_rows(d: DenseDiagnosis) -> list[ParamRow]:
         nan = math.nan
         for p, shape in shapes.items():
             # a term whose graph does not reach the parameter gives it 0
-            terms = {TERM_OF[part]: v[p] or 0.0 for part, v in by_term.items()}
+            terms = {term_of(Head.DENSE, part): v[p] or 0.0 for part, v in by_term.items()}
             out.append(ParamRow(
                 profile=name, param=p, shape="x".join(map(str, shape)) or "scalar",
                 rpn_cls=nan, rpn_box=nan, roi_cls=nan, roi_box=nan,
