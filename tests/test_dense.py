@@ -376,3 +376,20 @@ def test_atss_assignment_by_hand():
     # with top-1 per level only the nearest anchor is a candidate: mean + std of one is NaN in
     # torch (std of one value), so no anchor passes, as in MMDetection
     assert _match_atss(gt, anchors, [3], topk=1).tolist() == [-1, -1, -1]
+
+
+def test_the_gradients_summed_over_terms_are_the_totals():
+    """The diagnosis backpropagates each term alone; their sum is the total's gradient, as one
+    backward of the total gives it (FCOS: box and centerness share the box tower)."""
+    from lossdoctor.diagnose.dense import profile_grads
+
+    r = _replay("torchvision-fcos")
+    losses = r.losses["torchvision-fcos"]
+    levels, total, terms = profile_grads(r, losses)
+    direct = torch.autograd.grad(losses.total, [*r.features, r.weights.params["dense_box_conv1.weight"]],
+                                 retain_graph=True)  # fmt: skip
+    for lv, g in zip(levels, direct[:-1]):
+        assert lv.feature == pytest.approx(float(g.double().norm()), rel=1e-5)
+    assert total["dense_box_conv1.weight"] == pytest.approx(float(direct[-1].norm()), rel=1e-5)
+    parts = terms[Part.BOX]["dense_box_conv1.weight"], terms[Part.CTR]["dense_box_conv1.weight"]
+    assert parts[0] > 0 and parts[1] > 0 and terms[Part.CLS]["dense_box_conv1.weight"] is None

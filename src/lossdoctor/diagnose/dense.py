@@ -82,45 +82,46 @@ def _norm(t: Tensor | None) -> float:
     return 0.0 if t is None or t.numel() == 0 else float(t.detach().double().norm())
 
 
+def _sum(grads) -> Tensor | None:
+    """The sum of the terms' gradients of one tensor (None where no term reaches it)."""
+    found = [g for g in grads if g is not None]
+    return sum(found[1:], found[0]) if found else None
+
+
+def _params(r: DenseReplay) -> dict[str, Tensor]:
+    return dict(r.weights.params) | {f"scale{i}": s for i, s in enumerate(r.weights.scales)}
+
+
 def profile_grads(r: DenseReplay, losses: DenseLosses):
-    """(per-level gradient norms, per-parameter gradient norms) of one profile's total."""
-    total = losses.total
-    outs = [lv.out for lv in r.levels]
-    params = dict(r.weights.params) | {f"scale{i}": s for i, s in enumerate(r.weights.scales)}
+    """One backward per term (each reaches its own tower only) → (per-level gradient norms of
+    the profile's total, its per-parameter norms, and each term's per-parameter norms). The
+    total's gradients are the sums of the terms'."""
+    outs, params = [lv.out for lv in r.levels], _params(r)
     wrt = [*r.features, *(o.logits for o in outs), *(o.deltas for o in outs), *params.values()]
-    if not total.requires_grad:
-        grads = [None] * len(wrt)
-    else:
-        grads = torch.autograd.grad(total, wrt, retain_graph=True, allow_unused=True)
-    n = len(outs)
-    feats, logits, deltas = grads[:n], grads[n : 2 * n], grads[2 * n : 3 * n]
-    levels = []
-    for lv, f, lg, d in zip(r.levels, feats, logits, deltas):
-        levels.append(
-            LevelGrads(
-                feature=_norm(f),
-                logits_pos=_norm(None if lg is None else lg[lv.positive]),
-                logits_neg=_norm(None if lg is None else lg[lv.negative]),
-                deltas=_norm(d),
-            )
-        )
-    norms = {name: (None if g is None else _norm(g)) for name, g in zip(params, grads[3 * n :])}
-    return levels, norms
-
-
-def term_grads(r: DenseReplay, losses: DenseLosses) -> dict[Part, dict[str, float | None]]:
-    """Per term, each head parameter's gradient norm (one backward per term)."""
-    params = dict(r.weights.params) | {f"scale{i}": s for i, s in enumerate(r.weights.scales)}
-    out = {}
-    for part in DENSE_PARTS:
-        if part is Part.CTR and not r.weights.has_ctr:
-            continue
+    by_part = {}
+    for part in DENSE_PARTS if r.weights.has_ctr else DENSE_PARTS[:2]:
         term = losses.term(part)
-        grads = (torch.autograd.grad(term, list(params.values()), retain_graph=True,
-                                     allow_unused=True)
-                 if term.requires_grad else [None] * len(params))  # fmt: skip
-        out[part] = {n: (None if g is None else _norm(g)) for n, g in zip(params, grads)}
-    return out
+        by_part[part] = (
+            torch.autograd.grad(term, wrt, retain_graph=True, allow_unused=True)
+            if term.requires_grad else [None] * len(wrt)
+        )  # fmt: skip
+    grads = [_sum(gs) for gs in zip(*by_part.values())]
+    n = len(outs)
+    levels = [
+        LevelGrads(
+            feature=_norm(f),
+            logits_pos=_norm(None if lg is None else lg[lv.positive]),
+            logits_neg=_norm(None if lg is None else lg[lv.negative]),
+            deltas=_norm(d),
+        )
+        for lv, f, lg, d in zip(r.levels, grads[:n], grads[n : 2 * n], grads[2 * n : 3 * n])
+    ]
+    total = {name: (None if g is None else _norm(g)) for name, g in zip(params, grads[3 * n :])}
+    terms = {
+        part: {name: (None if g is None else _norm(g)) for name, g in zip(params, gs[3 * n :])}
+        for part, gs in by_part.items()
+    }
+    return levels, total, terms
 
 
 def _first_nonfinite(r: DenseReplay, losses: DenseLosses, k: int) -> str:
@@ -443,8 +444,7 @@ def dense_findings(d: DenseDiagnosis) -> list[Finding]:
 def diagnose_dense(r: DenseReplay, own: str, score_thr: float | None = None) -> DenseDiagnosis:
     grads, params, terms, origins = {}, {}, {}, {}
     for name, losses in r.losses.items():
-        grads[name], params[name] = profile_grads(r, losses)
-        terms[name] = term_grads(r, losses)
+        grads[name], params[name], terms[name] = profile_grads(r, losses)
         origins[name] = {lv.name: _first_nonfinite(r, losses, k) for k, lv in enumerate(r.levels)}
     d = DenseDiagnosis(replay=r, own=own, grads=grads, param_norms=params, term_norms=terms,
                        origins=origins, symptom=dense_symptom(r, score_thr))  # fmt: skip
