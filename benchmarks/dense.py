@@ -75,8 +75,10 @@ def _tv_step(kind: str, sd: dict, d: dict):
     feats = [f.requires_grad_(True) for f in d["features"].values()]
     images = ImageList(torch.zeros(2, 3, *PAD), [PAD] * 2)
     targets = [dict(boxes=b, labels=lab) for b, lab in zip(d["gt_boxes"], d["gt_labels"])]
+    backbone = torch.nn.Identity()
+    backbone.out_channels = CHANNELS
     model = (fcos.FCOS if kind == "fcos" else retinanet.RetinaNet)(
-        torch.nn.Identity(), CLASSES, anchor_generator=gen, head=head
+        backbone, CLASSES, anchor_generator=gen, head=head
     )
 
     def step():
