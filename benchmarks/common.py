@@ -75,3 +75,17 @@ def coco_batch(gt_per_image: int = 100, seed: int = 0):
             "gt_labels": labels,
         }
     )
+
+
+def timed_inspect(*args, **kw) -> tuple[float, dict]:
+    """Seconds of one library ``inspect(*args, **kw)``, and of each of its phases."""
+    import time
+
+    from lossdoctor import inspect
+
+    marks: list = []
+    t0 = time.perf_counter()
+    inspect(*args, on_phase=lambda p: marks.append((p, time.perf_counter())), **kw)
+    end = time.perf_counter()
+    ends = [t for _, t in marks[1:]] + [end]
+    return end - t0, {p.name.lower(): b - a for (p, a), b in zip(marks, ends)}

@@ -29,9 +29,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+from common import timed_inspect  # noqa: E402
+
 import factories as F  # noqa: E402
-from lossdoctor import inspect  # noqa: E402
-from lossdoctor.vocab import Phase  # noqa: E402
 
 PAD = (800, 1216)
 STRIDES = (8, 16, 32, 64, 128)
@@ -114,15 +115,6 @@ def _own_step(folder: Path):
         dense_replay(w, b, cfg, [cfg.profile]).losses[cfg.profile.name].total.backward()
 
     return step
-
-
-def timed_inspect(folder: Path) -> tuple[float, dict]:
-    marks: list[tuple[Phase, float]] = []
-    t0 = time.perf_counter()
-    inspect(folder, on_phase=lambda p: marks.append((p, time.perf_counter())))
-    end = time.perf_counter()
-    ends = [t for _, t in marks[1:]] + [end]
-    return end - t0, {p.name.lower(): b - a for (p, a), b in zip(marks, ends)}
 
 
 def main():

@@ -14,29 +14,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import coco_batch, coco_heads  # noqa: E402
-
-from lossdoctor import inspect  # noqa: E402
-from lossdoctor.vocab import Phase  # noqa: E402
+from common import coco_batch, coco_heads, timed_inspect  # noqa: E402
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def timed(heads, batch, precision: str) -> tuple[float, dict]:
     """Seconds of one inspect, and of each of its phases."""
-    marks: list[tuple[Phase, float]] = []
-    t0 = time.perf_counter()
-    inspect(heads, batch, old="torchvision", precision=precision,
-            on_phase=lambda p: marks.append((p, time.perf_counter())))  # fmt: skip
-    end = time.perf_counter()
-    ends = [t for _, t in marks[1:]] + [end]
-    return end - t0, {p.name.lower(): b - a for (p, a), b in zip(marks, ends)}
+    return timed_inspect(heads, batch, old="torchvision", precision=precision)
 
 
 def main():

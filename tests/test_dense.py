@@ -386,8 +386,8 @@ def test_the_gradients_summed_over_terms_are_the_totals():
     r = _replay("torchvision-fcos")
     losses = r.losses["torchvision-fcos"]
     levels, total, terms = profile_grads(r, losses)
-    direct = torch.autograd.grad(losses.total, [*r.features, r.weights.params["dense_box_conv1.weight"]],
-                                 retain_graph=True)  # fmt: skip
+    tower = r.weights.params["dense_box_conv1.weight"]
+    direct = torch.autograd.grad(losses.total, [*r.features, tower], retain_graph=True)
     for lv, g in zip(levels, direct[:-1]):
         assert lv.feature == pytest.approx(float(g.double().norm()), rel=1e-5)
     assert total["dense_box_conv1.weight"] == pytest.approx(float(direct[-1].norm()), rel=1e-5)
