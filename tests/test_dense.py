@@ -393,3 +393,18 @@ def test_the_gradients_summed_over_terms_are_the_totals():
     assert total["dense_box_conv1.weight"] == pytest.approx(float(direct[-1].norm()), rel=1e-5)
     parts = terms[Part.BOX]["dense_box_conv1.weight"], terms[Part.CTR]["dense_box_conv1.weight"]
     assert parts[0] > 0 and parts[1] > 0 and terms[Part.CLS]["dense_box_conv1.weight"] is None
+
+
+def test_scan_follows_one_stage_dumps_over_steps(tmp_path):
+    """scan: the dense head's rows in the timeline of every dump, its findings first seen at
+    their step, a step's ranks together."""
+    from lossdoctor.scan import scan
+
+    step = _step_folder(tmp_path, "torchvision-retinanet", [CROWDED, [torch.zeros(0, 4)] * 2])
+    rep = F.as_json(scan([step, "fixtures/retinanet-nan"], results=tmp_path / "res", workers=1,
+                         threads=1))  # fmt: skip
+    timeline = rep["tables"]["timeline"]
+    assert {r["head"] for r in timeline} == {"dense"}
+    assert {(r["step"], r["rank"]) for r in timeline} == {(5, 0), (5, 1), (61, None)}
+    first = {r["code"]: r["step"] for r in rep["tables"]["first_seen"]}
+    assert first["dense-level-normalizer-zero"] == 61 and first["rank-normalizer-skew"] == 5
