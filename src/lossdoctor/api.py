@@ -192,7 +192,6 @@ def _inspect_dump(checkpoint, batch, o: ReplayOptions, on_phase, world=None):
     from .diagnose import diagnose
     from .replay.engine import replay
     from .report.build import build_report
-    from .report.meta import RunMeta
 
     on_phase(Phase.LOAD)
     paths = capture_files(checkpoint, batch)
@@ -218,11 +217,17 @@ def _inspect_dump(checkpoint, batch, o: ReplayOptions, on_phase, world=None):
     own = _own_profile(b, profs, source, o.old)
     d = diagnose(r, run_profile=own, precision=choice, on_phase=on_phase)
     report = build_report(d, *_named(paths))
-    dump = report.meta.batch.dump
-    report.meta.run = RunMeta(profile=profs[0].name, source=source, own=own,
-                              framework=_framework(b.meta.get("framework")), step=dump.step,
-                              rank=dump.rank)  # fmt: skip
+    report.meta.run = run_meta(report, b, profs[0].name, source, own)
     return report
+
+
+def run_meta(report, b: Batch, profile: str, source: ProfileSource, own: str | None):
+    """What a report records of the run: its profiles, the framework, step and rank."""
+    from .report.meta import RunMeta
+
+    dump = report.meta.batch.dump
+    return RunMeta(profile=profile, source=source, own=own, step=dump.step, rank=dump.rank,
+                   framework=_framework(b.meta.get("framework")))  # fmt: skip
 
 
 def _precision(value) -> Precision | None:

@@ -128,10 +128,8 @@ def _fit(w: DenseWeights, b: Batch, cfg: DenseConfig) -> None:
 def _divides_as_fixed(p: DenseProfile) -> bool:
     """Whether ``p`` divides one dump's terms as fixed does (whether it reduces across ranks
     aside), so that fixed would be no what-if for it."""
-    plain = [dataclasses.replace(t, reduced=False) for t in (p.cls, p.box, p.ctr)]
-    return plain == [
-        dataclasses.replace(t, reduced=False) for t in (FIXED.cls, FIXED.box, FIXED.ctr)
-    ]
+    plain = [dataclasses.replace(t, reduced=False) for t in p.terms.values()]
+    return plain == [dataclasses.replace(t, reduced=False) for t in FIXED.terms.values()]
 
 
 def _profiles(o: ReplayOptions, cfg: DenseConfig, b: Batch):
@@ -176,11 +174,10 @@ def inspect_dense(checkpoint, b: Batch, paths, o: ReplayOptions, on_phase,
     """The dense head of ``checkpoint`` (DenseWeights, or a OneStageCheckpoint) replayed on
     ``b`` → a Report; ``world``: the step's counts over its ranks, for the terms that reduce
     their count across ranks."""
-    from .api import _framework, _named, _precision
+    from .api import _named, _precision, run_meta
     from .diagnose.dense import diagnose_dense
     from .replay.dense import dense_replay
     from .report.dense import build_dense_report
-    from .report.meta import RunMeta
 
     if _precision(o.precision) not in (None, Precision.FP32):
         raise InputError("--precision: a one-stage detector replays in fp32 only so far")
@@ -192,11 +189,8 @@ def inspect_dense(checkpoint, b: Batch, paths, o: ReplayOptions, on_phase,
     on_phase(Phase.GRADIENTS)
     d = diagnose_dense(r, profs[0].name, o.score_thr)
     report = build_dense_report(d, *_named(paths))
-    dump = report.meta.batch.dump
     own = None if source is ProfileSource.GIVEN and o.old is None else profs[0].name
-    report.meta.run = RunMeta(profile=profs[0].name, source=source, own=own,
-                              framework=_framework(b.meta.get("framework")), step=dump.step,
-                              rank=dump.rank)  # fmt: skip
+    report.meta.run = run_meta(report, b, profs[0].name, source, own)
     return report
 
 
@@ -206,7 +200,7 @@ def world_counts(reports: dict) -> WorldCounts | None:
     dense = [rep.meta.dense for rep in reports.values()]
     if len(dense) < 2 or any(d is None for d in dense):
         return None
-    terms = [t for p in dense[0].profiles.values() for t in (p.cls, p.box, p.ctr)]
+    terms = [t for p in dense[0].profiles.values() for t in p.terms.values()]
     if not any(t.reduced for t in terms):
         return None
     n = len(dense)

@@ -311,10 +311,9 @@ def world_size_dependence(d: DenseDiagnosis) -> list[Finding]:
     world = r.batch.meta.get("world_size")
     if not isinstance(world, int) or isinstance(world, bool) or world < 2:
         return []
-    spec = r.losses[d.own].profile
-    terms = {Term.DENSE_CLS: spec.cls, Term.DENSE_BOX: spec.box}
-    if r.weights.has_ctr:
-        terms[Term.DENSE_CTR] = spec.ctr
+    terms = {term_of(Head.DENSE, part): spec
+             for part, spec in r.losses[d.own].profile.terms.items()
+             if part is not Part.CTR or r.weights.has_ctr}  # fmt: skip
     local = [t for t, s in terms.items() if s.normalizer in BATCH_COUNTS and not s.reduced]
     reduced = [t for t, s in terms.items() if s.reduced]
     out = []

@@ -39,6 +39,7 @@ from ..vocab import (
     Framework,
     Head,
     LossKind,
+    Part,
 )
 from .checks import as_member, check_range
 from .config import AnchorConfig, MatcherConfig
@@ -88,6 +89,11 @@ class DenseProfile:
     cls: DenseTerm
     box: DenseTerm
     ctr: DenseTerm
+
+    @property
+    def terms(self) -> dict[Part, DenseTerm]:
+        """Each part's term: classification, box, centerness."""
+        return {Part.CLS: self.cls, Part.BOX: self.box, Part.CTR: self.ctr}
 
 
 def _same(name: str, summary: str, term: DenseTerm) -> DenseProfile:

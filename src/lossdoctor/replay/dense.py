@@ -35,6 +35,7 @@ from ..vocab import (
 )
 from .anchors import level_anchors, valid_flags
 from .boxes import box_iou, decode, encode
+from .engine import live
 from .gt import UsableGt, usable_gt
 from .losses import DECODED_LOSSES, box_loss
 from .matcher import IGNORED, NEGATIVE, POSITIVE, match
@@ -76,6 +77,17 @@ class DenseLevel:
     @property
     def positive(self) -> Tensor:
         return self.labels == POSITIVE
+
+    def per_image(self, part: Part) -> Tensor:
+        """Each image's summed per-sample loss of one part at this level, Tensor[N]."""
+        match part:
+            case Part.CLS:
+                return self.focal.sum(1)
+            case Part.BOX:
+                return self.box.sum(1)
+            case Part.CTR:
+                return self.ctr_loss.sum(1)
+        raise ValueError(f"a dense head has no {part} term")
 
     @property
     def negative(self) -> Tensor:
@@ -182,10 +194,7 @@ def focal_loss(logits: Tensor, target: Tensor, alpha: float, gamma: float) -> Te
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = p * target + (1 - p) * (1 - target)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
-    return loss
+    return (alpha * target + (1 - alpha) * (1 - target)) * ce * (1 - p_t) ** gamma
 
 
 def _match_fcos_tv(gt: Tensor, anchors: Tensor, per_level: list[int], radius: float) -> Tensor:
@@ -428,11 +437,6 @@ def ema_update(before: float | None, pos: float, momentum: float) -> float:
     return old * momentum + max(pos, 1.0) * (1 - momentum)
 
 
-def _numerators(r: DenseReplay, part: Part) -> list[Tensor]:
-    attr = {Part.CLS: "focal", Part.BOX: "box", Part.CTR: "ctr_loss"}[part]
-    return [getattr(lv, attr).sum(1) for lv in r.levels]  # per level, Tensor[N]
-
-
 def _normalized(num: Tensor, d: Tensor, weight: float) -> tuple[Tensor, float]:
     """sum_i num[i] / d[i] (num Tensor[N], d Tensor[N] float64) → (loss, the single divisor)."""
     if bool((d == 0).any()):
@@ -441,28 +445,24 @@ def _normalized(num: Tensor, d: Tensor, weight: float) -> tuple[Tensor, float]:
     loss = (num / d.to(num.dtype)).sum() * weight
     if bool((d == d[0]).all()):
         return loss, float(d[0])
-    total, value = float(num.detach().sum()), float(loss.detach()) / weight if weight else 0.0
-    return loss, total / value if value else float(d.mean())
+    n = num.detach().double()
+    per = float((n / d).sum())
+    return loss, float(n.sum()) / per if per else float(d.mean())
 
 
 def dense_losses(r: DenseReplay, profile: DenseProfile) -> DenseLosses:
     """Each level's three terms under ``profile``."""
-    specs = {Part.CLS: profile.cls, Part.BOX: profile.box, Part.CTR: profile.ctr}
+    specs = profile.terms
     divs = {p: _divisors(s, r) for p, s in specs.items()}
-    nums = {p: _numerators(r, p) for p in DENSE_PARTS}
     levels = []
     for lvl, level in enumerate(r.levels):
         terms, factors = {}, {}
         for part in DENSE_PARTS:
             terms[part], factors[part] = _normalized(
-                nums[part][lvl], divs[part][:, lvl], specs[part].weight
+                level.per_image(part), divs[part][:, lvl], specs[part].weight
             )
         levels.append(DenseLevelLoss(level=level.name, terms=terms, avg_factor=factors))
     return DenseLosses(profile=profile, levels=levels)
-
-
-def _live(t: Tensor) -> Tensor:
-    return t if t.requires_grad else t.detach().requires_grad_(True)
 
 
 def dense_replay(
@@ -478,11 +478,11 @@ def dense_replay(
     assignment for all: their differences are differences of normalization only)."""
     weights = dataclasses.replace(
         weights,
-        params={k: _live(v) for k, v in weights.params.items()},
-        scales=[_live(s) for s in weights.scales],
+        params={k: live(v) for k, v in weights.params.items()},
+        scales=[live(s) for s in weights.scales],
     )
     gt = usable_gt(batch, weights.num_classes)
-    features = [_live(f) for f in batch.features.values()]
+    features = [live(f) for f in batch.features.values()]
     shapes = [tuple(f.shape[2:]) for f in features]
     anchors = level_anchors(config.anchors, batch.strides, shapes, batch.pad_size)
     outs = [dense_head(f, weights, config, lvl) for lvl, f in enumerate(features)]

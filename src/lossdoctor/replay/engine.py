@@ -115,7 +115,7 @@ def _stats(i: int, batch: Batch, gt: UsableGt, rpn: RpnStage, roi: RoiStage, pro
     )
 
 
-def _live(t: Tensor) -> Tensor:
+def live(t: Tensor) -> Tensor:
     """A leaf that requires grad (a training loop's parameters already do: used as they are)."""
     return t if t.requires_grad else t.detach().requires_grad_(True)
 
@@ -156,9 +156,9 @@ def replay(
     so their differences are differences of normalization only.
     """
     gen = torch.Generator().manual_seed(seed)
-    heads = dataclasses.replace(heads, params={k: _live(v) for k, v in heads.params.items()})
+    heads = dataclasses.replace(heads, params={k: live(v) for k, v in heads.params.items()})
     gt = usable_gt(batch, heads.num_classes)
-    features = [_live(f) for f in batch.features.values()]
+    features = [live(f) for f in batch.features.values()]
     rpn = rpn_stage(heads, features, batch, config, gt, gen, sample_all)
     anchors = [lv.anchors for lv in rpn.levels]
     props, bad = training_proposals([lv.out for lv in rpn.levels], anchors, batch, config)

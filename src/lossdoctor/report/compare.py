@@ -148,10 +148,9 @@ def _level_less(report: Report, profile: str) -> set[tuple[Head, str]]:
     term whose normalizer counts each level on its own."""
     dense = report.meta.dense.profiles.get(profile) if report.meta.dense else None
     if dense is not None:
-        specs = {Part.CLS: dense.cls, Part.BOX: dense.box, Part.CTR: dense.ctr}
         return {
             (Head.DENSE, column)
-            for part, spec in specs.items()
+            for part, spec in dense.terms.items()
             if spec.normalizer is DenseNormalizer.LEVEL_POS
             for column in PER_LEVEL_COLUMNS.get(part, ())
         }

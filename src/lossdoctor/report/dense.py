@@ -74,7 +74,7 @@ def level_rows(d: DenseDiagnosis) -> list[LevelRow]:
     for name, losses in r.losses.items():
         total = _f(losses.total)
         spec = losses.profile
-        weights = {Part.CLS: spec.cls.weight, Part.BOX: spec.box.weight, Part.CTR: spec.ctr.weight}
+        weights = {part: term.weight for part, term in spec.terms.items()}
         rows = []
         for k, (lv, ll) in enumerate(zip(r.levels, losses.levels)):
             terms = {p: _f(t) for p, t in ll.terms.items()}

@@ -56,7 +56,7 @@ def _rescaled(loss: float, d: float, mean: float, n: int) -> float:
 def _weight(rep: Report, profile: str, head: Head, part: Part) -> float:
     if rep.meta.dense is not None:
         spec = rep.meta.dense.profiles[profile]
-        return (spec.cls if part is Part.CLS else spec.box).weight
+        return spec.terms[part].weight
     return rep.meta.profiles[profile].term(term_of(head, part)).weight
 
 
