@@ -352,8 +352,9 @@ class Trainer(DefaultTrainer):
         return []
 
 
-def default_trainer(tmp_path, steps=2, lr=0.001, **solver):
-    cfg = config_of()
+def default_trainer(tmp_path, steps=2, lr=0.001, config=CONFIG, **solver):
+    cfg = config_of(config)
+    cfg.MODEL.RETINANET.NUM_CLASSES = 3
     cfg.OUTPUT_DIR, cfg.SOLVER.IMS_PER_BATCH = str(tmp_path / "out"), 2
     cfg.SOLVER.MAX_ITER, cfg.SOLVER.BASE_LR, cfg.SOLVER.WARMUP_ITERS = steps, lr, 0
     cfg.SOLVER.CHECKPOINT_PERIOD, cfg.TEST.EVAL_PERIOD, cfg.DATASETS.TEST = 10**6, 0, ()
@@ -390,6 +391,25 @@ def test_readme_hook_in_a_default_trainer(tmp_path, monkeypatch, on):
     assert meta["optimizer"] == "SGD" and meta["lr"] == pytest.approx(0.001)
     assert meta["framework_version"] == detectron2.__version__
     assert_reproduces(folder, meta["losses"])
+
+
+def test_readme_hook_in_a_default_trainer_on_a_retinanet(tmp_path, monkeypatch):
+    """The README's two lines on a RetinaNet's DefaultTrainer: each step is captured with the
+    running normalizer before it, and replays Detectron2's loss_cls and loss_box_reg."""
+    config = model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml")
+    trainer = default_trainer(tmp_path, config=config)
+    dumps = readme_hook(trainer, tmp_path, monkeypatch, ", every=1")
+    trainer.train()
+    assert sorted(p.name for p in dumps.iterdir()) == ["step_000000", "step_000001"]
+    for folder, before in ((dumps / "step_000000", None), (dumps / "step_000001", float)):
+        meta = load_batch(folder / "batch.pt").meta
+        rep = F.inspect_json(folder)
+        assert rep["meta"]["dense"]["preset"] == "detectron2-retinanet"
+        ema_before = rep["meta"]["dense"]["ema_before"]
+        assert ema_before is None if before is None else isinstance(ema_before, float)
+        row = next(r for r in rep["tables"]["profiles"] if r["profile"] == "detectron2-retinanet")
+        assert row["dense_cls"] == pytest.approx(meta["losses"]["loss_cls"], rel=1e-5)
+        assert row["dense_box"] == pytest.approx(meta["losses"]["loss_box_reg"], rel=1e-5)
 
 
 def _norms(trainer) -> dict:

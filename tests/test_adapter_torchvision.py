@@ -145,6 +145,29 @@ def test_readme_recipe_runs(tmp_path, monkeypatch):
     assert "gradient norm" in reason or "non-finite" in reason
 
 
+@pytest.mark.parametrize("builder", ["retinanet_resnet50_fpn", "fcos_resnet50_fpn"])
+def test_readme_recipe_runs_a_one_stage_model(tmp_path, monkeypatch, builder):
+    """The README's torchvision recipe, as written but capturing every step, on a RetinaNet and
+    an FCOS: each capture replays the step's classification and box losses."""
+    import torchvision.models.detection as D
+
+    torch.manual_seed(0)
+    model = getattr(D, builder)(weights=None, weights_backbone=None, num_classes=4,
+                                min_size=128, max_size=192).train()  # fmt: skip
+    data = batches()
+    monkeypatch.chdir(tmp_path)
+    scope = {"model": model, "loader": [next(data) for _ in range(2)],
+             "optimizer": torch.optim.SGD(model.parameters(), lr=0.001)}  # fmt: skip
+    exec(recipe("torchvision").replace("grad_norm_above=1000", "every=1"), scope)  # noqa: S102
+    folder = tmp_path / "lossdoctor-dumps" / "step_000001"
+    losses = {k: float(v.detach()) for k, v in scope["loss_dict"].items()}  # the last step's
+    rep = F.inspect_json(folder)
+    own = rep["meta"]["run"]["profile"]
+    row = next(r for r in rep["tables"]["profiles"] if r["profile"] == own)
+    assert row["dense_cls"] == pytest.approx(losses["classification"], rel=1e-5)
+    assert row["dense_box"] == pytest.approx(losses["bbox_regression"], rel=1e-5)
+
+
 def test_readme_amp_recipe_runs(tmp_path, monkeypatch):
     """The README's mixed-precision recipe on the CPU (``device = "cpu"``), as written but for a
     periodic capture: its GradScaler's default scale is divided out and recorded."""
